@@ -1,0 +1,173 @@
+"""PyTorch reference models, written here so parity checks need no torchvision.
+
+``TorchResNetBase`` mirrors the seed's from-scratch ResNet (module names ``conv``, ``bn``,
+``blocks.N``), with the same ``strides``/``conv_bias`` switches as ``resnet_jax.ResNetBase``.
+``TorchResNet`` has torchvision's layout and state_dict keys (``conv1 bn1 layer1..4 fc``,
+``downsample.0/1``), so a torchvision state_dict loads into it and vice versa.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from resnet_jax.models import PRESETS
+
+
+def _conv(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, bias: bool = False) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, groups=groups, bias=bias)
+
+
+class _Projection(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, bias: bool):
+        super().__init__()
+        self.conv = _conv(cin, cout, 1, stride, bias=bias)
+        self.bn = nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+class _Basic(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, bias: bool = False, torchvision: bool = False):
+        super().__init__()
+        self.conv1 = _conv(cin, cout, 3, stride, bias=bias)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = _conv(cout, cout, 3, bias=bias)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU()
+        proj = stride != 1 or cin != cout
+        if torchvision:
+            self.downsample = (
+                nn.Sequential(_conv(cin, cout, 1, stride), nn.BatchNorm2d(cout)) if proj else None
+            )
+        else:
+            self.shortcut = _Projection(cin, cout, stride, bias) if proj else nn.Identity()
+        self.torchvision = torchvision
+
+    def skip(self, x):
+        if self.torchvision:
+            return x if self.downsample is None else self.downsample(x)
+        return self.shortcut(x)
+
+    def forward(self, x):
+        y = self.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return self.relu(y + self.skip(x))
+
+
+class _Bottleneck(_Basic):
+    def __init__(
+        self, cin: int, width: int, cout: int, stride: int, groups: int = 1, bias: bool = False,
+        torchvision: bool = False,
+    ):
+        nn.Module.__init__(self)
+        self.conv1 = _conv(cin, width, 1, bias=bias)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = _conv(width, width, 3, stride, groups=groups, bias=bias)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = _conv(width, cout, 1, bias=bias)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU()
+        proj = stride != 1 or cin != cout
+        if torchvision:
+            self.downsample = (
+                nn.Sequential(_conv(cin, cout, 1, stride), nn.BatchNorm2d(cout)) if proj else None
+            )
+        else:
+            self.shortcut = _Projection(cin, cout, stride, bias) if proj else nn.Identity()
+        self.torchvision = torchvision
+
+    def forward(self, x):
+        y = self.relu(self.bn1(self.conv1(x)))
+        y = self.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        return self.relu(y + self.skip(x))
+
+
+class TorchResNetBase(nn.Module):
+    """The seed's ResNetBase in PyTorch: conv+BN stem, ``blocks``, global average pooling."""
+
+    def __init__(
+        self,
+        n_blocks: Sequence[int],
+        n_channels: Sequence[int],
+        bottlenecks: Optional[Sequence[int]] = None,
+        img_channels: int = 3,
+        first_kernel_size: int = 7,
+        strides: Optional[Sequence[int]] = None,
+        conv_bias: bool = False,
+    ):
+        super().__init__()
+        if strides is None:
+            strides = (1,) + (2,) * (len(n_channels) - 1)
+        self.conv = _conv(img_channels, n_channels[0], first_kernel_size, 2, bias=conv_bias)
+        self.bn = nn.BatchNorm2d(n_channels[0])
+        blocks, prev = [], n_channels[0]
+        for i, (n, ch) in enumerate(zip(n_blocks, n_channels)):
+            for j in range(n):
+                stride = strides[i] if j == 0 else 1
+                if bottlenecks is None:
+                    blocks.append(_Basic(prev, ch, stride, bias=conv_bias))
+                else:
+                    blocks.append(_Bottleneck(prev, bottlenecks[i], ch, stride, bias=conv_bias))
+                prev = ch
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, x):
+        x = self.blocks(self.bn(self.conv(x)))
+        return x.flatten(2).mean(-1)
+
+
+class TorchResNet(nn.Module):
+    """torchvision-layout ResNet/ResNeXt/Wide ResNet (v1.5), with an optional 3x3 small stem."""
+
+    def __init__(
+        self,
+        stage_sizes: Sequence[int],
+        block: str = "bottleneck",
+        num_classes: int = 1000,
+        groups: int = 1,
+        width_per_group: int = 64,
+        img_channels: int = 3,
+        small_stem: bool = False,
+    ):
+        super().__init__()
+        if small_stem:
+            self.conv1 = _conv(img_channels, 64, 3)
+            self.maxpool = nn.Identity()
+        else:
+            self.conv1 = _conv(img_channels, 64, 7, 2)
+            self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU()
+        prev = 64
+        for i, n in enumerate(stage_sizes):
+            planes, layer = 64 * 2**i, []
+            for j in range(n):
+                stride = 2 if i > 0 and j == 0 else 1
+                if block == "basic":
+                    layer.append(_Basic(prev, planes, stride, torchvision=True))
+                    prev = planes
+                else:
+                    width = int(planes * (width_per_group / 64.0)) * groups
+                    layer.append(_Bottleneck(prev, width, planes * 4, stride, groups, torchvision=True))
+                    prev = planes * 4
+            setattr(self, f"layer{i + 1}", nn.Sequential(*layer))
+        self.n_stages = len(stage_sizes)
+        self.fc = nn.Linear(prev, num_classes)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for i in range(self.n_stages):
+            x = getattr(self, f"layer{i + 1}")(x)
+        return self.fc(x.mean((2, 3)))
+
+
+def torch_resnet(arch: str, num_classes: int = 1000, **kwargs) -> TorchResNet:
+    """The PyTorch twin of ``resnet_jax.get_model(arch, ...)``."""
+    if arch not in PRESETS:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of: {', '.join(PRESETS)}.")
+    return TorchResNet(num_classes=num_classes, **{**PRESETS[arch], **kwargs})
