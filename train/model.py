@@ -1,0 +1,75 @@
+"""Builds the classifier a config asks for from the resnet_jax library.
+
+``config.model.arch`` is a preset name (``resnet_jax.PRESETS``: ``resnet18``, ``resnet50``, ...)
+with ``config.model.overrides`` setting any other ``ResNet`` field, or ``'resnet_base'``: the
+library's ``ResNetBase`` backbone (``config.model.overrides`` are its fields) under a linear head,
+which allows the very narrow networks used for tiny images and tests.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+import resnet_jax
+
+BASE_ARCH = "resnet_base"
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class BaseClassifier(nn.Module):
+    """``ResNetBase`` features followed by a dense layer; float32 logits."""
+
+    backbone: resnet_jax.ResNetBase
+    num_classes: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        features = self.backbone(x, train)
+        logits = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(features)
+        return logits.astype(jnp.float32)
+
+
+def architectures() -> list[str]:
+    return [BASE_ARCH, *resnet_jax.PRESETS]
+
+
+def _tuples(d: Mapping[str, Any]) -> dict[str, Any]:
+    # ml_collections/JSON give lists; Flax module fields must be hashable.
+    return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in d.items()}
+
+
+def resolve_dtype(name: str, platform: Optional[str] = None) -> Any:
+    """``'auto'`` -> bfloat16 on TPU/GPU and float32 on CPU; else the named dtype."""
+    if name == "auto":
+        platform = platform or jax.default_backend()
+        return jnp.float32 if platform == "cpu" else jnp.bfloat16
+    if name not in DTYPES:
+        raise ValueError(f"config.dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}.")
+    return DTYPES[name]
+
+
+def build_model(
+    model_config: Mapping[str, Any],
+    num_classes: int,
+    img_channels: int,
+    *,
+    dtype: Any = jnp.float32,
+    axis_name: Optional[str] = None,
+) -> nn.Module:
+    """The classifier for ``model_config`` (``arch``, ``overrides``); parameters stay float32."""
+    arch = model_config["arch"]
+    overrides = _tuples(dict(model_config.get("overrides", None) or {}))
+    common = dict(img_channels=img_channels, dtype=dtype, axis_name=axis_name)
+    if arch == BASE_ARCH:
+        backbone = resnet_jax.ResNetBase(**{**overrides, **common})
+        return BaseClassifier(backbone=backbone, num_classes=num_classes, dtype=dtype)
+    if arch not in resnet_jax.PRESETS:
+        raise ValueError(
+            f"unknown config.model.arch {arch!r}; choose one of: {', '.join(architectures())}."
+        )
+    return resnet_jax.get_model(arch, num_classes=num_classes, **{**overrides, **common})

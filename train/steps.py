@@ -1,0 +1,393 @@
+"""The pure train and eval steps, and the two data-parallel drivers that wrap them.
+
+The step functions know nothing about devices: ``train_step(state, batch) -> (state, metrics)``
+is plain JAX. Parallelism is added from outside by one of two drivers, which wrap the *same*
+function:
+
+* ``jit_train_step(train_step, mesh)``: ``jax.jit`` over a 1-D ``Mesh`` whose axis is ``'data'``.
+  The batch is sharded along ``'data'``, the state is replicated and donated. XLA inserts the
+  gradient all-reduce and makes BatchNorm statistics global, so the model is built with
+  ``axis_name=None``. Runs unchanged on one host or many (multi-controller JAX).
+* ``pmap_train_step(train_step)``: ``jax.pmap`` over the local devices with axis ``'batch'``
+  (``PMAP_AXIS``). Build the step with ``make_train_step(..., axis_name=PMAP_AXIS)`` and the model
+  with ``axis_name=PMAP_AXIS`` so gradients, metrics and BatchNorm statistics are averaged.
+
+Public API (stable; also used by benchmark scripts)::
+
+    state = create_train_state(rng, model, tx, input_shape, dynamic_scale=False)
+    train_step = make_train_step(model, tx, label_smoothing=0.1, axis_name=None, lr_schedule=f)
+    eval_step = make_eval_step(model, axis_name=None)
+    mesh = make_mesh()                                  # all devices, axis 'data'
+    step = jit_train_step(train_step, mesh)             # or pmap_train_step(train_step)
+    driver = JitDriver(mesh) / PmapDriver()             # placement of state and batches
+    state = driver.place_state(state); batch = driver.place_batch(host_batch)
+    state, metrics = step(state, batch)
+
+Batches are dicts ``{'image': [B, H, W, C] float, 'label': [B] int}``; eval batches may add
+``'mask'`` ([B], 1 for real examples, 0 for padding). Train metrics are batch means
+(``loss``, ``accuracy``, ``top5_accuracy``, ``learning_rate``); eval metrics are sums
+(``loss_sum``, ``correct``, ``correct_top5``, ``count``) so that padded, uneven last batches
+average correctly; ``summarize_eval`` turns accumulated sums into means.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+from flax.training.dynamic_scale import DynamicScale
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+PyTree = Any
+Batch = Mapping[str, jax.Array]
+Metrics = dict[str, jax.Array]
+StepFn = Callable[["TrainState", Batch], tuple["TrainState", Metrics]]
+
+DATA_AXIS = "data"
+PMAP_AXIS = "batch"
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training; a pytree of arrays only (easy to checkpoint).
+
+    The model and optimizer are not stored here: the step functions close over them, so the
+    state can be donated, sharded and saved without static fields getting in the way.
+    ``dynamic_scale`` is ``None`` unless float16 loss scaling is on.
+    """
+
+    step: jax.Array
+    params: PyTree
+    batch_stats: PyTree
+    opt_state: optax.OptState
+    dynamic_scale: Optional[DynamicScale] = None
+
+    @property
+    def variables(self) -> dict[str, PyTree]:
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def create_train_state(
+    rng: jax.Array,
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    input_shape: Sequence[int],
+    *,
+    dynamic_scale: bool = False,
+) -> TrainState:
+    """Initialise parameters, BatchNorm statistics and optimizer state.
+
+    ``input_shape`` is one example batch's shape ``[B, H, W, C]`` (B can be 1). Pure and
+    jittable: the drivers call it under ``jax.jit`` to create the state directly on device.
+    """
+    variables = model.init(rng, jnp.zeros(tuple(input_shape), jnp.float32), train=False)
+    params = variables["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(params),
+        dynamic_scale=DynamicScale() if dynamic_scale else None,
+    )
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+    """Per-example softmax cross-entropy against (optionally smoothed) one-hot labels."""
+    num_classes = logits.shape[-1]
+    targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    if label_smoothing:
+        targets = targets * (1.0 - label_smoothing) + label_smoothing / num_classes
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+    """Per-example 1.0 where ``labels`` is among the ``k`` largest logits, else 0.0."""
+    k = min(k, logits.shape[-1])
+    if k == 1:
+        return (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+    _, top = jax.lax.top_k(logits, k)
+    return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
+
+
+def make_train_step(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    *,
+    label_smoothing: float = 0.0,
+    axis_name: Optional[str] = None,
+    lr_schedule: Optional[optax.Schedule] = None,
+) -> StepFn:
+    """Return the pure ``train_step(state, batch) -> (state, metrics)``.
+
+    One step: forward in train mode (BatchNorm batch statistics, running averages updated),
+    loss, gradients, optax update. ``axis_name`` is the pmap axis to average gradients and metrics
+    over (None under jit, where the batch is one global array). With ``state.dynamic_scale`` set
+    the loss is scaled for float16, and a step with non-finite gradients is skipped while the
+    scale shrinks.
+    """
+
+    def loss_fn(params, batch_stats, batch):
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": batch_stats},
+            batch["image"],
+            train=True,
+            mutable=["batch_stats"],
+        )
+        loss = jnp.mean(cross_entropy(logits, batch["label"], label_smoothing))
+        return loss, (logits, updates["batch_stats"])
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        if state.dynamic_scale is not None:
+            # DynamicScale pmeans the gradients itself when given the axis.
+            grad_fn = state.dynamic_scale.value_and_grad(loss_fn, has_aux=True, axis_name=axis_name)
+            dynamic_scale, is_finite, (loss, (logits, batch_stats)), grads = grad_fn(
+                state.params, state.batch_stats, batch
+            )
+        else:
+            grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+            (loss, (logits, batch_stats)), grads = grad_fn(state.params, state.batch_stats, batch)
+            if axis_name is not None:
+                grads = jax.lax.pmean(grads, axis_name)
+            dynamic_scale, is_finite = None, None
+
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=params,
+            batch_stats=batch_stats,
+            opt_state=opt_state,
+            dynamic_scale=dynamic_scale,
+        )
+        if is_finite is not None:
+            # Keep the old parameters and optimizer state when the scaled gradients overflowed.
+            keep = lambda new, old: jnp.where(is_finite, new, old)  # noqa: E731
+            new_state = new_state.replace(
+                params=jax.tree.map(keep, params, state.params),
+                opt_state=jax.tree.map(keep, opt_state, state.opt_state),
+                batch_stats=jax.tree.map(keep, batch_stats, state.batch_stats),
+            )
+
+        metrics = {
+            "loss": loss,
+            "accuracy": jnp.mean(topk_correct(logits, batch["label"], 1)),
+            "top5_accuracy": jnp.mean(topk_correct(logits, batch["label"], 5)),
+        }
+        if axis_name is not None:
+            metrics = jax.lax.pmean(metrics, axis_name)
+        if lr_schedule is not None:
+            metrics["learning_rate"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
+        if dynamic_scale is not None:
+            metrics["loss_scale"] = dynamic_scale.scale
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(
+    model: nn.Module, *, axis_name: Optional[str] = None
+) -> Callable[[TrainState, Batch], Metrics]:
+    """Return the pure ``eval_step(state, batch) -> sums`` (running BatchNorm statistics).
+
+    Returns sums over the real examples (``batch['mask']`` weights, default all ones) of the
+    unsmoothed loss and of top-1/top-5 hits, plus their ``count``.
+    """
+
+    def eval_step(state: TrainState, batch: Batch) -> Metrics:
+        logits = model.apply(state.variables, batch["image"], train=False)
+        labels = batch["label"]
+        mask = batch.get("mask")
+        mask = jnp.ones(labels.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+        sums = {
+            "loss_sum": jnp.sum(cross_entropy(logits, labels) * mask),
+            "correct": jnp.sum(topk_correct(logits, labels, 1) * mask),
+            "correct_top5": jnp.sum(topk_correct(logits, labels, 5) * mask),
+            "count": jnp.sum(mask),
+        }
+        if axis_name is not None:
+            sums = jax.lax.psum(sums, axis_name)
+        return sums
+
+    return eval_step
+
+
+def summarize_eval(sums: Mapping[str, float]) -> dict[str, float]:
+    """Turn accumulated eval sums into ``loss``, ``accuracy``, ``top5_accuracy``."""
+    count = max(float(sums["count"]), 1.0)
+    return {
+        "loss": float(sums["loss_sum"]) / count,
+        "accuracy": float(sums["correct"]) / count,
+        "top5_accuracy": float(sums["correct_top5"]) / count,
+        "num_examples": int(round(float(sums["count"]))),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver 1: jax.jit over a device mesh.
+
+
+def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+    """A 1-D mesh with axis ``'data'`` over ``devices`` (default: all devices of all hosts).
+
+    Devices are ordered by (process, id) so each host's devices hold a contiguous slice of the
+    global batch, which is what ``make_array_from_process_local_data`` fills from local data.
+    """
+    devices = jax.devices() if devices is None else list(devices)
+    devices = sorted(devices, key=lambda d: (d.process_index, d.id))
+    return Mesh(np.array(devices), (DATA_AXIS,))
+
+
+def jit_train_step(train_step: StepFn, mesh: Mesh) -> StepFn:
+    """``jax.jit`` of ``train_step``: batch sharded along ``'data'``, state replicated, donated."""
+    replicated = NamedSharding(mesh, P())
+    data = NamedSharding(mesh, P(DATA_AXIS))
+    return jax.jit(
+        train_step,
+        in_shardings=(replicated, data),
+        out_shardings=(replicated, replicated),
+        donate_argnums=(0,),
+    )
+
+
+def jit_eval_step(eval_step: Callable, mesh: Mesh) -> Callable:
+    """``jax.jit`` of ``eval_step`` with the batch sharded along ``'data'``."""
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(
+        eval_step,
+        in_shardings=(replicated, NamedSharding(mesh, P(DATA_AXIS))),
+        out_shardings=replicated,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver 2: jax.pmap over the local devices.
+
+
+def pmap_train_step(train_step: StepFn, axis_name: str = PMAP_AXIS) -> StepFn:
+    """``jax.pmap`` of ``train_step`` (built with the same ``axis_name``); state donated.
+
+    Inputs carry a leading local-device axis: state replicated, batch ``[n_dev, B/n_dev, ...]``.
+    """
+    return jax.pmap(train_step, axis_name=axis_name, donate_argnums=(0,))
+
+
+def pmap_eval_step(eval_step: Callable, axis_name: str = PMAP_AXIS) -> Callable:
+    """``jax.pmap`` of ``eval_step`` (built with the same ``axis_name``)."""
+    return jax.pmap(eval_step, axis_name=axis_name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Placement helpers: what each driver needs on the way in and out.
+
+
+class JitDriver:
+    """Places state and host batches for ``jit_train_step`` on ``mesh`` (one host or many)."""
+
+    parallelism = "jit"
+
+    def __init__(self, mesh: Optional[Mesh] = None):
+        self.mesh = make_mesh() if mesh is None else mesh
+        self.replicated = NamedSharding(self.mesh, P())
+        self.data = NamedSharding(self.mesh, P(DATA_AXIS))
+
+    @property
+    def num_devices(self) -> int:
+        return self.mesh.size
+
+    def train_step(self, train_step: StepFn) -> StepFn:
+        return jit_train_step(train_step, self.mesh)
+
+    def eval_step(self, eval_step: Callable) -> Callable:
+        return jit_eval_step(eval_step, self.mesh)
+
+    def init_state(self, create_fn: Callable[[], TrainState]) -> TrainState:
+        """Run ``create_fn`` (e.g. a partial of ``create_train_state``) straight onto the mesh."""
+        return jax.jit(create_fn, out_shardings=self.replicated)()
+
+    def place_state(self, host_state: PyTree) -> PyTree:
+        """Numpy (or single-device) state -> replicated global arrays."""
+        return jax.tree.map(lambda x: _replicate_global(np.asarray(x), self.replicated), host_state)
+
+    def place_batch(self, host_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        """This host's rows of the global batch -> one global array sharded along ``'data'``."""
+        return {
+            k: jax.make_array_from_process_local_data(self.data, np.asarray(v))
+            for k, v in host_batch.items()
+        }
+
+    def to_host(self, tree: PyTree) -> PyTree:
+        """Replicated device arrays -> numpy (this host's copy; no cross-host traffic)."""
+        return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+
+class PmapDriver:
+    """Places state and host batches for ``pmap_train_step`` on this host's devices."""
+
+    parallelism = "pmap"
+
+    def __init__(self, axis_name: str = PMAP_AXIS):
+        self.axis_name = axis_name
+        self.devices = jax.local_devices()
+        mesh = Mesh(np.array(self.devices), (axis_name,))
+        self.stacked = NamedSharding(mesh, P(axis_name))
+
+    @property
+    def num_devices(self) -> int:
+        return jax.device_count()
+
+    def train_step(self, train_step: StepFn) -> StepFn:
+        return pmap_train_step(train_step, self.axis_name)
+
+    def eval_step(self, eval_step: Callable) -> Callable:
+        return pmap_eval_step(eval_step, self.axis_name)
+
+    def init_state(self, create_fn: Callable[[], TrainState]) -> TrainState:
+        return self.place_state(self.to_host(jax.jit(create_fn)(), replicated=False))
+
+    def place_state(self, host_state: PyTree) -> PyTree:
+        """Numpy state -> one copy per local device (leading device axis)."""
+        n = len(self.devices)
+
+        def put(x):
+            x = np.asarray(x)
+            return jax.device_put(np.broadcast_to(x, (n,) + x.shape), self.stacked)
+
+        return jax.tree.map(put, host_state)
+
+    def place_batch(self, host_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        """``[B_host, ...]`` -> ``[n_local_devices, B_host / n, ...]`` on the local devices."""
+        n = len(self.devices)
+
+        def put(x):
+            x = np.asarray(x)
+            return jax.device_put(x.reshape((n, x.shape[0] // n) + x.shape[1:]), self.stacked)
+
+        return {k: put(v) for k, v in host_batch.items()}
+
+    def to_host(self, tree: PyTree, replicated: bool = True) -> PyTree:
+        """Per-device copies -> numpy (the first device's copy)."""
+        if replicated:
+            return jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[0], tree)
+        return jax.tree.map(np.asarray, tree)
+
+
+def _replicate_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    # Every host passes the same value; each puts it on its own devices only, so this also works
+    # when the mesh spans several processes.
+    shards = [jax.device_put(x, d) for d in sharding.addressable_devices]
+    return jax.make_array_from_single_device_arrays(x.shape, sharding, shards)
+
+
+def make_driver(parallelism: str, mesh: Optional[Mesh] = None) -> JitDriver | PmapDriver:
+    """``'jit'`` -> ``JitDriver``, ``'pmap'`` -> ``PmapDriver``."""
+    if parallelism == "jit":
+        return JitDriver(mesh)
+    if parallelism == "pmap":
+        return PmapDriver()
+    raise ValueError(f"parallelism must be 'jit' or 'pmap'; got {parallelism!r}.")
