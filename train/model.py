@@ -8,7 +8,8 @@ which allows the very narrow networks used for tiny images and tests.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +44,7 @@ def _tuples(d: Mapping[str, Any]) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in d.items()}
 
 
-def resolve_dtype(name: str, platform: Optional[str] = None) -> Any:
+def resolve_dtype(name: str, platform: str | None = None) -> Any:
     """``'auto'`` -> bfloat16 on TPU/GPU and float32 on CPU; else the named dtype."""
     if name == "auto":
         platform = platform or jax.default_backend()
@@ -59,12 +60,12 @@ def build_model(
     img_channels: int,
     *,
     dtype: Any = jnp.float32,
-    axis_name: Optional[str] = None,
+    axis_name: str | None = None,
 ) -> nn.Module:
     """The classifier for ``model_config`` (``arch``, ``overrides``); parameters stay float32."""
     arch = model_config["arch"]
     overrides = _tuples(dict(model_config.get("overrides", None) or {}))
-    common = dict(img_channels=img_channels, dtype=dtype, axis_name=axis_name)
+    common = {"img_channels": img_channels, "dtype": dtype, "axis_name": axis_name}
     if arch == BASE_ARCH:
         backbone = resnet_jax.ResNetBase(**{**overrides, **common})
         return BaseClassifier(backbone=backbone, num_classes=num_classes, dtype=dtype)

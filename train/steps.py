@@ -32,7 +32,8 @@ average correctly; ``summarize_eval`` turns accumulated sums into means.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import flax
 import jax
@@ -66,7 +67,7 @@ class TrainState:
     params: PyTree
     batch_stats: PyTree
     opt_state: optax.OptState
-    dynamic_scale: Optional[DynamicScale] = None
+    dynamic_scale: DynamicScale | None = None
 
     @property
     def variables(self) -> dict[str, PyTree]:
@@ -120,8 +121,8 @@ def make_train_step(
     tx: optax.GradientTransformation,
     *,
     label_smoothing: float = 0.0,
-    axis_name: Optional[str] = None,
-    lr_schedule: Optional[optax.Schedule] = None,
+    axis_name: str | None = None,
+    lr_schedule: optax.Schedule | None = None,
 ) -> StepFn:
     """Return the pure ``train_step(state, batch) -> (state, metrics)``.
 
@@ -167,7 +168,7 @@ def make_train_step(
         )
         if is_finite is not None:
             # Keep the old parameters and optimizer state when the scaled gradients overflowed.
-            keep = lambda new, old: jnp.where(is_finite, new, old)  # noqa: E731
+            keep = lambda new, old: jnp.where(is_finite, new, old)
             new_state = new_state.replace(
                 params=jax.tree.map(keep, params, state.params),
                 opt_state=jax.tree.map(keep, opt_state, state.opt_state),
@@ -191,7 +192,7 @@ def make_train_step(
 
 
 def make_eval_step(
-    model: nn.Module, *, axis_name: Optional[str] = None
+    model: nn.Module, *, axis_name: str | None = None
 ) -> Callable[[TrainState, Batch], Metrics]:
     """Return the pure ``eval_step(state, batch) -> sums`` (running BatchNorm statistics).
 
@@ -224,7 +225,7 @@ def summarize_eval(sums: Mapping[str, float]) -> dict[str, float]:
         "loss": float(sums["loss_sum"]) / count,
         "accuracy": float(sums["correct"]) / count,
         "top5_accuracy": float(sums["correct_top5"]) / count,
-        "num_examples": int(round(float(sums["count"]))),
+        "num_examples": round(float(sums["count"])),
     }
 
 
@@ -232,7 +233,7 @@ def summarize_eval(sums: Mapping[str, float]) -> dict[str, float]:
 # Driver 1: jax.jit over a device mesh.
 
 
-def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A 1-D mesh with axis ``'data'`` over ``devices`` (default: all devices of all hosts).
 
     Devices are ordered by (process, id) so each host's devices hold a contiguous slice of the
@@ -291,7 +292,7 @@ class JitDriver:
 
     parallelism = "jit"
 
-    def __init__(self, mesh: Optional[Mesh] = None):
+    def __init__(self, mesh: Mesh | None = None):
         self.mesh = make_mesh() if mesh is None else mesh
         self.replicated = NamedSharding(self.mesh, P())
         self.data = NamedSharding(self.mesh, P(DATA_AXIS))
@@ -384,7 +385,7 @@ def _replicate_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_single_device_arrays(x.shape, sharding, shards)
 
 
-def make_driver(parallelism: str, mesh: Optional[Mesh] = None) -> JitDriver | PmapDriver:
+def make_driver(parallelism: str, mesh: Mesh | None = None) -> JitDriver | PmapDriver:
     """``'jit'`` -> ``JitDriver``, ``'pmap'`` -> ``PmapDriver``."""
     if parallelism == "jit":
         return JitDriver(mesh)
