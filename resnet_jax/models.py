@@ -44,6 +44,11 @@ def check_images(x: jax.Array, img_channels: int, model: str) -> None:
         )
 
 
+def _global_avg_pool(x: jax.Array) -> jax.Array:
+    # Accumulate in at least float32: a bfloat16 sum over 49+ positions loses digits.
+    return jnp.mean(x.astype(jnp.promote_types(x.dtype, jnp.float32)), axis=(1, 2))
+
+
 def _torch_linear_bias_init(fan_in: int) -> Callable:
     bound = 1.0 / max(fan_in, 1) ** 0.5
     return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
@@ -133,7 +138,7 @@ class ResNetBase(nn.Module):
 
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         last = self.features(x, train)[f"stage{len(self.n_channels)}"]
-        return jnp.mean(last.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)
+        return _global_avg_pool(last).astype(self.dtype)
 
 
 class ResNet(nn.Module):
@@ -215,7 +220,7 @@ class ResNet(nn.Module):
             feats[f"layer{i + 1}"] = x
         if not head:
             return feats, None
-        pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)
+        pooled = _global_avg_pool(x).astype(self.dtype)
         if self.num_classes is None:
             return feats, pooled
         fan_in = pooled.shape[-1]
