@@ -21,9 +21,9 @@ Sources (``config.dataset``):
 from __future__ import annotations
 
 import collections
-import os
 import dataclasses
 import itertools
+import os
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -385,7 +385,9 @@ class _TFDS:
         tf = _tf()
         if not self.encoded:
             return image
-        return tf.io.decode_image(image, channels=self.info.image_shape[-1], expand_animations=False)
+        return tf.io.decode_image(
+            image, channels=self.info.image_shape[-1], expand_animations=False
+        )
 
     def _normalize(self, image):
         tf = _tf()
@@ -431,9 +433,7 @@ class _TFDS:
         elif mode == "none":
             image = tf.image.resize(self._decode(image), [size, size])
         else:
-            raise DatasetError(
-                f"train_augment must be one of {TRAIN_AUGMENTATIONS}; got {mode!r}."
-            )
+            raise DatasetError(f"train_augment must be one of {TRAIN_AUGMENTATIONS}; got {mode!r}.")
         if config.get("random_flip", True):
             image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
         return self._normalize(image)
@@ -638,4 +638,3 @@ __all__ = [
     "prefetch_to_device",
     "preprocess_eval_image",
 ]
-

@@ -1,0 +1,95 @@
+"""Default: a small ResNet on scikit-learn's handwritten digits (ships with sklearn, no download).
+
+1,797 8x8 grayscale images, 10 classes; a fixed stratified held-out split of 360 images. A
+two-stage ResNet-18-style network with the small (3x3, stride 1) stem reaches about 98% held-out
+accuracy in under a minute of CPU time.
+
+This file also defines every config field, with its default, for the other configs (which load
+it by path); ``--config.FIELD=VALUE`` can only override fields defined here.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    # --- data -----------------------------------------------------------------------------------
+    # 'sklearn_digits', 'synthetic', or a TFDS name ('imagenet2012', 'cifar10', 'imagenette', ...).
+    c.dataset = "sklearn_digits"
+    c.data_dir = ""  # TFDS data_dir ('' = TFDS default, ~/tensorflow_datasets)
+    c.manual_dir = ""  # where manually downloaded archives are (ImageNet's tar files)
+    c.download = False  # download and prepare a missing TFDS dataset
+    c.train_split = "train"
+    c.eval_split = "test"
+    c.image_key = "image"
+    c.label_key = "label"
+    c.image_size = 8  # model input size; TFDS images are cropped/resized to it
+    c.train_augment = "pad_crop"  # 'inception_crop', 'pad_crop' (shift), 'none'
+    c.crop_padding = 1  # pixels of padding for 'pad_crop'
+    c.random_flip = False  # digits are not mirror-symmetric
+    c.eval_crop_fraction = 1.0  # 0.875: resize to size/0.875 then center-crop size (ImageNet)
+    c.normalize_mean = ()  # per channel, in 0..255 pixel units; () = dataset default
+    c.normalize_std = ()
+    c.cache = False  # keep the encoded TFDS training shard in memory
+    c.shuffle_buffer_size = 16_384
+    c.prefetch_to_device = 2  # batches transferred ahead of the step using them
+    # synthetic data (dataset='synthetic')
+    c.synthetic_num_classes = 1000
+    c.synthetic_channels = 3
+    c.synthetic_num_examples = 1_281_167
+    c.synthetic_num_eval_examples = 10_000
+
+    # --- model ----------------------------------------------------------------------------------
+    c.model = ml_collections.ConfigDict()
+    # A resnet_jax preset name ('resnet18', 'resnet50', ...) or 'resnet_base'.
+    c.model.arch = "resnet18"
+    # Other ResNet (or ResNetBase) fields. Field names may differ per arch, so this is a free dict.
+    c.model.overrides = ml_collections.ConfigDict(
+        {"stage_sizes": (1, 1), "small_stem": True}, type_safe=False
+    )
+    # 'float32', 'bfloat16', 'float16' (GPU; dynamic loss scaling), or 'auto' (bfloat16 on
+    # TPU/GPU, float32 on CPU). Parameters are always float32.
+    c.dtype = "float32"
+
+    # --- optimization ---------------------------------------------------------------------------
+    c.batch_size = 64  # global, over all devices and hosts
+    c.eval_batch_size = 360
+    c.num_epochs = 30
+    c.num_train_steps = -1  # > 0 overrides num_epochs
+    c.optimizer = "sgd"  # 'sgd' or 'lars'
+    c.momentum = 0.9
+    c.nesterov = True
+    c.learning_rate = 0.1  # peak
+    c.lr_base_batch_size = 0  # > 0: lr = learning_rate * batch_size / lr_base_batch_size
+    c.lr_schedule = "cosine"  # 'cosine', 'polynomial', 'constant'
+    c.warmup_epochs = 1.0
+    c.end_learning_rate = 0.0  # polynomial schedule
+    c.lr_decay_power = 2.0  # polynomial schedule
+    c.weight_decay = 5e-4
+    c.weight_decay_on_bn_and_bias = False
+    c.lars_trust_coefficient = 0.001
+    c.lars_eps = 0.0
+    c.label_smoothing = 0.0
+
+    # --- loop -----------------------------------------------------------------------------------
+    c.parallelism = "jit"  # 'jit' (over a device mesh) or 'pmap'
+    c.seed = 0
+    c.log_every_steps = 20
+    c.eval_every_steps = 110  # > 0: every N steps; 0: at the end of every epoch; < 0: never
+    c.eval_at_end = True
+    c.checkpoint_every_steps = 500  # 0: only the final checkpoint
+    c.save_checkpoints = True
+    c.keep_checkpoints = 3
+    c.eval_only = False  # evaluate a checkpoint (restore_step, default latest) and exit
+    c.restore_step = -1
+    c.progress_bar = True
+
+    # --- multi-host (jax.distributed) -------------------------------------------------------------
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.enabled = False  # call jax.distributed.initialize()
+    c.distributed.coordinator_address = ""  # '' = auto-detect (Cloud TPU, SLURM, ...)
+    c.distributed.num_processes = 0  # 0 = auto-detect
+    c.distributed.process_id = -1  # -1 = auto-detect
+    c.distributed.cpu_collectives = ""  # 'gloo' for multi-process CPU runs
+    return c

@@ -1,0 +1,46 @@
+"""Command line: ``python -m train --config=configs/default.py --workdir=DIR``.
+
+``--config.FIELD=VALUE`` overrides any field of the config file (see ``configs/default.py`` for
+all of them). Re-running the same command on the same workdir resumes from its newest
+checkpoint; ``--config.eval_only=True`` evaluates the newest checkpoint instead.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Training configuration file (a configs/*.py).", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    config = _CONFIG.value
+    if not flags.FLAGS["verbosity"].present:
+        # Library INFO logs (orbax, TF) would bury the progress bar; --verbosity=0 brings them back.
+        logging.set_verbosity(logging.WARNING)
+
+    # Imported here so that --help stays fast and distributed init precedes any JAX use.
+    from train import loop
+    from train.config import ConfigError
+    from train.input_pipeline import DatasetError
+
+    try:
+        loop.maybe_initialize_distributed(config)
+        loop.train_and_evaluate(config, _WORKDIR.value)
+    except (ConfigError, DatasetError) as e:
+        # A bad config or a missing dataset is the user's to fix: one line, no traceback.
+        logging.error("%s", e)
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,135 @@
+"""Checkpoints with orbax-checkpoint: ``WORKDIR/checkpoints/<step>/{state,meta}``.
+
+``Checkpointer`` wraps an orbax ``CheckpointManager`` (keep the last N, atomic step
+directories). The saved ``state`` item is the ``TrainState`` as a nested dict of numpy arrays
+(``flax.serialization.to_state_dict``), so it can be read back without knowing the optimizer:
+``restore_variables(workdir)`` gives ``{'params', 'batch_stats'}`` for inference and export.
+``meta`` is a small JSON object (step, epoch, batch size, seed, ...) describing where training
+stood, for resuming the input stream at the same place.
+
+Every process of a multi-host run calls ``save``/``restore`` (orbax coordinates them; the
+replicated arrays are written once).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import serialization
+
+CHECKPOINT_SUBDIR = "checkpoints"
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR)
+
+
+def _state_dict(host_state: Any) -> dict[str, Any]:
+    sd = serialization.to_state_dict(host_state)
+    # orbax cannot store a None leaf; an absent loss scale is restored from the template.
+    return {k: v for k, v in sd.items() if v is not None}
+
+
+class Checkpointer:
+    """Periodic and final saves, keep-last-N, and restore of the newest readable step."""
+
+    def __init__(self, workdir: str, max_to_keep: int = 3, *, read_only: bool = False):
+        self.directory = checkpoint_dir(workdir)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep if max_to_keep > 0 else None,
+            create=not read_only,
+            read_only=read_only,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "meta")
+        )
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, host_state: Any, meta: Mapping[str, Any]) -> None:
+        """Save ``host_state`` (numpy pytree, e.g. a driver's ``to_host(state)``) at ``step``."""
+        if step in self._manager.all_steps():
+            return
+        self._manager.save(
+            int(step),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(_state_dict(host_state)),
+                meta=ocp.args.JsonSave(dict(meta)),
+            ),
+        )
+
+    def restore_raw(self, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The saved state dict (numpy leaves) and meta of ``step``."""
+        restored = self._manager.restore(
+            int(step),
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()),
+        )
+        state = jax.tree.map(np.asarray, restored.state)
+        return state, dict(restored.meta or {})
+
+    def restore(self, template: Any, step: int | None = None) -> tuple[Any, dict[str, Any]] | None:
+        """Restore into the structure of ``template`` (arrays or ``jax.ShapeDtypeStruct``).
+
+        With ``step=None`` the newest step is tried first and, if it cannot be read, the ones
+        before it. Returns ``(numpy state, meta)`` or ``None`` when there is no checkpoint.
+        """
+        candidates = [step] if step is not None else sorted(self.all_steps(), reverse=True)
+        if step is not None and step not in self.all_steps():
+            raise FileNotFoundError(
+                f"no checkpoint for step {step} in {self.directory}; have {self.all_steps()}."
+            )
+        for i, candidate in enumerate(candidates):
+            try:
+                raw, meta = self.restore_raw(candidate)
+                target = serialization.to_state_dict(template)
+                for key, value in target.items():
+                    raw.setdefault(key, value)
+                return serialization.from_state_dict(template, raw), meta
+            except Exception as e:
+                if step is not None or i == len(candidates) - 1:
+                    raise
+                logging.warning(
+                    "checkpoint %d in %s is unreadable (%s); trying the previous one.",
+                    candidate,
+                    self.directory,
+                    e,
+                )
+        return None
+
+    def wait(self) -> None:
+        """Block until asynchronous saves are on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def restore_variables(workdir: str, step: int | None = None) -> dict[str, Any]:
+    """``{'params', 'batch_stats'}`` (numpy trees) of the latest or the given checkpoint.
+
+    Ready for ``model.apply(variables, x, train=False)``.
+    """
+    ckpt = Checkpointer(workdir, read_only=True)
+    try:
+        if not os.path.isdir(ckpt.directory) or not ckpt.all_steps():
+            raise FileNotFoundError(f"no checkpoints in {ckpt.directory}.")
+        step = ckpt.latest_step() if step is None else step
+        if step not in ckpt.all_steps():
+            raise FileNotFoundError(
+                f"no checkpoint for step {step} in {ckpt.directory}; have {ckpt.all_steps()}."
+            )
+        state, _ = ckpt.restore_raw(step)
+    finally:
+        ckpt.close()
+    return {"params": state["params"], "batch_stats": state.get("batch_stats", {})}

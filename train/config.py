@@ -1,0 +1,66 @@
+"""Config checks that fail fast with one clear sentence instead of a traceback deep in JAX."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from train import input_pipeline, optim
+from train.model import DTYPES, architectures
+
+
+class ConfigError(ValueError):
+    """The config cannot work; the message names the field and how to fix it."""
+
+
+def _choice(config: Any, field: str, choices) -> None:
+    value = config.get(field)
+    if value not in choices:
+        raise ConfigError(
+            f"config.{field}={value!r} is not valid; choose one of: {', '.join(map(str, choices))}."
+        )
+
+
+def validate_config(
+    config: Any, *, device_count: int | None = None, process_count: int | None = None
+) -> None:
+    """Raise ``ConfigError`` for settings that cannot work on ``device_count`` devices."""
+    _choice(config, "parallelism", ("jit", "pmap"))
+    _choice(config, "optimizer", optim.OPTIMIZERS)
+    _choice(config, "lr_schedule", optim.SCHEDULES)
+    _choice(config, "dtype", ("auto", *DTYPES))
+    _choice(config, "train_augment", input_pipeline.TRAIN_AUGMENTATIONS)
+    if config.model.arch not in architectures():
+        raise ConfigError(
+            f"config.model.arch={config.model.arch!r} is unknown; choose one of: "
+            f"{', '.join(architectures())}."
+        )
+    for field in ("batch_size", "eval_batch_size", "log_every_steps", "image_size"):
+        if int(config.get(field)) <= 0:
+            raise ConfigError(f"config.{field} must be positive; got {config.get(field)}.")
+    for field in ("num_epochs", "checkpoint_every_steps", "keep_checkpoints", "warmup_epochs"):
+        if config.get(field) < 0:
+            raise ConfigError(f"config.{field} must be >= 0; got {config.get(field)}.")
+    if config.num_train_steps < -1:
+        raise ConfigError(
+            f"config.num_train_steps must be > 0 (a step count) or -1 (use num_epochs); got "
+            f"{config.num_train_steps}."
+        )
+    if config.num_train_steps <= 0 and config.num_epochs <= 0 and not config.eval_only:
+        raise ConfigError("nothing to train: set config.num_train_steps > 0 or num_epochs > 0.")
+    if not 0.0 <= config.label_smoothing < 1.0:
+        raise ConfigError(
+            f"config.label_smoothing must be in [0, 1); got {config.label_smoothing}."
+        )
+    if config.learning_rate < 0 or config.weight_decay < 0:
+        raise ConfigError("config.learning_rate and config.weight_decay must be >= 0.")
+    for field in ("batch_size", "eval_batch_size"):
+        value = int(config.get(field))
+        if device_count and value % device_count:
+            raise ConfigError(
+                f"config.{field}={value} is not divisible by the {device_count} devices; use a "
+                f"multiple of {device_count} (e.g. {max(device_count, value // device_count * device_count)})."
+            )
+        if process_count and value % process_count:
+            raise ConfigError(
+                f"config.{field}={value} is not divisible by the {process_count} processes."
+            )
