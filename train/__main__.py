@@ -37,7 +37,6 @@ def main(argv: list[str]) -> None:
         loop.train_and_evaluate(config, _WORKDIR.value)
     except (ConfigError, DatasetError) as e:
         # A bad config or a missing dataset is the user's to fix: one line, no traceback.
-        logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
 

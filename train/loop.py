@@ -204,6 +204,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         "steps_per_epoch": steps_per_epoch,
         "num_devices": driver.num_devices,
         "num_processes": jax.process_count(),
+        "checkpoints_saved": bool(config.save_checkpoints),
     }
 
     if config.eval_only:
@@ -366,7 +367,10 @@ def format_summary(s: dict[str, Any], already_done: bool = False) -> str:
             f"  throughput:  {s['images_per_sec']:,.0f} images/s (training, median over log "
             f"windows); compilation {s['compile_time_s']:.1f} s"
         )
-    lines.append(f"  checkpoints: {s['checkpoint_dir']}")
+    if s.get("checkpoints_saved", True):
+        lines.append(f"  checkpoints: {s['checkpoint_dir']}")
+    else:
+        lines.append("  checkpoints: none (config.save_checkpoints=False)")
     lines.append(f"  metrics:     {s['metrics_file']}  (TensorBoard: {s['tensorboard_dir']})")
     if s.get("curves"):
         lines.append(f"  curves:      {s['curves']}")

@@ -1,0 +1,46 @@
+"""ResNet-50 on ImageNet with LARS at large batch, following the MLPerf training recipe.
+
+Global batch 3264, LARS (trust coefficient 0.001, momentum 0.9), 2 warm-up epochs then
+polynomial (power 2) decay to 1e-4 over 37 epochs in total, weight decay 5e-5, no weight decay
+or trust-ratio scaling on BatchNorm parameters and biases, label smoothing 0.1. MLPerf's target
+is 75.9% top-1. The batch must divide over the devices (3264 = 8 x 408 = 64 x 51); for another
+device count pick a nearby multiple and keep ``learning_rate`` (the peak for batch 3264)
+roughly proportional to it, then retune.
+
+See ``imagenet_resnet50.py`` for preparing ImageNet.
+"""
+
+import importlib.util
+import os
+
+
+def _base_config():
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet_resnet50.py")
+    spec = importlib.util.spec_from_file_location("resnet_jax_configs_imagenet", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def get_config():
+    c = _base_config()
+    c.batch_size = 3264
+    c.num_epochs = 37
+    c.optimizer = "lars"
+    c.momentum = 0.9
+    c.nesterov = False
+    c.learning_rate = 10.5  # peak at batch 3264
+    c.lr_base_batch_size = 0
+    c.lr_schedule = "polynomial"
+    c.lr_decay_power = 2.0
+    c.end_learning_rate = 1e-4
+    c.warmup_epochs = 2.0
+    c.weight_decay = 5e-5
+    c.weight_decay_on_bn_and_bias = False
+    c.lars_trust_coefficient = 0.001
+    c.lars_eps = 0.0
+    c.label_smoothing = 0.1
+    c.model.overrides = {}  # MLPerf initialises BatchNorm scales to 1
+    c.eval_every_steps = 0
+    c.checkpoint_every_steps = 1000
+    return c

@@ -1,0 +1,68 @@
+"""Top-k classes of image files with a trained checkpoint.
+
+``python -m train.predict --workdir=DIR [--step=N] [--top_k=5] IMAGE...`` reads the run's
+config and dataset info from ``DIR``, restores the newest (or given) checkpoint, applies the
+same preprocessing as evaluation (resize, center crop, normalisation) and prints, per image,
+the top-k class names with their probabilities. Grayscale models get the image converted to
+one channel; for the digits model, draw light digits on a dark background like sklearn's.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+
+from train import checkpoint, input_pipeline, loop
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a training run.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+_TOP_K = flags.DEFINE_integer("top_k", 5, "How many classes to print per image.")
+
+
+def predict_files(
+    workdir: str, paths: Sequence[str], *, step: int | None = None, top_k: int = 5
+) -> list[list[tuple[int, str, float]]]:
+    """Per image, the ``top_k`` ``(class index, class name, probability)``, most likely first."""
+    config, info = loop.load_run_info(workdir)
+    # Compute in float32 here: inference of a few images is not worth a reduced precision.
+    config.dtype = "float32"
+    model, _ = loop.create_model(config, info)
+    variables = checkpoint.restore_variables(workdir, step)
+    crop = float(config.get("eval_crop_fraction", 1.0))
+    images = np.stack([input_pipeline.load_image_for_eval(p, info, crop) for p in paths])
+    logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
+    probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+    k = min(top_k, info.num_classes)
+    results = []
+    for row in probs:
+        order = np.argsort(-row, kind="stable")[:k]
+        results.append([(int(i), info.class_names[i], float(row[i])) for i in order])
+    return results
+
+
+def main(argv: list[str]) -> None:
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    paths = argv[1:]
+    if not paths:
+        raise app.UsageError(
+            "give one or more image files: python -m train.predict --workdir=DIR IMAGE..."
+        )
+    try:
+        results = predict_files(_WORKDIR.value, paths, step=_STEP.value, top_k=_TOP_K.value)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    for path, top in zip(paths, results):
+        print(path)
+        for rank, (index, name, prob) in enumerate(top, 1):
+            print(f"  {rank}. {name:<30} {100 * prob:6.2f}%  (class {index})")
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("workdir")
+    app.run(main)
