@@ -43,8 +43,8 @@ class Checkpointer:
         self.directory = checkpoint_dir(workdir)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep if max_to_keep > 0 else None,
+            # Not orbax's read_only mode: it only adds warnings; reading never writes anyway.
             create=not read_only,
-            read_only=read_only,
         )
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "meta")

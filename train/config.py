@@ -29,6 +29,7 @@ def validate_config(
     _choice(config, "lr_schedule", optim.SCHEDULES)
     _choice(config, "dtype", ("auto", *DTYPES))
     _choice(config, "train_augment", input_pipeline.TRAIN_AUGMENTATIONS)
+    _choice(config, "rng_impl", ("", "threefry2x32", "rbg", "unsafe_rbg"))
     if config.model.arch not in architectures():
         raise ConfigError(
             f"config.model.arch={config.model.arch!r} is unknown; choose one of: "

@@ -167,7 +167,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     tx = optim.create_optimizer(config, schedule)
     create_fn = functools.partial(
         steps.create_train_state,
-        jax.random.key(config.seed),
+        jax.random.key(config.seed, impl=config.get("rng_impl") or None),
         model,
         tx,
         (1, *info.image_shape),
@@ -315,7 +315,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
                 active_time += time.perf_counter() - mark
                 if eval_due:
                     last_eval = run_eval(done)
-                    bar.write(f"step {done}: eval {_format_eval(last_eval)}")
+                    if is_main:
+                        bar.write(f"step {done}: eval {_format_eval(last_eval)}")
                 if ckpt_due:
                     save(done)
                 mark = time.perf_counter()

@@ -308,8 +308,13 @@ class JitDriver:
         return jit_eval_step(eval_step, self.mesh)
 
     def init_state(self, create_fn: Callable[[], TrainState]) -> TrainState:
-        """Run ``create_fn`` (e.g. a partial of ``create_train_state``) straight onto the mesh."""
-        return jax.jit(create_fn, out_shardings=self.replicated)()
+        """Run ``create_fn`` (e.g. a partial of ``create_train_state``), replicate on the mesh.
+
+        It runs on one device and is then copied: random number generators other than
+        threefry (e.g. ``rbg``) give values that depend on how a computation is partitioned,
+        and the initial parameters must not depend on the device or host count.
+        """
+        return self.place_state(jax.device_get(jax.jit(create_fn)()))
 
     def place_state(self, host_state: PyTree) -> PyTree:
         """Numpy (or single-device) state -> replicated global arrays."""

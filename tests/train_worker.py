@@ -1,0 +1,141 @@
+"""Subprocess helper for the multi-device and multi-host training tests (not a test module).
+
+The device count must be fixed before JAX initialises, so each scenario runs in its own
+process: ``python tests/train_worker.py MODE OUT [options]``.
+
+* ``parallel OUT``: on 8 CPU devices, run the same steps with the jit-over-mesh driver, the
+  pmap driver and a 1-device mesh; save the three parameter trees to ``OUT`` (npz).
+* ``train OUT --devices N [--process-id I --num-processes P --port PORT]``: run
+  ``train.loop.train_and_evaluate`` on a tiny digits config with workdir ``OUT``, optionally as
+  process I of P (jax.distributed over 127.0.0.1:PORT, gloo CPU collectives).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**overrides):
+    sys.path.insert(0, REPO)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "cfg", os.path.join(REPO, "configs", "default.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    c.model.arch = "resnet_base"
+    c.model.overrides = {"n_blocks": (1, 1), "n_channels": (8, 16), "first_kernel_size": 3}
+    c.batch_size = 32
+    c.eval_batch_size = 64
+    c.num_train_steps = 12
+    # Small steps: runs that differ only in summation order must not diverge chaotically
+    # (a ReLU or top-k flipping on a 1e-7 difference), so they stay comparable at 1e-5.
+    c.learning_rate = 0.02
+    c.log_every_steps = 4
+    c.eval_every_steps = 6
+    c.checkpoint_every_steps = 6
+    c.progress_bar = False
+    c.rng_impl = "rbg"  # threefry init takes ~10 s to compile on CPU; rbg well under 2 s
+    for k, v in overrides.items():
+        setattr(c, k, v)
+    return c
+
+
+def run_parallel(out: str, steps_n: int = 3) -> None:
+    import functools
+
+    import jax
+    import numpy as np
+    import optax
+
+    from train import steps
+    from train.model import build_model
+
+    assert jax.device_count() == 8, jax.devices()
+    model_cfg = {
+        "arch": "resnet_base",
+        "overrides": {"n_blocks": (1, 1), "n_channels": (8, 16), "first_kernel_size": 3},
+    }
+    rng = np.random.default_rng(0)
+    batches = [
+        {
+            "image": rng.normal(size=(32, 8, 8, 3)).astype(np.float32),
+            "label": rng.integers(0, 10, 32).astype(np.int32),
+        }
+        for _ in range(steps_n)
+    ]
+    results = {}
+    for name, driver, axis in (
+        ("jit", steps.JitDriver(), None),
+        ("pmap", steps.PmapDriver(), steps.PMAP_AXIS),
+        ("single", steps.JitDriver(steps.make_mesh(jax.devices()[:1])), None),
+    ):
+        model = build_model(model_cfg, 10, 3, axis_name=axis)
+        tx = optax.chain(
+            optax.add_decayed_weights(1e-4), optax.sgd(0.02, momentum=0.9, nesterov=True)
+        )
+        create = functools.partial(
+            steps.create_train_state, jax.random.key(0, impl="rbg"), model, tx, (1, 8, 8, 3)
+        )
+        state = driver.init_state(create)
+        train_step = driver.train_step(
+            steps.make_train_step(model, tx, label_smoothing=0.1, axis_name=axis)
+        )
+        for b in batches:
+            state, metrics = train_step(state, driver.place_batch(b))
+        host = driver.to_host(state)
+        flat = {}
+        for kind in ("params", "batch_stats"):
+            for path, leaf in jax.tree_util.tree_flatten_with_path(getattr(host, kind))[0]:
+                flat[kind + jax.tree_util.keystr(path)] = np.asarray(leaf)
+        flat["loss"] = np.asarray(driver.to_host(metrics)["loss"])
+        flat["step"] = np.asarray(host.step)
+        results[name] = flat
+    np.savez(out, **{f"{n}|{k}": v for n, d in results.items() for k, v in d.items()})
+
+
+def run_train(out: str, process_id: int, num_processes: int, port: int) -> None:
+    config = tiny_config()
+    if num_processes > 1:
+        config.distributed.enabled = True
+        config.distributed.coordinator_address = f"127.0.0.1:{port}"
+        config.distributed.num_processes = num_processes
+        config.distributed.process_id = process_id
+        config.distributed.cpu_collectives = "gloo"
+    from train import loop
+
+    loop.maybe_initialize_distributed(config)
+    import jax
+
+    summary = loop.train_and_evaluate(config, out)
+    print(
+        "WORKER_DONE", jax.process_index(), jax.process_count(), jax.device_count(), summary["eval"]
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=("parallel", "train"))
+    parser.add_argument("out")
+    parser.add_argument("--devices", type=int, default=8)
+    parser.add_argument("--process-id", type=int, default=0)
+    parser.add_argument("--num-processes", type=int, default=1)
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args()
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    sys.path.insert(0, REPO)
+    if args.mode == "parallel":
+        run_parallel(args.out)
+    else:
+        run_train(args.out, args.process_id, args.num_processes, args.port)
+
+
+if __name__ == "__main__":
+    main()
