@@ -33,7 +33,9 @@ def _to_numpy(value: Any) -> np.ndarray:
         value = value.detach().cpu()
         if str(value.dtype) in ("torch.bfloat16", "torch.float16"):
             value = value.float()
-        value = value.numpy()
+        # Copy: .numpy() shares memory, and a later in-place update of the torch model (an
+        # optimizer step) must not change converted weights.
+        return value.numpy().copy()
     return np.asarray(value)
 
 
@@ -88,7 +90,7 @@ def _convert_leaves(state_dict: Mapping[str, Any]) -> tuple[dict, dict[tuple, st
                 f"cannot convert {key!r} with shape {arr.shape}: not a conv, linear or BatchNorm "
                 "tensor of a ResNet."
             )
-        flat[target] = np.ascontiguousarray(arr)
+        flat[target] = np.array(arr, order="C")  # a copy, never a view of the caller's array
         origin[target] = key
     return flat, origin
 

@@ -84,6 +84,114 @@ def _randomize(model, gen, branch_gain: tuple[float, float]) -> None:
                 m.bias.normal_(0.0, 0.1, generator=gen)
 
 
+def _torch_run(model, xs, ys, steps: int, lr: float, momentum: float, weight_decay: float) -> dict:
+    """Eval logits, then ``steps`` SGD steps in train mode; records step 0 in detail."""
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        eval_logits = model(xs[steps]).numpy()
+    init = {k: p.detach().numpy().copy() for k, p in model.named_parameters()}
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    rec = {"eval logits": eval_logits, "losses": [], "init": init}
+    for i in range(steps):
+        out = model(xs[i])
+        loss = torch.nn.functional.cross_entropy(out, ys[i])
+        opt.zero_grad()
+        loss.backward()
+        if i == 0:
+            rec["train logits"] = out.detach().numpy()
+            rec["grads"] = {k: p.grad.numpy().copy() for k, p in model.named_parameters()}
+            rec["stats"] = {k: v.numpy().copy() for k, v in model.state_dict().items() if "running" in k}
+        opt.step()
+        rec["losses"].append(loss.item())
+    rec["params"] = {k: p.detach().numpy().copy() for k, p in model.named_parameters()}
+    return rec
+
+
+def _jax_run(fmodel, variables, xs, ys, steps: int, lr: float, momentum: float, weight_decay: float) -> dict:
+    """The same protocol as :func:`_torch_run`, with optax, returning torch-layout arrays."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from resnet_jax.convert import flax_to_torch
+
+    tx = optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(lr, momentum))
+
+    def loss_fn(p, s, x, y):
+        logits, upd = fmodel.apply({"params": p, "batch_stats": s}, x, train=True, mutable=["batch_stats"])
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        return loss, (logits, upd["batch_stats"])
+
+    @jax.jit
+    def step(p, s, o, x, y):
+        (loss, (logits, s)), g = jax.value_and_grad(loss_fn, has_aux=True)(p, s, x, y)
+        updates, o = tx.update(g, o, p)
+        return optax.apply_updates(p, updates), s, o, loss, logits, g
+
+    nhwc = lambda t: jnp.asarray(t.numpy().transpose(0, 2, 3, 1))  # noqa: E731
+    params = jax.tree.map(jnp.asarray, variables["params"])
+    stats = jax.tree.map(jnp.asarray, variables["batch_stats"])
+    rec = {
+        "eval logits": np.asarray(
+            jax.jit(lambda v, x: fmodel.apply(v, x, train=False))(
+                {"params": params, "batch_stats": stats}, nhwc(xs[steps])
+            )
+        ),
+        "losses": [],
+    }
+    opt_state = tx.init(params)
+    for i in range(steps):
+        params, stats, opt_state, loss, logits, grads = step(
+            params, stats, opt_state, nhwc(xs[i]), jnp.asarray(ys[i].numpy())
+        )
+        if i == 0:
+            rec["train logits"] = np.asarray(logits)
+            rec["grads"] = flax_to_torch({"params": grads})
+            rec["stats"] = flax_to_torch({"batch_stats": stats})
+        rec["losses"].append(float(loss))
+    rec["params"] = flax_to_torch({"params": params})
+    return rec
+
+
+def _compare(run: dict, ref: dict, init: dict, steps: int) -> tuple[dict, dict]:
+    """(rows of ||delta||/||ref||, the worst module or key of each row)."""
+    # Gradients and updates are compared per module (weight and bias as one vector): a bias that
+    # feeds a train-mode BatchNorm through convolutions only (every conv bias, and the seed's
+    # stem BN bias) has an exactly-zero gradient, so per tensor both sides are rounding noise.
+    modules: dict[str, list[str]] = {}
+    for k in ref["grads"]:
+        modules.setdefault(k.rsplit(".", 1)[0], []).append(k)
+
+    def per_module(a: dict, b: dict) -> dict:
+        cat = lambda d, ks: np.concatenate([np.ravel(d[k]) for k in ks])  # noqa: E731
+        return {m: _rel(cat(a, ks), cat(b, ks)) for m, ks in modules.items()}
+
+    grad_err = per_module(run["grads"], ref["grads"])
+    stat_err = {k: _rel(run["stats"][k], ref["stats"][k]) for k in ref["stats"]}
+    # What SGD changed, not the parameters themselves, which the (shared) init would dominate.
+    change = lambda rec: {k: rec["params"][k] - init[k] for k in init}  # noqa: E731
+    update_err = per_module(change(run), change(ref))
+    rows = {
+        "eval logits": _rel(run["eval logits"], ref["eval logits"]),
+        "train logits": _rel(run["train logits"], ref["train logits"]),
+        "grads (max over modules)": max(grad_err.values()),
+        "running stats after 1 step": max(stat_err.values()),
+        f"loss over {steps} SGD steps (max)": max(
+            abs(a - b) / abs(b) for a, b in zip(run["losses"], ref["losses"])
+        ),
+        f"param change over {steps} SGD steps (max)": max(update_err.values()),
+    }
+    worst = {
+        "grads (max over modules)": max(grad_err, key=grad_err.get),
+        "running stats after 1 step": max(stat_err, key=stat_err.get),
+        f"param change over {steps} SGD steps (max)": max(update_err, key=update_err.get),
+    }
+    return rows, worst
+
+
 def run_parity(
     arch: str,
     dtype: str = "float32",
@@ -94,19 +202,28 @@ def run_parity(
     conv_bias: bool = False,
     labml: bool = False,
     reference: str = "local",
-    lr: float = 0.01,
+    lr: float = 0.001,
     branch_gain: tuple[float, float] = (0.05, 0.25),
     momentum: float = 0.9,
     weight_decay: float = 1e-4,
     seed: int = 0,
+    noise_floor: bool = True,
 ) -> dict[str, Any]:
-    """Run the comparison; returns ``{'rows': {name: rel_error}, 'worst': {name: key}, ...}``."""
+    """Run the comparison; returns ``{'rows': {name: rel_error}, 'ok': bool, ...}``.
+
+    In float32 the same protocol also runs in PyTorch float32 against PyTorch float64 (the
+    ``floor`` rows): the error PyTorch makes against exact arithmetic. ReLU sign flips of
+    pre-activations within rounding of zero make gradients discontinuous, so on deep networks
+    that floor can exceed 1e-4; a float32 row passes when it is within its tolerance or within
+    twice the floor. float64 rows must be within tolerance, with no floor.
+    """
+    import copy
+
     import jax
     import jax.numpy as jnp
-    import optax
     import torch
 
-    from resnet_jax.convert import flax_to_torch, torch_to_flax
+    from resnet_jax.convert import torch_to_flax
 
     if dtype not in TOLERANCES:
         raise ValueError(f"dtype must be float32 or float64; got {dtype!r}.")
@@ -124,101 +241,35 @@ def run_parity(
     fmodel = fmodel.clone(dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype))
     tmodel = tmodel.to(tdtype)
     _randomize(tmodel, gen, branch_gain)
-
     xs = torch.randn(steps + 1, batch, 3, image_size, image_size, generator=gen, dtype=tdtype)
     ys = torch.randint(0, n_out, (steps, batch), generator=gen)
     variables = torch_to_flax(tmodel.state_dict(), fmodel)
-    params = jax.tree.map(jnp.asarray, variables["params"])
-    stats = jax.tree.map(jnp.asarray, variables["batch_stats"])
-    nhwc = lambda t: jnp.asarray(t.numpy().transpose(0, 2, 3, 1))  # noqa: E731
+    exact = copy.deepcopy(tmodel).double() if (noise_floor and dtype == "float32") else None
 
-    # --- PyTorch ---
-    tmodel.eval()
-    with torch.no_grad():
-        ref_eval = tmodel(xs[steps]).numpy()
-    tmodel.train()
-    opt = torch.optim.SGD(tmodel.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    ref_losses = []
-    for i in range(steps):
-        out = tmodel(xs[i])
-        loss = torch.nn.functional.cross_entropy(out, ys[i])
-        opt.zero_grad()
-        loss.backward()
-        if i == 0:
-            ref_train = out.detach().numpy()
-            ref_grads = {k: p.grad.numpy().copy() for k, p in tmodel.named_parameters()}
-            ref_stats = {k: v.numpy().copy() for k, v in tmodel.state_dict().items() if "running" in k}
-        opt.step()
-        ref_losses.append(loss.item())
-    ref_params = {k: p.detach().numpy() for k, p in tmodel.named_parameters()}
-
-    # --- JAX ---
-    tx = optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(lr, momentum))
-
-    def loss_fn(p, s, x, y):
-        logits, upd = fmodel.apply({"params": p, "batch_stats": s}, x, train=True, mutable=["batch_stats"])
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-        return loss, (logits, upd["batch_stats"])
-
-    @jax.jit
-    def step(p, s, o, x, y):
-        (loss, (logits, s)), g = jax.value_and_grad(loss_fn, has_aux=True)(p, s, x, y)
-        updates, o = tx.update(g, o, p)
-        return optax.apply_updates(p, updates), s, o, loss, logits, g
-
-    eval_logits = jax.jit(lambda v, x: fmodel.apply(v, x, train=False))(
-        {"params": params, "batch_stats": stats}, nhwc(xs[steps])
-    )
-    opt_state = tx.init(params)
-    losses = []
-    for i in range(steps):
-        params, stats, opt_state, loss, logits, grads = step(
-            params, stats, opt_state, nhwc(xs[i]), jnp.asarray(ys[i].numpy())
-        )
-        if i == 0:
-            train_logits, grads0 = logits, flax_to_torch({"params": grads})
-            stats0 = flax_to_torch({"batch_stats": stats})
-        losses.append(float(loss))
-    final = flax_to_torch({"params": params})
-
-    # Gradients are compared per module (weight and bias as one vector). A bias that feeds a
-    # train-mode BatchNorm through convolutions only (every conv bias, and the seed's stem BN
-    # bias) has an exactly-zero gradient, so per tensor both sides are pure rounding noise.
-    modules: dict[str, list[str]] = {}
-    for k in ref_grads:
-        modules.setdefault(k.rsplit(".", 1)[0], []).append(k)
-    grad_err = {
-        m: _rel(np.concatenate([grads0[k].ravel() for k in ks]),
-                np.concatenate([ref_grads[k].ravel() for k in ks]))
-        for m, ks in modules.items()
-    }
-    rows = {
-        "eval logits": _rel(eval_logits, ref_eval),
-        "train logits": _rel(train_logits, ref_train),
-        "grads (max over modules)": max(grad_err.values()),
-    }
-    worst = {"grads (max over modules)": max(grad_err, key=grad_err.get)}
-    stat_err = {k: _rel(stats0[k], ref_stats[k]) for k in ref_stats}
-    rows["running stats after 1 step"] = max(stat_err.values())
-    worst["running stats after 1 step"] = max(stat_err, key=stat_err.get)
-    rows[f"loss over {steps} SGD steps (max)"] = max(
-        abs(a - b) / abs(b) for a, b in zip(losses, ref_losses)
-    )
-    param_err = {k: _rel(final[k], ref_params[k]) for k in ref_params}
-    rows[f"params after {steps} SGD steps (max)"] = max(param_err.values())
+    hyper = dict(steps=steps, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    ref = _torch_run(tmodel, xs, ys, **hyper)
+    run = _jax_run(fmodel, variables, xs, ys, **hyper)
+    rows, worst = _compare(run, ref, ref["init"], steps)
     tol = TOLERANCES[dtype]
     tolerances = {k: tol.get(k, tol["default"]) for k in rows}
+    floor: dict[str, float] = {}
+    if exact is not None:
+        ref64 = _torch_run(exact, xs.double(), ys, **hyper)
+        floor, _ = _compare(ref, ref64, ref["init"], steps)
+    passed = {k: rows[k] <= max(tolerances[k], 2 * floor.get(k, 0.0)) for k in rows}
     return {
         "arch": arch,
         "dtype": dtype,
         "image_size": image_size,
         "batch": batch,
         "rows": rows,
+        "floor": floor,
         "tolerances": tolerances,
+        "passed": passed,
         "worst": worst,
-        "losses": losses,
-        "torch_losses": ref_losses,
-        "ok": all(rows[k] <= tolerances[k] for k in rows),
+        "losses": run["losses"],
+        "torch_losses": ref["losses"],
+        "ok": all(passed.values()),
     }
 
 
@@ -237,6 +288,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="resnetbase: the annotated PyTorch ResNet (conv biases, only the first block strided)")
     parser.add_argument("--reference", default="local", choices=["local", "torchvision"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-floor", action="store_true",
+                        help="float32: skip the PyTorch float32-vs-float64 reference run")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
 
@@ -247,16 +300,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     size = args.image_size or (32 if args.arch in BASE_ARCHS else 64)
     result = run_parity(
         args.arch, args.dtype, size, args.batch, args.steps, args.num_classes,
-        args.conv_bias, args.labml, args.reference, seed=args.seed,
+        args.conv_bias, args.labml, args.reference, seed=args.seed, noise_floor=not args.no_floor,
     )
     if args.json:
         print(json.dumps(result))
     else:
         print(f"{args.arch}  {args.dtype}  batch {args.batch}  {size}x{size}  reference={args.reference}")
-        print(f"{'check':<54}{'||d||/||ref||':>14}{'tolerance':>11}")
+        floor = result["floor"]
+        head = f"{'check':<44}{'||d||/||ref||':>14}{'tolerance':>11}"
+        print(head + (f"{'torch f32 vs f64':>18}" if floor else ""))
         for name, err in result["rows"].items():
-            flag = "ok" if err <= result["tolerances"][name] else "FAIL"
-            print(f"{name:<54}{err:>14.3e}{result['tolerances'][name]:>11.0e}  {flag}")
+            flag = "ok" if result["passed"][name] else "FAIL"
+            line = f"{name:<44}{err:>14.3e}{result['tolerances'][name]:>11.0e}"
+            if floor:
+                line += f"{floor[name]:>18.3e}"
+            print(f"{line}  {flag}")
+        if floor:
+            print("float32 rows pass within the tolerance or within 2x PyTorch's own float32 error.")
         print("PASS" if result["ok"] else "FAIL")
     return 0 if result["ok"] else 1
 
