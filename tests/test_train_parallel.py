@@ -17,8 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 WORKER = str(REPO / "tests" / "train_worker.py")
 sys.path.insert(0, str(REPO))
 
-from train.checkpoint import restore_variables  # noqa: E402
-from train.metrics import read_metrics  # noqa: E402
+from train.checkpoint import restore_variables
+from train.metrics import read_metrics
 
 
 def _env():
@@ -31,6 +31,7 @@ def _env():
 def _run(args, timeout=300):
     proc = subprocess.run(
         [sys.executable, WORKER, *args],
+        check=False,
         capture_output=True,
         text=True,
         timeout=timeout,
