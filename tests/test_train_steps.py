@@ -13,8 +13,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train import optim, steps  # noqa: E402
-from train.model import build_model  # noqa: E402
+from train import optim, steps
+from train.model import build_model
 
 TINY = {
     "arch": "resnet_base",

@@ -82,8 +82,16 @@ def create_model(config: Any, info: input_pipeline.DatasetInfo, axis_name: str |
     return model, dtype
 
 
+# Per-step settings rather than measurements: report the window's last value, not its mean.
+_LAST_VALUE_METRICS = ("learning_rate", "loss_scale")
+
+
 def _mean_metrics(records: list[dict[str, np.ndarray]]) -> dict[str, float]:
-    return {k: float(np.mean([r[k] for r in records])) for k in records[0]}
+    """Average train metrics over the steps of a log window."""
+    return {
+        k: float(records[-1][k] if k in _LAST_VALUE_METRICS else np.mean([r[k] for r in records]))
+        for k in records[0]
+    }
 
 
 def evaluate(

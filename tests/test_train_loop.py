@@ -1,0 +1,226 @@
+"""The training program end to end on the digits set with a tiny ResNetBase (one CPU device):
+outputs (checkpoints, metrics.jsonl, TensorBoard, PNG), exact resume, eval-only, predict, CLI."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import chex
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+from train import checkpoint, input_pipeline, loop, optim, predict
+from train.metrics import read_metrics
+from train_worker import tiny_config
+
+STEPS = 30
+
+
+def config(**kw):
+    c = tiny_config(
+        num_train_steps=STEPS,
+        checkpoint_every_steps=10,
+        keep_checkpoints=2,
+        log_every_steps=5,
+        eval_every_steps=15,
+        learning_rate=0.1,
+    )
+    for k, v in kw.items():
+        setattr(c, k, v)
+    return c
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One 30-step run shared by the tests below (its workdir is not modified by them)."""
+    workdir = str(tmp_path_factory.mktemp("run"))
+    summary = loop.train_and_evaluate(config(), workdir)
+    return workdir, summary
+
+
+def _digits_eval_arrays():
+    src = input_pipeline.create_dataset(config()).__dict__["_source"]
+    return src.x_eval, src.y_eval, np.array(src.mean), np.array(src.std)
+
+
+def test_outputs_of_a_run(run):
+    workdir, summary = run
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["20", "30"]
+    records = read_metrics(workdir)
+    assert all({"step", "split"} <= set(r) for r in records)
+    train = [r for r in records if r["split"] == "train" and "loss" in r]
+    assert [r["step"] for r in train] == list(range(5, 31, 5))
+    for r in train:
+        assert {"loss", "accuracy", "top5_accuracy", "learning_rate"} <= set(r)
+        assert 0 <= r["accuracy"] <= r["top5_accuracy"] <= 1
+    assert all(r["images_per_sec"] > 0 for r in train)
+    assert any("compile_time_s" in r for r in records)
+    # The logged learning rate is the schedule's value at the last step of each window.
+    cfg = config()
+    steps_per_epoch = 1437 // cfg.batch_size
+    schedule = optim.create_lr_schedule(cfg, steps_per_epoch, STEPS)
+    for r in train:
+        np.testing.assert_allclose(r["learning_rate"], float(schedule(r["step"] - 1)), rtol=1e-5)
+    evals = [r for r in records if r["split"] == "eval"]
+    assert [r["step"] for r in evals] == [15, 30]
+    assert all(r["num_examples"] == 360 for r in evals)
+    assert summary["eval"]["accuracy"] == evals[-1]["accuracy"]
+    # Training did something: the loss went down.
+    assert train[-1]["loss"] < train[0]["loss"]
+
+    # TensorBoard events hold the same numbers.
+    tb = {}
+    for path in Path(workdir, "tensorboard").glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for v in event.summary.value:
+                tb[(v.tag, event.step)] = float(tf.make_ndarray(v.tensor))
+    np.testing.assert_allclose(tb[("train/loss", 30)], train[-1]["loss"], rtol=1e-6)
+    np.testing.assert_allclose(tb[("eval/accuracy", 30)], evals[-1]["accuracy"], rtol=1e-6)
+
+    png = Path(workdir, "training_curves.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    info = json.loads(Path(workdir, "dataset_info.json").read_text())
+    assert info["num_classes"] == 10 and info["image_shape"] == [8, 8, 1]
+
+
+def test_restored_variables_reproduce_the_final_eval(run):
+    workdir, summary = run
+    variables = checkpoint.restore_variables(workdir)
+    assert set(variables) == {"params", "batch_stats"}
+    assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(variables))
+    # Independent eval: numpy preprocessing and a plain model.apply over all 360 images.
+    x, y, mean, std = _digits_eval_arrays()
+    model, _ = loop.create_model(config(), input_pipeline.create_dataset(config()).info)
+    logits = np.asarray(model.apply(variables, (x - mean) / std, train=False))
+    np.testing.assert_allclose(summary["eval"]["accuracy"], np.mean(logits.argmax(-1) == y))
+    earlier = checkpoint.restore_variables(workdir, step=20)
+    assert not np.allclose(earlier["params"]["fc"]["kernel"], variables["params"]["fc"]["kernel"])
+    with pytest.raises(FileNotFoundError, match="no checkpoint for step 7"):
+        checkpoint.restore_variables(workdir, step=7)
+
+
+def test_resume_after_interruption_is_exact(run, tmp_path):
+    workdir, summary = run
+    # Simulate a run killed after its step-20 checkpoint: drop the step-30 checkpoint.
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(workdir, resumed)
+    shutil.rmtree(os.path.join(resumed, "checkpoints", "30"))
+    out = loop.train_and_evaluate(config(), resumed)
+    assert out["start_step"] == 20
+    chex.assert_trees_all_equal(
+        checkpoint.restore_variables(resumed), checkpoint.restore_variables(workdir)
+    )
+    assert out["eval"]["accuracy"] == summary["eval"]["accuracy"]
+    # Records past step 20 were replaced, not duplicated.
+    steps = [r["step"] for r in read_metrics(resumed) if r["split"] == "train" and "loss" in r]
+    assert steps == list(range(5, 31, 5))
+
+
+def test_rerun_of_a_finished_run_does_not_train(run):
+    workdir, summary = run
+    before = read_metrics(workdir)
+    again = loop.train_and_evaluate(config(), workdir)
+    assert again["start_step"] == STEPS and again["compile_time_s"] is None
+    assert again["eval"]["accuracy"] == summary["eval"]["accuracy"]
+    assert read_metrics(workdir) == before
+
+
+def test_eval_only(run):
+    workdir, summary = run
+    out = loop.train_and_evaluate(config(eval_only=True, restore_step=20), workdir)
+    assert out["start_step"] == 20
+    evals = {r["step"]: r for r in read_metrics(workdir) if r["split"] == "eval"}
+    # Step 20 had no periodic eval; check it against an independent computation.
+    x, y, mean, std = _digits_eval_arrays()
+    model, _ = loop.create_model(config(), input_pipeline.create_dataset(config()).info)
+    variables = checkpoint.restore_variables(workdir, step=20)
+    logits = np.asarray(model.apply(variables, (x - mean) / std, train=False))
+    np.testing.assert_allclose(out["eval"]["accuracy"], np.mean(logits.argmax(-1) == y))
+    assert evals[20]["accuracy"] == out["eval"]["accuracy"]
+    with pytest.raises(Exception, match="no checkpoint"):
+        loop.train_and_evaluate(config(eval_only=True), str(Path(workdir).parent / "empty"))
+
+
+def test_predict_top5_of_image_files(run, tmp_path):
+    from PIL import Image
+
+    workdir, _ = run
+    x, y, mean, std = _digits_eval_arrays()
+    paths, pixels = [], []
+    for i in range(3):
+        img = np.rint(x[i, ..., 0]).astype(np.uint8)
+        path = str(tmp_path / f"digit{i}.png")
+        Image.fromarray(img).save(path)
+        paths.append(path)
+        pixels.append(img[..., None].astype(np.float32))
+    results = predict.predict_files(workdir, paths, top_k=5)
+    model, _ = loop.create_model(config(), input_pipeline.create_dataset(config()).info)
+    variables = checkpoint.restore_variables(workdir)
+    probs = np.asarray(
+        jax.nn.softmax(model.apply(variables, (np.stack(pixels) - mean) / std, train=False))
+    )
+    for top, p in zip(results, probs):
+        assert len(top) == 5
+        assert [i for i, _, _ in top] == list(np.argsort(-p, kind="stable")[:5])
+        np.testing.assert_allclose([q for _, _, q in top], np.sort(p)[::-1][:5], atol=1e-5)
+        assert [name for i, name, _ in top] == [str(i) for i, _, _ in top]
+
+
+def test_pmap_loop_matches_jit_loop(tmp_path):
+    cfg = dict(num_train_steps=6, checkpoint_every_steps=0, eval_every_steps=-1, eval_at_end=False)
+    a = loop.train_and_evaluate(config(**cfg), str(tmp_path / "jit"))
+    b = loop.train_and_evaluate(config(parallelism="pmap", **cfg), str(tmp_path / "pmap"))
+    assert a["final_step"] == b["final_step"] == 6
+    jax.tree.map(
+        lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6),
+        checkpoint.restore_variables(str(tmp_path / "jit")),
+        checkpoint.restore_variables(str(tmp_path / "pmap")),
+    )
+
+
+def _cli(*args, timeout=240):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run(
+        [sys.executable, "-m", "train", "--config=configs/default.py", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=str(REPO),
+        env=env,
+        timeout=timeout,
+    )
+
+
+def test_cli_trains_resumes_and_reports_config_errors(tmp_path):
+    workdir = str(tmp_path / "cli")
+    args = [
+        f"--workdir={workdir}",
+        "--config.num_train_steps=4",
+        "--config.model.overrides.stage_sizes=(1,)",
+        "--config.rng_impl=rbg",
+        "--config.log_every_steps=2",
+    ]
+    first = _cli(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "Done: 4 steps" in first.stdout and "final eval:" in first.stdout
+    assert "images/s" in first.stdout and os.path.join(workdir, "checkpoints") in first.stdout
+    config_json = json.loads(Path(workdir, "config.json").read_text())
+    assert config_json["model"]["overrides"]["stage_sizes"] == [1]
+    second = _cli(*args)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Already trained to step 4" in second.stdout
+
+    bad = _cli(f"--workdir={tmp_path / 'bad'}", "--config.num_train_steps=-5")
+    assert bad.returncode == 2
+    assert "error: config.num_train_steps must be > 0" in bad.stderr
+    assert "Traceback" not in bad.stderr
