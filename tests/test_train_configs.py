@@ -78,7 +78,7 @@ def test_lars_recipe_schedule_and_update():
     assert c.optimizer == "lars" and c.lr_schedule == "polynomial" and c.lr_decay_power == 2
     spe = 1_281_167 // c.batch_size
     total = c.num_epochs * spe
-    warm = int(round(c.warmup_epochs * spe))
+    warm = round(c.warmup_epochs * spe)
     schedule = optim.create_lr_schedule(c, spe, total)
     np.testing.assert_allclose(float(schedule(warm)), c.learning_rate, rtol=1e-5)
     t = warm + (total - warm) // 3

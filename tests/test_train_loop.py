@@ -18,9 +18,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
+from train_worker import tiny_config
+
 from train import checkpoint, input_pipeline, loop, optim, predict
 from train.metrics import read_metrics
-from train_worker import tiny_config
 
 STEPS = 30
 
@@ -135,7 +136,7 @@ def test_rerun_of_a_finished_run_does_not_train(run):
 
 
 def test_eval_only(run):
-    workdir, summary = run
+    workdir, _summary = run
     out = loop.train_and_evaluate(config(eval_only=True, restore_step=20), workdir)
     assert out["start_step"] == 20
     evals = {r["step"]: r for r in read_metrics(workdir) if r["split"] == "eval"}
@@ -154,7 +155,7 @@ def test_predict_top5_of_image_files(run, tmp_path):
     from PIL import Image
 
     workdir, _ = run
-    x, y, mean, std = _digits_eval_arrays()
+    x, _y, mean, std = _digits_eval_arrays()
     paths, pixels = [], []
     for i in range(3):
         img = np.rint(x[i, ..., 0]).astype(np.uint8)
@@ -176,7 +177,12 @@ def test_predict_top5_of_image_files(run, tmp_path):
 
 
 def test_pmap_loop_matches_jit_loop(tmp_path):
-    cfg = dict(num_train_steps=6, checkpoint_every_steps=0, eval_every_steps=-1, eval_at_end=False)
+    cfg = {
+        "num_train_steps": 6,
+        "checkpoint_every_steps": 0,
+        "eval_every_steps": -1,
+        "eval_at_end": False,
+    }
     a = loop.train_and_evaluate(config(**cfg), str(tmp_path / "jit"))
     b = loop.train_and_evaluate(config(parallelism="pmap", **cfg), str(tmp_path / "pmap"))
     assert a["final_step"] == b["final_step"] == 6
