@@ -243,6 +243,17 @@ def flax_to_torch(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 def load_torch_checkpoint(path: str) -> dict[str, Any]:
     """Read a ``.pth`` state_dict safely: ``torch.load(..., weights_only=True)``, never a pickle."""
+    import pickle
+
     import torch
 
-    return dict(_strip_wrappers(torch.load(path, map_location="cpu", weights_only=True)))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{path} holds more than tensors (a pickled object), and resnet_jax never unpickles "
+            "arbitrary code. Re-save it from PyTorch with torch.save(model.state_dict(), path)."
+        ) from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} does not hold a state_dict (found {type(obj).__name__}).")
+    return dict(_strip_wrappers(obj))

@@ -1,0 +1,224 @@
+"""Architecture, state, dtype and input-validation behaviour of the Flax modules."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import resnet_jax
+from resnet_jax import BatchNorm, ResNetBase
+from resnet_jax.torch_reference import TorchResNetBase, torch_resnet
+
+# Published parameter counts of torchvision.models (and resnet200 from He et al. 2016, as timm).
+TORCHVISION_PARAMS = {
+    "resnet18": 11_689_512,
+    "resnet34": 21_797_672,
+    "resnet50": 25_557_032,
+    "resnet101": 44_549_160,
+    "resnet152": 60_192_808,
+    "resnet200": 64_673_832,
+    "wide_resnet50_2": 68_883_240,
+    "wide_resnet101_2": 126_886_696,
+    "resnext50_32x4d": 25_028_904,
+    "resnext101_32x8d": 88_791_336,
+    "resnext101_64x4d": 83_455_272,
+}
+
+
+def _abstract_init(model, shape=(1, 224, 224, 3)):
+    x = jax.ShapeDtypeStruct(shape, jnp.float32)
+    return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+
+
+def _count(tree):
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("arch", sorted(TORCHVISION_PARAMS))
+def test_preset_parameter_count_equals_torchvision(arch):
+    variables = _abstract_init(getattr(resnet_jax, arch)())
+    assert _count(variables["params"]) == TORCHVISION_PARAMS[arch]
+    assert _count(variables["params"]) == sum(p.numel() for p in torch_resnet(arch).parameters())
+
+
+def test_resnet50_feature_maps_are_c2_to_c5():
+    model = resnet_jax.resnet50(num_classes=None)
+    x = jnp.zeros((2, 64, 64, 3))
+    variables = model.init(jax.random.key(0), x, train=False)
+    feats = model.apply(variables, x, train=False, method="features")
+    chex.assert_shape(feats["stem"], (2, 16, 16, 64))
+    chex.assert_shape(feats["layer1"], (2, 16, 16, 256))
+    chex.assert_shape(feats["layer2"], (2, 8, 8, 512))
+    chex.assert_shape(feats["layer3"], (2, 4, 4, 1024))
+    chex.assert_shape(feats["layer4"], (2, 2, 2, 2048))
+    pooled = model.apply(variables, x, train=False)
+    chex.assert_trees_all_close(pooled, feats["layer4"].mean(axis=(1, 2)), rtol=1e-6)
+    assert "fc" not in variables["params"]
+
+
+def test_small_stem_keeps_resolution_and_has_no_maxpool():
+    model = resnet_jax.resnet18(num_classes=10, small_stem=True)
+    x = jnp.zeros((2, 32, 32, 3))
+    variables = model.init(jax.random.key(0), x, train=False)
+    chex.assert_shape(variables["params"]["conv1"]["kernel"], (3, 3, 3, 64))
+    feats = model.apply(variables, x, train=False, method="features")
+    chex.assert_shape(feats["stem"], (2, 32, 32, 64))
+    chex.assert_shape(feats["layer4"], (2, 4, 4, 512))
+
+
+def test_resnetbase_default_strides_and_output_shape():
+    model = ResNetBase(n_blocks=(1, 1, 1), n_channels=(8, 16, 32), img_channels=1, first_kernel_size=3)
+    x = jnp.zeros((3, 16, 16, 1))
+    variables = model.init(jax.random.key(0), x, train=False)
+    feats = model.apply(variables, x, train=False, method="features")
+    # stem /2, first stage stride 1, then /2 per stage
+    assert [feats[k].shape[1] for k in ("stem", "stage1", "stage2", "stage3")] == [8, 8, 4, 2]
+    chex.assert_shape(model.apply(variables, x, train=False), (3, 32))
+
+
+def test_resnetbase_labml_strides_only_first_block():
+    model = ResNetBase(n_blocks=(1, 1), n_channels=(8, 16), strides=(2, 1), conv_bias=True)
+    x = jnp.zeros((2, 32, 32, 3))
+    variables = model.init(jax.random.key(0), x, train=False)
+    feats = model.apply(variables, x, train=False, method="features")
+    assert [feats[k].shape[1] for k in ("stem", "stage1", "stage2")] == [16, 8, 8]
+    assert "bias" in variables["params"]["conv"]
+    assert "bias" in variables["params"]["blocks_0"]["shortcut"]["conv"]
+
+
+def test_batch_stats_only_in_their_collection_and_eval_needs_no_mutable():
+    model = resnet_jax.resnet18(num_classes=5)
+    x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+    variables = model.init(jax.random.key(0), x, train=False)
+    assert set(variables) == {"params", "batch_stats"}
+    leaf_names = {p[-1].key for p, _ in jax.tree_util.tree_leaves_with_path(variables["batch_stats"])}
+    assert leaf_names == {"mean", "var"}
+    chex.assert_shape(model.apply(variables, x, train=False), (4, 5))
+    logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    chex.assert_shape(logits, (4, 5))
+    old = variables["batch_stats"]["bn1"]["mean"]
+    assert not np.allclose(updates["batch_stats"]["bn1"]["mean"], old)
+
+
+def test_bfloat16_compute_with_float32_params():
+    x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
+    f32 = resnet_jax.resnet18(num_classes=10)
+    bf16 = resnet_jax.resnet18(num_classes=10, dtype=jnp.bfloat16)
+    variables = f32.init(jax.random.key(0), x, train=False)
+    bf_vars = bf16.init(jax.random.key(0), x, train=False)
+    assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(bf_vars))
+    feats = bf16.apply(variables, x, train=False, method="features")
+    assert feats["layer3"].dtype == jnp.bfloat16
+    logits = bf16.apply(variables, x, train=False)
+    assert logits.dtype == jnp.float32
+    ref = f32.apply(variables, x, train=False)
+    rel = float(jnp.linalg.norm(logits - ref) / jnp.linalg.norm(ref))
+    assert 0 < rel < 5e-2  # bfloat16 has an 8-bit mantissa: close, but not equal
+
+
+def test_kaiming_fan_out_and_torch_linear_init():
+    model = resnet_jax.resnet50(num_classes=1000)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    kernel = variables["params"]["layer4_0"]["conv2"]["kernel"]  # 3x3x512x512
+    fan_out = 3 * 3 * 512
+    np.testing.assert_allclose(float(jnp.std(kernel)), np.sqrt(2.0 / fan_out), rtol=0.02)
+    fc = variables["params"]["fc"]
+    bound = 1 / np.sqrt(2048)
+    assert float(jnp.max(jnp.abs(fc["kernel"]))) <= bound
+    assert float(jnp.max(jnp.abs(fc["bias"]))) <= bound
+    np.testing.assert_allclose(float(jnp.std(fc["kernel"])), bound / np.sqrt(3), rtol=0.02)
+    assert float(jnp.min(variables["params"]["layer1_0"]["bn3"]["scale"])) == 1.0
+
+
+def test_zero_init_residual_zeroes_last_bn_of_each_branch():
+    for arch, last in (("resnet18", "bn2"), ("resnet50", "bn3")):
+        model = getattr(resnet_jax, arch)(zero_init_residual=True)
+        params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)["params"]
+        blocks = [k for k in params if k.startswith("layer")]
+        assert all(float(jnp.abs(params[b][last]["scale"]).max()) == 0.0 for b in blocks)
+        assert float(params["layer1_0"]["bn1"]["scale"].min()) == 1.0
+
+
+@pytest.mark.parametrize(
+    "shape, match",
+    [
+        ((32, 32, 3), "rank 4"),
+        ((2, 3, 32, 32), "NCHW"),
+        ((2, 32, 32, 1), "img_channels=1"),
+    ],
+)
+def test_bad_input_shape_gives_clear_error(shape, match):
+    model = resnet_jax.resnet18()
+    with pytest.raises(ValueError, match=match):
+        model.init(jax.random.key(0), jnp.zeros(shape), train=False)
+
+
+def test_unknown_architecture_and_bad_config_errors():
+    with pytest.raises(ValueError, match="unknown architecture 'resnet51'.*resnet50"):
+        resnet_jax.get_model("resnet51")
+    with pytest.raises(TypeError, match="unknown ResNet field"):
+        resnet_jax.resnet50(widht_per_group=3)
+    bad = ResNetBase(n_blocks=(1, 1), n_channels=(8,))
+    with pytest.raises(ValueError, match="one entry per stage"):
+        bad.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), train=False)
+    bad = ResNetBase(n_blocks=(1, 1), n_channels=(8, 16), bottlenecks=(4,))
+    with pytest.raises(ValueError, match="bottlenecks"):
+        bad.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), train=False)
+
+
+def test_batchnorm_matches_torch_running_update_including_unbiased_variance():
+    x = np.random.default_rng(0).normal(2.0, 3.0, size=(4, 5, 5, 6))
+    bn = BatchNorm(dtype=jnp.float32)
+    variables = bn.init(jax.random.key(0), jnp.asarray(x, jnp.float32), train=False)
+    y, upd = bn.apply(variables, jnp.asarray(x, jnp.float32), train=True, mutable=["batch_stats"])
+    tbn = torch.nn.BatchNorm2d(6)
+    ty = tbn(torch.from_numpy(x.transpose(0, 3, 1, 2)).float())
+    np.testing.assert_allclose(y, ty.detach().numpy().transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(upd["batch_stats"]["mean"], tbn.running_mean.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(upd["batch_stats"]["var"], tbn.running_var.numpy(), rtol=1e-5)
+    # independent closed form: 0.9 * 1 + 0.1 * unbiased variance
+    expected = 0.9 + 0.1 * x.reshape(-1, 6).var(axis=0, ddof=1)
+    np.testing.assert_allclose(upd["batch_stats"]["var"], expected, rtol=1e-5)
+
+
+def test_batchnorm_axis_name_synchronises_statistics_across_shards():
+    x = jax.random.normal(jax.random.key(0), (8, 4, 4, 3)) * 2 + 1
+    model = resnet_jax.resnet18(num_classes=4)
+    variables = model.init(jax.random.key(1), x, train=False)
+    full, full_upd = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    synced = model.clone(axis_name="batch")
+    apply = functools.partial(synced.apply, train=True, mutable=["batch_stats"])
+    shards = x.reshape(4, 2, *x.shape[1:])
+    out, upd = jax.vmap(apply, in_axes=(None, 0), axis_name="batch")(variables, shards)
+    chex.assert_trees_all_close(out.reshape(full.shape), full, rtol=2e-4, atol=2e-5)
+    first = jax.tree.map(lambda a: a[0], upd)
+    chex.assert_trees_all_close(first, full_upd, rtol=2e-4, atol=1e-5)
+    # without the axis name each shard normalises alone, which differs
+    local = jax.vmap(functools.partial(model.apply, train=True, mutable=["batch_stats"]), in_axes=(None, 0))
+    out_local, _ = local(variables, shards)
+    assert not np.allclose(out_local.reshape(full.shape), full, atol=1e-3)
+
+
+def test_train_mode_batch_of_one_pixel_is_rejected():
+    bn = BatchNorm()
+    variables = bn.init(jax.random.key(0), jnp.zeros((1, 1, 1, 4)), train=False)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        bn.apply(variables, jnp.zeros((1, 1, 1, 4)), train=True, mutable=["batch_stats"])
+
+
+def test_seed_reference_matches_blocks_names():
+    """The PyTorch seed model and ResNetBase have the same parameter names modulo '.N' -> '_N'."""
+    from flax import traverse_util
+
+    kw = dict(n_blocks=(2, 1), n_channels=(8, 16), bottlenecks=(4, 8), conv_bias=True)
+    tm = TorchResNetBase(**kw)
+    variables = ResNetBase(**kw).init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), train=False)
+    flax_names = {"/".join(k[1:-1]) for k in traverse_util.flatten_dict(variables)}
+    torch_names = {
+        k.rsplit(".", 1)[0].replace(".", "/").replace("blocks/", "blocks_") for k in tm.state_dict()
+    }
+    assert flax_names == torch_names

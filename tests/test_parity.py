@@ -1,0 +1,97 @@
+"""``python -m resnet_jax.parity``: float64 structural identity for every preset and for
+ResNetBase, float32 targets, and a failing exit status when the models differ."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import resnet_jax
+import resnet_jax.parity as parity
+
+DEEP = {"resnet101", "resnet152", "resnet200", "wide_resnet101_2", "resnext101_32x8d", "resnext101_64x4d"}
+
+
+def _cli(*args, x64=False):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-m", "resnet_jax.parity", "--json", *args],
+        capture_output=True, text=True, env=env, timeout=900,
+    )
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return proc.returncode, result
+
+
+@pytest.mark.parametrize("arch", sorted(resnet_jax.PRESETS))
+def test_float64_parity_is_structural_for_every_preset(arch):
+    # Deep presets take fewer SGD steps and a batch of 2: compile time, not coverage, grows.
+    extra = ["--steps", "3", "--batch", "2"] if arch in DEEP else []
+    code, result = _cli("--arch", arch, "--dtype", "float64", *extra)
+    assert code == 0, result["rows"]
+    assert all(err <= 1e-10 for err in result["rows"].values()), result["rows"]
+    assert len(result["rows"]) == 6
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--arch", "resnetbase"],
+        ["--arch", "resnetbase", "--conv-bias"],
+        ["--arch", "resnetbase_bottleneck"],
+        ["--arch", "resnetbase_bottleneck", "--labml"],
+        ["--arch", "resnetbase", "--labml", "--image-size", "33"],
+        ["--arch", "resnet18", "--image-size", "65"],  # odd sizes: stride-2 padding must match
+    ],
+)
+def test_float64_parity_resnetbase_and_odd_sizes(args):
+    code, result = _cli(*args, "--dtype", "float64")
+    assert code == 0 and all(e <= 1e-10 for e in result["rows"].values()), result["rows"]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--arch", "resnet18"],
+        ["--arch", "resnext50_32x4d"],
+        ["--arch", "resnetbase", "--conv-bias"],
+        ["--arch", "resnetbase_bottleneck", "--labml"],
+    ],
+)
+def test_float32_parity_meets_targets(args):
+    code, result = _cli(*args)
+    rows = result["rows"]
+    assert code == 0, rows
+    assert rows["eval logits"] <= 1e-5
+    assert all(err <= 1e-4 for err in rows.values()), rows
+
+
+def test_float32_parity_deep_network_within_pytorch_own_error():
+    code, result = _cli("--arch", "resnet50")
+    rows, floor = result["rows"], result["floor"]
+    assert code == 0, (rows, floor)
+    for name in ("eval logits", "train logits", "running stats after 1 step"):
+        assert rows[name] <= result["tolerances"][name]
+    for name, err in rows.items():
+        assert err <= max(result["tolerances"][name], 2 * floor[name])
+
+
+def test_parity_fails_on_a_real_discrepancy(monkeypatch, capsys):
+    """A model with a wrong BatchNorm epsilon must produce a FAIL and a non-zero exit status."""
+    build = parity._build
+
+    def wrong_eps(*a, **k):
+        fmodel, tmodel, n = build(*a, **k)
+        return fmodel.clone(epsilon=1e-3), tmodel, n
+
+    monkeypatch.setattr(parity, "_build", wrong_eps)
+    assert parity.main(["--arch", "resnetbase", "--steps", "2", "--no-floor"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out.splitlines()[-1]
+
+
+def test_torchvision_reference_when_importable():
+    pytest.importorskip("torchvision")
+    code, result = _cli("--arch", "resnet50", "--reference", "torchvision", "--dtype", "float64")
+    assert code == 0, result["rows"]
