@@ -161,7 +161,9 @@ class ResidualBlock(_Block):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         shortcut = self.shortcut(x, train, self.out_channels)
-        y = self.conv(self.out_channels, (3, 3), strides=self.stride, padding=torch_padding(3), name="conv1")(x)
+        y = self.conv(self.out_channels, (3, 3), strides=self.stride, padding=torch_padding(3), name="conv1")(
+            x
+        )
         y = self.act(self.norm(name="bn1")(y, train))
         y = self.conv(self.out_channels, (3, 3), padding=torch_padding(3), name="conv2")(y)
         y = self.residual_norm("bn2")(y, train)

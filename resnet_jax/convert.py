@@ -165,9 +165,7 @@ def _expected_shapes(model: nn.Module) -> dict[tuple, tuple]:
     return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(variables).items()}
 
 
-def torch_to_flax(
-    state_dict: Mapping[str, Any], model: Optional[Union[nn.Module, str]] = None
-) -> Variables:
+def torch_to_flax(state_dict: Mapping[str, Any], model: Optional[Union[nn.Module, str]] = None) -> Variables:
     """Convert a PyTorch state_dict to ``{'params': ..., 'batch_stats': ...}`` of numpy arrays.
 
     ``model`` is the Flax module to check against, or a preset name; by default it is inferred
@@ -193,11 +191,17 @@ def torch_to_flax(
     if missing or unexpected or wrong:
         name = type(model).__name__
         lines = [f"state_dict does not match {name}{_describe(model)}:"]
-        for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                             ("wrong shapes", wrong)):
+        for title, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("wrong shapes", wrong),
+        ):
             if items:
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20])
-                             + (" ..." if len(items) > 20 else ""))
+                lines.append(
+                    f"  {title} ({len(items)}): "
+                    + ", ".join(items[:20])
+                    + (" ..." if len(items) > 20 else "")
+                )
         try:
             found = infer_model(state_dict)
             hint = f" The state_dict looks like {type(found).__name__}{_describe(found)}."
@@ -211,10 +215,12 @@ def torch_to_flax(
 def _describe(model: nn.Module) -> str:
     if isinstance(model, ResNet):
         for name, fields in PRESETS.items():
-            if all(getattr(model, k) == (tuple(v) if isinstance(v, tuple) else v)
-                   for k, v in fields.items()) and all(
+            if all(
+                getattr(model, k) == (tuple(v) if isinstance(v, tuple) else v) for k, v in fields.items()
+            ) and all(
                 getattr(model, k) == ResNet.__dataclass_fields__[k].default
-                for k in ("groups", "width_per_group", "block") if k not in fields
+                for k in ("groups", "width_per_group", "block")
+                if k not in fields
             ):
                 return f" ({name})"
         return f" (stage_sizes={tuple(model.stage_sizes)}, block={model.block})"
@@ -228,9 +234,7 @@ def flax_to_torch(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
     accepts the result (wrap values with ``torch.from_numpy``).
     """
     out: dict[str, np.ndarray] = {}
-    flat = traverse_util.flatten_dict(
-        {k: variables[k] for k in ("params", "batch_stats") if k in variables}
-    )
+    flat = traverse_util.flatten_dict({k: variables[k] for k in ("params", "batch_stats") if k in variables})
     for key, value in flat.items():
         arr = np.asarray(jax.device_get(value))
         if key[0] == "params" and key[-1] == "kernel":

@@ -287,12 +287,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--conv-bias", action="store_true", help="resnetbase: biases on every conv")
-    parser.add_argument("--labml", action="store_true",
-                        help="resnetbase: the annotated PyTorch ResNet (conv biases, only the first block strided)")
+    parser.add_argument(
+        "--labml",
+        action="store_true",
+        help="resnetbase: the annotated PyTorch ResNet (conv biases, only the first block strided)",
+    )
     parser.add_argument("--reference", default="local", choices=["local", "torchvision"])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-floor", action="store_true",
-                        help="float32: skip the PyTorch float32-vs-float64 reference run")
+    parser.add_argument(
+        "--no-floor", action="store_true", help="float32: skip the PyTorch float32-vs-float64 reference run"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
 
@@ -302,8 +306,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         jax.config.update("jax_enable_x64", True)
     size = args.image_size or (32 if args.arch in BASE_ARCHS else 64)
     result = run_parity(
-        args.arch, args.dtype, size, args.batch, args.steps, args.num_classes,
-        args.conv_bias, args.labml, args.reference, seed=args.seed, noise_floor=not args.no_floor,
+        args.arch,
+        args.dtype,
+        size,
+        args.batch,
+        args.steps,
+        args.num_classes,
+        args.conv_bias,
+        args.labml,
+        args.reference,
+        seed=args.seed,
+        noise_floor=not args.no_floor,
     )
     if args.json:
         print(json.dumps(result))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import torch
 from torch import nn
 
 from resnet_jax.models import PRESETS
@@ -60,7 +59,13 @@ class _Basic(nn.Module):
 
 class _Bottleneck(_Basic):
     def __init__(
-        self, cin: int, width: int, cout: int, stride: int, groups: int = 1, bias: bool = False,
+        self,
+        cin: int,
+        width: int,
+        cout: int,
+        stride: int,
+        groups: int = 1,
+        bias: bool = False,
         torchvision: bool = False,
     ):
         nn.Module.__init__(self)

@@ -49,7 +49,9 @@ def test_layout_rules_on_known_tensors():
     np.testing.assert_array_equal(v["params"]["layer2_0"]["downsample_0"]["kernel"][0, 0], w[:, :, 0, 0].T)
     np.testing.assert_array_equal(v["params"]["fc"]["kernel"], sd["fc.weight"].numpy().T)
     np.testing.assert_array_equal(v["params"]["bn1"]["scale"], sd["bn1.weight"].numpy())
-    np.testing.assert_array_equal(v["batch_stats"]["layer1_1"]["bn2"]["var"], sd["layer1.1.bn2.running_var"].numpy())
+    np.testing.assert_array_equal(
+        v["batch_stats"]["layer1_1"]["bn2"]["var"], sd["layer1.1.bn2.running_var"].numpy()
+    )
     k = v["params"]["conv1"]["kernel"]
     assert k.shape == (7, 7, 3, 64)
     np.testing.assert_array_equal(k[1, 2, 0, 5], sd["conv1.weight"].numpy()[5, 0, 1, 2])
@@ -57,7 +59,9 @@ def test_layout_rules_on_known_tensors():
 
 @pytest.mark.parametrize("arch", sorted(resnet_jax.PRESETS))
 def test_infer_model_recovers_every_preset(arch):
-    sd = {k: np.zeros(v.shape, np.float32) for k, v in torch_resnet(arch, num_classes=10).state_dict().items()}
+    sd = {
+        k: np.zeros(v.shape, np.float32) for k, v in torch_resnet(arch, num_classes=10).state_dict().items()
+    }
     model = convert.infer_model(sd)
     assert model == resnet_jax.get_model(arch, num_classes=10)
 

@@ -18,7 +18,10 @@ def _cli(*args, x64=False):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run(
         [sys.executable, "-m", "resnet_jax.parity", "--json", *args],
-        capture_output=True, text=True, env=env, timeout=900,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
     )
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     return proc.returncode, result
