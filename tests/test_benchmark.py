@@ -1,0 +1,265 @@
+"""train.benchmark, train.benchmark_input and train.compile_cache on tiny configurations (CPU).
+
+Timings are only checked for consistency (images/s = batch / median step time), never against
+targets: those are in BENCHMARKS.md.
+"""
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import resnet_jax  # noqa: E402
+from train import benchmark, compile_cache  # noqa: E402
+from train.minimal_resnet import minimal_resnet  # noqa: E402
+
+# Two one-block stages, 3x3 stem, 16x16 inputs, 10 classes: compiles in seconds.
+TINY = [
+    "--arch=resnet18",
+    "--stage-sizes=1,1",
+    "--small-stem",
+    "--image-size=16",
+    "--num-classes=10",
+    "--dtype=float32",
+]
+# Its forward multiply-accumulates, counted by hand (output pixels x out ch x in ch x k x k):
+TINY_MACS = (
+    16 * 16 * 64 * 3 * 9  # stem 3x3, 3 -> 64
+    + 2 * 16 * 16 * 64 * 64 * 9  # layer1: two 3x3, 64 -> 64 at 16x16
+    + 8 * 8 * 128 * 64 * 9  # layer2 conv1: 3x3 stride 2, 64 -> 128, out 8x8
+    + 8 * 8 * 128 * 128 * 9  # layer2 conv2: 3x3, 128 -> 128
+    + 8 * 8 * 128 * 64  # layer2 downsample: 1x1 stride 2, 64 -> 128
+    + 128 * 10  # fc
+)
+assert TINY_MACS == 33_998_080
+
+
+def _run(module: str, *args: str, timeout: int = 300) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout)
+
+
+def hand_macs(arch: str, size: int, num_classes: int = 1000, small_stem: bool = False) -> int:
+    """Forward MACs of a torchvision-layout ResNet from its layer list, written out by shape."""
+    preset = resnet_jax.PRESETS[arch]
+    groups = preset.get("groups", 1)
+    width_per_group = preset.get("width_per_group", 64)
+    bottleneck = preset.get("block", "bottleneck") == "bottleneck"
+
+    def conv(out_hw, cin, cout, k, g=1):
+        return out_hw * out_hw * cout * (cin // g) * k * k
+
+    if small_stem:
+        hw, macs = size, conv(size, 3, 64, 3)
+    else:
+        hw = (size + 6 - 7) // 2 + 1
+        macs = conv(hw, 3, 64, 7)
+        hw = (hw + 2 - 3) // 2 + 1  # max-pool
+    cin = 64
+    for i, n in enumerate(preset["stage_sizes"]):
+        planes = 64 * 2**i
+        cout = planes * 4 if bottleneck else planes
+        width = int(planes * width_per_group / 64) * groups
+        for j in range(n):
+            stride = 2 if i > 0 and j == 0 else 1
+            out_hw = (hw + 2 - 3) // stride + 1
+            if bottleneck:
+                macs += conv(hw, cin, width, 1)
+                macs += conv(out_hw, width, width, 3, groups)
+                macs += conv(out_hw, width, cout, 1)
+            else:
+                macs += conv(out_hw, cin, planes, 3) + conv(out_hw, planes, planes, 3)
+            if stride != 1 or cin != cout:
+                macs += conv(out_hw, cin, cout, 1)
+            hw, cin = out_hw, cout
+    return macs + cin * num_classes
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOP counting.
+
+
+@pytest.mark.parametrize(
+    "arch,size,small_stem",
+    [("resnet50", 224, False), ("resnet18", 32, True), ("resnext50_32x4d", 224, False)],
+)
+def test_forward_macs_match_hand_count(arch, size, small_stem):
+    model = resnet_jax.get_model(arch, small_stem=small_stem)
+    assert benchmark.forward_macs_per_image(model, size) == hand_macs(arch, size, 1000, small_stem)
+
+
+def test_resnet50_flops_are_the_usual_figure():
+    macs = benchmark.forward_macs_per_image(resnet_jax.resnet50(), 224)
+    assert macs == 4_089_184_256  # "about 4.1 GMAC"
+    assert 24.4e9 < 6 * macs < 24.6e9  # "about 24.6 GFLOP per image for a training step"
+
+
+def test_minimal_resnet_is_the_same_architecture():
+    for arch, small_stem in (("resnet50", False), ("resnet18", True)):
+        lib = resnet_jax.get_model(arch, num_classes=10, small_stem=small_stem)
+        mini = minimal_resnet(arch, num_classes=10, small_stem=small_stem)
+        assert benchmark.forward_macs_per_image(mini, 64) == benchmark.forward_macs_per_image(lib, 64)
+    with pytest.raises(ValueError, match="no 'resnext50_32x4d'"):
+        minimal_resnet("resnext50_32x4d")
+
+
+def test_peak_table():
+    assert benchmark.peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.0
+    assert benchmark.peak_tflops("NVIDIA H100 PCIe", "bfloat16") == 756.0
+    assert benchmark.peak_tflops("NVIDIA H200", "bfloat16") == 989.0
+    assert benchmark.peak_tflops("NVIDIA A100-SXM4-80GB", "bfloat16") == 312.0
+    assert benchmark.peak_tflops("cpu", "float32") is None
+
+
+def test_benchmark_imports_neither_tensorflow_nor_torch():
+    code = (
+        "import sys, train.benchmark; print(sorted(m for m in ('tensorflow', 'torch') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# ----------------------------------------------------------------------------------------------
+# The CLI: library, minimal model and PyTorch in one run.
+
+
+def test_cli_library_minimal_and_torch_in_one_run():
+    # One test, not a module fixture: pytest-xdist would run a shared fixture once per worker.
+    args = [*TINY, "--batch=4", "--steps=2", "--warmup=1", "--rounds=2", "--peak-tflops=2.0"]
+    r = _run("train.benchmark", *args, "--compare-torch", "--compare-minimal", "--no-compilation-cache")
+
+    assert r["config"]["stage_sizes"] == [1, 1] and r["config"]["batch"] == 4
+    assert r["environment"]["backend"] == "cpu" and r["environment"]["jax"]
+    flops = r["flops"]
+    assert flops["forward_macs_per_image"] == TINY_MACS
+    assert flops["train_flops_per_step"] == 3 * 2 * TINY_MACS * 4
+    # XLA's independent count also includes BatchNorm and element-wise work; same ballpark.
+    assert 0.5 < flops["xla_cost_analysis_flops_per_step"] / flops["train_flops_per_step"] < 2.0
+    for name in ("jax", "minimal", "torch"):
+        s = r[name]
+        times = s["step_times_s"]
+        assert len(times) == 2 * 2  # steps x rounds
+        assert all(t > 0 for t in times)
+        assert s["step_time_s"] == pytest.approx(statistics.median(times))
+        assert s["images_per_s"] == pytest.approx(4 / s["step_time_s"])
+        tflops = flops["train_flops_per_step"] / s["step_time_s"] / 1e12
+        assert s["achieved_tflops"] == pytest.approx(tflops)
+        assert s["mfu"] == pytest.approx(s["achieved_tflops"] / 2.0)
+
+    lib = r["jax"]
+    assert lib["compile_time_s"] == pytest.approx(lib["lower_time_s"] + lib["xla_compile_time_s"])
+    assert lib["xla_compile_time_s"] > 0 and lib["donate_state"] is True
+    assert lib["peak_memory_bytes"] is None  # the CPU backend keeps no allocator statistics
+    assert "compilation_cache" not in lib
+
+    # PyTorch: same batch, eager on CPU (torch.compile defaults to CUDA only), float32.
+    t = r["torch"]
+    assert "error" not in t, t
+    assert t["device"] == "cpu" and t["mode"] == "eager"
+    assert t["channels_last"] is True and t["autocast"] is None
+    assert t["model"].startswith("resnet_jax.torch_reference")
+    ratio = r["ratios"]["jax_over_torch_images_per_s"]
+    assert ratio == pytest.approx(lib["images_per_s"] / t["images_per_s"])
+
+    # The minimal hand-written model: same architecture, timed in the same run.
+    mini = r["minimal"]
+    assert mini["num_params"] == lib["num_params"]
+    assert mini["forward_macs_per_image"] == lib["forward_macs_per_image"] == TINY_MACS
+    ratio = r["ratios"]["library_over_minimal_images_per_s"]
+    assert ratio == pytest.approx(lib["images_per_s"] / mini["images_per_s"])
+
+
+def test_cli_rejects_bad_arguments():
+    proc = subprocess.run(
+        [sys.executable, "-m", "train.benchmark", "--stage-sizes=0,1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "positive integers" in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Persistent compilation cache.
+
+
+def test_measure_cache_cold_then_warm():
+    r = _run("train.benchmark", *TINY, "--batch=4", "--measure-cache", "--compare-torch")
+    cold, warm = r["cold"], r["warm"]
+    assert cold["step_was_cached"] is False and cold["cache_entries_after"] > 0
+    # The second process found every executable in the cache and wrote nothing new.
+    assert warm["step_was_cached"] is True
+    assert warm["cache_entries_after"] == cold["cache_entries_after"]
+    assert r["compile_speedup"] == pytest.approx(cold["compile_time_s"] / warm["compile_time_s"])
+
+
+def test_cache_dir_resolution(monkeypatch, tmp_path):
+    monkeypatch.delenv(compile_cache.ENV_VAR, raising=False)
+    default = os.path.expanduser(os.path.join("~", ".cache", "resnet_jax", "xla"))
+    assert compile_cache.resolve_cache_dir() == default
+    assert compile_cache.resolve_cache_dir(None) == default
+    assert compile_cache.resolve_cache_dir(str(tmp_path)) == str(tmp_path)
+    for off in ("", "off", "None"):
+        assert compile_cache.resolve_cache_dir(off) is None
+        assert compile_cache.enable_compilation_cache(off) is None
+    monkeypatch.setenv(compile_cache.ENV_VAR, str(tmp_path / "env"))
+    assert compile_cache.resolve_cache_dir("auto") == str(tmp_path / "env")
+    monkeypatch.setenv(compile_cache.ENV_VAR, "off")
+    assert compile_cache.resolve_cache_dir() is None
+
+
+def test_strip_flags():
+    argv = ["--arch=resnet18", "--steps", "5", "--compare-torch", "--output=x.json", "--batch", "8"]
+    out = benchmark._strip_flags(argv, {"--compare-torch"}, {"--steps", "--output"})
+    assert out == ["--arch=resnet18", "--batch", "8"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Input pipeline.
+
+
+def test_input_benchmark_on_a_few_jpegs(tmp_path):
+    tf = pytest.importorskip("tensorflow")
+    from train import benchmark_input
+
+    jpegs = benchmark_input.write_jpegs(str(tmp_path), 4)
+    assert len(list(tmp_path.glob("*.jpg"))) == 4
+    assert jpegs["count"] == 4 and 300 <= jpegs["mean_height"] <= 500
+    assert 0.3 < jpegs["mean_bytes_per_pixel"] < 1.5  # photo-like, neither flat nor pure noise
+
+    # The training preprocessing itself: stateless (a function of the seed), normalised.
+    data = tf.constant((tmp_path / "img_00000.jpg").read_bytes())
+    fn = benchmark_input.training_preprocess_fn(48)
+    a = fn(data, tf.constant([3, 7], tf.int64)).numpy()
+    b = fn(data, tf.constant([3, 7], tf.int64)).numpy()
+    c = fn(data, tf.constant([3, 8], tf.int64)).numpy()
+    assert a.shape == (48, 48, 3) and a.dtype == jnp.float32
+    assert (a == b).all() and not (a == c).all()
+    assert -3.0 < a.mean() < 3.0  # raw pixels would average ~100
+
+    # The CLI on those files, in a worker process pinned to one core.
+    args = ["--image-size=32", "--batch=2", "--total-images=8", "--cores=1", "--model-rate=1000"]
+    r = _run("train.benchmark_input", *args, f"--jpeg-dir={tmp_path}")
+    assert r["jpegs"]["count"] == 4  # used the existing files
+    (run,) = r["runs"]
+    assert run["cores"] == 1 and run["threads"] == 1 and run["images"] == 8
+    assert run["output_shape"] == [2, 32, 32, 3] and run["output_dtype"] == "float32"
+    assert run["images_per_s"] == pytest.approx(8 / run["seconds"])
+    assert r["images_per_s_per_core"] == run["images_per_s_per_core"] > 0
+    assert r["cores_to_feed_model_rate"] == math.ceil(1000 / r["images_per_s_per_core"])

@@ -1,0 +1,324 @@
+"""Input-pipeline benchmark: images/s per host core of the ImageNet training preprocessing.
+
+``python -m train.benchmark_input [--num-images 256] [--cores 1,all] [--model-rate 7200]``
+
+Writes ``--num-images`` JPEG files of ImageNet-like sizes (300-500 px a side, smooth colour
+fields with texture and noise, quality 90; about the bytes per pixel of ImageNet's photos), then
+for each ``--cores`` value runs, in a fresh process confined to that many CPUs
+(``sched_setaffinity`` before TensorFlow starts), the training program's preprocessing from
+``train.input_pipeline`` (JPEG shape, Inception random-resized crop box, decode of the crop only,
+antialiased bilinear resize, random flip, normalisation) in a tf.data map with that many threads,
+batched to numpy as the training loop receives it. The encoded files are read into memory first,
+so disk speed does not count. Prints one JSON object with images/s, images/s per core and
+the number of cores needed to feed one accelerator at ``--model-rate`` images/s.
+
+Needs TensorFlow (like the training pipeline itself); the model benchmark does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+GPU_TARGET_IMAGES_PER_S = 7200.0  # ResNet-50 bfloat16 training on one H100 (BENCHMARKS.md)
+
+
+def _tf():
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")  # host-side work only
+    return tf
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic JPEGs.
+
+
+def write_jpegs(directory: str, count: int, seed: int = 0, quality: int = 90) -> dict[str, Any]:
+    """Write ``count`` photo-like JPEGs to ``directory``; returns their mean size and bytes."""
+    import numpy as np
+
+    tf = _tf()
+    os.makedirs(directory, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    sizes, nbytes = [], []
+    for i in range(count):
+        h, w = (int(v) for v in rng.integers(300, 501, 2))
+        # Large smooth regions plus finer texture plus sensor-like noise: about 0.65 bytes per
+        # pixel at quality 90, as ImageNet's photos (~110 KB at ~400x400 on average), so the
+        # JPEG decoder has a realistic amount of work per pixel.
+        coarse = tf.image.resize(rng.uniform(0, 255, (1, 6, 6, 3)).astype("float32"), (h, w), "bicubic")
+        fine = rng.normal(0, 70, (1, h // 3, w // 3, 3)).astype("float32")
+        fine = tf.image.resize(fine, (h, w), "bilinear")
+        noise = rng.normal(0, 14, (1, h, w, 3)).astype("float32")
+        image = tf.clip_by_value(coarse + fine + noise, 0, 255)[0]
+        data = tf.io.encode_jpeg(tf.cast(image, tf.uint8), quality=quality).numpy()
+        with open(os.path.join(directory, f"img_{i:05d}.jpg"), "wb") as f:
+            f.write(data)
+        sizes.append((h, w))
+        nbytes.append(len(data))
+    return {
+        "count": count,
+        "mean_height": float(np.mean([s[0] for s in sizes])),
+        "mean_width": float(np.mean([s[1] for s in sizes])),
+        "mean_bytes": float(np.mean(nbytes)),
+        "mean_bytes_per_pixel": float(np.sum(nbytes) / np.sum([h * w for h, w in sizes])),
+        "quality": quality,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# The preprocessing under test.
+
+
+def training_preprocess_fn(image_size: int, channels: int = 3) -> Callable[[Any, Any], Any]:
+    """``fn(encoded_jpeg, seed[2]) -> float32 [size, size, C]``: the training program's own code.
+
+    ``train.input_pipeline`` keeps its per-example training preprocessing on the TFDS source
+    (``_TFDS.preprocess_train``), whose constructor needs a prepared TFDS dataset; the source is
+    built here without it, with exactly the attributes that method reads.
+    """
+    from train import input_pipeline as ip
+
+    source = ip._TFDS.__new__(ip._TFDS)
+    source.info = ip.DatasetInfo(
+        name="jpeg-benchmark",
+        num_classes=1000,
+        image_shape=(image_size, image_size, channels),
+        num_train_examples=0,
+        num_eval_examples=0,
+        class_names=(),
+        mean=ip.IMAGENET_MEAN,
+        std=ip.IMAGENET_STD,
+    )
+    source.encoded = True
+    source.jpeg = True
+    config = {"train_augment": "inception_crop", "random_flip": True}
+    return lambda image, seed: source.preprocess_train(image, seed, config)
+
+
+def run_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """Time the preprocessing with ``args.threads`` threads in this process."""
+    tf = _tf()
+    files = sorted(glob.glob(os.path.join(args.jpeg_dir, "*.jpg")))
+    if not files:
+        raise SystemExit(f"no .jpg files in {args.jpeg_dir}")
+    encoded = []
+    for path in files:
+        with open(path, "rb") as f:
+            encoded.append(f.read())
+    preprocess = training_preprocess_fn(args.image_size)
+    batches = max(args.total_images // args.batch, 1)
+    warmup = max(args.warmup_batches, 1)
+    repeats = math.ceil((batches + warmup) * args.batch / len(files))
+
+    def prep(index, image):
+        seed = tf.stack([tf.constant(args.seed, tf.int64), index])  # as the training pipeline
+        return {"image": preprocess(image, seed), "label": tf.constant(0, tf.int32)}
+
+    ds = tf.data.Dataset.from_tensor_slices(tf.constant(encoded)).repeat(repeats).enumerate()
+    ds = ds.map(prep, num_parallel_calls=args.threads, deterministic=True)
+    ds = ds.batch(args.batch, drop_remainder=True).prefetch(2)
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = args.threads
+    options.threading.max_intra_op_parallelism = 1
+    ds = ds.with_options(options)
+
+    it = ds.as_numpy_iterator()
+    for _ in range(warmup):
+        batch = next(it)
+    t = time.perf_counter()
+    for _ in range(batches):
+        batch = next(it)
+    elapsed = time.perf_counter() - t
+    images = batches * args.batch
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "cores": cores,
+        "threads": args.threads,
+        "images": images,
+        "seconds": elapsed,
+        "images_per_s": images / elapsed,
+        "images_per_s_per_core": images / elapsed / cores,
+        "output_shape": list(batch["image"].shape),
+        "output_dtype": str(batch["image"].dtype),
+        "tensorflow": tf.__version__,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver: one process per core count.
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _available_cpus() -> list[int]:
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def _core_counts(spec: str) -> list[int]:
+    available = len(_available_cpus())
+    out = []
+    for part in spec.split(","):
+        part = part.strip()
+        n = available if part == "all" else int(part)
+        if not 1 <= n <= available:
+            raise SystemExit(f"--cores {part}: this machine has {available} usable cores.")
+        if n not in out:
+            out.append(n)
+    return out
+
+
+def run_all(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
+    tmp = None
+    jpeg_dir = args.jpeg_dir
+    if jpeg_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="resnet_jax_jpegs_")
+        jpeg_dir = tmp.name
+    try:
+        existing = glob.glob(os.path.join(jpeg_dir, "*.jpg"))
+        if existing:
+            jpegs = {"count": len(existing), "note": f"existing files in {jpeg_dir}"}
+        else:
+            t = time.perf_counter()
+            jpegs = write_jpegs(jpeg_dir, args.num_images, args.seed)
+            jpegs["generation_s"] = time.perf_counter() - t
+        runs = []
+        for cores in _core_counts(args.cores):
+            cmd = [
+                sys.executable,
+                "-m",
+                "train.benchmark_input",
+                "--worker",
+                "--jpeg-dir",
+                jpeg_dir,
+                "--threads",
+                str(cores),
+                "--pin-cores",
+                str(cores),
+                "--image-size",
+                str(args.image_size),
+                "--batch",
+                str(args.batch),
+                "--total-images",
+                str(args.total_images),
+                "--warmup-batches",
+                str(args.warmup_batches),
+                "--seed",
+                str(args.seed),
+            ]
+            print(f"[benchmark_input] {cores} core(s)", file=sys.stderr, flush=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"worker with {cores} core(s) failed:\n{proc.stderr[-3000:]}")
+            runs.append(json.loads(proc.stdout))
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+    # The per-core rate comes from the fewest-core run: more threads share caches and memory
+    # bandwidth, so a single core's rate is the honest unit to multiply.
+    base = min(runs, key=lambda r: r["cores"])
+    per_core = base["images_per_s_per_core"]
+    return {
+        "benchmark": "input_pipeline",
+        "config": {
+            "image_size": args.image_size,
+            "batch": args.batch,
+            "total_images_per_run": max(args.total_images // args.batch, 1) * args.batch,
+            "preprocessing": "train.input_pipeline training preprocessing, train_augment="
+            "'inception_crop' + random_flip: extract_jpeg_shape, stateless_sample_distorted_"
+            "bounding_box (area 0.08-1, aspect 3/4-4/3), decode_and_crop_jpeg, antialiased "
+            "bilinear resize, flip, mean/std normalisation; tf.data map + batch to numpy",
+            "encoded_files": "read into memory before timing (no disk I/O)",
+        },
+        "jpegs": jpegs,
+        "environment": {
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "python": platform.python_version(),
+            "tensorflow": runs[0]["tensorflow"],
+            "cpu": _cpu_model(),
+            "cpu_cores": len(_available_cpus()),
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        },
+        "command": "python -m train.benchmark_input " + " ".join(argv),
+        "runs": runs,
+        "images_per_s_per_core": per_core,
+        "model_rate_images_per_s": args.model_rate,
+        "cores_to_feed_model_rate": math.ceil(args.model_rate / per_core),
+    }
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m train.benchmark_input",
+        description="Images/s per core of the ImageNet training preprocessing (JSON on stdout).",
+    )
+    p.add_argument("--num-images", type=int, default=256, help="distinct JPEG files to write")
+    p.add_argument("--jpeg-dir", help="use (or fill, if empty) this directory instead of a temp one")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--total-images", type=int, default=2048, help="timed images per run")
+    p.add_argument("--warmup-batches", type=int, default=2)
+    p.add_argument("--cores", default="1,all", help="comma-separated core counts, or 'all'")
+    p.add_argument(
+        "--model-rate",
+        type=float,
+        default=GPU_TARGET_IMAGES_PER_S,
+        help="training images/s of one accelerator, to size the host (default: the H100 target)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", metavar="FILE", help="also write the JSON to FILE")
+    # Internal: one measurement in this process.
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--pin-cores", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    for name in ("num_images", "image_size", "batch", "total_images"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.worker:
+        if args.pin_cores and hasattr(os, "sched_setaffinity"):
+            # Before TensorFlow starts: its thread pools are sized from, and confined to, these.
+            os.sched_setaffinity(0, set(_available_cpus()[: args.pin_cores]))
+        result = run_worker(args)
+    else:
+        result = run_all(args, argv)
+    text = json.dumps(result, indent=2)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text + "\n")
+    print(text, flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
