@@ -71,9 +71,7 @@ def make_config(**kw):
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("tfds")
-    ip.create_dataset(
-        make_config(dataset="resnet_jax_tiny_shapes", data_dir=str(data_dir), download=True)
-    )
+    ip.create_dataset(make_config(dataset="resnet_jax_tiny_shapes", data_dir=str(data_dir), download=True))
     return str(data_dir)
 
 
@@ -112,13 +110,9 @@ def test_mock_cifar10_train_and_eval_batches():
     mask = np.concatenate([b["mask"] for b in evals])
     np.testing.assert_array_equal(mask, [1] * 37 + [0] * 11)
     images = np.concatenate([b["image"] for b in evals])[:37]
-    want = (np.stack([r["image"] for r in raw]) - np.array(ip.IMAGENET_MEAN)) / np.array(
-        ip.IMAGENET_STD
-    )
+    want = (np.stack([r["image"] for r in raw]) - np.array(ip.IMAGENET_MEAN)) / np.array(ip.IMAGENET_STD)
     np.testing.assert_allclose(images, want, atol=1e-4)
-    np.testing.assert_array_equal(
-        np.concatenate([b["label"] for b in evals])[:37], [r["label"] for r in raw]
-    )
+    np.testing.assert_array_equal(np.concatenate([b["label"] for b in evals])[:37], [r["label"] for r in raw])
 
 
 def test_mock_imagenet_inception_crop_is_deterministic_and_resumable():
@@ -189,9 +183,7 @@ def test_tiny_tfds_epochs_hosts_and_eval(tiny_dir):
 
 
 def test_tiny_tfds_cache_gives_the_same_stream(tiny_dir):
-    plain = ip.create_dataset(
-        make_config(dataset="resnet_jax_tiny_shapes", data_dir=tiny_dir, **TINY_NORM)
-    )
+    plain = ip.create_dataset(make_config(dataset="resnet_jax_tiny_shapes", data_dir=tiny_dir, **TINY_NORM))
     cached = ip.create_dataset(
         make_config(dataset="resnet_jax_tiny_shapes", data_dir=tiny_dir, cache=True, **TINY_NORM)
     )
@@ -226,9 +218,7 @@ def test_missing_and_unknown_datasets(tmp_path):
 def test_bad_batch_and_augment():
     with pytest.raises(ip.DatasetError, match="multiple of the number of processes"):
         ip.host_batch_size(10, 3)
-    digits = ip.create_dataset(
-        make_config(dataset="sklearn_digits", train_augment="inception_crop")
-    )
+    digits = ip.create_dataset(make_config(dataset="sklearn_digits", train_augment="inception_crop"))
     with pytest.raises(ip.DatasetError, match="pad_crop"):
         next(digits.train_iterator(8))
 
@@ -279,8 +269,7 @@ def test_digits_hosts_slice_the_same_global_batch():
     ds = ip.create_dataset(cfg)
     one = _take(ds.train_iterator(16, start_step=20), 4)  # crosses the epoch end (89 steps)
     hosts = [
-        _take(ds.train_iterator(16, start_step=20, process_index=i, process_count=2), 4)
-        for i in range(2)
+        _take(ds.train_iterator(16, start_step=20, process_index=i, process_count=2), 4) for i in range(2)
     ]
     for step in range(4):
         for key in ("image", "label"):

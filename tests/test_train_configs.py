@@ -15,10 +15,10 @@ import tensorflow_datasets as tfds
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from train import loop, optim
-from train.config import ConfigError, validate_config
-from train.metrics import read_metrics
-from train.model import resolve_dtype
+from train import loop, optim  # noqa: E402
+from train.config import ConfigError, validate_config  # noqa: E402
+from train.metrics import read_metrics  # noqa: E402
+from train.model import resolve_dtype  # noqa: E402
 
 CONFIGS = [
     "default",

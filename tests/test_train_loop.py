@@ -18,10 +18,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from train_worker import tiny_config
+from train_worker import tiny_config  # noqa: E402
 
-from train import checkpoint, input_pipeline, loop, optim, predict
-from train.metrics import read_metrics
+from train import checkpoint, input_pipeline, loop, optim, predict  # noqa: E402
+from train.metrics import read_metrics  # noqa: E402
 
 STEPS = 30
 
@@ -117,9 +117,7 @@ def test_resume_after_interruption_is_exact(run, tmp_path):
     shutil.rmtree(os.path.join(resumed, "checkpoints", "30"))
     out = loop.train_and_evaluate(config(), resumed)
     assert out["start_step"] == 20
-    chex.assert_trees_all_equal(
-        checkpoint.restore_variables(resumed), checkpoint.restore_variables(workdir)
-    )
+    chex.assert_trees_all_equal(checkpoint.restore_variables(resumed), checkpoint.restore_variables(workdir))
     assert out["eval"]["accuracy"] == summary["eval"]["accuracy"]
     # Records past step 20 were replaced, not duplicated.
     steps = [r["step"] for r in read_metrics(resumed) if r["split"] == "train" and "loss" in r]
@@ -166,9 +164,7 @@ def test_predict_top5_of_image_files(run, tmp_path):
     results = predict.predict_files(workdir, paths, top_k=5)
     model, _ = loop.create_model(config(), input_pipeline.create_dataset(config()).info)
     variables = checkpoint.restore_variables(workdir)
-    probs = np.asarray(
-        jax.nn.softmax(model.apply(variables, (np.stack(pixels) - mean) / std, train=False))
-    )
+    probs = np.asarray(jax.nn.softmax(model.apply(variables, (np.stack(pixels) - mean) / std, train=False)))
     for top, p in zip(results, probs):
         assert len(top) == 5
         assert [i for i, _, _ in top] == list(np.argsort(-p, kind="stable")[:5])

@@ -17,8 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 WORKER = str(REPO / "tests" / "train_worker.py")
 sys.path.insert(0, str(REPO))
 
-from train.checkpoint import restore_variables
-from train.metrics import read_metrics
+from train.checkpoint import restore_variables  # noqa: E402
+from train.metrics import read_metrics  # noqa: E402
 
 
 def _env():

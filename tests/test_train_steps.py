@@ -65,9 +65,7 @@ def test_topk_correct_matches_sorting():
         got = steps.topk_correct(jnp.asarray(logits), jnp.asarray(labels), k)
         chex.assert_trees_all_equal(np.asarray(got), want)
     # k larger than the number of classes: every label is in the "top k".
-    assert (
-        float(jnp.mean(steps.topk_correct(jnp.asarray(logits[:, :3]), jnp.zeros(50, int), 5))) == 1
-    )
+    assert float(jnp.mean(steps.topk_correct(jnp.asarray(logits[:, :3]), jnp.zeros(50, int), 5))) == 1
 
 
 def test_train_step_equals_manual_sgd_update(tiny):
@@ -75,9 +73,7 @@ def test_train_step_equals_manual_sgd_update(tiny):
     batch = _batch()
     tx = optax.sgd(0.05)
     state = state.replace(opt_state=tx.init(state.params))
-    new_state, metrics = jax.jit(steps.make_train_step(model, tx, label_smoothing=0.1))(
-        state, batch
-    )
+    new_state, metrics = jax.jit(steps.make_train_step(model, tx, label_smoothing=0.1))(state, batch)
 
     # Independent reference: loss written with numpy-style log-softmax, gradient by jax.grad.
     def loss(params):
@@ -99,9 +95,7 @@ def test_train_step_equals_manual_sgd_update(tiny):
     pred = np.argmax(np.asarray(logits), -1)
     np.testing.assert_allclose(float(metrics["accuracy"]), np.mean(pred == batch["label"]))
     # The running statistics moved away from their initial values.
-    assert not np.allclose(
-        jax.tree.leaves(new_state.batch_stats)[0], jax.tree.leaves(state.batch_stats)[0]
-    )
+    assert not np.allclose(jax.tree.leaves(new_state.batch_stats)[0], jax.tree.leaves(state.batch_stats)[0])
 
 
 def test_nesterov_with_masked_weight_decay_matches_formula(tiny):

@@ -23,9 +23,7 @@ def tiny_config(**overrides):
     sys.path.insert(0, REPO)
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(
-        "cfg", os.path.join(REPO, "configs", "default.py")
-    )
+    spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO, "configs", "default.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     c = module.get_config()
@@ -77,16 +75,12 @@ def run_parallel(out: str, steps_n: int = 3) -> None:
         ("single", steps.JitDriver(steps.make_mesh(jax.devices()[:1])), None),
     ):
         model = build_model(model_cfg, 10, 3, axis_name=axis)
-        tx = optax.chain(
-            optax.add_decayed_weights(1e-4), optax.sgd(0.02, momentum=0.9, nesterov=True)
-        )
+        tx = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.02, momentum=0.9, nesterov=True))
         create = functools.partial(
             steps.create_train_state, jax.random.key(0, impl="rbg"), model, tx, (1, 8, 8, 3)
         )
         state = driver.init_state(create)
-        train_step = driver.train_step(
-            steps.make_train_step(model, tx, label_smoothing=0.1, axis_name=axis)
-        )
+        train_step = driver.train_step(steps.make_train_step(model, tx, label_smoothing=0.1, axis_name=axis))
         for b in batches:
             state, metrics = train_step(state, driver.place_batch(b))
         host = driver.to_host(state)
@@ -114,9 +108,7 @@ def run_train(out: str, process_id: int, num_processes: int, port: int) -> None:
     import jax
 
     summary = loop.train_and_evaluate(config, out)
-    print(
-        "WORKER_DONE", jax.process_index(), jax.process_count(), jax.device_count(), summary["eval"]
-    )
+    print("WORKER_DONE", jax.process_index(), jax.process_count(), jax.device_count(), summary["eval"])
 
 
 def main() -> None:

@@ -46,9 +46,7 @@ class Checkpointer:
             # Not orbax's read_only mode: it only adds warnings; reading never writes anyway.
             create=not read_only,
         )
-        self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "meta")
-        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())

@@ -49,19 +49,16 @@ def validate_config(
     if config.num_train_steps <= 0 and config.num_epochs <= 0 and not config.eval_only:
         raise ConfigError("nothing to train: set config.num_train_steps > 0 or num_epochs > 0.")
     if not 0.0 <= config.label_smoothing < 1.0:
-        raise ConfigError(
-            f"config.label_smoothing must be in [0, 1); got {config.label_smoothing}."
-        )
+        raise ConfigError(f"config.label_smoothing must be in [0, 1); got {config.label_smoothing}.")
     if config.learning_rate < 0 or config.weight_decay < 0:
         raise ConfigError("config.learning_rate and config.weight_decay must be >= 0.")
     for field in ("batch_size", "eval_batch_size"):
         value = int(config.get(field))
         if device_count and value % device_count:
+            nearest = max(device_count, value // device_count * device_count)
             raise ConfigError(
                 f"config.{field}={value} is not divisible by the {device_count} devices; use a "
-                f"multiple of {device_count} (e.g. {max(device_count, value // device_count * device_count)})."
+                f"multiple of {device_count} (e.g. {nearest})."
             )
         if process_count and value % process_count:
-            raise ConfigError(
-                f"config.{field}={value} is not divisible by the {process_count} processes."
-            )
+            raise ConfigError(f"config.{field}={value} is not divisible by the {process_count} processes.")

@@ -111,9 +111,7 @@ def _norm_stats(config: Any, channels: int, default: tuple[Sequence[float], Sequ
     if len(mean) == 1 and channels > 1:
         mean, std = mean * channels, std * channels
     if len(mean) != channels or len(std) != channels:
-        raise DatasetError(
-            f"normalize_mean/normalize_std need 1 or {channels} values; got {mean} and {std}."
-        )
+        raise DatasetError(f"normalize_mean/normalize_std need 1 or {channels} values; got {mean} and {std}.")
     return mean, std
 
 
@@ -168,9 +166,7 @@ class _InMemory:
         )
 
     def normalize(self, x: np.ndarray) -> np.ndarray:
-        return ((x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)).astype(
-            np.float32
-        )
+        return ((x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)).astype(np.float32)
 
     def steps_per_epoch(self, global_batch: int, process_count: int) -> int:
         return len(self.x_train) // global_batch
@@ -329,12 +325,12 @@ def _num_examples(builder, split: str) -> int:
     try:
         return int(builder.info.splits[split].num_examples)
     except (KeyError, ValueError):
-        # Splits unknown (e.g. mocked metadata): count what as_dataset serves.
-        ds = builder.as_dataset(split=split, read_config=_read_config(0))
-        n = int(ds.cardinality())
-        if n < 0:
-            raise DatasetError(f"cannot count the examples of {builder.name} split {split!r}.")
-        return n
+        pass
+    # Splits unknown (e.g. mocked metadata): count what as_dataset serves.
+    n = int(builder.as_dataset(split=split, read_config=_read_config(0)).cardinality())
+    if n < 0:
+        raise DatasetError(f"cannot count the examples of {builder.name} split {split!r}.")
+    return n
 
 
 def _read_config(seed: int):
@@ -385,9 +381,7 @@ class _TFDS:
         tf = _tf()
         if not self.encoded:
             return image
-        return tf.io.decode_image(
-            image, channels=self.info.image_shape[-1], expand_animations=False
-        )
+        return tf.io.decode_image(image, channels=self.info.image_shape[-1], expand_animations=False)
 
     def _normalize(self, image):
         tf = _tf()
@@ -417,9 +411,7 @@ class _TFDS:
             if self.jpeg:
                 # Decode only the crop: much cheaper than decoding the whole JPEG.
                 window = tf.stack([begin[0], begin[1], crop_size[0], crop_size[1]])
-                image = tf.io.decode_and_crop_jpeg(
-                    image, window, channels=self.info.image_shape[-1]
-                )
+                image = tf.io.decode_and_crop_jpeg(image, window, channels=self.info.image_shape[-1])
             else:
                 image = tf.slice(image, begin, crop_size)
             image = tf.image.resize(image, [size, size], method="bilinear", antialias=True)
@@ -467,9 +459,7 @@ class _TFDS:
             # One in-memory copy of the encoded shard, reused by every epoch's shuffle.
             key = (process_index, process_count)
             if key not in self._cached:
-                ds = self.builder.as_dataset(
-                    split=split, decoders=decoders, read_config=_read_config(0)
-                )
+                ds = self.builder.as_dataset(split=split, decoders=decoders, read_config=_read_config(0))
                 self._cached[key] = ds.cache()
             return self._cached[key]
         return self.builder.as_dataset(
@@ -609,9 +599,7 @@ class Dataset:
         self, global_batch_size: int, *, process_index: int = 0, process_count: int = 1
     ) -> Iterator[Batch]:
         """One pass over the held-out split; padded batches carry ``mask``=0 rows."""
-        return iter(
-            self._source.eval_batches(self.config, global_batch_size, process_index, process_count)
-        )
+        return iter(self._source.eval_batches(self.config, global_batch_size, process_index, process_count))
 
 
 def create_dataset(config: Any) -> Dataset:

@@ -52,6 +52,39 @@ def maybe_initialize_distributed(config: Any) -> None:
     jax.distributed.initialize(**kwargs)
 
 
+def sync_processes(name: str, timeout_s: int = 1800) -> None:
+    """Wait until every process gets here, via the coordination service (no device collective).
+
+    Used after compiling so all processes enter their first collective together: CPU (gloo)
+    collectives give up when peers arrive tens of seconds apart, which compile-time skew
+    between processes easily causes.
+    """
+    if jax.process_count() == 1:
+        return
+    from orbax.checkpoint import multihost
+
+    multihost.get_jax_distributed_client().wait_at_barrier(name, timeout_s * 1000)
+
+
+class CompiledOnFirstCall:
+    """Ahead-of-time compiles a jitted or pmapped function at its first call, then syncs hosts.
+
+    ``compile_time`` is the compilation alone (lowering + XLA), not the first step's run.
+    """
+
+    def __init__(self, fn: Any, name: str):
+        self._fn, self._name, self._compiled = fn, name, None
+        self.compile_time: float | None = None
+
+    def __call__(self, *args):
+        if self._compiled is None:
+            t0 = time.perf_counter()
+            self._compiled = self._fn.lower(*args).compile()
+            self.compile_time = time.perf_counter() - t0
+            sync_processes(f"resnet_jax_compiled_{self._name}")
+        return self._compiled(*args)
+
+
 def save_run_info(workdir: str, config: Any, info: input_pipeline.DatasetInfo) -> None:
     if jax.process_index() != 0:
         return
@@ -94,9 +127,7 @@ def _mean_metrics(records: list[dict[str, np.ndarray]]) -> dict[str, float]:
     }
 
 
-def evaluate(
-    eval_step, state, dataset: input_pipeline.Dataset, driver, config: Any
-) -> dict[str, float]:
+def evaluate(eval_step, state, dataset: input_pipeline.Dataset, driver, config: Any) -> dict[str, float]:
     """One pass over the held-out split; returns loss, accuracy, top5_accuracy, num_examples."""
     total = None
     batches = dataset.eval_iterator(
@@ -104,9 +135,7 @@ def evaluate(
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
-    for batch in input_pipeline.prefetch_to_device(
-        batches, driver.place_batch, config.prefetch_to_device
-    ):
+    for batch in input_pipeline.prefetch_to_device(batches, driver.place_batch, config.prefetch_to_device):
         sums = eval_step(state, batch)
         total = sums if total is None else jax.tree.map(jnp.add, total, sums)
     if total is None:
@@ -144,9 +173,7 @@ def _train_batches(dataset, config, driver, start_step: int) -> Iterator[Any]:
         placed = driver.place_batch(next(host_batches))
         while True:
             yield placed
-    yield from input_pipeline.prefetch_to_device(
-        host_batches, driver.place_batch, config.prefetch_to_device
-    )
+    yield from input_pipeline.prefetch_to_device(host_batches, driver.place_batch, config.prefetch_to_device)
 
 
 def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
@@ -184,7 +211,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     save_run_info(workdir, config, info)
     ckpt = checkpoint_lib.Checkpointer(workdir, config.keep_checkpoints)
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
-    eval_step = driver.eval_step(steps.make_eval_step(model, axis_name=axis_name))
+    eval_step = CompiledOnFirstCall(
+        driver.eval_step(steps.make_eval_step(model, axis_name=axis_name)), "eval_step"
+    )
 
     # Resume, or start fresh.
     template = jax.eval_shape(create_fn)
@@ -226,14 +255,17 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         return summary
 
     writer.truncate_after(start_step)
-    train_step = driver.train_step(
-        steps.make_train_step(
-            model,
-            tx,
-            label_smoothing=config.label_smoothing,
-            axis_name=axis_name,
-            lr_schedule=schedule,
-        )
+    train_step = CompiledOnFirstCall(
+        driver.train_step(
+            steps.make_train_step(
+                model,
+                tx,
+                label_smoothing=config.label_smoothing,
+                axis_name=axis_name,
+                lr_schedule=schedule,
+            )
+        ),
+        "train_step",
     )
 
     def meta_for(step: int) -> dict[str, Any]:
@@ -280,10 +312,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         for step in range(start_step, total_steps):
             batch = next(batches)
             if compile_time is None:
-                t0 = time.perf_counter()
                 state, m = train_step(state, batch)
                 jax.block_until_ready(m)
-                compile_time = time.perf_counter() - t0
+                compile_time = train_step.compile_time
                 writer.write(step + 1, "train", {"compile_time_s": compile_time})
                 mark = time.perf_counter()
             else:
@@ -315,9 +346,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
             eval_due = (config.eval_every_steps > 0 and done % config.eval_every_steps == 0) or (
                 config.eval_every_steps == 0 and done % steps_per_epoch == 0
             )
-            ckpt_due = (
-                config.checkpoint_every_steps > 0 and done % config.checkpoint_every_steps == 0
-            )
+            ckpt_due = config.checkpoint_every_steps > 0 and done % config.checkpoint_every_steps == 0
             if eval_due or ckpt_due:
                 jax.block_until_ready(state)
                 active_time += time.perf_counter() - mark
@@ -360,9 +389,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
 def format_summary(s: dict[str, Any], already_done: bool = False) -> str:
     lines = []
     if already_done:
-        lines.append(
-            f"Already trained to step {s['final_step']} (checkpoint in {s['checkpoint_dir']})."
-        )
+        lines.append(f"Already trained to step {s['final_step']} (checkpoint in {s['checkpoint_dir']}).")
     else:
         epochs = s["final_step"] / s["steps_per_epoch"]
         lines.append(

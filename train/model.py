@@ -70,7 +70,5 @@ def build_model(
         backbone = resnet_jax.ResNetBase(**{**overrides, **common})
         return BaseClassifier(backbone=backbone, num_classes=num_classes, dtype=dtype)
     if arch not in resnet_jax.PRESETS:
-        raise ValueError(
-            f"unknown config.model.arch {arch!r}; choose one of: {', '.join(architectures())}."
-        )
+        raise ValueError(f"unknown config.model.arch {arch!r}; choose one of: {', '.join(architectures())}.")
     return resnet_jax.get_model(arch, num_classes=num_classes, **{**overrides, **common})

@@ -64,9 +64,7 @@ def create_optimizer(config: Any, schedule: optax.Schedule) -> optax.GradientTra
     wd = float(config.get("weight_decay", 0.0))
     mask = True if config.get("weight_decay_on_bn_and_bias", False) else decay_mask
     if kind == "sgd":
-        sgd = optax.sgd(
-            schedule, momentum=config.get("momentum", 0.9) or None, nesterov=config.nesterov
-        )
+        sgd = optax.sgd(schedule, momentum=config.get("momentum", 0.9) or None, nesterov=config.nesterov)
         if not wd:
             return sgd
         # L2 on the gradient (not AdamW-style decoupled decay): the classic ResNet recipe.

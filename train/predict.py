@@ -49,9 +49,7 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)
     paths = argv[1:]
     if not paths:
-        raise app.UsageError(
-            "give one or more image files: python -m train.predict --workdir=DIR IMAGE..."
-        )
+        raise app.UsageError("give one or more image files: python -m train.predict --workdir=DIR IMAGE...")
     try:
         results = predict_files(_WORKDIR.value, paths, step=_STEP.value, top_k=_TOP_K.value)
     except FileNotFoundError as e:

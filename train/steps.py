@@ -323,8 +323,7 @@ class JitDriver:
     def place_batch(self, host_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
         """This host's rows of the global batch -> one global array sharded along ``'data'``."""
         return {
-            k: jax.make_array_from_process_local_data(self.data, np.asarray(v))
-            for k, v in host_batch.items()
+            k: jax.make_array_from_process_local_data(self.data, np.asarray(v)) for k, v in host_batch.items()
         }
 
     def to_host(self, tree: PyTree) -> PyTree:
