@@ -106,12 +106,15 @@ def _torch_run(model, xs, ys, steps: int, lr: float, momentum: float, weight_dec
             rec["stats"] = {k: v.numpy().copy() for k, v in model.state_dict().items() if "running" in k}
         opt.step()
         rec["losses"].append(loss.item())
+    opt.zero_grad(set_to_none=True)  # the largest presets hold 1 GB of gradients in float64
     rec["params"] = {k: p.detach().numpy().copy() for k, p in model.named_parameters()}
     return rec
 
 
 def _jax_run(fmodel, variables, xs, ys, steps: int, lr: float, momentum: float, weight_decay: float) -> dict:
     """The same protocol as :func:`_torch_run`, with optax, returning torch-layout arrays."""
+    import functools
+
     import jax
     import jax.numpy as jnp
     import optax
@@ -125,15 +128,16 @@ def _jax_run(fmodel, variables, xs, ys, steps: int, lr: float, momentum: float, 
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
         return loss, (logits, upd["batch_stats"])
 
-    @jax.jit
+    # Donated: the largest presets hold ~1 GB per parameter copy in float64.
+    @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
     def step(p, s, o, x, y):
         (loss, (logits, s)), g = jax.value_and_grad(loss_fn, has_aux=True)(p, s, x, y)
         updates, o = tx.update(g, o, p)
         return optax.apply_updates(p, updates), s, o, loss, logits, g
 
     nhwc = lambda t: jnp.asarray(t.numpy().transpose(0, 2, 3, 1))  # noqa: E731
-    params = jax.tree.map(jnp.asarray, variables["params"])
-    stats = jax.tree.map(jnp.asarray, variables["batch_stats"])
+    params = jax.tree.map(jnp.array, variables.pop("params"))
+    stats = jax.tree.map(jnp.array, variables.pop("batch_stats"))
     rec = {
         "eval logits": np.asarray(
             # Eager: one forward pass costs far less than compiling it.
@@ -247,6 +251,7 @@ def run_parity(
 
     hyper = dict(steps=steps, lr=lr, momentum=momentum, weight_decay=weight_decay)
     ref = _torch_run(tmodel, xs, ys, **hyper)
+    del tmodel
     run = _jax_run(fmodel, variables, xs, ys, **hyper)
     rows, worst = _compare(run, ref, ref["init"], steps)
     tol = TOLERANCES[dtype]
