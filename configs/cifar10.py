@@ -1,4 +1,4 @@
-"""ResNet-18 (3x3 stem, no max-pool) on CIFAR-10 from TFDS: about 95% test accuracy.
+"""ResNet-18 (3x3 stem, no max-pool) on CIFAR-10 from TFDS (usually about 95% test accuracy).
 
 SGD with Nesterov momentum, cosine schedule, 200 epochs, pad-4 random crops and flips. Prepare
 the data once with ``tfds build cifar10`` or pass ``--config.download=True``.

@@ -1,4 +1,4 @@
-"""ResNet-50 on ImageNet (ILSVRC2012), the standard recipe: about 76-77% top-1 in 90 epochs.
+"""ResNet-50 on ImageNet (ILSVRC2012), the standard recipe (published: about 76-77% top-1, 90 epochs).
 
 SGD with Nesterov momentum 0.9, peak learning rate 0.1 x batch/256 reached after 5 linear
 warm-up epochs then cosine decay to 0, weight decay 1e-4 on conv/dense kernels, label smoothing
