@@ -87,6 +87,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_only = False  # evaluate a checkpoint (restore_step, default latest) and exit
     c.restore_step = -1
     c.progress_bar = True
+    # Fine-tune from a PyTorch ResNet checkpoint (.pth/.pt state_dict of the same architecture and
+    # num_classes); '' = random init. Ignored when resuming from a checkpoint in the workdir.
+    c.init_from_torch = ""
+
+    # --- test-only fault injection (leave at the defaults) ----------------------------------------
+    c.debug_nan_step = -1  # >= 0: fill the images of this (0-based) step with NaN
+    c.debug_step_delay_s = 0.0  # sleep after each step, so tests can interrupt at a chosen step
 
     # --- multi-host (jax.distributed) -------------------------------------------------------------
     c.distributed = ml_collections.ConfigDict()

@@ -3,6 +3,9 @@
 ``--config.FIELD=VALUE`` overrides any field of the config file (see ``configs/default.py`` for
 all of them). Re-running the same command on the same workdir resumes from its newest
 checkpoint; ``--config.eval_only=True`` evaluates the newest checkpoint instead.
+
+Exit status: 0 when done or after SIGTERM (preemption: the current step is saved first), 2 for a
+config or dataset error, 3 when the loss, gradients or parameters became NaN/Inf.
 """
 
 from __future__ import annotations
@@ -39,6 +42,10 @@ def main(argv: list[str]) -> None:
         # A bad config or a missing dataset is the user's to fix: one line, no traceback.
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except loop.NonFiniteError as e:
+        # The message names the step and the checkpoint to resume from; a traceback adds nothing.
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ replicated arrays are written once).
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,6 +25,8 @@ from absl import logging
 from flax import serialization
 
 CHECKPOINT_SUBDIR = "checkpoints"
+# Unreadable checkpoints are moved here (kept for inspection, out of orbax's step list).
+DAMAGED_SUBDIR = "checkpoints_damaged"
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -41,6 +44,9 @@ class Checkpointer:
 
     def __init__(self, workdir: str, max_to_keep: int = 3, *, read_only: bool = False):
         self.directory = checkpoint_dir(workdir)
+        self.damaged_directory = os.path.join(os.path.abspath(workdir), DAMAGED_SUBDIR)
+        # (step, reason) of checkpoints that ``restore`` found unreadable and moved aside.
+        self.damaged: list[tuple[int, str]] = []
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep if max_to_keep > 0 else None,
             # Not orbax's read_only mode: it only adds warnings; reading never writes anyway.
@@ -86,23 +92,45 @@ class Checkpointer:
             raise FileNotFoundError(
                 f"no checkpoint for step {step} in {self.directory}; have {self.all_steps()}."
             )
-        for i, candidate in enumerate(candidates):
+        for candidate in candidates:
             try:
                 raw, meta = self.restore_raw(candidate)
                 target = serialization.to_state_dict(template)
                 for key, value in target.items():
                     raw.setdefault(key, value)
-                return serialization.from_state_dict(template, raw), meta
+                restored = serialization.from_state_dict(template, raw)
+                _check_finite(restored, candidate)
+                return restored, meta
             except Exception as e:
-                if step is not None or i == len(candidates) - 1:
+                if step is not None:
                     raise
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
                 logging.warning(
                     "checkpoint %d in %s is unreadable (%s); trying the previous one.",
                     candidate,
                     self.directory,
-                    e,
+                    reason,
                 )
+                self._move_aside(candidate)
+                self.damaged.append((candidate, reason))
         return None
+
+    def _move_aside(self, step: int) -> None:
+        # Out of the step list, so that the resumed run saves this step afresh instead of
+        # skipping it as already present, and no later resume trips over it again.
+        if jax.process_index() == 0:
+            src = os.path.join(self.directory, str(step))
+            if os.path.isdir(src):
+                os.makedirs(self.damaged_directory, exist_ok=True)
+                dst = os.path.join(self.damaged_directory, str(step))
+                if os.path.exists(dst):
+                    shutil.rmtree(dst)
+                shutil.move(src, dst)
+        if jax.process_count() > 1:
+            from orbax.checkpoint import multihost
+
+            multihost.get_jax_distributed_client().wait_at_barrier(f"resnet_jax_damaged_{step}", 600_000)
+        self._manager.reload()
 
     def wait(self) -> None:
         """Block until asynchronous saves are on disk."""
@@ -111,6 +139,13 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _check_finite(state: Any, step: int) -> None:
+    for leaf in jax.tree.leaves(state):
+        arr = np.asarray(leaf)
+        if np.issubdtype(arr.dtype, np.inexact) and not np.all(np.isfinite(arr)):
+            raise ValueError(f"checkpoint {step} holds NaN or Inf")
 
 
 def restore_variables(workdir: str, step: int | None = None) -> dict[str, Any]:

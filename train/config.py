@@ -41,11 +41,13 @@ def validate_config(
     for field in ("num_epochs", "checkpoint_every_steps", "keep_checkpoints", "warmup_epochs"):
         if config.get(field) < 0:
             raise ConfigError(f"config.{field} must be >= 0; got {config.get(field)}.")
-    if config.num_train_steps < -1:
+    if config.num_train_steps < -1 or config.num_train_steps == 0:
         raise ConfigError(
             f"config.num_train_steps must be > 0 (a step count) or -1 (use num_epochs); got "
             f"{config.num_train_steps}."
         )
+    if config.get("debug_step_delay_s", 0.0) < 0:
+        raise ConfigError(f"config.debug_step_delay_s must be >= 0; got {config.debug_step_delay_s}.")
     if config.num_train_steps <= 0 and config.num_epochs <= 0 and not config.eval_only:
         raise ConfigError("nothing to train: set config.num_train_steps > 0 or num_epochs > 0.")
     if not 0.0 <= config.label_smoothing < 1.0:

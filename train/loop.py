@@ -17,6 +17,8 @@ import dataclasses
 import functools
 import json
 import os
+import signal
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -85,6 +87,31 @@ class CompiledOnFirstCall:
         return self._compiled(*args)
 
 
+def _init_from_torch(path: str, model: Any, host_state: steps.TrainState) -> steps.TrainState:
+    """``host_state`` with params and BatchNorm statistics from a PyTorch state_dict file."""
+    from resnet_jax.convert import StateDictMismatchError, load_torch_checkpoint, torch_to_flax
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"config.init_from_torch={path!r}: no such file.")
+    try:
+        variables = torch_to_flax(load_torch_checkpoint(path), model)
+    except StateDictMismatchError as e:
+        # The library lists every key; one line with the first few is enough here.
+        details = "; ".join(line.strip() for line in str(e).splitlines()[1:3])
+        raise ConfigError(
+            f"config.init_from_torch={path!r} does not match config.model "
+            f"({type(model).__name__}): {details[:300]}. Set config.model.arch (and num_classes of "
+            f"the dataset) to the architecture the state_dict was saved from."
+        ) from None
+    except Exception as e:  # unreadable, not a state_dict, a pickle with code, ...
+        raise ConfigError(
+            f"config.init_from_torch={path!r} cannot be read: {str(e).splitlines()[0]}"
+        ) from None
+    params = jax.tree.map(lambda x: np.asarray(x, np.float32), variables["params"])
+    batch_stats = jax.tree.map(lambda x: np.asarray(x, np.float32), variables.get("batch_stats", {}))
+    return host_state.replace(params=params, batch_stats=batch_stats)
+
+
 def save_run_info(workdir: str, config: Any, info: input_pipeline.DatasetInfo) -> None:
     if jax.process_index() != 0:
         return
@@ -117,14 +144,88 @@ def create_model(config: Any, info: input_pipeline.DatasetInfo, axis_name: str |
 
 # Per-step settings rather than measurements: report the window's last value, not its mean.
 _LAST_VALUE_METRICS = ("learning_rate", "loss_scale")
+# Counts: report the window's sum.
+_SUM_METRICS = ("skipped_step",)
 
 
 def _mean_metrics(records: list[dict[str, np.ndarray]]) -> dict[str, float]:
-    """Average train metrics over the steps of a log window."""
-    return {
-        k: float(records[-1][k] if k in _LAST_VALUE_METRICS else np.mean([r[k] for r in records]))
-        for k in records[0]
-    }
+    """Average train metrics over the steps of a log window (finite steps only)."""
+    # float16 steps skipped on overflow have a non-finite loss by design; leave them out.
+    kept = [r for r in records if not r.get("skipped_step", 0.0)] or records[-1:]
+    out = {}
+    for k in records[0]:
+        if k in _LAST_VALUE_METRICS:
+            out[k] = float(records[-1][k])
+        elif k in _SUM_METRICS:
+            out[k] = float(np.sum([r[k] for r in records]))
+        else:
+            out[k] = float(np.mean([r[k] for r in kept]))
+    return out
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced NaN or Inf; the message names the step and the last good checkpoint."""
+
+
+def _first_non_finite(records: list[tuple[int, dict[str, np.ndarray]]]) -> tuple[int, str, float] | None:
+    """``(step, metric, value)`` of the first non-finite loss or gradient norm, else None.
+
+    ``records`` are ``(1-based step, host metrics)``. float16 steps skipped by the loss scaler
+    are expected to overflow and are not errors.
+    """
+    for step, r in records:
+        if r.get("skipped_step", 0.0):
+            continue
+        for key in ("loss", "grad_norm"):
+            if key in r and not np.isfinite(r[key]):
+                return step, key, float(r[key])
+    return None
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+class PreemptionFlag:
+    """Set by SIGTERM (preemption); the loop polls it between steps and saves before exiting.
+
+    The handler only sets a flag: saving from inside a signal handler could interleave with a
+    step or a save in progress.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+        self._installed = False
+
+    def __enter__(self) -> PreemptionFlag:
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
+        except ValueError:  # not the main thread (e.g. called from a worker thread): no handler
+            pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def agreed(self) -> bool:
+        """True when any process got SIGTERM; every process gets the same answer.
+
+        A collective across processes, so call it at the same steps on every process.
+        """
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.int32(self.requested))
+        return bool(np.max(flags))
 
 
 def evaluate(eval_step, state, dataset: input_pipeline.Dataset, driver, config: Any) -> dict[str, float]:
@@ -219,6 +320,14 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     template = jax.eval_shape(create_fn)
     restore_step = None if config.restore_step < 0 else int(config.restore_step)
     restored = ckpt.restore(template, restore_step) if ckpt.all_steps() else None
+    if is_main:
+        for bad_step, reason in ckpt.damaged:
+            print(
+                f"warning: checkpoint step {bad_step} in {ckpt.directory} is damaged ({reason}); "
+                f"moved it to {ckpt.damaged_directory} and falling back to the previous one.",
+                file=sys.stderr,
+                flush=True,
+            )
     if restored is not None:
         host_state, _meta = restored
         state = driver.place_state(host_state)
@@ -228,7 +337,16 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     else:
         if config.eval_only:
             raise ConfigError(f"eval_only: no checkpoint in {ckpt.directory}.")
+        if ckpt.damaged:
+            # Every checkpoint was unreadable: starting over silently would lose the whole run.
+            raise ConfigError(
+                f"no readable checkpoint in {ckpt.directory} (the damaged ones, or ones saved "
+                f"with another config.model, were moved to {ckpt.damaged_directory}); restore "
+                f"the config they were saved with, or use a new workdir to start over."
+            )
         state = driver.init_state(create_fn)
+        if config.get("init_from_torch"):
+            state = driver.place_state(_init_from_torch(config.init_from_torch, model, driver.to_host(state)))
         start_step = 0
 
     summary: dict[str, Any] = {
@@ -280,9 +398,29 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
             "num_processes": jax.process_count(),
         }
 
+    def check_finite(records: list[tuple[int, Any]]) -> None:
+        """Raise ``NonFiniteError`` if any step in ``records`` (device metrics) went non-finite."""
+        bad = _first_non_finite([(s, driver.to_host(m)) for s, m in records])
+        if bad is not None:
+            raise_non_finite(*bad)
+
+    def raise_non_finite(step: int, what: str, value: Any) -> None:
+        ckpt.wait()
+        last = ckpt.latest_step()
+        where = f"the last good checkpoint is step {last}" if last is not None else "no checkpoint was saved"
+        name = {"loss": "loss", "grad_norm": "the gradient norm"}.get(what, what)
+        raise NonFiniteError(
+            f"{name} became {value} at step {step}; {where} in {ckpt.directory}. Lower "
+            f"config.learning_rate (or add warm-up, or use float32), then rerun to resume."
+        )
+
     def save(step: int) -> None:
-        if config.save_checkpoints:
-            ckpt.save(step, driver.to_host(state), meta_for(step))
+        if not config.save_checkpoints:
+            return
+        # Never write NaN/Inf: a poisoned checkpoint would make every resume fail the same way.
+        if not bool(np.asarray(_all_finite(state.params).addressable_data(0))):
+            raise_non_finite(step, "the parameters", "NaN/Inf")
+        ckpt.save(step, driver.to_host(state), meta_for(step))
 
     def run_eval(step: int) -> dict[str, float]:
         result = evaluate(eval_step, state, dataset, driver, config)
@@ -303,62 +441,104 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     compile_time = None
     throughput: list[float] = []
     train_time = 0.0
+    skipped_steps = 0
+    preempted_at: int | None = None
+    nan_step = int(config.get("debug_nan_step", -1))
+    delay = float(config.get("debug_step_delay_s", 0.0))
     run_start = time.perf_counter()
     if start_step < total_steps:
         batches = _train_batches(dataset, config, driver, start_step)
-        pending: list[Any] = []
+        pending: list[tuple[int, Any]] = []  # (1-based step, device metrics) since the last log
         # images/s counts only time spent training: eval and checkpoint pauses are excluded.
         active_time, window_steps, mark = 0.0, 0, time.perf_counter()
-        for step in range(start_step, total_steps):
-            batch = next(batches)
-            if compile_time is None:
-                state, m = train_step(state, batch)
-                jax.block_until_ready(m)
-                compile_time = train_step.compile_time
-                writer.write(step + 1, "train", {"compile_time_s": compile_time})
-                mark = time.perf_counter()
-            else:
-                state, m = train_step(state, batch)
-                window_steps += 1
-            pending.append(m)
-            done = step + 1
-            if done % config.log_every_steps == 0 or done == total_steps:
-                host = _mean_metrics(driver.to_host(pending))  # waits for the steps
-                pending = []
-                now = time.perf_counter()
-                active_time += now - mark
-                mark = now
-                if window_steps:
-                    host["images_per_sec"] = window_steps * config.batch_size / active_time
-                    throughput.append(host["images_per_sec"])
-                    train_time += active_time
-                active_time, window_steps = 0.0, 0
-                host["epoch"] = done / steps_per_epoch
-                writer.write(done, "train", host)
-                bar.set_postfix(
-                    loss=f"{host['loss']:.4f}",
-                    acc=f"{host['accuracy']:.3f}",
-                    img_s=f"{host.get('images_per_sec', 0):.0f}",
-                )
-            bar.update(1)
-            if done == total_steps:
-                break
-            eval_due = (config.eval_every_steps > 0 and done % config.eval_every_steps == 0) or (
-                config.eval_every_steps == 0 and done % steps_per_epoch == 0
-            )
-            ckpt_due = config.checkpoint_every_steps > 0 and done % config.checkpoint_every_steps == 0
-            if eval_due or ckpt_due:
-                jax.block_until_ready(state)
-                active_time += time.perf_counter() - mark
-                if eval_due:
-                    last_eval = run_eval(done)
-                    if is_main:
-                        bar.write(f"step {done}: eval {_format_eval(last_eval)}")
-                if ckpt_due:
+        with PreemptionFlag() as preemption:
+            for step in range(start_step, total_steps):
+                batch = next(batches)
+                if step == nan_step:
+                    # Test hook: a real NaN flowing through the forward and backward passes.
+                    batch = {**batch, "image": batch["image"] * jnp.nan}
+                if compile_time is None:
+                    state, m = train_step(state, batch)
+                    jax.block_until_ready(m)
+                    compile_time = train_step.compile_time
+                    writer.write(step + 1, "train", {"compile_time_s": compile_time})
+                    mark = time.perf_counter()
+                else:
+                    state, m = train_step(state, batch)
+                    window_steps += 1
+                done = step + 1
+                pending.append((done, m))
+                if delay:
+                    time.sleep(delay)
+                log_due = done % config.log_every_steps == 0 or done == total_steps
+                if log_due:
+                    records = [(s, driver.to_host(r)) for s, r in pending]  # waits for the steps
+                    bad = _first_non_finite(records)
+                    if bad is not None:
+                        raise_non_finite(*bad)
+                    host = _mean_metrics([r for _, r in records])
+                    pending = []
+                    now = time.perf_counter()
+                    active_time += now - mark
+                    mark = now
+                    if window_steps:
+                        host["images_per_sec"] = window_steps * config.batch_size / active_time
+                        throughput.append(host["images_per_sec"])
+                        train_time += active_time
+                    active_time, window_steps = 0.0, 0
+                    host["epoch"] = done / steps_per_epoch
+                    if "skipped_step" in host:
+                        skipped_steps += int(host.pop("skipped_step"))
+                        host["skipped_steps_total"] = skipped_steps
+                    writer.write(done, "train", host)
+                    bar.set_postfix(
+                        loss=f"{host['loss']:.4f}",
+                        acc=f"{host['accuracy']:.3f}",
+                        img_s=f"{host.get('images_per_sec', 0):.0f}",
+                    )
+                bar.update(1)
+                if done == total_steps:
+                    break
+                # One process alone must not stop: all agree, at the same step, on whether to.
+                # Across processes that is a collective, so it runs only at log steps.
+                if (jax.process_count() == 1 or log_due) and preemption.agreed():
+                    check_finite(pending)
+                    pending = []
                     save(done)
-                mark = time.perf_counter()
-        save(total_steps)
+                    ckpt.wait()
+                    preempted_at = done
+                    break
+                eval_due = (config.eval_every_steps > 0 and done % config.eval_every_steps == 0) or (
+                    config.eval_every_steps == 0 and done % steps_per_epoch == 0
+                )
+                ckpt_due = config.checkpoint_every_steps > 0 and done % config.checkpoint_every_steps == 0
+                if eval_due or ckpt_due:
+                    jax.block_until_ready(state)
+                    active_time += time.perf_counter() - mark
+                    if eval_due:
+                        last_eval = run_eval(done)
+                        if is_main:
+                            bar.write(f"step {done}: eval {_format_eval(last_eval)}")
+                    if ckpt_due:
+                        check_finite(pending)
+                        save(done)
+                    mark = time.perf_counter()
+        if preempted_at is None:
+            save(total_steps)
     bar.close()
+
+    if preempted_at is not None:
+        ckpt.close()
+        writer.close()
+        saved = f"saved checkpoint step {preempted_at}" if config.save_checkpoints else "nothing saved"
+        summary.update({"final_step": preempted_at, "preempted": True, "skipped_steps": skipped_steps})
+        if is_main:
+            print(
+                f"Preempted (SIGTERM) at step {preempted_at}: {saved} in {ckpt.directory}; rerun "
+                f"the same command to resume.",
+                flush=True,
+            )
+        return summary
 
     final = None
     if config.eval_at_end:
@@ -379,6 +559,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
             "train_time_s": train_time,
             "wall_time_s": time.perf_counter() - run_start,
             "curves": curves,
+            "skipped_steps": skipped_steps,
         }
     )
     if is_main:
@@ -403,6 +584,8 @@ def format_summary(s: dict[str, Any], already_done: bool = False) -> str:
             f"  throughput:  {s['images_per_sec']:,.0f} images/s (training, median over log "
             f"windows); compilation {s['compile_time_s']:.1f} s"
         )
+    if s.get("skipped_steps"):
+        lines.append(f"  float16:     {s['skipped_steps']} step(s) skipped on overflow (loss scaling)")
     if s.get("checkpoints_saved", True):
         lines.append(f"  checkpoints: {s['checkpoint_dir']}")
     else:

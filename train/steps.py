@@ -25,7 +25,8 @@ Public API (stable; also used by benchmark scripts)::
 
 Batches are dicts ``{'image': [B, H, W, C] float, 'label': [B] int}``; eval batches may add
 ``'mask'`` ([B], 1 for real examples, 0 for padding). Train metrics are batch means
-(``loss``, ``accuracy``, ``top5_accuracy``, ``learning_rate``); eval metrics are sums
+(``loss``, ``accuracy``, ``top5_accuracy``, ``learning_rate``, ``grad_norm``, and with float16
+loss scaling ``loss_scale`` and ``skipped_step``); eval metrics are sums
 (``loss_sum``, ``correct``, ``correct_top5``, ``count``) so that padded, uneven last batches
 average correctly; ``summarize_eval`` turns accumulated sums into means.
 """
@@ -182,6 +183,11 @@ def make_train_step(
         }
         if axis_name is not None:
             metrics = jax.lax.pmean(metrics, axis_name)
+        # Gradients are already averaged over devices here; the loop checks this for NaN/Inf.
+        metrics["grad_norm"] = optax.tree.norm(grads).astype(jnp.float32)
+        if is_finite is not None:
+            # 1.0 for a float16 step skipped (and the loss scale lowered) on overflow.
+            metrics["skipped_step"] = 1.0 - is_finite.astype(jnp.float32)
         if lr_schedule is not None:
             metrics["learning_rate"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
         if dynamic_scale is not None:

@@ -1,0 +1,239 @@
+"""Robustness of ``python -m train``, done for real on subprocesses of the CLI: SIGKILL mid-epoch
+and SIGTERM (preemption) followed by a restart, truncated checkpoint files, NaNs injected into
+the computation, and bad configs / inputs that must fail with one clear line.
+
+Every resumed run is compared bitwise with one uninterrupted reference run of the same command.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from train import checkpoint  # noqa: E402
+from train.metrics import read_metrics  # noqa: E402
+
+STEPS = 30
+STEPS_PER_EPOCH = 1437 // 64  # digits train split, batch 64 -> 22: step 30 is mid-epoch 2
+# resnet18 reduced to one stage; checkpoints at 7, 14, 21, 28 (none on an epoch boundary) + 30.
+ARGS = [
+    f"--config.num_train_steps={STEPS}",
+    "--config.model.overrides.stage_sizes=(1,)",
+    "--config.rng_impl=rbg",
+    "--config.log_every_steps=1",
+    "--config.checkpoint_every_steps=7",
+    "--config.keep_checkpoints=3",
+    "--config.eval_every_steps=-1",
+    "--config.eval_at_end=False",
+    "--config.progress_bar=False",
+]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
+def _cmd(workdir, *extra) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "train",
+        "--config=configs/default.py",
+        f"--workdir={workdir}",
+        *ARGS,
+        *extra,
+    ]
+
+
+def _run(workdir, *extra, env=None, timeout=240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        _cmd(workdir, *extra),
+        capture_output=True,
+        text=True,
+        cwd=str(REPO),
+        env=env or _env(),
+        timeout=timeout,
+        check=False,
+    )
+
+
+def _start(workdir, *extra) -> subprocess.Popen:
+    return subprocess.Popen(
+        _cmd(workdir, *extra),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=str(REPO),
+        env=_env(),
+    )
+
+
+def _last_logged_step(workdir) -> int:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return 0
+    steps = [r["step"] for r in read_metrics(path) if "loss" in r]
+    return max(steps, default=0)
+
+
+def _wait_for_step(proc: subprocess.Popen, workdir, step: int, timeout: float = 180) -> int:
+    """Poll metrics.jsonl until training logged ``step`` or later; returns the step seen."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        seen = _last_logged_step(workdir)
+        if seen >= step:
+            return seen
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.02)
+    raise TimeoutError(f"step {step} not reached")
+
+
+def _assert_same_params(workdir, reference) -> None:
+    got = checkpoint.restore_variables(workdir, STEPS)
+    want = checkpoint.restore_variables(reference, STEPS)
+    flat_got, tree_got = _flatten(got)
+    flat_want, tree_want = _flatten(want)
+    assert tree_got == tree_want
+    for a, b in zip(flat_got, flat_want):
+        np.testing.assert_array_equal(a, b)  # bitwise: exact resume, not merely close
+
+
+def _flatten(tree):
+    import jax
+
+    leaves, treedef = jax.tree.flatten(tree)
+    return [np.asarray(x) for x in leaves], treedef
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run of the same command (workdir is not modified by the tests)."""
+    workdir = str(tmp_path_factory.mktemp("reference"))
+    result = _run(workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Done: {STEPS} steps" in result.stdout
+    return workdir
+
+
+def test_sigkill_mid_epoch_then_restart_is_bitwise_identical(reference, tmp_path):
+    workdir = str(tmp_path / "killed")
+    proc = _start(workdir, "--config.debug_step_delay_s=0.05")
+    try:
+        # Past the checkpoint at step 14 (epoch 0 ends at step 22): kill mid-epoch, no warning.
+        _wait_for_step(proc, workdir, 16)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert STEPS not in checkpoint.Checkpointer(workdir, read_only=True).all_steps()
+
+    restart = _run(workdir)
+    assert restart.returncode == 0, restart.stderr[-3000:]
+    resumed = int(restart.stdout.split("Resuming from checkpoint step ")[1].split()[0])
+    # A mid-epoch resume: the input stream must pick up inside the epoch, not at its start.
+    assert 0 < resumed < STEPS and resumed % STEPS_PER_EPOCH != 0, resumed
+    _assert_same_params(workdir, reference)
+
+
+def test_sigterm_saves_current_step_exits_0_and_resumes(reference, tmp_path):
+    workdir = str(tmp_path / "preempted")
+    proc = _start(workdir, "--config.debug_step_delay_s=0.05")
+    try:
+        _wait_for_step(proc, workdir, 9)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert "Preempted (SIGTERM) at step" in out, out
+    saved = int(out.split("Preempted (SIGTERM) at step ")[1].split(":")[0])
+    steps = checkpoint.Checkpointer(workdir, read_only=True).all_steps()
+    # The step it stopped at is saved (not only the last periodic checkpoint) and is mid-epoch.
+    assert saved in steps and saved % 7 != 0 and 9 <= saved < STEPS, (saved, steps)
+
+    restart = _run(workdir)
+    assert restart.returncode == 0, restart.stderr[-3000:]
+    assert f"Resuming from checkpoint step {saved}" in restart.stdout
+    _assert_same_params(workdir, reference)
+
+
+def _damage(step_dir: Path) -> list[Path]:
+    """Truncate every array data file of a checkpoint to half its size."""
+    damaged = []
+    for path in step_dir.rglob("*"):
+        if path.is_file() and path.stat().st_size > 1000 and "state" in path.parts:
+            with open(path, "r+b") as f:
+                f.truncate(path.stat().st_size // 2)
+            damaged.append(path)
+    return damaged
+
+
+def test_truncated_latest_checkpoint_falls_back_to_previous(reference, tmp_path):
+    workdir = tmp_path / "damaged"
+    shutil.copytree(reference, workdir)
+    assert checkpoint.Checkpointer(str(workdir), read_only=True).all_steps() == [21, 28, STEPS]
+    assert _damage(workdir / "checkpoints" / str(STEPS))
+    # The damage is real: the step cannot be read (the error type is orbax's/tensorstore's).
+    with pytest.raises(Exception):  # noqa: B017
+        checkpoint.restore_variables(str(workdir), STEPS)
+
+    result = _run(workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"warning: checkpoint step {STEPS}" in result.stderr and "damaged" in result.stderr
+    assert "Resuming from checkpoint step 28" in result.stdout
+    assert (workdir / "checkpoints_damaged" / str(STEPS)).is_dir()
+    # Retrained 28 -> 30 and saved step 30 afresh: identical to the uninterrupted run.
+    _assert_same_params(str(workdir), reference)
+
+
+def test_nan_stops_with_the_step_and_never_checkpoints_it(tmp_path):
+    workdir = str(tmp_path / "nan")
+    # The images of step index 9 (1-based step 10) are NaN: a real NaN through forward/backward.
+    result = _run(workdir, "--config.debug_nan_step=9")
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    err = result.stderr.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "nan at step 10" in err, err
+    assert "last good checkpoint is step 7" in err, err
+    steps = checkpoint.Checkpointer(workdir, read_only=True).all_steps()
+    assert steps == [7]
+    params = checkpoint.restore_variables(workdir)["params"]
+    import jax
+
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["--config.model.arch=resnet7"], ["config.model.arch='resnet7'", "choose one of", "resnet50"]),
+        (["--config.dataset=no_such_dataset"], ["no_such_dataset"]),
+        (["--config.num_train_steps=0"], ["config.num_train_steps must be > 0", "-1"]),
+        (["--config.num_train_steps=-3"], ["config.num_train_steps must be > 0"]),
+        (["--config.batch_size=63"], ["batch_size=63 is not divisible by the 2 devices", "multiple of 2"]),
+    ],
+)
+def test_bad_config_is_one_clear_line(overrides, words, tmp_path):
+    env = _env()
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    result = _run(tmp_path / "bad", *overrides, env=env, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    err = result.stderr.strip().splitlines()[-1]
+    assert err.startswith("error: ")
+    for w in words:
+        assert w in err, err
