@@ -237,3 +237,75 @@ def test_bad_config_is_one_clear_line(overrides, words, tmp_path):
     assert err.startswith("error: ")
     for w in words:
         assert w in err, err
+
+
+_SAVER = """
+import sys, numpy as np
+sys.path.insert(0, {repo!r})
+from train import checkpoint
+ckpt = checkpoint.Checkpointer({workdir!r}, max_to_keep=1)
+for step in range(1, 1000):
+    # ~32 MB per save: a save takes long enough to be killed in the middle of it.
+    ckpt.save(step, {{"params": {{"w": np.full((8, 1 << 20), step, np.float32)}}}}, {{"step": step}})
+    if step == 1:
+        ckpt.wait()
+        print("saved", flush=True)
+"""
+
+
+def test_sigkill_during_save_keeps_the_previous_checkpoint(tmp_path):
+    workdir = str(tmp_path / "saving")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SAVER.format(repo=str(REPO), workdir=workdir)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
+    try:
+        assert proc.stdout.readline().strip() == "saved"
+        time.sleep(1.0)  # saves of later steps (and deletions of earlier ones) are under way
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    ckpt = checkpoint.Checkpointer(workdir, read_only=True)
+    steps = ckpt.all_steps()
+    # max_to_keep=1, killed mid-save: the newest finished checkpoint is still there and whole.
+    assert steps, os.listdir(ckpt.directory)
+    state, meta = ckpt.restore_raw(steps[-1])
+    assert meta["step"] == steps[-1]
+    np.testing.assert_array_equal(state["params"]["w"], np.full((8, 1 << 20), steps[-1], np.float32))
+    ckpt.close()
+
+
+def test_float16_overflow_steps_are_skipped_counted_and_logged(tmp_path):
+    """With float16 loss scaling a non-finite step is skipped (not an error) and counted."""
+    import jax
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from train_worker import tiny_config
+
+    from train import loop
+
+    config = tiny_config(
+        dtype="float16",
+        num_train_steps=6,
+        log_every_steps=3,
+        eval_every_steps=-1,
+        eval_at_end=False,
+        checkpoint_every_steps=0,
+        debug_nan_step=1,
+    )
+    summary = loop.train_and_evaluate(config, str(tmp_path))
+    assert summary["skipped_steps"] == 1
+    train = [r for r in read_metrics(str(tmp_path)) if "loss" in r]
+    assert [r["skipped_steps_total"] for r in train] == [1, 1]
+    assert all(np.isfinite(r["loss"]) for r in train)
+    from flax.training.dynamic_scale import DynamicScale
+
+    # The scale was lowered on the overflow (it grows back only after 2000 finite steps).
+    assert train[-1]["loss_scale"] == float(DynamicScale().scale) / 2
+    params = checkpoint.restore_variables(str(tmp_path))["params"]
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+    assert "1 step(s) skipped" in loop.format_summary(summary)
