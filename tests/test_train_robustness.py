@@ -309,3 +309,88 @@ def test_float16_overflow_steps_are_skipped_counted_and_logged(tmp_path):
     params = checkpoint.restore_variables(str(tmp_path))["params"]
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
     assert "1 step(s) skipped" in loop.format_summary(summary)
+
+
+def _predict(workdir, *paths) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "train.predict", f"--workdir={workdir}", *map(str, paths)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=str(REPO),
+        env=_env(),
+    )
+
+
+def test_predict_rejects_images_of_wrong_rank_or_channels(reference, tmp_path):
+    good = np.full((8, 8), 16, np.uint8)
+    np.save(tmp_path / "good.npy", good)
+    np.save(tmp_path / "two_channels.npy", np.zeros((8, 8, 2), np.uint8))
+    np.save(tmp_path / "four_d.npy", np.zeros((1, 8, 8, 1), np.uint8))
+    (tmp_path / "garbage.png").write_bytes(b"not a PNG at all" * 10)
+    cases = {
+        "two_channels.npy": ["two_channels.npy", "(8, 8, 2)", "1 channel"],
+        "four_d.npy": ["four_d.npy", "(1, 8, 8, 1)", "[H, W]"],
+        "garbage.png": ["garbage.png", "cannot read"],
+    }
+    procs = {name: _predict(reference, tmp_path / "good.npy", tmp_path / name) for name in cases}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2, err[-3000:]
+        assert "Traceback" not in err, err[-3000:]
+        line = err.strip().splitlines()[-1]
+        assert line.startswith("error: ")
+        for w in cases[name]:
+            assert w in line, line
+
+    from train import predict
+
+    (top,) = predict.predict_files(reference, [str(tmp_path / "good.npy")], top_k=3)
+    assert len(top) == 3 and abs(sum(p for *_, p in top) - 1) < 1
+
+
+def _save_torch(path, variables) -> None:
+    import torch
+
+    from resnet_jax.convert import flax_to_torch
+
+    torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in flax_to_torch(variables).items()}, path)
+
+
+def test_init_from_torch_loads_matching_and_rejects_other_architectures(reference, tmp_path):
+    import jax
+
+    import resnet_jax
+    from train import loop
+
+    # A matching state_dict (the reference run's weights, via PyTorch) becomes the initial state.
+    config, info = loop.load_run_info(reference)
+    model, _ = loop.create_model(config, info)
+    variables = checkpoint.restore_variables(reference)
+    _save_torch(tmp_path / "same.pth", variables)
+    template = jax.tree.map(
+        lambda s: np.zeros(s.shape, s.dtype),
+        jax.eval_shape(
+            lambda: model.init(jax.random.key(0), np.zeros((1, 8, 8, 1), np.float32), train=False)
+        ),
+    )
+    host = loop.steps.TrainState(
+        step=np.zeros((), np.int32),
+        params=template["params"],
+        batch_stats=template["batch_stats"],
+        opt_state=(),
+    )
+    loaded = loop._init_from_torch(str(tmp_path / "same.pth"), model, host)
+    for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(variables["params"])):
+        np.testing.assert_array_equal(a, b)
+
+    # A full ResNet-34 with 3 input channels is another architecture: one clear line, exit 2.
+    other = resnet_jax.get_model("resnet34", num_classes=10)
+    shapes = jax.eval_shape(lambda: other.init(jax.random.key(0), np.zeros((1, 32, 32, 3)), train=False))
+    _save_torch(tmp_path / "other.pth", jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes))
+    result = _run(tmp_path / "fine_tune", f"--config.init_from_torch={tmp_path / 'other.pth'}")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: config.init_from_torch=") and "does not fit" in line, line
+    assert "resnet34" in line and "config.model" in line

@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -87,6 +88,9 @@ class CompiledOnFirstCall:
         return self._compiled(*args)
 
 
+_MISMATCH_KINDS = ("missing keys", "unexpected keys", "wrong shapes")
+
+
 def _init_from_torch(path: str, model: Any, host_state: steps.TrainState) -> steps.TrainState:
     """``host_state`` with params and BatchNorm statistics from a PyTorch state_dict file."""
     from resnet_jax.convert import StateDictMismatchError, load_torch_checkpoint, torch_to_flax
@@ -96,12 +100,20 @@ def _init_from_torch(path: str, model: Any, host_state: steps.TrainState) -> ste
     try:
         variables = torch_to_flax(load_torch_checkpoint(path), model)
     except StateDictMismatchError as e:
-        # The library lists every key; one line with the first few is enough here.
-        details = "; ".join(line.strip() for line in str(e).splitlines()[1:3])
+        # The library lists every key; one line with counts, an example and its hint is enough.
+        lines = [line.strip() for line in str(e).splitlines()[1:]]
+        problems = []
+        for ln in lines:
+            # "wrong shapes (2): conv1.weight: got (7, 7, 3, 64) ..., fc.weight: ..." -> first item
+            match = re.match(r"(.+? \(\d+\)): (.+?)(?:, (?=\w+\.[\w.]+[:,])| \.\.\.|$)", ln)
+            if match and match.group(1).split(" (")[0] in _MISMATCH_KINDS:
+                problems.append(f"{match.group(1)}, e.g. {match.group(2)}")
+        hint = next((ln for ln in lines if "looks like" in ln), "")
+        hint = hint[hint.index("The state_dict") :] if hint else ""
         raise ConfigError(
-            f"config.init_from_torch={path!r} does not match config.model "
-            f"({type(model).__name__}): {details[:300]}. Set config.model.arch (and num_classes of "
-            f"the dataset) to the architecture the state_dict was saved from."
+            f"config.init_from_torch={path!r} does not fit config.model ({type(model).__name__}): "
+            f"{'; '.join(problems)}. {hint} Set config.model (arch, overrides) to the architecture "
+            f"the state_dict was saved from; the dataset's class count must match its fc layer."
         ) from None
     except Exception as e:  # unreadable, not a state_dict, a pickle with code, ...
         raise ConfigError(

@@ -5,6 +5,8 @@ config and dataset info from ``DIR``, restores the newest (or given) checkpoint,
 same preprocessing as evaluation (resize, center crop, normalisation) and prints, per image,
 the top-k class names with their probabilities. Grayscale models get the image converted to
 one channel; for the digits model, draw light digits on a dark background like sklearn's.
+``.npy`` files are raw pixel arrays (0..255), ``[H, W]`` or ``[H, W, C]`` with the model's ``C``.
+An unreadable image or an array of the wrong rank or channel count is a one-line error (exit 2).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def predict_files(
     model, _ = loop.create_model(config, info)
     variables = checkpoint.restore_variables(workdir, step)
     crop = float(config.get("eval_crop_fraction", 1.0))
-    images = np.stack([input_pipeline.load_image_for_eval(p, info, crop) for p in paths])
+    images = np.stack([_load(p, info, crop) for p in paths])
     logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
     probs = np.asarray(jax.nn.softmax(logits, axis=-1))
     k = min(top_k, info.num_classes)
@@ -44,6 +46,32 @@ def predict_files(
     return results
 
 
+class ImageError(ValueError):
+    """An input image cannot be used with the model; the message names the file and the fix."""
+
+
+def _load(path: str, info: input_pipeline.DatasetInfo, crop: float) -> np.ndarray:
+    channels = info.image_shape[-1]
+    if not path.endswith(".npy"):
+        try:
+            return input_pipeline.load_image_for_eval(path, info, crop)
+        except Exception as e:  # TF's errors are long; the first line says what is wrong
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ImageError(f"cannot read {path} as an image (PNG, JPEG, GIF, BMP): {first[:200]}") from None
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ImageError(f"cannot read {path} as a .npy array: {e}") from None
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[-1] != channels:
+        raise ImageError(
+            f"{path} has shape {array.shape}; the model takes one image of shape [H, W] or "
+            f"[H, W, {channels}] ({channels} channel(s), pixel values 0..255)."
+        )
+    return np.asarray(input_pipeline.preprocess_eval_image(array.astype(np.float32), info, crop))
+
+
 def main(argv: list[str]) -> None:
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
@@ -52,7 +80,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("give one or more image files: python -m train.predict --workdir=DIR IMAGE...")
     try:
         results = predict_files(_WORKDIR.value, paths, step=_STEP.value, top_k=_TOP_K.value)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ImageError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     for path, top in zip(paths, results):
