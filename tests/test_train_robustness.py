@@ -116,6 +116,11 @@ def _flatten(tree):
     return [np.asarray(x) for x in leaves], treedef
 
 
+# The tests that read the reference run go to one xdist worker (setup.cfg: --dist loadgroup),
+# so that it is computed once; the other tests run on the other worker meanwhile.
+_SHARES_REFERENCE = pytest.mark.xdist_group("train_robustness_reference")
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """An uninterrupted run of the same command (workdir is not modified by the tests)."""
@@ -126,6 +131,7 @@ def reference(tmp_path_factory):
     return workdir
 
 
+@_SHARES_REFERENCE
 def test_sigkill_mid_epoch_then_restart_is_bitwise_identical(reference, tmp_path):
     workdir = str(tmp_path / "killed")
     proc = _start(workdir, "--config.debug_step_delay_s=0.05")
@@ -148,6 +154,7 @@ def test_sigkill_mid_epoch_then_restart_is_bitwise_identical(reference, tmp_path
     _assert_same_params(workdir, reference)
 
 
+@_SHARES_REFERENCE
 def test_sigterm_saves_current_step_exits_0_and_resumes(reference, tmp_path):
     workdir = str(tmp_path / "preempted")
     proc = _start(workdir, "--config.debug_step_delay_s=0.05")
@@ -182,6 +189,7 @@ def _damage(step_dir: Path) -> list[Path]:
     return damaged
 
 
+@_SHARES_REFERENCE
 def test_truncated_latest_checkpoint_falls_back_to_previous(reference, tmp_path):
     workdir = tmp_path / "damaged"
     shutil.copytree(reference, workdir)
@@ -322,6 +330,7 @@ def _predict(workdir, *paths) -> subprocess.Popen:
     )
 
 
+@_SHARES_REFERENCE
 def test_predict_rejects_images_of_wrong_rank_or_channels(reference, tmp_path):
     good = np.full((8, 8), 16, np.uint8)
     np.save(tmp_path / "good.npy", good)
@@ -357,6 +366,7 @@ def _save_torch(path, variables) -> None:
     torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in flax_to_torch(variables).items()}, path)
 
 
+@_SHARES_REFERENCE
 def test_init_from_torch_loads_matching_and_rejects_other_architectures(reference, tmp_path):
     import jax
 
@@ -394,3 +404,64 @@ def test_init_from_torch_loads_matching_and_rejects_other_architectures(referenc
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("error: config.init_from_torch=") and "does not fit" in line, line
     assert "resnet34" in line and "config.model" in line
+
+
+def test_checkpoint_holding_nan_is_never_resumed_from(tmp_path):
+    """A NaN checkpoint (e.g. from an older version) counts as damaged: the previous one is used."""
+    ckpt = checkpoint.Checkpointer(str(tmp_path), max_to_keep=3)
+    good = {"params": {"w": np.ones((4,), np.float32)}}
+    ckpt.save(1, good, {"step": 1})
+    ckpt.save(2, {"params": {"w": np.array([1, np.nan, 1, 1], np.float32)}}, {"step": 2})
+    ckpt.wait()
+    state, meta = ckpt.restore({"params": {"w": np.zeros((4,), np.float32)}})
+    np.testing.assert_array_equal(state["params"]["w"], good["params"]["w"])
+    assert meta["step"] == 1
+    assert [s for s, _ in ckpt.damaged] == [2] and "NaN" in ckpt.damaged[0][1]
+    assert ckpt.all_steps() == [1] and (tmp_path / "checkpoints_damaged" / "2").is_dir()
+    ckpt.close()
+
+
+def test_sigterm_on_one_of_two_hosts_stops_both_at_the_same_step(tmp_path):
+    """Two processes (jax.distributed, gloo); only process 1 gets SIGTERM; both save one step."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workdir = str(tmp_path / "multihost")
+    sets = [
+        "--set=num_train_steps=40",
+        "--set=log_every_steps=2",
+        "--set=checkpoint_every_steps=0",
+        "--set=eval_every_steps=-1",
+        "--set=eval_at_end=False",
+        "--set=debug_step_delay_s=0.05",
+    ]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "train_worker.py"), "train", workdir, "--devices=1"]
+            + [f"--process-id={i}", "--num-processes=2", f"--port={port}", *sets],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(),
+            cwd=str(REPO),
+        )
+        for i in range(2)
+    ]
+    try:
+        _wait_for_step(procs[0], workdir, 5)
+        procs[1].send_signal(signal.SIGTERM)
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    done = [out.split("WORKER_DONE")[1].split() for out, _ in outs]
+    stopped = {int(d[-1]) for d in done}
+    assert len(stopped) == 1, done  # the same step on both hosts
+    (step,) = stopped
+    assert "Preempted (SIGTERM) at step" in outs[0][0] and step < 40
+    assert checkpoint.Checkpointer(workdir, read_only=True).all_steps() == [step]

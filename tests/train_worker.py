@@ -94,8 +94,10 @@ def run_parallel(out: str, steps_n: int = 3) -> None:
     np.savez(out, **{f"{n}|{k}": v for n, d in results.items() for k, v in d.items()})
 
 
-def run_train(out: str, process_id: int, num_processes: int, port: int) -> None:
-    config = tiny_config()
+def run_train(out: str, process_id: int, num_processes: int, port: int, overrides=()) -> None:
+    import ast
+
+    config = tiny_config(**{k: ast.literal_eval(v) for k, v in (o.split("=", 1) for o in overrides)})
     if num_processes > 1:
         config.distributed.enabled = True
         config.distributed.coordinator_address = f"127.0.0.1:{port}"
@@ -108,7 +110,15 @@ def run_train(out: str, process_id: int, num_processes: int, port: int) -> None:
     import jax
 
     summary = loop.train_and_evaluate(config, out)
-    print("WORKER_DONE", jax.process_index(), jax.process_count(), jax.device_count(), summary["eval"])
+    print(
+        "WORKER_DONE",
+        jax.process_index(),
+        jax.process_count(),
+        jax.device_count(),
+        summary.get("eval"),
+        summary["final_step"],
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -119,6 +129,7 @@ def main() -> None:
     parser.add_argument("--process-id", type=int, default=0)
     parser.add_argument("--num-processes", type=int, default=1)
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--set", action="append", default=[], help="config FIELD=PYTHON_LITERAL")
     args = parser.parse_args()
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -126,7 +137,7 @@ def main() -> None:
     if args.mode == "parallel":
         run_parallel(args.out)
     else:
-        run_train(args.out, args.process_id, args.num_processes, args.port)
+        run_train(args.out, args.process_id, args.num_processes, args.port, args.set)
 
 
 if __name__ == "__main__":
