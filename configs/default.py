@@ -78,6 +78,9 @@ def get_config() -> ml_collections.ConfigDict:
     # PRNG for parameter init: '' = JAX's default (threefry2x32). 'rbg' compiles much faster on
     # CPU (seconds per model) but its numbers may differ across backends and JAX versions.
     c.rng_impl = ""
+    # Persistent XLA compilation cache: 'auto' = $RESNET_JAX_CACHE_DIR or ~/.cache/resnet_jax/xla;
+    # a path; or 'off'. A restarted or repeated run then loads its compiled steps from disk.
+    c.compilation_cache_dir = "auto"
     c.log_every_steps = 20
     c.eval_every_steps = 110  # > 0: every N steps; 0: at the end of every epoch; < 0: never
     c.eval_at_end = True
