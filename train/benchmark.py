@@ -220,7 +220,12 @@ def compiled_memory(compiled: Any) -> dict[str, int] | None:
         return None
     if m is None:
         return None
-    fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes")
+    fields = (
+        "argument_size_in_bytes",
+        "output_size_in_bytes",
+        "alias_size_in_bytes",
+        "temp_size_in_bytes",
+    )
     return {f.replace("_size_in_bytes", "_bytes"): int(getattr(m, f)) for f in fields if hasattr(m, f)}
 
 
@@ -608,7 +613,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "note": "measured side by side in this one run"
         + (", contenders alternating" if args.rounds > 1 else ""),
     }
+    if args.compare_torch and jax.device_count() > 1:
+        # PyTorch runs on one device; compare like with like by hiding the others.
+        result["ratios"]["warning"] = (
+            f"JAX used {jax.device_count()} devices and PyTorch one; rerun with one visible device "
+            "(e.g. CUDA_VISIBLE_DEVICES=0) for a per-device ratio"
+        )
 
+    if hasattr(os, "getloadavg"):
+        result["environment"]["load_average_end"] = list(os.getloadavg())
     if args.profile:
         jax_c = ready[0]
         log(f"profiling 5 steps into {args.profile}")
@@ -646,7 +659,16 @@ def measure_cache(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, An
     try:
         for label in ("cold", "warm"):
             cmd = [sys.executable, "-m", "train.benchmark", *child_argv]
-            cmd += ["--compilation-cache", cache_dir, "--steps", "2", "--warmup", "1", "--rounds", "1"]
+            cmd += [
+                "--compilation-cache",
+                cache_dir,
+                "--steps",
+                "2",
+                "--warmup",
+                "1",
+                "--rounds",
+                "1",
+            ]
             log(f"{label} start: {' '.join(cmd[1:])}")
             t = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True)

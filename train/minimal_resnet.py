@@ -35,7 +35,11 @@ class MinimalResNet(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
         norm = functools.partial(
-            nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype
+            nn.BatchNorm,
+            use_running_average=not train,
+            momentum=0.9,
+            epsilon=1e-5,
+            dtype=self.dtype,
         )
         x = x.astype(self.dtype)
         if self.small_stem:
