@@ -391,9 +391,12 @@ class TorchContender(Contender):
 
         args = self.args
         torch.manual_seed(args.seed)
-        cuda = torch.cuda.is_available()
-        if self.jax_backend == "gpu" and not cuda:
+        # Same kind of device as JAX: a CUDA torch beside CPU-only JAX would compare hardware.
+        cuda = self.jax_backend == "gpu"
+        if cuda and not torch.cuda.is_available():
             raise RuntimeError("JAX runs on a GPU but this torch build has no CUDA; not comparing.")
+        if self.jax_backend not in ("gpu", "cpu"):
+            raise RuntimeError(f"no PyTorch comparison on JAX backend {self.jax_backend!r}.")
         self.device = torch.device("cuda" if cuda else "cpu")
         self.torch = torch
         if cuda:
@@ -407,7 +410,7 @@ class TorchContender(Contender):
             {"params": no_decay, "weight_decay": 0.0},
         ]
         opt_kwargs = dict(lr=LEARNING_RATE, momentum=MOMENTUM, nesterov=True)
-        optimizer_impl = "foreach"
+        optimizer_impl = "default"
         if cuda:
             try:
                 self.opt = torch.optim.SGD(groups, fused=True, **opt_kwargs)
