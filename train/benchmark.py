@@ -451,6 +451,8 @@ class TorchContender(Contender):
         info = {
             "model": source,
             "torch": torch.__version__,
+            "cuda": torch.version.cuda if cuda else None,
+            "cudnn": torch.backends.cudnn.version() if cuda else None,
             "device": str(self.device),
             "device_name": torch.cuda.get_device_name() if cuda else cpu_model(),
             "mode": mode,
