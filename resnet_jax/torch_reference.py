@@ -37,6 +37,9 @@ class _Basic(nn.Module):
         self.conv2 = _conv(cout, cout, 3, bias=bias)
         self.bn2 = nn.BatchNorm2d(cout)
         self.relu = nn.ReLU()
+        self._add_shortcut(cin, cout, stride, bias, torchvision)
+
+    def _add_shortcut(self, cin: int, cout: int, stride: int, bias: bool, torchvision: bool) -> None:
         proj = stride != 1 or cin != cout
         if torchvision:
             self.downsample = (
@@ -76,14 +79,7 @@ class _Bottleneck(_Basic):
         self.conv3 = _conv(width, cout, 1, bias=bias)
         self.bn3 = nn.BatchNorm2d(cout)
         self.relu = nn.ReLU()
-        proj = stride != 1 or cin != cout
-        if torchvision:
-            self.downsample = (
-                nn.Sequential(_conv(cin, cout, 1, stride), nn.BatchNorm2d(cout)) if proj else None
-            )
-        else:
-            self.shortcut = _Projection(cin, cout, stride, bias) if proj else nn.Identity()
-        self.torchvision = torchvision
+        self._add_shortcut(cin, cout, stride, bias, torchvision)
 
     def forward(self, x):
         y = self.relu(self.bn1(self.conv1(x)))
