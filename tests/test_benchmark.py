@@ -252,6 +252,11 @@ def test_input_benchmark_on_a_few_jpegs(tmp_path):
     assert a.shape == (48, 48, 3) and a.dtype == jnp.float32
     assert (a == b).all() and not (a == c).all()
     assert -3.0 < a.mean() < 3.0  # raw pixels would average ~100
+    # The benchmark's copy of those ops matches the pipeline exactly; its variants differ.
+    replica = benchmark_input.variant_preprocess_fn("replica", 48)
+    assert (replica(data, tf.constant([3, 7], tf.int64)).numpy() == a).all()
+    u8 = benchmark_input.variant_preprocess_fn("uint8_out", 48)(data, tf.constant([3, 7], tf.int64))
+    assert u8.dtype == tf.uint8 and u8.shape == (48, 48, 3)
 
     # The CLI on those files, in a worker process pinned to one core.
     args = ["--image-size=32", "--batch=2", "--total-images=8", "--cores=1", "--model-rate=1000"]
