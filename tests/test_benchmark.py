@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax.numpy as jnp
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -238,26 +238,32 @@ def test_strip_flags():
 def test_input_benchmark_on_a_few_jpegs(tmp_path):
     tf = pytest.importorskip("tensorflow")
     from train import benchmark_input
+    from train import input_pipeline as ip
 
     jpegs = benchmark_input.write_jpegs(str(tmp_path), 4)
     assert len(list(tmp_path.glob("*.jpg"))) == 4
     assert jpegs["count"] == 4 and 300 <= jpegs["mean_height"] <= 500
     assert 0.3 < jpegs["mean_bytes_per_pixel"] < 1.5  # photo-like, neither flat nor pure noise
 
-    # The training preprocessing itself: stateless (a function of the seed), normalised.
+    # The training preprocessing itself: stateless (a function of the seed), uint8 pixels.
     data = tf.constant((tmp_path / "img_00000.jpg").read_bytes())
     fn = benchmark_input.training_preprocess_fn(48)
-    a = fn(data, tf.constant([3, 7], tf.int64)).numpy()
-    b = fn(data, tf.constant([3, 7], tf.int64)).numpy()
+    seed = tf.constant([3, 7], tf.int64)
+    a = fn(data, seed).numpy()
+    b = fn(data, seed).numpy()
     c = fn(data, tf.constant([3, 8], tf.int64)).numpy()
-    assert a.shape == (48, 48, 3) and a.dtype == jnp.float32
+    assert a.shape == (48, 48, 3) and a.dtype == np.uint8
     assert (a == b).all() and not (a == c).all()
-    assert -3.0 < a.mean() < 3.0  # raw pixels would average ~100
     # The benchmark's copy of those ops matches the pipeline exactly; its variants differ.
     replica = benchmark_input.variant_preprocess_fn("replica", 48)
-    assert (replica(data, tf.constant([3, 7], tf.int64)).numpy() == a).all()
-    u8 = benchmark_input.variant_preprocess_fn("uint8_out", 48)(data, tf.constant([3, 7], tf.int64))
-    assert u8.dtype == tf.uint8 and u8.shape == (48, 48, 3)
+    assert (replica(data, seed).numpy() == a).all()
+    # Host-normalised float32 (the old output) equals the uint8 pixels normalised later, up to
+    # rounding the resized pixels (0.5 / std).
+    floats = benchmark_input.variant_preprocess_fn("float_out", 48)(data, seed).numpy()
+    info = ip.DatasetInfo("x", 1, (48, 48, 3), 0, 0, (), ip.IMAGENET_MEAN, ip.IMAGENET_STD)
+    diff = np.abs(ip.normalize_pixels(a, info) - floats)
+    assert floats.dtype == np.float32 and diff.max() <= 0.5 / min(ip.IMAGENET_STD) + 1e-5
+    assert diff.max() > 0  # the pixels really were rounded, not compared with themselves
 
     # The CLI on those files, in a worker process pinned to one core.
     args = ["--image-size=32", "--batch=2", "--total-images=8", "--cores=1", "--model-rate=1000"]
@@ -265,7 +271,7 @@ def test_input_benchmark_on_a_few_jpegs(tmp_path):
     assert r["jpegs"]["count"] == 4  # used the existing files
     (run,) = r["runs"]
     assert run["cores"] == 1 and run["threads"] == 1 and run["images"] == 8
-    assert run["output_shape"] == [2, 32, 32, 3] and run["output_dtype"] == "float32"
+    assert run["output_shape"] == [2, 32, 32, 3] and run["output_dtype"] == "uint8"
     assert run["images_per_s"] == pytest.approx(8 / run["seconds"])
     assert r["images_per_s_per_core"] == run["images_per_s_per_core"] > 0
     assert r["cores_to_feed_model_rate"] == math.ceil(1000 / r["images_per_s_per_core"])

@@ -98,6 +98,34 @@ def test_train_step_equals_manual_sgd_update(tiny):
     assert not np.allclose(jax.tree.leaves(new_state.batch_stats)[0], jax.tree.leaves(state.batch_stats)[0])
 
 
+def test_uint8_batches_are_normalised_on_device_like_host_normalised_floats(tiny):
+    model, state = tiny
+    rng = np.random.default_rng(11)
+    pixels = rng.integers(0, 256, (16, 8, 8, 3)).astype(np.uint8)
+    labels = rng.integers(0, 7, 16).astype(np.int32)
+    mean, std = (120.0, 110.0, 100.0), (60.0, 55.0, 50.0)
+    host = ((pixels.astype(np.float64) - mean) / std).astype(np.float32)  # numpy reference
+    tx = optax.sgd(0.05)
+    state = state.replace(opt_state=tx.init(state.params))
+    stats = (mean, std)
+    got, m_got = jax.jit(steps.make_train_step(model, tx, input_stats=stats))(
+        state, {"image": pixels, "label": labels}
+    )
+    want, m_want = jax.jit(steps.make_train_step(model, tx))(state, {"image": host, "label": labels})
+    chex.assert_trees_all_close(got.params, want.params, atol=1e-6)
+    chex.assert_trees_all_close(got.batch_stats, want.batch_stats, atol=1e-5)
+    np.testing.assert_allclose(float(m_got["loss"]), float(m_want["loss"]), rtol=1e-6)
+    mask = np.ones(16, np.float32)
+    e_got = jax.jit(steps.make_eval_step(model, input_stats=stats))(
+        state, {"image": pixels, "label": labels, "mask": mask}
+    )
+    e_want = jax.jit(steps.make_eval_step(model))(state, {"image": host, "label": labels, "mask": mask})
+    np.testing.assert_allclose(float(e_got["loss_sum"]), float(e_want["loss_sum"]), rtol=1e-6)
+    # Pixels without statistics would silently train on 0..255 inputs: refused instead.
+    with pytest.raises(ValueError, match="input_stats"):
+        steps.make_train_step(model, tx)(state, {"image": jnp.asarray(pixels), "label": labels})
+
+
 def test_nesterov_with_masked_weight_decay_matches_formula(tiny):
     model, state = tiny
     cfg = {"optimizer": "sgd", "momentum": 0.9, "nesterov": True, "weight_decay": 0.01}

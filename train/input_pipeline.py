@@ -1,8 +1,13 @@
 """Input pipelines: TFDS image classification, scikit-learn's digits, and synthetic data.
 
-Every pipeline yields *host-local* batches ``{'image': float32 [B_host, H, W, C], 'label': int32
+Every pipeline yields *host-local* batches ``{'image': [B_host, H, W, C], 'label': int32
 [B_host]}`` where ``B_host = global_batch_size / process_count``; eval batches add ``'mask'``
 (0 for padding, so every held-out example is counted exactly once whatever the batch size).
+
+TFDS images arrive as ``uint8`` pixels and are normalised with ``info.mean``/``info.std`` inside
+the jitted step (``train.steps`` does it for any ``uint8`` batch): a quarter of the host copies
+and host-to-device bytes of float32, and ~1.4x the preprocessing images/s per host core
+(BENCHMARKS.md). The in-memory digits and synthetic sources yield normalised float32.
 
 Determinism: the training stream is a pure function of ``(seed, epoch)``. Each epoch is built on
 its own, with its file order, shuffle and augmentation seeds derived from ``(seed, epoch)``, so
@@ -378,57 +383,10 @@ class _TFDS:
     # -- per-example preprocessing ------------------------------------------------------------
 
     def _decode(self, image):
-        tf = _tf()
-        if not self.encoded:
-            return image
-        return tf.io.decode_image(image, channels=self.info.image_shape[-1], expand_animations=False)
-
-    def _normalize(self, image):
-        tf = _tf()
-        mean = tf.constant(self.info.mean, tf.float32)
-        std = tf.constant(self.info.std, tf.float32)
-        return (tf.cast(image, tf.float32) - mean) / std
+        return _decode(image, self.info.image_shape[-1]) if self.encoded else image
 
     def preprocess_train(self, image, seed, config):
-        tf = _tf()
-        size = self.info.image_shape[0]
-        mode = config.get("train_augment", "inception_crop")
-        crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-        if mode == "inception_crop":
-            if not self.jpeg:
-                image = self._decode(image)
-            shape = tf.image.extract_jpeg_shape(image) if self.jpeg else tf.shape(image)
-            begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-                shape,
-                bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, [1, 1, 4]),
-                seed=crop_seed,
-                min_object_covered=float(config.get("crop_min_object_covered", 0.1)),
-                aspect_ratio_range=tuple(config.get("crop_aspect_ratio_range", (3 / 4, 4 / 3))),
-                area_range=tuple(config.get("crop_area_range", (0.08, 1.0))),
-                max_attempts=10,
-                use_image_if_no_bounding_boxes=True,
-            )
-            if self.jpeg:
-                # Decode only the crop: much cheaper than decoding the whole JPEG.
-                window = tf.stack([begin[0], begin[1], crop_size[0], crop_size[1]])
-                image = tf.io.decode_and_crop_jpeg(image, window, channels=self.info.image_shape[-1])
-            else:
-                image = tf.slice(image, begin, crop_size)
-            image = tf.image.resize(image, [size, size], method="bilinear", antialias=True)
-        elif mode == "pad_crop":
-            image = tf.image.resize(self._decode(image), [size, size])  # no-op at native size
-            pad = int(config.get("crop_padding", 4))
-            image = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
-            image = tf.image.stateless_random_crop(
-                image, [size, size, self.info.image_shape[-1]], seed=crop_seed
-            )
-        elif mode == "none":
-            image = tf.image.resize(self._decode(image), [size, size])
-        else:
-            raise DatasetError(f"train_augment must be one of {TRAIN_AUGMENTATIONS}; got {mode!r}.")
-        if config.get("random_flip", True):
-            image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
-        return self._normalize(image)
+        return preprocess_train_image(image, seed, self.info, config, jpeg=self.jpeg, encoded=self.encoded)
 
     def preprocess_eval(self, image, config):
         return preprocess_eval_image(
@@ -522,7 +480,7 @@ class _TFDS:
         ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         padding = tf.data.Dataset.from_tensors(
             {
-                "image": tf.zeros(self.info.image_shape, tf.float32),
+                "image": tf.zeros(self.info.image_shape, tf.uint8),
                 "label": tf.constant(0, tf.int32),
                 "mask": tf.constant(0.0, tf.float32),
             }
@@ -531,12 +489,77 @@ class _TFDS:
         return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
 
 
-def preprocess_eval_image(image, info: DatasetInfo, crop_fraction: float = 0.875):
-    """Eval preprocessing of one decoded uint8 image (TF tensor) -> normalized float32.
+def _decode(image, channels: int):
+    return _tf().io.decode_image(image, channels=channels, expand_animations=False)
+
+
+def _to_uint8(image):
+    """Resized float pixels back to ``uint8`` (round to nearest); ``uint8`` input passes through."""
+    tf = _tf()
+    if image.dtype == tf.uint8:
+        return image
+    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+
+
+def preprocess_train_image(image, seed, info: DatasetInfo, config: Any, *, jpeg: bool, encoded: bool):
+    """Training preprocessing of one example (TF ops): ``uint8 [H, W, C]`` pixels.
+
+    ``image`` is the encoded file (``encoded``; ``jpeg`` when it is a JPEG) or a decoded ``uint8``
+    array; ``seed`` is a stateless ``int64 [2]`` seed, so the result is a pure function of it.
+    ``config.train_augment``: ``'inception_crop'`` (random-resized crop, area ``crop_area_range``,
+    aspect ``crop_aspect_ratio_range``; a JPEG has only its crop decoded), ``'pad_crop'``
+    (reflect-pad ``crop_padding`` pixels, random crop: CIFAR) or ``'none'``; then a random
+    horizontal flip unless ``config.random_flip`` is False. Normalisation happens on the
+    accelerator (module docstring).
+    """
+    tf = _tf()
+    size, channels = info.image_shape[0], info.image_shape[-1]
+    mode = config.get("train_augment", "inception_crop")
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    if mode == "inception_crop":
+        if encoded and not jpeg:
+            image = _decode(image, channels)
+        shape = tf.image.extract_jpeg_shape(image) if jpeg else tf.shape(image)
+        begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+            shape,
+            bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, [1, 1, 4]),
+            seed=crop_seed,
+            min_object_covered=float(config.get("crop_min_object_covered", 0.1)),
+            aspect_ratio_range=tuple(config.get("crop_aspect_ratio_range", (3 / 4, 4 / 3))),
+            area_range=tuple(config.get("crop_area_range", (0.08, 1.0))),
+            max_attempts=10,
+            use_image_if_no_bounding_boxes=True,
+        )
+        if jpeg:
+            # Decode only the crop: much cheaper than decoding the whole JPEG.
+            window = tf.stack([begin[0], begin[1], crop_size[0], crop_size[1]])
+            image = tf.io.decode_and_crop_jpeg(image, window, channels=channels)
+        else:
+            image = tf.slice(image, begin, crop_size)
+        image = tf.image.resize(image, [size, size], method="bilinear", antialias=True)
+    elif mode == "pad_crop":
+        image = _decode(image, channels) if encoded else image
+        image = tf.image.resize(image, [size, size])  # no-op at native size
+        pad = int(config.get("crop_padding", 4))
+        image = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
+        image = tf.image.stateless_random_crop(image, [size, size, channels], seed=crop_seed)
+    elif mode == "none":
+        image = tf.image.resize(_decode(image, channels) if encoded else image, [size, size])
+    else:
+        raise DatasetError(f"train_augment must be one of {TRAIN_AUGMENTATIONS}; got {mode!r}.")
+    image = _to_uint8(image)  # before the flip: a quarter of the bytes to move from here on
+    if config.get("random_flip", True):
+        image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+    return image
+
+
+def preprocess_eval_image(image, info: DatasetInfo, crop_fraction: float = 0.875, *, to_uint8: bool = True):
+    """Eval preprocessing of one decoded image (TF tensor) -> ``uint8 [size, size, C]`` pixels.
 
     Resize the shorter side to ``size / crop_fraction`` (256 for 224 at 0.875) and take the
     central ``size`` x ``size`` crop; ``crop_fraction=1`` resizes straight to ``size``.
     Used for the eval split and by ``train.predict`` so both see identical inputs.
+    ``to_uint8=False`` keeps float pixels (arrays whose values are not whole numbers).
     """
     tf = _tf()
     size = info.image_shape[0]
@@ -551,9 +574,13 @@ def preprocess_eval_image(image, info: DatasetInfo, crop_fraction: float = 0.875
         top = (new[0] - size) // 2
         left = (new[1] - size) // 2
         image = image[top : top + size, left : left + size]
-    mean = tf.constant(info.mean, tf.float32)
-    std = tf.constant(info.std, tf.float32)
-    return (tf.cast(image, tf.float32) - mean) / std
+    return _to_uint8(image) if to_uint8 else image
+
+
+def normalize_pixels(images: Any, info: DatasetInfo) -> np.ndarray:
+    """Pixels (0..255) -> the normalised float32 the model takes (what the step does on device)."""
+    mean, std = np.asarray(info.mean, np.float32), np.asarray(info.std, np.float32)
+    return ((np.asarray(images, np.float32) - mean) / std).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -612,7 +639,7 @@ def load_image_for_eval(path: str, info: DatasetInfo, crop_fraction: float) -> n
     tf = _tf()
     data = tf.io.read_file(path)
     image = tf.io.decode_image(data, channels=info.image_shape[-1], expand_animations=False)
-    return np.asarray(preprocess_eval_image(image, info, crop_fraction))
+    return normalize_pixels(preprocess_eval_image(image, info, crop_fraction), info)
 
 
 __all__ = [
@@ -623,6 +650,8 @@ __all__ = [
     "fold_seed",
     "host_batch_size",
     "load_image_for_eval",
+    "normalize_pixels",
     "prefetch_to_device",
     "preprocess_eval_image",
+    "preprocess_train_image",
 ]

@@ -321,11 +321,13 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         (1, *info.image_shape),
         dynamic_scale=dtype == jnp.float16,
     )
+    input_stats = (info.mean, info.std)  # normalises uint8 batches on the device
     save_run_info(workdir, config, info)
     ckpt = checkpoint_lib.Checkpointer(workdir, config.keep_checkpoints)
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
     eval_step = CompiledOnFirstCall(
-        driver.eval_step(steps.make_eval_step(model, axis_name=axis_name)), "eval_step"
+        driver.eval_step(steps.make_eval_step(model, axis_name=axis_name, input_stats=input_stats)),
+        "eval_step",
     )
 
     # Resume, or start fresh.
@@ -393,6 +395,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
                 label_smoothing=config.label_smoothing,
                 axis_name=axis_name,
                 lr_schedule=schedule,
+                input_stats=input_stats,
             )
         ),
         "train_step",

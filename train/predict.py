@@ -69,7 +69,8 @@ def _load(path: str, info: input_pipeline.DatasetInfo, crop: float) -> np.ndarra
             f"{path} has shape {array.shape}; the model takes one image of shape [H, W] or "
             f"[H, W, {channels}] ({channels} channel(s), pixel values 0..255)."
         )
-    return np.asarray(input_pipeline.preprocess_eval_image(array.astype(np.float32), info, crop))
+    pixels = input_pipeline.preprocess_eval_image(array.astype(np.float32), info, crop, to_uint8=False)
+    return input_pipeline.normalize_pixels(pixels, info)
 
 
 def main(argv: list[str]) -> None:

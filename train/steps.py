@@ -15,15 +15,18 @@ function:
 Public API (stable; also used by benchmark scripts)::
 
     state = create_train_state(rng, model, tx, input_shape, dynamic_scale=False)
-    train_step = make_train_step(model, tx, label_smoothing=0.1, axis_name=None, lr_schedule=f)
-    eval_step = make_eval_step(model, axis_name=None)
+    train_step = make_train_step(model, tx, label_smoothing=0.1, axis_name=None, lr_schedule=f,
+                                 input_stats=(mean, std))
+    eval_step = make_eval_step(model, axis_name=None, input_stats=(mean, std))
     mesh = make_mesh()                                  # all devices, axis 'data'
     step = jit_train_step(train_step, mesh)             # or pmap_train_step(train_step)
     driver = JitDriver(mesh) / PmapDriver()             # placement of state and batches
     state = driver.place_state(state); batch = driver.place_batch(host_batch)
     state, metrics = step(state, batch)
 
-Batches are dicts ``{'image': [B, H, W, C] float, 'label': [B] int}``; eval batches may add
+Batches are dicts ``{'image': [B, H, W, C], 'label': [B] int}``: float images are taken as
+normalised, ``uint8`` images as pixels that the step normalises with ``input_stats=(mean, std)``
+(per channel, 0..255 units) on the device; eval batches may add
 ``'mask'`` ([B], 1 for real examples, 0 for padding). Train metrics are batch means
 (``loss``, ``accuracy``, ``top5_accuracy``, ``learning_rate``, ``grad_norm``, and with float16
 loss scaling ``loss_scale`` and ``skipped_step``); eval metrics are sums
@@ -117,6 +120,23 @@ def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
     return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
 
 
+InputStats = tuple[Sequence[float], Sequence[float]]
+
+
+def model_input(images: jax.Array, input_stats: InputStats | None) -> jax.Array:
+    """The model's input: ``uint8`` pixels normalised as ``(x - mean) / std``; floats unchanged."""
+    if images.dtype != jnp.uint8:
+        return images
+    if input_stats is None:
+        raise ValueError(
+            "this batch holds uint8 pixels but the step has no normalisation statistics; build it "
+            "with input_stats=(mean, std) (the dataset's info.mean and info.std) or feed "
+            "normalised float images."
+        )
+    mean, std = (jnp.asarray(v, jnp.float32) for v in input_stats)
+    return (images.astype(jnp.float32) - mean) / std
+
+
 def make_train_step(
     model: nn.Module,
     tx: optax.GradientTransformation,
@@ -124,12 +144,14 @@ def make_train_step(
     label_smoothing: float = 0.0,
     axis_name: str | None = None,
     lr_schedule: optax.Schedule | None = None,
+    input_stats: InputStats | None = None,
 ) -> StepFn:
     """Return the pure ``train_step(state, batch) -> (state, metrics)``.
 
     One step: forward in train mode (BatchNorm batch statistics, running averages updated),
     loss, gradients, optax update. ``axis_name`` is the pmap axis to average gradients and metrics
-    over (None under jit, where the batch is one global array). With ``state.dynamic_scale`` set
+    over (None under jit, where the batch is one global array). ``input_stats`` normalises
+    ``uint8`` batches (``model_input``). With ``state.dynamic_scale`` set
     the loss is scaled for float16, and a step with non-finite gradients is skipped while the
     scale shrinks.
     """
@@ -137,7 +159,7 @@ def make_train_step(
     def loss_fn(params, batch_stats, batch):
         logits, updates = model.apply(
             {"params": params, "batch_stats": batch_stats},
-            batch["image"],
+            model_input(batch["image"], input_stats),
             train=True,
             mutable=["batch_stats"],
         )
@@ -198,7 +220,7 @@ def make_train_step(
 
 
 def make_eval_step(
-    model: nn.Module, *, axis_name: str | None = None
+    model: nn.Module, *, axis_name: str | None = None, input_stats: InputStats | None = None
 ) -> Callable[[TrainState, Batch], Metrics]:
     """Return the pure ``eval_step(state, batch) -> sums`` (running BatchNorm statistics).
 
@@ -207,7 +229,7 @@ def make_eval_step(
     """
 
     def eval_step(state: TrainState, batch: Batch) -> Metrics:
-        logits = model.apply(state.variables, batch["image"], train=False)
+        logits = model.apply(state.variables, model_input(batch["image"], input_stats), train=False)
         labels = batch["label"]
         mask = batch.get("mask")
         mask = jnp.ones(labels.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
