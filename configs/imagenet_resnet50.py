@@ -11,16 +11,14 @@ ImageNet needs a manual download: put ILSVRC2012_img_train.tar and ILSVRC2012_im
 ``tfds build imagenet2012`` once (or pass ``--config.download=True``).
 """
 
-import importlib.util
 import os
+import runpy
 
 
 def _default_config():
+    # configs/ is not a package: run the sibling that defines the fields by its path.
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py")
-    spec = importlib.util.spec_from_file_location("resnet_jax_configs_default", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return runpy.run_path(path)["get_config"]()
 
 
 def get_config():

@@ -10,16 +10,14 @@ roughly proportional to it, then retune.
 See ``imagenet_resnet50.py`` for preparing ImageNet.
 """
 
-import importlib.util
 import os
+import runpy
 
 
 def _base_config():
+    # configs/ is not a package: run the sibling that defines the fields by its path.
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet_resnet50.py")
-    spec = importlib.util.spec_from_file_location("resnet_jax_configs_imagenet", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return runpy.run_path(path)["get_config"]()
 
 
 def get_config():

@@ -537,13 +537,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {
         "benchmark": "train_step",
         "config": {
-            "arch": args.arch,
-            "batch": args.batch,
-            "image_size": args.image_size,
-            "dtype": args.dtype,
-            "num_classes": args.num_classes,
-            "small_stem": args.small_stem,
-            "stage_sizes": list(args.stage_sizes or resnet_jax.PRESETS[args.arch]["stage_sizes"]),
+            **_model_config(args),
             "steps": args.steps,
             "warmup": args.warmup,
             "rounds": args.rounds,
@@ -640,6 +634,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 # Cold vs warm compilation cache, in two fresh processes.
 
 
+def _model_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The model and batch being timed, as the JSON reports them."""
+    return {
+        "arch": args.arch,
+        "batch": args.batch,
+        "image_size": args.image_size,
+        "dtype": args.dtype,
+        "num_classes": args.num_classes,
+        "small_stem": args.small_stem,
+        "stage_sizes": list(args.stage_sizes or resnet_jax.PRESETS[args.arch]["stage_sizes"]),
+    }
+
+
 def measure_cache(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     """Run this benchmark twice in new processes with one initially empty cache directory."""
     child_argv = _strip_flags(
@@ -700,13 +707,7 @@ def measure_cache(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, An
     return {
         "benchmark": "compilation_cache",
         "config": {
-            "arch": args.arch,
-            "batch": args.batch,
-            "image_size": args.image_size,
-            "dtype": args.dtype,
-            "num_classes": args.num_classes,
-            "small_stem": args.small_stem,
-            "stage_sizes": list(args.stage_sizes or resnet_jax.PRESETS[args.arch]["stage_sizes"]),
+            **_model_config(args),
             "cache_dir": cache_dir if tmp is None else "(temporary, removed afterwards)",
         },
         "environment": child_env,
