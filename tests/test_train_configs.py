@@ -1,7 +1,7 @@
 """configs/*.py: every config validates; the ImageNet and LARS recipes give the documented
 schedules and updates; config errors are clear; cifar10 (mocked TFDS) and synthetic run."""
 
-import importlib.util
+import runpy
 import sys
 from pathlib import Path
 
@@ -32,10 +32,7 @@ TINY_BASE = {"n_blocks": (1,), "n_channels": (8,), "first_kernel_size": 3}
 
 def load(name):
     # Loaded by path, as --config=configs/NAME.py does: configs/ is not a package.
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}", REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return runpy.run_path(str(REPO / "configs" / f"{name}.py"))["get_config"]()
 
 
 @pytest.mark.parametrize("name", CONFIGS)

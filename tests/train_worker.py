@@ -21,12 +21,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def tiny_config(**overrides):
     sys.path.insert(0, REPO)
-    import importlib.util
+    import runpy
 
-    spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO, "configs", "default.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
+    c = runpy.run_path(os.path.join(REPO, "configs", "default.py"))["get_config"]()
     c.model.arch = "resnet_base"
     c.model.overrides = {"n_blocks": (1, 1), "n_channels": (8, 16), "first_kernel_size": 3}
     c.batch_size = 32

@@ -29,11 +29,9 @@ Needs only jax, flax, optax and numpy (and torch for ``--compare-torch``).
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -54,6 +52,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 import resnet_jax  # noqa: E402
 from train import compile_cache, optim, steps  # noqa: E402
 from train.minimal_resnet import minimal_resnet  # noqa: E402
+from train.report import cpu_model, emit_json, host_environment  # noqa: E402
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -166,29 +165,13 @@ def peak_tflops(device_kind: str, dtype: str) -> float | None:
 # Environment.
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment() -> dict[str, Any]:
     import flax
     import jaxlib
 
     dev = jax.devices()[0]
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count()
     env = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
+        **host_environment(),
         "jax": jax.__version__,
         "jaxlib": jaxlib.__version__,
         "flax": flax.__version__,
@@ -196,9 +179,6 @@ def environment() -> dict[str, Any]:
         "backend": jax.default_backend(),
         "device_kind": dev.device_kind,
         "device_count": jax.device_count(),
-        "cpu": cpu_model(),
-        "cpu_cores": cores,
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
     return env
@@ -818,11 +798,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if not args.no_compilation_cache:
             compile_cache.enable_compilation_cache(args.compilation_cache)
         result = run(args)
-    text = json.dumps(result, indent=2)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text + "\n")
-    print(text, flush=True)
+    emit_json(result, args.output)
     return result
 
 

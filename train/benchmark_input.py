@@ -23,19 +23,19 @@ Needs TensorFlow (like the training pipeline itself); the model benchmark does n
 from __future__ import annotations
 
 import argparse
-import datetime
 import glob
 import itertools
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from train.report import available_cpus, emit_json, host_environment
 
 GPU_TARGET_IMAGES_PER_S = 7200.0  # ResNet-50 bfloat16 training on one H100 (BENCHMARKS.md)
 
@@ -205,25 +205,8 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
 # Driver: one process per core count.
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _available_cpus() -> list[int]:
-    if hasattr(os, "sched_getaffinity"):
-        return sorted(os.sched_getaffinity(0))
-    return list(range(os.cpu_count() or 1))
-
-
 def _core_counts(spec: str) -> list[int]:
-    available = len(_available_cpus())
+    available = len(available_cpus())
     out = []
     for part in spec.split(","):
         part = part.strip()
@@ -303,14 +286,7 @@ def run_all(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
             "encoded_files": "read into memory before timing (no disk I/O)",
         },
         "jpegs": jpegs,
-        "environment": {
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "python": platform.python_version(),
-            "tensorflow": runs[0]["tensorflow"],
-            "cpu": _cpu_model(),
-            "cpu_cores": len(_available_cpus()),
-            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        },
+        "environment": {**host_environment(), "tensorflow": runs[0]["tensorflow"]},
         "command": "python -m train.benchmark_input " + " ".join(argv),
         "runs": runs,
         "images_per_s_per_core": per_core,
@@ -368,15 +344,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.worker:
         if args.pin_cores and hasattr(os, "sched_setaffinity"):
             # Before TensorFlow starts: its thread pools are sized from, and confined to, these.
-            os.sched_setaffinity(0, set(_available_cpus()[: args.pin_cores]))
+            os.sched_setaffinity(0, set(available_cpus()[: args.pin_cores]))
         result = run_worker(args)
     else:
         result = run_all(args, argv)
-    text = json.dumps(result, indent=2)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text + "\n")
-    print(text, flush=True)
+    emit_json(result, args.output)
     return result
 
 

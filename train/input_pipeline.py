@@ -171,7 +171,7 @@ class _InMemory:
         )
 
     def normalize(self, x: np.ndarray) -> np.ndarray:
-        return ((x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)).astype(np.float32)
+        return normalize_pixels(x, self.info)
 
     def steps_per_epoch(self, global_batch: int, process_count: int) -> int:
         return len(self.x_train) // global_batch
