@@ -162,6 +162,7 @@ class ResNet(nn.Module):
     momentum: float = 0.9
     epsilon: float = 1e-5
     axis_name: Optional[str] = None
+    bn_variance: str = "two_pass"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -189,6 +190,7 @@ class ResNet(nn.Module):
             momentum=self.momentum,
             epsilon=self.epsilon,
             axis_name=self.axis_name,
+            variance=self.bn_variance,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )

@@ -20,7 +20,7 @@ sys.path.insert(0, str(REPO))
 
 import resnet_jax  # noqa: E402
 from train import benchmark, compile_cache  # noqa: E402
-from train.minimal_resnet import minimal_resnet  # noqa: E402
+from benchmarks.minimal_resnet import minimal_resnet  # noqa: E402
 
 # Two one-block stages, 3x3 stem, 16x16 inputs, 10 classes: compiles in seconds.
 TINY = [
@@ -131,7 +131,7 @@ def test_benchmark_imports_neither_tensorflow_nor_torch():
     # The GPU machine has jax, flax, optax, orbax, chex, torch, torchvision: nothing else may be
     # needed, and torch only once --compare-torch asks for it.
     others = ("tensorflow", "tensorflow_datasets", "ml_collections", "sklearn", "torch", "orbax")
-    code = f"import sys, train.benchmark; print(sorted(m for m in {others!r} if m in sys.modules))"
+    code = f"import sys, benchmarks.train_step; print(sorted(m for m in {others!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -143,7 +143,7 @@ def test_benchmark_imports_neither_tensorflow_nor_torch():
 def test_cli_library_minimal_and_torch_in_one_run():
     # One test, not a module fixture: pytest-xdist would run a shared fixture once per worker.
     args = [*TINY, "--batch=4", "--steps=2", "--warmup=1", "--rounds=2", "--peak-tflops=2.0"]
-    r = _run("train.benchmark", *args, "--compare-torch", "--compare-minimal", "--no-compilation-cache")
+    r = _run("benchmarks.train_step", *args, "--compare-torch", "--compare-minimal", "--no-compilation-cache")
 
     assert r["config"]["stage_sizes"] == [1, 1] and r["config"]["batch"] == 4
     assert r["environment"]["backend"] == "cpu" and r["environment"]["jax"]
@@ -188,7 +188,7 @@ def test_cli_library_minimal_and_torch_in_one_run():
 
 def test_cli_rejects_bad_arguments():
     proc = subprocess.run(
-        [sys.executable, "-m", "train.benchmark", "--stage-sizes=0,1"],
+        [sys.executable, "-m", "benchmarks.train_step", "--stage-sizes=0,1"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -201,7 +201,7 @@ def test_cli_rejects_bad_arguments():
 
 
 def test_measure_cache_cold_then_warm():
-    r = _run("train.benchmark", *TINY, "--batch=4", "--measure-cache", "--compare-torch")
+    r = _run("benchmarks.train_step", *TINY, "--batch=4", "--measure-cache", "--compare-torch")
     cold, warm = r["cold"], r["warm"]
     assert cold["step_was_cached"] is False and cold["cache_entries_after"] > 0
     # The second process found every executable in the cache and wrote nothing new.
@@ -237,7 +237,7 @@ def test_strip_flags():
 
 def test_input_benchmark_on_a_few_jpegs(tmp_path):
     tf = pytest.importorskip("tensorflow")
-    from train import benchmark_input
+    from benchmarks import input_pipeline as benchmark_input
     from train import input_pipeline as ip
 
     jpegs = benchmark_input.write_jpegs(str(tmp_path), 4)
@@ -267,7 +267,7 @@ def test_input_benchmark_on_a_few_jpegs(tmp_path):
 
     # The CLI on those files, in a worker process pinned to one core.
     args = ["--image-size=32", "--batch=2", "--total-images=8", "--cores=1", "--model-rate=1000"]
-    r = _run("train.benchmark_input", *args, f"--jpeg-dir={tmp_path}")
+    r = _run("benchmarks.input_pipeline", *args, f"--jpeg-dir={tmp_path}")
     assert r["jpegs"]["count"] == 4  # used the existing files
     (run,) = r["runs"]
     assert run["cores"] == 1 and run["threads"] == 1 and run["images"] == 8

@@ -321,6 +321,8 @@ def test_synthetic_batches():
     it = ds.train_iterator(8)
     a, b = next(it), next(it)
     assert a["image"].shape == (8, 12, 12, 3) and a["label"].max() < 5
+    # Pixels, as TFDS batches are: the step normalises them on the device.
+    assert a["image"].dtype == np.uint8 and a["image"].min() < 30 and a["image"].max() > 225
     np.testing.assert_array_equal(a["image"], b["image"])
     assert ds.steps_per_epoch(8) == 12 and len(list(ds.eval_iterator(4))) == 3
 

@@ -7,7 +7,8 @@ Every pipeline yields *host-local* batches ``{'image': [B_host, H, W, C], 'label
 TFDS images arrive as ``uint8`` pixels and are normalised with ``info.mean``/``info.std`` inside
 the jitted step (``train.steps`` does it for any ``uint8`` batch): a quarter of the host copies
 and host-to-device bytes of float32, and ~1.4x the preprocessing images/s per host core
-(BENCHMARKS.md). The in-memory digits and synthetic sources yield normalised float32.
+(BENCHMARKS.md). Synthetic batches are ``uint8`` pixels too, so a throughput run moves the same
+bytes to the device as a real one; the in-memory digits yield normalised float32.
 
 Determinism: the training stream is a pure function of ``(seed, epoch)``. Each epoch is built on
 its own, with its file order, shuffle and augmentation seeds derived from ``(seed, epoch)``, so
@@ -257,7 +258,7 @@ class _Synthetic:
     def _batch(self, n: int, seed: int) -> Batch:
         rng = np.random.default_rng(seed)
         return {
-            "image": rng.standard_normal((n, *self.info.image_shape), dtype=np.float32),
+            "image": rng.integers(0, 256, (n, *self.info.image_shape), dtype=np.uint8),
             "label": rng.integers(0, self.info.num_classes, n).astype(np.int32),
         }
 

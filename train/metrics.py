@@ -41,17 +41,7 @@ class MetricWriter:
             return
         os.makedirs(workdir, exist_ok=True)
         if tensorboard:
-            import tensorflow as tf
-            from tensorflow.core.framework import summary_pb2
-
-            tf.config.set_visible_devices([], "GPU")
-            self._tf = tf
-            # tf.summary.scalar needs the tensorboard package; the generic tf.summary.write with
-            # the scalars plugin's metadata produces the same events without it.
-            self._scalar_metadata = summary_pb2.SummaryMetadata(
-                plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")
-            )
-            self._tb = tf.summary.create_file_writer(os.path.join(workdir, TENSORBOARD_DIR))
+            self._tb = _tensorboard_writer(os.path.join(workdir, TENSORBOARD_DIR))
 
     def truncate_after(self, step: int) -> None:
         """Drop records past ``step`` (left by a run that stopped after its last checkpoint)."""
@@ -69,21 +59,85 @@ class MetricWriter:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self._tb is not None:
-            with self._tb.as_default():
-                for name, value in record.items():
-                    if name not in ("step", "split") and isinstance(value, (int, float)):
-                        self._tf.summary.write(
-                            f"{split}/{name}",
-                            self._tf.constant(float(value), self._tf.float32),
-                            step=int(step),
-                            metadata=self._scalar_metadata,
-                        )
-            self._tb.flush()
+            scalars = {
+                f"{split}/{name}": float(value)
+                for name, value in record.items()
+                if name not in ("step", "split") and isinstance(value, (int, float))
+            }
+            self._tb(int(step), scalars)
 
     def close(self) -> None:
         if self._tb is not None:
-            self._tb.close()
+            self._tb(None, {})
             self._tb = None
+
+
+def _tensorboard_writer(logdir: str):
+    """A ``write(step, {tag: value})`` function for TensorBoard scalars (``step=None`` closes).
+
+    Uses TensorFlow's summary writer where TensorFlow is installed (the TFDS pipelines need it
+    anyway), else the ``tensorboard`` package's own event writer (GPU images often ship
+    TensorBoard without TensorFlow). With neither, says so once and writes ``metrics.jsonl`` only.
+    """
+    try:
+        import tensorflow as tf
+        from tensorflow.core.framework import summary_pb2
+
+        tf.config.set_visible_devices([], "GPU")
+        # tf.summary.scalar needs the tensorboard package; the generic tf.summary.write with the
+        # scalars plugin's metadata produces the same events without it.
+        metadata = summary_pb2.SummaryMetadata(
+            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")
+        )
+        tf_writer = tf.summary.create_file_writer(logdir)
+
+        def write_tf(step, scalars):
+            if step is None:
+                tf_writer.close()
+                return
+            with tf_writer.as_default():
+                for tag, value in scalars.items():
+                    tf.summary.write(tag, tf.constant(value, tf.float32), step=step, metadata=metadata)
+            tf_writer.flush()
+
+        return write_tf
+    except ImportError:
+        pass
+    try:
+        import time
+
+        from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, types_pb2
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+    except ImportError:
+        import warnings
+
+        warnings.warn(
+            "TensorBoard logs are off: neither tensorflow nor tensorboard is installed "
+            "(pip install tensorboard); metrics.jsonl is written as usual.",
+            stacklevel=3,
+        )
+        return None
+    events = EventFileWriter(logdir)
+    metadata = summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")
+    )
+
+    def write_tb(step, scalars):
+        if step is None:
+            events.close()
+            return
+        values = [
+            summary_pb2.Summary.Value(
+                tag=tag,
+                metadata=metadata,
+                tensor=tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, float_val=[value]),
+            )
+            for tag, value in scalars.items()
+        ]
+        events.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary_pb2.Summary(value=values)))
+        events.flush()
+
+    return write_tb
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:

@@ -1,6 +1,6 @@
 """Input-pipeline benchmark: images/s per host core of the ImageNet training preprocessing.
 
-``python -m train.benchmark_input [--num-images 256] [--cores 1,all] [--model-rate 7200]``
+``python -m benchmarks.input_pipeline [--num-images 256] [--cores 1,all] [--model-rate 7200]``
 
 Writes ``--num-images`` JPEG files of ImageNet-like sizes (300-500 px a side, smooth colour
 fields with texture and noise, quality 90; about the bytes per pixel of ImageNet's photos), then
@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from train.report import available_cpus, emit_json, host_environment
+from benchmarks.report import available_cpus, emit_json, host_environment
 
 GPU_TARGET_IMAGES_PER_S = 7200.0  # ResNet-50 bfloat16 training on one H100 (BENCHMARKS.md)
 
@@ -237,7 +237,7 @@ def run_all(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
             cmd = [
                 sys.executable,
                 "-m",
-                "train.benchmark_input",
+                "benchmarks.input_pipeline",
                 "--worker",
                 "--jpeg-dir",
                 jpeg_dir,
@@ -287,7 +287,7 @@ def run_all(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
         },
         "jpegs": jpegs,
         "environment": {**host_environment(), "tensorflow": runs[0]["tensorflow"]},
-        "command": "python -m train.benchmark_input " + " ".join(argv),
+        "command": "python -m benchmarks.input_pipeline " + " ".join(argv),
         "runs": runs,
         "images_per_s_per_core": per_core,
         "images_per_s_per_core_from": f"variant {base['variant']!r}, {base['cores']} core(s)",
@@ -298,7 +298,7 @@ def run_all(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m train.benchmark_input",
+        prog="python -m benchmarks.input_pipeline",
         description="Images/s per core of the ImageNet training preprocessing (JSON on stdout).",
     )
     p.add_argument("--num-images", type=int, default=256, help="distinct JPEG files to write")

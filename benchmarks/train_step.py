@@ -1,4 +1,4 @@
-"""Training-step benchmark: ``python -m train.benchmark --arch resnet50 --batch 256 --dtype bfloat16``.
+"""Training-step benchmark: ``python -m benchmarks.train_step --arch resnet50 --batch 256 --dtype bfloat16``.
 
 Times the training program's own step (``train.steps.make_train_step`` compiled by
 ``train.steps.jit_train_step`` over a device mesh) on synthetic data generated on the device:
@@ -9,7 +9,7 @@ compile time (lowering + XLA compile, measured apart from the timed steps), then
   optimizer (SGD, Nesterov momentum 0.9, weight decay 1e-4 on conv/dense kernels) in PyTorch in
   the same process: channels_last, autocast to ``--dtype`` when it is not float32, and
   ``torch.compile`` on CUDA (eager if compiling fails; the mode that ran is reported).
-* ``--compare-minimal``: a hand-written Flax ResNet (``train.minimal_resnet``) of the same
+* ``--compare-minimal``: a hand-written Flax ResNet (``benchmarks.minimal_resnet``) of the same
   architecture through the same step, to show what the library's structure costs.
 * ``--rounds R``: the contenders take turns R times (order reversed every round) and medians are
   over all rounds, so load changes on a shared machine hit them alike.
@@ -32,6 +32,7 @@ import argparse
 import functools
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -51,8 +52,8 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import resnet_jax  # noqa: E402
 from train import compile_cache, optim, steps  # noqa: E402
-from train.minimal_resnet import minimal_resnet  # noqa: E402
-from train.report import cpu_model, emit_json, host_environment  # noqa: E402
+from benchmarks.minimal_resnet import minimal_resnet  # noqa: E402
+from benchmarks.report import cpu_model, emit_json, host_environment  # noqa: E402
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -343,11 +344,11 @@ class JaxContender(Contender):
 class TorchContender(Contender):
     """The same architecture and training step in PyTorch (see the module docstring)."""
 
-    name = "torch"
-
-    def __init__(self, args: argparse.Namespace, jax_backend: str):
+    def __init__(self, args: argparse.Namespace, jax_backend: str, compile_mode: str = "default"):
         self.args = args
         self.jax_backend = jax_backend
+        self.compile_mode = compile_mode
+        self.name = "torch" if compile_mode == "default" else f"torch_{compile_mode.replace('-', '_')}"
 
     def _model(self):
         args = self.args
@@ -381,6 +382,7 @@ class TorchContender(Contender):
         self.torch = torch
         if cuda:
             torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its algorithms
+            torch.cuda.reset_peak_memory_stats()  # each contender's own peak
         model, source = self._model()
         model = model.to(self.device, memory_format=torch.channels_last).train()
         decay = [p for p in model.parameters() if p.ndim > 1]
@@ -416,12 +418,15 @@ class TorchContender(Contender):
         t = time.perf_counter()
         if want_compile:
             try:
-                self.model = torch.compile(model, mode=args.torch_compile_mode)
-                for _ in range(max(args.warmup, 2)):  # forward and backward graphs compile here
-                    self._run_one()
-                mode = f"torch.compile(mode={args.torch_compile_mode!r})"
-            except Exception as e:  # no compiler toolchain, unsupported op, ...
+                with _time_limit(args.torch_compile_timeout):
+                    self.model = torch.compile(model, mode=self.compile_mode)
+                    for _ in range(max(args.warmup, 2)):  # forward and backward graphs compile here
+                        self._run_one()
+                mode = f"torch.compile(mode={self.compile_mode!r})"
+            except Exception as e:  # no compiler toolchain, unsupported op, time limit, ...
                 error = f"{type(e).__name__}: {e}"[:500]
+                if self.compile_mode != "default":
+                    raise RuntimeError(f"torch.compile(mode={self.compile_mode!r}) failed: {error}") from e
                 log(f"torch.compile failed, timing eager mode instead: {error}")
                 self.model = model
         if mode == "eager":
@@ -479,6 +484,29 @@ class TorchContender(Contender):
         return [self._run_one() for _ in range(n)]
 
 
+class _time_limit:
+    """Raise TimeoutError in the main thread after ``seconds`` (0: no limit; POSIX only)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = int(seconds or 0)
+
+    def __enter__(self):
+        if self.seconds > 0 and hasattr(signal, "SIGALRM"):
+
+            def expired(signum, frame):
+                raise TimeoutError(f"still compiling after {self.seconds} s (--torch-compile-timeout)")
+
+            self.previous = signal.signal(signal.SIGALRM, expired)
+            signal.alarm(self.seconds)
+        return self
+
+    def __exit__(self, *exc):
+        if self.seconds > 0 and hasattr(signal, "SIGALRM"):
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, self.previous)
+        return False
+
+
 # ----------------------------------------------------------------------------------------------
 # The run.
 
@@ -511,8 +539,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     contenders: list[Contender] = [JaxContender("jax", resnet_jax.get_model(args.arch, **common), args)]
     if args.compare_minimal:
         contenders.append(JaxContender("minimal", minimal_resnet(args.arch, **common), args))
+    if args.compare_bn_shifted:
+        shifted = resnet_jax.get_model(args.arch, **common, bn_variance="shifted")
+        contenders.append(JaxContender("jax_bn_shifted", shifted, args))
     if args.compare_torch:
-        contenders.append(TorchContender(args, env["backend"]))
+        for mode in args.torch_compile_mode.split(","):
+            contenders.append(TorchContender(args, env["backend"], mode.strip()))
 
     result: dict[str, Any] = {
         "benchmark": "train_step",
@@ -526,7 +558,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "data": "synthetic, generated on device (float32 images, int32 labels)",
         },
         "environment": env,
-        "command": "python -m train.benchmark " + " ".join(sys.argv[1:]),
+        "command": "python -m benchmarks.train_step " + " ".join(sys.argv[1:]),
     }
     infos: dict[str, dict[str, Any]] = {}
     ready: list[Contender] = []
@@ -543,6 +575,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if c.name == "jax":
             # Right after the library's compile and warm-up, before anything else allocates.
             infos["jax"]["peak_memory_bytes"] = peak_memory_bytes()
+        elif isinstance(c, JaxContender) and c.name in infos:
+            # JAX keeps no per-executable peak: the process peak so far bounds this one's.
+            infos[c.name]["process_peak_memory_bytes_so_far"] = peak_memory_bytes()
 
     times: dict[str, list[float]] = {c.name: [] for c in ready}
     order = list(ready)
@@ -572,6 +607,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if c.name in times:
             entry.update(summarize_times(times[c.name], args.batch, flops_img * args.batch, peak))
             entry["step_times_s"] = times[c.name]
+        if isinstance(c, TorchContender) and c.name in times and c.device.type == "cuda":
+            entry["peak_memory_bytes"] = int(c.torch.cuda.max_memory_allocated())
         result[c.name] = entry
 
     if args.pipelined:
@@ -586,8 +623,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             return result[a]["images_per_s"] / result[b]["images_per_s"]
         return None
 
+    torch_names = [c.name for c in ready if isinstance(c, TorchContender)]
+    best_torch = max(torch_names, key=lambda n: result[n]["images_per_s"], default=None)
     result["ratios"] = {
         "jax_over_torch_images_per_s": ratio("jax", "torch") if args.compare_torch else None,
+        "jax_over_best_torch_images_per_s": ratio("jax", best_torch) if best_torch else None,
+        "best_torch": best_torch,
+        "bn_shifted_over_two_pass_images_per_s": ratio("jax_bn_shifted", "jax")
+        if args.compare_bn_shifted
+        else None,
         "library_over_minimal_images_per_s": ratio("jax", "minimal") if args.compare_minimal else None,
         "note": "measured side by side in this one run"
         + (", contenders alternating" if args.rounds > 1 else ""),
@@ -602,11 +646,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if hasattr(os, "getloadavg"):
         result["environment"]["load_average_end"] = list(os.getloadavg())
     if args.profile:
+        from benchmarks import profile_ops
+
         jax_c = ready[0]
         log(f"profiling 5 steps into {args.profile}")
-        with jax.profiler.trace(args.profile):
+        with jax.profiler.trace(args.profile, create_perfetto_trace=True):
             jax_c.timed_steps(5)
         result["profile_dir"] = args.profile
+        try:
+            result["profile"] = profile_ops.summarize(args.profile, jax_c.step.as_text(), steps=5)
+        except Exception as e:  # a trace format this parser does not know: keep the raw trace
+            log(f"profile summary failed: {type(e).__name__}: {e}")
+            result["profile"] = {"error": f"{type(e).__name__}: {e}"[:500]}
     return result
 
 
@@ -637,8 +688,18 @@ def measure_cache(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, An
             "--compare-minimal",
             "--no-compilation-cache",
             "--pipelined",
+            "--compare-bn-shifted",
         },
-        valued={"--compilation-cache", "--steps", "--warmup", "--rounds", "--output", "--profile"},
+        valued={
+            "--compilation-cache",
+            "--steps",
+            "--warmup",
+            "--rounds",
+            "--output",
+            "--profile",
+            "--torch-compile-mode",
+            "--torch-compile-timeout",
+        },
     )
     tmp = None
     cache_dir = args.compilation_cache
@@ -650,7 +711,7 @@ def measure_cache(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, An
     runs = {}
     try:
         for label in ("cold", "warm"):
-            cmd = [sys.executable, "-m", "train.benchmark", *child_argv]
+            cmd = [sys.executable, "-m", "benchmarks.train_step", *child_argv]
             cmd += [
                 "--compilation-cache",
                 cache_dir,
@@ -691,7 +752,7 @@ def measure_cache(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, An
             "cache_dir": cache_dir if tmp is None else "(temporary, removed afterwards)",
         },
         "environment": child_env,
-        "command": "python -m train.benchmark " + " ".join(argv),
+        "command": "python -m benchmarks.train_step " + " ".join(argv),
         "cold": runs["cold"],
         "warm": runs["warm"],
         "compile_speedup": runs["cold"]["compile_time_s"] / runs["warm"]["compile_time_s"],
@@ -729,7 +790,7 @@ def _int_tuple(text: str) -> tuple[int, ...]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m train.benchmark",
+        prog="python -m benchmarks.train_step",
         description="Time the compiled training step on synthetic data (JSON on stdout).",
     )
     p.add_argument("--arch", default="resnet50", choices=sorted(resnet_jax.PRESETS))
@@ -756,7 +817,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=("auto", "on", "off"),
         help="torch.compile the PyTorch model (auto: on CUDA only)",
     )
-    p.add_argument("--torch-compile-mode", default="default", help="torch.compile mode")
+    p.add_argument(
+        "--torch-compile-mode",
+        default="default",
+        help="torch.compile mode; several, comma-separated (default,max-autotune), each timed",
+    )
+    p.add_argument(
+        "--torch-compile-timeout",
+        type=float,
+        default=0,
+        metavar="S",
+        help="give up on a torch.compile mode after S seconds (0: no limit)",
+    )
+    p.add_argument(
+        "--compare-bn-shifted",
+        action="store_true",
+        help="also time the library with BatchNorm(variance='shifted') (one pass over activations)",
+    )
     p.add_argument("--compare-minimal", action="store_true", help="also time a minimal Flax ResNet")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU")
     cache = p.add_mutually_exclusive_group()

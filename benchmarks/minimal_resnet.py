@@ -4,7 +4,7 @@ Same architecture as ``resnet_jax.get_model(arch)`` for the basic/bottleneck pre
 groups (ResNet-18/34/50/101/152/200): torchvision's v1.5 layout, explicit symmetric padding,
 stride on the 3x3 conv, projection shortcuts only where the shape changes. It uses
 ``flax.linen.BatchNorm`` directly and nothing from ``resnet_jax`` except the stage sizes, so
-``train.benchmark --compare-minimal`` measures what the library's structure costs.
+``benchmarks.train_step --compare-minimal`` measures what the library's structure costs.
 """
 
 from __future__ import annotations

@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# The whole GPU run in one command (BENCHMARKS.md, "GPU"):
+#
+#   bash benchmarks/gpu_suite.sh OUTDIR [PART ...]
+#
+# PARTS (default: all, in this order):
+#   env       date, nvidia-smi, versions                                   -> env.json, nvidia-smi.txt
+#   headline  ResNet-50 bf16 batch 256: library, minimal Flax, library with one-pass BatchNorm,
+#             PyTorch torch.compile default and max-autotune, interleaved in one process, plus a
+#             5-step profile (top ops, time per kind of work)                 -> headline.json
+#   loop      python -m train on configs/synthetic_benchmark.py (300 steps)   -> loop.json
+#   numerics  bf16 logits against PyTorch (+ its own bf16 error); float16 with loss scaling and
+#             float32, 100 steps each on the digits                          -> numerics.json, fp16.json, fp32.json
+#   cache     cold vs warm start through the persistent compilation cache    -> cache.json
+#   sweep     ResNet-50 at batch 128 and 512, ResNet-18 and ResNet-101 at 256 -> sweep_*.json
+#   input     JPEG preprocessing on all host cores (Pillow; TensorFlow absent) -> input.json
+#   tries     one XLA flag or library setting per run, library step only    -> tries_*.json
+#
+# Every result is JSON in OUTDIR; logs go to OUTDIR/logs. The summary of everything in OUTDIR
+# is printed at the end (python -m benchmarks.gpu_summary OUTDIR). Missing pure-Python packages
+# (ml_collections: the training program's configs) are installed from benchmarks/wheels/ when
+# present (pip download --no-deps -d benchmarks/wheels ml_collections).
+set -uo pipefail
+if [[ $# -lt 1 ]]; then
+  sed -n '2,24p' "$0"
+  exit 2
+fi
+OUT_DIR=$(mkdir -p "$1" && cd "$1" && pwd)
+shift
+PARTS=${*:-env headline loop numerics cache sweep input}
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+mkdir -p "$OUT_DIR/logs"
+
+if ! "$PY" -c "import ml_collections" 2>/dev/null && ls benchmarks/wheels/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/resnet_jax_wheels benchmarks/wheels/*.whl
+  export PYTHONPATH=/tmp/resnet_jax_wheels${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export RESNET_JAX_CACHE_DIR=${RESNET_JAX_CACHE_DIR:-$OUT_DIR/xla_cache}
+
+# step NAME SECONDS CMD...: run with a time limit; stdout to logs/NAME.out, stderr to logs/NAME.err.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  local t0=$SECONDS
+  echo "[gpu_suite] $name: $*" >&2
+  timeout --signal=TERM --kill-after=20 "$limit" "$@" >"$OUT_DIR/logs/$name.out" 2>"$OUT_DIR/logs/$name.err"
+  local rc=$?
+  echo "[gpu_suite] $name: exit $rc after $((SECONDS - t0)) s" >&2
+  echo "{\"step\": \"$name\", \"exit\": $rc, \"seconds\": $((SECONDS - t0))}" >>"$OUT_DIR/steps.jsonl"
+  [[ $rc -ne 0 ]] && tail -5 "$OUT_DIR/logs/$name.err" >&2
+  return 0
+}
+
+R50="--arch resnet50 --batch 256 --dtype bfloat16 --image-size 224"
+TS="$PY -m benchmarks.train_step"
+
+for part in $PARTS; do
+  case $part in
+  env)
+    nvidia-smi >"$OUT_DIR/nvidia-smi.txt" 2>&1
+    "$PY" - "$OUT_DIR/env.json" <<'EOF'
+import json, subprocess, sys
+from benchmarks.report import host_environment
+env = host_environment()
+for mod in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "chex", "torch", "torchvision", "timm", "numpy"):
+    try:
+        env[mod] = __import__(mod, fromlist=["_"]).__version__
+    except Exception as e:
+        env[mod] = f"unavailable: {type(e).__name__}"
+import jax, torch
+env["jax_devices"] = [d.device_kind for d in jax.devices()]
+env["torch_cuda"], env["cudnn"] = torch.version.cuda, torch.backends.cudnn.version()
+env["nvidia_smi"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit",
+                                    "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
+json.dump(env, open(sys.argv[1], "w"), indent=2)
+print(json.dumps(env))
+EOF
+    ;;
+  headline)
+    step headline 540 $TS $R50 --steps 30 --warmup 5 --rounds 3 --compare-minimal --compare-bn-shifted \
+      --compare-torch --torch-compile-mode default,max-autotune --torch-compile-timeout 240 --pipelined \
+      --profile "$OUT_DIR/profile" --output "$OUT_DIR/headline.json"
+    ;;
+  loop)
+    step loop 420 "$PY" -m train --config=configs/synthetic_benchmark.py --workdir="$OUT_DIR/loop_workdir" \
+      --config.num_train_steps=300 --config.progress_bar=False
+    "$PY" -m benchmarks.gpu_summary --loop "$OUT_DIR/loop_workdir" >"$OUT_DIR/loop.json" 2>>"$OUT_DIR/logs/loop.err"
+    step loop_bare 300 $TS $R50 --steps 30 --warmup 5 --output "$OUT_DIR/loop_bare.json"
+    ;;
+  numerics)
+    step numerics 300 "$PY" -m benchmarks.bf16_numerics --arch resnet50 --batch 32 --output "$OUT_DIR/numerics.json"
+    for dt in float16 float32; do
+      step "digits_$dt" 300 "$PY" -m train --config=configs/default.py --workdir="$OUT_DIR/digits_$dt" \
+        --config.dtype=$dt --config.num_train_steps=100 --config.log_every_steps=10 --config.progress_bar=False
+      "$PY" -m benchmarks.gpu_summary --loop "$OUT_DIR/digits_$dt" >"$OUT_DIR/digits_$dt.json" 2>>"$OUT_DIR/logs/digits_$dt.err"
+    done
+    ;;
+  cache)
+    RESNET_JAX_CACHE_DIR= step cache 420 $TS $R50 --measure-cache --output "$OUT_DIR/cache.json"
+    ;;
+  sweep)
+    for spec in "b128:--batch 128" "b512:--batch 512" "r18:--arch resnet18" "r101:--arch resnet101"; do
+      step "sweep_${spec%%:*}" 300 $TS $R50 ${spec#*:} --steps 30 --warmup 5 --rounds 2 --compare-torch \
+        --output "$OUT_DIR/sweep_${spec%%:*}.json"
+    done
+    ;;
+  input)
+    rate=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['jax']['images_per_s'])" "$OUT_DIR/headline.json" 2>/dev/null || echo 7200)
+    step input 300 "$PY" -m benchmarks.input_host --cores 1,all --model-rate "$rate" --output "$OUT_DIR/input.json"
+    ;;
+  tries)
+    # One change per run against the library's default step; the baseline runs first and last.
+    base="$TS $R50 --steps 30 --warmup 5 --no-compilation-cache"
+    step tries_baseline 240 $base --output "$OUT_DIR/tries_baseline.json"
+    XLA_FLAGS="--xla_gpu_enable_command_buffer=" step tries_no_command_buffer 240 $base --output "$OUT_DIR/tries_no_command_buffer.json"
+    XLA_FLAGS="--xla_gpu_autotune_level=0" step tries_autotune0 240 $base --output "$OUT_DIR/tries_autotune0.json"
+    step tries_no_donate 240 $base --no-donate --output "$OUT_DIR/tries_no_donate.json"
+    step tries_b384 240 $base --batch 384 --output "$OUT_DIR/tries_b384.json"
+    step tries_baseline2 240 $base --output "$OUT_DIR/tries_baseline2.json"
+    ;;
+  *)
+    echo "unknown part $part" >&2
+    ;;
+  esac
+done
+
+"$PY" -m benchmarks.gpu_summary "$OUT_DIR" | tee "$OUT_DIR/summary.txt"
