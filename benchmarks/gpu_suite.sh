@@ -5,14 +5,15 @@
 #
 # PARTS (default: all, in this order):
 #   env       date, nvidia-smi, versions                                   -> env.json, nvidia-smi.txt
-#   headline  ResNet-50 bf16 batch 256: library, minimal Flax, library with one-pass BatchNorm,
-#             PyTorch torch.compile default and max-autotune, interleaved in one process, plus a
+#   headline  ResNet-50 bf16 batch 256: library, minimal Flax, library with two-pass BatchNorm,
+#             PyTorch torch.compile default and max-autotune ($TORCH_MODES), interleaved in one process, plus a
 #             5-step profile (top ops, time per kind of work)                 -> headline.json
 #   loop      python -m train on configs/synthetic_benchmark.py (300 steps)   -> loop.json
-#   numerics  bf16 logits against PyTorch (+ its own bf16 error); float16 with loss scaling and
-#             float32, 100 steps each on the digits                          -> numerics.json, fp16.json, fp32.json
+#   profile   the library step without command buffers, profiled (op names visible) -> tries_no_command_buffer.json
+#   numerics  bf16 logits against PyTorch (+ its own bf16 error)              -> numerics.json
+#   digits    float16 with loss scaling and float32, 100 steps each on the digits -> digits_float16.json, ..
 #   cache     cold vs warm start through the persistent compilation cache    -> cache.json
-#   sweep     ResNet-50 at batch 128 and 512, ResNet-18 and ResNet-101 at 256 -> sweep_*.json
+#   sweep     ResNet-50 at batch 128 and 512, ResNet-18 and ResNet-101 at 256 (library) -> sweep_*.json
 #   input     JPEG preprocessing on all host cores (Pillow; TensorFlow absent) -> input.json
 #   tries     one XLA flag or library setting per run, library step only    -> tries_*.json
 #
@@ -22,12 +23,12 @@
 # present (pip download --no-deps -d benchmarks/wheels ml_collections).
 set -uo pipefail
 if [[ $# -lt 1 ]]; then
-  sed -n '2,24p' "$0"
+  sed -n '2,26p' "$0"
   exit 2
 fi
 OUT_DIR=$(mkdir -p "$1" && cd "$1" && pwd)
 shift
-PARTS=${*:-env headline loop numerics cache sweep input}
+PARTS=${*:-env headline profile loop numerics digits cache sweep input}
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 mkdir -p "$OUT_DIR/logs"
@@ -79,18 +80,26 @@ print(json.dumps(env))
 EOF
     ;;
   headline)
-    step headline 540 $TS $R50 --steps 30 --warmup 5 --rounds 3 --compare-minimal --compare-bn-shifted \
-      --compare-torch --torch-compile-mode default,max-autotune --torch-compile-timeout 240 --pipelined \
-      --profile "$OUT_DIR/profile" --output "$OUT_DIR/headline.json"
+    step headline 540 $TS $R50 --steps 30 --warmup 5 --rounds 3 --compare-minimal --compare-bn-two-pass \
+      --compare-torch --torch-compile-mode "${TORCH_MODES:-default,max-autotune}" --torch-compile-timeout 240 \
+      --pipelined --profile "$OUT_DIR/profile" --output "$OUT_DIR/headline.json"
+    ;;
+  profile)
+    # Command buffers hide the ops they launch from the profiler: this run turns them off, so the
+    # time per op (and per kind of work) is attributed; it doubles as the "no command buffers" try.
+    XLA_FLAGS="--xla_gpu_enable_command_buffer=" step profile 240 $TS $R50 --steps 30 --warmup 5 --pipelined \
+      --profile "$OUT_DIR/profile_nocb" --output "$OUT_DIR/tries_no_command_buffer.json"
     ;;
   loop)
     step loop 420 "$PY" -m train --config=configs/synthetic_benchmark.py --workdir="$OUT_DIR/loop_workdir" \
       --config.num_train_steps=300 --config.progress_bar=False
     "$PY" -m benchmarks.gpu_summary --loop "$OUT_DIR/loop_workdir" >"$OUT_DIR/loop.json" 2>>"$OUT_DIR/logs/loop.err"
-    step loop_bare 300 $TS $R50 --steps 30 --warmup 5 --output "$OUT_DIR/loop_bare.json"
+    step loop_bare 300 $TS $R50 --steps 30 --warmup 5 --pipelined --output "$OUT_DIR/loop_bare.json"
     ;;
   numerics)
     step numerics 300 "$PY" -m benchmarks.bf16_numerics --arch resnet50 --batch 32 --output "$OUT_DIR/numerics.json"
+    ;;
+  digits)
     for dt in float16 float32; do
       step "digits_$dt" 300 "$PY" -m train --config=configs/default.py --workdir="$OUT_DIR/digits_$dt" \
         --config.dtype=$dt --config.num_train_steps=100 --config.log_every_steps=10 --config.progress_bar=False
@@ -102,7 +111,7 @@ EOF
     ;;
   sweep)
     for spec in "b128:--batch 128" "b512:--batch 512" "r18:--arch resnet18" "r101:--arch resnet101"; do
-      step "sweep_${spec%%:*}" 300 $TS $R50 ${spec#*:} --steps 30 --warmup 5 --rounds 2 --compare-torch \
+      step "sweep_${spec%%:*}" 300 $TS $R50 ${spec#*:} --steps 30 --warmup 5 --pipelined \
         --output "$OUT_DIR/sweep_${spec%%:*}.json"
     done
     ;;
@@ -112,10 +121,8 @@ EOF
     ;;
   tries)
     # One change per run against the library's default step; the baseline runs first and last.
-    base="$TS $R50 --steps 30 --warmup 5 --no-compilation-cache"
+    base="$TS $R50 --steps 30 --warmup 5 --pipelined --no-compilation-cache"
     step tries_baseline 240 $base --output "$OUT_DIR/tries_baseline.json"
-    XLA_FLAGS="--xla_gpu_enable_command_buffer=" step tries_no_command_buffer 240 $base --output "$OUT_DIR/tries_no_command_buffer.json"
-    XLA_FLAGS="--xla_gpu_autotune_level=0" step tries_autotune0 240 $base --output "$OUT_DIR/tries_autotune0.json"
     step tries_no_donate 240 $base --no-donate --output "$OUT_DIR/tries_no_donate.json"
     step tries_b384 240 $base --batch 384 --output "$OUT_DIR/tries_b384.json"
     step tries_baseline2 240 $base --output "$OUT_DIR/tries_baseline2.json"

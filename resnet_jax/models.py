@@ -162,7 +162,7 @@ class ResNet(nn.Module):
     momentum: float = 0.9
     epsilon: float = 1e-5
     axis_name: Optional[str] = None
-    bn_variance: str = "two_pass"
+    bn_variance: str = "shifted"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 

@@ -1,4 +1,4 @@
-"""train.benchmark, train.benchmark_input and train.compile_cache on tiny configurations (CPU).
+"""benchmarks.train_step, benchmarks.input_pipeline and train.compile_cache on tiny configurations (CPU).
 
 Timings are only checked for consistency (images/s = batch / median step time), never against
 targets: those are in BENCHMARKS.md.
@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import resnet_jax  # noqa: E402
-from train import benchmark, compile_cache  # noqa: E402
+from benchmarks import train_step as benchmark  # noqa: E402
+from train import compile_cache  # noqa: E402
 from benchmarks.minimal_resnet import minimal_resnet  # noqa: E402
 
 # Two one-block stages, 3x3 stem, 16x16 inputs, 10 classes: compiles in seconds.

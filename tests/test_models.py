@@ -222,3 +222,63 @@ def test_seed_reference_matches_blocks_names():
         k.rsplit(".", 1)[0].replace(".", "/").replace("blocks/", "blocks_") for k in tm.state_dict()
     }
     assert flax_names == torch_names
+
+
+def test_shifted_variance_equals_two_pass_at_float64():
+    """The default one-pass 'shifted' variance is the two-pass value: logits, gradients and
+    running statistics over three SGD steps (the shift is non-zero from the second) at float64."""
+    jax.config.update("jax_enable_x64", True)
+    try:
+        x = jnp.asarray(np.random.default_rng(0).normal(3.0, 2.0, (4, 12, 12, 3)), jnp.float64)
+        labels = jnp.arange(4) % 5
+        runs = {}
+        for variance in ("shifted", "two_pass"):
+            model = resnet_jax.ResNet(
+                stage_sizes=[1, 1], block="bottleneck", num_classes=5, bn_variance=variance,
+                dtype=jnp.float64, param_dtype=jnp.float64,
+            )
+            variables = model.init(jax.random.key(0), x, train=False)
+
+            def loss_fn(params, stats):
+                logits, upd = model.apply(
+                    {"params": params, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
+                )
+                loss = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
+                return loss, (logits, upd["batch_stats"])
+
+            params, stats, trace = variables["params"], variables["batch_stats"], []
+            for _ in range(3):
+                grads, (logits, stats) = jax.grad(loss_fn, has_aux=True)(params, stats)
+                trace.append((logits, grads, stats))
+                params = jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
+            runs[variance] = trace
+        assert jax.tree.leaves(runs["shifted"])[0].dtype == jnp.float64
+        for a, b in zip(runs["shifted"], runs["two_pass"]):
+            chex.assert_trees_all_close(a, b, rtol=1e-12, atol=1e-12)
+        # the running mean (the shift) really moved away from zero
+        assert float(jnp.max(jnp.abs(runs["shifted"][0][2]["bn1"]["mean"]))) > 0.1
+    finally:
+        jax.config.update("jax_enable_x64", False)
+
+
+def test_shifted_variance_float32_error_once_the_running_mean_tracks():
+    """Mean 1000, std 1: with the running mean near the batch mean the one-pass variance is as
+    accurate in float32 as the two-pass one (both bounded by float32 rounding of x itself)."""
+    x64 = np.random.default_rng(1).normal(1000.0, 1.0, (16, 6, 6, 4))
+    truth = x64.reshape(-1, 4).var(axis=0, ddof=1)
+    x = jnp.asarray(x64, jnp.float32)
+    errs = {}
+    for variance in ("shifted", "two_pass"):
+        bn = BatchNorm(variance=variance)
+        variables = bn.init(jax.random.key(0), x, train=False)
+        stats = {"mean": jnp.full((4,), 999.7, jnp.float32), "var": jnp.zeros((4,), jnp.float32)}
+        _, upd = bn.apply({**variables, "batch_stats": stats}, x, train=True, mutable=["batch_stats"])
+        errs[variance] = float(np.max(np.abs(np.asarray(upd["batch_stats"]["var"]) / 0.1 - truth) / truth))
+    # float32 spacing at 1000 is 6e-5 (relative 6e-8): both land within 1e-4 of the exact value
+    assert errs["two_pass"] < 1e-4 and errs["shifted"] < 1e-4, errs
+
+
+def test_unknown_batchnorm_variance_is_refused():
+    bn = BatchNorm(variance="welford")
+    with pytest.raises(ValueError, match="'two_pass' or 'shifted'"):
+        bn.init(jax.random.key(0), jnp.ones((2, 2, 2, 3)), train=True)

@@ -70,11 +70,18 @@ def test_float64_parity_resnetbase_and_odd_sizes(args):
     ],
 )
 def test_float32_parity_meets_targets(args):
+    """Single-step rows meet their fixed float32 tolerances on any machine; rows that follow a
+    trajectory (10 SGD steps) can be moved by a ReLU or max-pool flipping on rounding, so they
+    are held to the command's own rule: within tolerance or within twice PyTorch's own
+    float32-vs-float64 error in the same run."""
     code, result = _cli(*args)
-    rows = result["rows"]
-    assert code == 0, rows
+    rows, floor, tol = result["rows"], result["floor"], result["tolerances"]
+    assert code == 0, (rows, floor)
     assert rows["eval logits"] <= 1e-5
-    assert all(err <= 1e-4 for err in rows.values()), rows
+    for name in ("eval logits", "train logits", "running stats after 1 step"):
+        assert rows[name] <= tol[name], (name, rows[name])
+    for name, err in rows.items():
+        assert err <= max(tol[name], 2 * floor[name]), (name, err, floor[name])
 
 
 def test_float32_parity_deep_network_within_pytorch_own_error():
