@@ -1,8 +1,10 @@
-"""Building blocks: PyTorch-exact BatchNorm and the three residual blocks of the seed.
+"""Linen building blocks: PyTorch-exact BatchNorm and the three residual blocks of the seed.
 
-Every convolution is padded explicitly (``kernel // 2`` on each side, as PyTorch does) because
-Flax's ``'SAME'`` pads stride-2 convolutions asymmetrically and would shift every feature map by
-half a pixel relative to a PyTorch model with the same weights.
+The layers a block has and how they connect are defined once in ``core.py`` (shared with the NNX
+modules); this file only makes them Linen modules. Every convolution is padded explicitly
+(``kernel // 2`` on each side, as PyTorch does) because Flax's ``'SAME'`` pads stride-2
+convolutions asymmetrically and would shift every feature map by half a pixel relative to a
+PyTorch model with the same weights.
 """
 
 from __future__ import annotations
@@ -14,50 +16,47 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from resnet_jax import core, sharding
+from resnet_jax.core import kaiming_normal_fan_out, torch_padding
+
 Dtype = Any
 ModuleDef = Callable[..., nn.Module]
 
-# torchvision initialises convolutions with kaiming_normal_(mode='fan_out', nonlinearity='relu'):
-# an untruncated normal with variance 2 / fan_out.
-kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-
-
-def torch_padding(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Symmetric ``kernel_size // 2`` padding, PyTorch's choice for every ResNet conv and pool."""
-    p = kernel_size // 2
-    return ((p, p), (p, p))
+__all__ = [
+    "BatchNorm",
+    "BottleneckResidualBlock",
+    "ResidualBlock",
+    "ShortcutProjection",
+    "default_conv",
+    "kaiming_normal_fan_out",
+    "torch_padding",
+]
 
 
 def default_conv(**overrides: Any) -> ModuleDef:
-    """An ``nn.Conv`` factory with torchvision's initialisation and no bias."""
-    kwargs = dict(use_bias=False, kernel_init=kaiming_normal_fan_out)
+    """An ``nn.Conv`` factory with torchvision's initialisation, no bias, and a kernel that
+    follows the input onto an explicit-axis mesh (``sharding.conv_general_dilated``)."""
+    kwargs = dict(
+        use_bias=False,
+        kernel_init=kaiming_normal_fan_out,
+        conv_general_dilated=sharding.conv_general_dilated,
+    )
     kwargs.update(overrides)
     return functools.partial(nn.Conv, **kwargs)
 
 
 class BatchNorm(nn.Module):
-    """BatchNorm over all axes but the last, with PyTorch's semantics.
+    """BatchNorm over all axes but the last, with PyTorch's semantics (see ``core.batch_norm``).
 
     Differences from ``flax.linen.BatchNorm`` that matter for parity with ``torch.nn.BatchNorm2d``:
-    the running variance is updated with the *unbiased* batch variance (``n / (n - 1)``), as PyTorch
-    does. Normalisation itself uses the biased variance in both frameworks. ``momentum`` follows
-    Flax's convention (``new = momentum * old + (1 - momentum) * batch``), so 0.9 equals PyTorch's
-    0.1.
-
-    ``variance`` chooses how the batch variance is computed; both are algebraically PyTorch's value
-    and agree with it at float64:
-
-    * ``'shifted'`` (default): one pass over ``x``, ``E[(x - s)^2] - E[x - s]^2`` with the shift
-      ``s`` the running mean (a constant to autodiff). Unlike Flax's one-pass ``E[x^2] - E[x]^2``,
-      float32 cancellation stays small once the running mean tracks the batch mean. It saves a read
-      of every activation: 1.08x the images/s of two-pass for ResNet-50 on an H100 (BENCHMARKS.md).
-      Its one weak spot is the first steps from scratch of a layer whose batch mean is hundreds of
-      standard deviations from zero, where the running mean (0) is not yet a useful shift.
-    * ``'two_pass'``: ``mean((x - mean)^2)``, robust whatever the mean, one more read of ``x``.
-
-    Statistics are computed in at least float32 whatever ``dtype`` is. Under ``jax.jit`` with a
-    batch sharded over a mesh the reductions are global automatically; under ``pmap`` set
-    ``axis_name`` to average them across devices (synchronised BatchNorm).
+    the running variance is updated with the *unbiased* batch variance, and ``momentum`` 0.9
+    (Flax's convention) equals PyTorch's 0.1. ``variance`` is ``'shifted'`` (default: one pass,
+    shifted by the running mean; 1.08x the images/s of two-pass for ResNet-50 on an H100, see
+    BENCHMARKS.md) or ``'two_pass'`` (robust for a layer whose batch mean is hundreds of standard
+    deviations from its running mean, as in the first steps from scratch); both give PyTorch's
+    value at float64. Statistics are computed in at least float32 whatever ``dtype`` is. Under
+    ``jax.jit`` with a batch sharded over a mesh the reductions are global automatically; under
+    ``pmap`` set ``axis_name`` to average them across devices (synchronised BatchNorm).
     """
 
     momentum: float = 0.9
@@ -78,49 +77,45 @@ class BatchNorm(nn.Module):
         stat_dtype = jnp.promote_types(self.param_dtype, jnp.float32)
         ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), stat_dtype)
         ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), stat_dtype)
+        update = train and not self.is_initializing()
+        y, mean, var = core.batch_norm(
+            x,
+            scale,
+            bias,
+            ra_mean.value,
+            ra_var.value,
+            train=train,
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            variance=self.variance,
+            axis_name=self.axis_name,
+            unbiased_running_var=self.unbiased_running_var,
+            dtype=self.dtype,
+            update_stats=update,
+        )
+        if update:
+            ra_mean.value, ra_var.value = mean, var
+        return y
 
-        compute_dtype = jnp.promote_types(jnp.promote_types(x.dtype, stat_dtype), jnp.float32)
-        xf = x.astype(compute_dtype)
-        if train:
-            axes = tuple(range(x.ndim - 1))
-            n = 1
-            for a in axes:
-                n *= x.shape[a]
-            if self.variance == "two_pass":
-                mean = jnp.mean(xf, axis=axes)
-                if self.axis_name is not None:
-                    mean = jax.lax.pmean(mean, self.axis_name)
-                var = jnp.mean(jnp.square(xf - mean), axis=axes)
-                if self.axis_name is not None:
-                    var = jax.lax.pmean(var, self.axis_name)
-            elif self.variance == "shifted":
-                shift = jax.lax.stop_gradient(ra_mean.value).astype(compute_dtype)
-                centred = xf - shift
-                moments = (jnp.mean(centred, axis=axes), jnp.mean(jnp.square(centred), axis=axes))
-                if self.axis_name is not None:
-                    moments = jax.lax.pmean(moments, self.axis_name)
-                mean = moments[0] + shift
-                var = jnp.maximum(moments[1] - jnp.square(moments[0]), 0.0)
-            else:
-                raise ValueError(f"variance must be 'two_pass' or 'shifted'; got {self.variance!r}.")
-            if self.axis_name is not None:
-                n = n * jax.lax.psum(1, self.axis_name)
-            if not self.is_initializing():
-                if isinstance(n, int) and n < 2:
-                    raise ValueError(
-                        f"BatchNorm in train mode needs more than 1 value per channel, got input "
-                        f"shape {x.shape}; use a larger batch or train=False."
-                    )
-                unbiased = var * (n / (n - 1)) if self.unbiased_running_var else var
-                m = self.momentum
-                ra_mean.value = m * ra_mean.value + (1 - m) * mean.astype(stat_dtype)
-                ra_var.value = m * ra_var.value + (1 - m) * unbiased.astype(stat_dtype)
-        else:
-            mean, var = ra_mean.value.astype(compute_dtype), ra_var.value.astype(compute_dtype)
 
-        mul = jax.lax.rsqrt(var + self.epsilon) * scale.astype(compute_dtype)
-        y = xf * mul + (bias.astype(compute_dtype) - mean * mul)
-        return y.astype(self.dtype if self.dtype is not None else x.dtype)
+def conv_bn(conv: ModuleDef, norm: ModuleDef, spec: core.ConvSpec, train: bool, zero_init_residual=False):
+    """The conv and BatchNorm of ``spec`` (made by the ``conv`` and ``norm`` factories, inside the
+    calling compact method), composed into one layer ``x -> norm(conv(x))``."""
+    k = spec.kernel_size
+    conv = conv(
+        spec.out_channels,
+        (k, k),
+        strides=spec.stride,
+        padding=spec.padding,
+        feature_group_count=spec.groups,
+        name=spec.conv,
+    )
+    if spec.closes_branch:
+        init = nn.initializers.zeros if zero_init_residual else nn.initializers.ones
+        norm = norm(scale_init=init, name=spec.norm)
+    else:
+        norm = norm(name=spec.norm)
+    return lambda x: norm(conv(x), train)
 
 
 class ShortcutProjection(nn.Module):
@@ -139,31 +134,37 @@ class ShortcutProjection(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        return _project(self, x, train, self.out_channels, self.stride, self.conv_name, self.norm_name)
-
-
-def _project(mod, x, train, out_channels, stride, conv_name, norm_name):
-    y = mod.conv(out_channels, (1, 1), strides=stride, padding=((0, 0), (0, 0)), name=conv_name)(x)
-    return mod.norm(name=norm_name)(y, train)
+        spec = core.projection_spec(
+            x.shape[-1], self.out_channels, self.stride, self.conv_name, self.norm_name
+        )
+        return conv_bn(self.conv, self.norm, spec, train)(x)
 
 
 class _Block(nn.Module):
-    """Shared shortcut logic of the two residual blocks."""
+    """Shared shortcut and forward of the two residual blocks; ``branch`` names their layers."""
 
-    def shortcut(self, x: jax.Array, train: bool, out_channels: int) -> jax.Array:
-        if self.stride == 1 and x.shape[-1] == out_channels:
-            return x
+    def branch(self, in_channels: int) -> tuple[core.ConvSpec, ...]:
+        raise NotImplementedError
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        in_channels = x.shape[-1]
+        zero_init = self.zero_init_residual
+        layers = [conv_bn(self.conv, self.norm, s, train, zero_init) for s in self.branch(in_channels)]
+        return core.residual_forward(x, layers, self._shortcut(in_channels, train), self.act)
+
+    def _shortcut(self, in_channels: int, train: bool):
+        if not core.needs_projection(in_channels, self.out_channels, self.stride):
+            return None
         module_name, conv_name, norm_name = self.shortcut_names
         if module_name is None:
             # torchvision keeps the projection as `downsample.0` / `downsample.1` of the block.
-            return _project(self, x, train, out_channels, self.stride, conv_name, norm_name)
-        return ShortcutProjection(
-            out_channels, self.stride, self.conv, self.norm, conv_name, norm_name, name=module_name
-        )(x, train)
-
-    def residual_norm(self, name: str) -> nn.Module:
-        init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
-        return self.norm(scale_init=init, name=name)
+            spec = core.projection_spec(in_channels, self.out_channels, self.stride, conv_name, norm_name)
+            return conv_bn(self.conv, self.norm, spec, train)
+        proj = ShortcutProjection(
+            self.out_channels, self.stride, self.conv, self.norm, conv_name, norm_name, name=module_name
+        )
+        return lambda x: proj(x, train)
 
 
 class ResidualBlock(_Block):
@@ -182,16 +183,8 @@ class ResidualBlock(_Block):
     zero_init_residual: bool = False
     shortcut_names: Sequence[Optional[str]] = ("shortcut", "conv", "bn")
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        shortcut = self.shortcut(x, train, self.out_channels)
-        y = self.conv(self.out_channels, (3, 3), strides=self.stride, padding=torch_padding(3), name="conv1")(
-            x
-        )
-        y = self.act(self.norm(name="bn1")(y, train))
-        y = self.conv(self.out_channels, (3, 3), padding=torch_padding(3), name="conv2")(y)
-        y = self.residual_norm("bn2")(y, train)
-        return self.act(y + shortcut)
+    def branch(self, in_channels: int) -> tuple[core.ConvSpec, ...]:
+        return core.residual_branch(in_channels, self.out_channels, self.stride)
 
 
 class BottleneckResidualBlock(_Block):
@@ -212,20 +205,7 @@ class BottleneckResidualBlock(_Block):
     zero_init_residual: bool = False
     shortcut_names: Sequence[Optional[str]] = ("shortcut", "conv", "bn")
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        shortcut = self.shortcut(x, train, self.out_channels)
-        y = self.conv(self.bottleneck_channels, (1, 1), padding=((0, 0), (0, 0)), name="conv1")(x)
-        y = self.act(self.norm(name="bn1")(y, train))
-        y = self.conv(
-            self.bottleneck_channels,
-            (3, 3),
-            strides=self.stride,
-            padding=torch_padding(3),
-            feature_group_count=self.groups,
-            name="conv2",
-        )(y)
-        y = self.act(self.norm(name="bn2")(y, train))
-        y = self.conv(self.out_channels, (1, 1), padding=((0, 0), (0, 0)), name="conv3")(y)
-        y = self.residual_norm("bn3")(y, train)
-        return self.act(y + shortcut)
+    def branch(self, in_channels: int) -> tuple[core.ConvSpec, ...]:
+        return core.residual_branch(
+            in_channels, self.out_channels, self.stride, self.bottleneck_channels, self.groups
+        )

@@ -1,5 +1,6 @@
-"""ResNetBase (the seed's backbone), the torchvision-layout ResNet classifier, and its presets.
+"""Linen ResNetBase (the seed's backbone), the torchvision-layout ResNet classifier, and presets.
 
+The stems, stages and blocks come from the plans in ``core.py``, shared with the NNX modules.
 Submodule names mirror the PyTorch modules they correspond to, with ``.N`` list indices written
 ``_N`` (``blocks.3`` -> ``blocks_3``, ``layer2.0.downsample.1`` -> ``layer2_0/downsample_1``), so
 weight conversion is a structural walk (see ``convert.py``).
@@ -14,44 +15,47 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from resnet_jax import core, sharding
 from resnet_jax.blocks import (
     BatchNorm,
     BottleneckResidualBlock,
     ResidualBlock,
+    conv_bn,
     default_conv,
-    torch_padding,
 )
+from resnet_jax.core import check_images
 
 Dtype = Any
 
 TORCHVISION_SHORTCUT = (None, "downsample_0", "downsample_1")
 
-
-def check_images(x: jax.Array, img_channels: int, model: str) -> None:
-    """Raise a ValueError that says how to fix a batch that is not NHWC with ``img_channels``."""
-    if x.ndim != 4:
-        raise ValueError(
-            f"{model} expects a batch of images [batch, height, width, channels] (rank 4); got "
-            f"shape {tuple(x.shape)}. Add a batch axis with x[None] for a single image."
-        )
-    if x.shape[-1] != img_channels:
-        hint = ""
-        if x.shape[1] == img_channels:
-            hint = " The input looks NCHW (PyTorch layout): transpose it with x.transpose(0, 2, 3, 1)."
-        raise ValueError(
-            f"{model} expects NHWC input with {img_channels} channels (img_channels={img_channels}); "
-            f"got shape {tuple(x.shape)}.{hint} Or build the model with img_channels={x.shape[-1]}."
-        )
+__all__ = ["PRESETS", "ResNet", "ResNetBase", "check_images", "get_model"]
 
 
-def _global_avg_pool(x: jax.Array) -> jax.Array:
-    # Accumulate in at least float32: a bfloat16 sum over 49+ positions loses digits.
-    return jnp.mean(x.astype(jnp.promote_types(x.dtype, jnp.float32)), axis=(1, 2))
-
-
-def _torch_linear_bias_init(fan_in: int) -> Callable:
-    bound = 1.0 / max(fan_in, 1) ** 0.5
-    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+def _features(
+    x: jax.Array,
+    train: bool,
+    stem: core.StemSpec,
+    stages: core.Stages,
+    conv: Callable,
+    norm: Callable,
+    **block_fields: Any,
+) -> dict[str, jax.Array]:
+    """Stem and stages of a plan as Linen submodules (call inside a compact method)."""
+    x = core.stem_forward(x, stem, [conv_bn(conv, norm, s, train) for s in stem.convs], nn.relu)
+    feats = {"stem": x}
+    for key, blocks in stages:
+        for b in blocks:
+            common = dict(stride=b.stride, conv=conv, norm=norm, name=b.name, **block_fields)
+            if b.bottleneck_channels is None:
+                block = ResidualBlock(b.out_channels, **common)
+            else:
+                block = BottleneckResidualBlock(
+                    b.bottleneck_channels, b.out_channels, groups=b.groups, **common
+                )
+            x = block(x, train)
+        feats[key] = x
+    return feats
 
 
 class ResNetBase(nn.Module):
@@ -79,30 +83,10 @@ class ResNetBase(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
-    def _check_config(self) -> Sequence[int]:
-        if len(self.n_blocks) != len(self.n_channels) or not self.n_blocks:
-            raise ValueError(
-                f"n_blocks and n_channels need one entry per stage; got {len(self.n_blocks)} and "
-                f"{len(self.n_channels)}."
-            )
-        if self.bottlenecks is not None and len(self.bottlenecks) != len(self.n_channels):
-            raise ValueError(
-                f"bottlenecks needs one width per stage ({len(self.n_channels)}); got "
-                f"{len(self.bottlenecks)}. Pass None for basic residual blocks."
-            )
-        strides = self.strides
-        if strides is None:
-            strides = (1,) + (2,) * (len(self.n_channels) - 1)
-        if len(strides) != len(self.n_channels):
-            raise ValueError(
-                f"strides needs one first-block stride per stage ({len(self.n_channels)}); got {strides}."
-            )
-        return strides
-
     @nn.compact
     def features(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
         """Feature maps after the stem (``'stem'``) and after each stage (``'stage1'``, ...)."""
-        strides = self._check_config()
+        stages = core.resnetbase_plan(self.n_blocks, self.n_channels, self.bottlenecks, self.strides)
         check_images(x, self.img_channels, "ResNetBase")
         conv = default_conv(use_bias=self.conv_bias, dtype=self.dtype, param_dtype=self.param_dtype)
         norm = functools.partial(
@@ -113,32 +97,13 @@ class ResNetBase(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
-        k = self.first_kernel_size
+        stem = core.resnetbase_stem(self.img_channels, self.n_channels[0], self.first_kernel_size)
         x = jnp.asarray(x, self.dtype)
-        x = conv(self.n_channels[0], (k, k), strides=2, padding=torch_padding(k), name="conv")(x)
-        x = norm(name="bn")(x, train)
-        feats = {"stem": x}
-        index = 0
-        for stage, (n, channels) in enumerate(zip(self.n_blocks, self.n_channels)):
-            for j in range(n):
-                common = dict(
-                    stride=strides[stage] if j == 0 else 1,
-                    conv=conv,
-                    norm=norm,
-                    zero_init_residual=self.zero_init_residual,
-                    name=f"blocks_{index}",
-                )
-                if self.bottlenecks is None:
-                    x = ResidualBlock(channels, **common)(x, train)
-                else:
-                    x = BottleneckResidualBlock(self.bottlenecks[stage], channels, **common)(x, train)
-                index += 1
-            feats[f"stage{stage + 1}"] = x
-        return feats
+        return _features(x, train, stem, stages, conv, norm, zero_init_residual=self.zero_init_residual)
 
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         last = self.features(x, train)[f"stage{len(self.n_channels)}"]
-        return _global_avg_pool(last).astype(self.dtype)
+        return core.global_avg_pool(last).astype(self.dtype)
 
 
 class ResNet(nn.Module):
@@ -179,10 +144,7 @@ class ResNet(nn.Module):
 
     @nn.compact
     def _forward(self, x: jax.Array, train: bool, head: bool):
-        if self.block not in ("basic", "bottleneck"):
-            raise ValueError(f"block must be 'basic' or 'bottleneck'; got {self.block!r}.")
-        if self.block == "basic" and (self.groups != 1 or self.width_per_group != 64):
-            raise ValueError("basic blocks support only groups=1 and width_per_group=64 (as torchvision).")
+        stages = core.resnet_plan(self.stage_sizes, self.block, self.groups, self.width_per_group)
         check_images(x, self.img_channels, "ResNet")
         conv = default_conv(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = functools.partial(
@@ -194,35 +156,21 @@ class ResNet(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
+        stem = core.resnet_stem(self.img_channels, self.small_stem)
         x = jnp.asarray(x, self.dtype)
-        if self.small_stem:
-            x = conv(64, (3, 3), padding=torch_padding(3), name="conv1")(x)
-        else:
-            x = conv(64, (7, 7), strides=2, padding=torch_padding(7), name="conv1")(x)
-        x = nn.relu(norm(name="bn1")(x, train))
-        if not self.small_stem:
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=torch_padding(3))
-        feats = {"stem": x}
-        for i, n in enumerate(self.stage_sizes):
-            planes = 64 * 2**i
-            for j in range(n):
-                common = dict(
-                    stride=2 if (i > 0 and j == 0) else 1,
-                    conv=conv,
-                    norm=norm,
-                    zero_init_residual=self.zero_init_residual,
-                    shortcut_names=TORCHVISION_SHORTCUT,
-                    name=f"layer{i + 1}_{j}",
-                )
-                if self.block == "basic":
-                    x = ResidualBlock(planes, **common)(x, train)
-                else:
-                    width = int(planes * (self.width_per_group / 64.0)) * self.groups
-                    x = BottleneckResidualBlock(width, planes * 4, groups=self.groups, **common)(x, train)
-            feats[f"layer{i + 1}"] = x
+        feats = _features(
+            x,
+            train,
+            stem,
+            stages,
+            conv,
+            norm,
+            zero_init_residual=self.zero_init_residual,
+            shortcut_names=TORCHVISION_SHORTCUT,
+        )
         if not head:
             return feats, None
-        pooled = _global_avg_pool(x).astype(self.dtype)
+        pooled = core.global_avg_pool(feats[stages[-1][0]]).astype(self.dtype)
         if self.num_classes is None:
             return feats, pooled
         fan_in = pooled.shape[-1]
@@ -230,9 +178,9 @@ class ResNet(nn.Module):
             self.num_classes,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            # torch.nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias.
-            kernel_init=nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
-            bias_init=_torch_linear_bias_init(fan_in),
+            kernel_init=core.torch_linear_kernel_init,
+            bias_init=core.torch_linear_bias_init(fan_in),
+            dot_general=sharding.dot_general,
             name="fc",
         )(pooled)
         return feats, logits.astype(jnp.promote_types(self.param_dtype, jnp.float32))

@@ -1,0 +1,355 @@
+"""The one definition of the architectures, shared by the Linen and the NNX modules.
+
+Linen (``blocks.py``, ``models.py``) and NNX (``nnx.py``) differ in how a module holds its state,
+not in what the network computes. So everything that decides the architecture lives here, as
+plain data and pure functions that know neither API:
+
+* **plans**: which convolutions a block has (names, channels, kernel, stride, groups:
+  :func:`residual_branch`, :func:`projection_spec`), which blocks a network has (:func:`resnet_plan`,
+  :func:`resnetbase_plan`) and what its stem is (:func:`resnet_stem`, :func:`resnetbase_stem`);
+* **forwards** that take the layers as callables: :func:`residual_forward`, :func:`stem_forward`,
+  :func:`global_avg_pool`;
+* **BatchNorm arithmetic**, PyTorch-exact (:func:`batch_norm`);
+* padding, initialisers and input checks.
+
+Each API only turns a plan's :class:`ConvSpec` into its own conv and BatchNorm (one small
+function per API) and hands them to the shared forward. The presets of both APIs come from the one
+``models.PRESETS`` table. A variant such as ResNet-D (deep stem, average-pool shortcut) is a
+change to a plan and a forward here plus, for a new layer kind, one line per API; its presets are
+new ``PRESETS`` entries and appear in both APIs at once.
+
+Names are the Linen spelling of PyTorch's module paths: ``layer1_0`` is ``layer1.0`` (Linen
+``layer1_0``, NNX ``layer1[0]``), ``downsample_1`` is ``downsample.1``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax.linen import pooling  # a pure function, shared by both APIs
+
+Array = jax.Array
+Layer = Callable[[Array], Array]
+
+
+def torch_padding(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Symmetric ``kernel_size // 2`` padding, PyTorch's choice for every ResNet conv and pool."""
+    p = kernel_size // 2
+    return ((p, p), (p, p))
+
+
+# torchvision initialises convolutions with kaiming_normal_(mode='fan_out', nonlinearity='relu'):
+# an untruncated normal with variance 2 / fan_out.
+kaiming_normal_fan_out = jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# torch.nn.Linear's default weight init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+torch_linear_kernel_init = jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_linear_bias_init(fan_in: int) -> Callable:
+    """torch.nn.Linear's default bias init: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``."""
+    bound = 1.0 / max(fan_in, 1) ** 0.5
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def check_images(x: Array, img_channels: int, model: str) -> None:
+    """Raise a ValueError that says how to fix a batch that is not NHWC with ``img_channels``."""
+    if x.ndim != 4:
+        raise ValueError(
+            f"{model} expects a batch of images [batch, height, width, channels] (rank 4); got "
+            f"shape {tuple(x.shape)}. Add a batch axis with x[None] for a single image."
+        )
+    if x.shape[-1] != img_channels:
+        hint = ""
+        if x.shape[1] == img_channels:
+            hint = " The input looks NCHW (PyTorch layout): transpose it with x.transpose(0, 2, 3, 1)."
+        raise ValueError(
+            f"{model} expects NHWC input with {img_channels} channels (img_channels={img_channels}); "
+            f"got shape {tuple(x.shape)}.{hint} Or build the model with img_channels={x.shape[-1]}."
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Plans
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvSpec:
+    """A convolution and the BatchNorm after it, named as PyTorch names them.
+
+    ``closes_branch`` marks the last conv of a residual branch: no activation follows it before
+    the addition, and ``zero_init_residual`` zeroes its BatchNorm scale.
+    """
+
+    conv: str
+    norm: str
+    in_channels: int
+    out_channels: int
+    kernel_size: int
+    stride: int = 1
+    groups: int = 1
+    closes_branch: bool = False
+
+    @property
+    def padding(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        return torch_padding(self.kernel_size)
+
+
+def residual_branch(
+    in_channels: int,
+    out_channels: int,
+    stride: int = 1,
+    bottleneck_channels: Optional[int] = None,
+    groups: int = 1,
+) -> tuple[ConvSpec, ...]:
+    """The residual function ``F(x)``: two 3x3 convs (basic), or 1x1-3x3-1x1 (bottleneck).
+
+    Running the 3x3 of a bottleneck on ``bottleneck_channels`` instead of ``out_channels`` is what
+    makes 50+ layer networks affordable. The stride is on the first 3x3 (ResNet v1.5, as
+    torchvision); ``groups > 1`` on the bottleneck's 3x3 gives ResNeXt.
+    """
+    if bottleneck_channels is None:
+        if groups != 1:
+            raise ValueError("basic residual blocks support only groups=1 (as torchvision).")
+        return (
+            ConvSpec("conv1", "bn1", in_channels, out_channels, 3, stride),
+            ConvSpec("conv2", "bn2", out_channels, out_channels, 3, closes_branch=True),
+        )
+    width = bottleneck_channels
+    return (
+        ConvSpec("conv1", "bn1", in_channels, width, 1),
+        ConvSpec("conv2", "bn2", width, width, 3, stride, groups),
+        ConvSpec("conv3", "bn3", width, out_channels, 1, closes_branch=True),
+    )
+
+
+def needs_projection(in_channels: int, out_channels: int, stride: int) -> bool:
+    """Whether a block's shortcut needs the projection ``W_s x`` (its shape changes).
+
+    He et al. found projections better than zero-padding when the shape changes, and identity
+    better than projections when it does not, so a block only has one when it must.
+    """
+    return stride != 1 or in_channels != out_channels
+
+
+def projection_spec(
+    in_channels: int, out_channels: int, stride: int, conv_name: str = "conv", norm_name: str = "bn"
+) -> ConvSpec:
+    """The shortcut's projection: a 1x1 conv with the block's stride, and BatchNorm."""
+    return ConvSpec(conv_name, norm_name, in_channels, out_channels, 1, stride)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+    """One residual block of a network: its name and the arguments of its block class."""
+
+    name: str
+    in_channels: int
+    out_channels: int
+    stride: int
+    bottleneck_channels: Optional[int] = None  # None: basic block
+    groups: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class StemSpec:
+    """The stem: conv(s) + BatchNorm, then optionally ReLU and a 3x3/2 max-pool."""
+
+    convs: tuple[ConvSpec, ...]
+    act: bool
+    max_pool: bool
+
+    @property
+    def out_channels(self) -> int:
+        return self.convs[-1].out_channels
+
+
+# ResNet stages: name of the feature map, and its blocks.
+Stages = tuple[tuple[str, tuple[BlockSpec, ...]], ...]
+
+
+def resnet_stem(img_channels: int, small_stem: bool) -> StemSpec:
+    """torchvision's 7x7/2 conv, BatchNorm, ReLU, 3x3/2 max-pool; or a 3x3/1 conv without
+    max-pool for 32x32 inputs (``small_stem``)."""
+    if small_stem:
+        return StemSpec((ConvSpec("conv1", "bn1", img_channels, 64, 3),), act=True, max_pool=False)
+    return StemSpec((ConvSpec("conv1", "bn1", img_channels, 64, 7, 2),), act=True, max_pool=True)
+
+
+def resnet_plan(stage_sizes: Sequence[int], block: str, groups: int, width_per_group: int) -> Stages:
+    """torchvision's ResNet/ResNeXt/Wide ResNet stages: ``layerN`` of blocks ``layerN_j``."""
+    if block not in ("basic", "bottleneck"):
+        raise ValueError(f"block must be 'basic' or 'bottleneck'; got {block!r}.")
+    if block == "basic" and (groups != 1 or width_per_group != 64):
+        raise ValueError("basic blocks support only groups=1 and width_per_group=64 (as torchvision).")
+    stages, channels = [], 64
+    for i, n in enumerate(stage_sizes):
+        planes = 64 * 2**i
+        blocks = []
+        for j in range(n):
+            stride = 2 if (i > 0 and j == 0) else 1
+            if block == "basic":
+                spec = BlockSpec(f"layer{i + 1}_{j}", channels, planes, stride)
+            else:
+                width = int(planes * (width_per_group / 64.0)) * groups
+                spec = BlockSpec(f"layer{i + 1}_{j}", channels, planes * 4, stride, width, groups)
+            blocks.append(spec)
+            channels = spec.out_channels
+        stages.append((f"layer{i + 1}", tuple(blocks)))
+    return tuple(stages)
+
+
+def resnetbase_stem(img_channels: int, out_channels: int, kernel_size: int) -> StemSpec:
+    """The seed's stem: a strided conv and BatchNorm, no activation and no pooling."""
+    return StemSpec((ConvSpec("conv", "bn", img_channels, out_channels, kernel_size, 2),), False, False)
+
+
+def resnetbase_plan(
+    n_blocks: Sequence[int],
+    n_channels: Sequence[int],
+    bottlenecks: Optional[Sequence[int]] = None,
+    strides: Optional[Sequence[int]] = None,
+) -> Stages:
+    """The seed's stages ``stage1..``: blocks numbered across the network, ``blocks_0, ...``.
+
+    ``strides`` are the first-block strides per stage (default ``(1, 2, 2, ...)``).
+    """
+    if len(n_blocks) != len(n_channels) or not n_blocks:
+        raise ValueError(
+            f"n_blocks and n_channels need one entry per stage; got {len(n_blocks)} and {len(n_channels)}."
+        )
+    if bottlenecks is not None and len(bottlenecks) != len(n_channels):
+        raise ValueError(
+            f"bottlenecks needs one width per stage ({len(n_channels)}); got {len(bottlenecks)}. "
+            "Pass None for basic residual blocks."
+        )
+    if strides is None:
+        strides = (1,) + (2,) * (len(n_channels) - 1)
+    if len(strides) != len(n_channels):
+        raise ValueError(
+            f"strides needs one first-block stride per stage ({len(n_channels)}); got {strides}."
+        )
+    stages, channels, index = [], n_channels[0], 0
+    for stage, (n, out) in enumerate(zip(n_blocks, n_channels)):
+        blocks = []
+        for j in range(n):
+            width = None if bottlenecks is None else bottlenecks[stage]
+            blocks.append(BlockSpec(f"blocks_{index}", channels, out, strides[stage] if j == 0 else 1, width))
+            channels, index = out, index + 1
+        stages.append((f"stage{stage + 1}", tuple(blocks)))
+    return tuple(stages)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forwards. Layers are callables ``x -> y`` (a conv followed by its BatchNorm, train mode bound).
+
+
+def residual_forward(x: Array, branch: Sequence[Layer], shortcut: Optional[Layer], act: Callable) -> Array:
+    """``act(F(x) + shortcut(x))`` with ``F`` the branch's conv+BN layers, ``act`` between them.
+
+    Learning the residual ``F(x) = H(x) - x`` instead of ``H(x)`` makes an identity mapping the
+    easy default, which is what lets very deep stacks train at all (the degradation problem).
+    ``shortcut=None`` is the identity.
+    """
+    y = x
+    for i, layer in enumerate(branch):
+        y = layer(y)
+        if i < len(branch) - 1:
+            y = act(y)
+    return act(y + (x if shortcut is None else shortcut(x)))
+
+
+def stem_forward(x: Array, spec: StemSpec, layers: Sequence[Layer], act: Callable) -> Array:
+    for i, layer in enumerate(layers):
+        x = layer(x)
+        if spec.act or i < len(layers) - 1:
+            x = act(x)
+    if spec.max_pool:
+        # Explicit padding pads with -inf, as PyTorch's MaxPool2d(3, 2, padding=1) does.
+        x = pooling.max_pool(x, (3, 3), strides=(2, 2), padding=torch_padding(3))
+    return x
+
+
+def global_avg_pool(x: Array) -> Array:
+    # Accumulate in at least float32: a bfloat16 sum over 49+ positions loses digits.
+    return jnp.mean(x.astype(jnp.promote_types(x.dtype, jnp.float32)), axis=(1, 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# BatchNorm
+
+BN_VARIANCES = ("shifted", "two_pass")
+
+
+def batch_norm(
+    x: Array,
+    scale: Array,
+    bias: Array,
+    running_mean: Array,
+    running_var: Array,
+    *,
+    train: bool,
+    momentum: float = 0.9,
+    epsilon: float = 1e-5,
+    variance: str = "shifted",
+    axis_name: Optional[str] = None,
+    unbiased_running_var: bool = True,
+    dtype: Any = None,
+    update_stats: bool = True,
+) -> tuple[Array, Array, Array]:
+    """PyTorch's BatchNorm2d over all axes but the last: ``(y, new_running_mean, new_running_var)``.
+
+    Normalisation uses the biased batch variance (as both frameworks do); the running variance is
+    updated with the *unbiased* one (``n / (n - 1)``), as PyTorch does. ``momentum`` follows
+    Flax's convention (``new = momentum * old + (1 - momentum) * batch``), so 0.9 equals PyTorch's
+    0.1. Statistics are computed in at least float32 whatever the dtype of ``x``. In eval mode,
+    or with ``update_stats=False``, the running statistics come back unchanged.
+
+    ``variance``: ``'shifted'`` is one pass over ``x``, ``E[(x - s)^2] - E[x - s]^2`` with the
+    shift ``s`` the running mean (a constant to autodiff): unlike ``E[x^2] - E[x]^2``, float32
+    cancellation stays small once the running mean tracks the batch mean, and it saves a read of
+    every activation. ``'two_pass'``, ``mean((x - mean)^2)``, is robust whatever the mean.
+    Both are PyTorch's value at float64. ``axis_name`` averages the moments across a ``pmap``
+    axis (synchronised BatchNorm); under ``jax.jit`` over a sharded batch they are global anyway.
+    """
+    if variance not in BN_VARIANCES:
+        raise ValueError(f"variance must be 'two_pass' or 'shifted'; got {variance!r}.")
+    stat_dtype = running_mean.dtype
+    compute_dtype = jnp.promote_types(jnp.promote_types(x.dtype, stat_dtype), jnp.float32)
+    xf = x.astype(compute_dtype)
+    new_mean, new_var = running_mean, running_var
+    if train:
+        axes = tuple(range(x.ndim - 1))
+        n = 1
+        for a in axes:
+            n *= x.shape[a]
+        pmean = (lambda t: jax.lax.pmean(t, axis_name)) if axis_name is not None else (lambda t: t)
+        if variance == "two_pass":
+            mean = pmean(jnp.mean(xf, axis=axes))
+            var = pmean(jnp.mean(jnp.square(xf - mean), axis=axes))
+        else:
+            shift = jax.lax.stop_gradient(running_mean).astype(compute_dtype)
+            centred = xf - shift
+            m1, m2 = pmean((jnp.mean(centred, axis=axes), jnp.mean(jnp.square(centred), axis=axes)))
+            mean = m1 + shift
+            var = jnp.maximum(m2 - jnp.square(m1), 0.0)
+        if axis_name is not None:
+            n = n * jax.lax.psum(1, axis_name)
+        if update_stats:
+            if isinstance(n, int) and n < 2:
+                raise ValueError(
+                    f"BatchNorm in train mode needs more than 1 value per channel, got input "
+                    f"shape {x.shape}; use a larger batch or eval mode."
+                )
+            unbiased = var * (n / (n - 1)) if unbiased_running_var else var
+            batch_mean, batch_var = jax.lax.stop_gradient((mean, unbiased))
+            new_mean = momentum * running_mean + (1 - momentum) * batch_mean.astype(stat_dtype)
+            new_var = momentum * running_var + (1 - momentum) * batch_var.astype(stat_dtype)
+    else:
+        mean, var = running_mean.astype(compute_dtype), running_var.astype(compute_dtype)
+
+    mul = jax.lax.rsqrt(var + epsilon) * scale.astype(compute_dtype)
+    y = xf * mul + (bias.astype(compute_dtype) - mean * mul)
+    return y.astype(dtype if dtype is not None else x.dtype), new_mean, new_var

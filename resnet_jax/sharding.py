@@ -1,0 +1,92 @@
+"""Data-parallel meshes, and the conv/matmul that let the models train under explicit axes.
+
+Since JAX 0.10, ``jax.make_mesh`` gives *explicit* axes by default: an array's sharding is part
+of its type, and every op must be able to say how its output is sharded. Data parallelism needs
+one decision from the model there, which JAX's "Autodiff and sharding" guide spells out:
+parameters are *replicated* over the batch axis, so their gradients (contractions over the
+sharded batch) come out replicated, i.e. reduced over ``'data'`` inside the backward conv/matmul.
+
+A parameter that was never placed on the mesh (built by ``model.init`` or an NNX constructor
+outside it) has no mesh in its type. The forward pass accepts it, but the backward pass of
+``lax.conv_general_dilated`` / ``lax.dot_general`` then cannot type the kernel gradient and raises
+``ShardingTypeError: Please specify the output sharding via out_sharding ...`` (jax 0.10.2).
+:func:`conv_general_dilated` and :func:`dot_general`, which every conv and dense layer of
+``resnet_jax`` uses, therefore first cast the kernel to *replicated on the mesh of its input*
+(:func:`replicated_like`). That cast is free when the kernel is already replicated there (the
+usual case after :func:`replicate`), an all-gather when it was sharded (FSDP-style), and a no-op
+outside explicit meshes (auto-axes ``jax.sharding.Mesh``, ``pmap``, one device).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import jax
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def make_data_mesh(
+    n_devices: Optional[int] = None,
+    *,
+    explicit: bool = True,
+    devices: Optional[Sequence[jax.Device]] = None,
+    axis_name: str = DATA_AXIS,
+) -> Mesh:
+    """A 1-D mesh ``(axis_name,)`` over ``devices`` (default: the first ``n_devices``, or all).
+
+    ``explicit=True`` gives ``AxisType.Explicit`` (shardings in types; JAX 0.10+'s default for
+    ``jax.make_mesh``), ``False`` gives ``AxisType.Auto`` (the compiler propagates shardings, as a
+    plain ``jax.sharding.Mesh``). The axis type is always passed, so the result is the same on
+    every JAX version that has explicit sharding.
+    """
+    if devices is None:
+        devices = jax.devices()
+        if n_devices is not None:
+            if not 0 < n_devices <= len(devices):
+                raise ValueError(f"n_devices must be between 1 and {len(devices)}; got {n_devices}.")
+            devices = devices[:n_devices]
+    elif n_devices is not None and n_devices != len(devices):
+        raise ValueError(f"n_devices={n_devices} but {len(devices)} devices were given.")
+    kind = AxisType.Explicit if explicit else AxisType.Auto
+    return jax.make_mesh((len(devices),), (axis_name,), axis_types=(kind,), devices=devices)
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Every array of ``tree`` (parameters, BatchNorm statistics, optimizer state) on ``mesh``,
+    replicated: ``jax.device_put(tree, NamedSharding(mesh, P()))``."""
+    return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def shard_batch(tree: Any, mesh: Mesh, axis_name: str = DATA_AXIS) -> Any:
+    """Every array of ``tree`` split along its leading (batch) axis over ``axis_name``."""
+    return jax.device_put(tree, NamedSharding(mesh, P(axis_name)))
+
+
+def is_explicit(mesh: Any) -> bool:
+    """Whether ``mesh`` (concrete or abstract) has at least one explicit axis."""
+    return not mesh.empty and AxisType.Explicit in tuple(mesh.axis_types)
+
+
+def replicated_like(kernel: jax.Array, x: jax.Array) -> jax.Array:
+    """``kernel`` replicated over the mesh of ``x`` when that mesh has explicit axes, else as is."""
+    mesh = jax.typeof(x).sharding.mesh
+    if not is_explicit(mesh):
+        return kernel
+    target = NamedSharding(mesh, P())
+    current = jax.typeof(kernel).sharding
+    if current.mesh == mesh and current.spec == target.spec:
+        return kernel
+    return jax.sharding.reshard(kernel, target)
+
+
+def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+    """``lax.conv_general_dilated`` with the kernel replicated over the input's explicit mesh."""
+    return jax.lax.conv_general_dilated(lhs, replicated_like(rhs, lhs), *args, **kwargs)
+
+
+def dot_general(lhs: jax.Array, rhs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+    """``lax.dot_general`` with the kernel replicated over the input's explicit mesh."""
+    return jax.lax.dot_general(lhs, replicated_like(rhs, lhs), *args, **kwargs)
