@@ -1,9 +1,12 @@
-"""Two-way weight conversion between PyTorch state_dicts and Flax variables.
+"""Two-way weight conversion between PyTorch state_dicts, Linen variables and NNX models.
 
-Flax module names mirror PyTorch's with ``.N`` written ``_N``, so conversion is a walk over keys
-plus four per-leaf rules: conv ``OIHW -> HWIO``, linear transposed, BatchNorm
-``weight/bias -> scale/bias`` and ``running_mean/var -> batch_stats mean/var``, and
-``num_batches_tracked`` dropped (it only matters for ``momentum=None`` in PyTorch).
+Linen module names mirror PyTorch's with ``.N`` written ``_N``, and NNX state paths are PyTorch's
+(``layer1``, 0, ``conv1``), so every conversion is a walk over keys plus per-leaf rules: conv
+``OIHW -> HWIO``, linear transposed, BatchNorm ``weight/bias -> scale/bias`` and
+``running_mean/var -> batch_stats mean/var`` (NNX: ``nnx.BatchStat`` ``mean/var``), and
+``num_batches_tracked`` dropped (it only matters for ``momentum=None`` in PyTorch). Linen <-> NNX
+is exact: the same arrays, keyed ``('params'|'batch_stats', *linen_path)`` on one side and by
+NNX path and variable type on the other.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ _BN_STATS = {"running_mean": "mean", "running_var": "var"}
 
 
 class StateDictMismatchError(ValueError):
-    """A state_dict does not fit the target model; the message lists every offending key."""
+    """A state_dict (or Linen variables) does not fit the target model; the message lists every
+    offending key."""
 
 
 def _to_numpy(value: Any) -> np.ndarray:
@@ -157,7 +161,9 @@ def infer_model(state_dict: Mapping[str, Any]) -> Union[ResNet, ResNetBase]:
     )
 
 
-def _expected_shapes(model: nn.Module) -> dict[tuple, tuple]:
+def _expected_shapes(model: Any) -> dict[tuple, tuple]:
+    if not isinstance(model, nn.Module):
+        return {k: tuple(v.get_value().shape) for k, v in _nnx_variables(model).items()}
     img = getattr(model, "img_channels", 3)
     # Shapes only: abstract evaluation allocates nothing, even for the largest presets.
     x = jax.ShapeDtypeStruct((1, 256, 256, img), np.float32)
@@ -165,11 +171,14 @@ def _expected_shapes(model: nn.Module) -> dict[tuple, tuple]:
     return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(variables).items()}
 
 
-def torch_to_flax(state_dict: Mapping[str, Any], model: Optional[Union[nn.Module, str]] = None) -> Variables:
+def torch_to_flax(
+    state_dict: Mapping[str, Any], model: Optional[Union[nn.Module, str, Any]] = None
+) -> Variables:
     """Convert a PyTorch state_dict to ``{'params': ..., 'batch_stats': ...}`` of numpy arrays.
 
-    ``model`` is the Flax module to check against, or a preset name; by default it is inferred
-    from the keys (:func:`infer_model`). Raises :class:`StateDictMismatchError` listing every
+    ``model`` is the Flax module to check against (Linen, or an NNX model, concrete or from
+    ``nnx.eval_shape``), or a preset name; by default it is inferred from the keys
+    (:func:`infer_model`). Raises :class:`StateDictMismatchError` listing every
     missing key, unexpected key and wrong shape. Accepts torch tensors or numpy arrays, and
     unwraps ``{'state_dict': ...}`` checkpoints and DataParallel ``module.`` prefixes.
     """
@@ -212,8 +221,8 @@ def torch_to_flax(state_dict: Mapping[str, Any], model: Optional[Union[nn.Module
     return traverse_util.unflatten_dict(flat)
 
 
-def _describe(model: nn.Module) -> str:
-    if isinstance(model, ResNet):
+def _describe(model: Any) -> str:
+    if type(model).__name__ == "ResNet" and hasattr(model, "stage_sizes"):  # Linen or NNX
         for name, fields in PRESETS.items():
             if all(
                 getattr(model, k) == (tuple(v) if isinstance(v, tuple) else v) for k, v in fields.items()
@@ -261,3 +270,107 @@ def load_torch_checkpoint(path: str) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise ValueError(f"{path} does not hold a state_dict (found {type(obj).__name__}).")
     return dict(_strip_wrappers(obj))
+
+
+# ---------------------------------------------------------------------------------------------
+# NNX
+
+
+def _nnx_variables(model: Any) -> dict[tuple, Any]:
+    """``{('params'|'batch_stats', *linen_path, leaf): nnx.Variable}`` of an NNX model or State."""
+    from flax import nnx
+
+    if isinstance(model, nnx.Module):
+        model = nnx.state(model)
+    if not isinstance(model, nnx.State):
+        raise TypeError(f"expected an NNX module or nnx.State; got {type(model).__name__}.")
+    out = {}
+    for path, var in nnx.to_flat_state(model):
+        parts = [str(p) for p in path]
+        if isinstance(var, nnx.BatchStat):
+            collection = "batch_stats"
+        elif isinstance(var, nnx.Param):
+            collection = "params"
+        else:
+            raise TypeError(
+                f"{'.'.join(parts)} is an nnx.{type(var).__name__}; only Param and BatchStat convert."
+            )
+        out[(collection, *_flax_module_path(parts[:-1]), parts[-1])] = var
+    return out
+
+
+def nnx_to_linen(model: Any) -> Variables:
+    """The Linen ``{'params', 'batch_stats'}`` of an NNX model: the same arrays, Linen paths
+    (``layer1[0].conv1`` -> ``layer1_0/conv1``). Apply them with ``resnet_jax.nnx.to_linen(model)``.
+    Also takes an ``nnx.State`` (e.g. the gradients from ``nnx.grad``: ``{'params': ...}``). On a
+    model from ``nnx.eval_shape`` the leaves are ``jax.ShapeDtypeStruct``."""
+    return traverse_util.unflatten_dict({k: v.get_value() for k, v in _nnx_variables(model).items()})
+
+
+def linen_to_nnx(variables: Mapping[str, Any], model: Any) -> Any:
+    """Load Linen ``{'params', 'batch_stats'}`` into the NNX ``model`` in place (and return it).
+
+    Exact: values are stored as given (no dtype cast). Raises :class:`StateDictMismatchError`
+    listing every missing, unexpected and misshapen key; nothing is written then. ``model`` may
+    come from ``nnx.eval_shape`` (then every variable becomes a real array).
+    """
+    import jax.numpy as jnp
+
+    targets = _nnx_variables(model)
+    flat = traverse_util.flatten_dict({k: variables[k] for k in ("params", "batch_stats") if k in variables})
+    shape = lambda v: tuple(np.shape(v))  # noqa: E731
+    problems = {
+        "missing keys": sorted("/".join(k) for k in targets if k not in flat),
+        "unexpected keys": sorted("/".join(k) for k in flat if k not in targets),
+        "wrong shapes": sorted(
+            f"{'/'.join(k)}: got {shape(v)}, expected {tuple(targets[k].get_value().shape)}"
+            for k, v in flat.items()
+            if k in targets and shape(v) != tuple(targets[k].get_value().shape)
+        ),
+    }
+    if any(problems.values()):
+        lines = [f"Linen variables do not match NNX {type(model).__name__}{_describe(model)}:"]
+        for title, items in problems.items():
+            if items:
+                more = " ..." if len(items) > 20 else ""
+                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20]) + more)
+        raise StateDictMismatchError("\n".join(lines))
+    for key, var in targets.items():
+        var.set_value(jnp.asarray(flat[key]))
+    return model
+
+
+def _nnx_model_for(state_dict: Mapping[str, Any], model: Any) -> Any:
+    """The NNX model ``torch_to_nnx`` fills: ``model`` itself, or built without allocating."""
+    from flax import nnx
+
+    from resnet_jax import nnx as rnnx
+
+    if isinstance(model, nnx.Module):
+        return model
+    if isinstance(model, str):
+        nc = _to_numpy(state_dict["fc.weight"]).shape[0] if "fc.weight" in state_dict else None
+        return nnx.eval_shape(lambda: rnnx.get_model(model, num_classes=nc, rngs=nnx.Rngs(0)))
+    if model is None:
+        linen_model = infer_model(state_dict)
+        return nnx.eval_shape(lambda: rnnx.from_linen(linen_model, rngs=nnx.Rngs(0)))
+    raise TypeError(f"model must be an NNX module, a preset name or None; got {type(model).__name__}.")
+
+
+def torch_to_nnx(state_dict: Mapping[str, Any], model: Any = None) -> Any:
+    """Load a PyTorch state_dict into an NNX model and return it.
+
+    ``model`` is an NNX ``resnet_jax.nnx`` model (filled in place), a preset name, or None (the
+    architecture is inferred from the keys, :func:`infer_model`); for the last two the model is
+    built with ``nnx.eval_shape``, so no random initialisation is ever allocated. Errors as
+    :func:`torch_to_flax`.
+    """
+    state_dict = _strip_wrappers(state_dict)
+    model = _nnx_model_for(state_dict, model)
+    return linen_to_nnx(torch_to_flax(state_dict, model), model)
+
+
+def nnx_to_torch(model: Any) -> dict[str, np.ndarray]:
+    """A PyTorch state_dict (numpy arrays, ``num_batches_tracked = 0``) from an NNX model (or
+    ``nnx.State``)."""
+    return flax_to_torch(nnx_to_linen(model))

@@ -1,10 +1,12 @@
 """Numerical parity of resnet_jax against PyTorch: ``python -m resnet_jax.parity --arch NAME``.
 
 Builds the PyTorch twin with random weights and non-trivial BatchNorm statistics, converts it
-with :func:`resnet_jax.convert.torch_to_flax`, runs both frameworks on the same batches and prints
-``||delta|| / ||ref||`` for eval logits, train-mode logits, every module's gradient, the updated
-running statistics, and the loss (and final parameters) over SGD steps with momentum and weight
-decay. Exits non-zero when a row is over its tolerance. float64 checks structural identity.
+with :func:`resnet_jax.convert.torch_to_flax` (``--api nnx``: with ``torch_to_nnx`` into the NNX
+model, trained with ``nnx.Optimizer`` under ``nnx.jit``), runs both frameworks on the same batches
+and prints ``||delta|| / ||ref||`` for eval logits, train-mode logits, every module's gradient,
+the updated running statistics, and the loss (and final parameters) over SGD steps with momentum
+and weight decay. Exits non-zero when a row is over its tolerance. float64 checks structural
+identity.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any, Optional
 import numpy as np
 
 BASE_ARCHS = ("resnetbase", "resnetbase_bottleneck")
+APIS = ("linen", "nnx")
 TOLERANCES = {
     "float64": {"default": 1e-10},
     "float32": {"default": 1e-4, "eval logits": 1e-5},
@@ -159,6 +162,42 @@ def _jax_run(fmodel, variables, xs, ys, steps: int, lr: float, momentum: float, 
     return rec
 
 
+def _nnx_run(model, xs, ys, steps: int, lr: float, momentum: float, weight_decay: float) -> dict:
+    """:func:`_jax_run` for an NNX model: ``model.eval()``/``train()``, ``nnx.Optimizer``, ``nnx.jit``."""
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from resnet_jax.convert import nnx_to_torch
+
+    tx = optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(lr, momentum))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer, x, y):
+        def loss_fn(model):
+            logits = model(x)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), logits
+
+        (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+        optimizer.update(model, grads)
+        return loss, logits, grads
+
+    nhwc = lambda t: jnp.asarray(t.numpy().transpose(0, 2, 3, 1))  # noqa: E731
+    model.eval()
+    rec = {"eval logits": np.asarray(model(nhwc(xs[steps]))), "losses": []}
+    model.train()
+    for i in range(steps):
+        loss, logits, grads = step(model, optimizer, nhwc(xs[i]), jnp.asarray(ys[i].numpy()))
+        if i == 0:
+            rec["train logits"] = np.asarray(logits)
+            rec["grads"] = nnx_to_torch(grads)
+            rec["stats"] = {k: v for k, v in nnx_to_torch(model).items() if "running" in k}
+        rec["losses"].append(float(loss))
+    rec["params"] = nnx_to_torch(nnx.state(model, nnx.Param))
+    return rec
+
+
 def _compare(run: dict, ref: dict, init: dict, steps: int) -> tuple[dict, dict]:
     """(rows of ||delta||/||ref||, the worst module or key of each row)."""
     # Gradients and updates are compared per module (weight and bias as one vector): a bias that
@@ -211,6 +250,7 @@ def run_parity(
     weight_decay: float = 1e-4,
     seed: int = 0,
     noise_floor: bool = True,
+    api: str = "linen",
 ) -> dict[str, Any]:
     """Run the comparison; returns ``{'rows': {name: rel_error}, 'ok': bool, ...}``.
 
@@ -218,7 +258,8 @@ def run_parity(
     ``floor`` rows): the error PyTorch makes against exact arithmetic. ReLU sign flips of
     pre-activations within rounding of zero make gradients discontinuous, so on deep networks
     that floor can exceed 1e-4; a float32 row passes when it is within its tolerance or within
-    twice the floor. float64 rows must be within tolerance, with no floor.
+    twice the floor. float64 rows must be within tolerance, with no floor. ``api='nnx'`` runs
+    the NNX model (``resnet_jax.nnx``) instead of the Linen one.
     """
     import copy
 
@@ -228,6 +269,8 @@ def run_parity(
 
     from resnet_jax.convert import torch_to_flax
 
+    if api not in APIS:
+        raise ValueError(f"api must be one of {', '.join(APIS)}; got {api!r}.")
     if dtype not in TOLERANCES:
         raise ValueError(f"dtype must be float32 or float64; got {dtype!r}.")
     if dtype == "float64" and not jax.config.jax_enable_x64:
@@ -246,13 +289,26 @@ def run_parity(
     _randomize(tmodel, gen, branch_gain)
     xs = torch.randn(steps + 1, batch, 3, image_size, image_size, generator=gen, dtype=tdtype)
     ys = torch.randint(0, n_out, (steps, batch), generator=gen)
-    variables = torch_to_flax(tmodel.state_dict(), fmodel)
+    if api == "nnx":
+        from flax import nnx
+
+        from resnet_jax import nnx as rnnx
+        from resnet_jax.convert import torch_to_nnx
+
+        # Built abstractly and filled from the state_dict: no random init is allocated.
+        abstract = nnx.eval_shape(lambda: rnnx.from_linen(fmodel, rngs=nnx.Rngs(0)))
+        nnx_model = torch_to_nnx(tmodel.state_dict(), abstract)
+    else:
+        variables = torch_to_flax(tmodel.state_dict(), fmodel)
     exact = copy.deepcopy(tmodel).double() if (noise_floor and dtype == "float32") else None
 
     hyper = dict(steps=steps, lr=lr, momentum=momentum, weight_decay=weight_decay)
     ref = _torch_run(tmodel, xs, ys, **hyper)
     del tmodel
-    run = _jax_run(fmodel, variables, xs, ys, **hyper)
+    if api == "nnx":
+        run = _nnx_run(nnx_model, xs, ys, **hyper)
+    else:
+        run = _jax_run(fmodel, variables, xs, ys, **hyper)
     rows, worst = _compare(run, ref, ref["init"], steps)
     tol = TOLERANCES[dtype]
     tolerances = {k: tol.get(k, tol["default"]) for k in rows}
@@ -263,6 +319,7 @@ def run_parity(
     passed = {k: rows[k] <= max(tolerances[k], 2 * floor.get(k, 0.0)) for k in rows}
     return {
         "arch": arch,
+        "api": api,
         "dtype": dtype,
         "image_size": image_size,
         "batch": batch,
@@ -294,6 +351,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         help="resnetbase: the annotated PyTorch ResNet (conv biases, only the first block strided)",
     )
     parser.add_argument("--reference", default="local", choices=["local", "torchvision"])
+    parser.add_argument("--api", default="linen", choices=list(APIS), help="the Flax API under test")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--no-floor", action="store_true", help="float32: skip the PyTorch float32-vs-float64 reference run"
@@ -318,11 +376,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.reference,
         seed=args.seed,
         noise_floor=not args.no_floor,
+        api=args.api,
     )
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{args.arch}  {args.dtype}  batch {args.batch}  {size}x{size}  reference={args.reference}")
+        print(
+            f"{args.arch}  {args.api}  {args.dtype}  batch {args.batch}  {size}x{size}  "
+            f"reference={args.reference}"
+        )
         floor = result["floor"]
         head = f"{'check':<44}{'||d||/||ref||':>14}{'tolerance':>11}"
         print(head + (f"{'torch f32 vs f64':>18}" if floor else ""))
