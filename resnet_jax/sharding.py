@@ -75,11 +75,13 @@ def replicated_like(kernel: jax.Array, x: jax.Array) -> jax.Array:
     mesh = jax.typeof(x).sharding.mesh
     if not is_explicit(mesh):
         return kernel
-    target = NamedSharding(mesh, P())
     current = jax.typeof(kernel).sharding
-    if current.mesh == mesh and current.spec == target.spec:
+    # Already a full copy on every device of the mesh (replicated, or `reduced` by a caller who
+    # wants unreduced gradients): use as is.
+    partitions = getattr(current.spec, "partitions", current.spec)
+    if current.mesh == mesh and all(p is None for p in partitions):
         return kernel
-    return jax.sharding.reshard(kernel, target)
+    return jax.sharding.reshard(kernel, NamedSharding(mesh, P()))
 
 
 def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
