@@ -64,6 +64,21 @@ def test_float64_parity_resnetbase_and_odd_sizes(args):
 @pytest.mark.parametrize(
     "args",
     [
+        ["--arch", "resnetbase_bottleneck", "--labml"],
+        ["--arch", "resnet18", "--image-size", "65"],
+    ],
+)
+def test_float64_parity_of_the_nnx_models(args):
+    """``--api nnx``: torch_to_nnx into the NNX model, nnx.Optimizer under nnx.jit, nnx_to_torch
+    back; every row against PyTorch at float64 (the NNX == Linen tests cover the other presets)."""
+    code, result = _cli(*args, "--api", "nnx", "--dtype", "float64")
+    assert result["api"] == "nnx" and len(result["rows"]) == 6
+    assert code == 0 and all(e <= 1e-10 for e in result["rows"].values()), result["rows"]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
         ["--arch", "resnet18"],
         ["--arch", "resnetbase", "--conv-bias"],
         ["--arch", "resnetbase_bottleneck", "--labml"],
