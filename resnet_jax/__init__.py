@@ -1,5 +1,12 @@
-"""resnet_jax: Flax Linen ResNets that match PyTorch (torchvision and the seed's ResNetBase)."""
+"""resnet_jax: Flax ResNets that match PyTorch (torchvision and the seed's ResNetBase).
 
+Linen modules here; the same models for Flax NNX in ``resnet_jax.nnx`` (imported on first use,
+so Linen users do not pay for importing ``flax.nnx``); meshes in ``resnet_jax.sharding``.
+"""
+
+import importlib
+
+from resnet_jax import sharding
 from resnet_jax.blocks import (
     BatchNorm,
     BottleneckResidualBlock,
@@ -26,6 +33,13 @@ from resnet_jax.models import (
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    if name == "nnx":
+        return importlib.import_module("resnet_jax.nnx")
+    raise AttributeError(f"module 'resnet_jax' has no attribute {name!r}")
+
+
 __all__ = [
     "BatchNorm",
     "BottleneckResidualBlock",
@@ -35,6 +49,7 @@ __all__ = [
     "ResidualBlock",
     "ShortcutProjection",
     "get_model",
+    "nnx",
     "resnet18",
     "resnet34",
     "resnet50",
@@ -44,6 +59,7 @@ __all__ = [
     "resnext50_32x4d",
     "resnext101_32x8d",
     "resnext101_64x4d",
+    "sharding",
     "wide_resnet50_2",
     "wide_resnet101_2",
 ]
