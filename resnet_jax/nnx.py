@@ -120,7 +120,8 @@ class BatchNorm(nnx.Module):
 
 # ---------------------------------------------------------------------------------------------
 # From a plan's names to NNX children: `name_N` is element N of the nnx.List `name` (PyTorch's
-# `name.N`), any other name a plain attribute.
+# `name.N`), any other name a plain attribute. Indices of a PyTorch nn.Sequential that hold no
+# parameters (a ReLU, a pool) are None.
 
 
 def _attach(module: nnx.Module, name: str, child: nnx.Module) -> None:
@@ -132,8 +133,10 @@ def _attach(module: nnx.Module, name: str, child: nnx.Module) -> None:
     if not hasattr(module, group):
         setattr(module, group, nnx.List())
     children = getattr(module, group)
-    if index != len(children):
+    if index < len(children):
         raise ValueError(f"{name}: children of {group!r} must be added in order (next is {len(children)}).")
+    while len(children) < index:
+        children.append(None)
     children.append(child)
 
 
