@@ -110,11 +110,7 @@ def conv_bn(conv: ModuleDef, norm: ModuleDef, spec: core.ConvSpec, train: bool, 
         feature_group_count=spec.groups,
         name=spec.conv,
     )
-    if spec.closes_branch:
-        init = nn.initializers.zeros if zero_init_residual else nn.initializers.ones
-        norm = norm(scale_init=init, name=spec.norm)
-    else:
-        norm = norm(name=spec.norm)
+    norm = norm(name=spec.norm, **spec.norm_overrides(zero_init_residual))
     return lambda x: norm(conv(x), train)
 
 

@@ -222,7 +222,14 @@ def torch_to_flax(
 
 
 def _describe(model: Any) -> str:
-    if type(model).__name__ == "ResNet" and hasattr(model, "stage_sizes"):  # Linen or NNX
+    if not isinstance(model, nn.Module):  # an NNX model: describe its Linen twin
+        from resnet_jax import nnx as rnnx
+
+        try:
+            model = rnnx.to_linen(model)
+        except TypeError:
+            return ""
+    if isinstance(model, ResNet):
         for name, fields in PRESETS.items():
             if all(
                 getattr(model, k) == (tuple(v) if isinstance(v, tuple) else v) for k, v in fields.items()

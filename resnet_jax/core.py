@@ -96,6 +96,14 @@ class ConvSpec:
     def padding(self) -> tuple[tuple[int, int], tuple[int, int]]:
         return torch_padding(self.kernel_size)
 
+    def norm_overrides(self, zero_init_residual: bool) -> dict[str, Callable]:
+        """BatchNorm arguments beyond the defaults: the scale of a branch's last BatchNorm starts
+        at 0 under ``zero_init_residual`` (each block then starts as the identity, Goyal et al.)."""
+        if not self.closes_branch:
+            return {}
+        init = jax.nn.initializers.zeros if zero_init_residual else jax.nn.initializers.ones
+        return {"scale_init": init}
+
 
 def residual_branch(
     in_channels: int,

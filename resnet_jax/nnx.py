@@ -167,10 +167,7 @@ def _add_conv_bn(
             rngs=rngs,
         ),
     )
-    extra = {}
-    if spec.closes_branch:
-        extra["scale_init"] = linen.initializers.zeros if zero_init_residual else linen.initializers.ones
-    _attach(module, spec.norm, norm(spec.out_channels, rngs=rngs, **extra))
+    _attach(module, spec.norm, norm(spec.out_channels, rngs=rngs, **spec.norm_overrides(zero_init_residual)))
 
 
 def _conv_bn(module: nnx.Module, spec: core.ConvSpec) -> core.Layer:
