@@ -546,14 +546,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     log(f"{env['backend']} x{env['device_count']} ({env['device_kind']}), load {env['load_average']}")
     peak = args.peak_tflops or peak_tflops(env["device_kind"], args.dtype)
     common = dict(num_classes=args.num_classes, small_stem=args.small_stem, dtype=dtype)
+
     if args.stage_sizes:
         common["stage_sizes"] = args.stage_sizes
 
-    contenders: list[Contender] = [JaxContender("jax", resnet_jax.get_model(args.arch, **common), args)]
+    # Library-only options (experiments); the minimal ResNet gets the plain architecture.
+    options = dict(bn_recompute=True) if args.bn_recompute else {}
+    if args.stem_pad_channels:
+        options["stem_pad_channels"] = args.stem_pad_channels
+    library = resnet_jax.get_model(args.arch, **common, **options)
+    contenders: list[Contender] = [JaxContender("jax", library, args)]
     if args.compare_minimal:
         contenders.append(JaxContender("minimal", minimal_resnet(args.arch, **common), args))
     if args.compare_bn_two_pass:
-        two_pass = resnet_jax.get_model(args.arch, **common, bn_variance="two_pass")
+        two_pass = resnet_jax.get_model(args.arch, **common, **options, bn_variance="two_pass")
         contenders.append(JaxContender("jax_bn_two_pass", two_pass, args))
     if args.compare_torch:
         for mode in args.torch_compile_mode.split(","):
@@ -869,6 +875,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="report cold and warm compile times from two fresh processes sharing a new cache",
     )
     p.add_argument("--no-donate", action="store_true", help="do not donate the state (experiment)")
+    p.add_argument("--bn-recompute", action="store_true", help="ResNet(bn_recompute=True) (experiment)")
+    p.add_argument("--stem-pad-channels", type=int, default=0, help="ResNet(stem_pad_channels=N) (experiment)")
     p.add_argument("--pipelined", action="store_true", help="also time steps dispatched back to back")
     p.add_argument("--profile", metavar="DIR", help="write a jax.profiler trace of 5 steps to DIR")
     p.add_argument("--output", metavar="FILE", help="also write the JSON to FILE")

@@ -55,6 +55,10 @@ class BatchNorm(nn.Module):
       standard deviations from zero, where the running mean (0) is not yet a useful shift.
     * ``'two_pass'``: ``mean((x - mean)^2)``, robust whatever the mean, one more read of ``x``.
 
+    ``recompute=True`` checkpoints the normalisation (``jax.checkpoint``): the backward pass keeps
+    ``x`` in its own dtype and recomputes the float32 product, rather than storing float32 copies.
+    Values are unchanged.
+
     Statistics are computed in at least float32 whatever ``dtype`` is. Under ``jax.jit`` with a
     batch sharded over a mesh the reductions are global automatically; under ``pmap`` set
     ``axis_name`` to average them across devices (synchronised BatchNorm).
@@ -67,6 +71,7 @@ class BatchNorm(nn.Module):
     axis_name: Optional[str] = None
     unbiased_running_var: bool = True
     variance: str = "shifted"
+    recompute: bool = False
     scale_init: Callable = nn.initializers.ones
     bias_init: Callable = nn.initializers.zeros
 
@@ -118,9 +123,53 @@ class BatchNorm(nn.Module):
         else:
             mean, var = ra_mean.value.astype(compute_dtype), ra_var.value.astype(compute_dtype)
 
-        mul = jax.lax.rsqrt(var + self.epsilon) * scale.astype(compute_dtype)
-        y = xf * mul + (bias.astype(compute_dtype) - mean * mul)
-        return y.astype(self.dtype if self.dtype is not None else x.dtype)
+        out_dtype = self.dtype if self.dtype is not None else x.dtype
+
+        def normalize(x, mean, var, scale, bias):
+            mul = jax.lax.rsqrt(var + self.epsilon) * scale.astype(compute_dtype)
+            y = x.astype(compute_dtype) * mul + (bias.astype(compute_dtype) - mean * mul)
+            return y.astype(out_dtype)
+
+        if self.recompute:
+            # Autodiff keeps x in its own (e.g. bfloat16) dtype for the backward pass and recomputes
+            # the float32 cast there, instead of storing a float32 copy of every activation.
+            normalize = jax.checkpoint(normalize)
+        return normalize(x, mean, var, scale, bias)
+
+
+class ChannelPaddedConv(nn.Module):
+    """``nn.Conv`` without bias whose input channels are zero-padded to a multiple of ``pad_to``
+    inside the call (image and kernel alike), so the result is exactly the unpadded convolution.
+
+    The parameter keeps its true shape ``(*kernel_size, in, features)`` and name ``kernel``, so
+    weights convert as for ``nn.Conv``; the padded slice of the kernel is zeros and gets no
+    gradient. It exists for GPU stems: a 3-channel input leaves cuDNN on slow kernels.
+    """
+
+    features: int
+    kernel_size: tuple[int, int]
+    strides: int = 1
+    padding: Any = "VALID"
+    pad_to: int = 8
+    dtype: Optional[Dtype] = None
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Callable = kaiming_normal_fan_out
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cin = x.shape[-1]
+        kernel = self.param("kernel", self.kernel_init, (*self.kernel_size, cin, self.features), self.param_dtype)
+        dtype = self.dtype if self.dtype is not None else jnp.promote_types(x.dtype, self.param_dtype)
+        extra = (-cin) % self.pad_to
+        x = jnp.pad(x.astype(dtype), [(0, 0)] * (x.ndim - 1) + [(0, extra)])
+        kernel = jnp.pad(kernel.astype(dtype), [(0, 0), (0, 0), (0, extra), (0, 0)])
+        return jax.lax.conv_general_dilated(
+            x,
+            kernel,
+            window_strides=(self.strides, self.strides),
+            padding=self.padding,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
 
 
 class ShortcutProjection(nn.Module):

@@ -16,6 +16,7 @@ from flax import linen as nn
 
 from resnet_jax.blocks import (
     BatchNorm,
+    ChannelPaddedConv,
     BottleneckResidualBlock,
     ResidualBlock,
     default_conv,
@@ -149,6 +150,12 @@ class ResNet(nn.Module):
     and max-pool by a 3x3/1 conv, for 32x32 inputs such as CIFAR. ``num_classes=None`` drops
     ``fc`` and returns pooled features. Per-stage maps (C2..C5) come from :meth:`features`.
     Logits are returned in float32 whatever ``dtype`` is.
+
+    Speed options that leave every value unchanged: ``bn_variance`` (``'shifted'``, the default,
+    or ``'two_pass'``; see :class:`BatchNorm`), ``bn_recompute`` (BatchNorm's backward keeps its
+    input in ``dtype`` instead of float32) and ``stem_pad_channels`` (the stem convolution pads its
+    input channels with zeros to this multiple: ``None``, the default, means 8 on GPUs, where a
+    3-channel stem leaves cuDNN on slow kernels, and off elsewhere; 0 = off).
     """
 
     stage_sizes: Sequence[int]
@@ -163,6 +170,8 @@ class ResNet(nn.Module):
     epsilon: float = 1e-5
     axis_name: Optional[str] = None
     bn_variance: str = "shifted"
+    bn_recompute: bool = False
+    stem_pad_channels: Optional[int] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -191,14 +200,21 @@ class ResNet(nn.Module):
             epsilon=self.epsilon,
             axis_name=self.axis_name,
             variance=self.bn_variance,
+            recompute=self.bn_recompute,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
         x = jnp.asarray(x, self.dtype)
+        stem = conv
+        pad_to = self.stem_pad_channels
+        if pad_to is None:  # GPUs: 1.02x ResNet-50 bf16 training on an H100 (BENCHMARKS.md)
+            pad_to = 8 if jax.default_backend() == "gpu" else 0
+        if pad_to > 1 and x.shape[-1] % pad_to:
+            stem = functools.partial(ChannelPaddedConv, pad_to=pad_to, dtype=self.dtype, param_dtype=self.param_dtype)
         if self.small_stem:
-            x = conv(64, (3, 3), padding=torch_padding(3), name="conv1")(x)
+            x = stem(64, (3, 3), padding=torch_padding(3), name="conv1")(x)
         else:
-            x = conv(64, (7, 7), strides=2, padding=torch_padding(7), name="conv1")(x)
+            x = stem(64, (7, 7), strides=2, padding=torch_padding(7), name="conv1")(x)
         x = nn.relu(norm(name="bn1")(x, train))
         if not self.small_stem:
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=torch_padding(3))
