@@ -13,8 +13,16 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
+    _data(c)
+    _model(c)
+    _optimization(c)
+    _loop(c)
+    _multi_host(c)
+    return c
 
-    # --- data -----------------------------------------------------------------------------------
+
+def _data(c: ml_collections.ConfigDict) -> None:
+    """Dataset and augmentation (train/input_pipeline.py)."""
     # 'sklearn_digits', 'synthetic', or a TFDS name ('imagenet2012', 'cifar10', 'imagenette', ...).
     c.dataset = "sklearn_digits"
     c.data_dir = ""  # TFDS data_dir ('' = TFDS default, ~/tensorflow_datasets)
@@ -40,7 +48,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.synthetic_num_examples = 1_281_167
     c.synthetic_num_eval_examples = 10_000
 
-    # --- model ----------------------------------------------------------------------------------
+
+def _model(c: ml_collections.ConfigDict) -> None:
+    """The network (train/model.py) and its compute precision."""
     c.model = ml_collections.ConfigDict()
     # A resnet_jax preset name ('resnet18', 'resnet50', ...) or 'resnet_base'.
     c.model.arch = "resnet18"
@@ -52,7 +62,9 @@ def get_config() -> ml_collections.ConfigDict:
     # TPU/GPU, float32 on CPU). Parameters are always float32.
     c.dtype = "float32"
 
-    # --- optimization ---------------------------------------------------------------------------
+
+def _optimization(c: ml_collections.ConfigDict) -> None:
+    """Batch, length, optimizer and schedule (train/optim.py)."""
     c.batch_size = 64  # global, over all devices and hosts
     c.eval_batch_size = 360
     c.num_epochs = 30
@@ -72,7 +84,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.lars_eps = 0.0
     c.label_smoothing = 0.0
 
-    # --- loop -----------------------------------------------------------------------------------
+
+def _loop(c: ml_collections.ConfigDict) -> None:
+    """Parallelism, logging, evaluation and checkpoint policy (train/loop.py, train/periodic.py)."""
     c.parallelism = "jit"  # 'jit' (over a device mesh) or 'pmap'
     c.seed = 0
     # PRNG for parameter init: '' = JAX's default (threefry2x32). 'rbg' compiles much faster on
@@ -98,11 +112,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.debug_nan_step = -1  # >= 0: fill the images of this (0-based) step with NaN
     c.debug_step_delay_s = 0.0  # sleep after each step, so tests can interrupt at a chosen step
 
-    # --- multi-host (jax.distributed) -------------------------------------------------------------
+
+def _multi_host(c: ml_collections.ConfigDict) -> None:
+    """jax.distributed: several processes (hosts) training one model."""
     c.distributed = ml_collections.ConfigDict()
     c.distributed.enabled = False  # call jax.distributed.initialize()
     c.distributed.coordinator_address = ""  # '' = auto-detect (Cloud TPU, SLURM, ...)
     c.distributed.num_processes = 0  # 0 = auto-detect
     c.distributed.process_id = -1  # -1 = auto-detect
     c.distributed.cpu_collectives = ""  # 'gloo' for multi-process CPU runs
-    return c

@@ -151,8 +151,8 @@ class ResNet(nn.Module):
     ``fc`` and returns pooled features. Per-stage maps (C2..C5) come from :meth:`features`.
     Logits are returned in float32 whatever ``dtype`` is.
 
-    Speed options that leave every value unchanged: ``bn_variance`` (``'shifted'``, the default,
-    or ``'two_pass'``; see :class:`BatchNorm`), ``bn_recompute`` (BatchNorm's backward keeps its
+    Speed options that leave every value unchanged (up to float32 rounding): ``bn_variance``
+    (``'two_pass'``, the default, or the faster one-pass ``'shifted'``; see :class:`BatchNorm`), ``bn_recompute`` (BatchNorm's backward keeps its
     input in ``dtype`` instead of float32) and ``stem_pad_channels`` (the stem convolution pads its
     input channels with zeros to this multiple: ``None``, the default, means 8 on GPUs, where a
     3-channel stem leaves cuDNN on slow kernels, and off elsewhere; 0 = off).
@@ -169,7 +169,7 @@ class ResNet(nn.Module):
     momentum: float = 0.9
     epsilon: float = 1e-5
     axis_name: Optional[str] = None
-    bn_variance: str = "shifted"
+    bn_variance: str = "two_pass"
     bn_recompute: bool = False
     stem_pad_channels: Optional[int] = None
     dtype: Dtype = jnp.float32

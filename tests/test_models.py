@@ -225,7 +225,7 @@ def test_seed_reference_matches_blocks_names():
 
 
 def test_speed_options_leave_values_unchanged_at_float64():
-    """The default one-pass 'shifted' variance is the two-pass value, and the recomputed BatchNorm
+    """The one-pass 'shifted' variance is the two-pass value, and the recomputed BatchNorm
     and the channel-padded stem change nothing: logits, gradients and running statistics over
     three SGD steps (the shift is non-zero from the second) at float64."""
     jax.config.update("jax_enable_x64", True)
@@ -234,7 +234,7 @@ def test_speed_options_leave_values_unchanged_at_float64():
         labels = jnp.arange(4) % 5
         runs = {}
         variants = {
-            "shifted": dict(stem_pad_channels=0),
+            "shifted": dict(bn_variance="shifted", stem_pad_channels=0),
             "two_pass": dict(bn_variance="two_pass", stem_pad_channels=0),
             "recompute_pad8": dict(bn_recompute=True, stem_pad_channels=8),
         }

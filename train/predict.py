@@ -18,7 +18,8 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from train import checkpoint, input_pipeline, loop
+from train import build, checkpoint, input_pipeline
+from train.model import create_model
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a training run.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
@@ -29,10 +30,10 @@ def predict_files(
     workdir: str, paths: Sequence[str], *, step: int | None = None, top_k: int = 5
 ) -> list[list[tuple[int, str, float]]]:
     """Per image, the ``top_k`` ``(class index, class name, probability)``, most likely first."""
-    config, info = loop.load_run_info(workdir)
+    config, info = build.load_run_info(workdir)
     # Compute in float32 here: inference of a few images is not worth a reduced precision.
     config.dtype = "float32"
-    model, _ = loop.create_model(config, info)
+    model, _ = create_model(config, info)
     variables = checkpoint.restore_variables(workdir, step)
     crop = float(config.get("eval_crop_fraction", 1.0))
     images = np.stack([_load(p, info, crop) for p in paths])
