@@ -219,7 +219,8 @@ class ResNet(nn.Module):
             first = self.stem_width if self.stem_type == "deep" else 3 * (self.stem_width // 4)
             widths = (first, self.stem_width, 2 * self.stem_width)
             for i, width in enumerate(widths):
-                x = conv(width, (3, 3), strides=2 if i == 0 else 1, padding=torch_padding(3), name=f"conv1_{3 * i}")(x)
+                stride = 2 if i == 0 else 1
+                x = conv(width, (3, 3), strides=stride, padding=torch_padding(3), name=f"conv1_{3 * i}")(x)
                 if i < 2:
                     x = nn.relu(norm(name=f"conv1_{3 * i + 1}")(x, train))
         else:
@@ -255,7 +256,9 @@ class ResNet(nn.Module):
         return feats, logits.astype(jnp.promote_types(self.param_dtype, jnp.float32))
 
 
-def classifier_head(num_classes: int, fan_in: int, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32) -> nn.Dense:
+def classifier_head(
+    num_classes: int, fan_in: int, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32
+) -> nn.Dense:
     """The ``fc`` layer of :class:`ResNet`, initialised as ``torch.nn.Linear``.
 
     Shared with weight conversion, which initialises a fresh head the same way.

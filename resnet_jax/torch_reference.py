@@ -54,7 +54,8 @@ class _Basic(nn.Module):
     ) -> None:
         proj = stride != 1 or cin != cout
         if torchvision and avg_down:
-            pool = nn.AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False) if stride != 1 else nn.Identity()
+            pool = nn.AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False)
+            pool = pool if stride != 1 else nn.Identity()
             self.downsample = nn.Sequential(pool, _conv(cin, cout, 1), nn.BatchNorm2d(cout)) if proj else None
         elif torchvision:
             self.downsample = (
@@ -188,7 +189,9 @@ class TorchResNet(nn.Module):
                 else:
                     width = int(planes * (width_per_group / 64.0)) * groups
                     layer.append(
-                        _Bottleneck(prev, width, planes * 4, stride, groups, torchvision=True, avg_down=avg_down)
+                        _Bottleneck(
+                            prev, width, planes * 4, stride, groups, torchvision=True, avg_down=avg_down
+                        )
                     )
                     prev = planes * 4
             setattr(self, f"layer{i + 1}", nn.Sequential(*layer))
