@@ -432,4 +432,4 @@ def save_torch_checkpoint(
 def _to_torch(torch: Any, arr: np.ndarray) -> Any:
     if arr.dtype.name == "bfloat16":  # numpy has no bfloat16 torch.from_numpy understands
         return torch.from_numpy(arr.view(np.uint16).copy()).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(arr))
+    return torch.from_numpy(np.array(arr, order="C"))  # a writable copy
