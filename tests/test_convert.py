@@ -194,7 +194,8 @@ def test_timm_layout_converts_by_inference_and_computes_the_same_function(arch):
     the result is the same function in eval and train mode at float64 (odd size: ceil-mode pool)."""
     tm = _randomize_bn(torch_resnet(arch, num_classes=5, stage_sizes=(1, 2)))
     sd = tm.state_dict()
-    assert {"conv1.0.weight", "conv1.1.running_var", "conv1.6.weight", "layer2.0.downsample.1.weight"} <= set(sd)
+    timm_names = {"conv1.0.weight", "conv1.1.running_var", "conv1.6.weight", "layer2.0.downsample.1.weight"}
+    assert timm_names <= set(sd)
     variables = convert.torch_to_flax(sd)
     model = convert.infer_model(sd)
     assert model == resnet_jax.get_model(arch, num_classes=5, stage_sizes=(1, 2))
@@ -248,7 +249,7 @@ def test_wrong_strides_error_says_strides_are_not_in_the_weights_and_how_to_pass
     with pytest.raises(convert.StateDictMismatchError) as e:
         convert.torch_to_flax(sd, resnet_jax.ResNetBase((2, 2), (8, 16), conv_bias=True))
     msg = str(e.value)
-    assert "does not match ResNetBase(n_blocks=(2, 2), n_channels=(8, 16), strides=(1, 2), conv_bias=True)" in msg
+    assert "not match ResNetBase(n_blocks=(2, 2), n_channels=(8, 16), strides=(1, 2), conv_bias=True)" in msg
     assert "unexpected keys (6): blocks.0.shortcut.bn.bias" in msg
     assert "cannot be known from the weights" in msg and "ResNetBase(..., strides=...)" in msg
     assert "looks like ResNetBase(n_blocks=(2, 2), n_channels=(8, 16), strides=(2, 1), conv_bias=True)" in msg
@@ -262,9 +263,11 @@ def test_new_head_reinitialises_only_fc():
     sd = _tiny_sd(num_classes=7)
     kept = convert.torch_to_flax(sd)
     fresh = convert.torch_to_flax(sd, num_classes=3, rng=1)
-    flat_kept, flat_fresh = (jax.tree_util.tree_flatten_with_path(v)[0] for v in (kept, fresh))
-    others = {jax.tree_util.keystr(k): v for k, v in flat_kept if "'fc'" not in jax.tree_util.keystr(k)}
-    fresh_others = {jax.tree_util.keystr(k): v for k, v in flat_fresh if "'fc'" not in jax.tree_util.keystr(k)}
+    def not_fc(variables):
+        flat = jax.tree_util.tree_flatten_with_path(variables)[0]
+        return {jax.tree_util.keystr(k): v for k, v in flat if "'fc'" not in jax.tree_util.keystr(k)}
+
+    others, fresh_others = not_fc(kept), not_fc(fresh)
     assert others.keys() == fresh_others.keys()
     for k in others:  # bitwise
         np.testing.assert_array_equal(fresh_others[k], others[k], err_msg=k)
@@ -282,7 +285,7 @@ def test_new_head_reinitialises_only_fc():
 def test_new_head_with_an_explicit_model_and_without_a_head():
     sd = _tiny_sd(num_classes=7)
     model = resnet_jax.resnet18(num_classes=3, stage_sizes=(1, 1))
-    with pytest.raises(convert.StateDictMismatchError, match=r"fc has 7 classes and the model's 3: pass new_head=True"):
+    with pytest.raises(convert.StateDictMismatchError, match=r"fc has 7 classes and the model's 3: pass new_"):
         convert.torch_to_flax(sd, model)
     v = convert.torch_to_flax(sd, model, new_head=True)
     assert v["params"]["fc"]["kernel"].shape == (128, 3)
