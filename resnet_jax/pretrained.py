@@ -282,7 +282,9 @@ def _download_hf(entry: WeightsInfo) -> Path:
     return Path(hf_hub_download(entry.hf_hub_id, entry.file_name))
 
 
-def locate(entry: WeightsInfo, path: Optional[Union[str, os.PathLike]] = None, download: bool = True):
+def locate(
+    entry: WeightsInfo, path: Optional[Union[str, os.PathLike]] = None, download: bool = True
+) -> tuple[Path, str]:
     """``(file, where)`` for an entry, from the sources in order (see the module docstring)."""
     if path is not None:
         given = Path(path).expanduser()
@@ -343,7 +345,7 @@ def load(
     rng: Union[int, jax.Array] = 0,
     return_info: bool = False,
     **overrides: Any,
-):
+) -> Union[tuple[ResNet, dict], tuple[ResNet, dict, LoadInfo]]:
     """``(model, variables)`` for named pretrained weights; ``(model, variables, LoadInfo)`` with
     ``return_info=True``.
 
