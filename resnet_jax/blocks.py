@@ -193,9 +193,23 @@ class ShortcutProjection(nn.Module):
         return _project(self, x, train, self.out_channels, self.stride, self.conv_name, self.norm_name)
 
 
-def _project(mod, x, train, out_channels, stride, conv_name, norm_name):
+def _project(mod, x, train, out_channels, stride, conv_name, norm_name, avg_down=False):
+    if avg_down and stride != 1:
+        # ResNet-D: average 2x2 windows, then a stride-1 1x1 conv, so the projection sees every
+        # input pixel instead of a quarter of them.
+        x = avg_pool_ceil(x, stride)
+        stride = 1
     y = mod.conv(out_channels, (1, 1), strides=stride, padding=((0, 0), (0, 0)), name=conv_name)(x)
     return mod.norm(name=norm_name)(y, train)
+
+
+def avg_pool_ceil(x: jax.Array, stride: int) -> jax.Array:
+    """PyTorch's ``AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False)``.
+
+    On odd sizes ceil mode adds a last, partial window that averages only the pixels it covers.
+    """
+    pads = [(0, -size % stride) for size in x.shape[1:3]]
+    return nn.avg_pool(x, (stride, stride), strides=(stride, stride), padding=pads, count_include_pad=False)
 
 
 class _Block(nn.Module):
@@ -206,8 +220,9 @@ class _Block(nn.Module):
             return x
         module_name, conv_name, norm_name = self.shortcut_names
         if module_name is None:
-            # torchvision keeps the projection as `downsample.0` / `downsample.1` of the block.
-            return _project(self, x, train, out_channels, self.stride, conv_name, norm_name)
+            # torchvision keeps the projection as `downsample.0` / `downsample.1` of the block,
+            # timm's ResNet-D as `downsample.1` / `downsample.2` after a parameter-free pool.
+            return _project(self, x, train, out_channels, self.stride, conv_name, norm_name, self.avg_down)
         return ShortcutProjection(
             out_channels, self.stride, self.conv, self.norm, conv_name, norm_name, name=module_name
         )(x, train)
@@ -232,6 +247,7 @@ class ResidualBlock(_Block):
     act: Callable[[jax.Array], jax.Array] = nn.relu
     zero_init_residual: bool = False
     shortcut_names: Sequence[Optional[str]] = ("shortcut", "conv", "bn")
+    avg_down: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -262,6 +278,7 @@ class BottleneckResidualBlock(_Block):
     act: Callable[[jax.Array], jax.Array] = nn.relu
     zero_init_residual: bool = False
     shortcut_names: Sequence[Optional[str]] = ("shortcut", "conv", "bn")
+    avg_down: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:

@@ -26,6 +26,7 @@ from resnet_jax.blocks import (
 Dtype = Any
 
 TORCHVISION_SHORTCUT = (None, "downsample_0", "downsample_1")
+TIMM_AVG_SHORTCUT = (None, "downsample_1", "downsample_2")  # downsample.0 is the pool
 
 
 def check_images(x: jax.Array, img_channels: int, model: str) -> None:
@@ -151,9 +152,19 @@ class ResNet(nn.Module):
     ``fc`` and returns pooled features. Per-stage maps (C2..C5) come from :meth:`features`.
     Logits are returned in float32 whatever ``dtype`` is.
 
+    timm's stem and shortcut options, with timm's parameter names (so timm weights convert):
+    ``stem_type='deep'`` replaces the 7x7 conv by three 3x3 convs of ``stem_width``,
+    ``stem_width``, ``2 * stem_width`` channels (``conv1.0``, ``conv1.3``, ``conv1.6`` with
+    BatchNorm+ReLU ``conv1.1``/``conv1.4`` between), ``'deep_tiered'`` uses
+    ``3 * (stem_width // 4)`` channels for the first; ``avg_down=True`` makes each downsampling
+    shortcut a 2x2 average pool followed by a stride-1 1x1 conv (``downsample.1``/``.2``). Deep
+    stem plus ``avg_down`` is ResNet-D ("Bag of Tricks", He et al. 2019): strided 1x1 convs
+    discard three quarters of their input, and a 7x7 conv costs as much as three 3x3 ones.
+
     Speed options that leave every value unchanged (up to float32 rounding): ``bn_variance``
-    (``'two_pass'``, the default, or the faster one-pass ``'shifted'``; see :class:`BatchNorm`), ``bn_recompute`` (BatchNorm's backward keeps its
-    input in ``dtype`` instead of float32) and ``stem_pad_channels`` (the stem convolution pads its
+    (``'two_pass'``, the default, or the faster one-pass ``'shifted'``; see
+    :class:`BatchNorm`), ``bn_recompute`` (BatchNorm's backward keeps its input in ``dtype``
+    instead of float32) and ``stem_pad_channels`` (the stem convolution pads its
     input channels with zeros to this multiple: ``None``, the default, means 8 on GPUs, where a
     3-channel stem leaves cuDNN on slow kernels, and off elsewhere; 0 = off).
     """
@@ -165,6 +176,9 @@ class ResNet(nn.Module):
     width_per_group: int = 64
     img_channels: int = 3
     small_stem: bool = False
+    stem_type: str = ""
+    stem_width: int = 64
+    avg_down: bool = False
     zero_init_residual: bool = False
     momentum: float = 0.9
     epsilon: float = 1e-5
@@ -204,6 +218,10 @@ class ResNet(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
+        if self.stem_type not in ("", "deep", "deep_tiered"):
+            raise ValueError(f"stem_type must be '', 'deep' or 'deep_tiered'; got {self.stem_type!r}.")
+        if self.stem_type and self.small_stem:
+            raise ValueError("small_stem=True replaces the stem; it cannot be combined with stem_type.")
         x = jnp.asarray(x, self.dtype)
         stem = conv
         pad_to = self.stem_pad_channels
@@ -213,6 +231,17 @@ class ResNet(nn.Module):
             stem = functools.partial(ChannelPaddedConv, pad_to=pad_to, dtype=self.dtype, param_dtype=self.param_dtype)
         if self.small_stem:
             x = stem(64, (3, 3), padding=torch_padding(3), name="conv1")(x)
+        elif self.stem_type:
+            # timm's nn.Sequential(conv, bn, relu, conv, bn, relu, conv): indices 0..6.
+            first = self.stem_width if self.stem_type == "deep" else 3 * (self.stem_width // 4)
+            widths = (first, self.stem_width, 2 * self.stem_width)
+            for i, width in enumerate(widths):
+                stride = 2 if i == 0 else 1
+                x = (stem if i == 0 else conv)(
+                    width, (3, 3), strides=stride, padding=torch_padding(3), name=f"conv1_{3 * i}"
+                )(x)
+                if i < 2:
+                    x = nn.relu(norm(name=f"conv1_{3 * i + 1}")(x, train))
         else:
             x = stem(64, (7, 7), strides=2, padding=torch_padding(7), name="conv1")(x)
         x = nn.relu(norm(name="bn1")(x, train))
@@ -227,7 +256,8 @@ class ResNet(nn.Module):
                     conv=conv,
                     norm=norm,
                     zero_init_residual=self.zero_init_residual,
-                    shortcut_names=TORCHVISION_SHORTCUT,
+                    shortcut_names=TIMM_AVG_SHORTCUT if self.avg_down else TORCHVISION_SHORTCUT,
+                    avg_down=self.avg_down,
                     name=f"layer{i + 1}_{j}",
                 )
                 if self.block == "basic":
@@ -241,21 +271,34 @@ class ResNet(nn.Module):
         pooled = _global_avg_pool(x).astype(self.dtype)
         if self.num_classes is None:
             return feats, pooled
-        fan_in = pooled.shape[-1]
-        logits = nn.Dense(
-            self.num_classes,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            # torch.nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias.
-            kernel_init=nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
-            bias_init=_torch_linear_bias_init(fan_in),
-            name="fc",
-        )(pooled)
+        logits = classifier_head(self.num_classes, pooled.shape[-1], self.dtype, self.param_dtype)(pooled)
         return feats, logits.astype(jnp.promote_types(self.param_dtype, jnp.float32))
 
 
+def classifier_head(
+    num_classes: int, fan_in: int, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32
+) -> nn.Dense:
+    """The ``fc`` layer of :class:`ResNet`, initialised as ``torch.nn.Linear``.
+
+    Shared with weight conversion, which initialises a fresh head the same way.
+    """
+    return nn.Dense(
+        num_classes,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        # torch.nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias.
+        kernel_init=nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
+        bias_init=_torch_linear_bias_init(fan_in),
+        name="fc",
+    )
+
+
+_D = dict(stem_type="deep", stem_width=32, avg_down=True)
+_T = dict(stem_type="deep_tiered", stem_width=32, avg_down=True)
+
 # name -> ResNet fields. Architectures as torchvision.models; resnet200 as in He et al. 2016
-# ("Identity Mappings in Deep Residual Networks"), which torchvision does not ship.
+# ("Identity Mappings in Deep Residual Networks"), which torchvision does not ship; the -D and
+# -T variants as timm.models.resnet (timm names them the same).
 PRESETS: Mapping[str, Mapping[str, Any]] = {
     "resnet18": dict(stage_sizes=(2, 2, 2, 2), block="basic"),
     "resnet34": dict(stage_sizes=(3, 4, 6, 3), block="basic"),
@@ -268,7 +311,18 @@ PRESETS: Mapping[str, Mapping[str, Any]] = {
     "resnext50_32x4d": dict(stage_sizes=(3, 4, 6, 3), groups=32, width_per_group=4),
     "resnext101_32x8d": dict(stage_sizes=(3, 4, 23, 3), groups=32, width_per_group=8),
     "resnext101_64x4d": dict(stage_sizes=(3, 4, 23, 3), groups=64, width_per_group=4),
+    "resnet18d": dict(stage_sizes=(2, 2, 2, 2), block="basic", **_D),
+    "resnet34d": dict(stage_sizes=(3, 4, 6, 3), block="basic", **_D),
+    "resnet26d": dict(stage_sizes=(2, 2, 2, 2), **_D),
+    "resnet50d": dict(stage_sizes=(3, 4, 6, 3), **_D),
+    "resnet101d": dict(stage_sizes=(3, 4, 23, 3), **_D),
+    "resnet152d": dict(stage_sizes=(3, 8, 36, 3), **_D),
+    "resnet200d": dict(stage_sizes=(3, 24, 36, 3), **_D),
+    "resnet26t": dict(stage_sizes=(2, 2, 2, 2), **_T),
+    "resnet50t": dict(stage_sizes=(3, 4, 6, 3), **_T),
 }
+# The presets whose architecture torchvision ships (the others come from timm).
+TORCHVISION_ARCHS = tuple(a for a, f in PRESETS.items() if "stem_type" not in f)
 
 
 def get_model(arch: str, num_classes: Optional[int] = 1000, **overrides: Any) -> ResNet:
@@ -287,7 +341,8 @@ def _make_preset(arch: str) -> Callable[..., ResNet]:
         return get_model(arch, num_classes, **overrides)
 
     preset.__name__ = preset.__qualname__ = arch
-    preset.__doc__ = f"torchvision's {arch} as a Flax ResNet; ``overrides`` set any ResNet field."
+    source = "torchvision" if arch in TORCHVISION_ARCHS else "timm"
+    preset.__doc__ = f"{source}'s {arch} as a Flax ResNet; ``overrides`` set any ResNet field."
     return preset
 
 
@@ -302,3 +357,12 @@ wide_resnet101_2 = _make_preset("wide_resnet101_2")
 resnext50_32x4d = _make_preset("resnext50_32x4d")
 resnext101_32x8d = _make_preset("resnext101_32x8d")
 resnext101_64x4d = _make_preset("resnext101_64x4d")
+resnet18d = _make_preset("resnet18d")
+resnet34d = _make_preset("resnet34d")
+resnet26d = _make_preset("resnet26d")
+resnet50d = _make_preset("resnet50d")
+resnet101d = _make_preset("resnet101d")
+resnet152d = _make_preset("resnet152d")
+resnet200d = _make_preset("resnet200d")
+resnet26t = _make_preset("resnet26t")
+resnet50t = _make_preset("resnet50t")

@@ -29,6 +29,19 @@ TORCHVISION_PARAMS = {
 }
 
 
+# timm's published parameter counts in millions (results/results-imagenet.csv, param_count).
+TIMM_PARAMS_M = {
+    "resnet18d": 11.71,
+    "resnet34d": 21.82,
+    "resnet26d": 16.01,
+    "resnet26t": 16.01,
+    "resnet50d": 25.58,
+    "resnet101d": 44.57,
+    "resnet152d": 60.21,
+    "resnet200d": 64.69,
+}
+
+
 def _abstract_init(model, shape=(1, 224, 224, 3)):
     x = jax.ShapeDtypeStruct(shape, jnp.float32)
     return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
@@ -43,6 +56,32 @@ def test_preset_parameter_count_equals_torchvision(arch):
     variables = _abstract_init(getattr(resnet_jax, arch)())
     assert _count(variables["params"]) == TORCHVISION_PARAMS[arch]
     assert _count(variables["params"]) == sum(p.numel() for p in torch_resnet(arch).parameters())
+
+
+@pytest.mark.parametrize("arch", sorted(TIMM_PARAMS_M))
+def test_resnet_d_parameter_count_equals_timm(arch):
+    n = _count(_abstract_init(getattr(resnet_jax, arch)())["params"])
+    assert round(n / 1e6, 2) == TIMM_PARAMS_M[arch]
+    with torch.device("meta"):
+        assert n == sum(p.numel() for p in torch_resnet(arch).parameters())
+
+
+def test_deep_and_tiered_stems_have_timm_widths_and_names():
+    for arch, widths in (("resnet50d", (32, 32, 64)), ("resnet50t", (24, 32, 64))):
+        params = _abstract_init(getattr(resnet_jax, arch)())["params"]
+        assert [params[f"conv1_{i}"]["kernel"].shape[-1] for i in (0, 3, 6)] == list(widths)
+        assert params["conv1_0"]["kernel"].shape == (3, 3, 3, widths[0])
+        assert set(params["layer2_0"]) >= {"downsample_1", "downsample_2"}
+        assert "downsample_0" not in params["layer2_0"]
+        assert params["layer2_0"]["downsample_1"]["kernel"].shape == (1, 1, 256, 512)
+
+
+def test_stem_options_are_validated():
+    x = jnp.zeros((1, 32, 32, 3))
+    with pytest.raises(ValueError, match="stem_type must be"):
+        resnet_jax.resnet18(stem_type="wide").init(jax.random.key(0), x, train=False)
+    with pytest.raises(ValueError, match="cannot be combined with stem_type"):
+        resnet_jax.resnet18d(small_stem=True).init(jax.random.key(0), x, train=False)
 
 
 def test_resnet50_feature_maps_are_c2_to_c5():
