@@ -38,6 +38,7 @@ def _data(c: ml_collections.ConfigDict) -> None:
     c.random_flip = False  # digits are not mirror-symmetric
     c.eval_crop_fraction = 1.0  # 0.875: resize to size/0.875 then center-crop size (ImageNet)
     c.normalize_mean = ()  # per channel, in 0..255 pixel units; () = dataset default
+    c.class_subset = ()  # sklearn_digits only: train and evaluate on these digits, relabelled 0..k-1
     c.normalize_std = ()
     c.cache = False  # keep the encoded TFDS training shard in memory
     c.shuffle_buffer_size = 16_384
@@ -83,6 +84,11 @@ def _optimization(c: ml_collections.ConfigDict) -> None:
     c.lars_trust_coefficient = 0.001
     c.lars_eps = 0.0
     c.label_smoothing = 0.0
+    # Fine-tuning: everything but the classifier (fc) is the backbone. Frozen: its parameters
+    # never change (its BatchNorm statistics still update in train mode, as in PyTorch with
+    # requires_grad=False). Or train it at backbone_lr_multiplier x the learning rate.
+    c.freeze_backbone = False
+    c.backbone_lr_multiplier = 1.0
 
 
 def _loop(c: ml_collections.ConfigDict) -> None:
@@ -104,9 +110,13 @@ def _loop(c: ml_collections.ConfigDict) -> None:
     c.eval_only = False  # evaluate a checkpoint (restore_step, default latest) and exit
     c.restore_step = -1
     c.progress_bar = True
-    # Fine-tune from a PyTorch ResNet checkpoint (.pth/.pt state_dict of the same architecture and
-    # num_classes); '' = random init. Ignored when resuming from a checkpoint in the workdir.
-    c.init_from_torch = ""
+    # Start from other weights ('' = random init; ignored when resuming from this workdir): a
+    # PyTorch state_dict file (.pth/.pt/.safetensors), a pretrained name (resnet_jax.pretrained,
+    # e.g. 'resnet50.tv2_in1k') or another run's workdir. A classifier with another class count
+    # than the dataset's is freshly initialised; everything else loads exactly.
+    c.init_from = ""
+    c.init_from_torch = ""  # older name of init_from, for PyTorch files
+    c.new_head = False  # always re-initialise the classifier (new classes, even of the same count)
 
     # --- test-only fault injection (leave at the defaults) ----------------------------------------
     c.debug_nan_step = -1  # >= 0: fill the images of this (0-based) step with NaN

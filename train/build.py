@@ -24,7 +24,7 @@ from train import input_pipeline, optim, steps
 from train import metrics as metrics_lib
 from train.config import ConfigError, validate_config
 from train.distributed import CompiledOnFirstCall
-from train.init_from import init_from_torch
+from train.init_from import import_weights
 from train.model import create_model
 
 CONFIG_FILE = "config.json"
@@ -151,9 +151,19 @@ def restore_or_init(run: Run) -> tuple[Any, int]:
             f"the config they were saved with, or use a new workdir to start over."
         )
     state = run.driver.init_state(run.create_state)
-    if config.get("init_from_torch"):
-        host = init_from_torch(config.init_from_torch, run.model, run.driver.to_host(state))
+    field = "init_from" if config.get("init_from") else "init_from_torch"
+    if config.get(field):
+        host, note = import_weights(
+            config[field],
+            run.model,
+            run.driver.to_host(state),
+            arch=config.model.arch,
+            field=field,
+            new_head=bool(config.get("new_head", False)),
+        )
         state = run.driver.place_state(host)
+        if run.is_main:
+            print(note, flush=True)
     return state, 0
 
 
