@@ -51,9 +51,9 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import resnet_jax  # noqa: E402
-from train import compile_cache, optim, steps  # noqa: E402
 from benchmarks.minimal_resnet import minimal_resnet  # noqa: E402
 from benchmarks.report import cpu_model, emit_json, host_environment  # noqa: E402
+from train import compile_cache, optim, steps  # noqa: E402
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -884,7 +884,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="the library's BatchNorm variance (default: shifted, as configs/imagenet_resnet50.py)",
     )
     p.add_argument("--bn-recompute", action="store_true", help="ResNet(bn_recompute=True) (experiment)")
-    p.add_argument("--stem-pad-channels", type=int, default=0, help="ResNet(stem_pad_channels=N) (experiment)")
+    p.add_argument(
+        "--stem-pad-channels", type=int, default=0, help="ResNet(stem_pad_channels=N) (experiment)"
+    )
     p.add_argument("--pipelined", action="store_true", help="also time steps dispatched back to back")
     p.add_argument("--profile", metavar="DIR", help="write a jax.profiler trace of 5 steps to DIR")
     p.add_argument("--output", metavar="FILE", help="also write the JSON to FILE")

@@ -16,7 +16,9 @@ from runpy import run_path
 
 def get_config():
     # configs/ is not a package: the config this one extends is run by its path.
-    c = run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet_resnet50.py"))["get_config"]()
+    c = run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet_resnet50.py"))[
+        "get_config"
+    ]()
     c.batch_size = 3264
     c.num_epochs = 37
     c.optimizer = "lars"

@@ -160,7 +160,9 @@ class ChannelPaddedConv(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cin = x.shape[-1]
-        kernel = self.param("kernel", self.kernel_init, (*self.kernel_size, cin, self.features), self.param_dtype)
+        kernel = self.param(
+            "kernel", self.kernel_init, (*self.kernel_size, cin, self.features), self.param_dtype
+        )
         dtype = self.dtype if self.dtype is not None else jnp.promote_types(x.dtype, self.param_dtype)
         extra = (-cin) % self.pad_to
         x = jnp.pad(x.astype(dtype), [(0, 0)] * (x.ndim - 1) + [(0, extra)])

@@ -16,8 +16,8 @@ from flax import linen as nn
 
 from resnet_jax.blocks import (
     BatchNorm,
-    ChannelPaddedConv,
     BottleneckResidualBlock,
+    ChannelPaddedConv,
     ResidualBlock,
     default_conv,
     torch_padding,
@@ -228,7 +228,9 @@ class ResNet(nn.Module):
         if pad_to is None:  # GPUs: 1.02x ResNet-50 bf16 training on an H100 (BENCHMARKS.md)
             pad_to = 8 if jax.default_backend() == "gpu" else 0
         if pad_to > 1 and x.shape[-1] % pad_to:
-            stem = functools.partial(ChannelPaddedConv, pad_to=pad_to, dtype=self.dtype, param_dtype=self.param_dtype)
+            stem = functools.partial(
+                ChannelPaddedConv, pad_to=pad_to, dtype=self.dtype, param_dtype=self.param_dtype
+            )
         if self.small_stem:
             x = stem(64, (3, 3), padding=torch_padding(3), name="conv1")(x)
         elif self.stem_type:

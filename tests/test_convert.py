@@ -263,6 +263,7 @@ def test_new_head_reinitialises_only_fc():
     sd = _tiny_sd(num_classes=7)
     kept = convert.torch_to_flax(sd)
     fresh = convert.torch_to_flax(sd, num_classes=3, rng=1)
+
     def not_fc(variables):
         flat = jax.tree_util.tree_flatten_with_path(variables)[0]
         return {jax.tree_util.keystr(k): v for k, v in flat if "'fc'" not in jax.tree_util.keystr(k)}

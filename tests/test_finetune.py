@@ -28,8 +28,10 @@ def test_class_subset_keeps_and_relabels_digits():
     sub = input_pipeline.create_dataset(tiny_config(class_subset=(7, 2)))
     src_full, src_sub = full.__dict__["_source"], sub.__dict__["_source"]
     assert sub.info.num_classes == 2 and sub.info.class_names == ("7", "2")
-    for x, y, xs, ys in ((src_full.x_train, src_full.y_train, src_sub.x_train, src_sub.y_train),
-                         (src_full.x_eval, src_full.y_eval, src_sub.x_eval, src_sub.y_eval)):
+    for x, y, xs, ys in (
+        (src_full.x_train, src_full.y_train, src_sub.x_train, src_sub.y_train),
+        (src_full.x_eval, src_full.y_eval, src_sub.x_eval, src_sub.y_eval),
+    ):
         np.testing.assert_array_equal(xs, x[(y == 7) | (y == 2)])
         np.testing.assert_array_equal(ys, np.where(y[(y == 7) | (y == 2)] == 7, 0, 1))
     assert sub.info.mean == full.info.mean  # one normalisation for every subset
@@ -44,13 +46,21 @@ def test_frozen_backbone_gets_no_update_and_multiplier_scales_it():
     grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
     schedule = optax.constant_schedule(0.1)
     updates = {}
-    for name, kw in (("plain", {}), ("frozen", {"freeze_backbone": True}), ("slow", {"backbone_lr_multiplier": 0.1})):
+    for name, kw in (
+        ("plain", {}),
+        ("frozen", {"freeze_backbone": True}),
+        ("slow", {"backbone_lr_multiplier": 0.1}),
+    ):
         tx = optim.create_optimizer(tiny_config(weight_decay=0.0, **kw), schedule)
         updates[name], _ = tx.update(grads, tx.init(params), params)
     chex.assert_trees_all_equal(updates["frozen"]["fc"], updates["plain"]["fc"])
-    chex.assert_trees_all_equal(updates["frozen"]["layer1_0"], jax.tree.map(jnp.zeros_like, params["layer1_0"]))
+    chex.assert_trees_all_equal(
+        updates["frozen"]["layer1_0"], jax.tree.map(jnp.zeros_like, params["layer1_0"])
+    )
     chex.assert_trees_all_equal(updates["slow"]["fc"], updates["plain"]["fc"])
-    chex.assert_trees_all_close(updates["slow"]["layer1_0"], jax.tree.map(lambda u: 0.1 * u, updates["plain"]["layer1_0"]))
+    chex.assert_trees_all_close(
+        updates["slow"]["layer1_0"], jax.tree.map(lambda u: 0.1 * u, updates["plain"]["layer1_0"])
+    )
 
 
 @pytest.fixture(scope="module")
@@ -74,14 +84,19 @@ def test_fine_tune_new_head_frozen_backbone_and_resume(pretrained_run, tmp_path,
     chex.assert_trees_all_equal(tuned["params"]["backbone"], source["params"]["backbone"])
     assert tuned["params"]["fc"]["kernel"].shape[-1] == 4
     # BatchNorm statistics follow the documented choice: they keep updating in train mode.
-    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(tuned["batch_stats"]), jax.tree.leaves(source["batch_stats"])))
+    assert not all(
+        np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(tuned["batch_stats"]), jax.tree.leaves(source["batch_stats"]))
+    )
 
     # Resuming never re-imports: the source may even be gone.
     gone = str(tmp_path / "gone")
     shutil.copytree(pretrained_run, gone)
     loop.train_and_evaluate(tiny_config(**{**cfg, "init_from": gone}), str(tmp_path / "ft2"))
     shutil.rmtree(gone)
-    summary = loop.train_and_evaluate(tiny_config(**{**cfg, "init_from": gone, "num_train_steps": 8}), str(tmp_path / "ft2"))
+    summary = loop.train_and_evaluate(
+        tiny_config(**{**cfg, "init_from": gone, "num_train_steps": 8}), str(tmp_path / "ft2")
+    )
     assert summary["start_step"] == 6 and summary["final_step"] == 8
     assert "Initialised from" not in capsys.readouterr().out.split("Resuming from checkpoint step 6")[-1]
 

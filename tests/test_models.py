@@ -279,12 +279,16 @@ def test_speed_options_leave_values_unchanged_at_float64():
         }
         for variant, options in variants.items():
             model = resnet_jax.ResNet(
-                stage_sizes=[1, 1], block="bottleneck", num_classes=5, dtype=jnp.float64,
-                param_dtype=jnp.float64, **options,
+                stage_sizes=[1, 1],
+                block="bottleneck",
+                num_classes=5,
+                dtype=jnp.float64,
+                param_dtype=jnp.float64,
+                **options,
             )
             variables = model.init(jax.random.key(0), x, train=False)
 
-            def loss_fn(params, stats):
+            def loss_fn(params, stats, model=model):
                 logits, upd = model.apply(
                     {"params": params, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
                 )

@@ -21,8 +21,8 @@ sys.path.insert(0, str(REPO / "tests"))
 from train_worker import tiny_config  # noqa: E402
 
 from train import checkpoint, input_pipeline, loop, optim, predict  # noqa: E402
-from train.model import create_model  # noqa: E402
 from train.metrics import read_metrics  # noqa: E402
+from train.model import create_model  # noqa: E402
 
 STEPS = 30
 

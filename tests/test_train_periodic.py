@@ -90,13 +90,27 @@ def test_non_finite_guard_names_the_step_and_the_last_good_checkpoint():
     ckpt = FakeCheckpointer(latest=20)
     guard = periodic.NonFiniteGuard(ckpt, to_host=lambda m: m)
     good = {"loss": np.float32(1.0), "grad_norm": np.float32(2.0)}
-    guard.check([(21, good), (22, {**good, "loss": np.float32(np.inf), "skipped_step": 1.0})])  # fp16 skip: fine
-    with pytest.raises(periodic.NonFiniteError, match=r"the gradient norm became nan at step 23; the last good checkpoint is step 20 in /runs/x/checkpoints") as e:
-        guard.check([(23, {**good, "grad_norm": np.float32(np.nan)}), (24, {**good, "loss": np.float32(np.nan)})])
+    guard.check(
+        [(21, good), (22, {**good, "loss": np.float32(np.inf), "skipped_step": 1.0})]
+    )  # fp16 skip: fine
+    with pytest.raises(
+        periodic.NonFiniteError,
+        match=(
+            r"the gradient norm became nan at step 23; "
+            r"the last good checkpoint is step 20 in /runs/x/checkpoints"
+        ),
+    ) as e:
+        guard.check(
+            [(23, {**good, "grad_norm": np.float32(np.nan)}), (24, {**good, "loss": np.float32(np.nan)})]
+        )
     assert "Lower config.learning_rate" in str(e.value) and ckpt.waited
     guard.check_params({"w": jnp.ones(3)}, 30)
-    with pytest.raises(periodic.NonFiniteError, match="the parameters became NaN/Inf at step 31; no checkpoint"):
-        periodic.NonFiniteGuard(FakeCheckpointer(None), lambda m: m).check_params({"w": jnp.array([1.0, jnp.inf])}, 31)
+    with pytest.raises(
+        periodic.NonFiniteError, match="the parameters became NaN/Inf at step 31; no checkpoint"
+    ):
+        periodic.NonFiniteGuard(FakeCheckpointer(None), lambda m: m).check_params(
+            {"w": jnp.array([1.0, jnp.inf])}, 31
+        )
 
 
 class FakeWriter:

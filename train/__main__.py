@@ -32,9 +32,9 @@ def main(argv: list[str]) -> None:
 
     # Imported here so that --help stays fast and distributed init precedes any JAX use.
     from train import loop
-    from train.distributed import maybe_initialize_distributed
     from train.compile_cache import enable_compilation_cache
     from train.config import ConfigError
+    from train.distributed import maybe_initialize_distributed
     from train.input_pipeline import DatasetError
 
     enable_compilation_cache(config.compilation_cache_dir)

@@ -14,9 +14,14 @@ import sys
 
 from absl import app, flags
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a training run.")
-_OUT = flags.DEFINE_string("out", None, "Output file: .pth, .pt or .safetensors.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+
+def _define_flags() -> None:
+    """Flags exist only when this module runs as a program, so importing it beside
+    ``train.predict`` (which also has ``--workdir``) never clashes."""
+    flags.DEFINE_string("workdir", None, "Workdir of a training run.")
+    flags.DEFINE_string("out", None, "Output file: .pth, .pt or .safetensors.")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+    flags.mark_flags_as_required(["workdir", "out"])
 
 
 def export(workdir: str, out: str, step: int | None = None) -> dict:
@@ -46,13 +51,13 @@ def main(argv: list[str]) -> None:
     from train.config import ConfigError
 
     try:
-        state_dict = export(_WORKDIR.value, _OUT.value, _STEP.value)
+        state_dict = export(flags.FLAGS.workdir, flags.FLAGS.out, flags.FLAGS.step)
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
-    print(f"wrote {len(state_dict)} tensors to {_OUT.value}")
+    print(f"wrote {len(state_dict)} tensors to {flags.FLAGS.out}")
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["workdir", "out"])
+    _define_flags()
     app.run(main)

@@ -48,7 +48,9 @@ def import_weights(
     _check_fits(variables, fresh, source, model, field)
     params = jax.tree.map(lambda x: np.asarray(x, np.float32), variables["params"])
     batch_stats = jax.tree.map(lambda x: np.asarray(x, np.float32), variables.get("batch_stats", {}))
-    note = f"Initialised from {source}: every tensor loaded exactly" + (f"; {head_note}" if head_note else ".")
+    note = f"Initialised from {source}: every tensor loaded exactly" + (
+        f"; {head_note}" if head_note else "."
+    )
     return host_state.replace(params=params, batch_stats=batch_stats), note
 
 
@@ -121,7 +123,9 @@ def _fit_head(
     return variables, note
 
 
-def _check_fits(variables: dict[str, Any], fresh: dict[str, Any], source: str, model: Any, field: str) -> None:
+def _check_fits(
+    variables: dict[str, Any], fresh: dict[str, Any], source: str, model: Any, field: str
+) -> None:
     got = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(variables)}
     want = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(fresh)}
     if got == want:
@@ -130,7 +134,8 @@ def _check_fits(variables: dict[str, Any], fresh: dict[str, Any], source: str, m
     unexpected = sorted(set(got) - set(want))
     wrong = sorted(k for k in set(got) & set(want) if got[k] != want[k])
     problems = [
-        f"{title} ({len(items)}), e.g. {items[0]}" + (f": {got[items[0]]} vs {want[items[0]]}" if title == "wrong shapes" else "")
+        f"{title} ({len(items)}), e.g. {items[0]}"
+        + (f": {got[items[0]]} vs {want[items[0]]}" if title == "wrong shapes" else "")
         for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shapes", wrong))
         if items
     ]

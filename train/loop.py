@@ -186,7 +186,9 @@ def _progress_bar(run: Run, start_step: int):
 
 def _show(bar, host: dict[str, float]) -> None:
     bar.set_postfix(
-        loss=f"{host['loss']:.4f}", acc=f"{host['accuracy']:.3f}", img_s=f"{host.get('images_per_sec', 0):.0f}"
+        loss=f"{host['loss']:.4f}",
+        acc=f"{host['accuracy']:.3f}",
+        img_s=f"{host.get('images_per_sec', 0):.0f}",
     )
 
 
@@ -221,8 +223,12 @@ def _finish(run: Run, out: Outcome, start_step: int, summary: dict[str, Any], wa
     if out.preempted_at is not None:
         run.ckpt.close()
         run.writer.close()
-        saved = f"saved checkpoint step {out.preempted_at}" if run.config.save_checkpoints else "nothing saved"
-        summary.update({"final_step": out.preempted_at, "preempted": True, "skipped_steps": out.skipped_steps})
+        saved = (
+            f"saved checkpoint step {out.preempted_at}" if run.config.save_checkpoints else "nothing saved"
+        )
+        summary.update(
+            {"final_step": out.preempted_at, "preempted": True, "skipped_steps": out.skipped_steps}
+        )
         if run.is_main:
             print(
                 f"Preempted (SIGTERM) at step {out.preempted_at}: {saved} in {run.ckpt.directory}; "

@@ -21,9 +21,14 @@ from absl import app, flags, logging
 from train import build, checkpoint, input_pipeline
 from train.model import create_model
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a training run.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-_TOP_K = flags.DEFINE_integer("top_k", 5, "How many classes to print per image.")
+
+def _define_flags() -> None:
+    """Flags exist only when this module runs as a program, so importing it beside
+    ``train.export`` (which also has ``--workdir``) never clashes."""
+    flags.DEFINE_string("workdir", None, "Workdir of a training run.")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+    flags.DEFINE_integer("top_k", 5, "How many classes to print per image.")
+    flags.mark_flag_as_required("workdir")
 
 
 def predict_files(
@@ -81,7 +86,8 @@ def main(argv: list[str]) -> None:
     if not paths:
         raise app.UsageError("give one or more image files: python -m train.predict --workdir=DIR IMAGE...")
     try:
-        results = predict_files(_WORKDIR.value, paths, step=_STEP.value, top_k=_TOP_K.value)
+        FLAGS = flags.FLAGS
+        results = predict_files(FLAGS.workdir, paths, step=FLAGS.step, top_k=FLAGS.top_k)
     except (FileNotFoundError, ImageError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -92,5 +98,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    flags.mark_flag_as_required("workdir")
+    _define_flags()
     app.run(main)
