@@ -57,7 +57,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         model = copy.deepcopy(base).to(device=device, dtype=dtype).train(train)
         xin = x.to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
         model = model.to(memory_format=torch.channels_last)
-        with torch.no_grad(), torch.autocast(device.type, dtype=autocast or dtype, enabled=autocast is not None):
+        with (
+            torch.no_grad(),
+            torch.autocast(device.type, dtype=autocast or dtype, enabled=autocast is not None),
+        ):
             return model(xin).double().cpu().numpy()
 
     x_nhwc = jnp.asarray(x.permute(0, 2, 3, 1).numpy())

@@ -120,12 +120,14 @@ EOF
     step input 300 "$PY" -m benchmarks.input_host --cores 1,all --model-rate "$rate" --output "$OUT_DIR/input.json"
     ;;
   tries)
-    # One change per run against the library's default step; the baseline runs first and last.
+    # One change per run against the library's default step (the profile part is the
+    # "no command buffers" try; the sweep part covers batch size).
     base="$TS $R50 --steps 30 --warmup 5 --pipelined --no-compilation-cache"
     step tries_baseline 240 $base --output "$OUT_DIR/tries_baseline.json"
+    step tries_bn_recompute 240 $base --bn-recompute --output "$OUT_DIR/tries_bn_recompute.json"
+    step tries_stem_pad8 240 $base --stem-pad-channels 8 --output "$OUT_DIR/tries_stem_pad8.json"
+    step tries_recompute_pad8 240 $base --bn-recompute --stem-pad-channels 8 --output "$OUT_DIR/tries_recompute_pad8.json"
     step tries_no_donate 240 $base --no-donate --output "$OUT_DIR/tries_no_donate.json"
-    step tries_b384 240 $base --batch 384 --output "$OUT_DIR/tries_b384.json"
-    step tries_baseline2 240 $base --output "$OUT_DIR/tries_baseline2.json"
     ;;
   *)
     echo "unknown part $part" >&2

@@ -63,7 +63,11 @@ def _contenders(result: dict[str, Any]) -> list[str]:
 
 
 def _step_table(title: str, result: dict[str, Any]) -> list[str]:
-    lines = [f"## {title}", "| contender | img/s | step ms | MFU | peak GB | note |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"## {title}",
+        "| contender | img/s | step ms | MFU | peak GB | note |",
+        "|---|---|---|---|---|---|",
+    ]
     for name in _contenders(result):
         c = result[name]
         if "error" in c:
@@ -104,7 +108,10 @@ def summary(out_dir: str) -> str:
     lines: list[str] = []
     env = _load(out_dir, "env.json")
     if env:
-        lines.append(f"# GPU suite: {env.get('nvidia_smi')} | jax {env.get('jax')} torch {env.get('torch')} | {env.get('date')}")
+        lines.append(
+            f"# GPU suite: {env.get('nvidia_smi')} | jax {env.get('jax')} "
+            f"torch {env.get('torch')} | {env.get('date')}"
+        )
     head = _load(out_dir, "headline.json")
     if head:
         lines += _step_table("ResNet-50 bf16 batch 256 (one process, interleaved)", head)
@@ -115,7 +122,8 @@ def summary(out_dir: str) -> str:
         bare_rate = b.get("pipelined_images_per_s") or b.get("images_per_s")
         ratio = loop["images_per_s_median"] / bare_rate if bare_rate and loop["images_per_s_median"] else None
         lines.append(
-            f"## loop: python -m train synthetic: {_f(loop['images_per_s_median'], '.0f')} img/s vs bare step "
+            f"## loop: python -m train synthetic: {_f(loop['images_per_s_median'], '.0f')} img/s "
+            "vs bare step "
             f"{_f(bare_rate, '.0f')} -> {_f(ratio)} (target >= 0.97); compile {_f(loop['compile_time_s'])} s"
         )
     num = _load(out_dir, "numerics.json")
@@ -125,7 +133,8 @@ def summary(out_dir: str) -> str:
             m = num.get(mode, {})
             lines.append(
                 f"  {mode}: jax bf16 {_f(m.get('jax_bf16_vs_torch_float64'))}, torch bf16 autocast "
-                f"{_f(m.get('torch_bf16_autocast_vs_float64'))}, jax f32 {_f(m.get('jax_float32_vs_torch_float64'))}, "
+                f"{_f(m.get('torch_bf16_autocast_vs_float64'))}, "
+                f"jax f32 {_f(m.get('jax_float32_vs_torch_float64'))}, "
                 f"torch f32 {_f(m.get('torch_float32_vs_float64'))}"
             )
     for dt in ("float16", "float32"):
@@ -134,16 +143,20 @@ def summary(out_dir: str) -> str:
             ev = d.get("final_eval") or {}
             lines.append(
                 f"## digits {dt} 100 steps: loss {_f(d['first_loss'])} -> {_f(d['last_loss'])}, finite "
-                f"{d['all_losses_finite']}, skipped {d['skipped_steps_total']}, eval acc {_f(ev.get('accuracy'))}"
+                f"{d['all_losses_finite']}, skipped {d['skipped_steps_total']}, "
+                f"eval acc {_f(ev.get('accuracy'))}"
             )
     cache = _load(out_dir, "cache.json")
     if cache and "cold" in cache:
         lines.append(
-            f"## compile cache: cold {cache['cold']['compile_time_s']:.1f} s, warm {cache['warm']['compile_time_s']:.1f} s "
+            f"## compile cache: cold {cache['cold']['compile_time_s']:.1f} s, "
+            f"warm {cache['warm']['compile_time_s']:.1f} s "
             f"(process to first step: {cache['cold']['process_time_to_first_step_s']:.1f} -> "
             f"{cache['warm']['process_time_to_first_step_s']:.1f} s)"
         )
-    for name in sorted(f for f in os.listdir(out_dir) if f.startswith(("sweep_", "tries_")) and f.endswith(".json")):
+    for name in sorted(
+        f for f in os.listdir(out_dir) if f.startswith(("sweep_", "tries_")) and f.endswith(".json")
+    ):
         res = _load(out_dir, name)
         if res:
             cfg = res.get("config", {})

@@ -37,9 +37,13 @@ def write_jpegs(count: int, seed: int = 0, quality: int = 90) -> list[bytes]:
     out = []
     for _ in range(count):
         h, w = (int(v) for v in rng.integers(300, 501, 2))
-        coarse = Image.fromarray(rng.uniform(0, 255, (6, 6, 3)).astype(np.uint8)).resize((w, h), Image.BICUBIC)
+        coarse = Image.fromarray(rng.uniform(0, 255, (6, 6, 3)).astype(np.uint8)).resize(
+            (w, h), Image.BICUBIC
+        )
         fine = rng.normal(0, 70, (h // 3, w // 3, 3))
-        fine_img = Image.fromarray(np.clip(fine + 128, 0, 255).astype(np.uint8)).resize((w, h), Image.BILINEAR)
+        fine_img = Image.fromarray(np.clip(fine + 128, 0, 255).astype(np.uint8)).resize(
+            (w, h), Image.BILINEAR
+        )
         pixels = np.asarray(coarse, np.float32) + np.asarray(fine_img, np.float32) - 128
         pixels += rng.normal(0, 14, (h, w, 3))
         buf = io.BytesIO()
@@ -124,7 +128,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result = {
         "benchmark": "input_host",
         "config": {
-            "decoder": f"Pillow {PIL.__version__} (TensorFlow absent); replica of train.input_pipeline's recipe",
+            "decoder": (
+                f"Pillow {PIL.__version__} (TensorFlow absent); replica of train.input_pipeline's recipe"
+            ),
             "num_images": args.num_images,
             "mean_jpeg_bytes": float(np.mean([len(b) for b in images])),
             "per_core": args.per_core,

@@ -69,7 +69,9 @@ def parse_hlo(hlo_text: str) -> dict[str, dict[str, Any]]:
             return False
         seen.add(comp)
         for ins in computations.get(comp, ()):
-            if ins["opcode"] in opcodes or (ins["target"] and _is_conv_target(ins["target"]) and "convolution" in opcodes):
+            if ins["opcode"] in opcodes or (
+                ins["target"] and _is_conv_target(ins["target"]) and "convolution" in opcodes
+            ):
                 return True
             if ins["calls"] and contains(ins["calls"], opcodes, seen):
                 return True
@@ -81,11 +83,15 @@ def parse_hlo(hlo_text: str) -> dict[str, dict[str, Any]]:
             entry = dict(ins)
             entry["computation"] = comp
             sub = ins["calls"]
-            entry["has_conv"] = ins["opcode"] == "convolution" or _is_conv_target(ins["target"]) or bool(
-                sub and contains(sub, {"convolution"}, set())
+            entry["has_conv"] = (
+                ins["opcode"] == "convolution"
+                or _is_conv_target(ins["target"])
+                or bool(sub and contains(sub, {"convolution"}, set()))
             )
-            entry["has_dot"] = ins["opcode"] == "dot" or _is_gemm_target(ins["target"]) or bool(
-                sub and contains(sub, {"dot"}, set())
+            entry["has_dot"] = (
+                ins["opcode"] == "dot"
+                or _is_gemm_target(ins["target"])
+                or bool(sub and contains(sub, {"dot"}, set()))
             )
             if not entry["op_name"] and sub:
                 # A fusion's metadata can be empty; its root instruction's is not.

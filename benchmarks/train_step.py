@@ -51,9 +51,9 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import resnet_jax  # noqa: E402
-from train import compile_cache, optim, steps  # noqa: E402
 from benchmarks.minimal_resnet import minimal_resnet  # noqa: E402
 from benchmarks.report import cpu_model, emit_json, host_environment  # noqa: E402
+from train import compile_cache, optim, steps  # noqa: E402
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -546,14 +546,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     log(f"{env['backend']} x{env['device_count']} ({env['device_kind']}), load {env['load_average']}")
     peak = args.peak_tflops or peak_tflops(env["device_kind"], args.dtype)
     common = dict(num_classes=args.num_classes, small_stem=args.small_stem, dtype=dtype)
+
     if args.stage_sizes:
         common["stage_sizes"] = args.stage_sizes
 
-    contenders: list[Contender] = [JaxContender("jax", resnet_jax.get_model(args.arch, **common), args)]
+    # Library-only options (experiments); the minimal ResNet gets the plain architecture.
+    options: dict[str, Any] = {"bn_variance": args.bn_variance}
+    if args.bn_recompute:
+        options["bn_recompute"] = True
+    if args.stem_pad_channels:
+        options["stem_pad_channels"] = args.stem_pad_channels
+    library = resnet_jax.get_model(args.arch, **common, **options)
+    contenders: list[Contender] = [JaxContender("jax", library, args)]
     if args.compare_minimal:
         contenders.append(JaxContender("minimal", minimal_resnet(args.arch, **common), args))
     if args.compare_bn_two_pass:
-        two_pass = resnet_jax.get_model(args.arch, **common, bn_variance="two_pass")
+        two_pass = resnet_jax.get_model(args.arch, **common, **{**options, "bn_variance": "two_pass"})
         contenders.append(JaxContender("jax_bn_two_pass", two_pass, args))
     if args.compare_torch:
         for mode in args.torch_compile_mode.split(","):
@@ -850,7 +858,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--compare-bn-two-pass",
         action="store_true",
-        help="also time the library with BatchNorm(variance='two_pass') (the default is 'shifted')",
+        help="also time the library with BatchNorm(variance='two_pass')",
     )
     p.add_argument("--compare-minimal", action="store_true", help="also time a minimal Flax ResNet")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU")
@@ -869,6 +877,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="report cold and warm compile times from two fresh processes sharing a new cache",
     )
     p.add_argument("--no-donate", action="store_true", help="do not donate the state (experiment)")
+    p.add_argument(
+        "--bn-variance",
+        default="shifted",
+        choices=("shifted", "two_pass"),
+        help="the library's BatchNorm variance (default: shifted, as configs/imagenet_resnet50.py)",
+    )
+    p.add_argument("--bn-recompute", action="store_true", help="ResNet(bn_recompute=True) (experiment)")
+    p.add_argument(
+        "--stem-pad-channels", type=int, default=0, help="ResNet(stem_pad_channels=N) (experiment)"
+    )
     p.add_argument("--pipelined", action="store_true", help="also time steps dispatched back to back")
     p.add_argument("--profile", metavar="DIR", help="write a jax.profiler trace of 5 steps to DIR")
     p.add_argument("--output", metavar="FILE", help="also write the JSON to FILE")

@@ -13,8 +13,16 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
+    _data(c)
+    _model(c)
+    _optimization(c)
+    _loop(c)
+    _multi_host(c)
+    return c
 
-    # --- data -----------------------------------------------------------------------------------
+
+def _data(c: ml_collections.ConfigDict) -> None:
+    """Dataset and augmentation (train/input_pipeline.py)."""
     # 'sklearn_digits', 'synthetic', or a TFDS name ('imagenet2012', 'cifar10', 'imagenette', ...).
     c.dataset = "sklearn_digits"
     c.data_dir = ""  # TFDS data_dir ('' = TFDS default, ~/tensorflow_datasets)
@@ -30,6 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.random_flip = False  # digits are not mirror-symmetric
     c.eval_crop_fraction = 1.0  # 0.875: resize to size/0.875 then center-crop size (ImageNet)
     c.normalize_mean = ()  # per channel, in 0..255 pixel units; () = dataset default
+    c.class_subset = ()  # sklearn_digits only: train and evaluate on these digits, relabelled 0..k-1
     c.normalize_std = ()
     c.cache = False  # keep the encoded TFDS training shard in memory
     c.shuffle_buffer_size = 16_384
@@ -40,7 +49,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.synthetic_num_examples = 1_281_167
     c.synthetic_num_eval_examples = 10_000
 
-    # --- model ----------------------------------------------------------------------------------
+
+def _model(c: ml_collections.ConfigDict) -> None:
+    """The network (train/model.py) and its compute precision."""
     c.model = ml_collections.ConfigDict()
     # A resnet_jax preset name ('resnet18', 'resnet50', ...) or 'resnet_base'.
     c.model.arch = "resnet18"
@@ -52,7 +63,9 @@ def get_config() -> ml_collections.ConfigDict:
     # TPU/GPU, float32 on CPU). Parameters are always float32.
     c.dtype = "float32"
 
-    # --- optimization ---------------------------------------------------------------------------
+
+def _optimization(c: ml_collections.ConfigDict) -> None:
+    """Batch, length, optimizer and schedule (train/optim.py)."""
     c.batch_size = 64  # global, over all devices and hosts
     c.eval_batch_size = 360
     c.num_epochs = 30
@@ -71,8 +84,15 @@ def get_config() -> ml_collections.ConfigDict:
     c.lars_trust_coefficient = 0.001
     c.lars_eps = 0.0
     c.label_smoothing = 0.0
+    # Fine-tuning: everything but the classifier (fc) is the backbone. Frozen: its parameters
+    # never change (its BatchNorm statistics still update in train mode, as in PyTorch with
+    # requires_grad=False). Or train it at backbone_lr_multiplier x the learning rate.
+    c.freeze_backbone = False
+    c.backbone_lr_multiplier = 1.0
 
-    # --- loop -----------------------------------------------------------------------------------
+
+def _loop(c: ml_collections.ConfigDict) -> None:
+    """Parallelism, logging, evaluation and checkpoint policy (train/loop.py, train/periodic.py)."""
     c.parallelism = "jit"  # 'jit' (over a device mesh) or 'pmap'
     c.seed = 0
     # PRNG for parameter init: '' = JAX's default (threefry2x32). 'rbg' compiles much faster on
@@ -90,19 +110,24 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_only = False  # evaluate a checkpoint (restore_step, default latest) and exit
     c.restore_step = -1
     c.progress_bar = True
-    # Fine-tune from a PyTorch ResNet checkpoint (.pth/.pt state_dict of the same architecture and
-    # num_classes); '' = random init. Ignored when resuming from a checkpoint in the workdir.
-    c.init_from_torch = ""
+    # Start from other weights ('' = random init; ignored when resuming from this workdir): a
+    # PyTorch state_dict file (.pth/.pt/.safetensors), a pretrained name (resnet_jax.pretrained,
+    # e.g. 'resnet50.tv2_in1k') or another run's workdir. A classifier with another class count
+    # than the dataset's is freshly initialised; everything else loads exactly.
+    c.init_from = ""
+    c.init_from_torch = ""  # older name of init_from, for PyTorch files
+    c.new_head = False  # always re-initialise the classifier (new classes, even of the same count)
 
     # --- test-only fault injection (leave at the defaults) ----------------------------------------
     c.debug_nan_step = -1  # >= 0: fill the images of this (0-based) step with NaN
     c.debug_step_delay_s = 0.0  # sleep after each step, so tests can interrupt at a chosen step
 
-    # --- multi-host (jax.distributed) -------------------------------------------------------------
+
+def _multi_host(c: ml_collections.ConfigDict) -> None:
+    """jax.distributed: several processes (hosts) training one model."""
     c.distributed = ml_collections.ConfigDict()
     c.distributed.enabled = False  # call jax.distributed.initialize()
     c.distributed.coordinator_address = ""  # '' = auto-detect (Cloud TPU, SLURM, ...)
     c.distributed.num_processes = 0  # 0 = auto-detect
     c.distributed.process_id = -1  # -1 = auto-detect
     c.distributed.cpu_collectives = ""  # 'gloo' for multi-process CPU runs
-    return c

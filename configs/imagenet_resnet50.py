@@ -12,19 +12,13 @@ ImageNet needs a manual download: put ILSVRC2012_img_train.tar and ILSVRC2012_im
 """
 
 import os
-import runpy
-
-
-def _default_config():
-    # configs/ is not a package: run the sibling that defines the fields by its path.
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py")
-    return runpy.run_path(path)["get_config"]()
+from runpy import run_path
 
 
 def get_config():
-    c = _default_config()
+    # configs/ is not a package: the config this one extends is run by its path.
+    c = run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py"))["get_config"]()
     c.dataset = "imagenet2012"
-    c.train_split = "train"
     c.eval_split = "validation"
     c.image_size = 224
     c.train_augment = "inception_crop"
@@ -32,22 +26,15 @@ def get_config():
     c.eval_crop_fraction = 0.875  # resize to 256, center-crop 224
     c.normalize_mean = (123.675, 116.28, 103.53)
     c.normalize_std = (58.395, 57.12, 57.375)
-    c.cache = False
-    c.shuffle_buffer_size = 16_384
 
     c.model.arch = "resnet50"
-    c.model.overrides = {"zero_init_residual": True}
+    c.model.overrides = {"zero_init_residual": True, "bn_variance": "shifted"}  # shifted: 1.08x on GPU
     c.dtype = "auto"  # bfloat16 on TPU/GPU; '--config.dtype=float16' for loss-scaled fp16 on GPU
 
     c.batch_size = 1024
     c.eval_batch_size = 1000
     c.num_epochs = 90
-    c.optimizer = "sgd"
-    c.momentum = 0.9
-    c.nesterov = True
-    c.learning_rate = 0.1
     c.lr_base_batch_size = 256
-    c.lr_schedule = "cosine"
     c.warmup_epochs = 5.0
     c.weight_decay = 1e-4
     c.label_smoothing = 0.1

@@ -7,36 +7,27 @@ drivers, or ``--config.model.arch=resnet18``. On a CPU use e.g. ``--config.image
 """
 
 import os
-import runpy
-
-
-def _default_config():
-    # configs/ is not a package: run the sibling that defines the fields by its path.
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py")
-    return runpy.run_path(path)["get_config"]()
+from runpy import run_path
 
 
 def get_config():
-    c = _default_config()
+    # configs/ is not a package: the config this one extends is run by its path.
+    c = run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py"))["get_config"]()
     c.dataset = "synthetic"
     c.image_size = 224
-    c.synthetic_num_classes = 1000
-    c.synthetic_channels = 3
     c.synthetic_num_eval_examples = 0
 
     c.model.arch = "resnet50"
-    c.model.overrides = {}
+    c.model.overrides = {"bn_variance": "shifted"}  # as configs/imagenet_resnet50.py
     c.dtype = "auto"
 
     c.batch_size = 256
     c.num_train_steps = 200
-    c.learning_rate = 0.1
     c.lr_base_batch_size = 256
     c.warmup_epochs = 0.0
     c.weight_decay = 1e-4
     c.label_smoothing = 0.1
 
-    c.log_every_steps = 20
     c.eval_every_steps = -1
     c.eval_at_end = False
     c.save_checkpoints = False

@@ -50,11 +50,12 @@ class BatchNorm(nn.Module):
 
     Differences from ``flax.linen.BatchNorm`` that matter for parity with ``torch.nn.BatchNorm2d``:
     the running variance is updated with the *unbiased* batch variance, and ``momentum`` 0.9
-    (Flax's convention) equals PyTorch's 0.1. ``variance`` is ``'shifted'`` (default: one pass,
-    shifted by the running mean; 1.08x the images/s of two-pass for ResNet-50 on an H100, see
-    BENCHMARKS.md) or ``'two_pass'`` (robust for a layer whose batch mean is hundreds of standard
-    deviations from its running mean, as in the first steps from scratch); both give PyTorch's
-    value at float64. Statistics are computed in at least float32 whatever ``dtype`` is. Under
+    (Flax's convention) equals PyTorch's 0.1. ``variance`` is ``'two_pass'`` (default, robust
+    whatever the mean) or ``'shifted'`` (one pass, shifted by the running mean: 1.08x the images/s
+    of two-pass for ResNet-50 on an H100, see BENCHMARKS.md, but less exact in float32 in the
+    first steps from scratch); both give PyTorch's value at float64. ``recompute=True`` keeps
+    the backward pass's copy of ``x`` in its own dtype (values unchanged; measured slower).
+    Statistics are computed in at least float32 whatever ``dtype`` is. Under
     ``jax.jit`` with a batch sharded over a mesh the reductions are global automatically; under
     ``pmap`` set ``axis_name`` to average them across devices (synchronised BatchNorm).
     """
@@ -65,7 +66,8 @@ class BatchNorm(nn.Module):
     param_dtype: Dtype = jnp.float32
     axis_name: Optional[str] = None
     unbiased_running_var: bool = True
-    variance: str = "shifted"
+    variance: str = "two_pass"
+    recompute: bool = False
     scale_init: Callable = nn.initializers.ones
     bias_init: Callable = nn.initializers.zeros
 
@@ -92,6 +94,7 @@ class BatchNorm(nn.Module):
             unbiased_running_var=self.unbiased_running_var,
             dtype=self.dtype,
             update_stats=update,
+            recompute=self.recompute,
         )
         if update:
             ra_mean.value, ra_var.value = mean, var
@@ -109,9 +112,10 @@ def conv_bn(conv: ModuleDef, norm: ModuleDef, spec: core.ConvSpec, train: bool, 
         padding=spec.padding,
         feature_group_count=spec.groups,
         name=spec.conv,
+        **core.conv_overrides(spec),
     )
     norm = norm(name=spec.norm, **spec.norm_overrides(zero_init_residual))
-    return lambda x: norm(conv(x), train)
+    return core.conv_bn_forward(spec, conv, lambda y: norm(y, train))
 
 
 class ShortcutProjection(nn.Module):
@@ -154,8 +158,11 @@ class _Block(nn.Module):
             return None
         module_name, conv_name, norm_name = self.shortcut_names
         if module_name is None:
-            # torchvision keeps the projection as `downsample.0` / `downsample.1` of the block.
-            spec = core.projection_spec(in_channels, self.out_channels, self.stride, conv_name, norm_name)
+            # torchvision keeps the projection as `downsample.0` / `downsample.1` of the block,
+            # timm's ResNet-D as `downsample.1` / `downsample.2` after a parameter-free pool.
+            spec = core.projection_spec(
+                in_channels, self.out_channels, self.stride, conv_name, norm_name, self.avg_down
+            )
             return conv_bn(self.conv, self.norm, spec, train)
         proj = ShortcutProjection(
             self.out_channels, self.stride, self.conv, self.norm, conv_name, norm_name, name=module_name
@@ -178,6 +185,7 @@ class ResidualBlock(_Block):
     act: Callable[[jax.Array], jax.Array] = nn.relu
     zero_init_residual: bool = False
     shortcut_names: Sequence[Optional[str]] = ("shortcut", "conv", "bn")
+    avg_down: bool = False
 
     def branch(self, in_channels: int) -> tuple[core.ConvSpec, ...]:
         return core.residual_branch(in_channels, self.out_channels, self.stride)
@@ -200,6 +208,7 @@ class BottleneckResidualBlock(_Block):
     act: Callable[[jax.Array], jax.Array] = nn.relu
     zero_init_residual: bool = False
     shortcut_names: Sequence[Optional[str]] = ("shortcut", "conv", "bn")
+    avg_down: bool = False
 
     def branch(self, in_channels: int) -> tuple[core.ConvSpec, ...]:
         return core.residual_branch(

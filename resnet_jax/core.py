@@ -19,7 +19,8 @@ change to a plan and a forward here plus, for a new layer kind, one line per API
 new ``PRESETS`` entries and appear in both APIs at once.
 
 Names are the Linen spelling of PyTorch's module paths: ``layer1_0`` is ``layer1.0`` (Linen
-``layer1_0``, NNX ``layer1[0]``), ``downsample_1`` is ``downsample.1``.
+``layer1_0``, NNX ``layer1[0]``), ``downsample_1`` is ``downsample.1``; timm's names for its
+ResNet-D/-T stems and shortcuts (``conv1.0`` .. ``conv1.6``, ``downsample.1``/``.2``).
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-from flax.linen import pooling  # a pure function, shared by both APIs
+from flax.linen import pooling  # pure functions, shared by both APIs
+
+from resnet_jax import sharding
 
 Array = jax.Array
 Layer = Callable[[Array], Array]
@@ -91,6 +94,11 @@ class ConvSpec:
     stride: int = 1
     groups: int = 1
     closes_branch: bool = False
+    # ResNet-D shortcut: a ``pool`` x ``pool`` average pool (ceil mode) before a stride-1 conv.
+    pool: int = 1
+    # Zero-pad the input channels to a multiple of this inside the conv (0: off); see
+    # :func:`channel_padded_conv`.
+    pad_channels_to: int = 0
 
     @property
     def padding(self) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -143,9 +151,21 @@ def needs_projection(in_channels: int, out_channels: int, stride: int) -> bool:
 
 
 def projection_spec(
-    in_channels: int, out_channels: int, stride: int, conv_name: str = "conv", norm_name: str = "bn"
+    in_channels: int,
+    out_channels: int,
+    stride: int,
+    conv_name: str = "conv",
+    norm_name: str = "bn",
+    avg_down: bool = False,
 ) -> ConvSpec:
-    """The shortcut's projection: a 1x1 conv with the block's stride, and BatchNorm."""
+    """The shortcut's projection: a 1x1 conv with the block's stride, and BatchNorm.
+
+    ``avg_down`` (ResNet-D, "Bag of Tricks", He et al. 2019): a strided projection becomes a
+    ``stride`` x ``stride`` average pool and a stride-1 1x1 conv, so it sees every input pixel
+    instead of a quarter of them.
+    """
+    if avg_down and stride != 1:
+        return ConvSpec(conv_name, norm_name, in_channels, out_channels, 1, 1, pool=stride)
     return ConvSpec(conv_name, norm_name, in_channels, out_channels, 1, stride)
 
 
@@ -178,21 +198,61 @@ class StemSpec:
 Stages = tuple[tuple[str, tuple[BlockSpec, ...]], ...]
 
 
-def resnet_stem(img_channels: int, small_stem: bool) -> StemSpec:
+STEM_TYPES = ("", "deep", "deep_tiered")
+
+
+def resnet_stem(
+    img_channels: int,
+    small_stem: bool,
+    stem_type: str = "",
+    stem_width: int = 64,
+    pad_channels_to: Optional[int] = 0,
+) -> StemSpec:
     """torchvision's 7x7/2 conv, BatchNorm, ReLU, 3x3/2 max-pool; or a 3x3/1 conv without
-    max-pool for 32x32 inputs (``small_stem``)."""
+    max-pool for 32x32 inputs (``small_stem``).
+
+    timm's ``stem_type='deep'`` replaces the 7x7 conv by three 3x3 convs of ``stem_width``,
+    ``stem_width``, ``2 * stem_width`` channels with BatchNorm+ReLU between, named as timm's
+    ``nn.Sequential``: ``conv1.0``, ``conv1.1`` (BatchNorm), ``conv1.3``, ``conv1.4``, ``conv1.6``,
+    then ``bn1``. ``'deep_tiered'`` starts with ``3 * (stem_width // 4)`` channels. Three 3x3
+    convs see the same 7x7 window at a lower cost.
+
+    ``pad_channels_to`` zero-pads the first conv's input channels (see
+    :func:`channel_padded_conv`); ``None`` means 8 on GPUs, where a 3-channel stem leaves cuDNN on
+    slow kernels (1.02x ResNet-50 bf16 training on an H100, BENCHMARKS.md), and off elsewhere.
+    """
+    if stem_type not in STEM_TYPES:
+        raise ValueError(f"stem_type must be '', 'deep' or 'deep_tiered'; got {stem_type!r}.")
+    if stem_type and small_stem:
+        raise ValueError("small_stem=True replaces the stem; it cannot be combined with stem_type.")
+    if pad_channels_to is None:
+        pad_channels_to = 8 if jax.default_backend() == "gpu" else 0
+    pad = pad_channels_to if pad_channels_to > 1 and img_channels % pad_channels_to else 0
     if small_stem:
-        return StemSpec((ConvSpec("conv1", "bn1", img_channels, 64, 3),), act=True, max_pool=False)
-    return StemSpec((ConvSpec("conv1", "bn1", img_channels, 64, 7, 2),), act=True, max_pool=True)
+        first = ConvSpec("conv1", "bn1", img_channels, 64, 3, pad_channels_to=pad)
+        return StemSpec((first,), act=True, max_pool=False)
+    if not stem_type:
+        first = ConvSpec("conv1", "bn1", img_channels, 64, 7, 2, pad_channels_to=pad)
+        return StemSpec((first,), act=True, max_pool=True)
+    first = stem_width if stem_type == "deep" else 3 * (stem_width // 4)
+    convs = (
+        ConvSpec("conv1_0", "conv1_1", img_channels, first, 3, 2, pad_channels_to=pad),
+        ConvSpec("conv1_3", "conv1_4", first, stem_width, 3),
+        ConvSpec("conv1_6", "bn1", stem_width, 2 * stem_width, 3),
+    )
+    return StemSpec(convs, act=True, max_pool=True)
 
 
-def resnet_plan(stage_sizes: Sequence[int], block: str, groups: int, width_per_group: int) -> Stages:
-    """torchvision's ResNet/ResNeXt/Wide ResNet stages: ``layerN`` of blocks ``layerN_j``."""
+def resnet_plan(
+    stage_sizes: Sequence[int], block: str, groups: int, width_per_group: int, in_channels: int = 64
+) -> Stages:
+    """torchvision's ResNet/ResNeXt/Wide ResNet stages: ``layerN`` of blocks ``layerN_j``;
+    ``in_channels`` is the stem's output (64, or ``2 * stem_width`` for a deep stem)."""
     if block not in ("basic", "bottleneck"):
         raise ValueError(f"block must be 'basic' or 'bottleneck'; got {block!r}.")
     if block == "basic" and (groups != 1 or width_per_group != 64):
         raise ValueError("basic blocks support only groups=1 and width_per_group=64 (as torchvision).")
-    stages, channels = [], 64
+    stages, channels = [], in_channels
     for i, n in enumerate(stage_sizes):
         planes = 64 * 2**i
         blocks = []
@@ -254,6 +314,49 @@ def resnetbase_plan(
 # Forwards. Layers are callables ``x -> y`` (a conv followed by its BatchNorm, train mode bound).
 
 
+def conv_bn_forward(spec: ConvSpec, conv: Layer, norm: Layer) -> Layer:
+    """The layer ``x -> norm(conv(x))`` of ``spec``, after its average pool if it has one."""
+    if spec.pool > 1:
+        return lambda x: norm(conv(avg_pool_ceil(x, spec.pool)))
+    return lambda x: norm(conv(x))
+
+
+def avg_pool_ceil(x: Array, stride: int) -> Array:
+    """PyTorch's ``AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False)``.
+
+    On odd sizes ceil mode adds a last, partial window that averages only the pixels it covers.
+    """
+    pads = [(0, -size % stride) for size in x.shape[1:3]]
+    window = (stride, stride)
+    return pooling.avg_pool(x, window, strides=window, padding=pads, count_include_pad=False)
+
+
+def conv_overrides(spec: ConvSpec) -> dict[str, Any]:
+    """Conv-layer arguments beyond the factory's for ``spec``: the channel-padding convolution."""
+    if spec.pad_channels_to > 1:
+        return {"conv_general_dilated": channel_padded_conv(spec.pad_channels_to)}
+    return {}
+
+
+def channel_padded_conv(pad_to: int) -> Callable[..., Array]:
+    """A ``conv_general_dilated`` for Flax's ``Conv`` (channels-last image, ``HWIO`` kernel)
+    that zero-pads the input channels of image and kernel alike to a multiple of ``pad_to``.
+
+    The result is exactly the unpadded convolution; the parameter keeps its true shape and name,
+    and the padded slice gets no gradient. It exists for GPU stems: a 3-channel input leaves cuDNN
+    on slow kernels. The kernel follows the image onto an explicit mesh as every conv here does.
+    """
+
+    def conv(lhs: Array, rhs: Array, *args: Any, **kwargs: Any) -> Array:
+        extra = (-lhs.shape[-1]) % pad_to
+        if extra:
+            lhs = jnp.pad(lhs, [(0, 0)] * (lhs.ndim - 1) + [(0, extra)])
+            rhs = jnp.pad(rhs, [(0, 0)] * (rhs.ndim - 2) + [(0, extra), (0, 0)])
+        return sharding.conv_general_dilated(lhs, rhs, *args, **kwargs)
+
+    return conv
+
+
 def residual_forward(x: Array, branch: Sequence[Layer], shortcut: Optional[Layer], act: Callable) -> Array:
     """``act(F(x) + shortcut(x))`` with ``F`` the branch's conv+BN layers, ``act`` between them.
 
@@ -301,11 +404,12 @@ def batch_norm(
     train: bool,
     momentum: float = 0.9,
     epsilon: float = 1e-5,
-    variance: str = "shifted",
+    variance: str = "two_pass",
     axis_name: Optional[str] = None,
     unbiased_running_var: bool = True,
     dtype: Any = None,
     update_stats: bool = True,
+    recompute: bool = False,
 ) -> tuple[Array, Array, Array]:
     """PyTorch's BatchNorm2d over all axes but the last: ``(y, new_running_mean, new_running_var)``.
 
@@ -315,12 +419,20 @@ def batch_norm(
     0.1. Statistics are computed in at least float32 whatever the dtype of ``x``. In eval mode,
     or with ``update_stats=False``, the running statistics come back unchanged.
 
-    ``variance``: ``'shifted'`` is one pass over ``x``, ``E[(x - s)^2] - E[x - s]^2`` with the
-    shift ``s`` the running mean (a constant to autodiff): unlike ``E[x^2] - E[x]^2``, float32
+    ``variance``: ``'two_pass'`` (default), ``mean((x - mean)^2)``, is robust whatever the mean.
+    ``'shifted'`` is one pass over ``x``, ``E[(x - s)^2] - E[x - s]^2`` with the shift ``s`` the
+    running mean (a constant to autodiff): unlike Flax's ``E[x^2] - E[x]^2``, float32
     cancellation stays small once the running mean tracks the batch mean, and it saves a read of
-    every activation. ``'two_pass'``, ``mean((x - mean)^2)``, is robust whatever the mean.
-    Both are PyTorch's value at float64. ``axis_name`` averages the moments across a ``pmap``
-    axis (synchronised BatchNorm); under ``jax.jit`` over a sharded batch they are global anyway.
+    every activation: 1.08x the images/s of two-pass for ResNet-50 on an H100 (BENCHMARKS.md).
+    Its weak spot is the first steps from scratch, while the running mean (0 at init) is not yet
+    a useful shift: cancellation then amplifies float32 rounding, e.g. a 2-process run and a
+    1-process run of the digits config drift apart by 1e-4 where two-pass keeps 1e-6. Both are
+    PyTorch's value at float64. ``axis_name`` averages the moments across a ``pmap`` axis
+    (synchronised BatchNorm); under ``jax.jit`` over a sharded batch they are global anyway.
+
+    ``recompute=True`` checkpoints the normalisation (``jax.checkpoint``): the backward pass keeps
+    ``x`` in its own dtype and recomputes the float32 product, rather than storing float32
+    copies. Values are unchanged (measured slower on an H100, so off by default).
     """
     if variance not in BN_VARIANCES:
         raise ValueError(f"variance must be 'two_pass' or 'shifted'; got {variance!r}.")
@@ -358,6 +470,13 @@ def batch_norm(
     else:
         mean, var = running_mean.astype(compute_dtype), running_var.astype(compute_dtype)
 
-    mul = jax.lax.rsqrt(var + epsilon) * scale.astype(compute_dtype)
-    y = xf * mul + (bias.astype(compute_dtype) - mean * mul)
-    return y.astype(dtype if dtype is not None else x.dtype), new_mean, new_var
+    out_dtype = dtype if dtype is not None else x.dtype
+
+    def normalize(x, mean, var, scale, bias):
+        mul = jax.lax.rsqrt(var + epsilon) * scale.astype(compute_dtype)
+        y = x.astype(compute_dtype) * mul + (bias.astype(compute_dtype) - mean * mul)
+        return y.astype(out_dtype)
+
+    if recompute:
+        normalize = jax.checkpoint(normalize)
+    return normalize(x, mean, var, scale, bias), new_mean, new_var

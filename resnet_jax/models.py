@@ -28,8 +28,17 @@ from resnet_jax.core import check_images
 Dtype = Any
 
 TORCHVISION_SHORTCUT = (None, "downsample_0", "downsample_1")
+TIMM_AVG_SHORTCUT = (None, "downsample_1", "downsample_2")  # downsample.0 is the pool
 
-__all__ = ["PRESETS", "ResNet", "ResNetBase", "check_images", "get_model"]
+__all__ = [
+    "PRESETS",
+    "TORCHVISION_ARCHS",
+    "ResNet",
+    "ResNetBase",
+    "check_images",
+    "classifier_head",
+    "get_model",
+]
 
 
 def _features(
@@ -114,6 +123,20 @@ class ResNet(nn.Module):
     and max-pool by a 3x3/1 conv, for 32x32 inputs such as CIFAR. ``num_classes=None`` drops
     ``fc`` and returns pooled features. Per-stage maps (C2..C5) come from :meth:`features`.
     Logits are returned in float32 whatever ``dtype`` is.
+
+    timm's stem and shortcut options, with timm's parameter names (so timm weights convert):
+    ``stem_type='deep'`` replaces the 7x7 conv by three 3x3 convs (``'deep_tiered'``: a narrower
+    first one; see ``core.resnet_stem``); ``avg_down=True`` makes each downsampling shortcut a 2x2
+    average pool followed by a stride-1 1x1 conv (``downsample.1``/``.2``). Deep stem plus
+    ``avg_down`` is ResNet-D ("Bag of Tricks", He et al. 2019): strided 1x1 convs discard three
+    quarters of their input, and a 7x7 conv costs as much as three 3x3 ones.
+
+    Speed options that leave every value unchanged (up to float32 rounding): ``bn_variance``
+    (``'two_pass'``, the default, or the faster one-pass ``'shifted'``; see :class:`BatchNorm`),
+    ``bn_recompute`` (BatchNorm's backward keeps its input in ``dtype`` instead of float32) and
+    ``stem_pad_channels`` (the stem convolution pads its input channels with zeros to this
+    multiple: ``None``, the default, means 8 on GPUs, where a 3-channel stem leaves cuDNN on slow
+    kernels, and off elsewhere; 0 = off).
     """
 
     stage_sizes: Sequence[int]
@@ -123,11 +146,16 @@ class ResNet(nn.Module):
     width_per_group: int = 64
     img_channels: int = 3
     small_stem: bool = False
+    stem_type: str = ""
+    stem_width: int = 64
+    avg_down: bool = False
     zero_init_residual: bool = False
     momentum: float = 0.9
     epsilon: float = 1e-5
     axis_name: Optional[str] = None
-    bn_variance: str = "shifted"
+    bn_variance: str = "two_pass"
+    bn_recompute: bool = False
+    stem_pad_channels: Optional[int] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -144,7 +172,12 @@ class ResNet(nn.Module):
 
     @nn.compact
     def _forward(self, x: jax.Array, train: bool, head: bool):
-        stages = core.resnet_plan(self.stage_sizes, self.block, self.groups, self.width_per_group)
+        stem = core.resnet_stem(
+            self.img_channels, self.small_stem, self.stem_type, self.stem_width, self.stem_pad_channels
+        )
+        stages = core.resnet_plan(
+            self.stage_sizes, self.block, self.groups, self.width_per_group, stem.out_channels
+        )
         check_images(x, self.img_channels, "ResNet")
         conv = default_conv(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = functools.partial(
@@ -153,10 +186,10 @@ class ResNet(nn.Module):
             epsilon=self.epsilon,
             axis_name=self.axis_name,
             variance=self.bn_variance,
+            recompute=self.bn_recompute,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
-        stem = core.resnet_stem(self.img_channels, self.small_stem)
         x = jnp.asarray(x, self.dtype)
         feats = _features(
             x,
@@ -166,28 +199,43 @@ class ResNet(nn.Module):
             conv,
             norm,
             zero_init_residual=self.zero_init_residual,
-            shortcut_names=TORCHVISION_SHORTCUT,
+            shortcut_names=TIMM_AVG_SHORTCUT if self.avg_down else TORCHVISION_SHORTCUT,
+            avg_down=self.avg_down,
         )
         if not head:
             return feats, None
         pooled = core.global_avg_pool(feats[stages[-1][0]]).astype(self.dtype)
         if self.num_classes is None:
             return feats, pooled
-        fan_in = pooled.shape[-1]
-        logits = nn.Dense(
-            self.num_classes,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=core.torch_linear_kernel_init,
-            bias_init=core.torch_linear_bias_init(fan_in),
-            dot_general=sharding.dot_general,
-            name="fc",
-        )(pooled)
+        logits = classifier_head(self.num_classes, pooled.shape[-1], self.dtype, self.param_dtype)(pooled)
         return feats, logits.astype(jnp.promote_types(self.param_dtype, jnp.float32))
 
 
+def classifier_head(
+    num_classes: int, fan_in: int, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32
+) -> nn.Dense:
+    """The ``fc`` layer of :class:`ResNet`, initialised as ``torch.nn.Linear``.
+
+    Shared with weight conversion, which initialises a fresh head the same way.
+    """
+    return nn.Dense(
+        num_classes,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=core.torch_linear_kernel_init,
+        bias_init=core.torch_linear_bias_init(fan_in),
+        dot_general=sharding.dot_general,
+        name="fc",
+    )
+
+
+_D = dict(stem_type="deep", stem_width=32, avg_down=True)
+_T = dict(stem_type="deep_tiered", stem_width=32, avg_down=True)
+
+
 # name -> ResNet fields. Architectures as torchvision.models; resnet200 as in He et al. 2016
-# ("Identity Mappings in Deep Residual Networks"), which torchvision does not ship.
+# ("Identity Mappings in Deep Residual Networks"), which torchvision does not ship; the -D and
+# -T variants as timm.models.resnet (timm names them the same).
 PRESETS: Mapping[str, Mapping[str, Any]] = {
     "resnet18": dict(stage_sizes=(2, 2, 2, 2), block="basic"),
     "resnet34": dict(stage_sizes=(3, 4, 6, 3), block="basic"),
@@ -200,7 +248,18 @@ PRESETS: Mapping[str, Mapping[str, Any]] = {
     "resnext50_32x4d": dict(stage_sizes=(3, 4, 6, 3), groups=32, width_per_group=4),
     "resnext101_32x8d": dict(stage_sizes=(3, 4, 23, 3), groups=32, width_per_group=8),
     "resnext101_64x4d": dict(stage_sizes=(3, 4, 23, 3), groups=64, width_per_group=4),
+    "resnet18d": dict(stage_sizes=(2, 2, 2, 2), block="basic", **_D),
+    "resnet34d": dict(stage_sizes=(3, 4, 6, 3), block="basic", **_D),
+    "resnet26d": dict(stage_sizes=(2, 2, 2, 2), **_D),
+    "resnet50d": dict(stage_sizes=(3, 4, 6, 3), **_D),
+    "resnet101d": dict(stage_sizes=(3, 4, 23, 3), **_D),
+    "resnet152d": dict(stage_sizes=(3, 8, 36, 3), **_D),
+    "resnet200d": dict(stage_sizes=(3, 24, 36, 3), **_D),
+    "resnet26t": dict(stage_sizes=(2, 2, 2, 2), **_T),
+    "resnet50t": dict(stage_sizes=(3, 4, 6, 3), **_T),
 }
+# The presets whose architecture torchvision ships (the others come from timm).
+TORCHVISION_ARCHS = tuple(a for a, f in PRESETS.items() if "stem_type" not in f)
 
 
 def get_model(arch: str, num_classes: Optional[int] = 1000, **overrides: Any) -> ResNet:
@@ -219,7 +278,8 @@ def _make_preset(arch: str) -> Callable[..., ResNet]:
         return get_model(arch, num_classes, **overrides)
 
     preset.__name__ = preset.__qualname__ = arch
-    preset.__doc__ = f"torchvision's {arch} as a Flax ResNet; ``overrides`` set any ResNet field."
+    source = "torchvision" if arch in TORCHVISION_ARCHS else "timm"
+    preset.__doc__ = f"{source}'s {arch} as a Flax ResNet; ``overrides`` set any ResNet field."
     return preset
 
 
@@ -234,3 +294,12 @@ wide_resnet101_2 = _make_preset("wide_resnet101_2")
 resnext50_32x4d = _make_preset("resnext50_32x4d")
 resnext101_32x8d = _make_preset("resnext101_32x8d")
 resnext101_64x4d = _make_preset("resnext101_64x4d")
+resnet18d = _make_preset("resnet18d")
+resnet34d = _make_preset("resnet34d")
+resnet26d = _make_preset("resnet26d")
+resnet50d = _make_preset("resnet50d")
+resnet101d = _make_preset("resnet101d")
+resnet152d = _make_preset("resnet152d")
+resnet200d = _make_preset("resnet200d")
+resnet26t = _make_preset("resnet26t")
+resnet50t = _make_preset("resnet50t")

@@ -36,6 +36,7 @@ Factory = Callable[..., nnx.Module]
 
 _INDEX = re.compile(r"^(.*)_(\d+)$")
 TORCHVISION_SHORTCUT = _linen_models.TORCHVISION_SHORTCUT
+TIMM_AVG_SHORTCUT = _linen_models.TIMM_AVG_SHORTCUT
 
 
 def default_conv(**overrides: Any) -> Factory:
@@ -71,7 +72,8 @@ class BatchNorm(nnx.Module):
         param_dtype: Dtype = jnp.float32,
         axis_name: Optional[str] = None,
         unbiased_running_var: bool = True,
-        variance: str = "shifted",
+        variance: str = "two_pass",
+        recompute: bool = False,
         scale_init: Callable = linen.initializers.ones,
         bias_init: Callable = linen.initializers.zeros,
         rngs: nnx.Rngs,
@@ -93,6 +95,7 @@ class BatchNorm(nnx.Module):
         self.axis_name = axis_name
         self.unbiased_running_var = unbiased_running_var
         self.variance = variance
+        self.recompute = recompute
 
     def __call__(self, x: jax.Array, use_running_average: Optional[bool] = None) -> jax.Array:
         if use_running_average is None:
@@ -111,6 +114,7 @@ class BatchNorm(nnx.Module):
             axis_name=self.axis_name,
             unbiased_running_var=self.unbiased_running_var,
             dtype=self.dtype,
+            recompute=self.recompute,
         )
         if train:
             self.mean.set_value(mean)
@@ -165,14 +169,14 @@ def _add_conv_bn(
             padding=spec.padding,
             feature_group_count=spec.groups,
             rngs=rngs,
+            **core.conv_overrides(spec),
         ),
     )
     _attach(module, spec.norm, norm(spec.out_channels, rngs=rngs, **spec.norm_overrides(zero_init_residual)))
 
 
 def _conv_bn(module: nnx.Module, spec: core.ConvSpec) -> core.Layer:
-    conv, norm = _child(module, spec.conv), _child(module, spec.norm)
-    return lambda x: norm(conv(x))
+    return core.conv_bn_forward(spec, _child(module, spec.conv), _child(module, spec.norm))
 
 
 class ShortcutProjection(nnx.Module):
@@ -200,11 +204,14 @@ class ShortcutProjection(nnx.Module):
 class _Block(nnx.Module):
     """Children and forward shared by the two residual blocks."""
 
-    def _build(self, stride, branch, conv, norm, act, zero_init_residual, shortcut_names, rngs) -> None:
+    def _build(
+        self, stride, branch, conv, norm, act, zero_init_residual, shortcut_names, avg_down, rngs
+    ) -> None:
         self.in_channels, self.out_channels = branch[0].in_channels, branch[-1].out_channels
         self.stride = stride
         self.act = act
         self.zero_init_residual = zero_init_residual
+        self.avg_down = avg_down
         self.branch_specs = branch
         for spec in branch:
             _add_conv_bn(self, spec, conv, norm, rngs, zero_init_residual)
@@ -212,9 +219,10 @@ class _Block(nnx.Module):
         if core.needs_projection(self.in_channels, self.out_channels, self.stride):
             module_name, conv_name, norm_name = shortcut_names
             if module_name is None:
-                # torchvision keeps the projection as `downsample.0` / `downsample.1` of the block.
+                # torchvision keeps the projection as `downsample.0` / `downsample.1` of the block,
+                # timm's ResNet-D as `downsample.1` / `downsample.2` after a parameter-free pool.
                 spec = core.projection_spec(
-                    self.in_channels, self.out_channels, self.stride, conv_name, norm_name
+                    self.in_channels, self.out_channels, self.stride, conv_name, norm_name, avg_down
                 )
                 _add_conv_bn(self, spec, conv, norm, rngs)
                 self.shortcut_spec = spec
@@ -258,10 +266,11 @@ class ResidualBlock(_Block):
         act: Callable[[jax.Array], jax.Array] = nnx.relu,
         zero_init_residual: bool = False,
         shortcut_names: Sequence[Optional[str]] = ("shortcut", "conv", "bn"),
+        avg_down: bool = False,
         rngs: nnx.Rngs,
     ):
         branch = core.residual_branch(in_channels, out_channels, stride)
-        self._build(stride, branch, conv, norm, act, zero_init_residual, shortcut_names, rngs)
+        self._build(stride, branch, conv, norm, act, zero_init_residual, shortcut_names, avg_down, rngs)
 
 
 class BottleneckResidualBlock(_Block):
@@ -281,11 +290,12 @@ class BottleneckResidualBlock(_Block):
         act: Callable[[jax.Array], jax.Array] = nnx.relu,
         zero_init_residual: bool = False,
         shortcut_names: Sequence[Optional[str]] = ("shortcut", "conv", "bn"),
+        avg_down: bool = False,
         rngs: nnx.Rngs,
     ):
         branch = core.residual_branch(in_channels, out_channels, stride, bottleneck_channels, groups)
         self.bottleneck_channels, self.groups = bottleneck_channels, groups
-        self._build(stride, branch, conv, norm, act, zero_init_residual, shortcut_names, rngs)
+        self._build(stride, branch, conv, norm, act, zero_init_residual, shortcut_names, avg_down, rngs)
 
 
 class _Network(nnx.Module):
@@ -374,7 +384,8 @@ class ResNet(_Network):
     ``'bottleneck'``, ``groups``/``width_per_group`` (ResNeXt, Wide ResNet), ``small_stem`` (3x3/1
     stem, no max-pool, for 32x32 inputs), ``num_classes=None`` (no ``fc``: pooled features).
     ``features(x)`` gives ``'stem'`` and ``'layer1'``..``'layer4'`` (C2..C5). Logits are float32
-    whatever ``dtype`` is.
+    whatever ``dtype`` is. timm's ``stem_type``/``stem_width``/``avg_down`` (ResNet-D, -T) and the
+    speed options ``bn_variance``, ``bn_recompute``, ``stem_pad_channels`` as in Linen.
     """
 
     def __init__(
@@ -386,18 +397,24 @@ class ResNet(_Network):
         width_per_group: int = 64,
         img_channels: int = 3,
         small_stem: bool = False,
+        stem_type: str = "",
+        stem_width: int = 64,
+        avg_down: bool = False,
         zero_init_residual: bool = False,
         momentum: float = 0.9,
         epsilon: float = 1e-5,
         axis_name: Optional[str] = None,
-        bn_variance: str = "shifted",
+        bn_variance: str = "two_pass",
+        bn_recompute: bool = False,
+        stem_pad_channels: Optional[int] = None,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
         *,
         rngs: nnx.Rngs,
     ):
         _store_fields(self, locals())
-        stages = core.resnet_plan(stage_sizes, block, groups, width_per_group)
+        stem = core.resnet_stem(img_channels, small_stem, stem_type, stem_width, stem_pad_channels)
+        stages = core.resnet_plan(stage_sizes, block, groups, width_per_group, stem.out_channels)
         conv = default_conv(dtype=dtype, param_dtype=param_dtype)
         norm = functools.partial(
             BatchNorm,
@@ -405,10 +422,10 @@ class ResNet(_Network):
             epsilon=epsilon,
             axis_name=axis_name,
             variance=bn_variance,
+            recompute=bn_recompute,
             dtype=dtype,
             param_dtype=param_dtype,
         )
-        stem = core.resnet_stem(img_channels, small_stem)
         self._build(
             stem,
             stages,
@@ -416,7 +433,8 @@ class ResNet(_Network):
             norm,
             rngs,
             zero_init_residual=zero_init_residual,
-            shortcut_names=TORCHVISION_SHORTCUT,
+            shortcut_names=TIMM_AVG_SHORTCUT if avg_down else TORCHVISION_SHORTCUT,
+            avg_down=avg_down,
         )
         self.fc = nnx.data(None)  # data, not static: it holds the classifier when there is one
         if num_classes is not None:
@@ -493,7 +511,8 @@ def _make_preset(arch: str) -> Callable[..., ResNet]:
         return get_model(arch, num_classes, rngs=rngs, **overrides)
 
     preset.__name__ = preset.__qualname__ = arch
-    preset.__doc__ = f"torchvision's {arch} as an NNX ResNet; ``overrides`` set any ResNet field."
+    source = "torchvision" if arch in _linen_models.TORCHVISION_ARCHS else "timm"
+    preset.__doc__ = f"{source}'s {arch} as an NNX ResNet; ``overrides`` set any ResNet field."
     return preset
 
 

@@ -53,8 +53,12 @@ def _build(arch: str, num_classes: int, conv_bias: bool, labml: bool, reference:
         import torchvision
 
         if not hasattr(torchvision.models, arch):
-            raise SystemExit(f"torchvision has no {arch}; use --reference local.")
+            raise SystemExit(f"torchvision has no {arch}; use --reference local or timm.")
         tm = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
+    elif reference == "timm":
+        import timm
+
+        tm = timm.create_model(arch, pretrained=False, num_classes=num_classes)
     else:
         tm = torch_reference.torch_resnet(arch, num_classes=num_classes)
     return resnet_jax.get_model(arch, num_classes=num_classes), tm, num_classes
@@ -350,7 +354,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         action="store_true",
         help="resnetbase: the annotated PyTorch ResNet (conv biases, only the first block strided)",
     )
-    parser.add_argument("--reference", default="local", choices=["local", "torchvision"])
+    parser.add_argument(
+        "--reference",
+        default="local",
+        choices=["local", "torchvision", "timm"],
+        help="the PyTorch model: this package's twin (default), or torchvision's/timm's own",
+    )
     parser.add_argument("--api", default="linen", choices=list(APIS), help="the Flax API under test")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(

@@ -3,7 +3,9 @@
 ``TorchResNetBase`` mirrors the seed's from-scratch ResNet (module names ``conv``, ``bn``,
 ``blocks.N``), with the same ``strides``/``conv_bias`` switches as ``resnet_jax.ResNetBase``.
 ``TorchResNet`` has torchvision's layout and state_dict keys (``conv1 bn1 layer1..4 fc``,
-``downsample.0/1``), so a torchvision state_dict loads into it and vice versa.
+``downsample.0/1``), so a torchvision state_dict loads into it and vice versa; with
+``stem_type``/``stem_width``/``avg_down`` it has timm's ResNet-C/D/T layout and keys
+(``conv1.0 .. conv1.6``, ``downsample.1/2`` after an average pool), so timm state_dicts load too.
 """
 
 from __future__ import annotations
@@ -30,18 +32,32 @@ class _Projection(nn.Module):
 
 
 class _Basic(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int, bias: bool = False, torchvision: bool = False):
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        stride: int,
+        bias: bool = False,
+        torchvision: bool = False,
+        avg_down: bool = False,
+    ):
         super().__init__()
         self.conv1 = _conv(cin, cout, 3, stride, bias=bias)
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = _conv(cout, cout, 3, bias=bias)
         self.bn2 = nn.BatchNorm2d(cout)
         self.relu = nn.ReLU()
-        self._add_shortcut(cin, cout, stride, bias, torchvision)
+        self._add_shortcut(cin, cout, stride, bias, torchvision, avg_down)
 
-    def _add_shortcut(self, cin: int, cout: int, stride: int, bias: bool, torchvision: bool) -> None:
+    def _add_shortcut(
+        self, cin: int, cout: int, stride: int, bias: bool, torchvision: bool, avg_down: bool = False
+    ) -> None:
         proj = stride != 1 or cin != cout
-        if torchvision:
+        if torchvision and avg_down:
+            pool = nn.AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False)
+            pool = pool if stride != 1 else nn.Identity()
+            self.downsample = nn.Sequential(pool, _conv(cin, cout, 1), nn.BatchNorm2d(cout)) if proj else None
+        elif torchvision:
             self.downsample = (
                 nn.Sequential(_conv(cin, cout, 1, stride), nn.BatchNorm2d(cout)) if proj else None
             )
@@ -70,6 +86,7 @@ class _Bottleneck(_Basic):
         groups: int = 1,
         bias: bool = False,
         torchvision: bool = False,
+        avg_down: bool = False,
     ):
         nn.Module.__init__(self)
         self.conv1 = _conv(cin, width, 1, bias=bias)
@@ -79,7 +96,7 @@ class _Bottleneck(_Basic):
         self.conv3 = _conv(width, cout, 1, bias=bias)
         self.bn3 = nn.BatchNorm2d(cout)
         self.relu = nn.ReLU()
-        self._add_shortcut(cin, cout, stride, bias, torchvision)
+        self._add_shortcut(cin, cout, stride, bias, torchvision, avg_down)
 
     def forward(self, x):
         y = self.relu(self.bn1(self.conv1(x)))
@@ -123,7 +140,8 @@ class TorchResNetBase(nn.Module):
 
 
 class TorchResNet(nn.Module):
-    """torchvision-layout ResNet/ResNeXt/Wide ResNet (v1.5), with an optional 3x3 small stem."""
+    """torchvision-layout ResNet/ResNeXt/Wide ResNet (v1.5), with an optional 3x3 small stem, and
+    timm's deep (``'deep'``) and tiered (``'deep_tiered'``) stems and average-pool shortcuts."""
 
     def __init__(
         self,
@@ -134,27 +152,47 @@ class TorchResNet(nn.Module):
         width_per_group: int = 64,
         img_channels: int = 3,
         small_stem: bool = False,
+        stem_type: str = "",
+        stem_width: int = 64,
+        avg_down: bool = False,
     ):
         super().__init__()
+        stem_out = 2 * stem_width if stem_type else 64
         if small_stem:
             self.conv1 = _conv(img_channels, 64, 3)
             self.maxpool = nn.Identity()
+        elif stem_type:
+            first = stem_width if stem_type == "deep" else 3 * (stem_width // 4)
+            self.conv1 = nn.Sequential(
+                _conv(img_channels, first, 3, 2),
+                nn.BatchNorm2d(first),
+                nn.ReLU(),
+                _conv(first, stem_width, 3),
+                nn.BatchNorm2d(stem_width),
+                nn.ReLU(),
+                _conv(stem_width, stem_out, 3),
+            )
+            self.maxpool = nn.MaxPool2d(3, 2, 1)
         else:
             self.conv1 = _conv(img_channels, 64, 7, 2)
             self.maxpool = nn.MaxPool2d(3, 2, 1)
-        self.bn1 = nn.BatchNorm2d(64)
+        self.bn1 = nn.BatchNorm2d(stem_out)
         self.relu = nn.ReLU()
-        prev = 64
+        prev = stem_out
         for i, n in enumerate(stage_sizes):
             planes, layer = 64 * 2**i, []
             for j in range(n):
                 stride = 2 if i > 0 and j == 0 else 1
                 if block == "basic":
-                    layer.append(_Basic(prev, planes, stride, torchvision=True))
+                    layer.append(_Basic(prev, planes, stride, torchvision=True, avg_down=avg_down))
                     prev = planes
                 else:
                     width = int(planes * (width_per_group / 64.0)) * groups
-                    layer.append(_Bottleneck(prev, width, planes * 4, stride, groups, torchvision=True))
+                    layer.append(
+                        _Bottleneck(
+                            prev, width, planes * 4, stride, groups, torchvision=True, avg_down=avg_down
+                        )
+                    )
                     prev = planes * 4
             setattr(self, f"layer{i + 1}", nn.Sequential(*layer))
         self.n_stages = len(stage_sizes)

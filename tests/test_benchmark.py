@@ -20,8 +20,8 @@ sys.path.insert(0, str(REPO))
 
 import resnet_jax  # noqa: E402
 from benchmarks import train_step as benchmark  # noqa: E402
-from train import compile_cache  # noqa: E402
 from benchmarks.minimal_resnet import minimal_resnet  # noqa: E402
+from train import compile_cache  # noqa: E402
 
 # Two one-block stages, 3x3 stem, 16x16 inputs, 10 classes: compiles in seconds.
 TINY = [

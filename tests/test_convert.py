@@ -1,5 +1,10 @@
-"""PyTorch <-> Flax weight conversion: exact round trips, inference of the architecture, errors."""
+"""PyTorch <-> Flax weight conversion: exact round trips, inference of the architecture (torchvision,
+timm and the seed's layouts), fresh heads, .pth/.safetensors files, errors."""
 
+import os
+import sys
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,9 +64,8 @@ def test_layout_rules_on_known_tensors():
 
 @pytest.mark.parametrize("arch", sorted(resnet_jax.PRESETS))
 def test_infer_model_recovers_every_preset(arch):
-    sd = {
-        k: np.zeros(v.shape, np.float32) for k, v in torch_resnet(arch, num_classes=10).state_dict().items()
-    }
+    with torch.device("meta"):  # shapes only, no memory
+        sd = torch_resnet(arch, num_classes=10).state_dict()
     model = convert.infer_model(sd)
     assert model == resnet_jax.get_model(arch, num_classes=10)
 
@@ -138,3 +142,213 @@ def test_load_torch_checkpoint_reads_weights_only(tmp_path):
 
 class _Pickled:
     pass
+
+
+def _f64(model):
+    return model.clone(dtype=jnp.float64, param_dtype=jnp.float64)
+
+
+def _randomize_bn(tm, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in tm.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5, generator=gen)
+                m.bias.normal_(0.0, 0.1, generator=gen)
+                m.running_mean.normal_(0.0, 0.2, generator=gen)
+                m.running_var.uniform_(0.5, 2.0, generator=gen)
+            elif isinstance(m, torch.nn.Conv2d) and m.bias is not None:
+                m.bias.normal_(0.0, 0.1, generator=gen)
+    return tm
+
+
+def _nhwc(x):
+    return jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
+
+
+def _assert_same_function_float64(tm, model, variables, size=33):
+    """Eval and train-mode logits and updated running statistics of a float64 twin."""
+    with jax.enable_x64(True):
+        x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        tm = tm.double().eval()
+        with torch.no_grad():
+            ref_eval = tm(x).numpy()
+        tm.train()
+        with torch.no_grad():
+            ref_train = tm(x).numpy()
+        model = _f64(model)
+        v = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables)
+        out_eval = model.apply(v, _nhwc(x), train=False)
+        out_train, upd = model.apply(v, _nhwc(x), train=True, mutable=["batch_stats"])
+        chex.assert_trees_all_close(np.asarray(out_eval), ref_eval, rtol=1e-10, atol=1e-12)
+        chex.assert_trees_all_close(np.asarray(out_train), ref_train, rtol=1e-10, atol=1e-12)
+        stats = convert.flax_to_torch({"batch_stats": upd["batch_stats"]})
+        ref_stats = {k: v.numpy() for k, v in tm.state_dict().items() if ".running_" in k}
+        stats = {k: v for k, v in stats.items() if ".running_" in k}
+        chex.assert_trees_all_close(stats, ref_stats, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch", ["resnet18d", "resnet26t", "resnet50d"])
+def test_timm_layout_converts_by_inference_and_computes_the_same_function(arch):
+    """timm's names (conv1.0/1/3/4/6, downsample.1/2 after the pool) convert with no model given;
+    the result is the same function in eval and train mode at float64 (odd size: ceil-mode pool)."""
+    tm = _randomize_bn(torch_resnet(arch, num_classes=5, stage_sizes=(1, 2)))
+    sd = tm.state_dict()
+    timm_names = {"conv1.0.weight", "conv1.1.running_var", "conv1.6.weight", "layer2.0.downsample.1.weight"}
+    assert timm_names <= set(sd)
+    variables = convert.torch_to_flax(sd)
+    model = convert.infer_model(sd)
+    assert model == resnet_jax.get_model(arch, num_classes=5, stage_sizes=(1, 2))
+    _assert_same_function_float64(tm, model, variables)
+
+
+def test_timm_state_dict_when_importable():
+    timm = pytest.importorskip("timm")
+    tm = _randomize_bn(timm.create_model("resnet18d", pretrained=False, num_classes=5))
+    variables = convert.torch_to_flax(tm.state_dict())
+    model = convert.infer_model(tm.state_dict())
+    assert model == resnet_jax.resnet18d(num_classes=5)
+    _assert_same_function_float64(tm, model, variables, size=65)
+
+
+# The annotated labml ResNet strides only the network's first block and keeps conv biases, so
+# block 0 projects its shortcut although its channels do not change.
+LABML_CONFIGS = [
+    dict(n_blocks=(2, 2), n_channels=(8, 16)),
+    dict(n_blocks=(1, 2, 1), n_channels=(8, 16, 32)),
+    dict(n_blocks=(1, 1, 1, 1), n_channels=(4, 8, 16, 32)),
+    dict(n_blocks=(2, 2), n_channels=(8, 16), bottlenecks=(4, 8)),
+    dict(n_blocks=(1, 1, 2), n_channels=(8, 16, 32), bottlenecks=(4, 8, 16)),
+    dict(n_blocks=(1, 1, 1, 1), n_channels=(8, 16, 32, 64), bottlenecks=(4, 4, 8, 16)),
+]
+
+
+@pytest.mark.parametrize("cfg", LABML_CONFIGS)
+def test_labml_layout_converts_by_inference_with_the_strides_its_weights_imply(cfg):
+    strides = (2,) + (1,) * (len(cfg["n_channels"]) - 1)
+    tm = _randomize_bn(TorchResNetBase(**cfg, strides=strides, conv_bias=True))
+    sd = tm.state_dict()
+    assert "blocks.0.shortcut.conv.weight" in sd
+    variables = convert.torch_to_flax(sd)
+    model = convert.infer_model(sd)
+    assert model == resnet_jax.ResNetBase(**cfg, strides=strides, conv_bias=True)
+    _assert_same_function_float64(tm, model, variables)
+
+
+def test_stride_shown_by_a_projection_without_channel_change_in_a_later_stage():
+    # The default strides (1, 2, 2) with a stage that keeps 16 channels: its projection shows it.
+    cfg = dict(n_blocks=(1, 1, 1), n_channels=(8, 16, 16))
+    tm = _randomize_bn(TorchResNetBase(**cfg))
+    model = convert.infer_model(tm.state_dict())
+    assert model == resnet_jax.ResNetBase(**cfg)
+    _assert_same_function_float64(tm, model, convert.torch_to_flax(tm.state_dict()))
+
+
+def test_wrong_strides_error_says_strides_are_not_in_the_weights_and_how_to_pass_them():
+    sd = TorchResNetBase((2, 2), (8, 16), strides=(2, 1), conv_bias=True).state_dict()
+    with pytest.raises(convert.StateDictMismatchError) as e:
+        convert.torch_to_flax(sd, resnet_jax.ResNetBase((2, 2), (8, 16), conv_bias=True))
+    msg = str(e.value)
+    assert "not match ResNetBase(n_blocks=(2, 2), n_channels=(8, 16), strides=(1, 2), conv_bias=True)" in msg
+    assert "unexpected keys (6): blocks.0.shortcut.bn.bias" in msg
+    assert "cannot be known from the weights" in msg and "ResNetBase(..., strides=...)" in msg
+    assert "looks like ResNetBase(n_blocks=(2, 2), n_channels=(8, 16), strides=(2, 1), conv_bias=True)" in msg
+
+
+def _tiny_sd(num_classes=7, arch="resnet18"):
+    return _randomize_bn(torch_resnet(arch, num_classes=num_classes, stage_sizes=(1, 1))).state_dict()
+
+
+def test_new_head_reinitialises_only_fc():
+    sd = _tiny_sd(num_classes=7)
+    kept = convert.torch_to_flax(sd)
+    fresh = convert.torch_to_flax(sd, num_classes=3, rng=1)
+
+    def not_fc(variables):
+        flat = jax.tree_util.tree_flatten_with_path(variables)[0]
+        return {jax.tree_util.keystr(k): v for k, v in flat if "'fc'" not in jax.tree_util.keystr(k)}
+
+    others, fresh_others = not_fc(kept), not_fc(fresh)
+    assert others.keys() == fresh_others.keys()
+    for k in others:  # bitwise
+        np.testing.assert_array_equal(fresh_others[k], others[k], err_msg=k)
+    fc = fresh["params"]["fc"]
+    chex.assert_shape((fc["kernel"], fc["bias"]), [(64 * 2, 3), (3,)])
+    bound = 1 / np.sqrt(128)  # torch.nn.Linear's init
+    assert np.abs(fc["kernel"]).max() <= bound and np.abs(fc["bias"]).max() <= bound
+    assert np.abs(fc["kernel"]).std() > bound / 4
+    again = convert.torch_to_flax(sd, num_classes=3, rng=1)["params"]["fc"]
+    other = convert.torch_to_flax(sd, num_classes=3, rng=2)["params"]["fc"]
+    np.testing.assert_array_equal(again["kernel"], fc["kernel"])
+    assert not np.array_equal(other["kernel"], fc["kernel"])
+
+
+def test_new_head_with_an_explicit_model_and_without_a_head():
+    sd = _tiny_sd(num_classes=7)
+    model = resnet_jax.resnet18(num_classes=3, stage_sizes=(1, 1))
+    with pytest.raises(convert.StateDictMismatchError, match=r"fc has 7 classes and the model's 3: pass new"):
+        convert.torch_to_flax(sd, model)
+    v = convert.torch_to_flax(sd, model, new_head=True)
+    assert v["params"]["fc"]["kernel"].shape == (128, 3)
+    same = convert.torch_to_flax(sd, model.clone(num_classes=7), new_head=True)  # fresh even if 7 == 7
+    assert not np.array_equal(same["params"]["fc"]["kernel"], sd["fc.weight"].numpy().T)
+    backbone = convert.torch_to_flax(sd, model.clone(num_classes=None), new_head=True)
+    assert "fc" not in backbone["params"]
+
+
+def _trained_variables(model, size=32):
+    """Variables with non-trivial BatchNorm statistics (one train-mode pass)."""
+    x = jax.random.normal(jax.random.key(1), (4, size, size, 3))
+    variables = model.init(jax.random.key(0), x, train=False)
+    _, upd = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    return {"params": variables["params"], "batch_stats": upd["batch_stats"]}
+
+
+@pytest.mark.parametrize("arch, suffix", [("resnet18", ".pth"), ("resnet18d", ".safetensors")])
+def test_export_loads_strictly_into_pytorch_and_predicts_the_same(tmp_path, arch, suffix):
+    model = resnet_jax.get_model(arch, num_classes=5, stage_sizes=(1, 1))
+    variables = _trained_variables(model)
+    path = tmp_path / f"w{suffix}"
+    written = convert.save_torch_checkpoint(variables, path, arch=model)
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(path))
+    else:
+        sd = torch.load(path, weights_only=True)
+    assert set(sd) == set(written)
+    tm = torch_resnet(arch, num_classes=5, stage_sizes=(1, 1))
+    tm.load_state_dict(sd, strict=True)
+    x = torch.randn(2, 3, 33, 33, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = tm.eval()(x).numpy()
+    out = np.asarray(model.apply(variables, _nhwc(x), train=False))
+    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) <= 1e-5
+    # And back: the file reads as the same numpy state_dict and the same variables, bitwise.
+    back = convert.load_torch_checkpoint(path)
+    _assert_state_dicts_equal(back, written)
+    jax.tree.map(np.testing.assert_array_equal, convert.torch_to_flax(back, model), jax.device_get(variables))
+
+
+def test_safetensors_both_ways_without_torch(tmp_path, monkeypatch):
+    model = resnet_jax.resnet18(num_classes=3, stage_sizes=(1, 1))
+    variables = _trained_variables(model)
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+    path = tmp_path / "w.safetensors"
+    convert.save_torch_checkpoint(variables, path)
+    back = convert.torch_to_flax(convert.load_torch_checkpoint(path))
+    jax.tree.map(np.testing.assert_array_equal, back, jax.device_get(variables))
+    with pytest.raises(ImportError, match="write .safetensors without it"):
+        convert.save_torch_checkpoint(variables, tmp_path / "w.pth")
+    with pytest.raises(ImportError, match="needs PyTorch"):
+        convert.load_torch_checkpoint(tmp_path / "w.pth")
+
+
+def test_export_checked_against_arch_writes_nothing_on_mismatch(tmp_path):
+    variables = _trained_variables(resnet_jax.resnet18(num_classes=3, stage_sizes=(1, 1)))
+    path = tmp_path / "w.safetensors"
+    with pytest.raises(convert.StateDictMismatchError, match="missing keys"):
+        convert.save_torch_checkpoint(variables, path, arch="resnet18")
+    with pytest.raises(ValueError, match="must end with .safetensors, .pth or .pt"):
+        convert.save_torch_checkpoint(variables, tmp_path / "w.npz")
+    assert os.listdir(tmp_path) == []

@@ -29,6 +29,19 @@ TORCHVISION_PARAMS = {
 }
 
 
+# timm's published parameter counts in millions (results/results-imagenet.csv, param_count).
+TIMM_PARAMS_M = {
+    "resnet18d": 11.71,
+    "resnet34d": 21.82,
+    "resnet26d": 16.01,
+    "resnet26t": 16.01,
+    "resnet50d": 25.58,
+    "resnet101d": 44.57,
+    "resnet152d": 60.21,
+    "resnet200d": 64.69,
+}
+
+
 def _abstract_init(model, shape=(1, 224, 224, 3)):
     x = jax.ShapeDtypeStruct(shape, jnp.float32)
     return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
@@ -43,6 +56,32 @@ def test_preset_parameter_count_equals_torchvision(arch):
     variables = _abstract_init(getattr(resnet_jax, arch)())
     assert _count(variables["params"]) == TORCHVISION_PARAMS[arch]
     assert _count(variables["params"]) == sum(p.numel() for p in torch_resnet(arch).parameters())
+
+
+@pytest.mark.parametrize("arch", sorted(TIMM_PARAMS_M))
+def test_resnet_d_parameter_count_equals_timm(arch):
+    n = _count(_abstract_init(getattr(resnet_jax, arch)())["params"])
+    assert round(n / 1e6, 2) == TIMM_PARAMS_M[arch]
+    with torch.device("meta"):
+        assert n == sum(p.numel() for p in torch_resnet(arch).parameters())
+
+
+def test_deep_and_tiered_stems_have_timm_widths_and_names():
+    for arch, widths in (("resnet50d", (32, 32, 64)), ("resnet50t", (24, 32, 64))):
+        params = _abstract_init(getattr(resnet_jax, arch)())["params"]
+        assert [params[f"conv1_{i}"]["kernel"].shape[-1] for i in (0, 3, 6)] == list(widths)
+        assert params["conv1_0"]["kernel"].shape == (3, 3, 3, widths[0])
+        assert set(params["layer2_0"]) >= {"downsample_1", "downsample_2"}
+        assert "downsample_0" not in params["layer2_0"]
+        assert params["layer2_0"]["downsample_1"]["kernel"].shape == (1, 1, 256, 512)
+
+
+def test_stem_options_are_validated():
+    x = jnp.zeros((1, 32, 32, 3))
+    with pytest.raises(ValueError, match="stem_type must be"):
+        resnet_jax.resnet18(stem_type="wide").init(jax.random.key(0), x, train=False)
+    with pytest.raises(ValueError, match="cannot be combined with stem_type"):
+        resnet_jax.resnet18d(small_stem=True).init(jax.random.key(0), x, train=False)
 
 
 def test_resnet50_feature_maps_are_c2_to_c5():
@@ -224,22 +263,32 @@ def test_seed_reference_matches_blocks_names():
     assert flax_names == torch_names
 
 
-def test_shifted_variance_equals_two_pass_at_float64():
-    """The default one-pass 'shifted' variance is the two-pass value: logits, gradients and
-    running statistics over three SGD steps (the shift is non-zero from the second) at float64."""
+def test_speed_options_leave_values_unchanged_at_float64():
+    """The one-pass 'shifted' variance is the two-pass value, and the recomputed BatchNorm
+    and the channel-padded stem change nothing: logits, gradients and running statistics over
+    three SGD steps (the shift is non-zero from the second) at float64."""
     jax.config.update("jax_enable_x64", True)
     try:
         x = jnp.asarray(np.random.default_rng(0).normal(3.0, 2.0, (4, 12, 12, 3)), jnp.float64)
         labels = jnp.arange(4) % 5
         runs = {}
-        for variance in ("shifted", "two_pass"):
+        variants = {
+            "shifted": dict(bn_variance="shifted", stem_pad_channels=0),
+            "two_pass": dict(bn_variance="two_pass", stem_pad_channels=0),
+            "recompute_pad8": dict(bn_recompute=True, stem_pad_channels=8),
+        }
+        for variant, options in variants.items():
             model = resnet_jax.ResNet(
-                stage_sizes=[1, 1], block="bottleneck", num_classes=5, bn_variance=variance,
-                dtype=jnp.float64, param_dtype=jnp.float64,
+                stage_sizes=[1, 1],
+                block="bottleneck",
+                num_classes=5,
+                dtype=jnp.float64,
+                param_dtype=jnp.float64,
+                **options,
             )
             variables = model.init(jax.random.key(0), x, train=False)
 
-            def loss_fn(params, stats):
+            def loss_fn(params, stats, model=model):
                 logits, upd = model.apply(
                     {"params": params, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
                 )
@@ -251,10 +300,11 @@ def test_shifted_variance_equals_two_pass_at_float64():
                 grads, (logits, stats) = jax.grad(loss_fn, has_aux=True)(params, stats)
                 trace.append((logits, grads, stats))
                 params = jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
-            runs[variance] = trace
+            runs[variant] = trace
         assert jax.tree.leaves(runs["shifted"])[0].dtype == jnp.float64
-        for a, b in zip(runs["shifted"], runs["two_pass"]):
-            chex.assert_trees_all_close(a, b, rtol=1e-12, atol=1e-12)
+        for other in ("two_pass", "recompute_pad8"):
+            for a, b in zip(runs["shifted"], runs[other]):
+                chex.assert_trees_all_close(a, b, rtol=1e-12, atol=1e-12)
         # the running mean (the shift) really moved away from zero
         assert float(jnp.max(jnp.abs(runs["shifted"][0][2]["bn1"]["mean"]))) > 0.1
     finally:
@@ -282,3 +332,14 @@ def test_unknown_batchnorm_variance_is_refused():
     bn = BatchNorm(variance="welford")
     with pytest.raises(ValueError, match="'two_pass' or 'shifted'"):
         bn.init(jax.random.key(0), jnp.ones((2, 2, 2, 3)), train=True)
+
+
+def test_channel_padded_stem_keeps_the_parameter_and_pads_inside():
+    model = resnet_jax.resnet18(num_classes=3, stage_sizes=[1], stem_pad_channels=8)
+    x = jnp.ones((2, 32, 32, 3))
+    variables = model.init(jax.random.key(0), x, train=False)
+    assert variables["params"]["conv1"]["kernel"].shape == (7, 7, 3, 64)
+    plain = resnet_jax.resnet18(num_classes=3, stage_sizes=[1], stem_pad_channels=0)
+    chex.assert_trees_all_equal_shapes(variables, plain.init(jax.random.key(0), x, train=False))
+    hlo = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).as_text()
+    assert "7x7x8x64" in hlo  # the convolution really runs on 8 input channels

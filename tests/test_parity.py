@@ -1,5 +1,5 @@
-"""``python -m resnet_jax.parity``: float64 structural identity for every preset and for
-ResNetBase, float32 targets, and a failing exit status when the models differ."""
+"""``python -m resnet_jax.parity``: float64 structural identity for every torchvision preset, a
+ResNet-D and ResNetBase, float32 targets, and a failing exit status when the models differ."""
 
 import json
 import os
@@ -33,10 +33,10 @@ def _cli(*args, x64=False):
     # The 100+ layer presets need up to 10 GB each in float64: one xdist worker runs them in turn.
     [
         pytest.param(a, marks=pytest.mark.xdist_group("large-presets")) if a in DEEP else a
-        for a in sorted(resnet_jax.PRESETS)
+        for a in sorted(resnet_jax.TORCHVISION_ARCHS)
     ],
 )
-def test_float64_parity_is_structural_for_every_preset(arch):
+def test_float64_parity_is_structural_for_every_torchvision_preset(arch):
     # Deep presets take fewer SGD steps and a batch of 2: compile time, not coverage, grows.
     extra = ["--steps", "3", "--batch", "2"] if arch in DEEP else []
     code, result = _cli("--arch", arch, "--dtype", "float64", *extra)
@@ -54,6 +54,9 @@ def test_float64_parity_is_structural_for_every_preset(arch):
         ["--arch", "resnetbase_bottleneck", "--labml"],
         ["--arch", "resnetbase", "--labml", "--image-size", "33"],
         ["--arch", "resnet18", "--image-size", "65"],  # odd sizes: stride-2 padding must match
+        # ResNet-D: deep stem, and average-pool shortcuts whose ceil mode matters on odd sizes.
+        # The other -D/-T presets differ only in stage sizes and stem widths (test_convert).
+        ["--arch", "resnet18d", "--image-size", "65"],
     ],
 )
 def test_float64_parity_resnetbase_and_odd_sizes(args):
@@ -127,3 +130,9 @@ def test_torchvision_reference_when_importable():
     pytest.importorskip("torchvision")
     code, result = _cli("--arch", "resnet50", "--reference", "torchvision", "--dtype", "float64")
     assert code == 0, result["rows"]
+
+
+def test_timm_reference_when_importable():
+    pytest.importorskip("timm")
+    code, result = _cli("--arch", "resnet26t", "--reference", "timm", "--dtype", "float64", "--steps", "3")
+    assert code == 0 and all(e <= 1e-10 for e in result["rows"].values()), result["rows"]

@@ -22,6 +22,7 @@ from train_worker import tiny_config  # noqa: E402
 
 from train import checkpoint, input_pipeline, loop, optim, predict  # noqa: E402
 from train.metrics import read_metrics  # noqa: E402
+from train.model import create_model  # noqa: E402
 
 STEPS = 30
 
@@ -100,7 +101,7 @@ def test_restored_variables_reproduce_the_final_eval(run):
     assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(variables))
     # Independent eval: numpy preprocessing and a plain model.apply over all 360 images.
     x, y, mean, std = _digits_eval_arrays()
-    model, _ = loop.create_model(config(), input_pipeline.create_dataset(config()).info)
+    model, _ = create_model(config(), input_pipeline.create_dataset(config()).info)
     logits = np.asarray(model.apply(variables, (x - mean) / std, train=False))
     np.testing.assert_allclose(summary["eval"]["accuracy"], np.mean(logits.argmax(-1) == y))
     earlier = checkpoint.restore_variables(workdir, step=20)
@@ -140,7 +141,7 @@ def test_eval_only(run):
     evals = {r["step"]: r for r in read_metrics(workdir) if r["split"] == "eval"}
     # Step 20 had no periodic eval; check it against an independent computation.
     x, y, mean, std = _digits_eval_arrays()
-    model, _ = loop.create_model(config(), input_pipeline.create_dataset(config()).info)
+    model, _ = create_model(config(), input_pipeline.create_dataset(config()).info)
     variables = checkpoint.restore_variables(workdir, step=20)
     logits = np.asarray(model.apply(variables, (x - mean) / std, train=False))
     np.testing.assert_allclose(out["eval"]["accuracy"], np.mean(logits.argmax(-1) == y))
@@ -162,7 +163,7 @@ def test_predict_top5_of_image_files(run, tmp_path):
         paths.append(path)
         pixels.append(img[..., None].astype(np.float32))
     results = predict.predict_files(workdir, paths, top_k=5)
-    model, _ = loop.create_model(config(), input_pipeline.create_dataset(config()).info)
+    model, _ = create_model(config(), input_pipeline.create_dataset(config()).info)
     variables = checkpoint.restore_variables(workdir)
     probs = np.asarray(jax.nn.softmax(model.apply(variables, (np.stack(pixels) - mean) / std, train=False)))
     for top, p in zip(results, probs):

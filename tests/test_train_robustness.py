@@ -369,11 +369,13 @@ def test_init_from_torch_loads_matching_and_rejects_other_architectures(referenc
     import jax
 
     import resnet_jax
-    from train import loop
+    from train import build, steps
+    from train.init_from import init_from_torch
+    from train.model import create_model
 
     # A matching state_dict (the reference run's weights, via PyTorch) becomes the initial state.
-    config, info = loop.load_run_info(reference)
-    model, _ = loop.create_model(config, info)
+    config, info = build.load_run_info(reference)
+    model, _ = create_model(config, info)
     variables = checkpoint.restore_variables(reference)
     _save_torch(tmp_path / "same.pth", variables)
     template = jax.tree.map(
@@ -382,13 +384,13 @@ def test_init_from_torch_loads_matching_and_rejects_other_architectures(referenc
             lambda: model.init(jax.random.key(0), np.zeros((1, 8, 8, 1), np.float32), train=False)
         ),
     )
-    host = loop.steps.TrainState(
+    host = steps.TrainState(
         step=np.zeros((), np.int32),
         params=template["params"],
         batch_stats=template["batch_stats"],
         opt_state=(),
     )
-    loaded = loop._init_from_torch(str(tmp_path / "same.pth"), model, host)
+    loaded = init_from_torch(str(tmp_path / "same.pth"), model, host)
     for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(variables["params"])):
         np.testing.assert_array_equal(a, b)
 

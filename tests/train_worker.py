@@ -102,8 +102,9 @@ def run_train(out: str, process_id: int, num_processes: int, port: int, override
         config.distributed.process_id = process_id
         config.distributed.cpu_collectives = "gloo"
     from train import loop
+    from train.distributed import maybe_initialize_distributed
 
-    loop.maybe_initialize_distributed(config)
+    maybe_initialize_distributed(config)
     import jax
 
     summary = loop.train_and_evaluate(config, out)

@@ -34,11 +34,12 @@ def main(argv: list[str]) -> None:
     from train import loop
     from train.compile_cache import enable_compilation_cache
     from train.config import ConfigError
+    from train.distributed import maybe_initialize_distributed
     from train.input_pipeline import DatasetError
 
     enable_compilation_cache(config.compilation_cache_dir)
     try:
-        loop.maybe_initialize_distributed(config)
+        maybe_initialize_distributed(config)
         loop.train_and_evaluate(config, _WORKDIR.value)
     except (ConfigError, DatasetError) as e:
         # A bad config or a missing dataset is the user's to fix: one line, no traceback.

@@ -20,6 +20,28 @@ def _choice(config: Any, field: str, choices) -> None:
         )
 
 
+def _check_fine_tuning(config: Any) -> None:
+    multiplier = float(config.get("backbone_lr_multiplier", 1.0))
+    if multiplier < 0:
+        raise ConfigError(f"config.backbone_lr_multiplier must be >= 0; got {multiplier}.")
+    if config.get("freeze_backbone") and multiplier != 1.0:
+        raise ConfigError(
+            "config.freeze_backbone=True and config.backbone_lr_multiplier != 1 contradict each "
+            "other; set one of them."
+        )
+    if config.get("init_from") and config.get("init_from_torch"):
+        raise ConfigError("set config.init_from or its older name config.init_from_torch, not both.")
+    subset = tuple(config.get("class_subset", ()) or ())
+    if subset:
+        if config.dataset != input_pipeline.DIGITS:
+            raise ConfigError(
+                f"config.class_subset is supported for dataset={input_pipeline.DIGITS!r} only; "
+                f"got dataset={config.dataset!r}."
+            )
+        if len(set(subset)) != len(subset) or not all(0 <= int(c) <= 9 for c in subset) or len(subset) < 2:
+            raise ConfigError(f"config.class_subset must be 2 or more distinct digits 0-9; got {subset}.")
+
+
 def validate_config(
     config: Any, *, device_count: int | None = None, process_count: int | None = None
 ) -> None:
@@ -54,6 +76,7 @@ def validate_config(
         raise ConfigError(f"config.label_smoothing must be in [0, 1); got {config.label_smoothing}.")
     if config.learning_rate < 0 or config.weight_decay < 0:
         raise ConfigError("config.learning_rate and config.weight_decay must be >= 0.")
+    _check_fine_tuning(config)
     for field in ("batch_size", "eval_batch_size"):
         value = int(config.get(field))
         if device_count and value % device_count:

@@ -149,6 +149,14 @@ def _load_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return x_train, y_train, x_test, y_test
 
 
+def _keep_classes(x: np.ndarray, y: np.ndarray, classes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The examples of ``classes``, relabelled ``0 .. len(classes) - 1`` in that order."""
+    relabel = np.full(10, -1, np.int32)
+    relabel[list(classes)] = np.arange(len(classes), dtype=np.int32)
+    keep = relabel[y] >= 0
+    return x[keep], relabel[y[keep]]
+
+
 class _InMemory:
     """Arrays in host memory (digits); the same global order on every host, each takes its rows."""
 
@@ -158,15 +166,20 @@ class _InMemory:
         default = (
             (float(self.x_train.mean()),) * channels,
             (float(self.x_train.std()),) * channels,
-        )
+        )  # of all ten digits, also with class_subset, so that subsets share one normalisation
         self.mean, self.std = _norm_stats(config, channels, default)
+        subset = tuple(int(c) for c in (config.get("class_subset", ()) or ()))
+        names = tuple(str(i) for i in (subset or range(10)))
+        if subset:
+            self.x_train, self.y_train = _keep_classes(self.x_train, self.y_train, subset)
+            self.x_eval, self.y_eval = _keep_classes(self.x_eval, self.y_eval, subset)
         self.info = DatasetInfo(
             name=DIGITS,
-            num_classes=10,
+            num_classes=len(names),
             image_shape=tuple(self.x_train.shape[1:]),
             num_train_examples=len(self.x_train),
             num_eval_examples=len(self.x_eval),
-            class_names=tuple(str(i) for i in range(10)),
+            class_names=names,
             mean=self.mean,
             std=self.std,
         )

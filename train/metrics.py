@@ -134,7 +134,9 @@ def _tensorboard_writer(logdir: str):
             )
             for tag, value in scalars.items()
         ]
-        events.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary_pb2.Summary(value=values)))
+        events.add_event(
+            event_pb2.Event(wall_time=time.time(), step=step, summary=summary_pb2.Summary(value=values))
+        )
         events.flush()
 
     return write_tb

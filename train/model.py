@@ -54,6 +54,15 @@ def resolve_dtype(name: str, platform: str | None = None) -> Any:
     return DTYPES[name]
 
 
+def create_model(config: Any, info: Any, axis_name: str | None = None) -> tuple[nn.Module, Any]:
+    """The model for a training config and its dataset (``DatasetInfo``), and its compute dtype."""
+    dtype = resolve_dtype(config.dtype)
+    model = build_model(
+        config.model, info.num_classes, info.image_shape[-1], dtype=dtype, axis_name=axis_name
+    )
+    return model, dtype
+
+
 def build_model(
     model_config: Mapping[str, Any],
     num_classes: int,

@@ -8,6 +8,7 @@
 * ``optimizer``: ``'sgd'`` (momentum, optional Nesterov, decoupled-from-loss L2 weight decay)
   or ``'lars'`` (``optax.lars``). BatchNorm parameters and biases are excluded from weight decay
   (and from LARS trust-ratio scaling) unless ``weight_decay_on_bn_and_bias``.
+* fine-tuning: ``freeze_backbone`` or ``backbone_lr_multiplier`` (everything but ``fc``).
 """
 
 from __future__ import annotations
@@ -59,7 +60,24 @@ def decay_mask(params: Any) -> Any:
     return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
+def head_labels(params: Any) -> Any:
+    """``'head'`` for the classifier (``fc``), ``'backbone'`` for every other parameter."""
+    return {k: jax.tree.map(lambda _, k=k: "head" if k == "fc" else "backbone", v) for k, v in params.items()}
+
+
 def create_optimizer(config: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """The optimizer; with ``freeze_backbone`` or ``backbone_lr_multiplier`` the backbone gets
+    zero updates (and no optimizer state) or its updates scaled (``optax.multi_transform``)."""
+    tx = _optimizer(config, schedule)
+    freeze = bool(config.get("freeze_backbone", False))
+    multiplier = float(config.get("backbone_lr_multiplier", 1.0))
+    if not freeze and multiplier == 1.0:
+        return tx
+    backbone = optax.set_to_zero() if freeze else optax.chain(tx, optax.scale(multiplier))
+    return optax.multi_transform({"head": tx, "backbone": backbone}, head_labels)
+
+
+def _optimizer(config: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
     kind = config.get("optimizer", "sgd")
     wd = float(config.get("weight_decay", 0.0))
     mask = True if config.get("weight_decay_on_bn_and_bias", False) else decay_mask

@@ -18,21 +18,27 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from train import checkpoint, input_pipeline, loop
+from train import build, checkpoint, input_pipeline
+from train.model import create_model
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a training run.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-_TOP_K = flags.DEFINE_integer("top_k", 5, "How many classes to print per image.")
+
+def _define_flags() -> None:
+    """Flags exist only when this module runs as a program, so importing it beside
+    ``train.export`` (which also has ``--workdir``) never clashes."""
+    flags.DEFINE_string("workdir", None, "Workdir of a training run.")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+    flags.DEFINE_integer("top_k", 5, "How many classes to print per image.")
+    flags.mark_flag_as_required("workdir")
 
 
 def predict_files(
     workdir: str, paths: Sequence[str], *, step: int | None = None, top_k: int = 5
 ) -> list[list[tuple[int, str, float]]]:
     """Per image, the ``top_k`` ``(class index, class name, probability)``, most likely first."""
-    config, info = loop.load_run_info(workdir)
+    config, info = build.load_run_info(workdir)
     # Compute in float32 here: inference of a few images is not worth a reduced precision.
     config.dtype = "float32"
-    model, _ = loop.create_model(config, info)
+    model, _ = create_model(config, info)
     variables = checkpoint.restore_variables(workdir, step)
     crop = float(config.get("eval_crop_fraction", 1.0))
     images = np.stack([_load(p, info, crop) for p in paths])
@@ -80,7 +86,8 @@ def main(argv: list[str]) -> None:
     if not paths:
         raise app.UsageError("give one or more image files: python -m train.predict --workdir=DIR IMAGE...")
     try:
-        results = predict_files(_WORKDIR.value, paths, step=_STEP.value, top_k=_TOP_K.value)
+        FLAGS = flags.FLAGS
+        results = predict_files(FLAGS.workdir, paths, step=FLAGS.step, top_k=FLAGS.top_k)
     except (FileNotFoundError, ImageError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -91,5 +98,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    flags.mark_flag_as_required("workdir")
+    _define_flags()
     app.run(main)

@@ -1,0 +1,189 @@
+"""Everything a run needs, built from its config: ``build_run(config, workdir) -> Run``, then
+``restore_or_init(run) -> (state, start_step)``.
+
+Where to change things: the data and augmentation in ``train/input_pipeline.py``, the model in
+``train/model.py``, the optimizer and schedule in ``train/optim.py``, the train step and the
+sharding (jit over a mesh, or pmap) in ``train/steps.py``, the checkpoint policy in
+``train/checkpoint.py`` and ``train/periodic.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from train import checkpoint as checkpoint_lib
+from train import input_pipeline, optim, steps
+from train import metrics as metrics_lib
+from train.config import ConfigError, validate_config
+from train.distributed import CompiledOnFirstCall
+from train.init_from import import_weights
+from train.model import create_model
+
+CONFIG_FILE = "config.json"
+DATASET_INFO_FILE = "dataset_info.json"
+
+
+@dataclasses.dataclass
+class Run:
+    """A training run's parts; ``train_step`` and ``eval_step`` compile at their first call."""
+
+    config: Any
+    workdir: str
+    dataset: Any
+    driver: Any
+    model: Any
+    tx: Any
+    schedule: Any
+    create_state: Any  # () -> TrainState, the fresh initial state (used abstractly for restores)
+    ckpt: checkpoint_lib.Checkpointer
+    writer: metrics_lib.MetricWriter
+    train_step: CompiledOnFirstCall
+    eval_step: CompiledOnFirstCall
+    steps_per_epoch: int
+    total_steps: int
+
+    @property
+    def is_main(self) -> bool:
+        return jax.process_index() == 0
+
+
+def _step_counts(config: Any, dataset: Any) -> tuple[int, int]:
+    steps_per_epoch = dataset.steps_per_epoch(config.batch_size, jax.process_count())
+    if steps_per_epoch < 1:
+        raise ConfigError(
+            f"config.batch_size={config.batch_size} is larger than the {dataset.info.num_train_examples} "
+            f"training examples of {dataset.info.name}."
+        )
+    if config.num_train_steps > 0:
+        return steps_per_epoch, int(config.num_train_steps)
+    return steps_per_epoch, round(config.num_epochs * steps_per_epoch)
+
+
+def build_run(config: Any, workdir: str) -> Run:
+    """Data, model, optimizer, compiled steps, checkpointer and metric writer for ``config``."""
+    workdir = os.path.abspath(workdir)
+    validate_config(config, device_count=jax.device_count(), process_count=jax.process_count())
+    dataset = input_pipeline.create_dataset(config)
+    info = dataset.info
+    driver = steps.make_driver(config.parallelism)
+    axis_name = steps.PMAP_AXIS if config.parallelism == "pmap" else None
+    steps_per_epoch, total_steps = _step_counts(config, dataset)
+
+    model, dtype = create_model(config, info, axis_name)
+    schedule = optim.create_lr_schedule(config, steps_per_epoch, total_steps)
+    tx = optim.create_optimizer(config, schedule)
+    create_state = functools.partial(
+        steps.create_train_state,
+        jax.random.key(config.seed, impl=config.get("rng_impl") or None),
+        model,
+        tx,
+        (1, *info.image_shape),
+        dynamic_scale=dtype == jnp.float16,
+    )
+    input_stats = (info.mean, info.std)  # normalises uint8 batches on the device
+    save_run_info(workdir, config, info)
+    ckpt = checkpoint_lib.Checkpointer(workdir, config.keep_checkpoints)
+    writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
+    eval_step = driver.eval_step(steps.make_eval_step(model, axis_name=axis_name, input_stats=input_stats))
+    train_step = driver.train_step(
+        steps.make_train_step(
+            model,
+            tx,
+            label_smoothing=config.label_smoothing,
+            axis_name=axis_name,
+            lr_schedule=schedule,
+            input_stats=input_stats,
+        )
+    )
+    return Run(
+        config=config,
+        workdir=workdir,
+        dataset=dataset,
+        driver=driver,
+        model=model,
+        tx=tx,
+        schedule=schedule,
+        create_state=create_state,
+        ckpt=ckpt,
+        writer=writer,
+        train_step=CompiledOnFirstCall(train_step, "train_step"),
+        eval_step=CompiledOnFirstCall(eval_step, "eval_step"),
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+    )
+
+
+def restore_or_init(run: Run) -> tuple[Any, int]:
+    """The newest readable checkpoint (or ``config.restore_step``), else a fresh state, placed on
+    the devices; and the step it is at. Damaged checkpoints are set aside with a warning."""
+    config, ckpt = run.config, run.ckpt
+    restore_step = None if config.restore_step < 0 else int(config.restore_step)
+    restored = ckpt.restore(jax.eval_shape(run.create_state), restore_step) if ckpt.all_steps() else None
+    if run.is_main:
+        for bad_step, reason in ckpt.damaged:
+            print(
+                f"warning: checkpoint step {bad_step} in {ckpt.directory} is damaged ({reason}); "
+                f"moved it to {ckpt.damaged_directory} and falling back to the previous one.",
+                file=sys.stderr,
+                flush=True,
+            )
+    if restored is not None:
+        host_state, _meta = restored
+        start_step = int(host_state.step)
+        if run.is_main:
+            print(f"Resuming from checkpoint step {start_step} in {ckpt.directory}", flush=True)
+        return run.driver.place_state(host_state), start_step
+    if config.eval_only:
+        raise ConfigError(f"eval_only: no checkpoint in {ckpt.directory}.")
+    if ckpt.damaged:
+        # Every checkpoint was unreadable: starting over silently would lose the whole run.
+        raise ConfigError(
+            f"no readable checkpoint in {ckpt.directory} (the damaged ones, or ones saved "
+            f"with another config.model, were moved to {ckpt.damaged_directory}); restore "
+            f"the config they were saved with, or use a new workdir to start over."
+        )
+    state = run.driver.init_state(run.create_state)
+    field = "init_from" if config.get("init_from") else "init_from_torch"
+    if config.get(field):
+        host, note = import_weights(
+            config[field],
+            run.model,
+            run.driver.to_host(state),
+            arch=config.model.arch,
+            field=field,
+            new_head=bool(config.get("new_head", False)),
+        )
+        state = run.driver.place_state(host)
+        if run.is_main:
+            print(note, flush=True)
+    return state, 0
+
+
+def save_run_info(workdir: str, config: Any, info: input_pipeline.DatasetInfo) -> None:
+    if jax.process_index() != 0:
+        return
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    with open(os.path.join(workdir, DATASET_INFO_FILE), "w") as f:
+        json.dump(dataclasses.asdict(info), f, indent=2)
+
+
+def load_run_info(workdir: str) -> tuple[Any, input_pipeline.DatasetInfo]:
+    """The config (ConfigDict) and DatasetInfo a run wrote into ``workdir``."""
+    import ml_collections
+
+    with open(os.path.join(workdir, CONFIG_FILE)) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    with open(os.path.join(workdir, DATASET_INFO_FILE)) as f:
+        raw = json.load(f)
+    raw = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+    return config, input_pipeline.DatasetInfo(**raw)

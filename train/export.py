@@ -1,0 +1,63 @@
+"""A run's checkpoint as a PyTorch state_dict:
+
+    python -m train.export --workdir DIR --out FILE.pth|FILE.safetensors [--step N]
+
+Keys are torchvision's (timm's for the -D/-T presets), so the same architecture in PyTorch loads
+the file with ``load_state_dict(strict=True)``: e.g. ``torchvision.models.resnet50(num_classes=K)``
+for a ``resnet50`` run on K classes (with the run's ``config.model.overrides``). ``.safetensors``
+needs no PyTorch.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+
+
+def _define_flags() -> None:
+    """Flags exist only when this module runs as a program, so importing it beside
+    ``train.predict`` (which also has ``--workdir``) never clashes."""
+    flags.DEFINE_string("workdir", None, "Workdir of a training run.")
+    flags.DEFINE_string("out", None, "Output file: .pth, .pt or .safetensors.")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+    flags.mark_flags_as_required(["workdir", "out"])
+
+
+def export(workdir: str, out: str, step: int | None = None) -> dict:
+    """Write the checkpoint of ``workdir`` (newest, or ``step``) to ``out``; returns the state_dict."""
+    from resnet_jax import convert
+    from train import build, checkpoint
+    from train.config import ConfigError
+    from train.model import BASE_ARCH, create_model
+
+    config, info = build.load_run_info(workdir)
+    if config.model.arch == BASE_ARCH:
+        raise ConfigError(
+            f"{workdir} trained config.model.arch={BASE_ARCH!r}, which has no torchvision/timm "
+            f"counterpart to load the file; export works for the presets (resnet18, resnet50, ...)."
+        )
+    model, _ = create_model(config, info)
+    try:
+        variables = checkpoint.restore_variables(workdir, step)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    return convert.save_torch_checkpoint(variables, out, arch=model)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    from train.config import ConfigError
+
+    try:
+        state_dict = export(flags.FLAGS.workdir, flags.FLAGS.out, flags.FLAGS.step)
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    print(f"wrote {len(state_dict)} tensors to {flags.FLAGS.out}")
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)

@@ -1,0 +1,164 @@
+"""Starting a run from weights made elsewhere: ``config.init_from`` is a PyTorch state_dict file
+(``.pth``/``.pt``/``.safetensors``), a pretrained name (``resnet_jax.pretrained.list_pretrained()``,
+e.g. ``resnet50.tv2_in1k``) or another run's workdir (its newest checkpoint).
+
+Every tensor is loaded exactly, except a classifier (``fc``) whose class count differs from the
+dataset's: that one keeps this run's fresh initialisation, and the log says so (fine-tuning on new
+classes). Only a fresh run imports weights; a resumed run restores its own checkpoint instead.
+``config.init_from_torch`` is the older name of the same field, for PyTorch files.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import jax
+import numpy as np
+
+from train import steps
+from train.config import ConfigError
+
+_MISMATCH_KINDS = ("missing keys", "unexpected keys", "wrong shapes")
+
+
+def import_weights(
+    source: str,
+    model: Any,
+    host_state: steps.TrainState,
+    arch: str = "",
+    field: str = "init_from",
+    new_head: bool = False,
+) -> tuple[steps.TrainState, str]:
+    """``host_state`` with the weights of ``source``; and one line saying what was loaded."""
+    fresh = {"params": host_state.params, "batch_stats": host_state.batch_stats}
+    if os.path.isdir(source):
+        from train import checkpoint
+
+        try:
+            variables = checkpoint.restore_variables(source)
+        except FileNotFoundError as e:
+            raise ConfigError(f"config.{field}={source!r}: {e}") from None
+    elif os.path.isfile(source):
+        variables = _from_torch_file(source, model, field)
+    else:
+        variables = _from_pretrained(source, model, arch, field)
+    variables, head_note = _fit_head(variables, fresh, source, new_head)
+    _check_fits(variables, fresh, source, model, field)
+    params = jax.tree.map(lambda x: np.asarray(x, np.float32), variables["params"])
+    batch_stats = jax.tree.map(lambda x: np.asarray(x, np.float32), variables.get("batch_stats", {}))
+    note = f"Initialised from {source}: every tensor loaded exactly" + (
+        f"; {head_note}" if head_note else "."
+    )
+    return host_state.replace(params=params, batch_stats=batch_stats), note
+
+
+def init_from_torch(path: str, model: Any, host_state: steps.TrainState) -> steps.TrainState:
+    """``host_state`` with params and BatchNorm statistics from a PyTorch state_dict file."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config.init_from_torch={path!r}: no such file.")
+    return import_weights(path, model, host_state, field="init_from_torch")[0]
+
+
+def _from_torch_file(path: str, model: Any, field: str) -> dict[str, Any]:
+    from resnet_jax.convert import StateDictMismatchError, load_torch_checkpoint, torch_to_flax
+
+    try:
+        state_dict = load_torch_checkpoint(path)
+        classes = _classes_in(state_dict)
+        if classes is not None and getattr(model, "num_classes", None) not in (None, classes):
+            model = model.clone(num_classes=classes)  # convert its head as it is; _fit_head decides
+        return torch_to_flax(state_dict, model)
+    except StateDictMismatchError as e:
+        raise ConfigError(_mismatch_message(e, path, model, field)) from None
+    except Exception as e:  # unreadable, not a state_dict, a pickle with code, ...
+        raise ConfigError(f"config.{field}={path!r} cannot be read: {str(e).splitlines()[0]}") from None
+
+
+def _classes_in(state_dict: Any) -> int | None:
+    for key, value in state_dict.items():
+        if key.split(".")[-2:] == ["fc", "weight"] and len(np.shape(value)) == 2:
+            return int(np.shape(value)[0])
+    return None
+
+
+def _from_pretrained(name: str, model: Any, arch: str, field: str) -> dict[str, Any]:
+    from resnet_jax import pretrained
+
+    try:
+        entry = pretrained.info(name)
+    except KeyError as e:
+        raise ConfigError(
+            f"config.{field}={name!r} is not a file, a run's workdir or a pretrained name "
+            f"({str(e).strip(chr(39))})."
+        ) from None
+    if arch and entry.arch != arch:
+        raise ConfigError(
+            f"config.{field}={name!r} holds {entry.arch} weights but config.model.arch={arch!r}; "
+            f"set --config.model.arch={entry.arch}."
+        )
+    try:
+        path, _ = pretrained.locate(entry)
+    except Exception as e:  # offline and not cached, or a file that fails its hash check
+        raise ConfigError(f"config.{field}={name!r}: {e}") from None
+    return _from_torch_file(str(path), model, field)
+
+
+def _fit_head(
+    variables: dict[str, Any], fresh: dict[str, Any], source: str, new_head: bool
+) -> tuple[dict[str, Any], str]:
+    """Keep the fresh classifier when the loaded one has another class count (or ``new_head``)."""
+    theirs, ours = variables["params"].get("fc"), fresh["params"].get("fc")
+    if theirs is None or ours is None:
+        return variables, ""
+    if not new_head and np.shape(theirs["kernel"]) == np.shape(ours["kernel"]):
+        return variables, ""
+    variables = {**variables, "params": {**variables["params"], "fc": ours}}
+    note = (
+        f"the classifier (fc) is freshly initialised: {np.shape(theirs['kernel'])[-1]} classes in "
+        f"{source}, {np.shape(ours['kernel'])[-1]} in this dataset"
+        + (" (config.new_head)." if new_head else ".")
+    )
+    return variables, note
+
+
+def _check_fits(
+    variables: dict[str, Any], fresh: dict[str, Any], source: str, model: Any, field: str
+) -> None:
+    got = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(variables)}
+    want = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(fresh)}
+    if got == want:
+        return
+    missing = sorted(set(want) - set(got))
+    unexpected = sorted(set(got) - set(want))
+    wrong = sorted(k for k in set(got) & set(want) if got[k] != want[k])
+    problems = [
+        f"{title} ({len(items)}), e.g. {items[0]}"
+        + (f": {got[items[0]]} vs {want[items[0]]}" if title == "wrong shapes" else "")
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shapes", wrong))
+        if items
+    ]
+    raise ConfigError(
+        f"config.{field}={source!r} does not fit config.model ({type(model).__name__}): "
+        f"{'; '.join(problems)}. Set config.model (arch, overrides) to the architecture the "
+        f"weights were saved from."
+    )
+
+
+def _mismatch_message(e: Exception, path: str, model: Any, field: str) -> str:
+    # The library lists every key; one line with counts, an example and its hint is enough.
+    lines = [line.strip() for line in str(e).splitlines()[1:]]
+    problems = []
+    for ln in lines:
+        # "wrong shapes (2): conv1.weight: got (7, 7, 3, 64) ..., fc.weight: ..." -> first item
+        match = re.match(r"(.+? \(\d+\)): (.+?)(?:, (?=\w+\.[\w.]+[:,])| \.\.\.|$)", ln)
+        if match and match.group(1).split(" (")[0] in _MISMATCH_KINDS:
+            problems.append(f"{match.group(1)}, e.g. {match.group(2)}")
+    hint = next((ln for ln in lines if "looks like" in ln), "")
+    hint = hint[hint.index("The state_dict") :] if hint else ""
+    return (
+        f"config.{field}={path!r} does not fit config.model ({type(model).__name__}): "
+        f"{'; '.join(problems)}. {hint} Set config.model (arch, overrides) to the architecture "
+        f"the state_dict was saved from."
+    )
