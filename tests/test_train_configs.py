@@ -108,6 +108,7 @@ def test_lars_recipe_schedule_and_update():
         ("num_train_steps", -3, "num_train_steps must be > 0"),
         ("checkpoint_every_steps", -1, "checkpoint_every_steps must be >= 0"),
         ("dtype", "float64", "config.dtype='float64' is not valid"),
+        ("mesh_axis_types", "manual", "config.mesh_axis_types='manual' is not valid"),
     ],
 )
 def test_config_errors_are_clear(field, value, message):
@@ -115,6 +116,15 @@ def test_config_errors_are_clear(field, value, message):
     setattr(c, field, value)
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         validate_config(c, device_count=8, process_count=1)
+
+
+def test_explicit_mesh_needs_the_jit_driver():
+    c = load("default")
+    c.mesh_axis_types, c.parallelism = "explicit", "pmap"
+    with pytest.raises(ConfigError, match="mesh_axis_types='explicit' needs config.parallelism='jit'"):
+        validate_config(c, device_count=8, process_count=1)
+    c.parallelism = "jit"
+    validate_config(c, device_count=8, process_count=1)
 
 
 def test_unknown_arch_is_a_config_error():

@@ -1,4 +1,5 @@
-"""Data parallelism: jit-over-mesh vs pmap on 8 CPU devices, and 2 processes x 2 devices vs 1 x 4.
+"""Data parallelism: jit over auto- and explicit-axes meshes vs pmap on 8 CPU devices, and 2 processes x 2
+devices vs 1 x 4 (explicit axes).
 
 Each scenario runs in a subprocess (tests/train_worker.py) because the CPU device count must be
 set before JAX initialises.
@@ -42,7 +43,7 @@ def _run(args, timeout=300):
     return proc
 
 
-def test_jit_and_pmap_drivers_give_the_same_parameters(tmp_path):
+def test_jit_pmap_and_explicit_mesh_drivers_give_the_same_parameters(tmp_path):
     out = tmp_path / "params.npz"
     _run(["parallel", str(out)])
     data = np.load(out)
@@ -50,15 +51,19 @@ def test_jit_and_pmap_drivers_give_the_same_parameters(tmp_path):
     for key in data.files:
         name, leaf = key.split("|", 1)
         runs.setdefault(name, {})[leaf] = data[key]
-    assert set(runs) == {"jit", "pmap", "single"}
-    assert runs["jit"].keys() == runs["pmap"].keys() == runs["single"].keys()
-    assert int(runs["jit"]["step"]) == int(runs["pmap"]["step"]) == 3
+    assert set(runs) == {"jit", "pmap", "single", "explicit"}
+    assert runs["jit"].keys() == runs["pmap"].keys() == runs["single"].keys() == runs["explicit"].keys()
+    assert int(runs["jit"]["step"]) == int(runs["pmap"]["step"]) == int(runs["explicit"]["step"]) == 5
+    assert bool(runs["explicit"].pop("explicit_types")) and not bool(runs["jit"].pop("explicit_types"))
+    runs["pmap"].pop("explicit_types"), runs["single"].pop("explicit_types")
     moved = 0
     for leaf in runs["jit"]:
         # Sharded (8 devices, jit), per-device + all-reduce (pmap) and unsharded (1 device)
         # differ only in floating-point summation order.
         np.testing.assert_allclose(runs["jit"][leaf], runs["pmap"][leaf], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(runs["jit"][leaf], runs["single"][leaf], rtol=1e-5, atol=1e-6)
+        # Explicit-axes mesh (sharding in types): the same computation, typed differently.
+        np.testing.assert_allclose(runs["jit"][leaf], runs["explicit"][leaf], rtol=1e-5, atol=1e-6)
         if leaf.startswith("batch_stats"):
             moved += int(not np.allclose(runs["jit"][leaf], np.round(runs["jit"][leaf])))
     # BatchNorm statistics were really updated (synchronised under pmap), not left at 0 / 1.
@@ -71,7 +76,9 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process(tmp_path):
+def test_two_processes_match_one_process_on_an_explicit_mesh(tmp_path):
+    """2 processes x 2 devices (auto axes) vs 1 process x 4 devices with
+    ``config.mesh_axis_types='explicit'``: the whole loop (train, eval, checkpoints) agrees."""
     single, multi = tmp_path / "single", tmp_path / "multi"
     port = _free_port()
     procs = [
@@ -87,7 +94,7 @@ def test_two_processes_match_one_process(tmp_path):
         for i in range(2)
     ]
     # The single-process reference runs while the pair is busy with its own start-up.
-    ref = _run(["train", str(single), "--devices", "4"])
+    ref = _run(["train", str(single), "--devices", "4", "--set", "mesh_axis_types='explicit'"])
     outputs = []
     for p in procs:
         try:
@@ -98,9 +105,9 @@ def test_two_processes_match_one_process(tmp_path):
             raise
         outputs.append(out)
         assert p.returncode == 0, out[-5000:]
-    assert "WORKER_DONE 0 1 4" in ref.stdout
-    assert any("WORKER_DONE 0 2 4" in o for o in outputs)
-    assert any("WORKER_DONE 1 2 4" in o for o in outputs)
+    assert "WORKER_DONE explicit 0 1 4" in ref.stdout
+    assert any("WORKER_DONE auto 0 2 4" in o for o in outputs)
+    assert any("WORKER_DONE auto 1 2 4" in o for o in outputs)
 
     a, b = restore_variables(single), restore_variables(multi)
     assert jax.tree.structure(a) == jax.tree.structure(b)

@@ -3,8 +3,9 @@
 The device count must be fixed before JAX initialises, so each scenario runs in its own
 process: ``python tests/train_worker.py MODE OUT [options]``.
 
-* ``parallel OUT``: on 8 CPU devices, run the same steps with the jit-over-mesh driver, the
-  pmap driver and a 1-device mesh; save the three parameter trees to ``OUT`` (npz).
+* ``parallel OUT``: on 8 CPU devices, run the same 5 steps with the jit-over-mesh driver (auto
+  axes), the pmap driver, a 1-device mesh and the jit driver over an explicit-axes mesh; save
+  the four parameter trees to ``OUT`` (npz).
 * ``train OUT --devices N [--process-id I --num-processes P --port PORT]``: run
   ``train.loop.train_and_evaluate`` on a tiny digits config with workdir ``OUT``, optionally as
   process I of P (jax.distributed over 127.0.0.1:PORT, gloo CPU collectives).
@@ -42,7 +43,7 @@ def tiny_config(**overrides):
     return c
 
 
-def run_parallel(out: str, steps_n: int = 3) -> None:
+def run_parallel(out: str, steps_n: int = 5) -> None:
     import functools
 
     import jax
@@ -70,6 +71,7 @@ def run_parallel(out: str, steps_n: int = 3) -> None:
         ("jit", steps.JitDriver(), None),
         ("pmap", steps.PmapDriver(), steps.PMAP_AXIS),
         ("single", steps.JitDriver(steps.make_mesh(jax.devices()[:1])), None),
+        ("explicit", steps.make_driver("jit", mesh_axis_types="explicit"), None),
     ):
         model = build_model(model_cfg, 10, 3, axis_name=axis)
         tx = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.02, momentum=0.9, nesterov=True))
@@ -86,6 +88,9 @@ def run_parallel(out: str, steps_n: int = 3) -> None:
             for path, leaf in jax.tree_util.tree_flatten_with_path(getattr(host, kind))[0]:
                 flat[kind + jax.tree_util.keystr(path)] = np.asarray(leaf)
         flat["loss"] = np.asarray(driver.to_host(metrics)["loss"])
+        leaf = jax.tree.leaves(state.params)[0]
+        # The state's array types carry the mesh: explicit axes for the explicit driver only.
+        flat["explicit_types"] = np.asarray(jax.sharding.AxisType.Explicit in leaf.sharding.mesh.axis_types)
         flat["step"] = np.asarray(host.step)
         results[name] = flat
     np.savez(out, **{f"{n}|{k}": v for n, d in results.items() for k, v in d.items()})
@@ -110,6 +115,7 @@ def run_train(out: str, process_id: int, num_processes: int, port: int, override
     summary = loop.train_and_evaluate(config, out)
     print(
         "WORKER_DONE",
+        summary["mesh_axis_types"].split()[0],
         jax.process_index(),
         jax.process_count(),
         jax.device_count(),

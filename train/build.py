@@ -73,7 +73,7 @@ def build_run(config: Any, workdir: str) -> Run:
     validate_config(config, device_count=jax.device_count(), process_count=jax.process_count())
     dataset = input_pipeline.create_dataset(config)
     info = dataset.info
-    driver = steps.make_driver(config.parallelism)
+    driver = steps.make_driver(config.parallelism, mesh_axis_types=config.get("mesh_axis_types", "auto"))
     axis_name = steps.PMAP_AXIS if config.parallelism == "pmap" else None
     steps_per_epoch, total_steps = _step_counts(config, dataset)
 

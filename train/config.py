@@ -47,6 +47,16 @@ def validate_config(
 ) -> None:
     """Raise ``ConfigError`` for settings that cannot work on ``device_count`` devices."""
     _choice(config, "parallelism", ("jit", "pmap"))
+    axis_types = config.get("mesh_axis_types", "auto")  # runs saved before the field: auto
+    if axis_types not in ("auto", "explicit"):
+        raise ConfigError(
+            f"config.mesh_axis_types={axis_types!r} is not valid; choose one of: auto, explicit."
+        )
+    if axis_types == "explicit" and config.parallelism != "jit":
+        raise ConfigError(
+            "config.mesh_axis_types='explicit' needs config.parallelism='jit': pmap has no mesh. "
+            "Set --config.parallelism=jit, or leave mesh_axis_types at 'auto'."
+        )
     _choice(config, "optimizer", optim.OPTIMIZERS)
     _choice(config, "lr_schedule", optim.SCHEDULES)
     _choice(config, "dtype", ("auto", *DTYPES))

@@ -202,6 +202,7 @@ def _summary_head(run: Run, start_step: int) -> dict[str, Any]:
         "total_steps": run.total_steps,
         "steps_per_epoch": run.steps_per_epoch,
         "num_devices": run.driver.num_devices,
+        "mesh_axis_types": run.driver.axis_types,
         "num_processes": jax.process_count(),
         "checkpoints_saved": bool(run.config.save_checkpoints),
     }
@@ -267,7 +268,8 @@ def format_summary(s: dict[str, Any], already_done: bool = False) -> str:
         epochs = s["final_step"] / s["steps_per_epoch"]
         lines.append(
             f"Done: {s['final_step']} steps ({epochs:.1f} epochs) on {s['num_devices']} "
-            f"device(s), {s['num_processes']} process(es), in {s['wall_time_s']:.1f} s."
+            f"device(s) ({s['mesh_axis_types']}), {s['num_processes']} process(es), "
+            f"in {s['wall_time_s']:.1f} s."
         )
     if s.get("eval"):
         lines.append(f"  final eval:  {periodic.eval_summary(s['eval'])}")

@@ -7,7 +7,10 @@ function:
 * ``jit_train_step(train_step, mesh)``: ``jax.jit`` over a 1-D ``Mesh`` whose axis is ``'data'``.
   The batch is sharded along ``'data'``, the state is replicated and donated. XLA inserts the
   gradient all-reduce and makes BatchNorm statistics global, so the model is built with
-  ``axis_name=None``. Runs unchanged on one host or many (multi-controller JAX).
+  ``axis_name=None``. Runs unchanged on one host or many (multi-controller JAX). The mesh axis
+  is ``Auto`` (the compiler propagates shardings) or ``Explicit`` (``make_mesh(explicit=True)``:
+  shardings are part of the array types, JAX 0.10+'s default for ``jax.make_mesh``; parameters
+  replicated, gradients reduced over ``'data'`` as JAX's "Autodiff and sharding" guide has it).
 * ``pmap_train_step(train_step)``: ``jax.pmap`` over the local devices with axis ``'batch'``
   (``PMAP_AXIS``). Build the step with ``make_train_step(..., axis_name=PMAP_AXIS)`` and the model
   with ``axis_name=PMAP_AXIS`` so gradients, metrics and BatchNorm statistics are averaged.
@@ -18,7 +21,7 @@ Public API (stable; also used by benchmark scripts)::
     train_step = make_train_step(model, tx, label_smoothing=0.1, axis_name=None, lr_schedule=f,
                                  input_stats=(mean, std))
     eval_step = make_eval_step(model, axis_name=None, input_stats=(mean, std))
-    mesh = make_mesh()                                  # all devices, axis 'data'
+    mesh = make_mesh(explicit=False)                    # all devices, axis 'data'
     step = jit_train_step(train_step, mesh)             # or pmap_train_step(train_step)
     driver = JitDriver(mesh) / PmapDriver()             # placement of state and batches
     state = driver.place_state(state); batch = driver.place_batch(host_batch)
@@ -46,7 +49,7 @@ import numpy as np
 import optax
 from flax import linen as nn
 from flax.training.dynamic_scale import DynamicScale
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 PyTree = Any
@@ -261,37 +264,58 @@ def summarize_eval(sums: Mapping[str, float]) -> dict[str, float]:
 # Driver 1: jax.jit over a device mesh.
 
 
-def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+MESH_AXIS_TYPES = ("auto", "explicit")
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None, *, explicit: bool = False) -> Mesh:
     """A 1-D mesh with axis ``'data'`` over ``devices`` (default: all devices of all hosts).
 
     Devices are ordered by (process, id) so each host's devices hold a contiguous slice of the
     global batch, which is what ``make_array_from_process_local_data`` fills from local data.
+    ``explicit`` gives the axis ``AxisType.Explicit`` (sharding in types), else ``Auto``; the
+    type is always given, so the mesh is the same whatever JAX's default.
     """
     devices = jax.devices() if devices is None else list(devices)
     devices = sorted(devices, key=lambda d: (d.process_index, d.id))
-    return Mesh(np.array(devices), (DATA_AXIS,))
+    kind = AxisType.Explicit if explicit else AxisType.Auto
+    return Mesh(np.array(devices), (DATA_AXIS,), axis_types=(kind,))
+
+
+def _under_mesh(fn: Callable, mesh: Mesh) -> Callable:
+    """``fn`` called with ``mesh`` set as JAX's current mesh when its axes are explicit, so
+    arrays the step creates (``jnp.zeros``, random keys) live on it too; as is otherwise."""
+    if AxisType.Explicit not in tuple(mesh.axis_types):
+        return fn
+
+    def call(*args, **kwargs):
+        with jax.set_mesh(mesh):
+            return fn(*args, **kwargs)
+
+    return call
 
 
 def jit_train_step(train_step: StepFn, mesh: Mesh) -> StepFn:
     """``jax.jit`` of ``train_step``: batch sharded along ``'data'``, state replicated, donated."""
     replicated = NamedSharding(mesh, P())
     data = NamedSharding(mesh, P(DATA_AXIS))
-    return jax.jit(
+    step = jax.jit(
         train_step,
         in_shardings=(replicated, data),
         out_shardings=(replicated, replicated),
         donate_argnums=(0,),
     )
+    return _under_mesh(step, mesh)
 
 
 def jit_eval_step(eval_step: Callable, mesh: Mesh) -> Callable:
     """``jax.jit`` of ``eval_step`` with the batch sharded along ``'data'``."""
     replicated = NamedSharding(mesh, P())
-    return jax.jit(
+    step = jax.jit(
         eval_step,
         in_shardings=(replicated, NamedSharding(mesh, P(DATA_AXIS))),
         out_shardings=replicated,
     )
+    return _under_mesh(step, mesh)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,6 +352,11 @@ class JitDriver:
     @property
     def num_devices(self) -> int:
         return self.mesh.size
+
+    @property
+    def axis_types(self) -> str:
+        """``'explicit axes'`` or ``'auto axes'``: the kind of mesh the steps run over."""
+        return "explicit axes" if AxisType.Explicit in tuple(self.mesh.axis_types) else "auto axes"
 
     def train_step(self, train_step: StepFn) -> StepFn:
         return jit_train_step(train_step, self.mesh)
@@ -369,6 +398,8 @@ class PmapDriver:
         self.devices = jax.local_devices()
         mesh = Mesh(np.array(self.devices), (axis_name,))
         self.stacked = NamedSharding(mesh, P(axis_name))
+
+    axis_types = "pmap"
 
     @property
     def num_devices(self) -> int:
@@ -417,10 +448,17 @@ def _replicate_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_single_device_arrays(x.shape, sharding, shards)
 
 
-def make_driver(parallelism: str, mesh: Mesh | None = None) -> JitDriver | PmapDriver:
-    """``'jit'`` -> ``JitDriver``, ``'pmap'`` -> ``PmapDriver``."""
+def make_driver(
+    parallelism: str, mesh: Mesh | None = None, mesh_axis_types: str = "auto"
+) -> JitDriver | PmapDriver:
+    """``'jit'`` -> ``JitDriver`` (over ``mesh``, default all devices with ``mesh_axis_types``
+    ``'auto'`` or ``'explicit'``), ``'pmap'`` -> ``PmapDriver``."""
+    if mesh_axis_types not in MESH_AXIS_TYPES:
+        raise ValueError(f"mesh_axis_types must be 'auto' or 'explicit'; got {mesh_axis_types!r}.")
     if parallelism == "jit":
-        return JitDriver(mesh)
+        return JitDriver(mesh if mesh is not None else make_mesh(explicit=mesh_axis_types == "explicit"))
     if parallelism == "pmap":
+        if mesh_axis_types != "auto":
+            raise ValueError("mesh_axis_types='explicit' needs parallelism='jit' (pmap has no mesh).")
         return PmapDriver()
     raise ValueError(f"parallelism must be 'jit' or 'pmap'; got {parallelism!r}.")
