@@ -11,6 +11,9 @@ compile time (lowering + XLA compile, measured apart from the timed steps), then
   ``torch.compile`` on CUDA (eager if compiling fails; the mode that ran is reported).
 * ``--compare-minimal``: a hand-written Flax ResNet (``benchmarks.minimal_resnet``) of the same
   architecture through the same step, to show what the library's structure costs.
+* ``--compare-nnx``: the same model from ``resnet_jax.nnx``, trained the NNX way
+  (``nnx.Optimizer``, an ``nnx.jit`` step with the same loss, optimizer and metrics), to show
+  what the NNX API costs over the Linen step.
 * ``--rounds R``: the contenders take turns R times (order reversed every round) and medians are
   over all rounds, so load changes on a shared machine hit them alike.
 * ``--measure-cache``: runs the benchmark twice in fresh processes sharing an empty persistent
@@ -345,6 +348,89 @@ class JaxContender(Contender):
         return (time.perf_counter() - t) / n
 
 
+class NNXContender(Contender):
+    """The same model as ``resnet_jax.nnx`` trained as an NNX user writes it: ``nnx.Optimizer``
+    and an ``nnx.jit`` step (model and optimizer donated) with the same loss, optimizer and
+    metrics as the training program's step; state replicated over the same mesh."""
+
+    def __init__(self, name: str, linen_model: Any, args: argparse.Namespace):
+        self.name = name
+        self.linen_model = linen_model
+        self.args = args
+
+    def prepare(self) -> dict[str, Any]:
+        from flax import nnx
+
+        from resnet_jax import nnx as rnnx
+        from resnet_jax import sharding
+
+        args = self.args
+        size = args.image_size
+        mesh = steps.make_mesh()
+        t = time.perf_counter()
+        model = rnnx.from_linen(self.linen_model, rngs=nnx.Rngs(jax.random.key(args.seed, impl="rbg")))
+        optimizer = nnx.Optimizer(model, make_optimizer(), wrt=nnx.Param)
+        nnx.update((model, optimizer), sharding.replicate(nnx.state((model, optimizer)), mesh))
+        model.train()
+        self.model, self.optimizer = model, optimizer
+        jax.block_until_ready(nnx.state(model))
+        init_s = time.perf_counter() - t
+        data = NamedSharding(mesh, P(steps.DATA_AXIS))
+        keys = jax.random.split(jax.random.key(args.seed + 1))
+        self.batch = jax.device_put(
+            {
+                "image": jax.random.normal(keys[0], (args.batch, size, size, 3), jnp.float32),
+                "label": jax.random.randint(keys[1], (args.batch,), 0, args.num_classes, jnp.int32),
+            },
+            data,
+        )
+
+        @nnx.jit(donate_argnums=(0, 1))
+        def train_step(model, optimizer, batch):
+            def loss_fn(model):
+                logits = model(batch["image"])
+                loss = jnp.mean(steps.cross_entropy(logits, batch["label"], LABEL_SMOOTHING))
+                return loss, logits
+
+            (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+            optimizer.update(model, grads)
+            return {
+                "loss": loss,
+                "accuracy": jnp.mean(steps.topk_correct(logits, batch["label"], 1)),
+                "top5_accuracy": jnp.mean(steps.topk_correct(logits, batch["label"], 5)),
+                "grad_norm": optax.tree.norm(grads).astype(jnp.float32),
+            }
+
+        self.step = train_step
+        t = time.perf_counter()
+        self._run_one()  # nnx.jit compiles on the first call
+        compile_and_first_step_s = time.perf_counter() - t
+        for _ in range(max(args.warmup - 1, 0)):
+            self._run_one()
+        return {
+            "init_time_s": init_s,
+            "compile_and_first_step_time_s": compile_and_first_step_s,
+            "step": "resnet_jax.nnx model, nnx.Optimizer(wrt=nnx.Param), nnx.jit(donate_argnums=(0, 1))",
+            "num_params": int(sum(np.size(p) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))),
+        }
+
+    def _run_one(self) -> float:
+        t = time.perf_counter()
+        metrics = self.step(self.model, self.optimizer, self.batch)
+        jax.block_until_ready(metrics)
+        return time.perf_counter() - t
+
+    def timed_steps(self, n: int) -> list[float]:
+        return [self._run_one() for _ in range(n)]
+
+    def pipelined(self, n: int) -> float:
+        t = time.perf_counter()
+        for _ in range(n):
+            metrics = self.step(self.model, self.optimizer, self.batch)
+        jax.block_until_ready(metrics)
+        return (time.perf_counter() - t) / n
+
+
 class TorchContender(Contender):
     """The same architecture and training step in PyTorch (see the module docstring)."""
 
@@ -560,6 +646,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     contenders: list[Contender] = [JaxContender("jax", library, args)]
     if args.compare_minimal:
         contenders.append(JaxContender("minimal", minimal_resnet(args.arch, **common), args))
+    if args.compare_nnx:
+        contenders.append(NNXContender("nnx", library, args))
     if args.compare_bn_two_pass:
         two_pass = resnet_jax.get_model(args.arch, **common, **{**options, "bn_variance": "two_pass"})
         contenders.append(JaxContender("jax_bn_two_pass", two_pass, args))
@@ -659,6 +747,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.compare_bn_two_pass
         else None,
         "library_over_minimal_images_per_s": ratio("jax", "minimal") if args.compare_minimal else None,
+        "nnx_over_linen_images_per_s": ratio("nnx", "jax") if args.compare_nnx else None,
         "note": "measured side by side in this one run"
         + (", contenders alternating" if args.rounds > 1 else ""),
     }
@@ -861,6 +950,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="also time the library with BatchNorm(variance='two_pass')",
     )
     p.add_argument("--compare-minimal", action="store_true", help="also time a minimal Flax ResNet")
+    p.add_argument(
+        "--compare-nnx",
+        action="store_true",
+        help="also time the resnet_jax.nnx model (nnx.Optimizer, nnx.jit)",
+    )
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU")
     cache = p.add_mutually_exclusive_group()
     cache.add_argument(

@@ -138,13 +138,20 @@ def test_benchmark_imports_neither_tensorflow_nor_torch():
 
 
 # ----------------------------------------------------------------------------------------------
-# The CLI: library, minimal model and PyTorch in one run.
+# The CLI: library, minimal model, NNX model and PyTorch in one run.
 
 
-def test_cli_library_minimal_and_torch_in_one_run():
+def test_cli_library_minimal_nnx_and_torch_in_one_run():
     # One test, not a module fixture: pytest-xdist would run a shared fixture once per worker.
     args = [*TINY, "--batch=4", "--steps=2", "--warmup=1", "--rounds=2", "--peak-tflops=2.0"]
-    r = _run("benchmarks.train_step", *args, "--compare-torch", "--compare-minimal", "--no-compilation-cache")
+    r = _run(
+        "benchmarks.train_step",
+        *args,
+        "--compare-torch",
+        "--compare-minimal",
+        "--compare-nnx",
+        "--no-compilation-cache",
+    )
 
     assert r["config"]["stage_sizes"] == [1, 1] and r["config"]["batch"] == 4
     assert r["environment"]["backend"] == "cpu" and r["environment"]["jax"]
@@ -153,7 +160,7 @@ def test_cli_library_minimal_and_torch_in_one_run():
     assert flops["train_flops_per_step"] == 3 * 2 * TINY_MACS * 4
     # XLA's independent count also includes BatchNorm and element-wise work; same ballpark.
     assert 0.5 < flops["xla_cost_analysis_flops_per_step"] / flops["train_flops_per_step"] < 2.0
-    for name in ("jax", "minimal", "torch"):
+    for name in ("jax", "minimal", "torch", "nnx"):
         s = r[name]
         times = s["step_times_s"]
         assert len(times) == 2 * 2  # steps x rounds
@@ -185,6 +192,12 @@ def test_cli_library_minimal_and_torch_in_one_run():
     assert mini["forward_macs_per_image"] == lib["forward_macs_per_image"] == TINY_MACS
     ratio = r["ratios"]["library_over_minimal_images_per_s"]
     assert ratio == pytest.approx(lib["images_per_s"] / mini["images_per_s"])
+
+    # The NNX twin of the same model, trained with nnx.Optimizer under nnx.jit.
+    nnx_entry = r["nnx"]
+    assert nnx_entry["num_params"] == lib["num_params"] and "nnx.jit" in nnx_entry["step"]
+    ratio = r["ratios"]["nnx_over_linen_images_per_s"]
+    assert ratio == pytest.approx(nnx_entry["images_per_s"] / lib["images_per_s"])
 
 
 def test_cli_rejects_bad_arguments():

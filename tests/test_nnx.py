@@ -223,6 +223,12 @@ NUMERIC_CONFIGS = [
         _reduced("resnet18", small_stem=True, zero_init_residual=True, bn_variance="two_pass"),
         id="basic-small-stem-two-pass",
     ),
+    # ResNet-D (deep stem, average-pool shortcuts) and -T, with the speed options that leave
+    # values unchanged: one-pass shifted variance, recomputed BatchNorm, channel-padded stem.
+    pytest.param(_reduced("resnet18d", bn_recompute=True), id="resnet-d-basic-recompute"),
+    pytest.param(
+        _reduced("resnet26t", stem_pad_channels=8, bn_variance="shifted"), id="resnet-t-padded-stem-shifted"
+    ),
     pytest.param(functools.partial(resnet_jax.ResNetBase, (2, 1), (8, 16), **F64), id="resnetbase-basic"),
     pytest.param(
         functools.partial(
