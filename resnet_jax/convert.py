@@ -366,7 +366,8 @@ def flax_to_torch(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
         arr = np.asarray(jax.device_get(value))
         if key[0] == "params" and key[-1] == "kernel":
             arr = arr.transpose(3, 2, 0, 1) if arr.ndim == 4 else arr.T
-        out[_torch_key(key, arr.ndim)] = np.ascontiguousarray(arr)
+        # A writable copy: torch.from_numpy warns on (and must not share) read-only JAX buffers.
+        out[_torch_key(key, arr.ndim)] = np.array(arr, order="C")
         if key[0] == "batch_stats" and key[-1] == "mean":
             out[_torch_key(key, 1).rsplit(".", 1)[0] + ".num_batches_tracked"] = np.array(0, np.int64)
     return out
