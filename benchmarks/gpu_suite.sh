@@ -16,6 +16,7 @@
 #   sweep     ResNet-50 at batch 128 and 512, ResNet-18 and ResNet-101 at 256 (library) -> sweep_*.json
 #   input     JPEG preprocessing on all host cores (Pillow; TensorFlow absent) -> input.json
 #   tries     one XLA flag or library setting per run, library step only    -> tries_*.json
+#   nnx       ResNet-50 bf16 batch 256: Linen vs NNX (split + jax.jit, and nnx.jit), alternating -> nnx.json
 #
 # Every result is JSON in OUTDIR; logs go to OUTDIR/logs. The summary of everything in OUTDIR
 # is printed at the end (python -m benchmarks.gpu_summary OUTDIR). Missing pure-Python packages
@@ -23,12 +24,12 @@
 # present (pip download --no-deps -d benchmarks/wheels ml_collections).
 set -uo pipefail
 if [[ $# -lt 1 ]]; then
-  sed -n '2,26p' "$0"
+  sed -n '2,27p' "$0"
   exit 2
 fi
 OUT_DIR=$(mkdir -p "$1" && cd "$1" && pwd)
 shift
-PARTS=${*:-env headline profile loop numerics digits cache sweep input}
+PARTS=${*:-env headline profile loop numerics digits cache sweep input nnx}
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 mkdir -p "$OUT_DIR/logs"
@@ -128,6 +129,9 @@ EOF
     step tries_stem_pad8 240 $base --stem-pad-channels 8 --output "$OUT_DIR/tries_stem_pad8.json"
     step tries_recompute_pad8 240 $base --bn-recompute --stem-pad-channels 8 --output "$OUT_DIR/tries_recompute_pad8.json"
     step tries_no_donate 240 $base --no-donate --output "$OUT_DIR/tries_no_donate.json"
+    ;;
+  nnx)
+    step nnx 360 $TS $R50 --steps 30 --warmup 5 --rounds 3 --compare-nnx --pipelined --output "$OUT_DIR/nnx.json"
     ;;
   *)
     echo "unknown part $part" >&2

@@ -165,6 +165,14 @@ def summary(out_dir: str) -> str:
                 f"{res.get('environment', {}).get('xla_flags', '')!r}",
                 res,
             )
+    nnx = _load(out_dir, "nnx.json")
+    if nnx:
+        lines += _step_table("nnx: Linen (jax) vs NNX split + jax.jit (nnx) and nnx.jit (nnx_jit)", nnx)
+        r = nnx.get("ratios", {})
+        lines.append(
+            f"NNX / Linen: split + jax.jit {_f(r.get('nnx_over_linen_images_per_s'))}, "
+            f"nnx.jit {_f(r.get('nnx_jit_over_linen_images_per_s'))} (target >= 0.98)"
+        )
     inp = _load(out_dir, "input.json")
     if inp:
         runs = ", ".join(f"{r['processes']} proc {r['images_per_s']:.0f} img/s" for r in inp["runs"])
