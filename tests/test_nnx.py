@@ -213,21 +213,32 @@ def _reduced(arch, **overrides):
     return functools.partial(resnet_jax.ResNet, **fields, **F64)
 
 
-# One per block type and stem (the wider and grouped presets differ from these only in widths,
-# which the structural tests above cover for every preset).
+def _preset_groups():
+    """The presets grouped by everything but their depth: each group is one configuration of
+    blocks and stem, which two one-block stages exercise completely."""
+    groups: dict = {}
+    for arch, fields in resnet_jax.PRESETS.items():
+        groups.setdefault(tuple(sorted((k, v) for k, v in fields.items() if k != "stage_sizes")), []).append(
+            arch
+        )
+    return list(groups.values())
+
+
+# The speed options that leave values unchanged, folded into groups so they cost no extra compile.
+_OPTIONS = {
+    "resnet18d": dict(bn_recompute=True),
+    "resnet26t": dict(stem_pad_channels=8, bn_variance="shifted"),
+}
+
+# Every preset (reduced to two one-block stages), the small stem, and the seed's ResNetBase.
 NUMERIC_CONFIGS = [
-    pytest.param(_reduced("resnet18"), id="basic"),
-    pytest.param(_reduced("resnet50"), id="bottleneck"),
-    pytest.param(_reduced("resnext50_32x4d"), id="grouped-bottleneck"),
-    pytest.param(
-        _reduced("resnet18", small_stem=True, zero_init_residual=True, bn_variance="two_pass"),
-        id="basic-small-stem-two-pass",
+    *(
+        pytest.param(_reduced(archs[0], **_OPTIONS.get(archs[0], {})), id=",".join(archs))
+        for archs in _preset_groups()
     ),
-    # ResNet-D (deep stem, average-pool shortcuts) and -T, with the speed options that leave
-    # values unchanged: one-pass shifted variance, recomputed BatchNorm, channel-padded stem.
-    pytest.param(_reduced("resnet18d", bn_recompute=True), id="resnet-d-basic-recompute"),
     pytest.param(
-        _reduced("resnet26t", stem_pad_channels=8, bn_variance="shifted"), id="resnet-t-padded-stem-shifted"
+        _reduced("resnet18", small_stem=True, zero_init_residual=True, bn_variance="shifted"),
+        id="resnet18-small-stem-zero-init-shifted",
     ),
     pytest.param(functools.partial(resnet_jax.ResNetBase, (2, 1), (8, 16), **F64), id="resnetbase-basic"),
     pytest.param(

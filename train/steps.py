@@ -281,17 +281,27 @@ def make_mesh(devices: Sequence[jax.Device] | None = None, *, explicit: bool = F
     return Mesh(np.array(devices), (DATA_AXIS,), axis_types=(kind,))
 
 
-def _under_mesh(fn: Callable, mesh: Mesh) -> Callable:
-    """``fn`` called with ``mesh`` set as JAX's current mesh when its axes are explicit, so
-    arrays the step creates (``jnp.zeros``, random keys) live on it too; as is otherwise."""
+class _UnderMesh:
+    """A jitted step traced and lowered with ``mesh`` as JAX's current mesh (``jax.set_mesh``),
+    so arrays the step creates (``jnp.zeros``, random keys) live on its explicit axes too."""
+
+    def __init__(self, jitted: Any, mesh: Mesh):
+        self.jitted, self.mesh = jitted, mesh
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with jax.set_mesh(self.mesh):
+            return self.jitted(*args, **kwargs)
+
+    def lower(self, *args: Any, **kwargs: Any) -> Any:
+        with jax.set_mesh(self.mesh):
+            return self.jitted.lower(*args, **kwargs)
+
+
+def _under_mesh(jitted: Any, mesh: Mesh) -> Any:
+    """``jitted`` itself on an auto-axes mesh; wrapped in :class:`_UnderMesh` on an explicit one."""
     if AxisType.Explicit not in tuple(mesh.axis_types):
-        return fn
-
-    def call(*args, **kwargs):
-        with jax.set_mesh(mesh):
-            return fn(*args, **kwargs)
-
-    return call
+        return jitted
+    return _UnderMesh(jitted, mesh)
 
 
 def jit_train_step(train_step: StepFn, mesh: Mesh) -> StepFn:
