@@ -51,23 +51,35 @@ def test_jit_pmap_and_explicit_mesh_drivers_give_the_same_parameters(tmp_path):
     for key in data.files:
         name, leaf = key.split("|", 1)
         runs.setdefault(name, {})[leaf] = data[key]
+    ref = runs.pop("float64")
     assert set(runs) == {"jit", "pmap", "single", "explicit"}
     assert runs["jit"].keys() == runs["pmap"].keys() == runs["single"].keys() == runs["explicit"].keys()
     assert int(runs["jit"]["step"]) == int(runs["pmap"]["step"]) == int(runs["explicit"]["step"]) == 5
     assert bool(runs["explicit"].pop("explicit_types")) and not bool(runs["jit"].pop("explicit_types"))
-    runs["pmap"].pop("explicit_types"), runs["single"].pop("explicit_types")
+    for name in ("pmap", "single"):
+        runs[name].pop("explicit_types")
     moved = 0
     for leaf in runs["jit"]:
-        # Sharded (8 devices, jit), per-device + all-reduce (pmap) and unsharded (1 device)
-        # differ only in floating-point summation order.
-        np.testing.assert_allclose(runs["jit"][leaf], runs["pmap"][leaf], rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(runs["jit"][leaf], runs["single"][leaf], rtol=1e-5, atol=1e-6)
-        # Explicit-axes mesh (sharding in types): the same computation, typed differently.
-        np.testing.assert_allclose(runs["jit"][leaf], runs["explicit"][leaf], rtol=1e-5, atol=1e-6)
+        # Sharded (8 devices, jit), per-device + all-reduce (pmap), unsharded (1 device) and an
+        # explicit-axes mesh (sharding in types) differ only in floating-point summation order.
+        # Bounded as the parity command does: within 1e-5, or within twice float32's own error
+        # here (the 1-device float32 run against its float64 twin from the same start), which
+        # covers a ReLU or top-k flipping on rounding on another machine.
+        floor = _rel(runs["single"][leaf], ref[leaf])
+        assert floor <= 1e-3, (leaf, floor)  # the float64 run is the same computation
+        for other in ("pmap", "single", "explicit"):
+            err = _rel(runs["jit"][leaf], runs[other][leaf])
+            assert err <= max(1e-5, 2 * floor), (leaf, other, err, floor)
         if leaf.startswith("batch_stats"):
             moved += int(not np.allclose(runs["jit"][leaf], np.round(runs["jit"][leaf])))
     # BatchNorm statistics were really updated (synchronised under pmap), not left at 0 / 1.
     assert moved > 0
+
+
+def _rel(a, b):
+    """``||a - b|| / ||b||`` (Frobenius), in float64."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
 
 
 def _free_port():

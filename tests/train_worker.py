@@ -4,8 +4,8 @@ The device count must be fixed before JAX initialises, so each scenario runs in 
 process: ``python tests/train_worker.py MODE OUT [options]``.
 
 * ``parallel OUT``: on 8 CPU devices, run the same 5 steps with the jit-over-mesh driver (auto
-  axes), the pmap driver, a 1-device mesh and the jit driver over an explicit-axes mesh; save
-  the four parameter trees to ``OUT`` (npz).
+  axes), the pmap driver, a 1-device mesh and the jit driver over an explicit-axes mesh, and
+  the 1-device run in float64; save the five parameter trees to ``OUT`` (npz).
 * ``train OUT --devices N [--process-id I --num-processes P --port PORT]``: run
   ``train.loop.train_and_evaluate`` on a tiny digits config with workdir ``OUT``, optionally as
   process I of P (jax.distributed over 127.0.0.1:PORT, gloo CPU collectives).
@@ -79,6 +79,8 @@ def run_parallel(out: str, steps_n: int = 5) -> None:
             steps.create_train_state, jax.random.key(0, impl="rbg"), model, tx, (1, 8, 8, 3)
         )
         state = driver.init_state(create)
+        if name == "single":
+            initial = driver.to_host(state)
         train_step = driver.train_step(steps.make_train_step(model, tx, label_smoothing=0.1, axis_name=axis))
         for b in batches:
             state, metrics = train_step(state, driver.place_batch(b))
@@ -93,7 +95,48 @@ def run_parallel(out: str, steps_n: int = 5) -> None:
         flat["explicit_types"] = np.asarray(jax.sharding.AxisType.Explicit in leaf.sharding.mesh.axis_types)
         flat["step"] = np.asarray(host.step)
         results[name] = flat
+    results["float64"] = _float64_reference(model_cfg, initial, batches)
     np.savez(out, **{f"{n}|{k}": v for n, d in results.items() for k, v in d.items()})
+
+
+def _float64_reference(model_cfg, initial, batches):
+    """The 1-device run again in float64 from the same initial values: the float32 runs may
+    differ from each other by rounding only, so their differences are bounded by float32's own
+    error against this reference (as the parity command does)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from train import steps
+    from train.model import build_model
+
+    jax.config.update("jax_enable_x64", True)
+    try:
+        cfg = {**model_cfg, "overrides": {**model_cfg["overrides"], "param_dtype": jnp.float64}}
+        model = build_model(cfg, 10, 3, dtype=jnp.float64)
+        tx = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.02, momentum=0.9, nesterov=True))
+        wide = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), tree)  # noqa: E731
+        params = wide(initial.params)
+        state = steps.TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            batch_stats=wide(initial.batch_stats),
+            opt_state=tx.init(params),
+        )
+        train_step = jax.jit(steps.make_train_step(model, tx, label_smoothing=0.1))
+        for b in batches:
+            state, metrics = train_step(state, {"image": b["image"].astype(np.float64), "label": b["label"]})
+        flat = {}
+        for kind in ("params", "batch_stats"):
+            for path, leaf in jax.tree_util.tree_flatten_with_path(getattr(state, kind))[0]:
+                flat[kind + jax.tree_util.keystr(path)] = np.asarray(leaf)
+        flat["loss"] = np.asarray(metrics["loss"])
+        flat["step"] = np.asarray(state.step)
+        flat["explicit_types"] = np.asarray(False)
+        return flat
+    finally:
+        jax.config.update("jax_enable_x64", False)
 
 
 def run_train(out: str, process_id: int, num_processes: int, port: int, overrides=()) -> None:
