@@ -239,6 +239,21 @@ def make_optimizer() -> optax.GradientTransformation:
     return optax.chain(optax.add_decayed_weights(WEIGHT_DECAY, mask=optim.decay_mask), sgd)
 
 
+def synthetic_batch(args: argparse.Namespace, sharding: NamedSharding) -> dict[str, jax.Array]:
+    """The timed batch, generated on the devices of ``sharding`` (the same for every JAX contender)."""
+
+    @functools.partial(jax.jit, out_shardings=sharding)
+    def make(key):
+        k1, k2 = jax.random.split(key)
+        size = args.image_size
+        return {
+            "image": jax.random.normal(k1, (args.batch, size, size, 3), jnp.float32),
+            "label": jax.random.randint(k2, (args.batch,), 0, args.num_classes, jnp.int32),
+        }
+
+    return jax.block_until_ready(make(jax.random.key(args.seed + 1)))
+
+
 class JaxContender(Contender):
     """The training program's step for ``model``, jitted over a mesh of all devices."""
 
@@ -270,16 +285,7 @@ class JaxContender(Contender):
         init_s = time.perf_counter() - t
 
         data = NamedSharding(mesh, P(steps.DATA_AXIS))
-
-        @functools.partial(jax.jit, out_shardings=data)
-        def synthetic_batch(key):
-            k1, k2 = jax.random.split(key)
-            return {
-                "image": jax.random.normal(k1, (args.batch, size, size, 3), jnp.float32),
-                "label": jax.random.randint(k2, (args.batch,), 0, args.num_classes, jnp.int32),
-            }
-
-        self.batch = jax.block_until_ready(synthetic_batch(jax.random.key(args.seed + 1)))
+        self.batch = synthetic_batch(args, data)
 
         train_step = steps.make_train_step(self.model, tx, label_smoothing=LABEL_SMOOTHING)
         if args.no_donate:
@@ -373,7 +379,6 @@ class NNXContender(Contender):
         from resnet_jax import sharding
 
         args = self.args
-        size = args.image_size
         mesh = steps.make_mesh()
         t = time.perf_counter()
         model = rnnx.from_linen(self.linen_model, rngs=nnx.Rngs(jax.random.key(args.seed, impl="rbg")))
@@ -382,15 +387,7 @@ class NNXContender(Contender):
         model.train()
         jax.block_until_ready(nnx.state(model))
         init_s = time.perf_counter() - t
-        data = NamedSharding(mesh, P(steps.DATA_AXIS))
-        keys = jax.random.split(jax.random.key(args.seed + 1))
-        self.batch = jax.device_put(
-            {
-                "image": jax.random.normal(keys[0], (args.batch, size, size, 3), jnp.float32),
-                "label": jax.random.randint(keys[1], (args.batch,), 0, args.num_classes, jnp.int32),
-            },
-            data,
-        )
+        self.batch = synthetic_batch(args, NamedSharding(mesh, P(steps.DATA_AXIS)))
 
         def train_step(model, optimizer, batch):
             def loss_fn(model):

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from resnet_jax import core, sharding
+from resnet_jax import core
 from resnet_jax.core import kaiming_normal_fan_out, torch_padding
 
 Dtype = Any
@@ -36,13 +36,7 @@ __all__ = [
 def default_conv(**overrides: Any) -> ModuleDef:
     """An ``nn.Conv`` factory with torchvision's initialisation, no bias, and a kernel that
     follows the input onto an explicit-axis mesh (``sharding.conv_general_dilated``)."""
-    kwargs = dict(
-        use_bias=False,
-        kernel_init=kaiming_normal_fan_out,
-        conv_general_dilated=sharding.conv_general_dilated,
-    )
-    kwargs.update(overrides)
-    return functools.partial(nn.Conv, **kwargs)
+    return functools.partial(nn.Conv, **{**core.conv_args(), **overrides})
 
 
 class BatchNorm(nn.Module):

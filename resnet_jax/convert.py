@@ -242,11 +242,9 @@ def torch_to_flax(
     converted exactly.
     """
     state_dict = _strip_wrappers(state_dict)
-    ckpt_classes = _shape(state_dict["fc.weight"])[0] if "fc.weight" in state_dict else None
-    if model is None:
-        model = infer_model(state_dict)
-    elif isinstance(model, str):
-        model = get_model(model, num_classes=ckpt_classes)
+    ckpt_classes = _checkpoint_classes(state_dict)
+    if model is None or isinstance(model, str):
+        model = _linen_model_for(state_dict, model)
     elif not isinstance(model, nn.Module):
         # An NNX model: its Linen twin has the same variables under the same (Linen-spelt) paths.
         from resnet_jax import nnx as rnnx
@@ -532,21 +530,23 @@ def _nnx_model_for(state_dict: Mapping[str, Any], model: Any, num_classes: Optio
     if isinstance(model, nnx.Module):
         return model
     if isinstance(model, str) or model is None:
-        linen_model = _linen_model_for(state_dict, model, num_classes)
+        linen_model = _linen_model_for(state_dict, model)
+        if num_classes is not None and isinstance(linen_model, ResNet):
+            linen_model = linen_model.clone(num_classes=num_classes)
         return nnx.eval_shape(lambda: rnnx.from_linen(linen_model, rngs=nnx.Rngs(0)))
     raise TypeError(f"model must be an NNX module, a preset name or None; got {type(model).__name__}.")
 
 
-def _linen_model_for(
-    state_dict: Mapping[str, Any], model: Optional[str] = None, num_classes: Optional[int] = None
-) -> nn.Module:
-    """The Linen model :func:`torch_to_flax` builds for a preset name or ``None`` (inferred)."""
-    state_dict = _strip_wrappers(state_dict)
-    ckpt_classes = _shape(state_dict["fc.weight"])[0] if "fc.weight" in state_dict else None
-    linen_model = infer_model(state_dict) if model is None else get_model(model, num_classes=ckpt_classes)
-    if num_classes is not None and isinstance(linen_model, ResNet):
-        linen_model = linen_model.clone(num_classes=num_classes)
-    return linen_model
+def _checkpoint_classes(state_dict: Mapping[str, Any]) -> Optional[int]:
+    return _shape(state_dict["fc.weight"])[0] if "fc.weight" in state_dict else None
+
+
+def _linen_model_for(state_dict: Mapping[str, Any], model: Optional[str]) -> nn.Module:
+    """The Linen model of an (unwrapped) state_dict: the preset ``model`` with the checkpoint's
+    class count, or, for ``None``, the architecture inferred from the keys."""
+    if model is None:
+        return infer_model(state_dict)
+    return get_model(model, num_classes=_checkpoint_classes(state_dict))
 
 
 def torch_to_nnx(

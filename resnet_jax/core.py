@@ -57,6 +57,26 @@ def torch_linear_bias_init(fan_in: int) -> Callable:
     return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+def conv_args() -> dict[str, Any]:
+    """Arguments of every conv of both APIs' ``Conv``: torchvision's initialisation, no bias, and
+    a kernel that follows the input onto an explicit-axis mesh."""
+    return dict(
+        use_bias=False,
+        kernel_init=kaiming_normal_fan_out,
+        conv_general_dilated=sharding.conv_general_dilated,
+    )
+
+
+def linear_args(fan_in: int) -> dict[str, Any]:
+    """Arguments of the classifier of both APIs: ``torch.nn.Linear``'s initialisation, and a
+    kernel that follows the input onto an explicit-axis mesh."""
+    return dict(
+        kernel_init=torch_linear_kernel_init,
+        bias_init=torch_linear_bias_init(fan_in),
+        dot_general=sharding.dot_general,
+    )
+
+
 def check_images(x: Array, img_channels: int, model: str) -> None:
     """Raise a ValueError that says how to fix a batch that is not NHWC with ``img_channels``."""
     if x.ndim != 4:

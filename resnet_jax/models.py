@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from resnet_jax import core, sharding
+from resnet_jax import core
 from resnet_jax.blocks import (
     BatchNorm,
     BottleneckResidualBlock,
@@ -222,10 +222,8 @@ def classifier_head(
         num_classes,
         dtype=dtype,
         param_dtype=param_dtype,
-        kernel_init=core.torch_linear_kernel_init,
-        bias_init=core.torch_linear_bias_init(fan_in),
-        dot_general=sharding.dot_general,
         name="fc",
+        **core.linear_args(fan_in),
     )
 
 

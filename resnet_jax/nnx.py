@@ -27,9 +27,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen, nnx
 
-from resnet_jax import core, sharding
+from resnet_jax import core
 from resnet_jax import models as _linen_models
-from resnet_jax.core import check_images, kaiming_normal_fan_out
+from resnet_jax.core import check_images
 
 Dtype = Any
 Factory = Callable[..., nnx.Module]
@@ -42,13 +42,7 @@ TIMM_AVG_SHORTCUT = _linen_models.TIMM_AVG_SHORTCUT
 def default_conv(**overrides: Any) -> Factory:
     """An ``nnx.Conv`` factory with torchvision's initialisation, no bias, and a kernel that
     follows the input onto an explicit-axis mesh (``sharding.conv_general_dilated``)."""
-    kwargs = dict(
-        use_bias=False,
-        kernel_init=kaiming_normal_fan_out,
-        conv_general_dilated=sharding.conv_general_dilated,
-    )
-    kwargs.update(overrides)
-    return functools.partial(nnx.Conv, **kwargs)
+    return functools.partial(nnx.Conv, **{**core.conv_args(), **overrides})
 
 
 DEFAULT_CONV = default_conv()
@@ -444,10 +438,8 @@ class ResNet(_Network):
                 num_classes,
                 dtype=dtype,
                 param_dtype=param_dtype,
-                kernel_init=core.torch_linear_kernel_init,
-                bias_init=core.torch_linear_bias_init(fan_in),
-                dot_general=sharding.dot_general,
                 rngs=rngs,
+                **core.linear_args(fan_in),
             )
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import torch
 from torch import nn
 
 from resnet_jax.models import PRESETS
@@ -210,3 +211,19 @@ def torch_resnet(arch: str, num_classes: int = 1000, **kwargs) -> TorchResNet:
     if arch not in PRESETS:
         raise ValueError(f"unknown architecture {arch!r}; choose one of: {', '.join(PRESETS)}.")
     return TorchResNet(num_classes=num_classes, **{**PRESETS[arch], **kwargs})
+
+
+def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
+    """BatchNorm affine parameters and running statistics (and any conv biases) drawn like a
+    trained network's, in place, so that eval mode differs from train mode; returns ``model``."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5, generator=gen)
+                m.bias.normal_(0.0, 0.1, generator=gen)
+                m.running_mean.normal_(0.0, 0.2, generator=gen)
+                m.running_var.uniform_(0.5, 2.0, generator=gen)
+            elif isinstance(m, nn.Conv2d) and m.bias is not None:
+                m.bias.normal_(0.0, 0.1, generator=gen)
+    return model

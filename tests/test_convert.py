@@ -13,7 +13,7 @@ import torch
 
 import resnet_jax
 from resnet_jax import convert
-from resnet_jax.torch_reference import TorchResNetBase, torch_resnet
+from resnet_jax.torch_reference import TorchResNetBase, randomize_batchnorm, torch_resnet
 
 SEED_CONFIGS = [
     dict(n_blocks=(2, 2), n_channels=(8, 16)),
@@ -148,20 +148,6 @@ def _f64(model):
     return model.clone(dtype=jnp.float64, param_dtype=jnp.float64)
 
 
-def _randomize_bn(tm, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in tm.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5, generator=gen)
-                m.bias.normal_(0.0, 0.1, generator=gen)
-                m.running_mean.normal_(0.0, 0.2, generator=gen)
-                m.running_var.uniform_(0.5, 2.0, generator=gen)
-            elif isinstance(m, torch.nn.Conv2d) and m.bias is not None:
-                m.bias.normal_(0.0, 0.1, generator=gen)
-    return tm
-
-
 def _nhwc(x):
     return jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
 
@@ -192,7 +178,7 @@ def _assert_same_function_float64(tm, model, variables, size=33):
 def test_timm_layout_converts_by_inference_and_computes_the_same_function(arch):
     """timm's names (conv1.0/1/3/4/6, downsample.1/2 after the pool) convert with no model given;
     the result is the same function in eval and train mode at float64 (odd size: ceil-mode pool)."""
-    tm = _randomize_bn(torch_resnet(arch, num_classes=5, stage_sizes=(1, 2)))
+    tm = randomize_batchnorm(torch_resnet(arch, num_classes=5, stage_sizes=(1, 2)))
     sd = tm.state_dict()
     timm_names = {"conv1.0.weight", "conv1.1.running_var", "conv1.6.weight", "layer2.0.downsample.1.weight"}
     assert timm_names <= set(sd)
@@ -204,7 +190,7 @@ def test_timm_layout_converts_by_inference_and_computes_the_same_function(arch):
 
 def test_timm_state_dict_when_importable():
     timm = pytest.importorskip("timm")
-    tm = _randomize_bn(timm.create_model("resnet18d", pretrained=False, num_classes=5))
+    tm = randomize_batchnorm(timm.create_model("resnet18d", pretrained=False, num_classes=5))
     variables = convert.torch_to_flax(tm.state_dict())
     model = convert.infer_model(tm.state_dict())
     assert model == resnet_jax.resnet18d(num_classes=5)
@@ -226,7 +212,7 @@ LABML_CONFIGS = [
 @pytest.mark.parametrize("cfg", LABML_CONFIGS)
 def test_labml_layout_converts_by_inference_with_the_strides_its_weights_imply(cfg):
     strides = (2,) + (1,) * (len(cfg["n_channels"]) - 1)
-    tm = _randomize_bn(TorchResNetBase(**cfg, strides=strides, conv_bias=True))
+    tm = randomize_batchnorm(TorchResNetBase(**cfg, strides=strides, conv_bias=True))
     sd = tm.state_dict()
     assert "blocks.0.shortcut.conv.weight" in sd
     variables = convert.torch_to_flax(sd)
@@ -238,7 +224,7 @@ def test_labml_layout_converts_by_inference_with_the_strides_its_weights_imply(c
 def test_stride_shown_by_a_projection_without_channel_change_in_a_later_stage():
     # The default strides (1, 2, 2) with a stage that keeps 16 channels: its projection shows it.
     cfg = dict(n_blocks=(1, 1, 1), n_channels=(8, 16, 16))
-    tm = _randomize_bn(TorchResNetBase(**cfg))
+    tm = randomize_batchnorm(TorchResNetBase(**cfg))
     model = convert.infer_model(tm.state_dict())
     assert model == resnet_jax.ResNetBase(**cfg)
     _assert_same_function_float64(tm, model, convert.torch_to_flax(tm.state_dict()))
@@ -256,7 +242,7 @@ def test_wrong_strides_error_says_strides_are_not_in_the_weights_and_how_to_pass
 
 
 def _tiny_sd(num_classes=7, arch="resnet18"):
-    return _randomize_bn(torch_resnet(arch, num_classes=num_classes, stage_sizes=(1, 1))).state_dict()
+    return randomize_batchnorm(torch_resnet(arch, num_classes=num_classes, stage_sizes=(1, 1))).state_dict()
 
 
 def test_new_head_reinitialises_only_fc():

@@ -15,7 +15,7 @@ import torch
 import resnet_jax
 from resnet_jax import convert, pretrained
 from resnet_jax.pretrained import Preprocess
-from resnet_jax.torch_reference import torch_resnet
+from resnet_jax.torch_reference import randomize_batchnorm, torch_resnet
 
 TINY = dict(stage_sizes=(1, 1))
 
@@ -38,16 +38,7 @@ def offline(tmp_path, monkeypatch):
 def _twin(arch="resnet18", num_classes=10, seed=0):
     """A tiny PyTorch twin with random weights and BatchNorm statistics, in eval mode."""
     torch.manual_seed(seed)
-    tm = torch_resnet(arch, num_classes=num_classes, **TINY)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in tm.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5, generator=gen)
-                m.bias.normal_(0.0, 0.1, generator=gen)
-                m.running_mean.normal_(0.0, 0.2, generator=gen)
-                m.running_var.uniform_(0.5, 2.0, generator=gen)
-    return tm.eval()
+    return randomize_batchnorm(torch_resnet(arch, num_classes=num_classes, **TINY), seed).eval()
 
 
 def _sha256(path):

@@ -85,15 +85,10 @@ def run_parallel(out: str, steps_n: int = 5) -> None:
         for b in batches:
             state, metrics = train_step(state, driver.place_batch(b))
         host = driver.to_host(state)
-        flat = {}
-        for kind in ("params", "batch_stats"):
-            for path, leaf in jax.tree_util.tree_flatten_with_path(getattr(host, kind))[0]:
-                flat[kind + jax.tree_util.keystr(path)] = np.asarray(leaf)
-        flat["loss"] = np.asarray(driver.to_host(metrics)["loss"])
+        flat = _flat(host, driver.to_host(metrics)["loss"])
         leaf = jax.tree.leaves(state.params)[0]
         # The state's array types carry the mesh: explicit axes for the explicit driver only.
         flat["explicit_types"] = np.asarray(jax.sharding.AxisType.Explicit in leaf.sharding.mesh.axis_types)
-        flat["step"] = np.asarray(host.step)
         results[name] = flat
     results["float64"] = _float64_reference(model_cfg, initial, batches)
     np.savez(out, **{f"{n}|{k}": v for n, d in results.items() for k, v in d.items()})
@@ -127,16 +122,23 @@ def _float64_reference(model_cfg, initial, batches):
         train_step = jax.jit(steps.make_train_step(model, tx, label_smoothing=0.1))
         for b in batches:
             state, metrics = train_step(state, {"image": b["image"].astype(np.float64), "label": b["label"]})
-        flat = {}
-        for kind in ("params", "batch_stats"):
-            for path, leaf in jax.tree_util.tree_flatten_with_path(getattr(state, kind))[0]:
-                flat[kind + jax.tree_util.keystr(path)] = np.asarray(leaf)
-        flat["loss"] = np.asarray(metrics["loss"])
-        flat["step"] = np.asarray(state.step)
-        flat["explicit_types"] = np.asarray(False)
-        return flat
+        return _flat(jax.device_get(state), metrics["loss"])
     finally:
         jax.config.update("jax_enable_x64", False)
+
+
+def _flat(host_state, loss):
+    """``{'params[...]': array, 'batch_stats[...]': array, 'loss', 'step'}`` of a host state."""
+    import jax
+    import numpy as np
+
+    flat = {}
+    for kind in ("params", "batch_stats"):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(getattr(host_state, kind))[0]:
+            flat[kind + jax.tree_util.keystr(path)] = np.asarray(leaf)
+    flat["loss"] = np.asarray(loss)
+    flat["step"] = np.asarray(host_state.step)
+    return flat
 
 
 def run_train(out: str, process_id: int, num_processes: int, port: int, overrides=()) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from train import input_pipeline, optim
+from train import input_pipeline, optim, steps
 from train.model import DTYPES, architectures
 
 
@@ -48,9 +48,10 @@ def validate_config(
     """Raise ``ConfigError`` for settings that cannot work on ``device_count`` devices."""
     _choice(config, "parallelism", ("jit", "pmap"))
     axis_types = config.get("mesh_axis_types", "auto")  # runs saved before the field: auto
-    if axis_types not in ("auto", "explicit"):
+    if axis_types not in steps.MESH_AXIS_TYPES:
         raise ConfigError(
-            f"config.mesh_axis_types={axis_types!r} is not valid; choose one of: auto, explicit."
+            f"config.mesh_axis_types={axis_types!r} is not valid; "
+            f"choose one of: {', '.join(steps.MESH_AXIS_TYPES)}."
         )
     if axis_types == "explicit" and config.parallelism != "jit":
         raise ConfigError(

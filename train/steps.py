@@ -52,6 +52,8 @@ from flax.training.dynamic_scale import DynamicScale
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from resnet_jax.sharding import is_explicit
+
 PyTree = Any
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -299,7 +301,7 @@ class _UnderMesh:
 
 def _under_mesh(jitted: Any, mesh: Mesh) -> Any:
     """``jitted`` itself on an auto-axes mesh; wrapped in :class:`_UnderMesh` on an explicit one."""
-    if AxisType.Explicit not in tuple(mesh.axis_types):
+    if not is_explicit(mesh):
         return jitted
     return _UnderMesh(jitted, mesh)
 
@@ -366,7 +368,7 @@ class JitDriver:
     @property
     def axis_types(self) -> str:
         """``'explicit axes'`` or ``'auto axes'``: the kind of mesh the steps run over."""
-        return "explicit axes" if AxisType.Explicit in tuple(self.mesh.axis_types) else "auto axes"
+        return "explicit axes" if is_explicit(self.mesh) else "auto axes"
 
     def train_step(self, train_step: StepFn) -> StepFn:
         return jit_train_step(train_step, self.mesh)
