@@ -60,7 +60,8 @@ def _model(c: ml_collections.ConfigDict) -> None:
         {"stage_sizes": (1, 1), "small_stem": True}, type_safe=False
     )
     # 'float32', 'bfloat16', 'float16' (GPU; dynamic loss scaling), or 'auto' (bfloat16 on
-    # TPU/GPU, float32 on CPU). Parameters are always float32.
+    # TPU/GPU, float32 on CPU); parameters are float32. 'float64' (parameters too; needs
+    # JAX_ENABLE_X64=1) is a numerics reference: the float64 twin of a run.
     c.dtype = "float32"
 
 

@@ -107,7 +107,7 @@ def test_lars_recipe_schedule_and_update():
         ("parallelism", "pjit", "config.parallelism='pjit' is not valid"),
         ("num_train_steps", -3, "num_train_steps must be > 0"),
         ("checkpoint_every_steps", -1, "checkpoint_every_steps must be >= 0"),
-        ("dtype", "float64", "config.dtype='float64' is not valid"),
+        ("dtype", "float128", "config.dtype='float128' is not valid"),
         ("mesh_axis_types", "manual", "config.mesh_axis_types='manual' is not valid"),
     ],
 )
@@ -125,6 +125,15 @@ def test_explicit_mesh_needs_the_jit_driver():
         validate_config(c, device_count=8, process_count=1)
     c.parallelism = "jit"
     validate_config(c, device_count=8, process_count=1)
+
+
+def test_float64_needs_64_bit_jax():
+    c = load("default")
+    c.dtype = "float64"
+    with pytest.raises(ConfigError, match="float64.*JAX_ENABLE_X64=1"):
+        validate_config(c, device_count=8, process_count=1)
+    with jax.enable_x64(True):
+        validate_config(c, device_count=8, process_count=1)
 
 
 def test_unknown_arch_is_a_config_error():

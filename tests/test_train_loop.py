@@ -18,6 +18,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
+from float_bounds import (  # noqa: E402
+    assert_correct_counts_agree,
+    assert_trees_within_float32_error,
+    float64_apply,
+    near_ties,
+)
 from train_worker import tiny_config  # noqa: E402
 
 from train import checkpoint, input_pipeline, loop, optim, predict  # noqa: E402
@@ -52,6 +58,25 @@ def run(tmp_path_factory):
 def _digits_eval_arrays():
     src = input_pipeline.create_dataset(config()).__dict__["_source"]
     return src.x_eval, src.y_eval, np.array(src.mean), np.array(src.std)
+
+
+def _model():
+    return create_model(config(), input_pipeline.create_dataset(config()).info)[0]
+
+
+def _logits_and_float64_twin(variables, x):
+    """Eval logits of ``variables`` in float32 and in float64 (tests/float_bounds)."""
+    logits = np.asarray(_model().apply(variables, x, train=False))
+    info = input_pipeline.create_dataset(config()).info
+    twin = float64_apply(lambda: create_model(config(dtype="float64"), info)[0], variables, x)
+    return logits, twin
+
+
+def _assert_accuracy_of(accuracy, variables, x, y):
+    """The loop's ``accuracy`` is that of an independent float32 eval of ``variables``, but for
+    held-out examples whose prediction rounding may flip (near ties of the float64 twin)."""
+    logits, twin = _logits_and_float64_twin(variables, x)
+    assert_correct_counts_agree(accuracy, np.mean(logits.argmax(-1) == y), len(y), near_ties(twin, logits))
 
 
 def test_outputs_of_a_run(run):
@@ -101,9 +126,7 @@ def test_restored_variables_reproduce_the_final_eval(run):
     assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(variables))
     # Independent eval: numpy preprocessing and a plain model.apply over all 360 images.
     x, y, mean, std = _digits_eval_arrays()
-    model, _ = create_model(config(), input_pipeline.create_dataset(config()).info)
-    logits = np.asarray(model.apply(variables, (x - mean) / std, train=False))
-    np.testing.assert_allclose(summary["eval"]["accuracy"], np.mean(logits.argmax(-1) == y))
+    _assert_accuracy_of(summary["eval"]["accuracy"], variables, (x - mean) / std, y)
     earlier = checkpoint.restore_variables(workdir, step=20)
     assert not np.allclose(earlier["params"]["fc"]["kernel"], variables["params"]["fc"]["kernel"])
     with pytest.raises(FileNotFoundError, match="no checkpoint for step 7"):
@@ -141,10 +164,8 @@ def test_eval_only(run):
     evals = {r["step"]: r for r in read_metrics(workdir) if r["split"] == "eval"}
     # Step 20 had no periodic eval; check it against an independent computation.
     x, y, mean, std = _digits_eval_arrays()
-    model, _ = create_model(config(), input_pipeline.create_dataset(config()).info)
     variables = checkpoint.restore_variables(workdir, step=20)
-    logits = np.asarray(model.apply(variables, (x - mean) / std, train=False))
-    np.testing.assert_allclose(out["eval"]["accuracy"], np.mean(logits.argmax(-1) == y))
+    _assert_accuracy_of(out["eval"]["accuracy"], variables, (x - mean) / std, y)
     assert evals[20]["accuracy"] == out["eval"]["accuracy"]
     with pytest.raises(Exception, match="no checkpoint"):
         loop.train_and_evaluate(config(eval_only=True), str(Path(workdir).parent / "empty"))
@@ -163,13 +184,17 @@ def test_predict_top5_of_image_files(run, tmp_path):
         paths.append(path)
         pixels.append(img[..., None].astype(np.float32))
     results = predict.predict_files(workdir, paths, top_k=5)
-    model, _ = create_model(config(), input_pipeline.create_dataset(config()).info)
     variables = checkpoint.restore_variables(workdir)
-    probs = np.asarray(jax.nn.softmax(model.apply(variables, (np.stack(pixels) - mean) / std, train=False)))
-    for top, p in zip(results, probs):
+    logits, twin = _logits_and_float64_twin(variables, (np.stack(pixels) - mean) / std)
+    probs, probs64 = np.asarray(jax.nn.softmax(logits)), np.asarray(jax.nn.softmax(twin))
+    # Ranks and probabilities as an independent float32 eval gives them; where rounding may swap
+    # two classes (float64 probabilities within twice float32's error), either order is right.
+    eps = 2 * np.abs(probs - probs64).max()
+    for top, p, p64 in zip(results, probs, probs64):
         assert len(top) == 5
-        assert [i for i, _, _ in top] == list(np.argsort(-p, kind="stable")[:5])
-        np.testing.assert_allclose([q for _, _, q in top], np.sort(p)[::-1][:5], atol=1e-5)
+        got = [i for i, _, _ in top]
+        np.testing.assert_allclose(p64[got], np.sort(p64)[::-1][:5], rtol=0, atol=2 * eps)
+        np.testing.assert_allclose([q for _, _, q in top], p[got], atol=max(1e-5, 2 * eps))
         assert [name for i, name, _ in top] == [str(i) for i, _, _ in top]
 
 
@@ -183,10 +208,14 @@ def test_pmap_loop_matches_jit_loop(tmp_path):
     a = loop.train_and_evaluate(config(**cfg), str(tmp_path / "jit"))
     b = loop.train_and_evaluate(config(parallelism="pmap", **cfg), str(tmp_path / "pmap"))
     assert a["final_step"] == b["final_step"] == 6
-    jax.tree.map(
-        lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6),
-        checkpoint.restore_variables(str(tmp_path / "jit")),
-        checkpoint.restore_variables(str(tmp_path / "pmap")),
+    # Bounded by float32's own error against the jit run's float64 twin (same initial values).
+    jax.config.update("jax_enable_x64", True)
+    try:
+        loop.train_and_evaluate(config(dtype="float64", **cfg), str(tmp_path / "float64"))
+    finally:
+        jax.config.update("jax_enable_x64", False)
+    assert_trees_within_float32_error(
+        *(checkpoint.restore_variables(str(tmp_path / d)) for d in ("jit", "pmap", "float64"))
     )
 
 

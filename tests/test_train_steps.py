@@ -231,3 +231,25 @@ def test_float16_dynamic_loss_scale_skips_overflowing_step():
     # Non-finite gradients: parameters untouched, scale halved.
     chex.assert_trees_all_equal(s2.params, s1.params)
     np.testing.assert_allclose(float(m2["loss_scale"]), float(m1["loss_scale"]) / 2)
+
+
+def test_float64_twin_starts_from_the_float32_initial_values_and_keeps_float64():
+    """``config.dtype='float64'``: a float64 model initialised through its float32 twin starts
+    from the float32 run's exact values (cast), and its cross-entropy stays in float64."""
+    with jax.enable_x64(True):
+        model32 = build_model(TINY, 7, 3)
+        model64 = build_model(TINY, 7, 3, dtype=jnp.float64)
+        tx = optax.sgd(0.1)
+        s32 = steps.create_train_state(KEY(3), model32, tx, (1, 8, 8, 3))
+        s64 = steps.create_train_state(KEY(3), model64, tx, (1, 8, 8, 3), init_model=model32)
+        drawn64 = steps.create_train_state(KEY(3), model64, tx, (1, 8, 8, 3))
+        assert {x.dtype for x in jax.tree.leaves(s64.variables)} == {jnp.dtype(jnp.float64)}
+        widened = jax.tree.map(lambda x: x.astype(jnp.float64), s32.variables)
+        chex.assert_trees_all_equal(widened, s64.variables)
+        # Without the twin, float64 initialisers draw other values: no common start to compare.
+        assert not np.allclose(drawn64.params["fc"]["kernel"], s64.params["fc"]["kernel"])
+        batch = _batch(classes=7)
+        logits = model64.apply(s64.variables, jnp.asarray(batch["image"], jnp.float64), train=False)
+        assert logits.dtype == jnp.float64
+        loss = steps.cross_entropy(logits, jnp.asarray(batch["label"]), 0.1)
+        assert loss.dtype == jnp.float64

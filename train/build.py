@@ -25,7 +25,7 @@ from train import metrics as metrics_lib
 from train.config import ConfigError, validate_config
 from train.distributed import CompiledOnFirstCall
 from train.init_from import import_weights
-from train.model import create_model
+from train.model import build_model, create_model
 
 CONFIG_FILE = "config.json"
 DATASET_INFO_FILE = "dataset_info.json"
@@ -78,6 +78,10 @@ def build_run(config: Any, workdir: str) -> Run:
     steps_per_epoch, total_steps = _step_counts(config, dataset)
 
     model, dtype = create_model(config, info, axis_name)
+    # A float64 run is the twin of the float32 run with its seed: same initial values, cast.
+    float32_twin = None
+    if dtype == jnp.float64:
+        float32_twin = build_model(config.model, info.num_classes, info.image_shape[-1], axis_name=axis_name)
     schedule = optim.create_lr_schedule(config, steps_per_epoch, total_steps)
     tx = optim.create_optimizer(config, schedule)
     create_state = functools.partial(
@@ -87,6 +91,7 @@ def build_run(config: Any, workdir: str) -> Run:
         tx,
         (1, *info.image_shape),
         dynamic_scale=dtype == jnp.float16,
+        init_model=float32_twin,
     )
     input_stats = (info.mean, info.std)  # normalises uint8 batches on the device
     save_run_info(workdir, config, info)

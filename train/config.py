@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
+
 from train import input_pipeline, optim, steps
-from train.model import DTYPES, architectures
+from train.model import DTYPES, X64_HINT, architectures
 
 
 class ConfigError(ValueError):
@@ -61,6 +63,8 @@ def validate_config(
     _choice(config, "optimizer", optim.OPTIMIZERS)
     _choice(config, "lr_schedule", optim.SCHEDULES)
     _choice(config, "dtype", ("auto", *DTYPES))
+    if config.dtype == "float64" and not jax.config.jax_enable_x64:
+        raise ConfigError(f"config.dtype='float64' needs 64-bit JAX: {X64_HINT}.")
     _choice(config, "train_augment", input_pipeline.TRAIN_AUGMENTATIONS)
     _choice(config, "rng_impl", ("", "threefry2x32", "rbg", "unsafe_rbg"))
     if config.model.arch not in architectures():

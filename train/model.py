@@ -18,21 +18,25 @@ from flax import linen as nn
 import resnet_jax
 
 BASE_ARCH = "resnet_base"
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float64": jnp.float64}
+X64_HINT = "set JAX_ENABLE_X64=1 (or jax.config.update('jax_enable_x64', True)) before the run"
 
 
 class BaseClassifier(nn.Module):
-    """``ResNetBase`` features followed by a dense layer; float32 logits."""
+    """``ResNetBase`` features followed by a dense layer; logits in float32 (float64 when the
+    model computes in float64)."""
 
     backbone: resnet_jax.ResNetBase
     num_classes: int
     dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         features = self.backbone(x, train)
-        logits = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(features)
-        return logits.astype(jnp.float32)
+        dense = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="fc")
+        logits = dense(features)
+        return logits.astype(jnp.promote_types(self.dtype, jnp.float32))
 
 
 def architectures() -> list[str]:
@@ -45,12 +49,17 @@ def _tuples(d: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def resolve_dtype(name: str, platform: str | None = None) -> Any:
-    """``'auto'`` -> bfloat16 on TPU/GPU and float32 on CPU; else the named dtype."""
+    """``'auto'`` -> bfloat16 on TPU/GPU and float32 on CPU; else the named dtype.
+
+    ``'float64'`` (parameters too) is a numerics reference: the float64 twin of a run, which
+    bounds how far float32 runs may differ by rounding alone. It needs 64-bit JAX."""
     if name == "auto":
         platform = platform or jax.default_backend()
         return jnp.float32 if platform == "cpu" else jnp.bfloat16
     if name not in DTYPES:
         raise ValueError(f"config.dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}.")
+    if name == "float64" and not jax.config.jax_enable_x64:
+        raise ValueError(f"config.dtype='float64' needs 64-bit JAX: {X64_HINT}.")
     return DTYPES[name]
 
 
@@ -71,13 +80,17 @@ def build_model(
     dtype: Any = jnp.float32,
     axis_name: str | None = None,
 ) -> nn.Module:
-    """The classifier for ``model_config`` (``arch``, ``overrides``); parameters stay float32."""
+    """The classifier for ``model_config`` (``arch``, ``overrides``); parameters stay float32
+    (float64 when ``dtype`` is float64)."""
     arch = model_config["arch"]
     overrides = _tuples(dict(model_config.get("overrides", None) or {}))
     common = {"img_channels": img_channels, "dtype": dtype, "axis_name": axis_name}
+    if dtype == jnp.float64:
+        common["param_dtype"] = jnp.float64
     if arch == BASE_ARCH:
         backbone = resnet_jax.ResNetBase(**{**overrides, **common})
-        return BaseClassifier(backbone=backbone, num_classes=num_classes, dtype=dtype)
+        head_dtypes = {k: common.get(k, jnp.float32) for k in ("dtype", "param_dtype")}
+        return BaseClassifier(backbone=backbone, num_classes=num_classes, **head_dtypes)
     if arch not in resnet_jax.PRESETS:
         raise ValueError(f"unknown config.model.arch {arch!r}; choose one of: {', '.join(architectures())}.")
     return resnet_jax.get_model(arch, num_classes=num_classes, **{**overrides, **common})

@@ -39,6 +39,7 @@ average correctly; ``summarize_eval`` turns accumulated sums into means.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -90,13 +91,20 @@ def create_train_state(
     input_shape: Sequence[int],
     *,
     dynamic_scale: bool = False,
+    init_model: nn.Module | None = None,
 ) -> TrainState:
     """Initialise parameters, BatchNorm statistics and optimizer state.
 
     ``input_shape`` is one example batch's shape ``[B, H, W, C]`` (B can be 1). Pure and
     jittable: the drivers call it under ``jax.jit`` to create the state directly on device.
+    ``init_model`` (same variables, other dtypes) draws the initial values instead, cast to
+    ``model``'s dtypes: a float64 twin starts from its float32 run's exact initial values.
     """
-    variables = model.init(rng, jnp.zeros(tuple(input_shape), jnp.float32), train=False)
+    x = jnp.zeros(tuple(input_shape), jnp.float32)
+    variables = (init_model or model).init(rng, x, train=False)
+    if init_model is not None:
+        like = jax.eval_shape(functools.partial(model.init, train=False), rng, x)
+        variables = jax.tree.map(lambda v, s: v.astype(s.dtype), variables, like)
     params = variables["params"]
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -110,10 +118,11 @@ def create_train_state(
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
     """Per-example softmax cross-entropy against (optionally smoothed) one-hot labels."""
     num_classes = logits.shape[-1]
-    targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    dtype = jnp.promote_types(logits.dtype, jnp.float32)  # float32, or float64 for a float64 run
+    targets = jax.nn.one_hot(labels, num_classes, dtype=dtype)
     if label_smoothing:
         targets = targets * (1.0 - label_smoothing) + label_smoothing / num_classes
-    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+    return optax.softmax_cross_entropy(logits.astype(dtype), targets)
 
 
 def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
