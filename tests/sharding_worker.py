@@ -9,7 +9,8 @@ process: ``python tests/sharding_worker.py MODE OUT --devices N``. It records re
   then eval mode.
 * ``mesh_modes``: Linen and NNX ``ResNetBase([1, 1], [16, 32])``, 5 SGD steps under an
   explicit-axes mesh (parameters left where ``init`` put them, and replicated on the mesh) and
-  under an auto-axes ``jax.sharding.Mesh``; plus what plain ``flax.linen.Conv`` does there.
+  under an auto-axes ``jax.sharding.Mesh``, and the auto run's float64 twin; plus what plain
+  ``flax.linen.Conv`` does there.
 """
 
 from __future__ import annotations
@@ -142,14 +143,14 @@ def run_mesh_modes(out: str) -> None:
         # The 32 pooled features serve as logits: the loss only has to exercise every layer.
         return optax.softmax_cross_entropy_with_integer_labels(features, labels).mean()
 
-    def linen_run(mesh, place):
-        params, stats = init["params"], init["batch_stats"]
+    def linen_run(mesh, place, model=linen_model, dtype=np.float32):
+        params, stats = jax.tree.map(lambda v: jnp.asarray(v, dtype), (init["params"], init["batch_stats"]))
         opt_state = tx.init(params)
         if place:
             params, stats, opt_state = sharding.replicate((params, stats, opt_state), mesh)
 
         def loss_fn(params, stats, x, y):
-            feats, upd = linen_model.apply(
+            feats, upd = model.apply(
                 {"params": params, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
             )
             return loss_of(feats, y), upd["batch_stats"]
@@ -162,11 +163,11 @@ def run_mesh_modes(out: str) -> None:
 
         specs = set()
         for i in range(STEPS):
-            x, y = sharding.shard_batch((xs[i], ys[i]), mesh)
+            x, y = sharding.shard_batch((xs[i].astype(dtype), ys[i]), mesh)
             params, stats, opt_state, loss, grads = step(params, stats, opt_state, x, y)
             specs |= {_spec(g) for g in jax.tree.leaves(grads)}
-        eval_out = jax.jit(lambda v, x: linen_model.apply(v, x, train=False))(
-            {"params": params, "batch_stats": stats}, sharding.shard_batch(xs[0], mesh)
+        eval_out = jax.jit(lambda v, x: model.apply(v, x, train=False))(
+            {"params": params, "batch_stats": stats}, sharding.shard_batch(xs[0].astype(dtype), mesh)
         )
         return {"params": params, "batch_stats": stats}, specs, eval_out
 
@@ -209,6 +210,17 @@ def run_mesh_modes(out: str) -> None:
         results[f"{name}|grad_specs"] = np.asarray(sorted(specs))
         results[f"{name}|eval"] = np.asarray(eval_out)
     results["mesh_axis_types"] = np.asarray([str(m.axis_types) for m in meshes.values()])
+    # The auto-axes Linen run's float64 twin (same initial values): float32's own error bounds
+    # how far the float32 runs may differ by summation order alone.
+    jax.config.update("jax_enable_x64", True)
+    try:
+        twin = resnet_jax.ResNetBase([1, 1], [16, 32], dtype=jnp.float64, param_dtype=jnp.float64)
+        variables, _, eval_out = linen_run(meshes["auto"], True, twin, np.float64)
+        for k, v in traverse_util.flatten_dict(variables).items():
+            results[f"float64|{'/'.join(k)}"] = np.asarray(v)
+        results["float64|eval"] = np.asarray(eval_out)
+    finally:
+        jax.config.update("jax_enable_x64", False)
 
     # The same step with plain flax.linen.Conv (no resnet_jax conv), parameters left unplaced.
     class PlainConv(nn.Module):

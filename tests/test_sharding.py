@@ -19,6 +19,10 @@ from jax.sharding import AxisType
 from resnet_jax import sharding
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from float_bounds import rel  # noqa: E402
+
 WORKER = str(REPO / "tests" / "sharding_worker.py")
 APIS = ("linen", "nnx")
 
@@ -55,9 +59,14 @@ def test_five_sgd_steps_under_explicit_axes_equal_auto_axes(mesh_modes, api, pla
     explicit, auto = runs[f"{api}-explicit-{placement}"], runs[f"{api}-auto-replicated"]
     leaves = [k for k in auto if k.startswith(("params/", "batch_stats/"))]
     assert leaves and set(leaves) == {k for k in explicit if k.startswith(("params/", "batch_stats/"))}
+    twin = runs["float64"]
+    assert all(twin[leaf].dtype == np.float64 for leaf in leaves)
     for leaf in leaves + ["eval"]:
-        # Same math; only the order of float32 sums over the sharded batch may differ.
-        np.testing.assert_allclose(explicit[leaf], auto[leaf], rtol=1e-5, atol=1e-6, err_msg=leaf)
+        # Same math; only the order of float32 sums over the sharded batch may differ: within
+        # 1e-5, or twice float32's own error against the auto run's float64 twin (a ReLU that
+        # rounding flips on another machine moves results further than any fixed number).
+        floor = rel(auto[leaf], twin[leaf])
+        assert rel(explicit[leaf], auto[leaf]) <= max(1e-5, 2 * floor), (leaf, floor)
     # Five steps really moved the BatchNorm parameters (initialised to 1 and 0) and statistics
     # (initialised to 0 and 1).
     bn = [k for k in leaves if k.endswith(("/scale", "/bias", "/mean", "/var"))]
@@ -142,11 +151,12 @@ def _conv(x, w):
     )
 
 
-def test_reduced_kernels_for_unreduced_gradients_are_not_supported_by_conv_on_jax_0_10():
+def test_reduced_kernels_for_unreduced_gradients_are_not_supported_by_conv():
     """The limitation the README documents: JAX's `reduced` parameters (gradients left
-    unreduced, one AllReduce placed by hand) work for matmuls but not for convolutions on jax
-    0.10.x, so ResNet gradients are reduced inside each backward conv. Once JAX implements the
-    rule, the gradient must equal the replicated one."""
+    unreduced, one AllReduce placed by hand) work for matmuls but not for convolutions (jax
+    0.10.x; jax's source is unchanged there through 0.11), so ResNet gradients are reduced inside
+    each backward conv. Once a JAX implements the rule, the gradient must equal the replicated
+    one."""
     mesh = sharding.make_data_mesh(1, explicit=True)
     x = sharding.shard_batch(jnp.arange(2 * 4 * 4 * 3.0).reshape(2, 4, 4, 3) / 50, mesh)
     w = sharding.replicate(jnp.ones((3, 3, 3, 2)), mesh)
@@ -160,15 +170,15 @@ def test_reduced_kernels_for_unreduced_gradients_are_not_supported_by_conv_on_ja
         return jnp.sum(_conv(x, jax.sharding.reshard(w, reduced) if cast else w) ** 2)
 
     expected = jax.jit(jax.grad(loss), static_argnums=2)(w, x, False)
-    if jax.__version__.startswith("0.10."):
-        with pytest.raises(NotImplementedError, match="unreduced/reduced rule for conv_general_dilated"):
-            jax.jit(jax.grad(loss), static_argnums=2)(w, x, True)
-        # The same cast is fine for a matmul, so the gap is the convolution's.
+    try:
+        got = jax.jit(jax.grad(loss), static_argnums=2)(w, x, True)
+    except NotImplementedError as e:
+        # Told by behaviour, not by version number: the error names the missing rule ...
+        assert "unreduced/reduced rule for conv_general_dilated" in str(e), e
+        # ... and the same cast is fine for a matmul, so the gap is the convolution's.
         matrix = reduced_spec(2)
         dense = lambda w, x: jnp.sum((x.reshape(2, -1) @ jax.sharding.reshard(w, matrix)) ** 2)  # noqa: E731
         grad = jax.jit(jax.grad(dense))(sharding.replicate(jnp.ones((48, 2)), mesh), x)
         chex.assert_shape(grad, (48, 2))
     else:
-        chex.assert_trees_all_close(
-            jax.jit(jax.grad(loss), static_argnums=2)(w, x, True), expected, rtol=1e-6
-        )
+        chex.assert_trees_all_close(got, expected, rtol=1e-6)
