@@ -20,16 +20,22 @@ def rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
 
 
+def float32_bound(floor: float, tol: float = 1e-5) -> float:
+    """How far two float32 results may differ: ``tol``, or twice ``floor`` (float32's own error
+    there, measured against a float64 twin), whichever is larger."""
+    return max(tol, 2 * floor)
+
+
 def assert_trees_within_float32_error(a, b, twin64, tol: float = 1e-5) -> None:
-    """Per leaf: ``rel(a, b) <= max(tol, 2 * rel(a, twin64))``, where ``a`` and ``b`` are float32
-    trees that may differ by rounding only and ``twin64`` is ``a``'s float64 twin."""
+    """Per leaf: ``rel(a, b) <= float32_bound(rel(a, twin64), tol)``, where ``a`` and ``b`` are
+    float32 trees that may differ by rounding only and ``twin64`` is ``a``'s float64 twin."""
     flat_a = jax.tree_util.tree_flatten_with_path(a)[0]
     flat_b, flat_64 = jax.tree.leaves(b), jax.tree.leaves(twin64)
     assert len(flat_a) == len(flat_b) == len(flat_64), "the trees have different leaves"
     for (path, x), y, z in zip(flat_a, flat_b, flat_64):
         floor = rel(x, z)
         err = rel(x, y)
-        assert err <= max(tol, 2 * floor), (jax.tree_util.keystr(path), err, floor)
+        assert err <= float32_bound(floor, tol), (jax.tree_util.keystr(path), err, floor)
 
 
 def near_ties(logits64, *logits32, factor: float = 4.0) -> np.ndarray:

@@ -21,14 +21,12 @@ sys.path.insert(0, str(REPO / "tests"))
 from float_bounds import (  # noqa: E402
     assert_correct_counts_agree,
     assert_trees_within_float32_error,
-    float64_apply,
     near_ties,
 )
-from train_worker import tiny_config  # noqa: E402
+from train_worker import digits_eval_arrays, eval_logits, tiny_config  # noqa: E402
 
-from train import checkpoint, input_pipeline, loop, optim, predict  # noqa: E402
+from train import checkpoint, loop, optim, predict  # noqa: E402
 from train.metrics import read_metrics  # noqa: E402
-from train.model import create_model  # noqa: E402
 
 STEPS = 30
 
@@ -55,21 +53,9 @@ def run(tmp_path_factory):
     return workdir, summary
 
 
-def _digits_eval_arrays():
-    src = input_pipeline.create_dataset(config()).__dict__["_source"]
-    return src.x_eval, src.y_eval, np.array(src.mean), np.array(src.std)
-
-
-def _model():
-    return create_model(config(), input_pipeline.create_dataset(config()).info)[0]
-
-
 def _logits_and_float64_twin(variables, x):
     """Eval logits of ``variables`` in float32 and in float64 (tests/float_bounds)."""
-    logits = np.asarray(_model().apply(variables, x, train=False))
-    info = input_pipeline.create_dataset(config()).info
-    twin = float64_apply(lambda: create_model(config(dtype="float64"), info)[0], variables, x)
-    return logits, twin
+    return eval_logits(config(), variables, x), eval_logits(config(), variables, x, float64=True)
 
 
 def _assert_accuracy_of(accuracy, variables, x, y):
@@ -125,7 +111,7 @@ def test_restored_variables_reproduce_the_final_eval(run):
     assert set(variables) == {"params", "batch_stats"}
     assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(variables))
     # Independent eval: numpy preprocessing and a plain model.apply over all 360 images.
-    x, y, mean, std = _digits_eval_arrays()
+    x, y, mean, std = digits_eval_arrays(config())
     _assert_accuracy_of(summary["eval"]["accuracy"], variables, (x - mean) / std, y)
     earlier = checkpoint.restore_variables(workdir, step=20)
     assert not np.allclose(earlier["params"]["fc"]["kernel"], variables["params"]["fc"]["kernel"])
@@ -163,7 +149,7 @@ def test_eval_only(run):
     assert out["start_step"] == 20
     evals = {r["step"]: r for r in read_metrics(workdir) if r["split"] == "eval"}
     # Step 20 had no periodic eval; check it against an independent computation.
-    x, y, mean, std = _digits_eval_arrays()
+    x, y, mean, std = digits_eval_arrays(config())
     variables = checkpoint.restore_variables(workdir, step=20)
     _assert_accuracy_of(out["eval"]["accuracy"], variables, (x - mean) / std, y)
     assert evals[20]["accuracy"] == out["eval"]["accuracy"]
@@ -175,7 +161,7 @@ def test_predict_top5_of_image_files(run, tmp_path):
     from PIL import Image
 
     workdir, _ = run
-    x, _y, mean, std = _digits_eval_arrays()
+    x, _y, mean, std = digits_eval_arrays(config())
     paths, pixels = [], []
     for i in range(3):
         img = np.rint(x[i, ..., 0]).astype(np.uint8)

@@ -43,6 +43,33 @@ def tiny_config(**overrides):
     return c
 
 
+def digits_eval_arrays(config):
+    """The digits held-out images (float, unnormalised), labels, and the normalisation mean/std."""
+    import numpy as np
+
+    from train import input_pipeline
+
+    src = input_pipeline.create_dataset(config).__dict__["_source"]
+    return src.x_eval, src.y_eval, np.array(src.mean), np.array(src.std)
+
+
+def eval_logits(config, variables, x, *, float64=False):
+    """Eval-mode logits of ``config``'s model with ``variables`` on ``x``: float32, or with
+    ``float64`` the float64 twin of that evaluation (tests/float_bounds)."""
+    import numpy as np
+    from float_bounds import float64_apply
+
+    from train import input_pipeline
+    from train.model import create_model
+
+    info = input_pipeline.create_dataset(config).info
+    if not float64:
+        return np.asarray(create_model(config, info)[0].apply(variables, x, train=False))
+    twin = config.copy_and_resolve_references()
+    twin.dtype = "float64"
+    return float64_apply(lambda: create_model(twin, info)[0], variables, x)
+
+
 def run_parallel(out: str, steps_n: int = 5) -> None:
     import functools
 

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
-
 from train import input_pipeline, optim, steps
-from train.model import DTYPES, X64_HINT, architectures
+from train.model import DTYPES, architectures, resolve_dtype
 
 
 class ConfigError(ValueError):
@@ -63,8 +61,11 @@ def validate_config(
     _choice(config, "optimizer", optim.OPTIMIZERS)
     _choice(config, "lr_schedule", optim.SCHEDULES)
     _choice(config, "dtype", ("auto", *DTYPES))
-    if config.dtype == "float64" and not jax.config.jax_enable_x64:
-        raise ConfigError(f"config.dtype='float64' needs 64-bit JAX: {X64_HINT}.")
+    if config.dtype != "auto":  # 'auto' needs no check, and resolving it would start a backend
+        try:
+            resolve_dtype(config.dtype)  # float64 without 64-bit JAX
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     _choice(config, "train_augment", input_pipeline.TRAIN_AUGMENTATIONS)
     _choice(config, "rng_impl", ("", "threefry2x32", "rbg", "unsafe_rbg"))
     if config.model.arch not in architectures():

@@ -19,7 +19,6 @@ import resnet_jax
 
 BASE_ARCH = "resnet_base"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float64": jnp.float64}
-X64_HINT = "set JAX_ENABLE_X64=1 (or jax.config.update('jax_enable_x64', True)) before the run"
 
 
 class BaseClassifier(nn.Module):
@@ -59,7 +58,10 @@ def resolve_dtype(name: str, platform: str | None = None) -> Any:
     if name not in DTYPES:
         raise ValueError(f"config.dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}.")
     if name == "float64" and not jax.config.jax_enable_x64:
-        raise ValueError(f"config.dtype='float64' needs 64-bit JAX: {X64_HINT}.")
+        raise ValueError(
+            "config.dtype='float64' needs 64-bit JAX: set JAX_ENABLE_X64=1 (or "
+            "jax.config.update('jax_enable_x64', True)) before the run."
+        )
     return DTYPES[name]
 
 
@@ -89,8 +91,9 @@ def build_model(
         common["param_dtype"] = jnp.float64
     if arch == BASE_ARCH:
         backbone = resnet_jax.ResNetBase(**{**overrides, **common})
-        head_dtypes = {k: common.get(k, jnp.float32) for k in ("dtype", "param_dtype")}
-        return BaseClassifier(backbone=backbone, num_classes=num_classes, **head_dtypes)
+        return BaseClassifier(
+            backbone=backbone, num_classes=num_classes, dtype=dtype, param_dtype=backbone.param_dtype
+        )
     if arch not in resnet_jax.PRESETS:
         raise ValueError(f"unknown config.model.arch {arch!r}; choose one of: {', '.join(architectures())}.")
     return resnet_jax.get_model(arch, num_classes=num_classes, **{**overrides, **common})
