@@ -85,11 +85,17 @@ def test_gradients_come_out_replicated_over_data(mesh_modes, api):
 
 
 def test_linen_and_nnx_agree_under_explicit_axes(mesh_modes):
+    """Linen and NNX are two programs for the same math (equal to 1e-12 at float64 in
+    test_nnx); XLA may order their float32 sums differently, so the bound is float32's own
+    error against the float64 twin, as for explicit vs auto above."""
     runs, _ = mesh_modes
     a, b = runs["linen-explicit-unplaced"], runs["nnx-explicit-unplaced"]
-    for leaf in a:
-        if leaf.startswith(("params/", "batch_stats/")) or leaf == "eval":
-            np.testing.assert_array_equal(a[leaf], b[leaf], err_msg=leaf)
+    twin = runs["float64"]
+    leaves = [k for k in a if k.startswith(("params/", "batch_stats/")) or k == "eval"]
+    assert leaves and set(leaves) <= set(b)
+    for leaf in leaves:
+        floor = rel(a[leaf], twin[leaf])
+        assert rel(b[leaf], a[leaf]) <= float32_bound(floor), (leaf, floor)
 
 
 def test_plain_flax_conv_reproduces_the_issue_on_jax_0_10(mesh_modes):
