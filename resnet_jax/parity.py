@@ -6,7 +6,8 @@ model, trained with ``nnx.Optimizer`` under ``nnx.jit``), runs both frameworks o
 and prints ``||delta|| / ||ref||`` for eval logits, train-mode logits, every module's gradient,
 the updated running statistics, and the loss (and final parameters) over SGD steps with momentum
 and weight decay. Exits non-zero when a row is over its tolerance. float64 checks structural
-identity.
+identity. ``--steps 0`` compares the forward passes only (eval, and train mode with its running
+statistics), without compiling a train step.
 """
 
 from __future__ import annotations
@@ -92,14 +93,28 @@ def _randomize(model, gen, branch_gain: tuple[float, float]) -> None:
 
 
 def _torch_run(model, xs, ys, steps: int, lr: float, momentum: float, weight_decay: float) -> dict:
-    """Eval logits, then ``steps`` SGD steps in train mode; records step 0 in detail."""
+    """Eval logits, then ``steps`` SGD steps in train mode; records step 0 in detail.
+
+    ``steps=0``: one train-mode forward (logits and updated running statistics), no backward.
+    """
     import torch
 
     model.eval()
     with torch.no_grad():
-        eval_logits = model(xs[steps]).numpy()
+        eval_logits = model(xs[-1]).numpy()
     init = {k: p.detach().numpy().copy() for k, p in model.named_parameters()}
     model.train()
+    if steps == 0:
+        with torch.no_grad():
+            out = model(xs[0])
+        stats = {k: v.numpy().copy() for k, v in model.state_dict().items() if "running" in k}
+        return {
+            "eval logits": eval_logits,
+            "train logits": out.numpy(),
+            "stats": stats,
+            "init": init,
+            "losses": [],
+        }
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     rec = {"eval logits": eval_logits, "losses": [], "init": init}
     for i in range(steps):
@@ -148,10 +163,17 @@ def _jax_run(fmodel, variables, xs, ys, steps: int, lr: float, momentum: float, 
     rec = {
         "eval logits": np.asarray(
             # Eager: one forward pass costs far less than compiling it.
-            fmodel.apply({"params": params, "batch_stats": stats}, nhwc(xs[steps]), train=False)
+            fmodel.apply({"params": params, "batch_stats": stats}, nhwc(xs[-1]), train=False)
         ),
         "losses": [],
     }
+    if steps == 0:
+        logits, upd = fmodel.apply(
+            {"params": params, "batch_stats": stats}, nhwc(xs[0]), train=True, mutable=["batch_stats"]
+        )
+        rec["train logits"] = np.asarray(logits)
+        rec["stats"] = flax_to_torch({"batch_stats": upd["batch_stats"]})
+        return rec
     opt_state = tx.init(params)
     for i in range(steps):
         params, stats, opt_state, loss, logits, grads = step(
@@ -189,8 +211,12 @@ def _nnx_run(model, xs, ys, steps: int, lr: float, momentum: float, weight_decay
 
     nhwc = lambda t: jnp.asarray(t.numpy().transpose(0, 2, 3, 1))  # noqa: E731
     model.eval()
-    rec = {"eval logits": np.asarray(model(nhwc(xs[steps]))), "losses": []}
+    rec = {"eval logits": np.asarray(model(nhwc(xs[-1]))), "losses": []}
     model.train()
+    if steps == 0:
+        rec["train logits"] = np.asarray(model(nhwc(xs[0])))
+        rec["stats"] = {k: v for k, v in nnx_to_torch(model).items() if "running" in k}
+        return rec
     for i in range(steps):
         loss, logits, grads = step(model, optimizer, nhwc(xs[i]), jnp.asarray(ys[i].numpy()))
         if i == 0:
@@ -203,7 +229,18 @@ def _nnx_run(model, xs, ys, steps: int, lr: float, momentum: float, weight_decay
 
 
 def _compare(run: dict, ref: dict, init: dict, steps: int) -> tuple[dict, dict]:
-    """(rows of ||delta||/||ref||, the worst module or key of each row)."""
+    """(rows of ||delta||/||ref||, the worst module or key of each row).
+
+    ``steps=0`` (forward only): eval logits, train-mode logits and running statistics.
+    """
+    stat_err = {k: _rel(run["stats"][k], ref["stats"][k]) for k in ref["stats"]}
+    forward = {
+        "eval logits": _rel(run["eval logits"], ref["eval logits"]),
+        "train logits": _rel(run["train logits"], ref["train logits"]),
+    }
+    if steps == 0:
+        rows = {**forward, "running stats after 1 forward": max(stat_err.values())}
+        return rows, {"running stats after 1 forward": max(stat_err, key=stat_err.get)}
     # Gradients and updates are compared per module (weight and bias as one vector): a bias that
     # feeds a train-mode BatchNorm through convolutions only (every conv bias, and the seed's
     # stem BN bias) has an exactly-zero gradient, so per tensor both sides are rounding noise.
@@ -216,13 +253,11 @@ def _compare(run: dict, ref: dict, init: dict, steps: int) -> tuple[dict, dict]:
         return {m: _rel(cat(a, ks), cat(b, ks)) for m, ks in modules.items()}
 
     grad_err = per_module(run["grads"], ref["grads"])
-    stat_err = {k: _rel(run["stats"][k], ref["stats"][k]) for k in ref["stats"]}
     # What SGD changed, not the parameters themselves, which the (shared) init would dominate.
     change = lambda rec: {k: rec["params"][k] - init[k] for k in init}  # noqa: E731
     update_err = per_module(change(run), change(ref))
     rows = {
-        "eval logits": _rel(run["eval logits"], ref["eval logits"]),
-        "train logits": _rel(run["train logits"], ref["train logits"]),
+        **forward,
         "grads (max over modules)": max(grad_err.values()),
         "running stats after 1 step": max(stat_err.values()),
         f"loss over {steps} SGD steps (max)": max(
@@ -291,7 +326,9 @@ def run_parity(
     fmodel = fmodel.clone(dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype))
     tmodel = tmodel.to(tdtype)
     _randomize(tmodel, gen, branch_gain)
-    xs = torch.randn(steps + 1, batch, 3, image_size, image_size, generator=gen, dtype=tdtype)
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0 (0: forward passes only); got {steps}.")
+    xs = torch.randn(max(steps, 1) + 1, batch, 3, image_size, image_size, generator=gen, dtype=tdtype)
     ys = torch.randint(0, n_out, (steps, batch), generator=gen)
     if api == "nnx":
         from flax import nnx
@@ -346,7 +383,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--image-size", type=int, default=None, help="default 64 (32 for resnetbase)")
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=10,
+        help="SGD steps compared; 0 compares forward passes only (eval and train mode), without "
+        "compiling a train step: a quick check of a converted or very deep model",
+    )
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--conv-bias", action="store_true", help="resnetbase: biases on every conv")
     parser.add_argument(
