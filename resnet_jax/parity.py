@@ -103,20 +103,15 @@ def _torch_run(model, xs, ys, steps: int, lr: float, momentum: float, weight_dec
     with torch.no_grad():
         eval_logits = model(xs[-1]).numpy()
     init = {k: p.detach().numpy().copy() for k, p in model.named_parameters()}
+    running = lambda: {k: v.numpy().copy() for k, v in model.state_dict().items() if "running" in k}  # noqa: E731
+    rec = {"eval logits": eval_logits, "losses": [], "init": init}
     model.train()
     if steps == 0:
         with torch.no_grad():
-            out = model(xs[0])
-        stats = {k: v.numpy().copy() for k, v in model.state_dict().items() if "running" in k}
-        return {
-            "eval logits": eval_logits,
-            "train logits": out.numpy(),
-            "stats": stats,
-            "init": init,
-            "losses": [],
-        }
+            rec["train logits"] = model(xs[0]).numpy()
+        rec["stats"] = running()
+        return rec
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    rec = {"eval logits": eval_logits, "losses": [], "init": init}
     for i in range(steps):
         out = model(xs[i])
         loss = torch.nn.functional.cross_entropy(out, ys[i])
@@ -125,7 +120,7 @@ def _torch_run(model, xs, ys, steps: int, lr: float, momentum: float, weight_dec
         if i == 0:
             rec["train logits"] = out.detach().numpy()
             rec["grads"] = {k: p.grad.numpy().copy() for k, p in model.named_parameters()}
-            rec["stats"] = {k: v.numpy().copy() for k, v in model.state_dict().items() if "running" in k}
+            rec["stats"] = running()
         opt.step()
         rec["losses"].append(loss.item())
     opt.zero_grad(set_to_none=True)  # the largest presets hold 1 GB of gradients in float64
@@ -210,19 +205,20 @@ def _nnx_run(model, xs, ys, steps: int, lr: float, momentum: float, weight_decay
         return loss, logits, grads
 
     nhwc = lambda t: jnp.asarray(t.numpy().transpose(0, 2, 3, 1))  # noqa: E731
+    running = lambda: {k: v for k, v in nnx_to_torch(model).items() if "running" in k}  # noqa: E731
     model.eval()
     rec = {"eval logits": np.asarray(model(nhwc(xs[-1]))), "losses": []}
     model.train()
     if steps == 0:
         rec["train logits"] = np.asarray(model(nhwc(xs[0])))
-        rec["stats"] = {k: v for k, v in nnx_to_torch(model).items() if "running" in k}
+        rec["stats"] = running()
         return rec
     for i in range(steps):
         loss, logits, grads = step(model, optimizer, nhwc(xs[i]), jnp.asarray(ys[i].numpy()))
         if i == 0:
             rec["train logits"] = np.asarray(logits)
             rec["grads"] = nnx_to_torch(grads)
-            rec["stats"] = {k: v for k, v in nnx_to_torch(model).items() if "running" in k}
+            rec["stats"] = running()
         rec["losses"].append(float(loss))
     rec["params"] = nnx_to_torch(nnx.state(model, nnx.Param))
     return rec
@@ -312,6 +308,8 @@ def run_parity(
         raise ValueError(f"api must be one of {', '.join(APIS)}; got {api!r}.")
     if dtype not in TOLERANCES:
         raise ValueError(f"dtype must be float32 or float64; got {dtype!r}.")
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0 (0: forward passes only); got {steps}.")
     if dtype == "float64" and not jax.config.jax_enable_x64:
         raise RuntimeError("float64 parity needs jax_enable_x64: set JAX_ENABLE_X64=1.")
     # Parity is a statement about the math, so no TF32 or bf16-pass matmuls on either side.
@@ -326,8 +324,6 @@ def run_parity(
     fmodel = fmodel.clone(dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype))
     tmodel = tmodel.to(tdtype)
     _randomize(tmodel, gen, branch_gain)
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0 (0: forward passes only); got {steps}.")
     xs = torch.randn(max(steps, 1) + 1, batch, 3, image_size, image_size, generator=gen, dtype=tdtype)
     ys = torch.randint(0, n_out, (steps, batch), generator=gen)
     if api == "nnx":

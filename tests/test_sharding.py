@@ -61,12 +61,8 @@ def test_five_sgd_steps_under_explicit_axes_equal_auto_axes(mesh_modes, api, pla
     assert leaves and set(leaves) == {k for k in explicit if k.startswith(("params/", "batch_stats/"))}
     twin = runs["float64"]
     assert all(twin[leaf].dtype == np.float64 for leaf in leaves)
-    for leaf in leaves + ["eval"]:
-        # Same math; only the order of float32 sums over the sharded batch may differ: within
-        # 1e-5, or twice float32's own error against the auto run's float64 twin (a ReLU that
-        # rounding flips on another machine moves results further than any fixed number).
-        floor = rel(auto[leaf], twin[leaf])
-        assert rel(explicit[leaf], auto[leaf]) <= float32_bound(floor), (leaf, floor)
+    # Same math; only the order of float32 sums over the sharded batch may differ.
+    _assert_within_float32_error(explicit, auto, twin, leaves + ["eval"])
     # Five steps really moved the BatchNorm parameters (initialised to 1 and 0) and statistics
     # (initialised to 0 and 1).
     bn = [k for k in leaves if k.endswith(("/scale", "/bias", "/mean", "/var"))]
@@ -84,18 +80,23 @@ def test_gradients_come_out_replicated_over_data(mesh_modes, api):
         assert specs and all("data" not in s for s in specs), specs
 
 
+def _assert_within_float32_error(got, ref, twin, leaves):
+    """Per leaf: within 1e-5 of ``ref``, or twice float32's own error (``ref`` against its
+    float64 ``twin``): a ReLU that rounding flips on another machine moves results further than
+    any fixed number."""
+    for leaf in leaves:
+        floor = rel(ref[leaf], twin[leaf])
+        assert rel(got[leaf], ref[leaf]) <= float32_bound(floor), (leaf, floor)
+
+
 def test_linen_and_nnx_agree_under_explicit_axes(mesh_modes):
     """Linen and NNX are two programs for the same math (equal to 1e-12 at float64 in
-    test_nnx); XLA may order their float32 sums differently, so the bound is float32's own
-    error against the float64 twin, as for explicit vs auto above."""
+    test_nnx); XLA may order their float32 sums differently."""
     runs, _ = mesh_modes
     a, b = runs["linen-explicit-unplaced"], runs["nnx-explicit-unplaced"]
-    twin = runs["float64"]
     leaves = [k for k in a if k.startswith(("params/", "batch_stats/")) or k == "eval"]
     assert leaves and set(leaves) <= set(b)
-    for leaf in leaves:
-        floor = rel(a[leaf], twin[leaf])
-        assert rel(b[leaf], a[leaf]) <= float32_bound(floor), (leaf, floor)
+    _assert_within_float32_error(b, a, runs["float64"], leaves)
 
 
 def test_plain_flax_conv_reproduces_the_issue_on_jax_0_10(mesh_modes):
