@@ -21,7 +21,7 @@ from resnet_jax import sharding
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from float_bounds import float32_bound, rel  # noqa: E402
+from float_bounds import assert_trees_within_float32_error  # noqa: E402
 
 WORKER = str(REPO / "tests" / "sharding_worker.py")
 APIS = ("linen", "nnx")
@@ -81,12 +81,11 @@ def test_gradients_come_out_replicated_over_data(mesh_modes, api):
 
 
 def _assert_within_float32_error(got, ref, twin, leaves):
-    """Per leaf: within 1e-5 of ``ref``, or twice float32's own error (``ref`` against its
+    """``leaves`` of ``got`` against ``ref``, bounded by float32's own error (``ref`` against its
     float64 ``twin``): a ReLU that rounding flips on another machine moves results further than
     any fixed number."""
-    for leaf in leaves:
-        floor = rel(ref[leaf], twin[leaf])
-        assert rel(got[leaf], ref[leaf]) <= float32_bound(floor), (leaf, floor)
+    pick = lambda run: {leaf: run[leaf] for leaf in leaves}  # noqa: E731
+    assert_trees_within_float32_error(pick(ref), pick(got), pick(twin))
 
 
 def test_linen_and_nnx_agree_under_explicit_axes(mesh_modes):
