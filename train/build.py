@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import sys
 from typing import Any
 
@@ -20,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from train import checkpoint as checkpoint_lib
-from train import input_pipeline, optim, steps
+from train import input_pipeline, optim, paths, steps
 from train import metrics as metrics_lib
 from train.config import ConfigError, validate_config
 from train.distributed import CompiledOnFirstCall
@@ -69,7 +68,7 @@ def _step_counts(config: Any, dataset: Any) -> tuple[int, int]:
 
 def build_run(config: Any, workdir: str) -> Run:
     """Data, model, optimizer, compiled steps, checkpointer and metric writer for ``config``."""
-    workdir = os.path.abspath(workdir)
+    workdir = paths.resolve(workdir)  # gs://bucket/run stays a URL
     validate_config(config, device_count=jax.device_count(), process_count=jax.process_count())
     dataset = input_pipeline.create_dataset(config)
     info = dataset.info
@@ -175,20 +174,18 @@ def restore_or_init(run: Run) -> tuple[Any, int]:
 def save_run_info(workdir: str, config: Any, info: input_pipeline.DatasetInfo) -> None:
     if jax.process_index() != 0:
         return
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
-    with open(os.path.join(workdir, DATASET_INFO_FILE), "w") as f:
-        json.dump(dataclasses.asdict(info), f, indent=2)
+    root = paths.Path(workdir)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
+    (root / DATASET_INFO_FILE).write_text(json.dumps(dataclasses.asdict(info), indent=2))
 
 
 def load_run_info(workdir: str) -> tuple[Any, input_pipeline.DatasetInfo]:
     """The config (ConfigDict) and DatasetInfo a run wrote into ``workdir``."""
     import ml_collections
 
-    with open(os.path.join(workdir, CONFIG_FILE)) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    with open(os.path.join(workdir, DATASET_INFO_FILE)) as f:
-        raw = json.load(f)
+    root = paths.Path(paths.resolve(workdir))
+    config = ml_collections.ConfigDict(json.loads((root / CONFIG_FILE).read_text()))
+    raw = json.loads((root / DATASET_INFO_FILE).read_text())
     raw = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
     return config, input_pipeline.DatasetInfo(**raw)

@@ -8,12 +8,12 @@ directories). The saved ``state`` item is the ``TrainState`` as a nested dict of
 stood, for resuming the input stream at the same place.
 
 Every process of a multi-host run calls ``save``/``restore`` (orbax coordinates them; the
-replicated arrays are written once).
+replicated arrays are written once). The workdir may be a ``gs://`` bucket path (orbax writes
+through tensorstore and etils.epath).
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Mapping
 from typing import Any
@@ -24,13 +24,15 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import serialization
 
+from train import paths
+
 CHECKPOINT_SUBDIR = "checkpoints"
 # Unreadable checkpoints are moved here (kept for inspection, out of orbax's step list).
 DAMAGED_SUBDIR = "checkpoints_damaged"
 
 
 def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR)
+    return paths.join(paths.resolve(workdir), CHECKPOINT_SUBDIR)
 
 
 def _state_dict(host_state: Any) -> dict[str, Any]:
@@ -44,7 +46,7 @@ class Checkpointer:
 
     def __init__(self, workdir: str, max_to_keep: int = 3, *, read_only: bool = False):
         self.directory = checkpoint_dir(workdir)
-        self.damaged_directory = os.path.join(os.path.abspath(workdir), DAMAGED_SUBDIR)
+        self.damaged_directory = paths.join(paths.resolve(workdir), DAMAGED_SUBDIR)
         # (step, reason) of checkpoints that ``restore`` found unreadable and moved aside.
         self.damaged: list[tuple[int, str]] = []
         options = ocp.CheckpointManagerOptions(
@@ -119,13 +121,7 @@ class Checkpointer:
         # Out of the step list, so that the resumed run saves this step afresh instead of
         # skipping it as already present, and no later resume trips over it again.
         if jax.process_index() == 0:
-            src = os.path.join(self.directory, str(step))
-            if os.path.isdir(src):
-                os.makedirs(self.damaged_directory, exist_ok=True)
-                dst = os.path.join(self.damaged_directory, str(step))
-                if os.path.exists(dst):
-                    shutil.rmtree(dst)
-                shutil.move(src, dst)
+            _move_tree(paths.Path(self.directory) / str(step), paths.Path(self.damaged_directory) / str(step))
         if jax.process_count() > 1:
             from orbax.checkpoint import multihost
 
@@ -139,6 +135,30 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _move_tree(src: Any, dst: Any) -> None:
+    """Move the directory ``src`` to ``dst`` (replacing it): one rename on a local disk; in a
+    bucket, where a directory is a name prefix, a copy of each object, then the deletion."""
+    if not src.is_dir():
+        return
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists():
+        dst.rmtree()
+    if not paths.is_remote(src):
+        shutil.move(src, dst)
+        return
+    for root, _, files in src.walk():
+        for name in files:
+            target = dst / root.relative_to(src) / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            (root / name).copy(target, overwrite=True)
+    # First the marker orbax reads as "finished" in a bucket: if the deletion is cut short, the
+    # rest is an unfinished step that orbax ignores, not a damaged one that looks finished.
+    marker = src / "commit_success.txt"
+    if marker.exists():
+        marker.unlink()
+    src.rmtree()
 
 
 def _check_finite(state: Any, step: int) -> None:
@@ -155,7 +175,7 @@ def restore_variables(workdir: str, step: int | None = None) -> dict[str, Any]:
     """
     ckpt = Checkpointer(workdir, read_only=True)
     try:
-        if not os.path.isdir(ckpt.directory) or not ckpt.all_steps():
+        if not paths.Path(ckpt.directory).is_dir() or not ckpt.all_steps():
             raise FileNotFoundError(f"no checkpoints in {ckpt.directory}.")
         step = ckpt.latest_step() if step is None else step
         if step not in ckpt.all_steps():

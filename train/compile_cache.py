@@ -5,7 +5,9 @@ the computation, the compiler flags, the devices and the JAX/jaxlib versions, so
 process that compiles the same train step loads it instead of recompiling. Tracing and lowering
 still run in every process; only the XLA compile is skipped.
 
-Directory: ``$RESNET_JAX_CACHE_DIR`` if set, else ``~/.cache/resnet_jax/xla``. Passing ``''``,
+Directory: ``$RESNET_JAX_CACHE_DIR`` if set, else ``~/.cache/resnet_jax/xla``; a ``gs://`` path
+works too (JAX reads and writes its cache through etils.epath), e.g. a bucket that every host
+of a TPU slice shares. Passing ``''``,
 ``'off'`` or ``'none'`` (or setting the environment variable to one of them) disables it. Call
 :func:`enable_compilation_cache` once at start-up, before the first compilation.
 """
@@ -15,6 +17,8 @@ from __future__ import annotations
 import os
 
 import jax
+
+from train import paths
 
 ENV_VAR = "RESNET_JAX_CACHE_DIR"
 DEFAULT_DIR = os.path.join("~", ".cache", "resnet_jax", "xla")
@@ -26,7 +30,7 @@ def default_cache_dir() -> str | None:
     """``$RESNET_JAX_CACHE_DIR`` (``None`` if it says off) or ``~/.cache/resnet_jax/xla``."""
     env = os.environ.get(ENV_VAR)
     if env is not None:
-        return None if env.strip().lower() in DISABLED else os.path.expanduser(env)
+        return None if env.strip().lower() in DISABLED else paths.resolve(env)
     return os.path.expanduser(DEFAULT_DIR)
 
 
@@ -36,7 +40,7 @@ def resolve_cache_dir(cache_dir: str | None = AUTO) -> str | None:
         return default_cache_dir()
     if cache_dir.strip().lower() in DISABLED:
         return None
-    return os.path.abspath(os.path.expanduser(cache_dir))
+    return paths.resolve(cache_dir)
 
 
 def enable_compilation_cache(
@@ -55,7 +59,7 @@ def enable_compilation_cache(
     path = resolve_cache_dir(cache_dir)
     if path is None:
         return None
-    os.makedirs(path, exist_ok=True)
+    paths.Path(path).mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_secs))
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", int(min_entry_size_bytes))
@@ -64,6 +68,6 @@ def enable_compilation_cache(
 
 def cache_entries(cache_dir: str) -> int:
     """Number of files in ``cache_dir`` (0 if it does not exist); for reports and tests."""
-    if not os.path.isdir(cache_dir):
+    if not paths.Path(cache_dir).is_dir():
         return 0
-    return sum(len(files) for _, _, files in os.walk(cache_dir))
+    return sum(len(files) for _, _, files in paths.Path(cache_dir).walk())

@@ -5,12 +5,14 @@
 Keys are torchvision's (timm's for the -D/-T presets), so the same architecture in PyTorch loads
 the file with ``load_state_dict(strict=True)``: e.g. ``torchvision.models.resnet50(num_classes=K)``
 for a ``resnet50`` run on K classes (with the run's ``config.model.overrides``). ``.safetensors``
-needs no PyTorch.
+needs no PyTorch. ``DIR`` and ``FILE`` may be ``gs://`` paths.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 
 from absl import app, flags
 
@@ -27,7 +29,7 @@ def _define_flags() -> None:
 def export(workdir: str, out: str, step: int | None = None) -> dict:
     """Write the checkpoint of ``workdir`` (newest, or ``step``) to ``out``; returns the state_dict."""
     from resnet_jax import convert
-    from train import build, checkpoint
+    from train import build, checkpoint, paths
     from train.config import ConfigError
     from train.model import BASE_ARCH, create_model
 
@@ -42,7 +44,14 @@ def export(workdir: str, out: str, step: int | None = None) -> dict:
         variables = checkpoint.restore_variables(workdir, step)
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
-    return convert.save_torch_checkpoint(variables, out, arch=model)
+    if not paths.is_remote(out):
+        return convert.save_torch_checkpoint(variables, out, arch=model)
+    # The writers need a local file: write one in a temporary directory, then upload it.
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, paths.Path(out).name)
+        state_dict = convert.save_torch_checkpoint(variables, local, arch=model)
+        paths.Path(local).copy(out, overwrite=True)
+    return state_dict
 
 
 def main(argv: list[str]) -> None:

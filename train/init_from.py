@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from train import steps
+from train import paths, steps
 from train.config import ConfigError
 
 _MISMATCH_KINDS = ("missing keys", "unexpected keys", "wrong shapes")
@@ -33,7 +33,7 @@ def import_weights(
 ) -> tuple[steps.TrainState, str]:
     """``host_state`` with the weights of ``source``; and one line saying what was loaded."""
     fresh = {"params": host_state.params, "batch_stats": host_state.batch_stats}
-    if os.path.isdir(source):
+    if paths.Path(source).is_dir():  # a local or gs:// workdir
         from train import checkpoint
 
         try:

@@ -14,7 +14,6 @@ image shape, normalisation; used by ``train.predict``), ``checkpoints/<step>/``,
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -22,7 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from train import input_pipeline, periodic, steps
+from train import input_pipeline, paths, periodic, steps
 from train import metrics as metrics_lib
 from train.build import Run, build_run, restore_or_init
 from train.config import ConfigError
@@ -38,7 +37,11 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         return _eval_only(run, state, start_step, summary)
     run.writer.truncate_after(start_step)
     run_start = time.perf_counter()
-    outcome = _train(run, state, start_step)
+    try:
+        outcome = _train(run, state, start_step)
+    except BaseException:
+        run.writer.flush()  # a bucket's buffered records (a NaN stop names their steps)
+        raise
     return _finish(run, outcome, start_step, summary, time.perf_counter() - run_start)
 
 
@@ -126,6 +129,9 @@ def _evaluate_and_checkpoint(run: Run, out: Outcome, done: int, log, guard, bar)
 
 
 def _save(run: Run, state: Any, step: int, guard: periodic.NonFiniteGuard) -> None:
+    # The records up to this step are written before the checkpoint is: a resume from it then
+    # finds all of them (a gs:// workdir buffers them; see train/metrics.py).
+    run.writer.flush()
     if not run.config.save_checkpoints:
         return
     guard.check_params(state.params, step)
@@ -197,7 +203,7 @@ def _summary_head(run: Run, start_step: int) -> dict[str, Any]:
         "workdir": run.workdir,
         "checkpoint_dir": run.ckpt.directory,
         "metrics_file": run.writer.path,
-        "tensorboard_dir": os.path.join(run.workdir, metrics_lib.TENSORBOARD_DIR),
+        "tensorboard_dir": paths.join(run.workdir, metrics_lib.TENSORBOARD_DIR),
         "start_step": start_step,
         "total_steps": run.total_steps,
         "steps_per_epoch": run.steps_per_epoch,

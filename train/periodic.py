@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from collections.abc import Callable
@@ -276,11 +275,10 @@ def eval_summary(m: dict[str, Any]) -> str:
 
 def last_logged_eval(workdir: str, step: int) -> dict[str, Any] | None:
     """The eval record a previous run wrote for ``step``, if any."""
-    path = os.path.join(workdir, metrics_lib.METRICS_FILE)
-    if not os.path.exists(path):
+    if not metrics_lib.has_metrics(workdir):
         return None
     found = None
-    for r in metrics_lib.read_metrics(path):
+    for r in metrics_lib.read_metrics(workdir):
         if r.get("split") == "eval" and r.get("step") == step:
             found = r
     return found

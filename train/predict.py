@@ -1,6 +1,7 @@
 """Top-k classes of image files with a trained checkpoint.
 
-``python -m train.predict --workdir=DIR [--step=N] [--top_k=5] IMAGE...`` reads the run's
+``python -m train.predict --workdir=DIR [--step=N] [--top_k=5] IMAGE...`` (``DIR`` and the
+images may be ``gs://`` paths) reads the run's
 config and dataset info from ``DIR``, restores the newest (or given) checkpoint, applies the
 same preprocessing as evaluation (resize, center crop, normalisation) and prints, per image,
 the top-k class names with their probabilities. Grayscale models get the image converted to
@@ -18,7 +19,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from train import build, checkpoint, input_pipeline
+from train import build, checkpoint, input_pipeline, paths
 from train.model import create_model
 
 
@@ -65,7 +66,8 @@ def _load(path: str, info: input_pipeline.DatasetInfo, crop: float) -> np.ndarra
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ImageError(f"cannot read {path} as an image (PNG, JPEG, GIF, BMP): {first[:200]}") from None
     try:
-        array = np.load(path, allow_pickle=False)
+        with paths.Path(path).open("rb") as f:  # local or gs://
+            array = np.load(f, allow_pickle=False)
     except (OSError, ValueError) as e:
         raise ImageError(f"cannot read {path} as a .npy array: {e}") from None
     if array.ndim == 2:

