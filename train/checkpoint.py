@@ -14,6 +14,7 @@ through tensorstore and etils.epath).
 
 from __future__ import annotations
 
+import posixpath
 import shutil
 from collections.abc import Mapping
 from typing import Any
@@ -148,17 +149,24 @@ def _move_tree(src: Any, dst: Any) -> None:
     if not paths.is_remote(src):
         shutil.move(src, dst)
         return
+    top = _without_scheme(src)
     for root, _, files in src.walk():
+        # Backends differ in whether the roots they yield keep the gs:// prefix.
+        relative = posixpath.relpath(_without_scheme(root), top)
         for name in files:
-            target = dst / root.relative_to(src) / name
+            target = dst / relative / name
             target.parent.mkdir(parents=True, exist_ok=True)
-            (root / name).copy(target, overwrite=True)
+            (src / relative / name).copy(target, overwrite=True)
     # First the marker orbax reads as "finished" in a bucket: if the deletion is cut short, the
     # rest is an unfinished step that orbax ignores, not a damaged one that looks finished.
     marker = src / "commit_success.txt"
     if marker.exists():
         marker.unlink()
     src.rmtree()
+
+
+def _without_scheme(path: Any) -> str:
+    return str(path).split("://", 1)[-1].strip("/")
 
 
 def _check_finite(state: Any, step: int) -> None:
