@@ -334,6 +334,47 @@ def test_export_predict_and_init_from_read_the_bucket(gcs, whole, tmp_path):
     )
 
 
+def test_metric_segments_flush_at_checkpoints_and_intervals_and_truncate_on_resume(gcs):
+    """The writer of a gs:// workdir, in this process with a fake clock."""
+    from train.metrics import MetricWriter, read_metrics
+
+    now = [0.0]
+    workdir = f"gs://{BUCKET}/segments"
+    writer = MetricWriter(workdir, flush_secs=60, clock=lambda: now[0])
+    for step in (1, 2):
+        writer.write(step, "train", {"loss": 1.0 / step})
+    assert gcs.objects("segments/metrics/") == {}  # buffered: nothing uploaded per record
+    writer.flush()  # the loop flushes before each checkpoint
+    now[0] = 61.0
+    writer.write(3, "train", {"loss": 0.3})  # a minute since the last flush: a new segment
+    writer.write(4, "eval", {"accuracy": 0.5})
+    writer.write(5, "train", {"loss": 0.2})  # killed before the next flush: lost, never logged
+    assert sorted(gcs.objects("segments/metrics/")) == [
+        "segments/metrics/part-000000.jsonl",
+        "segments/metrics/part-000001.jsonl",
+    ]
+    assert len(gcs.objects("segments/tensorboard/")) == 2
+    _fresh()
+    assert [(r["step"], r["split"]) for r in read_metrics(workdir)] == [
+        (1, "train"),
+        (2, "train"),
+        (3, "train"),
+    ]
+
+    # A resume from checkpoint 2 drops step 3; its own records go to a new segment.
+    resumed = MetricWriter(workdir, flush_secs=60, clock=lambda: now[0])
+    resumed.truncate_after(2)
+    resumed.write(3, "train", {"loss": 0.25})
+    resumed.close()
+    _fresh()
+    records = read_metrics(workdir)
+    assert [(r["step"], r["loss"]) for r in records] == [(1, 1.0), (2, 0.5), (3, 0.25)]
+    assert sorted(gcs.objects("segments/metrics/")) == [
+        "segments/metrics/part-000000.jsonl",
+        "segments/metrics/part-000002.jsonl",
+    ]
+
+
 def test_nothing_is_written_on_the_local_disk(gcs, whole):
     assert not (REPO / "gs:").exists()
     written = sorted(str(p.relative_to(gcs.home.parent)) for p in gcs.home.parent.rglob("*") if p.is_file())

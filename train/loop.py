@@ -8,7 +8,9 @@ evaluates a checkpoint instead of training.
 
 Run layout: ``WORKDIR/config.json`` (the resolved config), ``dataset_info.json`` (classes,
 image shape, normalisation; used by ``train.predict``), ``checkpoints/<step>/``,
-``metrics.jsonl``, ``tensorboard/``, ``training_curves.png``.
+``metrics.jsonl``, ``tensorboard/``, ``training_curves.png``. ``WORKDIR`` may be a Cloud Storage
+path (``gs://bucket/run``); its metrics are then segments ``metrics/part-NNNNNN.jsonl``
+(``train/metrics.py``).
 """
 
 from __future__ import annotations
