@@ -124,6 +124,7 @@ def gcs(tmp_path_factory):
     saved = {k: os.environ.get(k) for k in emulator.env()}
     os.environ.update(emulator.env())  # before gcsfs is imported: it reads some at import
     pytest.importorskip("gcsfs")
+    _epath_reads_env_again()  # earlier tests in this process may have cached EPATH_USE_TF unset
     local = tmp_path_factory.mktemp("local")
     emulator.home, emulator.tmp = local / "home", local / "tmp"
     emulator.home.mkdir()
@@ -137,6 +138,14 @@ def gcs(tmp_path_factory):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        _epath_reads_env_again()
+
+
+def _epath_reads_env_again() -> None:
+    from etils.epath import gpath
+
+    # etils reads EPATH_USE_TF once, at its first path of any kind (a private cache).
+    getattr(getattr(gpath, "_is_tf_installed", None), "cache_clear", lambda: None)()
 
 
 def _env(gcs) -> dict[str, str]:

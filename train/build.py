@@ -175,9 +175,16 @@ def save_run_info(workdir: str, config: Any, info: input_pipeline.DatasetInfo) -
     if jax.process_index() != 0:
         return
     root = paths.Path(workdir)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
-    (root / DATASET_INFO_FILE).write_text(json.dumps(dataclasses.asdict(info), indent=2))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        (root / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
+        (root / DATASET_INFO_FILE).write_text(json.dumps(dataclasses.asdict(info), indent=2))
+    except Exception as e:  # no such bucket, no credentials or permission, a read-only disk, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"cannot write to the workdir {workdir} ({first[:300]}); check that it exists and that "
+            f"this machine may write there (for gs://, the bucket and its credentials)."
+        ) from None
 
 
 def load_run_info(workdir: str) -> tuple[Any, input_pipeline.DatasetInfo]:
@@ -185,6 +192,8 @@ def load_run_info(workdir: str) -> tuple[Any, input_pipeline.DatasetInfo]:
     import ml_collections
 
     root = paths.Path(paths.resolve(workdir))
+    if not (root / CONFIG_FILE).exists():
+        raise FileNotFoundError(f"{workdir} has no {CONFIG_FILE}: it is not the workdir of a training run.")
     config = ml_collections.ConfigDict(json.loads((root / CONFIG_FILE).read_text()))
     raw = json.loads((root / DATASET_INFO_FILE).read_text())
     raw = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}

@@ -61,7 +61,7 @@ def main(argv: list[str]) -> None:
 
     try:
         state_dict = export(flags.FLAGS.workdir, flags.FLAGS.out, flags.FLAGS.step)
-    except (ConfigError, ValueError) as e:
+    except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     print(f"wrote {len(state_dict)} tensors to {flags.FLAGS.out}")
