@@ -8,9 +8,10 @@ On a local disk every record is appended to ``WORKDIR/metrics.jsonl`` at once. C
 objects cannot be appended to, and rewriting a growing file at every log line costs more each
 time, so a ``gs://`` workdir gets segments instead: records are buffered and written as a new
 object ``WORKDIR/metrics/part-NNNNNN.jsonl``, with a TensorBoard events file beside the others in
-``WORKDIR/tensorboard/``, before every checkpoint is saved, every ``flush_secs`` and at the end.
-A kill loses only records past the last checkpoint, which the resumed run logs again (it drops
-the ones past its checkpoint step first, as on a local disk). ``read_metrics`` reads either form.
+``WORKDIR/tensorboard/``, before every checkpoint is saved, at the first record ``flush_secs``
+after the previous segment, and at the end. A kill loses only records past the last checkpoint,
+which the resumed run logs again (it drops the ones past its checkpoint step first, as on a local
+disk). ``read_metrics`` reads either form.
 """
 
 from __future__ import annotations
@@ -100,10 +101,10 @@ class MetricWriter:
                 with open(self.path, "w") as f:
                     f.writelines(json.dumps(r) + "\n" for r in kept)
             return
-        # Only the last segments can hold later steps; each is replaced whole (or removed), so a
-        # kill in the middle leaves segments that the next resume truncates again.
-        for _, part in _parts(self.workdir):
-            records = _read_jsonl(part.read_text())
+        # Each segment holding later steps is replaced whole (or removed), so a kill in the
+        # middle leaves segments that the next resume truncates again.
+        parts = [p for _, p in _parts(self.workdir)]
+        for part, records in zip(parts, _read_all(parts)):
             kept = [r for r in records if r.get("step", 0) <= step]
             if len(kept) == len(records):
                 continue
@@ -298,11 +299,15 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
     local = paths.Path(path) / METRICS_FILE
     if local.exists():
         records += _read_jsonl(local.read_text())
-    parts = [p for _, p in _parts(path)]
-    with concurrent.futures.ThreadPoolExecutor(16) as pool:  # one request per segment
-        for text in pool.map(lambda p: p.read_text(), parts):
-            records += _read_jsonl(text)
+    for segment in _read_all([p for _, p in _parts(path)]):
+        records += segment
     return records
+
+
+def _read_all(parts: list[Any]) -> list[list[dict[str, Any]]]:
+    """The records of each segment (one request each, several at a time)."""
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        return list(pool.map(lambda p: _read_jsonl(p.read_text()), parts))
 
 
 def has_metrics(workdir: str) -> bool:
