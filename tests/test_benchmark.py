@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import resnet_jax  # noqa: E402
-from benchmarks import train_step as benchmark  # noqa: E402
+from benchmarks import step_cache, step_flops  # noqa: E402
 from benchmarks.minimal_resnet import minimal_resnet  # noqa: E402
 from train import compile_cache  # noqa: E402
 
@@ -102,11 +102,11 @@ def hand_macs(arch: str, size: int, num_classes: int = 1000, small_stem: bool = 
 )
 def test_forward_macs_match_hand_count(arch, size, small_stem):
     model = resnet_jax.get_model(arch, small_stem=small_stem)
-    assert benchmark.forward_macs_per_image(model, size) == hand_macs(arch, size, 1000, small_stem)
+    assert step_flops.forward_macs_per_image(model, size) == hand_macs(arch, size, 1000, small_stem)
 
 
 def test_resnet50_flops_are_the_usual_figure():
-    macs = benchmark.forward_macs_per_image(resnet_jax.resnet50(), 224)
+    macs = step_flops.forward_macs_per_image(resnet_jax.resnet50(), 224)
     assert macs == 4_089_184_256  # "about 4.1 GMAC"
     assert 24.4e9 < 6 * macs < 24.6e9  # "about 24.6 GFLOP per image for a training step"
 
@@ -115,17 +115,17 @@ def test_minimal_resnet_is_the_same_architecture():
     for arch, small_stem in (("resnet50", False), ("resnet18", True)):
         lib = resnet_jax.get_model(arch, num_classes=10, small_stem=small_stem)
         mini = minimal_resnet(arch, num_classes=10, small_stem=small_stem)
-        assert benchmark.forward_macs_per_image(mini, 64) == benchmark.forward_macs_per_image(lib, 64)
+        assert step_flops.forward_macs_per_image(mini, 64) == step_flops.forward_macs_per_image(lib, 64)
     with pytest.raises(ValueError, match="no 'resnext50_32x4d'"):
         minimal_resnet("resnext50_32x4d")
 
 
 def test_peak_table():
-    assert benchmark.peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.0
-    assert benchmark.peak_tflops("NVIDIA H100 PCIe", "bfloat16") == 756.0
-    assert benchmark.peak_tflops("NVIDIA H200", "bfloat16") == 989.0
-    assert benchmark.peak_tflops("NVIDIA A100-SXM4-80GB", "bfloat16") == 312.0
-    assert benchmark.peak_tflops("cpu", "float32") is None
+    assert step_flops.peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.0
+    assert step_flops.peak_tflops("NVIDIA H100 PCIe", "bfloat16") == 756.0
+    assert step_flops.peak_tflops("NVIDIA H200", "bfloat16") == 989.0
+    assert step_flops.peak_tflops("NVIDIA A100-SXM4-80GB", "bfloat16") == 312.0
+    assert step_flops.peak_tflops("cpu", "float32") is None
 
 
 def test_benchmark_imports_neither_tensorflow_nor_torch():
@@ -242,7 +242,7 @@ def test_cache_dir_resolution(monkeypatch, tmp_path):
 
 def test_strip_flags():
     argv = ["--arch=resnet18", "--steps", "5", "--compare-torch", "--output=x.json", "--batch", "8"]
-    out = benchmark._strip_flags(argv, {"--compare-torch"}, {"--steps", "--output"})
+    out = step_cache._strip_flags(argv, {"--compare-torch"}, {"--steps", "--output"})
     assert out == ["--arch=resnet18", "--batch", "8"]
 
 

@@ -1,0 +1,99 @@
+"""FLOPs of a training step for ``python -m benchmarks.train_step``, and the devices' peaks for MFU.
+
+Counted analytically from the model's jaxpr (multiply-accumulates of every convolution and dense
+layer); XLA's own cost analysis of the compiled step is read beside it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Dense (no sparsity) peak TFLOP/s per device by precision, from the vendors' data sheets.
+# Matched against ``device.device_kind`` in order, first substring wins. float32 entries are
+# TF32 tensor-core peaks (XLA and cuDNN use TF32 for float32 convolutions by default on these).
+PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
+    ("GH200", {"bfloat16": 989.0, "float16": 989.0, "float32": 494.0}),
+    ("H200", {"bfloat16": 989.0, "float16": 989.0, "float32": 494.0}),
+    ("H100 PCIe", {"bfloat16": 756.0, "float16": 756.0, "float32": 378.0}),
+    ("H100 NVL", {"bfloat16": 835.0, "float16": 835.0, "float32": 418.0}),
+    ("H100", {"bfloat16": 989.0, "float16": 989.0, "float32": 494.0}),  # SXM
+    ("B200", {"bfloat16": 2250.0, "float16": 2250.0, "float32": 1100.0}),
+    ("A100", {"bfloat16": 312.0, "float16": 312.0, "float32": 156.0}),
+    ("L4", {"bfloat16": 121.0, "float16": 121.0, "float32": 60.0}),
+]
+
+
+def _jaxpr_types() -> tuple[type, type]:
+    try:
+        from jax.extend.core import ClosedJaxpr, Jaxpr
+    except ImportError:  # older JAX
+        from jax.core import ClosedJaxpr, Jaxpr
+    return ClosedJaxpr, Jaxpr
+
+
+def count_macs(jaxpr: Any) -> int:
+    """Multiply-accumulates of every convolution and dot product in ``jaxpr`` (recursively).
+
+    A convolution costs (output elements) x (kernel window x input channels per group); a
+    ``dot_general`` costs (output elements) x (contracted size). Everything else is ignored.
+    """
+    closed_t, jaxpr_t = _jaxpr_types()
+    total = 0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "conv_general_dilated":
+            out = eqn.outvars[0].aval.shape
+            rhs = eqn.invars[1].aval.shape
+            rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # (out feature, in feature, *spatial)
+            window = int(np.prod([rhs[i] for i in rhs_spec[2:]], dtype=np.int64))
+            total += int(np.prod(out, dtype=np.int64)) * window * int(rhs[rhs_spec[1]])
+        elif name == "dot_general":
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            out = eqn.outvars[0].aval.shape
+            k = int(np.prod([lhs[i] for i in contract], dtype=np.int64))
+            total += int(np.prod(out, dtype=np.int64)) * k
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else (value,):
+                if isinstance(sub, closed_t):
+                    total += count_macs(sub.jaxpr)
+                elif isinstance(sub, jaxpr_t):
+                    total += count_macs(sub)
+    return total
+
+
+def forward_macs_per_image(model: Any, image_size: int, channels: int = 3) -> int:
+    """Analytic MACs of one image's forward pass (abstract evaluation only: nothing runs)."""
+    x = jax.ShapeDtypeStruct((1, image_size, image_size, channels), jnp.float32)
+    variables = jax.eval_shape(
+        lambda x: model.init(jax.random.key(0), jnp.zeros(x.shape, x.dtype), train=False), x
+    )
+    # Eval mode: identical convolutions, and BatchNorm needs no batch statistics for batch 1.
+    jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, x)
+    return count_macs(jaxpr.jaxpr)
+
+
+def xla_flops(compiled: Any) -> float | None:
+    """``flops`` of XLA's cost analysis of a compiled executable, when the backend gives one."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # not implemented on every backend / version
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    if not cost or "flops" not in cost:
+        return None
+    flops = float(cost["flops"])
+    return flops if flops > 0 else None
+
+
+def peak_tflops(device_kind: str, dtype: str) -> float | None:
+    """The dense peak TFLOP/s of ``device_kind`` at ``dtype`` from ``PEAK_TFLOPS``; None if unknown."""
+    for key, peaks in PEAK_TFLOPS:
+        if key.lower() in device_kind.lower():
+            return peaks.get(dtype)
+    return None
