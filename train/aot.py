@@ -299,7 +299,7 @@ def dataset_info(config: Any) -> tuple[input_pipeline.DatasetInfo, Any]:
         image_shape=(size, size, known.channels),
         num_train_examples=known.num_train_examples,
         num_eval_examples=0,
-        class_names=tuple(str(i) for i in range(num_classes)),
+        class_names=(),  # not needed to compile; a synthetic set may have millions of classes
         mean=mean,
         std=std,
     )
@@ -377,17 +377,27 @@ def _cost(compiled: Any) -> dict[str, float]:
     return dict(cost or {})
 
 
-_OOM_USED = re.compile(r"Used ([0-9.]+)([KMGT]?)(?:i?B)? of ([0-9.]+)([KMGT]?)(?:i?B)? hbm", re.IGNORECASE)
+# XLA:TPU's out-of-HBM errors: "Used 20.5G of 15.75G hbm" or "the total memory required for HLO
+# temporaries (24.68G) exceeds available HBM (15.75G)".
+_OOM_NEEDED = (
+    re.compile(r"Used ([0-9.]+)([KMGT]?)\S* of [0-9.]+[KMGT]?\S* hbm", re.IGNORECASE),
+    re.compile(r"required for [^(]*\(([0-9.]+)([KMGT]?)\S*\) exceeds available HBM", re.IGNORECASE),
+)
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 
 def _out_of_memory(message: str) -> tuple[str, int] | None:
-    """The compiler's out-of-HBM error (first line) and the bytes it says the program needs."""
+    """The compiler's out-of-HBM error (its first line) and the bytes it says the program needs
+    (0 when it does not say)."""
     if "RESOURCE_EXHAUSTED" not in message and "out of memory" not in message.lower():
         return None
-    used = _OOM_USED.search(message)
-    needed = int(float(used.group(1)) * _UNITS[used.group(2).upper()]) if used else 0
-    lines = message.splitlines()
+    needed = 0
+    for pattern in _OOM_NEEDED:
+        found = pattern.search(message)
+        if found:
+            needed = int(float(found.group(1)) * _UNITS[found.group(2).upper()])
+            break
+    lines = message.strip().splitlines() or [message]
     line = next((x for x in lines if "memory" in x.lower()), lines[0])
     return line.strip(), needed
 
@@ -517,6 +527,8 @@ class AotResult:
         need, have, word = self.needed_bytes / GIB, self.slice.hbm_per_device / GIB, self.slice.device_word
         if self.fits:
             return f"fits: {need:.1f} of {have:g} GiB per {word}"
+        if not need:  # the compiler ran out of HBM without saying how much it needed
+            return f"does not fit: needs more than the {have:g} GiB the {word} has"
         return f"does not fit: needs {need:.1f} GiB, the {word} has {have:g}"
 
     def to_json(self) -> dict[str, Any]:
