@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from train import aot, steps
+from train import platform as platform_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
@@ -282,3 +283,18 @@ def test_json_report(four_chips):
 
 def test_conftest_keeps_jax_on_the_cpu():
     assert os.environ.get("JAX_PLATFORMS") == "cpu" and jax.default_backend() == "cpu"
+
+
+@needs_libtpu
+def test_training_entry_point_skips_the_tpu_start_up_without_a_tpu():
+    # What `python -m train` does first; without it libtpu's start-up prints its warnings here.
+    code = "from train.platform import skip_absent_tpu; import jax; print(skip_absent_tpu(), jax.devices())"
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    if platform_lib._tpu_on_pci_bus() or platform_lib._other_accelerator():
+        pytest.skip("this machine has an accelerator: the entry point leaves JAX to use it")
+    assert proc.stdout.split()[0] == "True" and "CpuDevice" in proc.stdout
+    assert "TPU" not in proc.stderr, proc.stderr

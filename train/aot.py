@@ -506,7 +506,8 @@ class AotResult:
     train: StepReport
     eval: StepReport | None
     max_batch_per_device: int | None = None
-    max_batch_trials: list[tuple[int, bool]] = dataclasses.field(default_factory=list)
+    # Each train-step compile of the search: batch per device, fits, bytes needed, compile time.
+    max_batch_trials: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     compiled: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
@@ -613,8 +614,7 @@ class Compiler:
         report, _ = self.train(global_batch, mesh=steps.make_mesh(self.devices, explicit=False))
         return report.flops_per_device
 
-    def fits(self, batch_per_device: int) -> bool:
-        report, _ = self.train(batch_per_device * self.num_devices)
+    def fits(self, report: StepReport) -> bool:
         return not report.out_of_memory and report.total_bytes <= self.slice.hbm_per_device
 
 
@@ -685,12 +685,17 @@ def run_aot(
     result = AotResult(slice_, config, compiler.info, dtype, n, train, evaluation)
     result.compiled = {"train_step": compiled_train, "eval_step": compiled_eval}
     if find_max_batch:
+        known = {batch // n: train} if batch % n == 0 else {}
 
         def fits(b: int) -> bool:
-            progress(f"  per-{slice_.device_word} batch {b} ...")
-            return compiler.fits(b)
+            report = known.get(b) or compiler.train(b * n)[0]
+            ok = compiler.fits(report)
+            trial = {"batch_per_device": b, "fits": ok, "needed_bytes": report.total_bytes}
+            result.max_batch_trials.append({**trial, "compile_s": round(report.compile_s, 1)})
+            progress(f"  batch {b} per {slice_.device_word}: {report.total_bytes / GIB:.1f} GiB, fits: {ok}")
+            return ok
 
-        result.max_batch_per_device, result.max_batch_trials = largest_batch(fits, batch // n)
+        result.max_batch_per_device, _ = largest_batch(fits, batch // n)
     return result
 
 
@@ -799,7 +804,9 @@ def format_report(result: AotResult) -> str:
         )
         lines.append(f"  collectives: {comm or 'none'}")
     if result.max_batch_per_device is not None:
-        tried = ", ".join(f"{b}{'' if ok else ' (no)'}" for b, ok in result.max_batch_trials)
+        tried = ", ".join(
+            f"{t['batch_per_device']} ({'fits' if t['fits'] else 'no'})" for t in result.max_batch_trials
+        )
         lines.append(
             f"largest train batch that fits: {result.max_batch_per_device} per {word} "
             f"({result.max_batch_per_device * result.num_devices} global); tried {tried}"
