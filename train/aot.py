@@ -64,22 +64,22 @@ class Generation:
     dims: int  # 2 (v2, v3, v5e, v6e) or 3 (v4, v5p): the torus the chips form
     cores_in_name: bool  # accelerator types count TensorCores (2 per chip), not chips
     megacore: bool  # the chip's two cores are one JAX device (chip_config_name='megacore')
+    devices_per_chip: int  # JAX devices per chip: 2 where each of two cores is one (v2, v3)
+    max_host_chips: int  # the most chips one host holds (a slice up to this is one host)
 
 
 # Per-chip HBM from Cloud TPU's system architecture pages. v2 and v3 chips have two cores that
 # JAX sees as two devices, each with half the chip's HBM.
 GENERATIONS = {
-    "v2": Generation("v2", 16, 2, True, False),
-    "v3": Generation("v3", 32, 2, True, False),
-    "v4": Generation("v4", 32, 3, True, True),
-    "v5e": Generation("v5e", 16, 2, False, False),
-    "v5p": Generation("v5p", 95, 3, True, True),
-    "v6e": Generation("v6e", 32, 2, False, False),
+    "v2": Generation("v2", 16, 2, True, False, 2, 4),
+    "v3": Generation("v3", 32, 2, True, False, 2, 4),
+    "v4": Generation("v4", 32, 3, True, True, 1, 4),
+    "v5e": Generation("v5e", 16, 2, False, False, 1, 8),
+    "v5p": Generation("v5p", 95, 3, True, True, 1, 4),
+    "v6e": Generation("v6e", 32, 2, False, False, 1, 8),
 }
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v5": "v5p", "v6lite": "v6e"}
-# Chips per host: four on multi-host slices; single-host v5e/v6e machines hold up to eight.
-HOST_BOUNDS = (2, 2, 1)
-MAX_SINGLE_HOST_LITE_CHIPS = 8
+HOST_BOUNDS = (2, 2, 1)  # chips per host on multi-host slices
 
 ACCEPTED_FORMS = (
     "an accelerator type (v4-8, v5p-128, v5litepod-8 or v5e-8, v6e-8, v2-8, v3-32: the number "
@@ -116,8 +116,8 @@ class Slice:
     @property
     def chips_per_host_bounds(self) -> tuple[int, ...]:
         shape3 = (*self.shape, 1) if len(self.shape) == 2 else self.shape
-        if self.generation in ("v5e", "v6e") and math.prod(self.shape) <= MAX_SINGLE_HOST_LITE_CHIPS:
-            return shape3  # one host: v5litepod-8 and v6e-8 are single machines
+        if math.prod(self.shape) <= self.gen.max_host_chips:
+            return shape3  # one host, e.g. v5litepod-8 and v6e-8 (8 chips), v4-8 (4 chips)
         return tuple(min(b, s) for b, s in zip(HOST_BOUNDS, shape3))
 
     @property
@@ -125,17 +125,13 @@ class Slice:
         return self.chips // math.prod(self.chips_per_host_bounds)
 
     @property
-    def devices_per_chip(self) -> int:
-        return 1 if self.gen.megacore or self.generation in ("v5e", "v6e") else 2
-
-    @property
     def hbm_per_device(self) -> float:
         """Bytes of HBM per JAX device: a chip, or one core of a v2/v3 chip."""
-        return self.gen.hbm_gib * GIB / self.devices_per_chip
+        return self.gen.hbm_gib * GIB / self.gen.devices_per_chip
 
     @property
     def device_word(self) -> str:
-        return "chip" if self.devices_per_chip == 1 else "core"
+        return "chip" if self.gen.devices_per_chip == 1 else "core"
 
 
 def _doubling_shape(start: Sequence[int], chips: int) -> tuple[int, ...] | None:
@@ -199,8 +195,9 @@ def require_libtpu() -> None:
 
 @contextlib.contextmanager
 def _stderr_to_file() -> Iterator[Any]:
-    """Send the process's stderr (file descriptor 2) to a file: libtpu's C++ start-up warns about
-    the TPU VM it is not on, which is noise here. The captured text is kept for errors."""
+    """Send the process's stderr (file descriptor 2) to a scratch file: libtpu's C++ start-up
+    warns about the TPU VM metadata it cannot find, which is noise when compiling on a CPU.
+    Its errors still reach the caller, as the exception."""
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile(mode="w+") as f:
