@@ -36,7 +36,9 @@ def main(argv: list[str]) -> None:
     from train.config import ConfigError
     from train.distributed import maybe_initialize_distributed
     from train.input_pipeline import DatasetError
+    from train.platform import skip_absent_tpu
 
+    skip_absent_tpu()  # libtpu installed for train.aot, but no TPU here: no TPU start-up attempt
     enable_compilation_cache(config.compilation_cache_dir)
     try:
         maybe_initialize_distributed(config)

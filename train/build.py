@@ -73,10 +73,54 @@ def build_run(config: Any, workdir: str) -> Run:
     dataset = input_pipeline.create_dataset(config)
     info = dataset.info
     driver = steps.make_driver(config.parallelism, mesh_axis_types=config.get("mesh_axis_types", "auto"))
-    axis_name = steps.PMAP_AXIS if config.parallelism == "pmap" else None
     steps_per_epoch, total_steps = _step_counts(config, dataset)
+    parts = build_steps(config, info, steps_per_epoch, total_steps)
+    save_run_info(workdir, config, info)
+    ckpt = checkpoint_lib.Checkpointer(workdir, config.keep_checkpoints)
+    writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
+    eval_step = driver.eval_step(parts.eval_step)
+    train_step = driver.train_step(parts.train_step)
+    return Run(
+        config=config,
+        workdir=workdir,
+        dataset=dataset,
+        driver=driver,
+        model=parts.model,
+        tx=parts.tx,
+        schedule=parts.schedule,
+        create_state=parts.create_state,
+        ckpt=ckpt,
+        writer=writer,
+        train_step=CompiledOnFirstCall(train_step, "train_step"),
+        eval_step=CompiledOnFirstCall(eval_step, "eval_step"),
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+    )
 
-    model, dtype = create_model(config, info, axis_name)
+
+@dataclasses.dataclass
+class Steps:
+    """A run's model, optimizer and pure steps, before a driver (jit or pmap) wraps them."""
+
+    model: Any
+    dtype: Any
+    tx: Any
+    schedule: Any
+    create_state: Any  # () -> TrainState
+    train_step: Any  # pure (state, batch) -> (state, metrics)
+    eval_step: Any  # pure (state, batch) -> sums
+
+
+def build_steps(
+    config: Any, info: Any, steps_per_epoch: int, total_steps: int, *, platform: str | None = None
+) -> Steps:
+    """The model, optimizer and pure train/eval steps for ``config`` and its ``DatasetInfo``.
+
+    ``python -m train`` and ``train.aot`` both build their steps here, so the program compiled
+    for a TPU ahead of time is the one the run executes. ``platform`` resolves ``dtype='auto'``.
+    """
+    axis_name = steps.PMAP_AXIS if config.parallelism == "pmap" else None
+    model, dtype = create_model(config, info, axis_name, platform=platform)
     # A float64 run is the twin of the float32 run with its seed: same initial values, cast.
     float32_twin = None
     if dtype == jnp.float64:
@@ -93,36 +137,16 @@ def build_run(config: Any, workdir: str) -> Run:
         init_model=float32_twin,
     )
     input_stats = (info.mean, info.std)  # normalises uint8 batches on the device
-    save_run_info(workdir, config, info)
-    ckpt = checkpoint_lib.Checkpointer(workdir, config.keep_checkpoints)
-    writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
-    eval_step = driver.eval_step(steps.make_eval_step(model, axis_name=axis_name, input_stats=input_stats))
-    train_step = driver.train_step(
-        steps.make_train_step(
-            model,
-            tx,
-            label_smoothing=config.label_smoothing,
-            axis_name=axis_name,
-            lr_schedule=schedule,
-            input_stats=input_stats,
-        )
+    eval_step = steps.make_eval_step(model, axis_name=axis_name, input_stats=input_stats)
+    train_step = steps.make_train_step(
+        model,
+        tx,
+        label_smoothing=config.label_smoothing,
+        axis_name=axis_name,
+        lr_schedule=schedule,
+        input_stats=input_stats,
     )
-    return Run(
-        config=config,
-        workdir=workdir,
-        dataset=dataset,
-        driver=driver,
-        model=model,
-        tx=tx,
-        schedule=schedule,
-        create_state=create_state,
-        ckpt=ckpt,
-        writer=writer,
-        train_step=CompiledOnFirstCall(train_step, "train_step"),
-        eval_step=CompiledOnFirstCall(eval_step, "eval_step"),
-        steps_per_epoch=steps_per_epoch,
-        total_steps=total_steps,
-    )
+    return Steps(model, dtype, tx, schedule, create_state, train_step, eval_step)
 
 
 def restore_or_init(run: Run) -> tuple[Any, int]:

@@ -58,7 +58,9 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     from train.config import ConfigError
+    from train.platform import skip_absent_tpu
 
+    skip_absent_tpu()
     try:
         state_dict = export(flags.FLAGS.workdir, flags.FLAGS.out, flags.FLAGS.step)
     except (ConfigError, FileNotFoundError, ValueError) as e:

@@ -65,9 +65,14 @@ def resolve_dtype(name: str, platform: str | None = None) -> Any:
     return DTYPES[name]
 
 
-def create_model(config: Any, info: Any, axis_name: str | None = None) -> tuple[nn.Module, Any]:
-    """The model for a training config and its dataset (``DatasetInfo``), and its compute dtype."""
-    dtype = resolve_dtype(config.dtype)
+def create_model(
+    config: Any, info: Any, axis_name: str | None = None, *, platform: str | None = None
+) -> tuple[nn.Module, Any]:
+    """The model for a training config and its dataset (``DatasetInfo``), and its compute dtype.
+
+    ``platform`` (``'tpu'``, ``'gpu'``, ``'cpu'``) resolves ``dtype='auto'`` for a machine other
+    than this one (``train.aot`` compiles for a TPU on a CPU); default: JAX's backend."""
+    dtype = resolve_dtype(config.dtype, platform)
     model = build_model(
         config.model, info.num_classes, info.image_shape[-1], dtype=dtype, axis_name=axis_name
     )

@@ -84,6 +84,9 @@ def _load(path: str, info: input_pipeline.DatasetInfo, crop: float) -> np.ndarra
 def main(argv: list[str]) -> None:
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+    from train.platform import skip_absent_tpu
+
+    skip_absent_tpu()
     paths = argv[1:]
     if not paths:
         raise app.UsageError("give one or more image files: python -m train.predict --workdir=DIR IMAGE...")

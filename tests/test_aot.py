@@ -1,0 +1,300 @@
+"""train.aot: the run's steps compiled for TPU topologies on this CPU (libtpu's compiler, no TPU).
+
+A tiny ResNet at 32 px keeps each compile to a few seconds. The compiled programs are checked
+against references computed apart from them: the per-chip FLOPs of two slice sizes against each
+other, the all-reduced bytes against the gradient's size, the memory against the state's bytes
+and the forward FLOPs against XLA:CPU's count for the same eval step on one CPU device.
+"""
+
+import dataclasses
+import importlib.util
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from train import aot, steps
+from train import platform as platform_lib
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+needs_libtpu = pytest.mark.skipif(
+    not HAS_LIBTPU, reason=f"libtpu is not installed (the TPU compiler train.aot uses): {aot.INSTALL_HINT}"
+)
+# One worker compiles the shared programs once.
+pytestmark = pytest.mark.xdist_group("aot")
+
+BATCH = 128  # global: 32 per chip on 4 chips, 8 on 16 (TPU pads per-chip batches below 8)
+
+
+def tiny_config(**fields):
+    from runpy import run_path
+
+    c = run_path(str(ROOT / "configs" / "default.py"))["get_config"]()
+    c.dataset = "cifar10"  # in train.aot's table: nothing is read
+    c.image_size = 32
+    c.model.arch = "resnet_base"
+    c.model.overrides = {"n_blocks": (1,), "n_channels": (8,), "first_kernel_size": 3}
+    c.dtype = "auto"
+    c.batch_size = BATCH
+    c.eval_batch_size = BATCH
+    c.num_train_steps = 100
+    for k, v in fields.items():
+        setattr(c, k, v)
+    return c
+
+
+@pytest.fixture(scope="module")
+def four_chips():
+    """The train and eval steps for v5e:2x2 (4 chips, one host)."""
+    return aot.run_aot(tiny_config(), aot.parse_topology("v5e:2x2"))
+
+
+@pytest.fixture(scope="module")
+def multi_host():
+    """The train step for v5e:4x4 (16 chips on 4 hosts), same global batch."""
+    config = tiny_config()
+    slice_ = aot.parse_topology("v5e:4x4")
+    compiler = aot.Compiler(config, slice_)
+    report, _ = compiler.train(BATCH)
+    return slice_, compiler, report
+
+
+# ---------------------------------------------------------------------------------------------
+# Topology names (no compile).
+
+
+@pytest.mark.parametrize(
+    "name, topology, chips, hosts",
+    [
+        ("v5e:2x2", "v5e:2x2", 4, 1),
+        ("v5litepod-8", "v5e:2x4", 8, 1),
+        ("v5e-16", "v5e:4x4", 16, 4),
+        ("v6e-256", "v6e:16x16", 256, 64),
+        ("v4-8", "v4:2x2x1", 4, 1),
+        ("v4-32", "v4:2x2x4", 16, 4),
+        ("v5p-128", "v5p:4x4x4", 64, 16),
+        ("V5P:4x4x4", "v5p:4x4x4", 64, 16),
+        ("v4-4096", "v4:8x16x16", 2048, 512),
+        ("v3-32", "v3:4x4", 16, 4),
+    ],
+)
+def test_topology_names_as_users_type_them(name, topology, chips, hosts):
+    s = aot.parse_topology(name)
+    assert (s.topology, s.chips, s.hosts) == (topology, chips, hosts)
+
+
+@pytest.mark.parametrize("name", ["v7x-8", "tpu", "v5e", "a100", "v4-7"])
+def test_unknown_topology_names_list_the_accepted_forms(name):
+    with pytest.raises(aot.AotError) as e:
+        aot.parse_topology(name)
+    message = str(e.value)
+    assert message.startswith(f"unknown --topology {name!r}") and "\n" not in message
+    assert all(form in message for form in ("v4-8", "v5p-128", "v5litepod-8", "v5e:2x2", "v5p:4x4x4"))
+
+
+@pytest.mark.parametrize(
+    "name, fix",
+    [("v5e:2x2x2", "v5e:2x2"), ("v4:2x2", "v4:2x2x1"), ("v5p-24", "v5p:2x2x2"), ("v5e-2", "v5e:2x2")],
+)
+def test_malformed_topologies_say_what_a_valid_one_looks_like(name, fix):
+    with pytest.raises(aot.AotError, match=f"--topology {name!r}.*{fix}"):
+        aot.parse_topology(name)
+
+
+def test_bad_topology_is_one_line_from_the_command_line():
+    proc = subprocess.run(
+        [sys.executable, "-m", "train.aot", "--config=configs/default.py", "--topology=v9z-8"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: unknown --topology 'v9z-8'"), proc.stderr
+    assert "v4-8" in lines[0] and "v5p:4x4x4" in lines[0]
+
+
+def test_without_libtpu_names_the_install_command(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "libtpu" else real(n, *a))
+    monkeypatch.delenv("TPU_LIBRARY_PATH", raising=False)
+    with pytest.raises(aot.AotError, match=r'pip install -e "\.\[tpu\]"'):
+        aot.require_libtpu()
+
+
+def test_unknown_dataset_asks_for_its_shape_instead_of_reading_it():
+    with pytest.raises(aot.AotError, match="synthetic_num_classes"):
+        aot.dataset_info(tiny_config(dataset="my_private_set"))
+    info, dtype = aot.dataset_info(tiny_config(dataset="imagenet2012", image_size=224))
+    assert (info.num_classes, info.image_shape, info.num_train_examples) == (1000, (224, 224, 3), 1_281_167)
+    assert dtype == np.uint8
+
+
+def test_largest_batch_bisects_to_the_threshold():
+    for threshold, start, expected in [
+        (100, 16, 96),
+        (1000, 16, 1000),
+        (5, 16, 5),
+        (0, 4, 0),
+        (300, 256, 296),
+    ]:
+        best, trials = aot.largest_batch(lambda b, t=threshold: b <= t, start)
+        assert best == expected, (threshold, start, trials)
+        assert len(trials) <= 14  # doublings, then about log2(range / 8) bisection steps
+        assert all(ok == (b <= threshold) for b, ok in trials)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiled for TPU topologies.
+
+
+@needs_libtpu
+def test_megacore_chip_is_one_device():
+    assert len(aot.topology_devices(aot.parse_topology("v4-8"))) == 4  # 4 chips, 8 cores
+    devices = aot.topology_devices(aot.parse_topology("v5p:2x2x2"))
+    assert len(devices) == 8 and len({d.process_index for d in devices}) == 2
+    assert len(aot.topology_devices(aot.parse_topology("v5e:2x2", num_slices=2))) == 8
+
+
+@needs_libtpu
+def test_four_chip_compile_fits_with_dtype_for_tpu(four_chips):
+    r = four_chips
+    assert jax.default_backend() == "cpu"  # the suite, and the compile, stay on the CPU backend
+    assert r.num_devices == 4 and r.dtype == "bfloat16"  # dtype='auto' resolved for the TPU
+    assert r.fits and r.verdict().startswith("fits: 0.0 of 16 GiB per chip")
+    # Donation: the whole train state (its float32 parameters, momentum, BatchNorm statistics)
+    # comes back in place, and the arguments hold at least the state and a quarter of the batch.
+    state = jax.eval_shape(aot.Compiler(tiny_config(), r.slice).parts(BATCH).create_state)
+    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+    batch_bytes = BATCH // 4 * (32 * 32 * 3 + 4)
+    assert r.train.alias_bytes >= state_bytes - 8  # all but the step counter (an int32 scalar)
+    assert r.train.argument_bytes >= state_bytes + batch_bytes
+    assert 0 < r.train.total_bytes < r.slice.hbm_per_device
+
+
+@needs_libtpu
+def test_gradient_all_reduce_is_in_the_hlo(four_chips):
+    parts = aot.Compiler(tiny_config(), four_chips.slice).parts(BATCH)
+    params = jax.eval_shape(parts.create_state).params
+    grad_bf16 = sum(x.size for x in jax.tree.leaves(params)) * 2
+    reduced = four_chips.train.collectives["all-reduce"]["bytes"]
+    # Gradients (bfloat16) plus the BatchNorm statistics; nothing else is all-reduced.
+    assert grad_bf16 <= reduced <= grad_bf16 + 16 * 1024
+    assert "all-gather" not in four_chips.train.collectives  # the batch is never gathered
+
+
+@needs_libtpu
+def test_flops_per_chip_scale_as_one_over_chips(four_chips, multi_host):
+    slice_, _, report = multi_host
+    assert (slice_.chips, slice_.hosts) == (16, 4)
+    ratio = four_chips.train.flops_per_device / report.flops_per_device
+    assert ratio == pytest.approx(4.0, rel=0.03)
+    assert report.collectives["all-reduce"]["bytes"] == four_chips.train.collectives["all-reduce"]["bytes"]
+
+
+@needs_libtpu
+def test_forward_flops_match_xla_cpu_on_one_device(four_chips):
+    # The eval step compiled for one CPU device by XLA:CPU: an independent count of the same
+    # forward pass (bfloat16 on both; per image).
+    compiler = aot.Compiler(tiny_config(), four_chips.slice)
+    parts = compiler.parts(BATCH)
+    cpu_mesh = steps.make_mesh(jax.devices("cpu")[:1])
+    args = aot.abstract_inputs(parts, cpu_mesh, compiler.info, compiler.image_dtype, 16, eval_batch=True)
+    cpu = aot._cost(steps.jit_eval_step(parts.eval_step, cpu_mesh).lower(*args).compile())["flops"] / 16
+    tpu = four_chips.eval.flops_per_device * 4 / BATCH
+    assert tpu == pytest.approx(cpu, rel=0.05)
+
+
+@needs_libtpu
+def test_explicit_axes_trap_is_caught(four_chips):
+    """Abstract inputs without shardings on an explicit-axes mesh compile the whole global batch
+    on every chip; both checks see it."""
+    config = tiny_config(mesh_axis_types="explicit")
+    compiler = aot.Compiler(config, four_chips.slice)
+    trapped, _ = compiler.train(BATCH, shardings=False)
+    grad = aot.gradient_bytes(compiler.parts(BATCH))
+    assert trapped.flops_per_device > 3 * four_chips.train.flops_per_device
+    with pytest.raises(aot.AotError, match="not split over the 4 devices"):
+        aot.check_sharding(trapped, 4, grad)
+    with_reduce = dataclasses.replace(trapped, collectives=four_chips.train.collectives)
+    with pytest.raises(aot.AotError, match="FLOPs of the explicit-axes compile"):
+        aot.check_sharding(with_reduce, 4, grad, auto_flops=four_chips.train.flops_per_device)
+    # With shardings the explicit mesh gives the auto mesh's program, which passes.
+    good, _ = compiler.train(BATCH)
+    aot.check_sharding(good, 4, grad, auto_flops=four_chips.train.flops_per_device)
+
+
+@needs_libtpu
+def test_too_big_does_not_fit():
+    # 250M classes: parameters and momentum alone (float32) are 14.9 GiB of v5e's 16.
+    config = tiny_config(dataset="synthetic", synthetic_num_classes=250_000_000, image_size=8, batch_size=32)
+    slice_ = aot.parse_topology("v5e:2x2")
+    compiler = aot.Compiler(config, slice_)
+    report, compiled = compiler.train(32)
+    assert compiled is None and report.out_of_memory
+    state_bytes = 250_000_000 * 8 * 4 * 2
+    assert report.needed_bytes > max(state_bytes, slice_.hbm_per_device)
+    result = aot.AotResult(slice_, config, compiler.info, "bfloat16", 4, report, None)
+    assert not result.fits
+    assert result.verdict().startswith("does not fit: needs ") and result.verdict().endswith(
+        "the chip has 16"
+    )
+
+
+@needs_libtpu
+def test_save_writes_the_executables_with_their_versions(four_chips, tmp_path):
+    path = tmp_path / "steps.aot"
+    aot.save_executables(four_chips, str(path))
+    payload = pickle.loads(path.read_bytes())
+    assert payload["jax"] == jax.__version__ and payload["libtpu"] == aot.libtpu_version()
+    assert payload["topology"] == "v5e:2x2"
+    serialized, in_tree, _ = payload["steps"]["train_step"]
+    assert len(serialized) > 1000
+    assert in_tree == four_chips.compiled["train_step"].in_tree
+    payload["libtpu"] = "0.0.1"
+    path.write_bytes(pickle.dumps(payload))
+    with pytest.raises(aot.AotError, match="libtpu='0.0.1'"):
+        aot.load_executables(str(path))
+
+
+@needs_libtpu
+def test_json_report(four_chips):
+    d = four_chips.to_json()
+    assert d["fits"] and d["devices"] == 4 and d["batch_per_device"] == 32 and d["dtype"] == "bfloat16"
+    train = d["train_step"]
+    assert train["flops_per_image"] == pytest.approx(train["flops_per_device"] * 4 / BATCH)
+    assert set(train) >= {
+        "argument_bytes",
+        "output_bytes",
+        "alias_bytes",
+        "temp_bytes",
+        "code_bytes",
+        "compile_s",
+    }
+    assert "fits:" in aot.format_report(four_chips).splitlines()[-1]
+
+
+def test_conftest_keeps_jax_on_the_cpu():
+    assert os.environ.get("JAX_PLATFORMS") == "cpu" and jax.default_backend() == "cpu"
+
+
+@needs_libtpu
+def test_training_entry_point_skips_the_tpu_start_up_without_a_tpu():
+    # What `python -m train` does first; without it libtpu's start-up prints its warnings here.
+    code = "from train.platform import skip_absent_tpu; import jax; print(skip_absent_tpu(), jax.devices())"
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    if platform_lib._tpu_on_pci_bus() or platform_lib._other_accelerator():
+        pytest.skip("this machine has an accelerator: the entry point leaves JAX to use it")
+    assert proc.stdout.split()[0] == "True" and "CpuDevice" in proc.stdout
+    assert "TPU" not in proc.stderr, proc.stderr

@@ -1,0 +1,46 @@
+"""Keep JAX on the CPU when libtpu is installed on a machine that has no TPU.
+
+libtpu (``pip install -e ".[tpu]"``, which ``train.aot`` needs) makes JAX try to start a TPU
+runtime whenever it picks a backend, even where no TPU exists: the attempt prints screens of
+warnings about TPU VM metadata, holds ``/tmp/libtpu_lockfile`` and then falls back to the CPU.
+:func:`skip_absent_tpu` avoids the attempt, and changes nothing on a TPU or GPU machine or when
+the user chose ``JAX_PLATFORMS`` themselves.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+
+GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips on the PCI bus (what JAX itself looks for)
+
+
+def _tpu_on_pci_bus() -> bool:
+    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        try:
+            with open(vendor) as f:
+                if f.read().strip() == GOOGLE_PCI_VENDOR:
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def _other_accelerator() -> bool:
+    return (
+        bool(glob.glob("/dev/nvidia[0-9]*")) or os.path.exists("/dev/kfd") or bool(glob.glob("/dev/accel*"))
+    )
+
+
+def skip_absent_tpu() -> bool:
+    """Use the CPU backend when libtpu is installed but no TPU (nor GPU) is attached; before any
+    JAX computation. Returns True when it did."""
+    import jax
+
+    if os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms:
+        return False
+    if importlib.util.find_spec("libtpu") is None or _tpu_on_pci_bus() or _other_accelerator():
+        return False
+    jax.config.update("jax_platforms", "cpu")
+    return True
