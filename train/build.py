@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from train import checkpoint as checkpoint_lib
 from train import input_pipeline, optim, steps
 from train import metrics as metrics_lib
+from train.class_names import save_class_names
 from train.config import ConfigError, validate_config
 from train.distributed import CompiledOnFirstCall
 from train.init_from import import_weights
@@ -180,6 +181,7 @@ def save_run_info(workdir: str, config: Any, info: input_pipeline.DatasetInfo) -
         f.write(config.to_json_best_effort(indent=2))
     with open(os.path.join(workdir, DATASET_INFO_FILE), "w") as f:
         json.dump(dataclasses.asdict(info), f, indent=2)
+    save_class_names(workdir, info.class_names)
 
 
 def load_run_info(workdir: str) -> tuple[Any, input_pipeline.DatasetInfo]:

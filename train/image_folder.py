@@ -195,7 +195,9 @@ class _TrainExample:
         epoch, pos = self.position(int(k))
         index = epoch_order(self.seed, epoch, len(self.paths))[pos]
         rng = np.random.default_rng([self.seed, epoch, pos])
-        image = load_example(str(self.paths[index]), lambda im: image_ops.train_image(im, rng, self.size, self.config))
+        image = load_example(
+            str(self.paths[index]), lambda im: image_ops.train_image(im, rng, self.size, self.config)
+        )
         return {"image": image, "label": self.labels[index]}
 
 
@@ -324,7 +326,12 @@ class ImageFolderSource:
         )
         start = start_step * per_host
         return _batches(
-            fn, start, start + _ENDLESS, per_host, worker_count(config), config.get("grain_worker_buffer_size", 2)
+            fn,
+            start,
+            start + _ENDLESS,
+            per_host,
+            worker_count(config),
+            config.get("grain_worker_buffer_size", 2),
         )
 
     def eval_batches(self, config, global_batch, process_index, process_count):
@@ -332,7 +339,13 @@ class ImageFolderSource:
         steps = -(-len(self.eval_paths) // global_batch)
         crop = float(config.get("eval_crop_fraction", 0.875))
         fn = _EvalExample(
-            self.eval_paths, self.eval_labels, self.info.image_shape[0], crop, per_host, global_batch, process_index
+            self.eval_paths,
+            self.eval_labels,
+            self.info.image_shape[0],
+            crop,
+            per_host,
+            global_batch,
+            process_index,
         )
         return _batches(
             fn, 0, steps * per_host, per_host, worker_count(config), config.get("grain_worker_buffer_size", 2)

@@ -165,7 +165,9 @@ def train_image(image: Image.Image, rng: np.random.Generator, size: int, config:
         pixels = padded[dy : dy + size, dx : dx + size]
     elif mode == "none":
         image = to_rgb(image)
-        pixels = np.asarray(image if image.size == (size, size) else image.resize((size, size), Image.BILINEAR))
+        pixels = np.asarray(
+            image if image.size == (size, size) else image.resize((size, size), Image.BILINEAR)
+        )
     else:
         raise ValueError(f"train_augment must be 'inception_crop', 'pad_crop' or 'none'; got {mode!r}.")
     if config.get("random_flip", True) and rng.random() < 0.5:
