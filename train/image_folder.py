@@ -30,6 +30,8 @@ from __future__ import annotations
 import atexit
 import functools
 import os
+import threading
+import time
 import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -253,6 +255,19 @@ def worker_count(config: Any) -> int:
     return n
 
 
+def _exit_with_parent(worker_index: int, worker_count: int) -> None:
+    """In each Grain worker: exit when the training process is gone (killed with SIGKILL, it
+    cannot stop its workers), instead of decoding for nobody."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 _OPEN_ITERATORS: weakref.WeakSet = weakref.WeakSet()
 
 
@@ -277,7 +292,8 @@ def _batches(example_fn, start: int, stop: int, per_host: int, workers: int, buf
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
     if workers > 0:
         it_ds = it_ds.mp_prefetch(
-            grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=max(buffer, 1))
+            grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=max(buffer, 1)),
+            worker_init_fn=_exit_with_parent,
         )
     it = iter(it_ds)
     if hasattr(it, "close"):
