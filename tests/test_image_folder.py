@@ -450,15 +450,17 @@ def test_pillow_preprocessing_matches_the_tensorflow_path():
 
 
 def test_digits_folder_trains_as_well_as_the_embedded_digits(digits_root, tmp_path):
-    """The same recipe on the in-memory digits and on their files reaches the same held-out
-    accuracy within noise (360 examples: one standard error is about 1.5 points at 90%)."""
+    """The same recipe (the tiny model of the training tests, 180 steps: 4 epochs) on the
+    in-memory digits and on their files reaches the same held-out accuracy within noise: on 360
+    examples one standard error is about 1.3 points at 93%. (The digits default, a larger model
+    for 30 epochs, reaches about 98%; too long for a test.)"""
     root, _ = digits_root
-    kw = dict(num_train_steps=90, eval_every_steps=-1, checkpoint_every_steps=0, learning_rate=0.1)
+    kw = dict(num_train_steps=180, eval_every_steps=-1, checkpoint_every_steps=0, learning_rate=0.1)
     memory = loop.train_and_evaluate(tiny_config(**kw), str(tmp_path / "memory"))["eval"]
     folder = loop.train_and_evaluate(folder_config(root, **kw), str(tmp_path / "folder"))["eval"]
     assert folder["num_examples"] == memory["num_examples"] == 360
-    assert memory["accuracy"] > 0.85 and folder["accuracy"] > 0.85, (memory, folder)
-    assert abs(folder["accuracy"] - memory["accuracy"]) < 0.05, (memory, folder)
+    assert memory["accuracy"] > 0.9 and folder["accuracy"] > 0.9, (memory, folder)
+    assert abs(folder["accuracy"] - memory["accuracy"]) < 0.04, (memory, folder)
     assert load_class_names(str(tmp_path / "folder")) == SORTED
 
 
