@@ -171,6 +171,22 @@ def load_example(path: str, fn) -> np.ndarray:
         ) from None
 
 
+class _Paths:
+    """File paths as one bytes array after their common folder: about 40 bytes per ImageNet file,
+    a tenth of a list of str, and cheap to pickle to each worker."""
+
+    def __init__(self, paths: Sequence[str]):
+        prefix = os.path.commonprefix(list(paths)) if paths else ""
+        self.prefix = prefix[: prefix.rfind("/") + 1]
+        self.rest = np.array([p[len(self.prefix) :].encode() for p in paths], dtype=bytes)
+
+    def __len__(self) -> int:
+        return len(self.rest)
+
+    def __getitem__(self, i: int) -> str:
+        return self.prefix + self.rest[i].decode()
+
+
 @functools.lru_cache(maxsize=2)
 def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
     """Epoch ``epoch``'s visiting order of the training files (the same on every host)."""
@@ -181,7 +197,7 @@ class _TrainExample:
     """Host stream position -> one augmented example (picklable for Grain's workers)."""
 
     def __init__(self, paths, labels, config, per_host, global_batch, process_index, steps_per_epoch):
-        self.paths, self.labels = np.asarray(paths), np.asarray(labels, np.int32)
+        self.paths, self.labels = _Paths(paths), np.asarray(labels, np.int32)
         self.config = {k: config.get(k) for k in _AUGMENT_FIELDS if k in config}
         self.size, self.seed = int(config.image_size), int(config.seed)
         self.per_host, self.global_batch = per_host, global_batch
@@ -198,7 +214,7 @@ class _TrainExample:
         index = epoch_order(self.seed, epoch, len(self.paths))[pos]
         rng = np.random.default_rng([self.seed, epoch, pos])
         image = load_example(
-            str(self.paths[index]), lambda im: image_ops.train_image(im, rng, self.size, self.config)
+            self.paths[index], lambda im: image_ops.train_image(im, rng, self.size, self.config)
         )
         return {"image": image, "label": self.labels[index]}
 
@@ -207,7 +223,7 @@ class _EvalExample:
     """Host stream position -> one eval example, or padding (``mask`` 0) past the split's end."""
 
     def __init__(self, paths, labels, size, crop_fraction, per_host, global_batch, process_index):
-        self.paths, self.labels = np.asarray(paths), np.asarray(labels, np.int32)
+        self.paths, self.labels = _Paths(paths), np.asarray(labels, np.int32)
         self.size, self.crop_fraction = size, crop_fraction
         self.per_host, self.global_batch, self.process_index = per_host, global_batch, process_index
 
@@ -218,7 +234,7 @@ class _EvalExample:
             zeros = np.zeros((self.size, self.size, 3), np.uint8)
             return {"image": zeros, "label": np.int32(0), "mask": np.float32(0.0)}
         image = load_example(
-            str(self.paths[row]), lambda im: image_ops.eval_image(im, self.size, self.crop_fraction)
+            self.paths[row], lambda im: image_ops.eval_image(im, self.size, self.crop_fraction)
         )
         return {"image": image, "label": self.labels[row], "mask": np.float32(1.0)}
 
