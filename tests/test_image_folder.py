@@ -535,7 +535,7 @@ def test_sigkill_mid_epoch_resumes_bitwise_and_nothing_imports_tensorflow(digits
 
 
 def _tiny_resnet18_weights(path: Path, num_classes: int) -> dict:
-    """A torchvision-layout state_dict file of a two-stage ResNet-18 (random weights)."""
+    """A torchvision-layout state_dict file of a one-stage ResNet-18 (random weights)."""
     from safetensors.numpy import save_file
 
     from resnet_jax.convert import flax_to_torch
@@ -548,7 +548,7 @@ def _tiny_resnet18_weights(path: Path, num_classes: int) -> dict:
     return variables
 
 
-OVERRIDES = {"stage_sizes": (1, 1), "small_stem": True}
+OVERRIDES = {"stage_sizes": (1,), "small_stem": True}  # one stage: a quick compile
 
 
 def test_finetune_folder_config_with_weights_file_new_head_and_frozen_or_slower_backbone(
@@ -573,7 +573,7 @@ def test_finetune_folder_config_with_weights_file_new_head_and_frozen_or_slower_
         loop.train_and_evaluate(c, str(tmp_path / name))
         results[name] = checkpoint.restore_variables(str(tmp_path / name))
     for tuned in results.values():
-        assert tuned["params"]["fc"]["kernel"].shape == (512, 10)  # a new head, one output per class
+        assert tuned["params"]["fc"]["kernel"].shape == (64, 10)  # a new head, one output per class
     backbone = lambda v: {k: x for k, x in v["params"].items() if k != "fc"}  # noqa: E731
     frozen, slow, pretrained = backbone(results["frozen"]), backbone(results["slow"]), backbone(source)
     for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(pretrained)):
