@@ -516,6 +516,20 @@ def test_sigkill_mid_epoch_resumes_bitwise_and_nothing_imports_tensorflow(digits
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_array_equal(a, b)
 
+    # TensorBoard events written without TensorFlow hold the logged numbers, as TF reads them.
+    tf = pytest.importorskip("tensorflow")
+    from train.metrics import read_metrics
+
+    (events,) = (reference / "tensorboard").glob("events.out.tfevents.*")
+    logged = {
+        (v.tag, e.step): float(tf.make_ndarray(v.tensor))
+        for e in tf.compat.v1.train.summary_iterator(str(events))
+        for v in e.summary.value
+    }
+    last = [r for r in read_metrics(str(reference)) if "loss" in r][-1]
+    assert last["step"] == 30
+    np.testing.assert_allclose(logged[("train/loss", 30)], last["loss"], rtol=1e-6)
+
     # predict: class names, not indices; no TensorFlow either.
     files = [written["val"][i][0] for i in (0, 1)]
     result = _run(_cli("train.predict", f"--workdir={reference}", "--top_k=2", *files))
