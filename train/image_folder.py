@@ -328,6 +328,7 @@ class ImageFolderSource:
 
     def __init__(self, config: Any):
         root = str(config.get("data_dir", "") or "")
+        root = root if "://" in root else os.path.expanduser(root)
         classes, (self.train_paths, self.train_labels), (self.eval_paths, self.eval_labels), _ = scan(root)
         mean, std = _norm_stats(config, 3, (IMAGENET_MEAN, IMAGENET_STD))
         size = int(config.image_size)
