@@ -480,8 +480,9 @@ def _last_logged_step(workdir) -> int:
 
 
 def test_sigkill_mid_epoch_resumes_bitwise_and_nothing_imports_tensorflow(digits_root, tmp_path):
-    """Reference with 2 Grain workers; the killed and resumed run in-process: the same parameters,
-    bit for bit. Then predict prints class names and export writes them beside the weights."""
+    """Reference with 2 Grain workers, the killed run with 1, its resumption with none: the
+    same parameters, bit for bit. Then predict prints class names and export writes them beside
+    the weights."""
     root, written = digits_root
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     ref = _start(_train_cmd(root, reference, "--config.grain_worker_count=2"))
