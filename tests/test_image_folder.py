@@ -225,6 +225,12 @@ def test_two_hosts_read_disjoint_shards_that_cover_the_epoch(tmp_path):
     seen = [i for host in hosts for batch in host for i in batch]
     assert len(seen) == len(set(seen)) == spe * 8  # disjoint; the epoch less its remainder
     assert set(seen) <= set(range(45))
+    # Evaluation: every held-out file exactly once over both hosts; padding rows are masked.
+    evaluated = []
+    for p in range(2):
+        for batch in ds.eval_iterator(4, process_index=p, process_count=2):
+            evaluated += [i for i, m in zip(ids(batch), batch["mask"]) if m]
+    assert sorted(evaluated) == list(range(6))
 
 
 # ----------------------------------------------------------------------------------------------
