@@ -40,6 +40,7 @@ import numpy as np
 
 from train import image_ops
 from train.input_pipeline import (
+    IMAGE_FOLDER,
     IMAGENET_MEAN,
     IMAGENET_STD,
     Batch,
@@ -49,7 +50,6 @@ from train.input_pipeline import (
     host_batch_size,
 )
 
-IMAGE_FOLDER = "image_folder"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 TRAIN_DIR = "train"
 EVAL_DIRS = ("val", "validation", "test")
