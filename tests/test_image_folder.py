@@ -420,6 +420,16 @@ def test_pillow_preprocessing_matches_the_tensorflow_path():
             diff = np.abs(got.astype(int) - want.astype(int))
             assert got.shape == want.shape and diff.max() <= 1 and diff.mean() < 0.3, (h, w, fraction)
 
+    # A training crop: the same box cut and resized by TF (slice, antialiased bilinear resize,
+    # round) and by Pillow (resize with the box) gives the same pixels within rounding.
+    no_flip = {"train_augment": "inception_crop", "random_flip": False}
+    for i in range(4):
+        top, left, ch, cw = image_ops.sample_crop(np.random.default_rng([i, 2]), *pixels.shape[:2])
+        crop = tf.constant(pixels[top : top + ch, left : left + cw], tf.float32)
+        want = tf.cast(tf.round(tf.image.resize(crop, [32, 32], antialias=True)), tf.uint8).numpy()
+        got = image_ops.train_image(Image.fromarray(pixels), np.random.default_rng([i, 2]), 32, no_flip)
+        assert np.abs(got.astype(int) - want.astype(int)).max() <= 1, (top, left, ch, cw)
+
     box = tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, [1, 1, 4])
     n = 600
     for h, w, area in ((300, 451, (0.08, 1.0)), (64, 40, (0.25, 0.5))):

@@ -151,10 +151,12 @@ def train_image(image: Image.Image, rng: np.random.Generator, size: int, config:
         )
         image = _draft(image, min(crop_h, crop_w) / size)
         image = to_rgb(image)
-        # The box in the (possibly reduced) decoded image's pixels.
+        # The box in the (possibly reduced) decoded image's pixels. Cut first, then resize: a
+        # resize with ``box=`` would blend in pixels beyond the box's edges, which TF's
+        # slice-then-resize does not.
         sy, sx = image.height / height, image.width / width
-        box = (left * sx, top * sy, (left + crop_w) * sx, (top + crop_h) * sy)
-        pixels = np.asarray(image.resize((size, size), Image.BILINEAR, box=box, reducing_gap=None))
+        box = tuple(round(v) for v in (left * sx, top * sy, (left + crop_w) * sx, (top + crop_h) * sy))
+        pixels = np.asarray(image.crop(box).resize((size, size), Image.BILINEAR, reducing_gap=None))
     elif mode == "pad_crop":
         image = to_rgb(image)
         if image.size != (size, size):
