@@ -17,7 +17,15 @@ the number of cores needed to feed one accelerator at ``--model-rate`` images/s.
 preprocessing with one change each (float32 normalised on the host instead of uint8 pixels, no
 antialiasing in the resize, the fast integer IDCT), to show what moves the per-core rate.
 
-Needs TensorFlow (like the training pipeline itself); the model benchmark does not.
+``--variants grain`` times the image-folder pipeline instead (``train/image_folder.py``: Grain
+and Pillow, no TensorFlow) on the same files laid out as ``ROOT/train/<class>/``, with as many
+Grain worker processes as cores (inheriting the pinning), batched to numpy as the training loop
+receives it; the files are read from disk (the page cache after the warm-up batches), decoded by
+Pillow, cropped, resized (antialiased bilinear) and flipped by ``train/image_ops.py``.
+``--grain-workers 0,1,2`` sets the worker counts to try on each core count instead.
+
+Needs TensorFlow to write the JPEGs and for the tf.data variants; the grain variant's process
+does not import it.
 """
 
 from __future__ import annotations
@@ -110,7 +118,7 @@ def training_preprocess_fn(image_size: int, channels: int = 3) -> Callable[[Any,
 # pipeline could make; ``replica`` is a plain copy of the pipeline's ops, to show that the copies
 # measure the same thing as the pipeline. ``float_out`` normalises to float32 on the host, as the
 # pipeline did before it handed uint8 pixels to the accelerator.
-VARIANTS = ("pipeline", "replica", "float_out", "no_antialias", "fast_dct")
+VARIANTS = ("pipeline", "replica", "float_out", "no_antialias", "fast_dct", "grain")
 
 
 def variant_preprocess_fn(variant: str, image_size: int, channels: int = 3) -> Callable[[Any, Any], Any]:
@@ -151,8 +159,73 @@ def variant_preprocess_fn(variant: str, image_size: int, channels: int = 3) -> C
     return fn
 
 
+def _folder_layout(jpeg_dir: str) -> str:
+    """``jpeg_dir/folder/{train,val}/c0/*.jpg`` as symlinks to the files: an image folder."""
+    root = os.path.join(jpeg_dir, "folder")
+    files = sorted(glob.glob(os.path.join(jpeg_dir, "*.jpg")))
+    for split, chosen in (("train", files), ("val", files[:1])):
+        os.makedirs(os.path.join(root, split, "c0"), exist_ok=True)
+        for path in chosen:
+            link = os.path.join(root, split, "c0", os.path.basename(path))
+            if not os.path.exists(link):
+                os.symlink(os.path.abspath(path), link)
+    return root
+
+
+def run_grain_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """Time ``train/image_folder.py``'s training batches with ``args.grain_workers`` workers."""
+    import ml_collections
+
+    from train.image_folder import ImageFolderSource
+
+    config = ml_collections.ConfigDict(
+        {
+            "data_dir": _folder_layout(args.jpeg_dir),
+            "image_size": args.image_size,
+            "seed": args.seed,
+            "train_augment": "inception_crop",
+            "random_flip": True,
+            "grain_worker_count": args.grain_workers,
+            "grain_worker_buffer_size": 2,
+        }
+    )
+    source = ImageFolderSource(config)
+    batches = max(args.total_images // args.batch, 1)
+    # The stream runs over epochs of the files without a pause, as in training.
+    it = iter(source.train_batches(config, args.batch, 0, 0, 1))
+    warmup = max(args.warmup_batches, 1) + 2 * args.grain_workers  # each worker's first batches
+    for _ in range(warmup):
+        batch = next(it)
+    t = time.perf_counter()
+    for _ in range(batches):
+        batch = next(it)
+    elapsed = time.perf_counter() - t
+    it.close()
+    images = batches * args.batch
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    import grain
+    import PIL
+
+    return {
+        "variant": "grain",
+        "cores": cores,
+        "grain_workers": args.grain_workers,
+        "images": images,
+        "seconds": elapsed,
+        "images_per_s": images / elapsed,
+        "images_per_s_per_core": images / elapsed / cores,
+        "output_shape": list(batch["image"].shape),
+        "output_dtype": str(batch["image"].dtype),
+        "grain": getattr(grain, "__version__", "?"),
+        "pillow": PIL.__version__,
+        "tensorflow_imported": "tensorflow" in sys.modules,
+    }
+
+
 def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     """Time the preprocessing with ``args.threads`` threads in this process."""
+    if args.variant == "grain":
+        return run_grain_worker(args)
     tf = _tf()
     files = sorted(glob.glob(os.path.join(args.jpeg_dir, "*.jpg")))
     if not files:
@@ -233,7 +306,12 @@ def run_all(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
             jpegs = write_jpegs(jpeg_dir, args.num_images, args.seed)
             jpegs["generation_s"] = time.perf_counter() - t
         runs = []
-        for variant, cores in itertools.product(args.variants, _core_counts(args.cores)):
+        plan = [
+            (variant, cores, workers)
+            for variant, cores in itertools.product(args.variants, _core_counts(args.cores))
+            for workers in ((args.grain_workers_list or [cores]) if variant == "grain" else [0])
+        ]
+        for variant, cores, workers in plan:
             cmd = [
                 sys.executable,
                 "-m",
@@ -257,8 +335,15 @@ def run_all(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
                 str(args.seed),
                 "--variant",
                 variant,
+                "--grain-workers",
+                str(workers),
             ]
-            print(f"[benchmark_input] {variant}, {cores} core(s)", file=sys.stderr, flush=True)
+            print(
+                f"[benchmark_input] {variant}, {cores} core(s)"
+                + (f", {workers} Grain worker(s)" if variant == "grain" else ""),
+                file=sys.stderr,
+                flush=True,
+            )
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise RuntimeError(f"worker with {cores} core(s) failed:\n{proc.stderr[-3000:]}")
@@ -272,6 +357,11 @@ def run_all(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     own = [r for r in runs if r["variant"] == "pipeline"] or runs
     base = min(own, key=lambda r: r["cores"])
     per_core = base["images_per_s_per_core"]
+    grain_runs = [r for r in runs if r["variant"] == "grain"]
+    grain_summary = {
+        f"{r['cores']} core(s), {r['grain_workers']} worker(s)": round(r["images_per_s_per_core"], 1)
+        for r in grain_runs
+    }
     return {
         "benchmark": "input_pipeline",
         "config": {
@@ -286,13 +376,17 @@ def run_all(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
             "encoded_files": "read into memory before timing (no disk I/O)",
         },
         "jpegs": jpegs,
-        "environment": {**host_environment(), "tensorflow": runs[0]["tensorflow"]},
+        "environment": {
+            **host_environment(),
+            "tensorflow": next((r["tensorflow"] for r in runs if "tensorflow" in r), None),
+        },
         "command": "python -m benchmarks.input_pipeline " + " ".join(argv),
         "runs": runs,
         "images_per_s_per_core": per_core,
         "images_per_s_per_core_from": f"variant {base['variant']!r}, {base['cores']} core(s)",
         "model_rate_images_per_s": args.model_rate,
         "cores_to_feed_model_rate": math.ceil(args.model_rate / per_core),
+        **({"grain_images_per_s_per_core": grain_summary} if grain_runs else {}),
     }
 
 
@@ -321,6 +415,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help=f"comma-separated, from {', '.join(VARIANTS)}: the pipeline's own preprocessing and "
         "copies of it with one change each, to see what would make it faster",
     )
+    p.add_argument(
+        "--grain-workers",
+        dest="grain_workers_spec",
+        default="",
+        help="grain variant: comma-separated Grain worker counts to try per core count "
+        "(default: as many as cores)",
+    )
     p.add_argument("--output", metavar="FILE", help="also write the JSON to FILE")
     # Internal: one measurement in this process.
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -328,6 +429,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pin-cores", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--variant", default="pipeline", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    spec = [v.strip() for v in args.grain_workers_spec.split(",") if v.strip()]
+    args.grain_workers_list = [int(v) for v in spec]
+    args.grain_workers = args.grain_workers_list[0] if args.worker and spec else 0
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in args.variants:
         if v not in VARIANTS:

@@ -23,9 +23,10 @@ def get_config() -> ml_collections.ConfigDict:
 
 def _data(c: ml_collections.ConfigDict) -> None:
     """Dataset and augmentation (train/input_pipeline.py)."""
-    # 'sklearn_digits', 'synthetic', or a TFDS name ('imagenet2012', 'cifar10', 'imagenette', ...).
+    # 'sklearn_digits', 'synthetic', 'image_folder' (data_dir/train/<class>/*, data_dir/val/<class>/*;
+    # Grain, no TensorFlow), or a TFDS name ('imagenet2012', 'cifar10', 'imagenette', ...).
     c.dataset = "sklearn_digits"
-    c.data_dir = ""  # TFDS data_dir ('' = TFDS default, ~/tensorflow_datasets)
+    c.data_dir = ""  # image_folder: its ROOT; TFDS: data_dir ('' = TFDS default, ~/tensorflow_datasets)
     c.manual_dir = ""  # where manually downloaded archives are (ImageNet's tar files)
     c.download = False  # download and prepare a missing TFDS dataset
     c.train_split = "train"
@@ -43,6 +44,10 @@ def _data(c: ml_collections.ConfigDict) -> None:
     c.cache = False  # keep the encoded TFDS training shard in memory
     c.shuffle_buffer_size = 16_384
     c.prefetch_to_device = 2  # batches transferred ahead of the step using them
+    # image_folder: Grain worker processes decoding images per host (-1: one per core; 0: none,
+    # decode in the training process), and the batches each keeps ready.
+    c.grain_worker_count = -1
+    c.grain_worker_buffer_size = 2
     # synthetic data (dataset='synthetic')
     c.synthetic_num_classes = 1000
     c.synthetic_channels = 3

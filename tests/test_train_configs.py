@@ -26,6 +26,7 @@ CONFIGS = [
     "imagenet_resnet50",
     "imagenet_resnet50_lars",
     "synthetic_benchmark",
+    "finetune_folder",
 ]
 TINY_BASE = {"n_blocks": (1,), "n_channels": (8,), "first_kernel_size": 3}
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from train import checkpoint as checkpoint_lib
 from train import input_pipeline, optim, paths, steps
 from train import metrics as metrics_lib
+from train.class_names import save_class_names
 from train.config import ConfigError, validate_config
 from train.distributed import CompiledOnFirstCall
 from train.init_from import import_weights
@@ -203,6 +204,7 @@ def save_run_info(workdir: str, config: Any, info: input_pipeline.DatasetInfo) -
         root.mkdir(parents=True, exist_ok=True)
         (root / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
         (root / DATASET_INFO_FILE).write_text(json.dumps(dataclasses.asdict(info), indent=2))
+        save_class_names(root, info.class_names)
     except Exception as e:  # no such bucket, no credentials or permission, a read-only disk, ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(

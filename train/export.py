@@ -5,7 +5,8 @@
 Keys are torchvision's (timm's for the -D/-T presets), so the same architecture in PyTorch loads
 the file with ``load_state_dict(strict=True)``: e.g. ``torchvision.models.resnet50(num_classes=K)``
 for a ``resnet50`` run on K classes (with the run's ``config.model.overrides``). ``.safetensors``
-needs no PyTorch. ``DIR`` and ``FILE`` may be ``gs://`` paths.
+needs no PyTorch. The class names go beside the weights, one per line (``FILE.classes.txt``).
+``DIR`` and ``FILE`` may be ``gs://`` paths.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def export(workdir: str, out: str, step: int | None = None) -> dict:
     """Write the checkpoint of ``workdir`` (newest, or ``step``) to ``out``; returns the state_dict."""
     from resnet_jax import convert
     from train import build, checkpoint, paths
+    from train.class_names import beside, write_class_names
     from train.config import ConfigError
     from train.model import BASE_ARCH, create_model
 
@@ -44,6 +46,7 @@ def export(workdir: str, out: str, step: int | None = None) -> dict:
         variables = checkpoint.restore_variables(workdir, step)
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
+    write_class_names(beside(out), info.class_names)
     if not paths.is_remote(out):
         return convert.save_torch_checkpoint(variables, out, arch=model)
     # The writers need a local file: write one in a temporary directory, then upload it.
@@ -66,7 +69,9 @@ def main(argv: list[str]) -> None:
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
-    print(f"wrote {len(state_dict)} tensors to {flags.FLAGS.out}")
+    from train.class_names import beside
+
+    print(f"wrote {len(state_dict)} tensors to {flags.FLAGS.out}, class names to {beside(flags.FLAGS.out)}")
 
 
 if __name__ == "__main__":

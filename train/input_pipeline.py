@@ -20,6 +20,8 @@ Sources (``config.dataset``):
 * ``'sklearn_digits'``: the 1,797 8x8 handwritten digits that ship inside scikit-learn (no
   download), with a fixed stratified held-out split of 360 images.
 * ``'synthetic'``: one random batch repeated forever, for benchmarks.
+* ``'image_folder'``: ``config.data_dir``'s ``train/<class>/*`` and ``val/<class>/*`` image files,
+  read with Grain and Pillow, without TensorFlow (``train/image_folder.py``).
 * any other name: a TFDS image-classification set (``imagenet2012``, ``imagenette``,
   ``cifar10``, ``cifar100``, ...). Each host reads its own ``tfds.even_splits`` shard.
 """
@@ -40,6 +42,7 @@ Batch = dict[str, np.ndarray]
 
 DIGITS = "sklearn_digits"
 SYNTHETIC = "synthetic"
+IMAGE_FOLDER = "image_folder"
 DIGITS_TEST_SIZE = 360
 DIGITS_SPLIT_SEED = 0
 
@@ -610,6 +613,10 @@ class Dataset:
             self._source = _InMemory(config)
         elif name == SYNTHETIC:
             self._source = _Synthetic(config)
+        elif name == IMAGE_FOLDER:
+            from train.image_folder import ImageFolderSource
+
+            self._source = ImageFolderSource(config)
         else:
             self._source = _TFDS(config)
         self.config = config
@@ -650,6 +657,10 @@ def create_dataset(config: Any) -> Dataset:
 
 def load_image_for_eval(path: str, info: DatasetInfo, crop_fraction: float) -> np.ndarray:
     """Read an image file and apply the eval preprocessing: float32 [H, W, C]."""
+    if info.name == IMAGE_FOLDER:  # the run's own (Pillow) preprocessing, without TensorFlow
+        from train import image_folder
+
+        return image_folder.load_image_for_eval(path, info, crop_fraction)
     tf = _tf()
     data = tf.io.read_file(path)
     image = tf.io.decode_image(data, channels=info.image_shape[-1], expand_animations=False)

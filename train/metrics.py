@@ -225,7 +225,15 @@ def _tensorboard_writer(logdir: str):
     Uses TensorFlow's summary writer where TensorFlow is installed (the TFDS pipelines need it
     anyway), else the ``tensorboard`` package's own event writer (GPU images often ship
     TensorBoard without TensorFlow). With neither, says so once and writes ``metrics.jsonl`` only.
+    A run that has not imported TensorFlow (image folders via Grain) writes the events itself
+    (``train.tb_events``): importing TensorFlow only for its writer costs seconds and memory.
     """
+    import sys
+
+    if "tensorflow" not in sys.modules:
+        from train.tb_events import scalar_writer
+
+        return scalar_writer(logdir)
     try:
         import tensorflow as tf
         from tensorflow.core.framework import summary_pb2

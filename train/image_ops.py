@@ -1,0 +1,205 @@
+"""Image preprocessing with Pillow and NumPy (no TensorFlow), for image folders read by Grain.
+
+The same augmentation as the TF ops of ``train.input_pipeline``, controlled by the same config
+fields, so a run reads the same kind of batches from a folder as from TFDS:
+
+* ``train_augment='inception_crop'``: a random box of area ``crop_area_range`` and aspect ratio
+  ``crop_aspect_ratio_range`` (``crop_min_object_covered``), sampled the way TensorFlow's
+  ``sample_distorted_bounding_box`` samples it (``sample_crop``), resized to ``image_size`` with
+  antialiased bilinear filtering; ``'pad_crop'`` (reflect-pad ``crop_padding`` pixels, random
+  crop); ``'none'``; then a horizontal flip with probability 1/2 unless ``random_flip=False``.
+* evaluation (and ``train.predict``): resize the shorter side to ``image_size /
+  eval_crop_fraction`` and take the central crop, the TF path's arithmetic (``eval_image``).
+
+``tests/test_image_folder.py`` holds the two paths to the same results: eval pixels within the
+rounding of Pillow's 8-bit resize, and the same distribution of crop scale and aspect ratio.
+
+Decoding (``open_image``): any mode becomes RGB (grayscale, CMYK, palette; RGBA drops its alpha,
+as torchvision's loader does), and the EXIF orientation is applied, so a phone photo is trained
+on upright, as a viewer shows it (TF's decoders and torchvision's loader ignore the tag). For a
+training crop at least twice the model's input size a JPEG is decoded at 1/2, 1/4 or 1/8 scale
+(libjpeg's DCT scaling, Pillow's ``draft``): several times faster on large photos; evaluation
+always decodes in full.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+EXIF_ORIENTATION = 0x0112
+# Orientations 5-8 turn the stored image by 90 degrees: its width is the upright height.
+_TRANSPOSED = (5, 6, 7, 8)
+
+
+def open_image(file: Any) -> Image.Image:
+    """The image in ``file`` (a path or binary file object), not yet decoded."""
+    image = Image.open(file)
+    return image
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """``(height, width)`` of ``image`` once its EXIF orientation is applied."""
+    width, height = image.size
+    if _orientation(image) in _TRANSPOSED:
+        width, height = height, width
+    return height, width
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        return int(image.getexif().get(EXIF_ORIENTATION, 1))
+    except Exception:  # a damaged EXIF block: treat the image as upright
+        return 1
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Decoded, upright (EXIF orientation applied) RGB."""
+    with warnings.catch_warnings():
+        # Pillow suggests RGBA for palette images with transparency; RGB is what we want.
+        warnings.simplefilter("ignore", UserWarning)
+        if _orientation(image) != 1:
+            image = ImageOps.exif_transpose(image)
+        return image if image.mode == "RGB" else image.convert("RGB")
+
+
+# ----------------------------------------------------------------------------------------------
+# The random crop box.
+
+
+def sample_crop(
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    area_range: tuple[float, float] = (0.08, 1.0),
+    aspect_ratio_range: tuple[float, float] = (3 / 4, 4 / 3),
+    min_object_covered: float = 0.1,
+    max_attempts: int = 10,
+) -> tuple[int, int, int, int]:
+    """``(top, left, crop_height, crop_width)`` of an Inception-style random crop.
+
+    The sampling rule of TensorFlow's ``sample_distorted_bounding_box`` with the whole image as
+    the object: per attempt, an aspect ratio uniform in its range, then a crop height uniform
+    among the integers whose area lies in ``area_range``, the width rounded from it; kept when it
+    covers ``min_object_covered`` of the image. After ``max_attempts`` misses, the whole image.
+    (Not torchvision's RandomResizedCrop, which draws the area uniformly instead of the height.)
+    """
+    image_area = float(height * width)
+    lo_area, hi_area = area_range[0] * image_area, area_range[1] * image_area
+    for _ in range(max_attempts):
+        aspect = float(np.float32(rng.uniform(*aspect_ratio_range)))
+        crop_h = _round(math.sqrt(lo_area / aspect))
+        max_h = _round(math.sqrt(hi_area / aspect))
+        if _round(max_h * aspect) > width:
+            # The tallest crop whose rounded width still fits.
+            max_h = int((width + 0.5 - 1e-7) / aspect)
+            if _round(max_h * aspect) > width:
+                max_h -= 1
+        max_h = min(max_h, height)
+        crop_h = min(crop_h, max_h)
+        if crop_h < max_h:
+            crop_h += int(rng.integers(0, max_h - crop_h + 1))
+        crop_w = _round(crop_h * aspect)
+        area = float(crop_w * crop_h)
+        if area < lo_area:  # rounding put it just outside the range: one pixel taller
+            crop_h += 1
+            crop_w = _round(crop_h * aspect)
+            area = float(crop_w * crop_h)
+        if area > hi_area:
+            crop_h -= 1
+            crop_w = _round(crop_h * aspect)
+            area = float(crop_w * crop_h)
+        if (
+            area < lo_area
+            or area > hi_area
+            or not 0 < crop_w <= width
+            or not 0 < crop_h <= height
+            or area / image_area < min_object_covered
+        ):
+            continue
+        top = int(rng.integers(0, height - crop_h)) if crop_h < height else 0
+        left = int(rng.integers(0, width - crop_w)) if crop_w < width else 0
+        return top, left, crop_h, crop_w
+    return 0, 0, height, width
+
+
+def _round(x: float) -> int:
+    """Round half to even, as C's ``lrintf``."""
+    return int(round(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# Training and evaluation preprocessing of one image.
+
+
+def train_image(image: Image.Image, rng: np.random.Generator, size: int, config: Any) -> np.ndarray:
+    """Training preprocessing of one opened image -> ``uint8 [size, size, 3]`` (module docstring)."""
+    mode = config.get("train_augment", "inception_crop")
+    if mode == "inception_crop":
+        height, width = upright_size(image)
+        top, left, crop_h, crop_w = sample_crop(
+            rng,
+            height,
+            width,
+            tuple(config.get("crop_area_range", (0.08, 1.0))),
+            tuple(config.get("crop_aspect_ratio_range", (3 / 4, 4 / 3))),
+            float(config.get("crop_min_object_covered", 0.1)),
+        )
+        image = _draft(image, min(crop_h, crop_w) / size)
+        image = to_rgb(image)
+        # The box in the (possibly reduced) decoded image's pixels. Cut first, then resize: a
+        # resize with ``box=`` would blend in pixels beyond the box's edges, which TF's
+        # slice-then-resize does not.
+        sy, sx = image.height / height, image.width / width
+        box = tuple(round(v) for v in (left * sx, top * sy, (left + crop_w) * sx, (top + crop_h) * sy))
+        pixels = np.asarray(image.crop(box).resize((size, size), Image.BILINEAR, reducing_gap=None))
+    elif mode == "pad_crop":
+        image = to_rgb(image)
+        if image.size != (size, size):
+            image = image.resize((size, size), Image.BILINEAR)
+        pad = int(config.get("crop_padding", 4))
+        padded = np.pad(np.asarray(image), ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
+        dy, dx = (int(v) for v in rng.integers(0, 2 * pad + 1, 2))
+        pixels = padded[dy : dy + size, dx : dx + size]
+    elif mode == "none":
+        image = to_rgb(image)
+        pixels = np.asarray(
+            image if image.size == (size, size) else image.resize((size, size), Image.BILINEAR)
+        )
+    else:
+        raise ValueError(f"train_augment must be 'inception_crop', 'pad_crop' or 'none'; got {mode!r}.")
+    if config.get("random_flip", True) and rng.random() < 0.5:
+        pixels = pixels[:, ::-1]
+    return np.ascontiguousarray(pixels, np.uint8)
+
+
+def _draft(image: Image.Image, reduction: float) -> Image.Image:
+    """Let a JPEG decode at 1/2, 1/4 or 1/8 scale when the crop is that much larger than needed."""
+    if image.format == "JPEG" and reduction >= 2:
+        image.draft("RGB", (math.ceil(image.width / reduction), math.ceil(image.height / reduction)))
+    return image
+
+
+def eval_image(image: Image.Image, size: int, crop_fraction: float = 0.875) -> np.ndarray:
+    """Evaluation preprocessing -> ``uint8 [size, size, 3]``: resize the shorter side to
+    ``size / crop_fraction`` and take the central crop; ``crop_fraction >= 1`` resizes straight
+    to ``size``. The TF path's arithmetic (float32 scale, round half to even)."""
+    image = to_rgb(image)
+    if crop_fraction >= 1.0:
+        return _resize(image, size, size)
+    shape = np.array([image.height, image.width], np.float32)
+    scale = np.float32(size / crop_fraction) / shape.min()
+    new_h, new_w = (int(v) for v in np.round(shape * scale))
+    pixels = _resize(image, new_h, new_w)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return np.ascontiguousarray(pixels[top : top + size, left : left + size])
+
+
+def _resize(image: Image.Image, height: int, width: int) -> np.ndarray:
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.BILINEAR, reducing_gap=None)
+    return np.asarray(image, np.uint8)
