@@ -174,11 +174,11 @@ def _folder_layout(jpeg_dir: str) -> str:
 
 def run_grain_worker(args: argparse.Namespace) -> dict[str, Any]:
     """Time ``train/image_folder.py``'s training batches with ``args.grain_workers`` workers."""
-    import ml_collections
-
+    from train.config import default_config
     from train.image_folder import ImageFolderSource
 
-    config = ml_collections.ConfigDict(
+    config = default_config()
+    config.update(
         {
             "data_dir": _folder_layout(args.jpeg_dir),
             "image_size": args.image_size,

@@ -36,6 +36,12 @@ def _data(c: ml_collections.ConfigDict) -> None:
     c.image_size = 8  # model input size; TFDS images are cropped/resized to it
     c.train_augment = "pad_crop"  # 'inception_crop', 'pad_crop' (shift), 'none'
     c.crop_padding = 1  # pixels of padding for 'pad_crop'
+    # 'inception_crop': the box is drawn as by tf.image.sample_distorted_bounding_box, with this
+    # fraction of the image's area, this width/height ratio, and at least this fraction of the
+    # whole image inside it (the Inception/ImageNet values).
+    c.crop_area_range = (0.08, 1.0)
+    c.crop_aspect_ratio_range = (3 / 4, 4 / 3)
+    c.crop_min_object_covered = 0.1
     c.random_flip = False  # digits are not mirror-symmetric
     c.eval_crop_fraction = 1.0  # 0.875: resize to size/0.875 then center-crop size (ImageNet)
     c.normalize_mean = ()  # per channel, in 0..255 pixel units; () = dataset default

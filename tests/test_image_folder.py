@@ -26,6 +26,7 @@ from train_worker import tiny_config  # noqa: E402
 
 from train import checkpoint, image_ops, input_pipeline, loop  # noqa: E402
 from train.class_names import load_class_names, read_class_names  # noqa: E402
+from train.config import default_config  # noqa: E402
 from train.image_folder import scan  # noqa: E402
 from train.input_pipeline import DatasetError  # noqa: E402
 
@@ -422,7 +423,8 @@ def test_pillow_preprocessing_matches_the_tensorflow_path():
 
     # A training crop: the same box cut and resized by TF (slice, antialiased bilinear resize,
     # round) and by Pillow (resize with the box) gives the same pixels within rounding.
-    no_flip = {"train_augment": "inception_crop", "random_flip": False}
+    no_flip = default_config()
+    no_flip.update(train_augment="inception_crop", random_flip=False)
     for i in range(4):
         top, left, ch, cw = image_ops.sample_crop(np.random.default_rng([i, 2]), *pixels.shape[:2])
         crop = tf.constant(pixels[top : top + ch, left : left + cw], tf.float32)

@@ -3,7 +3,6 @@
 import sys
 from pathlib import Path
 
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -11,7 +10,8 @@ import tensorflow_datasets as tfds
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train import input_pipeline as ip
+from train import input_pipeline as ip  # noqa: E402
+from train.config import default_config  # noqa: E402
 
 tf.config.set_visible_devices([], "GPU")
 
@@ -42,7 +42,9 @@ class ResnetJaxTinyShapes(tfds.core.GeneratorBasedBuilder):
 
 
 def make_config(**kw):
-    c = ml_collections.ConfigDict(
+    # Every field from configs/default.py (as train/ expects), then this test's values.
+    c = default_config()
+    c.update(
         {
             "dataset": "cifar10",
             "data_dir": "",

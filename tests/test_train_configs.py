@@ -1,6 +1,7 @@
 """configs/*.py: every config validates; the ImageNet and LARS recipes give the documented
 schedules and updates; config errors are clear; cifar10 (mocked TFDS) and synthetic run."""
 
+import ast
 import runpy
 import sys
 from pathlib import Path
@@ -189,3 +190,98 @@ def test_synthetic_benchmark_reports_throughput(tmp_path):
     assert out["images_per_sec"] > 0 and out["compile_time_s"] > 0
     assert out["eval"] is None
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+# ----------------------------------------------------------------------------------------------
+# One home for config defaults: train/ reads only fields that configs/default.py defines, and
+# never supplies a default of its own with config.get(field, default).
+
+_CONFIG_NAMES = ("config", "cfg", "model_config")
+
+
+def _is_config(node) -> bool:
+    """``config``, ``run.config``, ``self.config``, ``model_config``: an expression naming a config."""
+    if isinstance(node, ast.Name):
+        return node.id in _CONFIG_NAMES
+    # jax.config and tf.config are the libraries' own settings, not a run's config.
+    library = (
+        isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id in ("jax", "tf")
+    )
+    return isinstance(node, ast.Attribute) and node.attr in _CONFIG_NAMES and not library
+
+
+def _train_sources():
+    for path in sorted((REPO / "train").glob("*.py")):
+        yield path, ast.parse(path.read_text(), str(path))
+
+
+def test_train_reads_no_config_field_with_its_own_default():
+    offenders = []
+    for path, tree in _train_sources():
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "get"
+                and _is_config(node.func.value)
+                and len(node.args) + len(node.keywords) >= 2
+            ):
+                offenders.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+    assert not offenders, "set the default in configs/default.py and read config.FIELD:\n" + "\n".join(
+        offenders
+    )
+
+
+def test_every_config_field_train_reads_is_defined_in_default():
+    import ml_collections
+
+    defaults = load("default")
+    methods = set(dir(ml_collections.ConfigDict))
+    read, undefined = set(), []
+    for path, tree in _train_sources():
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Attribute) or node.attr in methods:
+                continue
+            if _is_config(node.value):
+                scope, field = (defaults.model if _is_model(node) else defaults), node.attr
+            elif isinstance(node.value, ast.Attribute) and _is_config(node.value.value):
+                sub = node.value.attr  # config.model.arch, config.distributed.enabled
+                if not isinstance(defaults.get(sub), ml_collections.ConfigDict):
+                    continue  # config.X.method(): X itself is checked as a field above
+                scope, field = defaults[sub], node.attr
+                field = f"{sub}.{field}" if field not in scope else field
+            else:
+                continue
+            read.add(field)
+            if field not in scope:
+                undefined.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+    # Literal string reads: config["x"], config.get("x").
+    for path, tree in _train_sources():
+        for node in ast.walk(tree):
+            key = None
+            if isinstance(node, ast.Subscript) and _is_config(node.value):
+                key = node.slice
+            elif (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "get"
+                and _is_config(node.func.value)
+                and node.args
+            ):
+                key = node.args[0]
+            if isinstance(key, ast.Constant) and isinstance(key.value, str):
+                scope = defaults.model if _is_model(node) else defaults
+                read.add(key.value)
+                if key.value not in scope:
+                    undefined.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+    assert len(read) > 40, sorted(read)  # the scan sees train/'s reads at all
+    assert not undefined, "define these fields, with a comment, in configs/default.py:\n" + "\n".join(
+        undefined
+    )
+
+
+def _is_model(node) -> bool:
+    value = node.value if isinstance(node, (ast.Subscript, ast.Attribute)) else node.func.value
+    return isinstance(value, ast.Name) and value.id == "model_config"

@@ -283,7 +283,7 @@ def dataset_info(config: Any) -> tuple[input_pipeline.DatasetInfo, Any]:
     if name == input_pipeline.DIGITS:
         # scikit-learn's digits are 8x8, normalised float32 on the host, whatever image_size says.
         size, image_dtype = 8, np.float32
-        num_classes = len(config.get("class_subset", ()) or ()) or num_classes
+        num_classes = len(config.class_subset or ()) or num_classes
     try:
         mean, std = input_pipeline._norm_stats(
             config, known.channels, input_pipeline._default_stats(known.channels)
@@ -552,7 +552,7 @@ class AotResult:
             "image_shape": list(self.info.image_shape),
             "num_classes": self.info.num_classes,
             "dtype": self.dtype,
-            "mesh_axis_types": self.config.get("mesh_axis_types", "auto"),
+            "mesh_axis_types": self.config.mesh_axis_types,
             "batch_size": self.train.global_batch,
             "batch_per_device": self.batch_per_device,
             "fits": self.fits,
@@ -581,7 +581,7 @@ class Compiler:
         self.config, self.slice = config, slice_
         self.devices = list(devices) if devices is not None else topology_devices(slice_)
         self.info, self.image_dtype = dataset_info(config)
-        self.explicit = config.get("mesh_axis_types", "auto") == "explicit"
+        self.explicit = config.mesh_axis_types == "explicit"
         self.mesh = steps.make_mesh(self.devices, explicit=self.explicit)
 
     @property
@@ -776,7 +776,7 @@ def format_report(result: AotResult) -> str:
         f"{result.config.model.arch} on {info.name} {'x'.join(map(str, info.image_shape))}, "
         f"{info.num_classes} classes, {result.dtype} compute; batch {result.train.global_batch} "
         f"({result.batch_per_device} per {word}); jit over {result.num_devices} devices "
-        f"({result.config.get('mesh_axis_types', 'auto')} axes)",
+        f"({result.config.mesh_axis_types} axes)",
         f"topology {s.topology} ({s.name}): {s.chips} chips in {s.num_slices} slice(s), {s.hosts} "
         f"host(s), {s.gen.hbm_gib:g} GiB HBM per chip; jax {jax.__version__}, libtpu {libtpu_version()}",
     ]

@@ -22,7 +22,7 @@ from train import checkpoint as checkpoint_lib
 from train import input_pipeline, optim, paths, steps
 from train import metrics as metrics_lib
 from train.class_names import save_class_names
-from train.config import ConfigError, validate_config
+from train.config import ConfigError, validate_config, with_defaults
 from train.distributed import CompiledOnFirstCall
 from train.init_from import import_weights
 from train.model import build_model, create_model
@@ -73,7 +73,7 @@ def build_run(config: Any, workdir: str) -> Run:
     validate_config(config, device_count=jax.device_count(), process_count=jax.process_count())
     dataset = input_pipeline.create_dataset(config)
     info = dataset.info
-    driver = steps.make_driver(config.parallelism, mesh_axis_types=config.get("mesh_axis_types", "auto"))
+    driver = steps.make_driver(config.parallelism, mesh_axis_types=config.mesh_axis_types)
     steps_per_epoch, total_steps = _step_counts(config, dataset)
     parts = build_steps(config, info, steps_per_epoch, total_steps)
     save_run_info(workdir, config, info)
@@ -130,7 +130,7 @@ def build_steps(
     tx = optim.create_optimizer(config, schedule)
     create_state = functools.partial(
         steps.create_train_state,
-        jax.random.key(config.seed, impl=config.get("rng_impl") or None),
+        jax.random.key(config.seed, impl=config.rng_impl or None),
         model,
         tx,
         (1, *info.image_shape),
@@ -180,15 +180,15 @@ def restore_or_init(run: Run) -> tuple[Any, int]:
             f"the config they were saved with, or use a new workdir to start over."
         )
     state = run.driver.init_state(run.create_state)
-    field = "init_from" if config.get("init_from") else "init_from_torch"
-    if config.get(field):
+    field = "init_from" if config.init_from else "init_from_torch"
+    if config[field]:
         host, note = import_weights(
             config[field],
             run.model,
             run.driver.to_host(state),
             arch=config.model.arch,
             field=field,
-            new_head=bool(config.get("new_head", False)),
+            new_head=bool(config.new_head),
         )
         state = run.driver.place_state(host)
         if run.is_main:
@@ -215,12 +215,10 @@ def save_run_info(workdir: str, config: Any, info: input_pipeline.DatasetInfo) -
 
 def load_run_info(workdir: str) -> tuple[Any, input_pipeline.DatasetInfo]:
     """The config (ConfigDict) and DatasetInfo a run wrote into ``workdir``."""
-    import ml_collections
-
     root = paths.Path(paths.resolve(workdir))
     if not (root / CONFIG_FILE).exists():
         raise FileNotFoundError(f"{workdir} has no {CONFIG_FILE}: it is not the workdir of a training run.")
-    config = ml_collections.ConfigDict(json.loads((root / CONFIG_FILE).read_text()))
+    config = with_defaults(json.loads((root / CONFIG_FILE).read_text()))
     raw = json.loads((root / DATASET_INFO_FILE).read_text())
     raw = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
     return config, input_pipeline.DatasetInfo(**raw)

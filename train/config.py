@@ -2,18 +2,52 @@
 
 from __future__ import annotations
 
+import runpy
+from pathlib import Path
 from typing import Any
 
 from train import input_pipeline, optim, steps
 from train.model import DTYPES, architectures, resolve_dtype
+
+# Every field train/ reads is defined here, with its comment and default (configs/ is not a
+# package: it is run by its path, as --config=configs/default.py does).
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.py"
 
 
 class ConfigError(ValueError):
     """The config cannot work; the message names the field and how to fix it."""
 
 
+def default_config() -> Any:
+    """A fresh ``ConfigDict`` of ``configs/default.py``: every field with its default."""
+    return runpy.run_path(str(DEFAULT_CONFIG))["get_config"]()
+
+
+def with_defaults(saved: dict) -> Any:
+    """``saved`` (a run's config.json) over ``default_config()``: a run written before a field
+    existed reads that field's default. Free dicts (``model.overrides``) are taken whole."""
+
+    def merge(defaults: Any, values: dict) -> None:
+        for key, value in values.items():
+            current = defaults.get(key) if key in defaults else None
+            if (
+                isinstance(value, dict)
+                and current is not None
+                and hasattr(current, "is_type_safe")
+                and current.is_type_safe
+            ):
+                merge(current, value)
+            else:
+                with defaults.ignore_type():
+                    defaults[key] = value
+
+    config = default_config()
+    merge(config, saved)
+    return config
+
+
 def _choice(config: Any, field: str, choices) -> None:
-    value = config.get(field)
+    value = config[field]
     if value not in choices:
         raise ConfigError(
             f"config.{field}={value!r} is not valid; choose one of: {', '.join(map(str, choices))}."
@@ -21,17 +55,17 @@ def _choice(config: Any, field: str, choices) -> None:
 
 
 def _check_fine_tuning(config: Any) -> None:
-    multiplier = float(config.get("backbone_lr_multiplier", 1.0))
+    multiplier = float(config.backbone_lr_multiplier)
     if multiplier < 0:
         raise ConfigError(f"config.backbone_lr_multiplier must be >= 0; got {multiplier}.")
-    if config.get("freeze_backbone") and multiplier != 1.0:
+    if config.freeze_backbone and multiplier != 1.0:
         raise ConfigError(
             "config.freeze_backbone=True and config.backbone_lr_multiplier != 1 contradict each "
             "other; set one of them."
         )
-    if config.get("init_from") and config.get("init_from_torch"):
+    if config.init_from and config.init_from_torch:
         raise ConfigError("set config.init_from or its older name config.init_from_torch, not both.")
-    subset = tuple(config.get("class_subset", ()) or ())
+    subset = tuple(config.class_subset or ())
     if subset:
         if config.dataset != input_pipeline.DIGITS:
             raise ConfigError(
@@ -47,7 +81,7 @@ def validate_config(
 ) -> None:
     """Raise ``ConfigError`` for settings that cannot work on ``device_count`` devices."""
     _choice(config, "parallelism", ("jit", "pmap"))
-    axis_types = config.get("mesh_axis_types", "auto")  # runs saved before the field: auto
+    axis_types = config.mesh_axis_types
     if axis_types not in steps.MESH_AXIS_TYPES:
         raise ConfigError(
             f"config.mesh_axis_types={axis_types!r} is not valid; "
@@ -74,17 +108,17 @@ def validate_config(
             f"{', '.join(architectures())}."
         )
     for field in ("batch_size", "eval_batch_size", "log_every_steps", "image_size"):
-        if int(config.get(field)) <= 0:
-            raise ConfigError(f"config.{field} must be positive; got {config.get(field)}.")
+        if int(config[field]) <= 0:
+            raise ConfigError(f"config.{field} must be positive; got {config[field]}.")
     for field in ("num_epochs", "checkpoint_every_steps", "keep_checkpoints", "warmup_epochs"):
-        if config.get(field) < 0:
-            raise ConfigError(f"config.{field} must be >= 0; got {config.get(field)}.")
+        if config[field] < 0:
+            raise ConfigError(f"config.{field} must be >= 0; got {config[field]}.")
     if config.num_train_steps < -1 or config.num_train_steps == 0:
         raise ConfigError(
             f"config.num_train_steps must be > 0 (a step count) or -1 (use num_epochs); got "
             f"{config.num_train_steps}."
         )
-    if config.get("debug_step_delay_s", 0.0) < 0:
+    if config.debug_step_delay_s < 0:
         raise ConfigError(f"config.debug_step_delay_s must be >= 0; got {config.debug_step_delay_s}.")
     if config.num_train_steps <= 0 and config.num_epochs <= 0 and not config.eval_only:
         raise ConfigError("nothing to train: set config.num_train_steps > 0 or num_epochs > 0.")
@@ -94,7 +128,7 @@ def validate_config(
         raise ConfigError("config.learning_rate and config.weight_decay must be >= 0.")
     _check_fine_tuning(config)
     for field in ("batch_size", "eval_batch_size"):
-        value = int(config.get(field))
+        value = int(config[field])
         if device_count and value % device_count:
             nearest = max(device_count, value // device_count * device_count)
             raise ConfigError(

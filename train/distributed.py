@@ -10,7 +10,7 @@ import jax
 
 def maybe_initialize_distributed(config: Any) -> None:
     """``jax.distributed.initialize`` when ``config.distributed.enabled`` (before any JAX use)."""
-    dist = config.get("distributed")
+    dist = config.distributed
     if dist is None or not dist.enabled:
         return
     if dist.get("cpu_collectives"):

@@ -32,6 +32,7 @@ import functools
 import os
 import threading
 import time
+import types
 import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -198,7 +199,8 @@ class _TrainExample:
 
     def __init__(self, paths, labels, config, per_host, global_batch, process_index, steps_per_epoch):
         self.paths, self.labels = _Paths(paths), np.asarray(labels, np.int32)
-        self.config = {k: config.get(k) for k in _AUGMENT_FIELDS if k in config}
+        # Only the augmentation fields travel to the Grain workers, by attribute as in the config.
+        self.config = types.SimpleNamespace(**{k: config[k] for k in _AUGMENT_FIELDS})
         self.size, self.seed = int(config.image_size), int(config.seed)
         self.per_host, self.global_batch = per_host, global_batch
         self.process_index, self.steps = process_index, steps_per_epoch
@@ -265,7 +267,7 @@ def _grain():
 
 def worker_count(config: Any) -> int:
     """``config.grain_worker_count``, with -1 meaning one worker per core of this host."""
-    n = int(config.get("grain_worker_count", 0))
+    n = int(config.grain_worker_count)
     if n < 0:
         n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return n
@@ -327,7 +329,7 @@ class ImageFolderSource:
     """The ``Dataset`` source for ``dataset='image_folder'`` (``train.input_pipeline.Dataset``)."""
 
     def __init__(self, config: Any):
-        root = str(config.get("data_dir", "") or "")
+        root = str(config.data_dir or "")
         root = root if "://" in root else os.path.expanduser(root)
         classes, (self.train_paths, self.train_labels), (self.eval_paths, self.eval_labels), _ = scan(root)
         mean, std = _norm_stats(config, 3, (IMAGENET_MEAN, IMAGENET_STD))
@@ -364,13 +366,13 @@ class ImageFolderSource:
             start + _ENDLESS,
             per_host,
             worker_count(config),
-            config.get("grain_worker_buffer_size", 2),
+            config.grain_worker_buffer_size,
         )
 
     def eval_batches(self, config, global_batch, process_index, process_count):
         per_host = host_batch_size(global_batch, process_count)
         steps = -(-len(self.eval_paths) // global_batch)
-        crop = float(config.get("eval_crop_fraction", 0.875))
+        crop = float(config.eval_crop_fraction)
         fn = _EvalExample(
             self.eval_paths,
             self.eval_labels,
@@ -381,7 +383,7 @@ class ImageFolderSource:
             process_index,
         )
         return _batches(
-            fn, 0, steps * per_host, per_host, worker_count(config), config.get("grain_worker_buffer_size", 2)
+            fn, 0, steps * per_host, per_host, worker_count(config), config.grain_worker_buffer_size
         )
 
 

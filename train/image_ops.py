@@ -138,16 +138,16 @@ def _round(x: float) -> int:
 
 def train_image(image: Image.Image, rng: np.random.Generator, size: int, config: Any) -> np.ndarray:
     """Training preprocessing of one opened image -> ``uint8 [size, size, 3]`` (module docstring)."""
-    mode = config.get("train_augment", "inception_crop")
+    mode = config.train_augment
     if mode == "inception_crop":
         height, width = upright_size(image)
         top, left, crop_h, crop_w = sample_crop(
             rng,
             height,
             width,
-            tuple(config.get("crop_area_range", (0.08, 1.0))),
-            tuple(config.get("crop_aspect_ratio_range", (3 / 4, 4 / 3))),
-            float(config.get("crop_min_object_covered", 0.1)),
+            tuple(config.crop_area_range),
+            tuple(config.crop_aspect_ratio_range),
+            float(config.crop_min_object_covered),
         )
         image = _draft(image, min(crop_h, crop_w) / size)
         image = to_rgb(image)
@@ -161,7 +161,7 @@ def train_image(image: Image.Image, rng: np.random.Generator, size: int, config:
         image = to_rgb(image)
         if image.size != (size, size):
             image = image.resize((size, size), Image.BILINEAR)
-        pad = int(config.get("crop_padding", 4))
+        pad = int(config.crop_padding)
         padded = np.pad(np.asarray(image), ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
         dy, dx = (int(v) for v in rng.integers(0, 2 * pad + 1, 2))
         pixels = padded[dy : dy + size, dx : dx + size]
@@ -172,7 +172,7 @@ def train_image(image: Image.Image, rng: np.random.Generator, size: int, config:
         )
     else:
         raise ValueError(f"train_augment must be 'inception_crop', 'pad_crop' or 'none'; got {mode!r}.")
-    if config.get("random_flip", True) and rng.random() < 0.5:
+    if config.random_flip and rng.random() < 0.5:
         pixels = pixels[:, ::-1]
     return np.ascontiguousarray(pixels, np.uint8)
 

@@ -114,8 +114,8 @@ def prefetch_to_device(
 
 
 def _norm_stats(config: Any, channels: int, default: tuple[Sequence[float], Sequence[float]]):
-    mean = config.get("normalize_mean") or default[0]
-    std = config.get("normalize_std") or default[1]
+    mean = config.normalize_mean or default[0]
+    std = config.normalize_std or default[1]
     mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
     if len(mean) == 1 and channels > 1:
         mean, std = mean * channels, std * channels
@@ -171,7 +171,7 @@ class _InMemory:
             (float(self.x_train.std()),) * channels,
         )  # of all ten digits, also with class_subset, so that subsets share one normalisation
         self.mean, self.std = _norm_stats(config, channels, default)
-        subset = tuple(int(c) for c in (config.get("class_subset", ()) or ()))
+        subset = tuple(int(c) for c in (config.class_subset or ()))
         names = tuple(str(i) for i in (subset or range(10)))
         if subset:
             self.x_train, self.y_train = _keep_classes(self.x_train, self.y_train, subset)
@@ -194,14 +194,14 @@ class _InMemory:
         return len(self.x_train) // global_batch
 
     def _augment(self, x: np.ndarray, config: Any, rng: np.random.Generator) -> np.ndarray:
-        mode = config.get("train_augment", "none")
+        mode = config.train_augment
         if mode == "none":
             return x
         if mode != "pad_crop":
             raise DatasetError(
                 f"train_augment={mode!r} is not available for {DIGITS}; use 'pad_crop' or 'none'."
             )
-        pad = int(config.get("crop_padding", 1))
+        pad = int(config.crop_padding)
         n, h, w, _ = x.shape
         padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
         offsets = rng.integers(0, 2 * pad + 1, size=(n, 2))
@@ -253,16 +253,16 @@ class _InMemory:
 
 class _Synthetic:
     def __init__(self, config: Any):
-        size, channels = int(config.image_size), int(config.get("synthetic_channels", 3))
-        num_classes = int(config.get("synthetic_num_classes", 1000))
-        num_examples = int(config.get("synthetic_num_examples", 1_281_167))
+        size, channels = int(config.image_size), int(config.synthetic_channels)
+        num_classes = int(config.synthetic_num_classes)
+        num_examples = int(config.synthetic_num_examples)
         mean, std = _norm_stats(config, channels, _default_stats(channels))
         self.info = DatasetInfo(
             name=SYNTHETIC,
             num_classes=num_classes,
             image_shape=(size, size, channels),
             num_train_examples=num_examples,
-            num_eval_examples=int(config.get("synthetic_num_eval_examples", 10_000)),
+            num_eval_examples=int(config.synthetic_num_eval_examples),
             class_names=tuple(f"class_{i}" for i in range(num_classes)),
             mean=mean,
             std=std,
@@ -307,7 +307,7 @@ def _tfds_builder(config: Any):
 
     _tf()
     name = config.dataset
-    data_dir = config.get("data_dir") or None
+    data_dir = config.data_dir or None
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
@@ -316,10 +316,8 @@ def _tfds_builder(config: Any):
             "(see https://www.tensorflow.org/datasets/catalog/overview#image_classification)."
         ) from e
     if not builder.is_prepared():
-        manual_dir = config.get("manual_dir") or os.path.join(
-            str(builder.data_dir_root), "downloads", "manual"
-        )
-        if config.get("download", False):
+        manual_dir = config.manual_dir or os.path.join(str(builder.data_dir_root), "downloads", "manual")
+        if config.download:
             download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
             builder.download_and_prepare(download_config=download_config)
         elif name.startswith("imagenet2012"):
@@ -334,7 +332,7 @@ def _tfds_builder(config: Any):
                 "that has it)."
             )
     features = builder.info.features
-    for key in (config.get("image_key", "image"), config.get("label_key", "label")):
+    for key in (config.image_key, config.label_key):
         if key not in features:
             raise DatasetError(
                 f"dataset {name!r} has no feature {key!r} (features: {', '.join(features)}); "
@@ -370,8 +368,8 @@ class _TFDS:
     def __init__(self, config: Any):
         self.builder = _tfds_builder(config)
         features = self.builder.info.features
-        self.image_key = config.get("image_key", "image")
-        self.label_key = config.get("label_key", "label")
+        self.image_key = config.image_key
+        self.label_key = config.label_key
         image_feature = features[self.image_key]
         channels = int(image_feature.shape[-1] or 3)
         self.encoded = type(image_feature).__name__ == "Image"
@@ -382,8 +380,8 @@ class _TFDS:
             raise DatasetError(f"{config.dataset}: feature {self.label_key!r} is not a ClassLabel.")
         names = getattr(label_feature, "names", None) or [str(i) for i in range(num_classes)]
         mean, std = _norm_stats(config, channels, _default_stats(channels))
-        self.train_split = config.get("train_split", "train")
-        self.eval_split = config.get("eval_split", "validation")
+        self.train_split = config.train_split
+        self.eval_split = config.eval_split
         size = int(config.image_size)
         self.info = DatasetInfo(
             name=config.dataset,
@@ -406,9 +404,7 @@ class _TFDS:
         return preprocess_train_image(image, seed, self.info, config, jpeg=self.jpeg, encoded=self.encoded)
 
     def preprocess_eval(self, image, config):
-        return preprocess_eval_image(
-            self._decode(image), self.info, float(config.get("eval_crop_fraction", 0.875))
-        )
+        return preprocess_eval_image(self._decode(image), self.info, float(config.eval_crop_fraction))
 
     # -- datasets -------------------------------------------------------------------------------
 
@@ -430,7 +426,7 @@ class _TFDS:
 
         split = self._host_split(self.train_split, process_index, process_count, drop=True)
         decoders = {self.image_key: tfds.decode.SkipDecoding()} if self.encoded else None
-        if config.get("cache", False):
+        if config.cache:
             # One in-memory copy of the encoded shard, reused by every epoch's shuffle.
             key = (process_index, process_count)
             if key not in self._cached:
@@ -454,7 +450,7 @@ class _TFDS:
                 f"host is less than one batch of {per_host}; lower config.batch_size."
             )
         seed = int(config.seed)
-        buffer = int(config.get("shuffle_buffer_size", 16_384))
+        buffer = int(config.shuffle_buffer_size)
         for epoch in itertools.count(start_step // steps):
             epoch_seed = fold_seed(seed, epoch, process_index)
             ds = self._raw_train(config, process_index, process_count, epoch_seed)
@@ -531,7 +527,7 @@ def preprocess_train_image(image, seed, info: DatasetInfo, config: Any, *, jpeg:
     """
     tf = _tf()
     size, channels = info.image_shape[0], info.image_shape[-1]
-    mode = config.get("train_augment", "inception_crop")
+    mode = config.train_augment
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     if mode == "inception_crop":
         if encoded and not jpeg:
@@ -541,9 +537,9 @@ def preprocess_train_image(image, seed, info: DatasetInfo, config: Any, *, jpeg:
             shape,
             bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, [1, 1, 4]),
             seed=crop_seed,
-            min_object_covered=float(config.get("crop_min_object_covered", 0.1)),
-            aspect_ratio_range=tuple(config.get("crop_aspect_ratio_range", (3 / 4, 4 / 3))),
-            area_range=tuple(config.get("crop_area_range", (0.08, 1.0))),
+            min_object_covered=float(config.crop_min_object_covered),
+            aspect_ratio_range=tuple(config.crop_aspect_ratio_range),
+            area_range=tuple(config.crop_area_range),
             max_attempts=10,
             use_image_if_no_bounding_boxes=True,
         )
@@ -557,7 +553,7 @@ def preprocess_train_image(image, seed, info: DatasetInfo, config: Any, *, jpeg:
     elif mode == "pad_crop":
         image = _decode(image, channels) if encoded else image
         image = tf.image.resize(image, [size, size])  # no-op at native size
-        pad = int(config.get("crop_padding", 4))
+        pad = int(config.crop_padding)
         image = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
         image = tf.image.stateless_random_crop(image, [size, size, channels], seed=crop_seed)
     elif mode == "none":
@@ -565,7 +561,7 @@ def preprocess_train_image(image, seed, info: DatasetInfo, config: Any, *, jpeg:
     else:
         raise DatasetError(f"train_augment must be one of {TRAIN_AUGMENTATIONS}; got {mode!r}.")
     image = _to_uint8(image)  # before the flip: a quarter of the bytes to move from here on
-    if config.get("random_flip", True):
+    if config.random_flip:
         image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
     return image
 

@@ -94,7 +94,7 @@ def _train(run: Run, state: Any, start_step: int) -> Outcome:
 
 def _one_step(run: Run, out: Outcome, batch: Any, done: int, log: periodic.TrainLog) -> None:
     """One train step (the first compiles, and its time is recorded apart from throughput)."""
-    if done - 1 == int(run.config.get("debug_nan_step", -1)):
+    if done - 1 == int(run.config.debug_nan_step):
         # Test hook: a real NaN flowing through the forward and backward passes.
         batch = {**batch, "image": batch["image"] * jnp.nan}
     out.state, metrics = run.train_step(out.state, batch)
@@ -106,7 +106,7 @@ def _one_step(run: Run, out: Outcome, batch: Any, done: int, log: periodic.Train
     else:
         out.throughput.step()
     log.add(done, metrics)
-    delay = float(run.config.get("debug_step_delay_s", 0.0))
+    delay = float(run.config.debug_step_delay_s)
     if delay:  # test hook: slow steps, so a signal can arrive mid-run
         time.sleep(delay)
 

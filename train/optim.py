@@ -24,7 +24,7 @@ OPTIMIZERS = ("sgd", "lars")
 
 def peak_learning_rate(config: Any) -> float:
     lr = float(config.learning_rate)
-    if config.get("lr_base_batch_size", 0):
+    if config.lr_base_batch_size:
         lr *= config.batch_size / config.lr_base_batch_size
     return lr
 
@@ -32,17 +32,17 @@ def peak_learning_rate(config: Any) -> float:
 def create_lr_schedule(config: Any, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
     """The schedule over ``total_steps`` with ``warmup_epochs * steps_per_epoch`` of warm-up."""
     peak = peak_learning_rate(config)
-    warmup = round(float(config.get("warmup_epochs", 0)) * steps_per_epoch)
+    warmup = round(float(config.warmup_epochs) * steps_per_epoch)
     warmup = min(warmup, max(total_steps - 1, 0))
     decay_steps = max(total_steps - warmup, 1)
-    kind = config.get("lr_schedule", "cosine")
+    kind = config.lr_schedule
     if kind == "cosine":
         after = optax.cosine_decay_schedule(peak, decay_steps)
     elif kind == "polynomial":
         after = optax.polynomial_schedule(
             peak,
-            float(config.get("end_learning_rate", 0.0)),
-            power=float(config.get("lr_decay_power", 2.0)),
+            float(config.end_learning_rate),
+            power=float(config.lr_decay_power),
             transition_steps=decay_steps,
         )
     elif kind == "constant":
@@ -69,8 +69,8 @@ def create_optimizer(config: Any, schedule: optax.Schedule) -> optax.GradientTra
     """The optimizer; with ``freeze_backbone`` or ``backbone_lr_multiplier`` the backbone gets
     zero updates (and no optimizer state) or its updates scaled (``optax.multi_transform``)."""
     tx = _optimizer(config, schedule)
-    freeze = bool(config.get("freeze_backbone", False))
-    multiplier = float(config.get("backbone_lr_multiplier", 1.0))
+    freeze = bool(config.freeze_backbone)
+    multiplier = float(config.backbone_lr_multiplier)
     if not freeze and multiplier == 1.0:
         return tx
     backbone = optax.set_to_zero() if freeze else optax.chain(tx, optax.scale(multiplier))
@@ -78,11 +78,11 @@ def create_optimizer(config: Any, schedule: optax.Schedule) -> optax.GradientTra
 
 
 def _optimizer(config: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
-    kind = config.get("optimizer", "sgd")
-    wd = float(config.get("weight_decay", 0.0))
-    mask = True if config.get("weight_decay_on_bn_and_bias", False) else decay_mask
+    kind = config.optimizer
+    wd = float(config.weight_decay)
+    mask = True if config.weight_decay_on_bn_and_bias else decay_mask
     if kind == "sgd":
-        sgd = optax.sgd(schedule, momentum=config.get("momentum", 0.9) or None, nesterov=config.nesterov)
+        sgd = optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov)
         if not wd:
             return sgd
         # L2 on the gradient (not AdamW-style decoupled decay): the classic ResNet recipe.
@@ -92,10 +92,10 @@ def _optimizer(config: Any, schedule: optax.Schedule) -> optax.GradientTransform
             schedule,
             weight_decay=wd,
             weight_decay_mask=mask,
-            trust_coefficient=float(config.get("lars_trust_coefficient", 0.001)),
-            eps=float(config.get("lars_eps", 0.0)),
+            trust_coefficient=float(config.lars_trust_coefficient),
+            eps=float(config.lars_eps),
             trust_ratio_mask=mask,
-            momentum=float(config.get("momentum", 0.9)),
-            nesterov=bool(config.get("nesterov", False)),
+            momentum=float(config.momentum),
+            nesterov=bool(config.nesterov),
         )
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}; got {kind!r}.")

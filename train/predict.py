@@ -41,7 +41,7 @@ def predict_files(
     config.dtype = "float32"
     model, _ = create_model(config, info)
     variables = checkpoint.restore_variables(workdir, step)
-    crop = float(config.get("eval_crop_fraction", 1.0))
+    crop = float(config.eval_crop_fraction)
     images = np.stack([_load(p, info, crop) for p in paths])
     logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
     probs = np.asarray(jax.nn.softmax(logits, axis=-1))
