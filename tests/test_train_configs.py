@@ -285,3 +285,36 @@ def test_every_config_field_train_reads_is_defined_in_default():
 def _is_model(node) -> bool:
     value = node.value if isinstance(node, (ast.Subscript, ast.Attribute)) else node.func.value
     return isinstance(value, ast.Name) and value.id == "model_config"
+
+
+def test_crop_fields_are_set_from_the_command_line():
+    """``--config.crop_*`` reach the config (they had no definition, so the flag was unknown)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = [
+        "train",
+        f"--config={REPO / 'configs' / 'imagenet_resnet50.py'}",
+        "--config.crop_area_range=(0.25,1.0)",
+        "--config.crop_aspect_ratio_range=(0.5,2.0)",
+        "--config.crop_min_object_covered=0.5",
+    ]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", flag_values=values, sys_argv=argv)
+    values(argv)
+    c = values.config
+    assert tuple(c.crop_area_range) == (0.25, 1.0) and tuple(c.crop_aspect_ratio_range) == (0.5, 2.0)
+    assert c.crop_min_object_covered == 0.5
+    assert tuple(load("imagenet_resnet50").crop_area_range) == (0.08, 1.0)  # the Inception default
+
+
+def test_a_saved_run_config_reads_defaults_for_fields_it_predates():
+    from train.config import with_defaults
+
+    saved = {"dataset": "cifar10", "crop_padding": 4, "model": {"arch": "resnet50", "overrides": {}}}
+    c = with_defaults(saved)
+    assert c.dataset == "cifar10" and c.crop_padding == 4 and c.model.arch == "resnet50"
+    # A free dict is the run's own, not merged with default.py's (whose stage_sizes are (1, 1)).
+    assert dict(c.model.overrides) == {}
+    assert c.mesh_axis_types == "auto" and c.distributed.enabled is False  # not in the file
+    assert tuple(c.crop_area_range) == (0.08, 1.0)
