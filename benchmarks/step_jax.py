@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from benchmarks.step_common import LABEL_SMOOTHING, LEARNING_RATE, MOMENTUM, STARTED, WEIGHT_DECAY, Contender
 from benchmarks.step_flops import forward_macs_per_image, xla_flops
+from resnet_jax.sharding import DATA_AXIS, make_data_mesh
 from train import compile_cache, optim, steps
 
 
@@ -80,12 +81,12 @@ class JaxContender(Contender):
 
     def prepare(self) -> dict[str, Any]:
         args = self.args
-        mesh = steps.make_mesh()
+        mesh = make_data_mesh(explicit=False, process_ordered=True)
         if args.batch % mesh.size:
             raise SystemExit(f"--batch {args.batch} must divide by the {mesh.size} devices.")
         tx = make_optimizer()
         init_s = self._init_state(mesh, tx)
-        data = NamedSharding(mesh, P(steps.DATA_AXIS))
+        data = NamedSharding(mesh, P(DATA_AXIS))
         self.batch = synthetic_batch(args, data)
         compile_times, cache = self._compile(mesh, data, tx)
 
@@ -228,7 +229,7 @@ class NNXContender(Contender):
         from resnet_jax import sharding
 
         args = self.args
-        mesh = steps.make_mesh()
+        mesh = make_data_mesh(explicit=False, process_ordered=True)
         t = time.perf_counter()
         model = rnnx.from_linen(self.linen_model, rngs=nnx.Rngs(jax.random.key(args.seed, impl="rbg")))
         optimizer = nnx.Optimizer(model, make_optimizer(), wrt=nnx.Param)
@@ -236,7 +237,7 @@ class NNXContender(Contender):
         model.train()
         jax.block_until_ready(nnx.state(model))
         init_s = time.perf_counter() - t
-        self.batch = synthetic_batch(args, NamedSharding(mesh, P(steps.DATA_AXIS)))
+        self.batch = synthetic_batch(args, NamedSharding(mesh, P(DATA_AXIS)))
 
         self.call, desc = self._compiled_call(model, optimizer)
         t = time.perf_counter()

@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 import jax
+import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -34,6 +35,7 @@ def make_data_mesh(
     explicit: bool = True,
     devices: Optional[Sequence[jax.Device]] = None,
     axis_name: str = DATA_AXIS,
+    process_ordered: bool = False,
 ) -> Mesh:
     """A 1-D mesh ``(axis_name,)`` over ``devices`` (default: the first ``n_devices``, or all).
 
@@ -41,6 +43,11 @@ def make_data_mesh(
     ``jax.make_mesh``), ``False`` gives ``AxisType.Auto`` (the compiler propagates shardings, as a
     plain ``jax.sharding.Mesh``). The axis type is always passed, so the result is the same on
     every JAX version that has explicit sharding.
+
+    ``process_ordered=True`` orders the devices by (process, id) and keeps that order (no
+    topology reordering by ``jax.make_mesh``), so each host's devices hold one contiguous slice of
+    the global batch: what ``jax.make_array_from_process_local_data`` fills from each host's
+    local batch in multi-host training.
     """
     if devices is None:
         devices = jax.devices()
@@ -51,6 +58,9 @@ def make_data_mesh(
     elif n_devices is not None and n_devices != len(devices):
         raise ValueError(f"n_devices={n_devices} but {len(devices)} devices were given.")
     kind = AxisType.Explicit if explicit else AxisType.Auto
+    if process_ordered:
+        ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
+        return Mesh(np.array(ordered), (axis_name,), axis_types=(kind,))
     return jax.make_mesh((len(devices),), (axis_name,), axis_types=(kind,), devices=devices)
 
 

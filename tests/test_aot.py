@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import pytest
 
+from resnet_jax.sharding import make_data_mesh
 from train import aot, steps
 from train import platform as platform_lib
 
@@ -205,7 +206,7 @@ def test_forward_flops_match_xla_cpu_on_one_device(four_chips):
     # forward pass (bfloat16 on both; per image).
     compiler = aot.Compiler(tiny_config(), four_chips.slice)
     parts = compiler.parts(BATCH)
-    cpu_mesh = steps.make_mesh(jax.devices("cpu")[:1])
+    cpu_mesh = make_data_mesh(devices=jax.devices("cpu")[:1], explicit=False, process_ordered=True)
     args = aot.abstract_inputs(parts, cpu_mesh, compiler.info, compiler.image_dtype, 16, eval_batch=True)
     cpu = aot._cost(steps.jit_eval_step(parts.eval_step, cpu_mesh).lower(*args).compile())["flops"] / 16
     tpu = four_chips.eval.flops_per_device * 4 / BATCH

@@ -77,10 +77,20 @@ def run_parallel(out: str, steps_n: int = 5) -> None:
     import numpy as np
     import optax
 
+    from resnet_jax.sharding import make_data_mesh
     from train import steps
     from train.model import build_model
 
     assert jax.device_count() == 8, jax.devices()
+    # The training mesh (resnet_jax.sharding's factory): devices in (process, id) order whatever
+    # order they come in, auto axes by default; 'explicit' only when asked for.
+    shuffled = [jax.devices()[i] for i in (3, 0, 7, 1, 6, 2, 5, 4)]
+    mesh = steps.JitDriver(make_data_mesh(devices=shuffled, explicit=False, process_ordered=True)).mesh
+    assert [d.id for d in mesh.devices.flat] == sorted(d.id for d in jax.devices()), mesh.devices
+    assert steps.JitDriver().mesh.axis_types == (jax.sharding.AxisType.Auto,)
+    assert steps.make_driver("jit", mesh_axis_types="explicit").mesh.axis_types == (
+        jax.sharding.AxisType.Explicit,
+    )
     model_cfg = {
         "arch": "resnet_base",
         "overrides": {"n_blocks": (1, 1), "n_channels": (8, 16), "first_kernel_size": 3},
@@ -97,7 +107,11 @@ def run_parallel(out: str, steps_n: int = 5) -> None:
     for name, driver, axis in (
         ("jit", steps.JitDriver(), None),
         ("pmap", steps.PmapDriver(), steps.PMAP_AXIS),
-        ("single", steps.JitDriver(steps.make_mesh(jax.devices()[:1])), None),
+        (
+            "single",
+            steps.JitDriver(make_data_mesh(devices=jax.devices()[:1], explicit=False, process_ordered=True)),
+            None,
+        ),
         ("explicit", steps.make_driver("jit", mesh_axis_types="explicit"), None),
     ):
         model = build_model(model_cfg, 10, 3, axis_name=axis)

@@ -44,6 +44,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from resnet_jax.sharding import DATA_AXIS, make_data_mesh
 from train import input_pipeline, steps
 from train.build import Steps, build_steps
 from train.config import ConfigError, validate_config
@@ -444,7 +445,7 @@ def abstract_inputs(
     ``shardings=False`` drops them, which on an explicit-axes mesh silently compiles the whole
     global batch on every chip (the check in :func:`check_sharding` exists for this)."""
     replicated = NamedSharding(mesh, P()) if shardings else None
-    data = NamedSharding(mesh, P(steps.DATA_AXIS)) if shardings else None
+    data = NamedSharding(mesh, P(DATA_AXIS)) if shardings else None
     state = jax.eval_shape(parts.create_state)
     state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
     batch = {
@@ -582,7 +583,7 @@ class Compiler:
         self.devices = list(devices) if devices is not None else topology_devices(slice_)
         self.info, self.image_dtype = dataset_info(config)
         self.explicit = config.mesh_axis_types == "explicit"
-        self.mesh = steps.make_mesh(self.devices, explicit=self.explicit)
+        self.mesh = make_data_mesh(devices=self.devices, explicit=self.explicit, process_ordered=True)
 
     @property
     def num_devices(self) -> int:
@@ -608,7 +609,9 @@ class Compiler:
 
     def auto_flops(self, global_batch: int) -> float:
         """Per-device FLOPs of the same train step on an auto-axes mesh (the reference)."""
-        report, _ = self.train(global_batch, mesh=steps.make_mesh(self.devices, explicit=False))
+        report, _ = self.train(
+            global_batch, mesh=make_data_mesh(devices=self.devices, explicit=False, process_ordered=True)
+        )
         return report.flops_per_device
 
     def fits(self, report: StepReport) -> bool:

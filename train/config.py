@@ -81,17 +81,10 @@ def validate_config(
 ) -> None:
     """Raise ``ConfigError`` for settings that cannot work on ``device_count`` devices."""
     _choice(config, "parallelism", ("jit", "pmap"))
-    axis_types = config.mesh_axis_types
-    if axis_types not in steps.MESH_AXIS_TYPES:
-        raise ConfigError(
-            f"config.mesh_axis_types={axis_types!r} is not valid; "
-            f"choose one of: {', '.join(steps.MESH_AXIS_TYPES)}."
-        )
-    if axis_types == "explicit" and config.parallelism != "jit":
-        raise ConfigError(
-            "config.mesh_axis_types='explicit' needs config.parallelism='jit': pmap has no mesh. "
-            "Set --config.parallelism=jit, or leave mesh_axis_types at 'auto'."
-        )
+    try:
+        steps.check_mesh_axis_types(config.mesh_axis_types, config.parallelism)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     _choice(config, "optimizer", optim.OPTIMIZERS)
     _choice(config, "lr_schedule", optim.SCHEDULES)
     _choice(config, "dtype", ("auto", *DTYPES))

@@ -7,10 +7,11 @@ function:
 * ``jit_train_step(train_step, mesh)``: ``jax.jit`` over a 1-D ``Mesh`` whose axis is ``'data'``.
   The batch is sharded along ``'data'``, the state is replicated and donated. XLA inserts the
   gradient all-reduce and makes BatchNorm statistics global, so the model is built with
-  ``axis_name=None``. Runs unchanged on one host or many (multi-controller JAX). The mesh axis
-  is ``Auto`` (the compiler propagates shardings) or ``Explicit`` (``make_mesh(explicit=True)``:
-  shardings are part of the array types, JAX 0.10+'s default for ``jax.make_mesh``; parameters
-  replicated, gradients reduced over ``'data'`` as JAX's "Autodiff and sharding" guide has it).
+  ``axis_name=None``. Runs unchanged on one host or many (multi-controller JAX). The mesh comes
+  from ``resnet_jax.sharding.make_data_mesh(..., process_ordered=True)``; its axis is ``Auto``
+  (the compiler propagates shardings) or ``Explicit`` (shardings are part of the array types,
+  JAX 0.10+'s default for ``jax.make_mesh``; parameters replicated, gradients reduced over
+  ``'data'`` as JAX's "Autodiff and sharding" guide has it).
 * ``pmap_train_step(train_step)``: ``jax.pmap`` over the local devices with axis ``'batch'``
   (``PMAP_AXIS``). Build the step with ``make_train_step(..., axis_name=PMAP_AXIS)`` and the model
   with ``axis_name=PMAP_AXIS`` so gradients, metrics and BatchNorm statistics are averaged.
@@ -21,7 +22,7 @@ Public API (stable; also used by benchmark scripts)::
     train_step = make_train_step(model, tx, label_smoothing=0.1, axis_name=None, lr_schedule=f,
                                  input_stats=(mean, std))
     eval_step = make_eval_step(model, axis_name=None, input_stats=(mean, std))
-    mesh = make_mesh(explicit=False)                    # all devices, axis 'data'
+    mesh = make_data_mesh(explicit=False, process_ordered=True)  # all devices, axis 'data'
     step = jit_train_step(train_step, mesh)             # or pmap_train_step(train_step)
     driver = JitDriver(mesh) / PmapDriver()             # placement of state and batches
     state = driver.place_state(state); batch = driver.place_batch(host_batch)
@@ -50,17 +51,16 @@ import numpy as np
 import optax
 from flax import linen as nn
 from flax.training.dynamic_scale import DynamicScale
-from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from resnet_jax.sharding import is_explicit
+from resnet_jax.sharding import DATA_AXIS, is_explicit, make_data_mesh
 
 PyTree = Any
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
 StepFn = Callable[["TrainState", Batch], tuple["TrainState", Metrics]]
 
-DATA_AXIS = "data"
 PMAP_AXIS = "batch"
 
 
@@ -278,18 +278,19 @@ def summarize_eval(sums: Mapping[str, float]) -> dict[str, float]:
 MESH_AXIS_TYPES = ("auto", "explicit")
 
 
-def make_mesh(devices: Sequence[jax.Device] | None = None, *, explicit: bool = False) -> Mesh:
-    """A 1-D mesh with axis ``'data'`` over ``devices`` (default: all devices of all hosts).
-
-    Devices are ordered by (process, id) so each host's devices hold a contiguous slice of the
-    global batch, which is what ``make_array_from_process_local_data`` fills from local data.
-    ``explicit`` gives the axis ``AxisType.Explicit`` (sharding in types), else ``Auto``; the
-    type is always given, so the mesh is the same whatever JAX's default.
-    """
-    devices = jax.devices() if devices is None else list(devices)
-    devices = sorted(devices, key=lambda d: (d.process_index, d.id))
-    kind = AxisType.Explicit if explicit else AxisType.Auto
-    return Mesh(np.array(devices), (DATA_AXIS,), axis_types=(kind,))
+def check_mesh_axis_types(mesh_axis_types: str, parallelism: str) -> None:
+    """Raise ``ValueError`` (one sentence naming the fix) unless ``config.mesh_axis_types`` is
+    ``'auto'`` or ``'explicit'``, and ``'explicit'`` only with ``parallelism='jit'``."""
+    if mesh_axis_types not in MESH_AXIS_TYPES:
+        raise ValueError(
+            f"config.mesh_axis_types={mesh_axis_types!r} is not valid; "
+            f"choose one of: {', '.join(MESH_AXIS_TYPES)}."
+        )
+    if mesh_axis_types == "explicit" and parallelism != "jit":
+        raise ValueError(
+            "config.mesh_axis_types='explicit' needs config.parallelism='jit': pmap has no mesh. "
+            "Set --config.parallelism=jit, or leave mesh_axis_types at 'auto'."
+        )
 
 
 class _UnderMesh:
@@ -366,7 +367,7 @@ class JitDriver:
     parallelism = "jit"
 
     def __init__(self, mesh: Mesh | None = None):
-        self.mesh = make_mesh() if mesh is None else mesh
+        self.mesh = make_data_mesh(explicit=False, process_ordered=True) if mesh is None else mesh
         self.replicated = NamedSharding(self.mesh, P())
         self.data = NamedSharding(self.mesh, P(DATA_AXIS))
 
@@ -474,12 +475,11 @@ def make_driver(
 ) -> JitDriver | PmapDriver:
     """``'jit'`` -> ``JitDriver`` (over ``mesh``, default all devices with ``mesh_axis_types``
     ``'auto'`` or ``'explicit'``), ``'pmap'`` -> ``PmapDriver``."""
-    if mesh_axis_types not in MESH_AXIS_TYPES:
-        raise ValueError(f"mesh_axis_types must be 'auto' or 'explicit'; got {mesh_axis_types!r}.")
+    check_mesh_axis_types(mesh_axis_types, parallelism)
     if parallelism == "jit":
-        return JitDriver(mesh if mesh is not None else make_mesh(explicit=mesh_axis_types == "explicit"))
+        if mesh is None:
+            mesh = make_data_mesh(explicit=mesh_axis_types == "explicit", process_ordered=True)
+        return JitDriver(mesh)
     if parallelism == "pmap":
-        if mesh_axis_types != "auto":
-            raise ValueError("mesh_axis_types='explicit' needs parallelism='jit' (pmap has no mesh).")
         return PmapDriver()
     raise ValueError(f"parallelism must be 'jit' or 'pmap'; got {parallelism!r}.")
