@@ -14,6 +14,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from train import optim, steps
+from train.config import default_config
 from train.model import build_model
 
 TINY = {
@@ -128,12 +129,9 @@ def test_uint8_batches_are_normalised_on_device_like_host_normalised_floats(tiny
 
 def test_nesterov_with_masked_weight_decay_matches_formula(tiny):
     model, state = tiny
-    cfg = {"optimizer": "sgd", "momentum": 0.9, "nesterov": True, "weight_decay": 0.01}
-
-    class C(dict):
-        __getattr__ = dict.get
-
-    tx = optim.create_optimizer(C(cfg), optax.constant_schedule(0.1))
+    cfg = default_config()  # every field train/ reads, then this test's optimizer
+    cfg.update(optimizer="sgd", momentum=0.9, nesterov=True, weight_decay=0.01)
+    tx = optim.create_optimizer(cfg, optax.constant_schedule(0.1))
     state = state.replace(opt_state=tx.init(state.params))
     train_step = jax.jit(steps.make_train_step(model, tx))
     b1, b2 = _batch(seed=3), _batch(seed=4)

@@ -89,8 +89,8 @@ def build_model(
 ) -> nn.Module:
     """The classifier for ``model_config`` (``arch``, ``overrides``); parameters stay float32
     (float64 when ``dtype`` is float64)."""
-    arch = model_config.arch
-    overrides = _tuples(dict(model_config.overrides or {}))
+    arch = model_config["arch"]  # config.model, or a dict with its two fields
+    overrides = _tuples(dict(model_config["overrides"] or {}))
     common = {"img_channels": img_channels, "dtype": dtype, "axis_name": axis_name}
     if dtype == jnp.float64:
         common["param_dtype"] = jnp.float64
