@@ -99,6 +99,7 @@ def write_jpegs(directory: str, count: int, seed: int = 0, quality: int = 90) ->
 def training_preprocess_fn(image_size: int, channels: int = 3) -> Callable[[Any, Any], Any]:
     """``fn(encoded_jpeg, seed[2]) -> uint8 [size, size, C]``: the training program's own code."""
     from train import input_pipeline as ip
+    from train.config import default_config
 
     info = ip.DatasetInfo(
         name="jpeg-benchmark",
@@ -110,7 +111,8 @@ def training_preprocess_fn(image_size: int, channels: int = 3) -> Callable[[Any,
         mean=ip.IMAGENET_MEAN,
         std=ip.IMAGENET_STD,
     )
-    config = {"train_augment": "inception_crop", "random_flip": True}
+    config = default_config()
+    config.update(train_augment="inception_crop", random_flip=True)
     return lambda image, seed: ip.preprocess_train_image(image, seed, info, config, jpeg=True, encoded=True)
 
 
