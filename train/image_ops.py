@@ -38,8 +38,7 @@ _TRANSPOSED = (5, 6, 7, 8)
 
 def open_image(file: Any) -> Image.Image:
     """The image in ``file`` (a path or binary file object), not yet decoded."""
-    image = Image.open(file)
-    return image
+    return Image.open(file)
 
 
 def upright_size(image: Image.Image) -> tuple[int, int]:

@@ -22,14 +22,13 @@ import json
 import math
 import re
 import socket
-import struct
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
-from train import paths
+from train import paths, tb_events
 
 METRICS_FILE = "metrics.jsonl"
 METRICS_PARTS_DIR = "metrics"  # gs:// workdirs: metrics/part-NNNNNN.jsonl
@@ -89,7 +88,7 @@ class MetricWriter:
         if self.remote:
             self._next_part = 1 + max((n for n, _ in _parts(self.workdir)), default=-1)
         elif tensorboard:
-            self._tb = _tensorboard_writer(paths.join(self.workdir, TENSORBOARD_DIR))
+            self._tb = tb_events.scalar_writer(paths.join(self.workdir, TENSORBOARD_DIR))
 
     def truncate_after(self, step: int) -> None:
         """Drop records past ``step`` (left by a run that stopped after its last checkpoint)."""
@@ -145,7 +144,9 @@ class MetricWriter:
             events = paths.Path(self.workdir) / TENSORBOARD_DIR
             events.mkdir(parents=True, exist_ok=True)
             file = f"events.out.tfevents.{int(pending[0][0]):010d}.{socket.gethostname()}.{name}"
-            (events / file).write_bytes(_event_file([(t, r["step"], _scalars(r)) for t, r in pending]))
+            (events / file).write_bytes(
+                tb_events.event_file([(t, r["step"], _scalars(r)) for t, r in pending])
+            )
 
     def close(self) -> None:
         self.flush()
@@ -165,136 +166,6 @@ def _parts(workdir: str) -> list[tuple[int, Any]]:
 
 def _read_jsonl(text: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
-def _event_file(events: list[tuple[float, int, dict[str, float]]]) -> bytes:
-    """A TensorBoard events file (TFRecord framing) holding scalar summaries."""
-    from tensorflow.core.framework import summary_pb2, tensor_pb2, types_pb2
-    from tensorflow.core.util import event_pb2
-
-    metadata = summary_pb2.SummaryMetadata(
-        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")
-    )
-    out = io.BytesIO()
-
-    def record(event: Any) -> None:
-        data = event.SerializeToString()
-        header = struct.pack("<Q", len(data))
-        out.write(header + struct.pack("<I", _masked_crc32c(header)))
-        out.write(data + struct.pack("<I", _masked_crc32c(data)))
-
-    record(event_pb2.Event(wall_time=events[0][0], file_version="brain.Event:2"))
-    for wall, step, scalars in events:
-        values = [
-            summary_pb2.Summary.Value(
-                tag=tag,
-                metadata=metadata,
-                tensor=tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, float_val=[value]),
-            )
-            for tag, value in scalars.items()
-        ]
-        record(event_pb2.Event(wall_time=wall, step=step, summary=summary_pb2.Summary(value=values)))
-    return out.getvalue()
-
-
-def _crc32c_table() -> list[int]:
-    table = []
-    for i in range(256):
-        crc = i
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
-        table.append(crc)
-    return table
-
-
-_CRC32C = _crc32c_table()
-
-
-def _masked_crc32c(data: bytes) -> int:
-    """TFRecord's checksum: CRC-32C (Castagnoli), rotated and offset."""
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc = _CRC32C[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    crc ^= 0xFFFFFFFF
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _tensorboard_writer(logdir: str):
-    """A ``write(step, {tag: value})`` function for TensorBoard scalars (``step=None`` closes).
-
-    Uses TensorFlow's summary writer where TensorFlow is installed (the TFDS pipelines need it
-    anyway), else the ``tensorboard`` package's own event writer (GPU images often ship
-    TensorBoard without TensorFlow). With neither, says so once and writes ``metrics.jsonl`` only.
-    A run that has not imported TensorFlow (image folders via Grain) writes the events itself
-    (``train.tb_events``): importing TensorFlow only for its writer costs seconds and memory.
-    """
-    import sys
-
-    if "tensorflow" not in sys.modules:
-        from train.tb_events import scalar_writer
-
-        return scalar_writer(logdir)
-    try:
-        import tensorflow as tf
-        from tensorflow.core.framework import summary_pb2
-
-        tf.config.set_visible_devices([], "GPU")
-        # tf.summary.scalar needs the tensorboard package; the generic tf.summary.write with the
-        # scalars plugin's metadata produces the same events without it.
-        metadata = summary_pb2.SummaryMetadata(
-            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")
-        )
-        tf_writer = tf.summary.create_file_writer(logdir)
-
-        def write_tf(step, scalars):
-            if step is None:
-                tf_writer.close()
-                return
-            with tf_writer.as_default():
-                for tag, value in scalars.items():
-                    tf.summary.write(tag, tf.constant(value, tf.float32), step=step, metadata=metadata)
-            tf_writer.flush()
-
-        return write_tf
-    except ImportError:
-        pass
-    try:
-        import time
-
-        from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, types_pb2
-        from tensorboard.summary.writer.event_file_writer import EventFileWriter
-    except ImportError:
-        import warnings
-
-        warnings.warn(
-            "TensorBoard logs are off: neither tensorflow nor tensorboard is installed "
-            "(pip install tensorboard); metrics.jsonl is written as usual.",
-            stacklevel=3,
-        )
-        return None
-    events = EventFileWriter(logdir)
-    metadata = summary_pb2.SummaryMetadata(
-        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")
-    )
-
-    def write_tb(step, scalars):
-        if step is None:
-            events.close()
-            return
-        values = [
-            summary_pb2.Summary.Value(
-                tag=tag,
-                metadata=metadata,
-                tensor=tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, float_val=[value]),
-            )
-            for tag, value in scalars.items()
-        ]
-        events.add_event(
-            event_pb2.Event(wall_time=time.time(), step=step, summary=summary_pb2.Summary(value=values))
-        )
-        events.flush()
-
-    return write_tb
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:

@@ -1,10 +1,10 @@
 """TensorBoard scalar events written without TensorFlow or the tensorboard package.
 
-Runs that never import TensorFlow (image folders read by Grain, hosts without TensorFlow) still
-get ``WORKDIR/tensorboard/events.out.tfevents.*``. An event file is a TFRecord file of
-``Event`` protocol buffers; the few fields a scalar needs are encoded here by hand, as the
-TensorFlow writer encodes them (a float tensor with the ``scalars`` plugin's metadata), so
-TensorBoard and ``tf.compat.v1.train.summary_iterator`` read them alike.
+Every run writes its ``WORKDIR/tensorboard/events.out.tfevents.*`` this way, local or ``gs://``,
+with or without TensorFlow installed (image folders read by Grain never import it). An event
+file is a TFRecord file of ``Event`` protocol buffers; the few fields a scalar needs are encoded
+here by hand, as the TensorFlow writer encodes them (a float tensor with the ``scalars`` plugin's
+metadata), so TensorBoard and ``tf.compat.v1.train.summary_iterator`` read them alike.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import socket
 import struct
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from etils import epath
 
@@ -86,6 +86,21 @@ def _record(data: bytes) -> bytes:
     return header + struct.pack("<I", _masked_crc(header)) + data + struct.pack("<I", _masked_crc(data))
 
 
+def _summary(scalars: Mapping[str, float]) -> bytes:
+    return b"".join(_bytes(1, _scalar_value(tag, float(v))) for tag, v in scalars.items())
+
+
+def _header(wall_time: float) -> bytes:
+    return _record(_event(0, wall_time, file_version="brain.Event:2"))
+
+
+def event_file(events: Sequence[tuple[float, int, Mapping[str, float]]]) -> bytes:
+    """A whole event file of ``(wall_time, step, {tag: value})`` events: for storage that cannot
+    append (a ``gs://`` workdir writes one file per metrics segment)."""
+    body = b"".join(_record(_event(int(step), wall, _summary(s))) for wall, step, s in events)
+    return _header(events[0][0]) + body
+
+
 def scalar_writer(logdir: str) -> Callable[[int | None, Mapping[str, float]], None]:
     """``write(step, {tag: value})`` appending to a new event file in ``logdir``; ``step=None``
     closes it."""
@@ -94,15 +109,14 @@ def scalar_writer(logdir: str) -> Callable[[int | None, Mapping[str, float]], No
     now = time.time()
     name = f"events.out.tfevents.{int(now)}.{socket.gethostname()}.notf"
     f = (directory / name).open("wb")
-    f.write(_record(_event(0, now, file_version="brain.Event:2")))
+    f.write(_header(now))
     f.flush()
 
     def write(step, scalars):
         if step is None:
             f.close()
             return
-        summary = b"".join(_bytes(1, _scalar_value(tag, float(v))) for tag, v in scalars.items())
-        f.write(_record(_event(int(step), time.time(), summary)))
+        f.write(_record(_event(int(step), time.time(), _summary(scalars))))
         f.flush()
 
     return write
