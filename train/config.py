@@ -1,4 +1,5 @@
-"""Config checks that fail fast with one clear sentence instead of a traceback deep in JAX."""
+"""The config's defaults (``configs/default.py``, the one place they live), and the checks that
+fail fast with one clear sentence instead of a traceback deep in JAX."""
 
 from __future__ import annotations
 
@@ -29,13 +30,8 @@ def with_defaults(saved: dict) -> Any:
 
     def merge(defaults: Any, values: dict) -> None:
         for key, value in values.items():
-            current = defaults.get(key) if key in defaults else None
-            if (
-                isinstance(value, dict)
-                and current is not None
-                and hasattr(current, "is_type_safe")
-                and current.is_type_safe
-            ):
+            current = defaults[key] if key in defaults else None
+            if isinstance(value, dict) and getattr(current, "is_type_safe", False):
                 merge(current, value)
             else:
                 with defaults.ignore_type():
