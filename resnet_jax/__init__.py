@@ -12,6 +12,7 @@ from resnet_jax.blocks import (
     BottleneckResidualBlock,
     ResidualBlock,
     ShortcutProjection,
+    SqueezeExcite,
 )
 from resnet_jax.models import (
     PRESETS,
@@ -37,6 +38,10 @@ from resnet_jax.models import (
     resnext50_32x4d,
     resnext101_32x8d,
     resnext101_64x4d,
+    seresnet50,
+    seresnext26d_32x4d,
+    seresnext50_32x4d,
+    seresnext101_32x8d,
     wide_resnet50_2,
     wide_resnet101_2,
 )
@@ -59,6 +64,7 @@ __all__ = [
     "ResNetBase",
     "ResidualBlock",
     "ShortcutProjection",
+    "SqueezeExcite",
     "get_model",
     "nnx",
     "resnet18",
@@ -79,6 +85,10 @@ __all__ = [
     "resnext50_32x4d",
     "resnext101_32x8d",
     "resnext101_64x4d",
+    "seresnet50",
+    "seresnext26d_32x4d",
+    "seresnext50_32x4d",
+    "seresnext101_32x8d",
     "sharding",
     "wide_resnet50_2",
     "wide_resnet101_2",

@@ -27,6 +27,7 @@ __all__ = [
     "BottleneckResidualBlock",
     "ResidualBlock",
     "ShortcutProjection",
+    "SqueezeExcite",
     "default_conv",
     "kaiming_normal_fan_out",
     "torch_padding",
@@ -134,6 +135,20 @@ class ShortcutProjection(nn.Module):
         return conv_bn(self.conv, self.norm, spec, train)(x)
 
 
+class SqueezeExcite(nn.Module):
+    """timm's ``SEModule`` (``fc1``, ``fc2``: 1x1 convs with biases); see ``core.squeeze_excite``."""
+
+    conv: ModuleDef = default_conv()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        channels = x.shape[-1]
+        reduced = core.se_channels(channels)
+        fc1 = self.conv(reduced, (1, 1), name="fc1", **core.se_conv_args(channels))
+        fc2 = self.conv(channels, (1, 1), name="fc2", **core.se_conv_args(reduced))
+        return core.squeeze_excite(x, fc1, fc2)
+
+
 class _Block(nn.Module):
     """Shared shortcut and forward of the two residual blocks; ``branch`` names their layers."""
 
@@ -145,7 +160,8 @@ class _Block(nn.Module):
         in_channels = x.shape[-1]
         zero_init = self.zero_init_residual
         layers = [conv_bn(self.conv, self.norm, s, train, zero_init) for s in self.branch(in_channels)]
-        return core.residual_forward(x, layers, self._shortcut(in_channels, train), self.act)
+        attn = SqueezeExcite(self.conv, name="se") if self.attn_layer == "se" else None
+        return core.residual_forward(x, layers, self._shortcut(in_channels, train), self.act, attn)
 
     def _shortcut(self, in_channels: int, train: bool):
         if not core.needs_projection(in_channels, self.out_channels, self.stride):
@@ -180,6 +196,7 @@ class ResidualBlock(_Block):
     zero_init_residual: bool = False
     shortcut_names: Sequence[Optional[str]] = ("shortcut", "conv", "bn")
     avg_down: bool = False
+    attn_layer: str = ""  # 'se': squeeze-and-excitation after the last BatchNorm (timm's `se`)
 
     def branch(self, in_channels: int) -> tuple[core.ConvSpec, ...]:
         return core.residual_branch(in_channels, self.out_channels, self.stride)
@@ -203,6 +220,7 @@ class BottleneckResidualBlock(_Block):
     zero_init_residual: bool = False
     shortcut_names: Sequence[Optional[str]] = ("shortcut", "conv", "bn")
     avg_down: bool = False
+    attn_layer: str = ""  # 'se': squeeze-and-excitation after the last BatchNorm (timm's `se`)
 
     def branch(self, in_channels: int) -> tuple[core.ConvSpec, ...]:
         return core.residual_branch(

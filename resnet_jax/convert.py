@@ -126,9 +126,10 @@ def infer_model(state_dict: Mapping[str, Any]) -> Union[ResNet, ResNetBase]:
     """Build the Flax model a state_dict belongs to: torchvision's or timm's ResNet layout, or the
     seed's ResNetBase.
 
-    timm's deep and tiered stems (``conv1.0``...) and average-pool shortcuts (``downsample.1``
-    being a conv) are recognised from the keys. For the seed's ResNetBase, stages start at block 0
-    and at each block with a projection shortcut. Strides show in its weights only in one place:
+    timm's deep and tiered stems (``conv1.0``...), average-pool shortcuts (``downsample.1``
+    being a conv) and squeeze-and-excitation (``layer1.0.se.fc1``) are recognised from the keys.
+    For the seed's ResNetBase, stages start at block 0 and at each block with a projection
+    shortcut. Strides show in its weights only in one place:
     a block that projects its shortcut although its channel count does not change must be
     strided (the annotated labml ResNet strides its very first block, so block 0 has a
     projection). Where the channel count changes the stride cannot be known from the weights;
@@ -171,6 +172,7 @@ def infer_model(state_dict: Mapping[str, Any]) -> Union[ResNet, ResNetBase]:
         # timm's average-pool shortcut is (pool, conv, bn): its downsample.1 is a 4-d conv weight.
         avg_shortcut = re.compile(r"layer\d+\.\d+\.downsample\.1\.weight")
         fields["avg_down"] = any(avg_shortcut.fullmatch(k) and len(s) == 4 for k, s in shapes.items())
+        fields["attn_layer"] = "se" if "layer1.0.se.fc1.weight" in shapes else ""
         fields["num_classes"] = shapes["fc.weight"][0] if "fc.weight" in shapes else None
         return ResNet(**fields)
     if "conv.weight" in shapes and "blocks.0.conv1.weight" in shapes:
@@ -311,7 +313,16 @@ def torch_to_flax(
 
 
 # The fields that define a ResNet's weights (not its numerics or head).
-_ARCH_FIELDS = ("stage_sizes", "block", "groups", "width_per_group", "stem_type", "stem_width", "avg_down")
+_ARCH_FIELDS = (
+    "stage_sizes",
+    "block",
+    "groups",
+    "width_per_group",
+    "stem_type",
+    "stem_width",
+    "avg_down",
+    "attn_layer",
+)
 
 
 def _describe(model: Any) -> str:

@@ -77,6 +77,11 @@ def linear_args(fan_in: int) -> dict[str, Any]:
     )
 
 
+def se_conv_args(fan_in: int) -> dict[str, Any]:
+    """Conv arguments of a squeeze-and-excitation ``fc``: a bias, initialised as PyTorch's."""
+    return dict(use_bias=True, bias_init=torch_linear_bias_init(fan_in))
+
+
 def check_images(x: Array, img_channels: int, model: str) -> None:
     """Raise a ValueError that says how to fix a batch that is not NHWC with ``img_channels``."""
     if x.ndim != 4:
@@ -199,6 +204,28 @@ class BlockSpec:
     stride: int
     bottleneck_channels: Optional[int] = None  # None: basic block
     groups: int = 1
+    attn_layer: str = ""
+
+
+# Attention after a branch's last BatchNorm, as timm's ``attn_layer``: none, or squeeze-and-excitation.
+ATTN_LAYERS = ("", "se")
+
+
+def se_channels(channels: int, rd_ratio: float = 1.0 / 16, divisor: int = 8) -> int:
+    """Width of the squeeze-and-excitation bottleneck of ``channels``: timm's ``SEModule``
+    default, ``make_divisible(channels * rd_ratio, divisor, round_limit=0)``, i.e. rounded to the
+    nearest multiple of ``divisor`` (halves up), and at least ``divisor``."""
+    return max(divisor, int(channels * rd_ratio + divisor / 2) // divisor * divisor)
+
+
+def squeeze_excite(x: Array, fc1: Layer, fc2: Layer) -> Array:
+    """``x * sigmoid(fc2(relu(fc1(mean(x)))))``: each channel rescaled by a gate computed from
+    the whole image (Hu et al., "Squeeze-and-Excitation Networks"), which lets a block weigh its
+    channels by global context that its 3x3 convolutions cannot see. ``fc1``/``fc2`` are 1x1
+    convolutions with biases on the ``[batch, 1, 1, channels]`` mean, as timm's ``SEModule``."""
+    s = jnp.mean(x.astype(jnp.promote_types(x.dtype, jnp.float32)), axis=(1, 2), keepdims=True)
+    s = fc2(jax.nn.relu(fc1(s.astype(x.dtype))))
+    return x * jax.nn.sigmoid(s)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,10 +291,20 @@ def resnet_stem(
 
 
 def resnet_plan(
-    stage_sizes: Sequence[int], block: str, groups: int, width_per_group: int, in_channels: int = 64
+    stage_sizes: Sequence[int],
+    block: str,
+    groups: int,
+    width_per_group: int,
+    in_channels: int = 64,
+    attn_layer: str = "",
 ) -> Stages:
     """torchvision's ResNet/ResNeXt/Wide ResNet stages: ``layerN`` of blocks ``layerN_j``;
-    ``in_channels`` is the stem's output (64, or ``2 * stem_width`` for a deep stem)."""
+    ``in_channels`` is the stem's output (64, or ``2 * stem_width`` for a deep stem);
+    ``attn_layer='se'`` gives every block timm's squeeze-and-excitation (SE-ResNet, SE-ResNeXt)."""
+    if attn_layer not in ATTN_LAYERS:
+        raise ValueError(
+            f"attn_layer must be '' or 'se' (timm's squeeze-and-excitation); got {attn_layer!r}."
+        )
     if block not in ("basic", "bottleneck"):
         raise ValueError(f"block must be 'basic' or 'bottleneck'; got {block!r}.")
     if block == "basic" and (groups != 1 or width_per_group != 64):
@@ -279,10 +316,10 @@ def resnet_plan(
         for j in range(n):
             stride = 2 if (i > 0 and j == 0) else 1
             if block == "basic":
-                spec = BlockSpec(f"layer{i + 1}_{j}", channels, planes, stride)
+                spec = BlockSpec(f"layer{i + 1}_{j}", channels, planes, stride, attn_layer=attn_layer)
             else:
                 width = int(planes * (width_per_group / 64.0)) * groups
-                spec = BlockSpec(f"layer{i + 1}_{j}", channels, planes * 4, stride, width, groups)
+                spec = BlockSpec(f"layer{i + 1}_{j}", channels, planes * 4, stride, width, groups, attn_layer)
             blocks.append(spec)
             channels = spec.out_channels
         stages.append((f"layer{i + 1}", tuple(blocks)))
@@ -377,18 +414,26 @@ def channel_padded_conv(pad_to: int) -> Callable[..., Array]:
     return conv
 
 
-def residual_forward(x: Array, branch: Sequence[Layer], shortcut: Optional[Layer], act: Callable) -> Array:
-    """``act(F(x) + shortcut(x))`` with ``F`` the branch's conv+BN layers, ``act`` between them.
+def residual_forward(
+    x: Array,
+    branch: Sequence[Layer],
+    shortcut: Optional[Layer],
+    act: Callable,
+    attn: Optional[Layer] = None,
+) -> Array:
+    """``act(attn(F(x)) + shortcut(x))`` with ``F`` the branch's conv+BN layers, ``act`` between them.
 
     Learning the residual ``F(x) = H(x) - x`` instead of ``H(x)`` makes an identity mapping the
     easy default, which is what lets very deep stacks train at all (the degradation problem).
-    ``shortcut=None`` is the identity.
+    ``shortcut=None`` is the identity, ``attn=None`` none (timm applies SE after the last BN).
     """
     y = x
     for i, layer in enumerate(branch):
         y = layer(y)
         if i < len(branch) - 1:
             y = act(y)
+    if attn is not None:
+        y = attn(y)
     return act(y + (x if shortcut is None else shortcut(x)))
 
 

@@ -55,7 +55,8 @@ def _features(
     feats = {"stem": x}
     for key, blocks in stages:
         for b in blocks:
-            common = dict(stride=b.stride, conv=conv, norm=norm, name=b.name, **block_fields)
+            common = dict(stride=b.stride, conv=conv, norm=norm, name=b.name, attn_layer=b.attn_layer)
+            common.update(block_fields)
             if b.bottleneck_channels is None:
                 block = ResidualBlock(b.out_channels, **common)
             else:
@@ -130,6 +131,8 @@ class ResNet(nn.Module):
     average pool followed by a stride-1 1x1 conv (``downsample.1``/``.2``). Deep stem plus
     ``avg_down`` is ResNet-D ("Bag of Tricks", He et al. 2019): strided 1x1 convs discard three
     quarters of their input, and a 7x7 conv costs as much as three 3x3 ones.
+    ``attn_layer='se'`` adds timm's squeeze-and-excitation to every block (``layerN_M/se/fc1``,
+    ``fc2``; see ``core.squeeze_excite``): SE-ResNet and SE-ResNeXt.
 
     Speed options that leave every value unchanged (up to float32 rounding): ``bn_variance``
     (``'two_pass'``, the default, or the faster one-pass ``'shifted'``; see :class:`BatchNorm`),
@@ -149,6 +152,7 @@ class ResNet(nn.Module):
     stem_type: str = ""
     stem_width: int = 64
     avg_down: bool = False
+    attn_layer: str = ""
     zero_init_residual: bool = False
     momentum: float = 0.9
     epsilon: float = 1e-5
@@ -176,7 +180,12 @@ class ResNet(nn.Module):
             self.img_channels, self.small_stem, self.stem_type, self.stem_width, self.stem_pad_channels
         )
         stages = core.resnet_plan(
-            self.stage_sizes, self.block, self.groups, self.width_per_group, stem.out_channels
+            self.stage_sizes,
+            self.block,
+            self.groups,
+            self.width_per_group,
+            stem.out_channels,
+            self.attn_layer,
         )
         check_images(x, self.img_channels, "ResNet")
         conv = default_conv(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -233,7 +242,7 @@ _T = dict(stem_type="deep_tiered", stem_width=32, avg_down=True)
 
 # name -> ResNet fields. Architectures as torchvision.models; resnet200 as in He et al. 2016
 # ("Identity Mappings in Deep Residual Networks"), which torchvision does not ship; the -D and
-# -T variants as timm.models.resnet (timm names them the same).
+# -T variants and the SE (squeeze-and-excitation) ones as timm.models.resnet (timm names them the same).
 PRESETS: Mapping[str, Mapping[str, Any]] = {
     "resnet18": dict(stage_sizes=(2, 2, 2, 2), block="basic"),
     "resnet34": dict(stage_sizes=(3, 4, 6, 3), block="basic"),
@@ -255,9 +264,13 @@ PRESETS: Mapping[str, Mapping[str, Any]] = {
     "resnet200d": dict(stage_sizes=(3, 24, 36, 3), **_D),
     "resnet26t": dict(stage_sizes=(2, 2, 2, 2), **_T),
     "resnet50t": dict(stage_sizes=(3, 4, 6, 3), **_T),
+    "seresnet50": dict(stage_sizes=(3, 4, 6, 3), attn_layer="se"),
+    "seresnext50_32x4d": dict(stage_sizes=(3, 4, 6, 3), groups=32, width_per_group=4, attn_layer="se"),
+    "seresnext101_32x8d": dict(stage_sizes=(3, 4, 23, 3), groups=32, width_per_group=8, attn_layer="se"),
+    "seresnext26d_32x4d": dict(stage_sizes=(2, 2, 2, 2), groups=32, width_per_group=4, attn_layer="se", **_D),
 }
 # The presets whose architecture torchvision ships (the others come from timm).
-TORCHVISION_ARCHS = tuple(a for a, f in PRESETS.items() if "stem_type" not in f)
+TORCHVISION_ARCHS = tuple(a for a, f in PRESETS.items() if "stem_type" not in f and "attn_layer" not in f)
 
 
 def get_model(arch: str, num_classes: Optional[int] = 1000, **overrides: Any) -> ResNet:
@@ -301,3 +314,7 @@ resnet152d = _make_preset("resnet152d")
 resnet200d = _make_preset("resnet200d")
 resnet26t = _make_preset("resnet26t")
 resnet50t = _make_preset("resnet50t")
+seresnet50 = _make_preset("seresnet50")
+seresnext50_32x4d = _make_preset("seresnext50_32x4d")
+seresnext101_32x8d = _make_preset("seresnext101_32x8d")
+seresnext26d_32x4d = _make_preset("seresnext26d_32x4d")

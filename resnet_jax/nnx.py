@@ -195,20 +195,36 @@ class ShortcutProjection(nnx.Module):
         return _conv_bn(self, self.spec)(x)
 
 
+class SqueezeExcite(nnx.Module):
+    """timm's ``SEModule`` (``fc1``, ``fc2``: 1x1 convs with biases); see ``core.squeeze_excite``."""
+
+    def __init__(self, channels: int, *, conv: Factory = DEFAULT_CONV, rngs: nnx.Rngs):
+        reduced = core.se_channels(channels)
+        self.fc1 = conv(channels, reduced, (1, 1), rngs=rngs, **core.se_conv_args(channels))
+        self.fc2 = conv(reduced, channels, (1, 1), rngs=rngs, **core.se_conv_args(reduced))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return core.squeeze_excite(x, self.fc1, self.fc2)
+
+
 class _Block(nnx.Module):
     """Children and forward shared by the two residual blocks."""
 
     def _build(
-        self, stride, branch, conv, norm, act, zero_init_residual, shortcut_names, avg_down, rngs
+        self, stride, branch, conv, norm, act, zero_init_residual, shortcut_names, avg_down, attn_layer, rngs
     ) -> None:
         self.in_channels, self.out_channels = branch[0].in_channels, branch[-1].out_channels
         self.stride = stride
         self.act = act
         self.zero_init_residual = zero_init_residual
         self.avg_down = avg_down
+        self.attn_layer = attn_layer
         self.branch_specs = branch
         for spec in branch:
             _add_conv_bn(self, spec, conv, norm, rngs, zero_init_residual)
+        self.se = nnx.data(None)  # data, not static: it holds the SE module when there is one
+        if attn_layer == "se":
+            self.se = SqueezeExcite(self.out_channels, conv=conv, rngs=rngs)
         self.shortcut_spec, self.shortcut_module = None, None
         if core.needs_projection(self.in_channels, self.out_channels, self.stride):
             module_name, conv_name, norm_name = shortcut_names
@@ -242,7 +258,7 @@ class _Block(nnx.Module):
         else:
             shortcut = None
         branch = [_conv_bn(self, s) for s in self.branch_specs]
-        return core.residual_forward(x, branch, shortcut, self.act)
+        return core.residual_forward(x, branch, shortcut, self.act, self.se)
 
 
 class ResidualBlock(_Block):
@@ -261,10 +277,13 @@ class ResidualBlock(_Block):
         zero_init_residual: bool = False,
         shortcut_names: Sequence[Optional[str]] = ("shortcut", "conv", "bn"),
         avg_down: bool = False,
+        attn_layer: str = "",
         rngs: nnx.Rngs,
     ):
         branch = core.residual_branch(in_channels, out_channels, stride)
-        self._build(stride, branch, conv, norm, act, zero_init_residual, shortcut_names, avg_down, rngs)
+        self._build(
+            stride, branch, conv, norm, act, zero_init_residual, shortcut_names, avg_down, attn_layer, rngs
+        )
 
 
 class BottleneckResidualBlock(_Block):
@@ -285,11 +304,14 @@ class BottleneckResidualBlock(_Block):
         zero_init_residual: bool = False,
         shortcut_names: Sequence[Optional[str]] = ("shortcut", "conv", "bn"),
         avg_down: bool = False,
+        attn_layer: str = "",
         rngs: nnx.Rngs,
     ):
         branch = core.residual_branch(in_channels, out_channels, stride, bottleneck_channels, groups)
         self.bottleneck_channels, self.groups = bottleneck_channels, groups
-        self._build(stride, branch, conv, norm, act, zero_init_residual, shortcut_names, avg_down, rngs)
+        self._build(
+            stride, branch, conv, norm, act, zero_init_residual, shortcut_names, avg_down, attn_layer, rngs
+        )
 
 
 class _Network(nnx.Module):
@@ -301,7 +323,7 @@ class _Network(nnx.Module):
             _add_conv_bn(self, spec, conv, norm, rngs)
         for _, blocks in stages:
             for b in blocks:
-                common = dict(conv=conv, norm=norm, rngs=rngs, **block_fields)
+                common = dict(conv=conv, norm=norm, rngs=rngs, attn_layer=b.attn_layer, **block_fields)
                 if b.bottleneck_channels is None:
                     block = ResidualBlock(b.in_channels, b.out_channels, b.stride, **common)
                 else:
@@ -378,7 +400,8 @@ class ResNet(_Network):
     ``'bottleneck'``, ``groups``/``width_per_group`` (ResNeXt, Wide ResNet), ``small_stem`` (3x3/1
     stem, no max-pool, for 32x32 inputs), ``num_classes=None`` (no ``fc``: pooled features).
     ``features(x)`` gives ``'stem'`` and ``'layer1'``..``'layer4'`` (C2..C5). Logits are float32
-    whatever ``dtype`` is. timm's ``stem_type``/``stem_width``/``avg_down`` (ResNet-D, -T) and the
+    whatever ``dtype`` is. timm's ``stem_type``/``stem_width``/``avg_down`` (ResNet-D, -T),
+    ``attn_layer='se'`` (SE-ResNet: ``layer1[0].se.fc1``) and the
     speed options ``bn_variance``, ``bn_recompute``, ``stem_pad_channels`` as in Linen.
     """
 
@@ -394,6 +417,7 @@ class ResNet(_Network):
         stem_type: str = "",
         stem_width: int = 64,
         avg_down: bool = False,
+        attn_layer: str = "",
         zero_init_residual: bool = False,
         momentum: float = 0.9,
         epsilon: float = 1e-5,
@@ -408,7 +432,7 @@ class ResNet(_Network):
     ):
         _store_fields(self, locals())
         stem = core.resnet_stem(img_channels, small_stem, stem_type, stem_width, stem_pad_channels)
-        stages = core.resnet_plan(stage_sizes, block, groups, width_per_group, stem.out_channels)
+        stages = core.resnet_plan(stage_sizes, block, groups, width_per_group, stem.out_channels, attn_layer)
         conv = default_conv(dtype=dtype, param_dtype=param_dtype)
         norm = functools.partial(
             BatchNorm,
@@ -520,6 +544,7 @@ __all__ = [
     "ResNetBase",
     "ResidualBlock",
     "ShortcutProjection",
+    "SqueezeExcite",
     "default_conv",
     "fields",
     "from_linen",

@@ -219,13 +219,17 @@ def _reduced(arch, **overrides):
 
 def _preset_groups():
     """The presets grouped by everything but their depth: each group is one configuration of
-    blocks and stem, which two one-block stages exercise completely."""
+    blocks and stem, which two one-block stages exercise completely. The SE presets are one
+    group, run as the one with the most options (SE on grouped convs, deep stem, avg_down): their
+    other options are the plain presets' and have their own groups. Each group's first member
+    has the most fields."""
     groups: dict = {}
     for arch, fields in resnet_jax.PRESETS.items():
-        groups.setdefault(tuple(sorted((k, v) for k, v in fields.items() if k != "stage_sizes")), []).append(
-            arch
-        )
-    return list(groups.values())
+        key = tuple(sorted((k, v) for k, v in fields.items() if k != "stage_sizes"))
+        if fields.get("attn_layer"):
+            key = (("attn_layer", fields["attn_layer"]),)
+        groups.setdefault(key, []).append(arch)
+    return [sorted(archs, key=lambda a: -len(resnet_jax.PRESETS[a])) for archs in groups.values()]
 
 
 # The speed options that leave values unchanged, folded into groups so they cost no extra compile.

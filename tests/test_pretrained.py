@@ -253,7 +253,7 @@ def test_unknown_name_lists_close_names_and_bare_names_mean_the_default():
 def test_builtin_entries_carry_torchvision_and_timm_metadata():
     names = pretrained.list_pretrained()
     tv = [n for n in names if ".tv" in n]
-    assert len(tv) == 17 and len(names) - len(tv) == 16
+    assert len(tv) == 17 and len(names) - len(tv) == 20
     # Every torchvision architecture with ImageNet weights has them (resnet200 has none).
     assert {pretrained.info(n).arch for n in tv} == set(resnet_jax.TORCHVISION_ARCHS) - {"resnet200"}
     for n in names:
@@ -272,6 +272,13 @@ def test_builtin_entries_carry_torchvision_and_timm_metadata():
     d = pretrained.info("resnet50d.ra2_in1k")
     assert (d.top1, d.preprocess) == (81.356, Preprocess(303, 288, "bicubic"))  # crop_pct 0.95
     assert pretrained.list_pretrained("resnet50d*") == ["resnet50d.a1_in1k", "resnet50d.ra2_in1k"]
+    se = pretrained.info("seresnext26d_32x4d")  # a bare name: timm's weights for the preset
+    assert (se.name, se.top1, se.preprocess) == (
+        "seresnext26d_32x4d.bt_in1k",
+        78.816,
+        Preprocess(303, 288, "bicubic"),
+    )
+    assert pretrained.info("seresnext101_32x8d").preprocess == Preprocess(288, 288, "bicubic")  # crop_pct 1
 
 
 def test_preprocess_resizes_the_shorter_side_crops_the_centre_and_normalises():
