@@ -1,4 +1,5 @@
-"""resnet_jax: Flax ResNets that match PyTorch (torchvision, timm's ResNet-D, the seed's ResNetBase).
+"""resnet_jax: Flax ResNets that match PyTorch (torchvision's; timm's ResNet-D/-T and
+SE-ResNets; labml.ai's annotated ResNet as ``ResNetBase``).
 
 Linen modules here; the same models for Flax NNX in ``resnet_jax.nnx`` (imported on first use,
 so Linen users do not pay for importing ``flax.nnx``); meshes in ``resnet_jax.sharding``.

@@ -363,9 +363,7 @@ def load(
     try:
         variables = convert.torch_to_flax(state_dict, model, num_classes=num_classes, rng=rng)
     except convert.StateDictMismatchError as e:
-        raise convert.StateDictMismatchError(
-            f"{file} does not hold the {entry.name} weights ({entry.arch}):\n{e}"
-        ) from None
+        raise e.with_context(f"{file} does not hold the {entry.name} weights ({entry.arch}):") from None
     new_head = num_classes is not None and num_classes != entry.num_classes
     if num_classes is not None:
         model = model.clone(num_classes=num_classes)

@@ -1,7 +1,8 @@
 """PyTorch reference models, written here so parity checks need no torchvision.
 
-``TorchResNetBase`` mirrors the seed's from-scratch ResNet (module names ``conv``, ``bn``,
-``blocks.N``), with the same ``strides``/``conv_bias`` switches as ``resnet_jax.ResNetBase``.
+``TorchResNetBase`` mirrors labml.ai's annotated ResNet, ``labml_nn.resnet`` (module names
+``conv``, ``bn``, ``blocks.N``), with the same ``strides``/``conv_bias`` switches as
+``resnet_jax.ResNetBase``.
 ``TorchResNet`` has torchvision's layout and state_dict keys (``conv1 bn1 layer1..4 fc``,
 ``downsample.0/1``), so a torchvision state_dict loads into it and vice versa; with
 ``stem_type``/``stem_width``/``avg_down`` it has timm's ResNet-C/D/T layout and keys
@@ -127,7 +128,8 @@ class _Bottleneck(_Basic):
 
 
 class TorchResNetBase(nn.Module):
-    """The seed's ResNetBase in PyTorch: conv+BN stem, ``blocks``, global average pooling."""
+    """labml.ai's annotated ResNet (``ResNetBase``) in PyTorch: conv+BN stem, ``blocks``, global
+    average pooling."""
 
     def __init__(
         self,

@@ -1,5 +1,5 @@
 """PyTorch <-> Flax weight conversion: exact round trips, inference of the architecture (torchvision,
-timm and the seed's layouts), fresh heads, .pth/.safetensors files, errors."""
+timm and labml.ai's annotated ResNet layouts), fresh heads, .pth/.safetensors files, errors."""
 
 import os
 import sys
@@ -121,6 +121,10 @@ def test_missing_unexpected_and_wrong_shape_keys_are_all_listed():
     assert "missing keys (1): layer3.1.bn2.running_var" in msg
     assert "unexpected keys (1): layer9.extra.weight" in msg
     assert "layer2.0.conv1.weight: got (5, 5, 64, 128)" in msg
+    err = e.value  # the same, as fields
+    assert err.missing == ("layer3.1.bn2.running_var",) and err.unexpected == ("layer9.extra.weight",)
+    assert err.wrong_shapes == (("layer2.0.conv1.weight", (5, 5, 64, 128), (3, 3, 64, 128)),)
+    assert err.target == "ResNet (resnet18)" == err.looks_like
 
 
 def test_not_a_resnet_state_dict():

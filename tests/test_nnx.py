@@ -19,7 +19,7 @@ import torch
 from flax import nnx, traverse_util
 
 import resnet_jax
-from resnet_jax import convert
+from resnet_jax import bridge, convert
 from resnet_jax import nnx as rnnx
 from resnet_jax.torch_reference import TorchResNetBase, torch_resnet
 
@@ -110,6 +110,23 @@ def test_state_paths_are_pytorch_module_paths():
     seed_paths = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(seed))}
     assert {"conv.kernel", "bn.var", "blocks.2.shortcut.conv.kernel", "blocks.1.conv3.kernel"} <= seed_paths
     assert not any(p.startswith("blocks.0.shortcut") for p in seed_paths)  # identity shortcut
+
+
+def test_nnx_module_imports_no_linen_module():
+    """resnet_jax.nnx builds from the shared plans in core; Linen <-> NNX lives in bridge.py."""
+    import ast
+
+    tree = ast.parse(open(rnnx.__file__).read())
+    imported = set()
+    for node in tree.body:  # module level: what importing resnet_jax.nnx runs
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("resnet_jax"):
+            imported |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            imported |= {a.name for a in node.names if a.name.startswith("resnet_jax")}
+    assert imported and not any(
+        m.split(".")[1] in ("models", "blocks", "bridge") for m in imported if "." in m
+    )
+    assert rnnx.from_linen is bridge.from_linen and rnnx.to_linen is bridge.to_linen  # still importable
 
 
 def test_fields_and_defaults_equal_the_linen_modules():
@@ -238,7 +255,7 @@ _OPTIONS = {
     "resnet26t": dict(stem_pad_channels=8, bn_variance="shifted"),
 }
 
-# Every preset (reduced to two one-block stages), the small stem, and the seed's ResNetBase.
+# Every preset (reduced to two one-block stages), the small stem, and labml.ai's ResNetBase.
 NUMERIC_CONFIGS = [
     *(
         pytest.param(_reduced(archs[0], **_OPTIONS.get(archs[0], {})), id=",".join(archs))

@@ -14,6 +14,7 @@ import torch
 
 import resnet_jax
 from resnet_jax import convert, pretrained
+from resnet_jax.parity import rel
 from resnet_jax.pretrained import Preprocess
 from resnet_jax.torch_reference import randomize_batchnorm, torch_resnet
 
@@ -76,10 +77,6 @@ def _logits(model, variables, tm, size=32):
     return out, ref
 
 
-def _rel(a, b):
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 def test_loads_from_the_torch_hub_cache_and_predicts_like_pytorch():
     tm = _twin()
     path = _save_torchvision_style(tm, pretrained.torch_hub_dir(), "tiny")
@@ -89,7 +86,7 @@ def test_loads_from_the_torch_hub_cache_and_predicts_like_pytorch():
     assert not info.new_head and info.num_classes == 10 == model.num_classes
     assert info.weights.preprocess == Preprocess(40, 32)
     out, ref = _logits(model, variables, tm)
-    assert _rel(out, ref) <= 1e-5
+    assert rel(out, ref) <= 1e-5
 
 
 def test_a_file_whose_sha256_does_not_match_its_name_is_rejected():
@@ -158,7 +155,7 @@ def test_download_is_verified_then_cached(monkeypatch, tmp_path):
     assert (pretrained.torch_hub_dir() / served.name).read_bytes() == served.read_bytes()
     assert pretrained.load("tiny.tv_in1k", return_info=True)[2].found_in == "torch hub cache"
     out, ref = _logits(model, variables, tm)
-    assert _rel(out, ref) <= 1e-5
+    assert rel(out, ref) <= 1e-5
 
     # A download whose bytes do not match the name's hash is discarded, not cached.
     _register("tiny.bad_in1k", "tiny-00000000.pth")
@@ -183,7 +180,7 @@ def test_loads_timm_layout_safetensors_from_the_hugging_face_cache():
     assert info.found_in == "hugging face cache" and info.path == str(snapshot / "model.safetensors")
     jax.tree.map(np.testing.assert_array_equal, loaded, variables)
     out, ref = _logits(loaded_model, loaded, tm, size=33)
-    assert _rel(out, ref) <= 1e-5
+    assert rel(out, ref) <= 1e-5
 
 
 def test_new_head_is_fresh_and_every_other_tensor_loads_bitwise():
@@ -215,7 +212,7 @@ def test_path_argument_file_or_directory(tmp_path):
     model, variables, info = pretrained.load("tiny.tv_in1k", path=mine, return_info=True)
     assert info.found_in == "path"
     out, ref = _logits(model, variables, tm)
-    assert _rel(out, ref) <= 1e-5
+    assert rel(out, ref) <= 1e-5
     with pytest.raises(pretrained.WeightsNotFoundError, match="no weights file at .*tiny-12345678.pth"):
         pretrained.load("tiny.tv_in1k", path=tmp_path)
     named = _save_torchvision_style(tm, tmp_path / "dir", "tiny")
