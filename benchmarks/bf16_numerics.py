@@ -27,7 +27,7 @@ import numpy as np
 import resnet_jax
 from benchmarks.report import emit_json, host_environment
 from resnet_jax import convert
-from resnet_jax.parity import _randomize, _rel
+from resnet_jax.parity import _randomize, rel
 
 
 def _torch_model(arch: str, num_classes: int):
@@ -82,11 +82,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch_bf16 = torch_logits(torch.float32, torch.bfloat16, train)
         jax_bf16 = jax_logits(jnp.bfloat16, train)
         rows[mode] = {
-            "torch_float32_vs_float64": _rel(torch_logits(torch.float32, None, train), ref),
-            "torch_bf16_autocast_vs_float64": _rel(torch_bf16, ref),
-            "jax_float32_vs_torch_float64": _rel(jax_logits(jnp.float32, train), ref),
-            "jax_bf16_vs_torch_float64": _rel(jax_bf16, ref),
-            "jax_bf16_vs_torch_bf16_autocast": _rel(jax_bf16, torch_bf16),
+            "torch_float32_vs_float64": rel(torch_logits(torch.float32, None, train), ref),
+            "torch_bf16_autocast_vs_float64": rel(torch_bf16, ref),
+            "jax_float32_vs_torch_float64": rel(jax_logits(jnp.float32, train), ref),
+            "jax_bf16_vs_torch_float64": rel(jax_bf16, ref),
+            "jax_bf16_vs_torch_bf16_autocast": rel(jax_bf16, torch_bf16),
             "top1_agreement_jax_bf16_vs_float64": float(np.mean(jax_bf16.argmax(1) == ref.argmax(1))),
             "top1_agreement_torch_bf16_vs_float64": float(np.mean(torch_bf16.argmax(1) == ref.argmax(1))),
         }

@@ -1,4 +1,4 @@
-"""Fine-tuning, as the first seed's PyTorch example does it (load pretrained weights, new head,
+"""Fine-tuning, as PyTorch's transfer-learning tutorial does it (load pretrained weights, new head,
 train), on the embedded digits so it runs anywhere in a minute.
 
 1. Pretrain on digits 0-4:

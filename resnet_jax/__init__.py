@@ -1,4 +1,5 @@
-"""resnet_jax: Flax ResNets that match PyTorch (torchvision, timm's ResNet-D, the seed's ResNetBase).
+"""resnet_jax: Flax ResNets that match PyTorch (torchvision's; timm's ResNet-D/-T and
+SE-ResNets; labml.ai's annotated ResNet as ``ResNetBase``).
 
 Linen modules here; the same models for Flax NNX in ``resnet_jax.nnx`` (imported on first use,
 so Linen users do not pay for importing ``flax.nnx``); meshes in ``resnet_jax.sharding``.
@@ -12,6 +13,7 @@ from resnet_jax.blocks import (
     BottleneckResidualBlock,
     ResidualBlock,
     ShortcutProjection,
+    SqueezeExcite,
 )
 from resnet_jax.models import (
     PRESETS,
@@ -37,6 +39,10 @@ from resnet_jax.models import (
     resnext50_32x4d,
     resnext101_32x8d,
     resnext101_64x4d,
+    seresnet50,
+    seresnext26d_32x4d,
+    seresnext50_32x4d,
+    seresnext101_32x8d,
     wide_resnet50_2,
     wide_resnet101_2,
 )
@@ -59,6 +65,7 @@ __all__ = [
     "ResNetBase",
     "ResidualBlock",
     "ShortcutProjection",
+    "SqueezeExcite",
     "get_model",
     "nnx",
     "resnet18",
@@ -79,6 +86,10 @@ __all__ = [
     "resnext50_32x4d",
     "resnext101_32x8d",
     "resnext101_64x4d",
+    "seresnet50",
+    "seresnext26d_32x4d",
+    "seresnext50_32x4d",
+    "seresnext101_32x8d",
     "sharding",
     "wide_resnet50_2",
     "wide_resnet101_2",

@@ -1,7 +1,8 @@
-"""Linen building blocks: PyTorch-exact BatchNorm and the three residual blocks of the seed.
+"""Linen building blocks: PyTorch-exact BatchNorm, the residual blocks of labml.ai's annotated
+ResNet (``labml_nn.resnet``) and torchvision, and timm's squeeze-and-excitation.
 
-The layers a block has and how they connect are defined once in ``core.py`` (shared with the NNX
-modules); this file only makes them Linen modules. Every convolution is padded explicitly
+Which layers a block has, and their PyTorch names, come from ``core.block_plan`` (shared with the
+NNX modules); how they connect is the block's forward here, read top to bottom. Every convolution is padded explicitly
 (``kernel // 2`` on each side, as PyTorch does) because Flax's ``'SAME'`` pads stride-2
 convolutions asymmetrically and would shift every feature map by half a pixel relative to a
 PyTorch model with the same weights.
@@ -10,7 +11,7 @@ PyTorch model with the same weights.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,7 @@ __all__ = [
     "BottleneckResidualBlock",
     "ResidualBlock",
     "ShortcutProjection",
+    "SqueezeExcite",
     "default_conv",
     "kaiming_normal_fan_out",
     "torch_padding",
@@ -95,9 +97,12 @@ class BatchNorm(nn.Module):
         return y
 
 
-def conv_bn(conv: ModuleDef, norm: ModuleDef, spec: core.ConvSpec, train: bool, zero_init_residual=False):
+def conv_bn(
+    conv: ModuleDef, norm: ModuleDef, spec: core.ConvSpec, train: bool, zero_init_residual: bool = False
+) -> core.Layer:
     """The conv and BatchNorm of ``spec`` (made by the ``conv`` and ``norm`` factories, inside the
-    calling compact method), composed into one layer ``x -> norm(conv(x))``."""
+    calling compact method) as one layer ``x -> norm(conv(pool(x)))``; ``pool`` is the ResNet-D
+    shortcut's average pool, or nothing."""
     k = spec.kernel_size
     conv = conv(
         spec.out_channels,
@@ -105,15 +110,16 @@ def conv_bn(conv: ModuleDef, norm: ModuleDef, spec: core.ConvSpec, train: bool, 
         strides=spec.stride,
         padding=spec.padding,
         feature_group_count=spec.groups,
-        name=spec.conv,
+        name=core.linen_name(spec.conv),
         **core.conv_overrides(spec),
     )
-    norm = norm(name=spec.norm, **spec.norm_overrides(zero_init_residual))
-    return core.conv_bn_forward(spec, conv, lambda y: norm(y, train))
+    norm = norm(name=core.linen_name(spec.norm), **spec.norm_overrides(zero_init_residual))
+    return lambda x: norm(conv(core.avg_pool_ceil(x, spec.pool)), train)
 
 
 class ShortcutProjection(nn.Module):
-    """The projection ``W_s x`` of the shortcut: 1x1 conv (with the block's stride) and BatchNorm.
+    """The projection ``W_s x`` of the shortcut: 1x1 conv (with the block's stride) and BatchNorm,
+    as labml.ai's annotated ResNet names it (``shortcut.conv``, ``shortcut.bn``).
 
     The paper found projections better than zero-padding when the shape changes, and identity
     better than projections when it does not, so blocks only build one when they must.
@@ -134,34 +140,48 @@ class ShortcutProjection(nn.Module):
         return conv_bn(self.conv, self.norm, spec, train)(x)
 
 
-class _Block(nn.Module):
-    """Shared shortcut and forward of the two residual blocks; ``branch`` names their layers."""
+class SqueezeExcite(nn.Module):
+    """timm's ``SEModule`` (``fc1``, ``fc2``: 1x1 convs with biases); see ``core.squeeze_excite``."""
 
-    def branch(self, in_channels: int) -> tuple[core.ConvSpec, ...]:
+    conv: ModuleDef = default_conv()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        channels = x.shape[-1]
+        reduced = core.se_channels(channels)
+        fc1 = self.conv(reduced, (1, 1), name="fc1", **core.se_conv_args(channels))
+        fc2 = self.conv(channels, (1, 1), name="fc2", **core.se_conv_args(reduced))
+        return core.squeeze_excite(x, fc1, fc2)
+
+
+class _Block(nn.Module):
+    """The forward of both residual blocks; their ``plan`` says which layers they have."""
+
+    def plan(self, in_channels: int) -> core.BlockPlan:
         raise NotImplementedError
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        in_channels = x.shape[-1]
-        zero_init = self.zero_init_residual
-        layers = [conv_bn(self.conv, self.norm, s, train, zero_init) for s in self.branch(in_channels)]
-        return core.residual_forward(x, layers, self._shortcut(in_channels, train), self.act)
-
-    def _shortcut(self, in_channels: int, train: bool):
-        if not core.needs_projection(in_channels, self.out_channels, self.stride):
-            return None
-        module_name, conv_name, norm_name = self.shortcut_names
-        if module_name is None:
-            # torchvision keeps the projection as `downsample.0` / `downsample.1` of the block,
-            # timm's ResNet-D as `downsample.1` / `downsample.2` after a parameter-free pool.
-            spec = core.projection_spec(
-                in_channels, self.out_channels, self.stride, conv_name, norm_name, self.avg_down
-            )
-            return conv_bn(self.conv, self.norm, spec, train)
-        proj = ShortcutProjection(
-            self.out_channels, self.stride, self.conv, self.norm, conv_name, norm_name, name=module_name
+        plan = self.plan(x.shape[-1])
+        layer = functools.partial(
+            conv_bn, self.conv, self.norm, train=train, zero_init_residual=self.zero_init_residual
         )
-        return lambda x: proj(x, train)
+        *inner, last = plan.branch
+        y = x
+        for spec in inner:  # conv -> norm -> act
+            y = self.act(layer(spec)(y))
+        y = layer(last)(y)  # conv -> norm, no act before the addition
+        if plan.se_channels:
+            y = SqueezeExcite(self.conv, name="se")(y)
+        shortcut = x
+        if plan.shortcut_module is not None:
+            s = plan.shortcut
+            shortcut = ShortcutProjection(
+                s.out_channels, s.stride, self.conv, self.norm, s.conv, s.norm, name=plan.shortcut_module
+            )(x, train)
+        elif plan.shortcut is not None:
+            shortcut = layer(plan.shortcut)(x)
+        return self.act(y + shortcut)
 
 
 class ResidualBlock(_Block):
@@ -169,7 +189,8 @@ class ResidualBlock(_Block):
 
     Learning the residual ``F(x) = H(x) - x`` instead of ``H(x)`` makes an identity mapping the
     easy default, which is what lets very deep stacks train at all (the degradation problem).
-    The stride sits on the first convolution.
+    The stride sits on the first convolution. ``projection``, ``avg_down`` and ``attn_layer``
+    choose the shortcut's names and pool and the SE module (see ``core.block_plan``).
     """
 
     out_channels: int
@@ -178,11 +199,19 @@ class ResidualBlock(_Block):
     norm: ModuleDef = BatchNorm
     act: Callable[[jax.Array], jax.Array] = nn.relu
     zero_init_residual: bool = False
-    shortcut_names: Sequence[Optional[str]] = ("shortcut", "conv", "bn")
+    projection: str = "shortcut"
     avg_down: bool = False
+    attn_layer: str = ""
 
-    def branch(self, in_channels: int) -> tuple[core.ConvSpec, ...]:
-        return core.residual_branch(in_channels, self.out_channels, self.stride)
+    def plan(self, in_channels: int) -> core.BlockPlan:
+        return core.block_plan(
+            in_channels,
+            self.out_channels,
+            self.stride,
+            projection=self.projection,
+            avg_down=self.avg_down,
+            attn_layer=self.attn_layer,
+        )
 
 
 class BottleneckResidualBlock(_Block):
@@ -201,10 +230,18 @@ class BottleneckResidualBlock(_Block):
     norm: ModuleDef = BatchNorm
     act: Callable[[jax.Array], jax.Array] = nn.relu
     zero_init_residual: bool = False
-    shortcut_names: Sequence[Optional[str]] = ("shortcut", "conv", "bn")
+    projection: str = "shortcut"
     avg_down: bool = False
+    attn_layer: str = ""
 
-    def branch(self, in_channels: int) -> tuple[core.ConvSpec, ...]:
-        return core.residual_branch(
-            in_channels, self.out_channels, self.stride, self.bottleneck_channels, self.groups
+    def plan(self, in_channels: int) -> core.BlockPlan:
+        return core.block_plan(
+            in_channels,
+            self.out_channels,
+            self.stride,
+            self.bottleneck_channels,
+            self.groups,
+            self.projection,
+            self.avg_down,
+            self.attn_layer,
         )

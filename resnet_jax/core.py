@@ -4,29 +4,27 @@ Linen (``blocks.py``, ``models.py``) and NNX (``nnx.py``) differ in how a module
 not in what the network computes. So everything that decides the architecture lives here, as
 plain data and pure functions that know neither API:
 
-* **plans**: which convolutions a block has (names, channels, kernel, stride, groups:
-  :func:`residual_branch`, :func:`projection_spec`), which blocks a network has (:func:`resnet_plan`,
-  :func:`resnetbase_plan`) and what its stem is (:func:`resnet_stem`, :func:`resnetbase_stem`);
-* **forwards** that take the layers as callables: :func:`residual_forward`, :func:`stem_forward`,
-  :func:`global_avg_pool`;
-* **BatchNorm arithmetic**, PyTorch-exact (:func:`batch_norm`);
-* padding, initialisers and input checks.
+* **plans**: which layers a block has, named as PyTorch names them, with their channels,
+  kernels, strides and groups (:func:`block_plan`), which blocks a network has
+  (:func:`resnet_plan`, :func:`resnetbase_plan`) and what its stem is (:func:`resnet_stem`,
+  :func:`resnetbase_stem`);
+* **names**: a plan names layers by their PyTorch module path (``layer1.0``, ``downsample.1``);
+  Linen spells ``.N`` as ``_N`` (:func:`linen_name`), NNX keeps ``N`` as an ``nnx.List`` index
+  (:func:`split_index`), and weight conversion maps the two spellings (:func:`linen_path`,
+  :func:`torch_path`);
+* **arithmetic** that both APIs call: PyTorch-exact BatchNorm (:func:`batch_norm`), the pools,
+  the squeeze-and-excitation gate, padding, initialisers and input checks.
 
-Each API only turns a plan's :class:`ConvSpec` into its own conv and BatchNorm (one small
-function per API) and hands them to the shared forward. The presets of both APIs come from the one
-``models.PRESETS`` table. A variant such as ResNet-D (deep stem, average-pool shortcut) is a
-change to a plan and a forward here plus, for a new layer kind, one line per API; its presets are
-new ``PRESETS`` entries and appear in both APIs at once.
-
-Names are the Linen spelling of PyTorch's module paths: ``layer1_0`` is ``layer1.0`` (Linen
-``layer1_0``, NNX ``layer1[0]``), ``downsample_1`` is ``downsample.1``; timm's names for its
-ResNet-D/-T stems and shortcuts (``conv1.0`` .. ``conv1.6``, ``downsample.1``/``.2``).
+Each API writes a block's computation in one short function that reads top to bottom (conv,
+norm, activation, ..., the shortcut, the addition) over a :class:`BlockPlan`. A new variant is a
+plan change here (and, for a new layer kind such as SE, one small module per API); its presets
+are new ``PRESETS`` entries.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Collection, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -77,6 +75,11 @@ def linear_args(fan_in: int) -> dict[str, Any]:
     )
 
 
+def se_conv_args(fan_in: int) -> dict[str, Any]:
+    """Conv arguments of a squeeze-and-excitation ``fc``: a bias, initialised as PyTorch's."""
+    return dict(use_bias=True, bias_init=torch_linear_bias_init(fan_in))
+
+
 def check_images(x: Array, img_channels: int, model: str) -> None:
     """Raise a ValueError that says how to fix a batch that is not NHWC with ``img_channels``."""
     if x.ndim != 4:
@@ -95,12 +98,47 @@ def check_images(x: Array, img_channels: int, model: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Names: PyTorch module paths, and their Linen spelling
+
+
+def linen_name(path: str) -> str:
+    """The Linen name of a PyTorch module path within its parent: ``layer1.0`` -> ``layer1_0``."""
+    return path.replace(".", "_")
+
+
+def split_index(path: str) -> tuple[str, Optional[int]]:
+    """``downsample.1`` -> ``('downsample', 1)``; a name without an index -> ``(name, None)``."""
+    group, _, index = path.partition(".")
+    return (group, int(index)) if index else (path, None)
+
+
+def linen_path(torch_parts: Sequence[str]) -> tuple[str, ...]:
+    """A PyTorch module path (``['layer1', '0', 'conv1']``) as Linen names (``layer1_0/conv1``)."""
+    out: list[str] = []
+    for part in torch_parts:
+        if part.isdigit() and out:
+            out[-1] = f"{out[-1]}_{part}"
+        else:
+            out.append(part)
+    return tuple(out)
+
+
+def torch_path(linen_names: Sequence[str]) -> str:
+    """Linen names (``('layer1_0', 'downsample_1')``) as a PyTorch path (``layer1.0.downsample.1``)."""
+    parts = []
+    for name in linen_names:
+        head, _, tail = name.rpartition("_")
+        parts.append(f"{head}.{tail}" if head and tail.isdigit() else name)
+    return ".".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
 # Plans
 
 
 @dataclasses.dataclass(frozen=True)
 class ConvSpec:
-    """A convolution and the BatchNorm after it, named as PyTorch names them.
+    """A convolution and the BatchNorm after it, named by their PyTorch module paths.
 
     ``closes_branch`` marks the last conv of a residual branch: no activation follows it before
     the addition, and ``zero_init_residual`` zeroes its BatchNorm scale.
@@ -161,37 +199,80 @@ def residual_branch(
     )
 
 
-def needs_projection(in_channels: int, out_channels: int, stride: int) -> bool:
-    """Whether a block's shortcut needs the projection ``W_s x`` (its shape changes).
+def projection_spec(
+    in_channels: int, out_channels: int, stride: int, conv_name: str = "conv", norm_name: str = "bn"
+) -> ConvSpec:
+    """The shortcut's projection ``W_s x``: a 1x1 conv with the block's stride, and BatchNorm.
 
     He et al. found projections better than zero-padding when the shape changes, and identity
     better than projections when it does not, so a block only has one when it must.
     """
-    return stride != 1 or in_channels != out_channels
+    return ConvSpec(conv_name, norm_name, in_channels, out_channels, 1, stride)
 
 
-def projection_spec(
+# Attention after a branch's last BatchNorm, as timm's ``attn_layer``: none, or squeeze-and-excitation.
+ATTN_LAYERS = ("", "se")
+# The PyTorch module of a block's projection shortcut: labml's ``ShortcutProjection`` (``shortcut``:
+# ``shortcut.conv``, ``shortcut.bn``) or torchvision's ``nn.Sequential`` (``downsample.0``/``.1``;
+# timm's ``downsample.1``/``.2`` after the pool with ``avg_down``).
+PROJECTIONS = ("shortcut", "downsample")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockPlan:
+    """A residual block's layers: the branch ``F``, the shortcut's projection (``None``: the
+    identity; ``shortcut_module``: the submodule that holds it), and the width of its
+    squeeze-and-excitation (0: none)."""
+
+    branch: tuple[ConvSpec, ...]
+    shortcut: Optional[ConvSpec] = None
+    shortcut_module: Optional[str] = None
+    se_channels: int = 0
+
+    @property
+    def out_channels(self) -> int:
+        return self.branch[-1].out_channels
+
+
+def block_plan(
     in_channels: int,
     out_channels: int,
-    stride: int,
-    conv_name: str = "conv",
-    norm_name: str = "bn",
+    stride: int = 1,
+    bottleneck_channels: Optional[int] = None,
+    groups: int = 1,
+    projection: str = "shortcut",
     avg_down: bool = False,
-) -> ConvSpec:
-    """The shortcut's projection: a 1x1 conv with the block's stride, and BatchNorm.
+    attn_layer: str = "",
+) -> BlockPlan:
+    """The plan of a basic (``bottleneck_channels=None``) or bottleneck block.
 
     ``avg_down`` (ResNet-D, "Bag of Tricks", He et al. 2019): a strided projection becomes a
     ``stride`` x ``stride`` average pool and a stride-1 1x1 conv, so it sees every input pixel
-    instead of a quarter of them.
+    instead of a quarter of them. ``attn_layer='se'``: timm's squeeze-and-excitation after the
+    last BatchNorm (``se.fc1``, ``se.fc2``).
     """
-    if avg_down and stride != 1:
-        return ConvSpec(conv_name, norm_name, in_channels, out_channels, 1, 1, pool=stride)
-    return ConvSpec(conv_name, norm_name, in_channels, out_channels, 1, stride)
+    if projection not in PROJECTIONS:
+        raise ValueError(f"projection must be 'shortcut' or 'downsample'; got {projection!r}.")
+    if attn_layer not in ATTN_LAYERS:
+        raise ValueError(
+            f"attn_layer must be '' or 'se' (timm's squeeze-and-excitation); got {attn_layer!r}."
+        )
+    branch = residual_branch(in_channels, out_channels, stride, bottleneck_channels, groups)
+    shortcut, module = None, None
+    if stride != 1 or in_channels != out_channels:
+        if projection == "shortcut":
+            shortcut, module = projection_spec(in_channels, out_channels, stride), "shortcut"
+        elif avg_down:  # downsample.0 is the (parameter-free) pool, an identity at stride 1
+            shortcut = ConvSpec("downsample.1", "downsample.2", in_channels, out_channels, 1, pool=stride)
+        else:
+            shortcut = projection_spec(in_channels, out_channels, stride, "downsample.0", "downsample.1")
+    se = se_channels(out_channels) if attn_layer == "se" else 0
+    return BlockPlan(branch, shortcut, module, se)
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockSpec:
-    """One residual block of a network: its name and the arguments of its block class."""
+    """One residual block of a network: its PyTorch path and its :func:`block_plan` arguments."""
 
     name: str
     in_channels: int
@@ -199,11 +280,20 @@ class BlockSpec:
     stride: int
     bottleneck_channels: Optional[int] = None  # None: basic block
     groups: int = 1
+    attn_layer: str = ""
+
+
+def se_channels(channels: int, rd_ratio: float = 1.0 / 16, divisor: int = 8) -> int:
+    """Width of the squeeze-and-excitation bottleneck of ``channels``: timm's ``SEModule``
+    default, ``make_divisible(channels * rd_ratio, divisor, round_limit=0)``, i.e. rounded to the
+    nearest multiple of ``divisor`` (halves up), and at least ``divisor``."""
+    return max(divisor, int(channels * rd_ratio + divisor / 2) // divisor * divisor)
 
 
 @dataclasses.dataclass(frozen=True)
 class StemSpec:
-    """The stem: conv(s) + BatchNorm, then optionally ReLU and a 3x3/2 max-pool."""
+    """The stem: conv(s), each with BatchNorm (and ReLU if ``act``), then optionally a 3x3/2
+    max-pool."""
 
     convs: tuple[ConvSpec, ...]
     act: bool
@@ -214,7 +304,7 @@ class StemSpec:
         return self.convs[-1].out_channels
 
 
-# ResNet stages: name of the feature map, and its blocks.
+# Stages: name of the feature map, and its blocks.
 Stages = tuple[tuple[str, tuple[BlockSpec, ...]], ...]
 
 
@@ -256,18 +346,28 @@ def resnet_stem(
         return StemSpec((first,), act=True, max_pool=True)
     first = stem_width if stem_type == "deep" else 3 * (stem_width // 4)
     convs = (
-        ConvSpec("conv1_0", "conv1_1", img_channels, first, 3, 2, pad_channels_to=pad),
-        ConvSpec("conv1_3", "conv1_4", first, stem_width, 3),
-        ConvSpec("conv1_6", "bn1", stem_width, 2 * stem_width, 3),
+        ConvSpec("conv1.0", "conv1.1", img_channels, first, 3, 2, pad_channels_to=pad),
+        ConvSpec("conv1.3", "conv1.4", first, stem_width, 3),
+        ConvSpec("conv1.6", "bn1", stem_width, 2 * stem_width, 3),
     )
     return StemSpec(convs, act=True, max_pool=True)
 
 
 def resnet_plan(
-    stage_sizes: Sequence[int], block: str, groups: int, width_per_group: int, in_channels: int = 64
+    stage_sizes: Sequence[int],
+    block: str,
+    groups: int,
+    width_per_group: int,
+    in_channels: int = 64,
+    attn_layer: str = "",
 ) -> Stages:
-    """torchvision's ResNet/ResNeXt/Wide ResNet stages: ``layerN`` of blocks ``layerN_j``;
-    ``in_channels`` is the stem's output (64, or ``2 * stem_width`` for a deep stem)."""
+    """torchvision's ResNet/ResNeXt/Wide ResNet stages: ``layerN`` of blocks ``layerN.j``;
+    ``in_channels`` is the stem's output (64, or ``2 * stem_width`` for a deep stem);
+    ``attn_layer='se'`` gives every block timm's squeeze-and-excitation (SE-ResNet, SE-ResNeXt)."""
+    if attn_layer not in ATTN_LAYERS:
+        raise ValueError(
+            f"attn_layer must be '' or 'se' (timm's squeeze-and-excitation); got {attn_layer!r}."
+        )
     if block not in ("basic", "bottleneck"):
         raise ValueError(f"block must be 'basic' or 'bottleneck'; got {block!r}.")
     if block == "basic" and (groups != 1 or width_per_group != 64):
@@ -279,10 +379,10 @@ def resnet_plan(
         for j in range(n):
             stride = 2 if (i > 0 and j == 0) else 1
             if block == "basic":
-                spec = BlockSpec(f"layer{i + 1}_{j}", channels, planes, stride)
+                spec = BlockSpec(f"layer{i + 1}.{j}", channels, planes, stride, attn_layer=attn_layer)
             else:
                 width = int(planes * (width_per_group / 64.0)) * groups
-                spec = BlockSpec(f"layer{i + 1}_{j}", channels, planes * 4, stride, width, groups)
+                spec = BlockSpec(f"layer{i + 1}.{j}", channels, planes * 4, stride, width, groups, attn_layer)
             blocks.append(spec)
             channels = spec.out_channels
         stages.append((f"layer{i + 1}", tuple(blocks)))
@@ -290,7 +390,7 @@ def resnet_plan(
 
 
 def resnetbase_stem(img_channels: int, out_channels: int, kernel_size: int) -> StemSpec:
-    """The seed's stem: a strided conv and BatchNorm, no activation and no pooling."""
+    """labml.ai's annotated ResNet stem: a strided conv and BatchNorm, no activation, no pooling."""
     return StemSpec((ConvSpec("conv", "bn", img_channels, out_channels, kernel_size, 2),), False, False)
 
 
@@ -300,9 +400,8 @@ def resnetbase_plan(
     bottlenecks: Optional[Sequence[int]] = None,
     strides: Optional[Sequence[int]] = None,
 ) -> Stages:
-    """The seed's stages ``stage1..``: blocks numbered across the network, ``blocks_0, ...``.
-
-    ``strides`` are the first-block strides per stage (default ``(1, 2, 2, ...)``).
+    """labml.ai's annotated ResNet stages ``stage1..``: blocks numbered across the network,
+    ``blocks.0, ...``. ``strides`` are the first-block strides per stage (default ``(1, 2, 2, ...)``).
     """
     if len(n_blocks) != len(n_channels) or not n_blocks:
         raise ValueError(
@@ -324,21 +423,69 @@ def resnetbase_plan(
         blocks = []
         for j in range(n):
             width = None if bottlenecks is None else bottlenecks[stage]
-            blocks.append(BlockSpec(f"blocks_{index}", channels, out, strides[stage] if j == 0 else 1, width))
+            blocks.append(BlockSpec(f"blocks.{index}", channels, out, strides[stage] if j == 0 else 1, width))
             channels, index = out, index + 1
         stages.append((f"stage{stage + 1}", tuple(blocks)))
     return tuple(stages)
 
 
 # ---------------------------------------------------------------------------------------------
-# Forwards. Layers are callables ``x -> y`` (a conv followed by its BatchNorm, train mode bound).
+# Presets of both APIs: name -> ResNet fields. Architectures as torchvision.models; resnet200 as in
+# He et al. 2016 ("Identity Mappings in Deep Residual Networks"), which torchvision does not ship;
+# the -D, -T and SE (squeeze-and-excitation) variants as timm.models.resnet, which names them the same.
+
+_D = dict(stem_type="deep", stem_width=32, avg_down=True)
+_T = dict(stem_type="deep_tiered", stem_width=32, avg_down=True)
+_SE = dict(attn_layer="se")
+
+PRESETS: Mapping[str, Mapping[str, Any]] = {
+    "resnet18": dict(stage_sizes=(2, 2, 2, 2), block="basic"),
+    "resnet34": dict(stage_sizes=(3, 4, 6, 3), block="basic"),
+    "resnet50": dict(stage_sizes=(3, 4, 6, 3)),
+    "resnet101": dict(stage_sizes=(3, 4, 23, 3)),
+    "resnet152": dict(stage_sizes=(3, 8, 36, 3)),
+    "resnet200": dict(stage_sizes=(3, 24, 36, 3)),
+    "wide_resnet50_2": dict(stage_sizes=(3, 4, 6, 3), width_per_group=128),
+    "wide_resnet101_2": dict(stage_sizes=(3, 4, 23, 3), width_per_group=128),
+    "resnext50_32x4d": dict(stage_sizes=(3, 4, 6, 3), groups=32, width_per_group=4),
+    "resnext101_32x8d": dict(stage_sizes=(3, 4, 23, 3), groups=32, width_per_group=8),
+    "resnext101_64x4d": dict(stage_sizes=(3, 4, 23, 3), groups=64, width_per_group=4),
+    "resnet18d": dict(stage_sizes=(2, 2, 2, 2), block="basic", **_D),
+    "resnet34d": dict(stage_sizes=(3, 4, 6, 3), block="basic", **_D),
+    "resnet26d": dict(stage_sizes=(2, 2, 2, 2), **_D),
+    "resnet50d": dict(stage_sizes=(3, 4, 6, 3), **_D),
+    "resnet101d": dict(stage_sizes=(3, 4, 23, 3), **_D),
+    "resnet152d": dict(stage_sizes=(3, 8, 36, 3), **_D),
+    "resnet200d": dict(stage_sizes=(3, 24, 36, 3), **_D),
+    "resnet26t": dict(stage_sizes=(2, 2, 2, 2), **_T),
+    "resnet50t": dict(stage_sizes=(3, 4, 6, 3), **_T),
+    "seresnet50": dict(stage_sizes=(3, 4, 6, 3), **_SE),
+    "seresnext50_32x4d": dict(stage_sizes=(3, 4, 6, 3), groups=32, width_per_group=4, **_SE),
+    "seresnext101_32x8d": dict(stage_sizes=(3, 4, 23, 3), groups=32, width_per_group=8, **_SE),
+    "seresnext26d_32x4d": dict(stage_sizes=(2, 2, 2, 2), groups=32, width_per_group=4, **_SE, **_D),
+}
+# The presets whose architecture torchvision ships (the others come from timm).
+TORCHVISION_ARCHS = tuple(a for a, f in PRESETS.items() if "stem_type" not in f and "attn_layer" not in f)
 
 
-def conv_bn_forward(spec: ConvSpec, conv: Layer, norm: Layer) -> Layer:
-    """The layer ``x -> norm(conv(x))`` of ``spec``, after its average pool if it has one."""
-    if spec.pool > 1:
-        return lambda x: norm(conv(avg_pool_ceil(x, spec.pool)))
-    return lambda x: norm(conv(x))
+def preset_source(arch: str) -> str:
+    """``'torchvision'`` or ``'timm'``: where the preset ``arch`` comes from."""
+    return "torchvision" if arch in TORCHVISION_ARCHS else "timm"
+
+
+def preset_fields(arch: str, overrides: Mapping[str, Any], known: Collection[str]) -> dict[str, Any]:
+    """The ResNet fields of the preset ``arch`` with ``overrides``, each checked: ``arch`` is a
+    preset and every override one of the ``known`` fields."""
+    if arch not in PRESETS:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of: {', '.join(PRESETS)}.")
+    unknown = set(overrides) - set(known)
+    if unknown:
+        raise TypeError(f"unknown ResNet field(s) {sorted(unknown)} for {arch}.")
+    return {**PRESETS[arch], **overrides}
+
+
+# ---------------------------------------------------------------------------------------------
+# Pools, the squeeze-and-excitation gate, the channel-padded conv
 
 
 def avg_pool_ceil(x: Array, stride: int) -> Array:
@@ -346,9 +493,31 @@ def avg_pool_ceil(x: Array, stride: int) -> Array:
 
     On odd sizes ceil mode adds a last, partial window that averages only the pixels it covers.
     """
+    if stride == 1:
+        return x
     pads = [(0, -size % stride) for size in x.shape[1:3]]
     window = (stride, stride)
     return pooling.avg_pool(x, window, strides=window, padding=pads, count_include_pad=False)
+
+
+def max_pool_3x3(x: Array) -> Array:
+    """PyTorch's ``MaxPool2d(3, 2, padding=1)``: explicit padding pads with -inf, as PyTorch does."""
+    return pooling.max_pool(x, (3, 3), strides=(2, 2), padding=torch_padding(3))
+
+
+def global_avg_pool(x: Array) -> Array:
+    # Accumulate in at least float32: a bfloat16 sum over 49+ positions loses digits.
+    return jnp.mean(x.astype(jnp.promote_types(x.dtype, jnp.float32)), axis=(1, 2))
+
+
+def squeeze_excite(x: Array, fc1: Layer, fc2: Layer) -> Array:
+    """``x * sigmoid(fc2(relu(fc1(mean(x)))))``: each channel rescaled by a gate computed from
+    the whole image (Hu et al., "Squeeze-and-Excitation Networks"), which lets a block weigh its
+    channels by global context that its 3x3 convolutions cannot see. ``fc1``/``fc2`` are 1x1
+    convolutions with biases on the ``[batch, 1, 1, channels]`` mean, as timm's ``SEModule``."""
+    s = jnp.mean(x.astype(jnp.promote_types(x.dtype, jnp.float32)), axis=(1, 2), keepdims=True)
+    s = fc2(jax.nn.relu(fc1(s.astype(x.dtype))))
+    return x * jax.nn.sigmoid(s)
 
 
 def conv_overrides(spec: ConvSpec) -> dict[str, Any]:
@@ -375,37 +544,6 @@ def channel_padded_conv(pad_to: int) -> Callable[..., Array]:
         return sharding.conv_general_dilated(lhs, rhs, *args, **kwargs)
 
     return conv
-
-
-def residual_forward(x: Array, branch: Sequence[Layer], shortcut: Optional[Layer], act: Callable) -> Array:
-    """``act(F(x) + shortcut(x))`` with ``F`` the branch's conv+BN layers, ``act`` between them.
-
-    Learning the residual ``F(x) = H(x) - x`` instead of ``H(x)`` makes an identity mapping the
-    easy default, which is what lets very deep stacks train at all (the degradation problem).
-    ``shortcut=None`` is the identity.
-    """
-    y = x
-    for i, layer in enumerate(branch):
-        y = layer(y)
-        if i < len(branch) - 1:
-            y = act(y)
-    return act(y + (x if shortcut is None else shortcut(x)))
-
-
-def stem_forward(x: Array, spec: StemSpec, layers: Sequence[Layer], act: Callable) -> Array:
-    for i, layer in enumerate(layers):
-        x = layer(x)
-        if spec.act or i < len(layers) - 1:
-            x = act(x)
-    if spec.max_pool:
-        # Explicit padding pads with -inf, as PyTorch's MaxPool2d(3, 2, padding=1) does.
-        x = pooling.max_pool(x, (3, 3), strides=(2, 2), padding=torch_padding(3))
-    return x
-
-
-def global_avg_pool(x: Array) -> Array:
-    # Accumulate in at least float32: a bfloat16 sum over 49+ positions loses digits.
-    return jnp.mean(x.astype(jnp.promote_types(x.dtype, jnp.float32)), axis=(1, 2))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Linen ResNetBase (the seed's backbone), the torchvision-layout ResNet classifier, and presets.
+"""Linen ResNetBase (labml.ai's annotated ResNet backbone), the torchvision-layout ResNet
+classifier, and presets.
 
 The stems, stages and blocks come from the plans in ``core.py``, shared with the NNX modules.
 Submodule names mirror the PyTorch modules they correspond to, with ``.N`` list indices written
@@ -9,7 +10,7 @@ weight conversion is a structural walk (see ``convert.py``).
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,12 +24,9 @@ from resnet_jax.blocks import (
     conv_bn,
     default_conv,
 )
-from resnet_jax.core import check_images
+from resnet_jax.core import PRESETS, TORCHVISION_ARCHS, check_images
 
 Dtype = Any
-
-TORCHVISION_SHORTCUT = (None, "downsample_0", "downsample_1")
-TIMM_AVG_SHORTCUT = (None, "downsample_1", "downsample_2")  # downsample.0 is the pool
 
 __all__ = [
     "PRESETS",
@@ -51,11 +49,15 @@ def _features(
     **block_fields: Any,
 ) -> dict[str, jax.Array]:
     """Stem and stages of a plan as Linen submodules (call inside a compact method)."""
-    x = core.stem_forward(x, stem, [conv_bn(conv, norm, s, train) for s in stem.convs], nn.relu)
+    for spec in stem.convs:
+        x = conv_bn(conv, norm, spec, train)(x)
+        x = nn.relu(x) if stem.act else x
+    x = core.max_pool_3x3(x) if stem.max_pool else x
     feats = {"stem": x}
     for key, blocks in stages:
         for b in blocks:
-            common = dict(stride=b.stride, conv=conv, norm=norm, name=b.name, **block_fields)
+            common = dict(stride=b.stride, conv=conv, norm=norm, name=core.linen_name(b.name))
+            common.update(attn_layer=b.attn_layer, **block_fields)
             if b.bottleneck_channels is None:
                 block = ResidualBlock(b.out_channels, **common)
             else:
@@ -68,12 +70,13 @@ def _features(
 
 
 class ResNetBase(nn.Module):
-    """The seed's backbone: conv + BatchNorm stem, residual stages, global average pooling.
+    """labml.ai's annotated ResNet backbone (``labml_nn.resnet``): conv + BatchNorm stem, residual
+    stages, global average pooling.
 
     ``ResNetBase(n_blocks, n_channels, bottlenecks=None, img_channels=3, first_kernel_size=7)``
     maps ``[batch, H, W, img_channels]`` to ``[batch, n_channels[-1]]``. ``bottlenecks`` (one
     width per stage) selects bottleneck blocks. ``strides`` are the first-block strides per stage
-    (default ``(1, 2, 2, ...)``). To reproduce the annotated PyTorch ResNet the seed describes
+    (default ``(1, 2, 2, ...)``). To reproduce labml.ai's annotated PyTorch ResNet exactly
     (labml_nn.resnet), use ``strides=(2, 1, 1, ...)`` and ``conv_bias=True``: it strides only the
     network's very first block and keeps PyTorch's default conv biases.
     """
@@ -130,6 +133,8 @@ class ResNet(nn.Module):
     average pool followed by a stride-1 1x1 conv (``downsample.1``/``.2``). Deep stem plus
     ``avg_down`` is ResNet-D ("Bag of Tricks", He et al. 2019): strided 1x1 convs discard three
     quarters of their input, and a 7x7 conv costs as much as three 3x3 ones.
+    ``attn_layer='se'`` adds timm's squeeze-and-excitation to every block (``layerN_M/se/fc1``,
+    ``fc2``; see ``core.squeeze_excite``): SE-ResNet and SE-ResNeXt.
 
     Speed options that leave every value unchanged (up to float32 rounding): ``bn_variance``
     (``'two_pass'``, the default, or the faster one-pass ``'shifted'``; see :class:`BatchNorm`),
@@ -149,6 +154,7 @@ class ResNet(nn.Module):
     stem_type: str = ""
     stem_width: int = 64
     avg_down: bool = False
+    attn_layer: str = ""
     zero_init_residual: bool = False
     momentum: float = 0.9
     epsilon: float = 1e-5
@@ -176,7 +182,12 @@ class ResNet(nn.Module):
             self.img_channels, self.small_stem, self.stem_type, self.stem_width, self.stem_pad_channels
         )
         stages = core.resnet_plan(
-            self.stage_sizes, self.block, self.groups, self.width_per_group, stem.out_channels
+            self.stage_sizes,
+            self.block,
+            self.groups,
+            self.width_per_group,
+            stem.out_channels,
+            self.attn_layer,
         )
         check_images(x, self.img_channels, "ResNet")
         conv = default_conv(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -199,7 +210,7 @@ class ResNet(nn.Module):
             conv,
             norm,
             zero_init_residual=self.zero_init_residual,
-            shortcut_names=TIMM_AVG_SHORTCUT if self.avg_down else TORCHVISION_SHORTCUT,
+            projection="downsample",
             avg_down=self.avg_down,
         )
         if not head:
@@ -227,77 +238,44 @@ def classifier_head(
     )
 
 
-_D = dict(stem_type="deep", stem_width=32, avg_down=True)
-_T = dict(stem_type="deep_tiered", stem_width=32, avg_down=True)
-
-
-# name -> ResNet fields. Architectures as torchvision.models; resnet200 as in He et al. 2016
-# ("Identity Mappings in Deep Residual Networks"), which torchvision does not ship; the -D and
-# -T variants as timm.models.resnet (timm names them the same).
-PRESETS: Mapping[str, Mapping[str, Any]] = {
-    "resnet18": dict(stage_sizes=(2, 2, 2, 2), block="basic"),
-    "resnet34": dict(stage_sizes=(3, 4, 6, 3), block="basic"),
-    "resnet50": dict(stage_sizes=(3, 4, 6, 3)),
-    "resnet101": dict(stage_sizes=(3, 4, 23, 3)),
-    "resnet152": dict(stage_sizes=(3, 8, 36, 3)),
-    "resnet200": dict(stage_sizes=(3, 24, 36, 3)),
-    "wide_resnet50_2": dict(stage_sizes=(3, 4, 6, 3), width_per_group=128),
-    "wide_resnet101_2": dict(stage_sizes=(3, 4, 23, 3), width_per_group=128),
-    "resnext50_32x4d": dict(stage_sizes=(3, 4, 6, 3), groups=32, width_per_group=4),
-    "resnext101_32x8d": dict(stage_sizes=(3, 4, 23, 3), groups=32, width_per_group=8),
-    "resnext101_64x4d": dict(stage_sizes=(3, 4, 23, 3), groups=64, width_per_group=4),
-    "resnet18d": dict(stage_sizes=(2, 2, 2, 2), block="basic", **_D),
-    "resnet34d": dict(stage_sizes=(3, 4, 6, 3), block="basic", **_D),
-    "resnet26d": dict(stage_sizes=(2, 2, 2, 2), **_D),
-    "resnet50d": dict(stage_sizes=(3, 4, 6, 3), **_D),
-    "resnet101d": dict(stage_sizes=(3, 4, 23, 3), **_D),
-    "resnet152d": dict(stage_sizes=(3, 8, 36, 3), **_D),
-    "resnet200d": dict(stage_sizes=(3, 24, 36, 3), **_D),
-    "resnet26t": dict(stage_sizes=(2, 2, 2, 2), **_T),
-    "resnet50t": dict(stage_sizes=(3, 4, 6, 3), **_T),
-}
-# The presets whose architecture torchvision ships (the others come from timm).
-TORCHVISION_ARCHS = tuple(a for a, f in PRESETS.items() if "stem_type" not in f)
-
-
 def get_model(arch: str, num_classes: Optional[int] = 1000, **overrides: Any) -> ResNet:
     """Build the preset ``arch`` (a key of ``PRESETS``); ``overrides`` set any other ResNet field."""
-    if arch not in PRESETS:
-        raise ValueError(f"unknown architecture {arch!r}; choose one of: {', '.join(PRESETS)}.")
-    unknown = set(overrides) - set(ResNet.__dataclass_fields__) - {"parent", "name"}
-    if unknown:
-        raise TypeError(f"unknown ResNet field(s) {sorted(unknown)} for {arch}.")
-    fields = {**PRESETS[arch], **overrides}
-    return ResNet(num_classes=num_classes, **fields)
+    known = set(ResNet.__dataclass_fields__) - {"parent", "name"}
+    return ResNet(num_classes=num_classes, **core.preset_fields(arch, overrides, known))
 
 
-def _make_preset(arch: str) -> Callable[..., ResNet]:
+def _preset(arch: str) -> Callable[..., ResNet]:
     def preset(num_classes: Optional[int] = 1000, **overrides: Any) -> ResNet:
         return get_model(arch, num_classes, **overrides)
 
     preset.__name__ = preset.__qualname__ = arch
-    source = "torchvision" if arch in TORCHVISION_ARCHS else "timm"
-    preset.__doc__ = f"{source}'s {arch} as a Flax ResNet; ``overrides`` set any ResNet field."
+    preset.__doc__ = (
+        f"{core.preset_source(arch)}'s {arch} as a Flax ResNet; ``overrides`` set any ResNet field."
+    )
     return preset
 
 
-resnet18 = _make_preset("resnet18")
-resnet34 = _make_preset("resnet34")
-resnet50 = _make_preset("resnet50")
-resnet101 = _make_preset("resnet101")
-resnet152 = _make_preset("resnet152")
-resnet200 = _make_preset("resnet200")
-wide_resnet50_2 = _make_preset("wide_resnet50_2")
-wide_resnet101_2 = _make_preset("wide_resnet101_2")
-resnext50_32x4d = _make_preset("resnext50_32x4d")
-resnext101_32x8d = _make_preset("resnext101_32x8d")
-resnext101_64x4d = _make_preset("resnext101_64x4d")
-resnet18d = _make_preset("resnet18d")
-resnet34d = _make_preset("resnet34d")
-resnet26d = _make_preset("resnet26d")
-resnet50d = _make_preset("resnet50d")
-resnet101d = _make_preset("resnet101d")
-resnet152d = _make_preset("resnet152d")
-resnet200d = _make_preset("resnet200d")
-resnet26t = _make_preset("resnet26t")
-resnet50t = _make_preset("resnet50t")
+resnet18 = _preset("resnet18")
+resnet34 = _preset("resnet34")
+resnet50 = _preset("resnet50")
+resnet101 = _preset("resnet101")
+resnet152 = _preset("resnet152")
+resnet200 = _preset("resnet200")
+wide_resnet50_2 = _preset("wide_resnet50_2")
+wide_resnet101_2 = _preset("wide_resnet101_2")
+resnext50_32x4d = _preset("resnext50_32x4d")
+resnext101_32x8d = _preset("resnext101_32x8d")
+resnext101_64x4d = _preset("resnext101_64x4d")
+resnet18d = _preset("resnet18d")
+resnet34d = _preset("resnet34d")
+resnet26d = _preset("resnet26d")
+resnet50d = _preset("resnet50d")
+resnet101d = _preset("resnet101d")
+resnet152d = _preset("resnet152d")
+resnet200d = _preset("resnet200d")
+resnet26t = _preset("resnet26t")
+resnet50t = _preset("resnet50t")
+seresnet50 = _preset("seresnet50")
+seresnext50_32x4d = _preset("seresnext50_32x4d")
+seresnext101_32x8d = _preset("seresnext101_32x8d")
+seresnext26d_32x4d = _preset("seresnext26d_32x4d")

@@ -7,36 +7,28 @@ BatchNorm statistics are ``nnx.BatchStat`` variables updated in place, and ``mod
 mode, as in PyTorch and ``flax.nnx``). State paths are PyTorch's module paths: ``layer1[0].conv1``
 is ``layer1.0.conv1`` (``nnx.List`` for numbered children), so conversion stays one structural walk.
 
-One set of definitions: what a block or a network contains (layer names, channels, strides,
-groups, which shortcut, which stem) and how it computes (block and stem forwards, PyTorch-exact
-BatchNorm arithmetic) live in ``core.py`` and are shared with the Linen modules. This file only
-turns a ``core.ConvSpec`` into an ``nnx.Conv`` and a :class:`BatchNorm` (``_add_conv_bn``) and a
-plan into children; presets are generated from the Linen ``PRESETS`` table. (``nnx.bridge``
-could wrap the Linen modules instead, but it needs a sample input to initialise, and keeps Linen's
-``layer1_0`` names, so neither ``rngs``-at-construction nor PyTorch paths would hold.)
+What a block or network contains (the plans: layer names, channels, strides, groups, shortcut,
+stem, presets) and the arithmetic (BatchNorm, pools, the SE gate) come from ``core.py``, shared
+with the Linen modules; this file imports nothing of Linen's modules. Linen <-> NNX conversion is
+in ``bridge.py``. (``nnx.bridge`` could wrap the Linen modules instead, but it needs a sample
+input to initialise, and keeps Linen's ``layer1_0`` names.)
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-import re
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-from flax import linen, nnx
+from flax import nnx
 
 from resnet_jax import core
-from resnet_jax import models as _linen_models
-from resnet_jax.core import check_images
+from resnet_jax.core import PRESETS, check_images
 
 Dtype = Any
 Factory = Callable[..., nnx.Module]
-
-_INDEX = re.compile(r"^(.*)_(\d+)$")
-TORCHVISION_SHORTCUT = _linen_models.TORCHVISION_SHORTCUT
-TIMM_AVG_SHORTCUT = _linen_models.TIMM_AVG_SHORTCUT
 
 
 def default_conv(**overrides: Any) -> Factory:
@@ -68,8 +60,8 @@ class BatchNorm(nnx.Module):
         unbiased_running_var: bool = True,
         variance: str = "two_pass",
         recompute: bool = False,
-        scale_init: Callable = linen.initializers.ones,
-        bias_init: Callable = linen.initializers.zeros,
+        scale_init: Callable = jax.nn.initializers.ones,
+        bias_init: Callable = jax.nn.initializers.zeros,
         rngs: nnx.Rngs,
     ):
         if variance not in core.BN_VARIANCES:
@@ -117,30 +109,29 @@ class BatchNorm(nnx.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# From a plan's names to NNX children: `name_N` is element N of the nnx.List `name` (PyTorch's
-# `name.N`), any other name a plain attribute. Indices of a PyTorch nn.Sequential that hold no
-# parameters (a ReLU, a pool) are None.
+# From a plan's PyTorch paths to NNX children: `name.N` is element N of the nnx.List `name`, any
+# other name a plain attribute. Indices of a PyTorch nn.Sequential that hold no parameters (a
+# ReLU, a pool) are None.
 
 
-def _attach(module: nnx.Module, name: str, child: nnx.Module) -> None:
-    m = _INDEX.match(name)
-    if m is None:
-        setattr(module, name, child)
+def _attach(module: nnx.Module, path: str, child: nnx.Module) -> None:
+    group, index = core.split_index(path)
+    if index is None:
+        setattr(module, group, child)
         return
-    group, index = m.group(1), int(m.group(2))
     if not hasattr(module, group):
         setattr(module, group, nnx.List())
     children = getattr(module, group)
     if index < len(children):
-        raise ValueError(f"{name}: children of {group!r} must be added in order (next is {len(children)}).")
+        raise ValueError(f"{path}: children of {group!r} must be added in order (next is {len(children)}).")
     while len(children) < index:
         children.append(None)
     children.append(child)
 
 
-def _child(module: nnx.Module, name: str) -> nnx.Module:
-    m = _INDEX.match(name)
-    return getattr(module, name) if m is None else getattr(module, m.group(1))[int(m.group(2))]
+def _child(module: nnx.Module, path: str) -> nnx.Module:
+    group, index = core.split_index(path)
+    return getattr(module, group) if index is None else getattr(module, group)[index]
 
 
 def _add_conv_bn(
@@ -152,29 +143,29 @@ def _add_conv_bn(
     zero_init_residual: bool = False,
 ) -> None:
     k = spec.kernel_size
-    _attach(
-        module,
-        spec.conv,
-        conv(
-            spec.in_channels,
-            spec.out_channels,
-            (k, k),
-            strides=spec.stride,
-            padding=spec.padding,
-            feature_group_count=spec.groups,
-            rngs=rngs,
-            **core.conv_overrides(spec),
-        ),
+    layer = conv(
+        spec.in_channels,
+        spec.out_channels,
+        (k, k),
+        strides=spec.stride,
+        padding=spec.padding,
+        feature_group_count=spec.groups,
+        rngs=rngs,
+        **core.conv_overrides(spec),
     )
+    _attach(module, spec.conv, layer)
     _attach(module, spec.norm, norm(spec.out_channels, rngs=rngs, **spec.norm_overrides(zero_init_residual)))
 
 
 def _conv_bn(module: nnx.Module, spec: core.ConvSpec) -> core.Layer:
-    return core.conv_bn_forward(spec, _child(module, spec.conv), _child(module, spec.norm))
+    """``x -> norm(conv(pool(x)))`` of ``spec``'s children of ``module``."""
+    conv, norm = _child(module, spec.conv), _child(module, spec.norm)
+    return lambda x: norm(conv(core.avg_pool_ceil(x, spec.pool)))
 
 
 class ShortcutProjection(nnx.Module):
-    """The projection ``W_s x`` of the shortcut: 1x1 conv (with the block's stride) and BatchNorm."""
+    """The projection ``W_s x`` of the shortcut: 1x1 conv (with the block's stride) and BatchNorm,
+    as labml.ai's annotated ResNet names it (``shortcut.conv``, ``shortcut.bn``)."""
 
     def __init__(
         self,
@@ -195,59 +186,58 @@ class ShortcutProjection(nnx.Module):
         return _conv_bn(self, self.spec)(x)
 
 
-class _Block(nnx.Module):
-    """Children and forward shared by the two residual blocks."""
+class SqueezeExcite(nnx.Module):
+    """timm's ``SEModule`` (``fc1``, ``fc2``: 1x1 convs with biases); see ``core.squeeze_excite``."""
 
-    def _build(
-        self, stride, branch, conv, norm, act, zero_init_residual, shortcut_names, avg_down, rngs
-    ) -> None:
-        self.in_channels, self.out_channels = branch[0].in_channels, branch[-1].out_channels
-        self.stride = stride
-        self.act = act
-        self.zero_init_residual = zero_init_residual
-        self.avg_down = avg_down
-        self.branch_specs = branch
-        for spec in branch:
-            _add_conv_bn(self, spec, conv, norm, rngs, zero_init_residual)
-        self.shortcut_spec, self.shortcut_module = None, None
-        if core.needs_projection(self.in_channels, self.out_channels, self.stride):
-            module_name, conv_name, norm_name = shortcut_names
-            if module_name is None:
-                # torchvision keeps the projection as `downsample.0` / `downsample.1` of the block,
-                # timm's ResNet-D as `downsample.1` / `downsample.2` after a parameter-free pool.
-                spec = core.projection_spec(
-                    self.in_channels, self.out_channels, self.stride, conv_name, norm_name, avg_down
-                )
-                _add_conv_bn(self, spec, conv, norm, rngs)
-                self.shortcut_spec = spec
-            else:
-                proj = ShortcutProjection(
-                    self.in_channels,
-                    self.out_channels,
-                    self.stride,
-                    conv=conv,
-                    norm=norm,
-                    conv_name=conv_name,
-                    norm_name=norm_name,
-                    rngs=rngs,
-                )
-                _attach(self, module_name, proj)
-                self.shortcut_module = module_name
+    def __init__(self, channels: int, *, conv: Factory = DEFAULT_CONV, rngs: nnx.Rngs):
+        reduced = core.se_channels(channels)
+        self.fc1 = conv(channels, reduced, (1, 1), rngs=rngs, **core.se_conv_args(channels))
+        self.fc2 = conv(reduced, channels, (1, 1), rngs=rngs, **core.se_conv_args(reduced))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        if self.shortcut_spec is not None:
-            shortcut = _conv_bn(self, self.shortcut_spec)
-        elif self.shortcut_module is not None:
-            shortcut = _child(self, self.shortcut_module)
-        else:
-            shortcut = None
-        branch = [_conv_bn(self, s) for s in self.branch_specs]
-        return core.residual_forward(x, branch, shortcut, self.act)
+        return core.squeeze_excite(x, self.fc1, self.fc2)
+
+
+class _Block(nnx.Module):
+    """Children from a ``core.BlockPlan``, and the forward of both residual blocks."""
+
+    def _build(self, plan: core.BlockPlan, conv: Factory, norm: Factory, rngs: nnx.Rngs) -> None:
+        self.plan = plan
+        for spec in plan.branch:
+            _add_conv_bn(self, spec, conv, norm, rngs, self.zero_init_residual)
+        if plan.shortcut_module is not None:
+            s = plan.shortcut
+            proj = ShortcutProjection(
+                s.in_channels, s.out_channels, s.stride, conv=conv, norm=norm, conv_name=s.conv,
+                norm_name=s.norm, rngs=rngs,
+            )  # fmt: skip
+            _attach(self, plan.shortcut_module, proj)
+        elif plan.shortcut is not None:
+            _add_conv_bn(self, plan.shortcut, conv, norm, rngs)
+        self.se = nnx.data(None)  # data, not static: it holds the SE module when there is one
+        if plan.se_channels:
+            self.se = SqueezeExcite(plan.out_channels, conv=conv, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        plan = self.plan
+        *inner, last = plan.branch
+        y = x
+        for spec in inner:  # conv -> norm -> act
+            y = self.act(_conv_bn(self, spec)(y))
+        y = _conv_bn(self, last)(y)  # conv -> norm, no act before the addition
+        if self.se is not None:
+            y = self.se(y)
+        shortcut = x
+        if plan.shortcut_module is not None:
+            shortcut = _child(self, plan.shortcut_module)(x)
+        elif plan.shortcut is not None:
+            shortcut = _conv_bn(self, plan.shortcut)(x)
+        return self.act(y + shortcut)
 
 
 class ResidualBlock(_Block):
     """Two 3x3 convolutions and a shortcut: ``relu(F(x) + x)``, the block of ResNet-18/34
-    (``core.residual_branch``). NNX needs ``in_channels``; the other fields are the Linen block's."""
+    (``core.block_plan``). NNX needs ``in_channels``; the other fields are the Linen block's."""
 
     def __init__(
         self,
@@ -259,17 +249,21 @@ class ResidualBlock(_Block):
         norm: Factory = BatchNorm,
         act: Callable[[jax.Array], jax.Array] = nnx.relu,
         zero_init_residual: bool = False,
-        shortcut_names: Sequence[Optional[str]] = ("shortcut", "conv", "bn"),
+        projection: str = "shortcut",
         avg_down: bool = False,
+        attn_layer: str = "",
         rngs: nnx.Rngs,
     ):
-        branch = core.residual_branch(in_channels, out_channels, stride)
-        self._build(stride, branch, conv, norm, act, zero_init_residual, shortcut_names, avg_down, rngs)
+        _store_fields(self, locals(), skip=("conv", "norm"))
+        plan = core.block_plan(
+            in_channels, out_channels, stride, projection=projection, avg_down=avg_down, attn_layer=attn_layer
+        )
+        self._build(plan, conv, norm, rngs)
 
 
 class BottleneckResidualBlock(_Block):
     """1x1 reduce, 3x3 (strided, optionally grouped: ResNeXt), 1x1 expand, plus a shortcut
-    (``core.residual_branch``). NNX needs ``in_channels``; the other fields are the Linen block's."""
+    (``core.block_plan``). NNX needs ``in_channels``; the other fields are the Linen block's."""
 
     def __init__(
         self,
@@ -283,13 +277,16 @@ class BottleneckResidualBlock(_Block):
         norm: Factory = BatchNorm,
         act: Callable[[jax.Array], jax.Array] = nnx.relu,
         zero_init_residual: bool = False,
-        shortcut_names: Sequence[Optional[str]] = ("shortcut", "conv", "bn"),
+        projection: str = "shortcut",
         avg_down: bool = False,
+        attn_layer: str = "",
         rngs: nnx.Rngs,
     ):
-        branch = core.residual_branch(in_channels, out_channels, stride, bottleneck_channels, groups)
-        self.bottleneck_channels, self.groups = bottleneck_channels, groups
-        self._build(stride, branch, conv, norm, act, zero_init_residual, shortcut_names, avg_down, rngs)
+        _store_fields(self, locals(), skip=("conv", "norm"))
+        plan = core.block_plan(
+            in_channels, out_channels, stride, bottleneck_channels, groups, projection, avg_down, attn_layer
+        )
+        self._build(plan, conv, norm, rngs)
 
 
 class _Network(nnx.Module):
@@ -301,7 +298,7 @@ class _Network(nnx.Module):
             _add_conv_bn(self, spec, conv, norm, rngs)
         for _, blocks in stages:
             for b in blocks:
-                common = dict(conv=conv, norm=norm, rngs=rngs, **block_fields)
+                common = dict(conv=conv, norm=norm, rngs=rngs, attn_layer=b.attn_layer, **block_fields)
                 if b.bottleneck_channels is None:
                     block = ResidualBlock(b.in_channels, b.out_channels, b.stride, **common)
                 else:
@@ -313,8 +310,10 @@ class _Network(nnx.Module):
     def features(self, x: jax.Array) -> dict[str, jax.Array]:
         check_images(x, self.img_channels, type(self).__name__)
         x = jnp.asarray(x, self.dtype)
-        layers = [_conv_bn(self, s) for s in self.stem_spec.convs]
-        x = core.stem_forward(x, self.stem_spec, layers, nnx.relu)
+        for spec in self.stem_spec.convs:
+            x = _conv_bn(self, spec)(x)
+            x = nnx.relu(x) if self.stem_spec.act else x
+        x = core.max_pool_3x3(x) if self.stem_spec.max_pool else x
         feats = {"stem": x}
         for key, blocks in self.stages:
             for b in blocks:
@@ -328,7 +327,8 @@ class _Network(nnx.Module):
 
 
 class ResNetBase(_Network):
-    """The seed's backbone (NNX): conv + BatchNorm stem, residual stages, global average pooling.
+    """labml.ai's annotated ResNet backbone (NNX): conv + BatchNorm stem, residual stages, global
+    average pooling.
 
     Fields and defaults as the Linen ``resnet_jax.ResNetBase``; ``strides=(2, 1, ...)`` with
     ``conv_bias=True`` is the annotated PyTorch ResNet (labml_nn.resnet). ``features(x)`` gives
@@ -378,8 +378,9 @@ class ResNet(_Network):
     ``'bottleneck'``, ``groups``/``width_per_group`` (ResNeXt, Wide ResNet), ``small_stem`` (3x3/1
     stem, no max-pool, for 32x32 inputs), ``num_classes=None`` (no ``fc``: pooled features).
     ``features(x)`` gives ``'stem'`` and ``'layer1'``..``'layer4'`` (C2..C5). Logits are float32
-    whatever ``dtype`` is. timm's ``stem_type``/``stem_width``/``avg_down`` (ResNet-D, -T) and the
-    speed options ``bn_variance``, ``bn_recompute``, ``stem_pad_channels`` as in Linen.
+    whatever ``dtype`` is. timm's ``stem_type``/``stem_width``/``avg_down`` (ResNet-D, -T),
+    ``attn_layer='se'`` (SE-ResNet: ``layer1[0].se.fc1``) and the speed options ``bn_variance``,
+    ``bn_recompute``, ``stem_pad_channels`` as in Linen.
     """
 
     def __init__(
@@ -394,6 +395,7 @@ class ResNet(_Network):
         stem_type: str = "",
         stem_width: int = 64,
         avg_down: bool = False,
+        attn_layer: str = "",
         zero_init_residual: bool = False,
         momentum: float = 0.9,
         epsilon: float = 1e-5,
@@ -408,7 +410,7 @@ class ResNet(_Network):
     ):
         _store_fields(self, locals())
         stem = core.resnet_stem(img_channels, small_stem, stem_type, stem_width, stem_pad_channels)
-        stages = core.resnet_plan(stage_sizes, block, groups, width_per_group, stem.out_channels)
+        stages = core.resnet_plan(stage_sizes, block, groups, width_per_group, stem.out_channels, attn_layer)
         conv = default_conv(dtype=dtype, param_dtype=param_dtype)
         norm = functools.partial(
             BatchNorm,
@@ -420,16 +422,8 @@ class ResNet(_Network):
             dtype=dtype,
             param_dtype=param_dtype,
         )
-        self._build(
-            stem,
-            stages,
-            conv,
-            norm,
-            rngs,
-            zero_init_residual=zero_init_residual,
-            shortcut_names=TIMM_AVG_SHORTCUT if avg_down else TORCHVISION_SHORTCUT,
-            avg_down=avg_down,
-        )
+        block_fields = dict(zero_init_residual=zero_init_residual, projection="downsample", avg_down=avg_down)
+        self._build(stem, stages, conv, norm, rngs, **block_fields)
         self.fc = nnx.data(None)  # data, not static: it holds the classifier when there is one
         if num_classes is not None:
             fan_in = stages[-1][1][-1].out_channels
@@ -449,68 +443,70 @@ class ResNet(_Network):
         return self.fc(pooled).astype(jnp.promote_types(self.param_dtype, jnp.float32))
 
 
-def _store_fields(module: nnx.Module, args: Mapping[str, Any]) -> None:
+def _store_fields(module: nnx.Module, args: Mapping[str, Any], skip: Sequence[str] = ()) -> None:
     for name, value in args.items():
-        if name not in ("self", "rngs", "__class__"):
+        if name not in ("self", "rngs", "__class__", *skip):
             setattr(module, name, tuple(value) if isinstance(value, list) else value)
 
 
-def fields(model: Union[ResNet, ResNetBase]) -> dict[str, Any]:
+def fields(model: nnx.Module) -> dict[str, Any]:
     """The constructor fields of an NNX ``ResNet``/``ResNetBase`` (those of its Linen twin)."""
     names = [n for n in inspect.signature(type(model).__init__).parameters if n not in ("self", "rngs")]
     return {n: getattr(model, n) for n in names}
 
 
-_LINEN = {ResNet: _linen_models.ResNet, ResNetBase: _linen_models.ResNetBase}
-
-
-def from_linen(module: linen.Module, *, rngs: nnx.Rngs) -> Union[ResNet, ResNetBase]:
-    """The NNX model with the fields of a Linen ``resnet_jax.ResNet`` or ``ResNetBase``."""
-    for nnx_cls, linen_cls in _LINEN.items():
-        if type(module) is linen_cls:
-            names = [n for n in linen_cls.__dataclass_fields__ if n not in ("parent", "name")]
-            return nnx_cls(**{n: getattr(module, n) for n in names}, rngs=rngs)
-    raise TypeError(f"from_linen takes a resnet_jax ResNet or ResNetBase; got {type(module).__name__}.")
-
-
-def to_linen(model: Union[ResNet, ResNetBase]) -> linen.Module:
-    """The Linen module with the fields of an NNX ``ResNet`` or ``ResNetBase`` (for
-    ``convert.nnx_to_linen`` variables)."""
-    if type(model) not in _LINEN:
-        raise TypeError(f"to_linen takes a resnet_jax.nnx ResNet or ResNetBase; got {type(model).__name__}.")
-    return _LINEN[type(model)](**fields(model))
-
-
-# ---------------------------------------------------------------------------------------------
-# Presets, generated from the Linen table so that the two APIs cannot drift apart.
-
-PRESETS = _linen_models.PRESETS
-
-
 def get_model(arch: str, num_classes: Optional[int] = 1000, *, rngs: nnx.Rngs, **overrides: Any) -> ResNet:
     """Build the preset ``arch`` (a key of ``PRESETS``); ``overrides`` set any other ResNet field."""
-    if arch not in PRESETS:
-        raise ValueError(f"unknown architecture {arch!r}; choose one of: {', '.join(PRESETS)}.")
     known = set(inspect.signature(ResNet.__init__).parameters) - {"self", "rngs"}
-    unknown = set(overrides) - known
-    if unknown:
-        raise TypeError(f"unknown ResNet field(s) {sorted(unknown)} for {arch}.")
-    return ResNet(num_classes=num_classes, **{**PRESETS[arch], **overrides}, rngs=rngs)
+    return ResNet(num_classes=num_classes, **core.preset_fields(arch, overrides, known), rngs=rngs)
 
 
-def _make_preset(arch: str) -> Callable[..., ResNet]:
+def _preset(arch: str) -> Callable[..., ResNet]:
     def preset(num_classes: Optional[int] = 1000, *, rngs: nnx.Rngs, **overrides: Any) -> ResNet:
         return get_model(arch, num_classes, rngs=rngs, **overrides)
 
     preset.__name__ = preset.__qualname__ = arch
-    source = "torchvision" if arch in _linen_models.TORCHVISION_ARCHS else "timm"
-    preset.__doc__ = f"{source}'s {arch} as an NNX ResNet; ``overrides`` set any ResNet field."
+    preset.__doc__ = (
+        f"{core.preset_source(arch)}'s {arch} as an NNX ResNet; ``overrides`` set any ResNet field."
+    )
     return preset
 
 
-for _arch in PRESETS:
-    globals()[_arch] = _make_preset(_arch)
-del _arch
+resnet18 = _preset("resnet18")
+resnet34 = _preset("resnet34")
+resnet50 = _preset("resnet50")
+resnet101 = _preset("resnet101")
+resnet152 = _preset("resnet152")
+resnet200 = _preset("resnet200")
+wide_resnet50_2 = _preset("wide_resnet50_2")
+wide_resnet101_2 = _preset("wide_resnet101_2")
+resnext50_32x4d = _preset("resnext50_32x4d")
+resnext101_32x8d = _preset("resnext101_32x8d")
+resnext101_64x4d = _preset("resnext101_64x4d")
+resnet18d = _preset("resnet18d")
+resnet34d = _preset("resnet34d")
+resnet26d = _preset("resnet26d")
+resnet50d = _preset("resnet50d")
+resnet101d = _preset("resnet101d")
+resnet152d = _preset("resnet152d")
+resnet200d = _preset("resnet200d")
+resnet26t = _preset("resnet26t")
+resnet50t = _preset("resnet50t")
+seresnet50 = _preset("seresnet50")
+seresnext50_32x4d = _preset("seresnext50_32x4d")
+seresnext101_32x8d = _preset("seresnext101_32x8d")
+seresnext26d_32x4d = _preset("seresnext26d_32x4d")
+
+
+def __getattr__(name: str) -> Any:
+    # Linen <-> NNX conversion lives in bridge.py (it imports the Linen modules); these names stay
+    # importable from here, loaded on first use so that importing this module loads no Linen model.
+    if name in ("from_linen", "to_linen"):
+        from resnet_jax import bridge
+
+        return getattr(bridge, name)
+    raise AttributeError(f"module 'resnet_jax.nnx' has no attribute {name!r}")
+
 
 __all__ = [
     "BatchNorm",
@@ -520,10 +516,9 @@ __all__ = [
     "ResNetBase",
     "ResidualBlock",
     "ShortcutProjection",
+    "SqueezeExcite",
     "default_conv",
     "fields",
-    "from_linen",
     "get_model",
-    "to_linen",
     *PRESETS,
 ]

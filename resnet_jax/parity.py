@@ -27,11 +27,11 @@ TOLERANCES = {
 }
 
 
-def _rel(a: np.ndarray, ref: np.ndarray) -> float:
+def rel(a: Any, ref: Any) -> float:
+    """``||a - ref|| / ||ref||`` (Frobenius), in float64: every row here, and the tests' measure.
+    A zero ``ref`` gives 0 when ``a`` is zero too, and a huge error otherwise."""
     a, ref = np.asarray(a, np.float64), np.asarray(ref, np.float64)
-    denom = np.linalg.norm(ref)
-    diff = np.linalg.norm(a - ref)
-    return float(diff / denom) if denom > 0 else float(diff)
+    return float(np.linalg.norm(a - ref) / max(np.linalg.norm(ref), 1e-300))
 
 
 def _build(arch: str, num_classes: int, conv_bias: bool, labml: bool, reference: str):
@@ -229,16 +229,16 @@ def _compare(run: dict, ref: dict, init: dict, steps: int) -> tuple[dict, dict]:
 
     ``steps=0`` (forward only): eval logits, train-mode logits and running statistics.
     """
-    stat_err = {k: _rel(run["stats"][k], ref["stats"][k]) for k in ref["stats"]}
+    stat_err = {k: rel(run["stats"][k], ref["stats"][k]) for k in ref["stats"]}
     forward = {
-        "eval logits": _rel(run["eval logits"], ref["eval logits"]),
-        "train logits": _rel(run["train logits"], ref["train logits"]),
+        "eval logits": rel(run["eval logits"], ref["eval logits"]),
+        "train logits": rel(run["train logits"], ref["train logits"]),
     }
     if steps == 0:
         rows = {**forward, "running stats after 1 forward": max(stat_err.values())}
         return rows, {"running stats after 1 forward": max(stat_err, key=stat_err.get)}
     # Gradients and updates are compared per module (weight and bias as one vector): a bias that
-    # feeds a train-mode BatchNorm through convolutions only (every conv bias, and the seed's
+    # feeds a train-mode BatchNorm through convolutions only (every conv bias, and labml.ai's
     # stem BN bias) has an exactly-zero gradient, so per tensor both sides are rounding noise.
     modules: dict[str, list[str]] = {}
     for k in ref["grads"]:
@@ -246,7 +246,7 @@ def _compare(run: dict, ref: dict, init: dict, steps: int) -> tuple[dict, dict]:
 
     def per_module(a: dict, b: dict) -> dict:
         cat = lambda d, ks: np.concatenate([np.ravel(d[k]) for k in ks])  # noqa: E731
-        return {m: _rel(cat(a, ks), cat(b, ks)) for m, ks in modules.items()}
+        return {m: rel(cat(a, ks), cat(b, ks)) for m, ks in modules.items()}
 
     grad_err = per_module(run["grads"], ref["grads"])
     # What SGD changed, not the parameters themselves, which the (shared) init would dominate.
@@ -329,11 +329,11 @@ def run_parity(
     if api == "nnx":
         from flax import nnx
 
-        from resnet_jax import nnx as rnnx
+        from resnet_jax.bridge import from_linen
         from resnet_jax.convert import torch_to_nnx
 
         # Built abstractly and filled from the state_dict: no random init is allocated.
-        abstract = nnx.eval_shape(lambda: rnnx.from_linen(fmodel, rngs=nnx.Rngs(0)))
+        abstract = nnx.eval_shape(lambda: from_linen(fmodel, rngs=nnx.Rngs(0)))
         nnx_model = torch_to_nnx(tmodel.state_dict(), abstract)
     else:
         variables = torch_to_flax(tmodel.state_dict(), fmodel)

@@ -4,7 +4,7 @@
 ``tv_in1k``/``tv2_in1k`` are torchvision's ``IMAGENET1K_V1``/``V2`` files; other tags are timm's
 own weights on the Hugging Face hub (``timm/<name>``, ``model.safetensors``). A bare preset name
 (``'resnet50'``) means the default weights: torchvision's ``DEFAULT``, or timm's first tag for the
--D/-T presets. :func:`list_pretrained` lists them, :func:`info` gives file, source, published
+-D/-T and SE presets. :func:`list_pretrained` lists them, :func:`info` gives file, source, published
 top-1 and the evaluation preprocessing it was measured with.
 
 The file is taken from, in order: ``path=``; the PyTorch hub cache (``$TORCH_HOME/hub/checkpoints``,
@@ -363,9 +363,7 @@ def load(
     try:
         variables = convert.torch_to_flax(state_dict, model, num_classes=num_classes, rng=rng)
     except convert.StateDictMismatchError as e:
-        raise convert.StateDictMismatchError(
-            f"{file} does not hold the {entry.name} weights ({entry.arch}):\n{e}"
-        ) from None
+        raise e.with_context(f"{file} does not hold the {entry.name} weights ({entry.arch}):") from None
     new_head = num_classes is not None and num_classes != entry.num_classes
     if num_classes is not None:
         model = model.clone(num_classes=num_classes)
@@ -420,6 +418,12 @@ _TIMM = [
     ("resnet200d.ra2_in1k", 320, 1.0, 83.964),
     ("resnext50_32x4d.a1h_in1k", 288, 1.0, 82.014),
     ("wide_resnet50_2.racm_in1k", 288, 0.95, 82.280),
+    # SE-ResNets: eval size and crop_pct from timm's pretrained_cfg (test_input_size,
+    # test_crop_pct), top-1 from results-imagenet.csv at that size (timm commit 4e5207c7, 2025-10).
+    ("seresnet50.a1_in1k", 288, 1.0, 81.114),
+    ("seresnext50_32x4d.racm_in1k", 288, 0.95, 82.186),
+    ("seresnext101_32x8d.ah_in1k", 288, 1.0, 84.192),
+    ("seresnext26d_32x4d.bt_in1k", 288, 0.95, 78.816),
 ]
 
 

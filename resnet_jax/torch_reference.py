@@ -1,11 +1,13 @@
 """PyTorch reference models, written here so parity checks need no torchvision.
 
-``TorchResNetBase`` mirrors the seed's from-scratch ResNet (module names ``conv``, ``bn``,
-``blocks.N``), with the same ``strides``/``conv_bias`` switches as ``resnet_jax.ResNetBase``.
+``TorchResNetBase`` mirrors labml.ai's annotated ResNet, ``labml_nn.resnet`` (module names
+``conv``, ``bn``, ``blocks.N``), with the same ``strides``/``conv_bias`` switches as
+``resnet_jax.ResNetBase``.
 ``TorchResNet`` has torchvision's layout and state_dict keys (``conv1 bn1 layer1..4 fc``,
 ``downsample.0/1``), so a torchvision state_dict loads into it and vice versa; with
 ``stem_type``/``stem_width``/``avg_down`` it has timm's ResNet-C/D/T layout and keys
-(``conv1.0 .. conv1.6``, ``downsample.1/2`` after an average pool), so timm state_dicts load too.
+(``conv1.0 .. conv1.6``, ``downsample.1/2`` after an average pool), and with ``attn_layer='se'``
+timm's squeeze-and-excitation (``layerN.M.se.fc1/fc2``), so timm state_dicts load too.
 """
 
 from __future__ import annotations
@@ -32,6 +34,21 @@ class _Projection(nn.Module):
         return self.bn(self.conv(x))
 
 
+class _SqueezeExcite(nn.Module):
+    """timm's ``SEModule`` with its defaults: mean, 1x1 conv, ReLU, 1x1 conv, sigmoid gate; the
+    reduced width is ``make_divisible(channels / 16, 8, round_limit=0)``, written out here."""
+
+    def __init__(self, channels: int, divisor: int = 8):
+        super().__init__()
+        reduced = max(divisor, int(channels / 16 + divisor / 2) // divisor * divisor)
+        self.fc1 = nn.Conv2d(channels, reduced, 1)
+        self.fc2 = nn.Conv2d(reduced, channels, 1)
+
+    def forward(self, x):
+        s = self.fc2(torch.relu(self.fc1(x.mean((2, 3), keepdim=True))))
+        return x * torch.sigmoid(s)
+
+
 class _Basic(nn.Module):
     def __init__(
         self,
@@ -41,12 +58,14 @@ class _Basic(nn.Module):
         bias: bool = False,
         torchvision: bool = False,
         avg_down: bool = False,
+        se: bool = False,
     ):
         super().__init__()
         self.conv1 = _conv(cin, cout, 3, stride, bias=bias)
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = _conv(cout, cout, 3, bias=bias)
         self.bn2 = nn.BatchNorm2d(cout)
+        self.se = _SqueezeExcite(cout) if se else nn.Identity()
         self.relu = nn.ReLU()
         self._add_shortcut(cin, cout, stride, bias, torchvision, avg_down)
 
@@ -73,7 +92,7 @@ class _Basic(nn.Module):
 
     def forward(self, x):
         y = self.relu(self.bn1(self.conv1(x)))
-        y = self.bn2(self.conv2(y))
+        y = self.se(self.bn2(self.conv2(y)))
         return self.relu(y + self.skip(x))
 
 
@@ -88,6 +107,7 @@ class _Bottleneck(_Basic):
         bias: bool = False,
         torchvision: bool = False,
         avg_down: bool = False,
+        se: bool = False,
     ):
         nn.Module.__init__(self)
         self.conv1 = _conv(cin, width, 1, bias=bias)
@@ -96,18 +116,20 @@ class _Bottleneck(_Basic):
         self.bn2 = nn.BatchNorm2d(width)
         self.conv3 = _conv(width, cout, 1, bias=bias)
         self.bn3 = nn.BatchNorm2d(cout)
+        self.se = _SqueezeExcite(cout) if se else nn.Identity()
         self.relu = nn.ReLU()
         self._add_shortcut(cin, cout, stride, bias, torchvision, avg_down)
 
     def forward(self, x):
         y = self.relu(self.bn1(self.conv1(x)))
         y = self.relu(self.bn2(self.conv2(y)))
-        y = self.bn3(self.conv3(y))
+        y = self.se(self.bn3(self.conv3(y)))
         return self.relu(y + self.skip(x))
 
 
 class TorchResNetBase(nn.Module):
-    """The seed's ResNetBase in PyTorch: conv+BN stem, ``blocks``, global average pooling."""
+    """labml.ai's annotated ResNet (``ResNetBase``) in PyTorch: conv+BN stem, ``blocks``, global
+    average pooling."""
 
     def __init__(
         self,
@@ -156,8 +178,10 @@ class TorchResNet(nn.Module):
         stem_type: str = "",
         stem_width: int = 64,
         avg_down: bool = False,
+        attn_layer: str = "",
     ):
         super().__init__()
+        block_args = dict(torchvision=True, avg_down=avg_down, se=attn_layer == "se")
         stem_out = 2 * stem_width if stem_type else 64
         if small_stem:
             self.conv1 = _conv(img_channels, 64, 3)
@@ -185,15 +209,11 @@ class TorchResNet(nn.Module):
             for j in range(n):
                 stride = 2 if i > 0 and j == 0 else 1
                 if block == "basic":
-                    layer.append(_Basic(prev, planes, stride, torchvision=True, avg_down=avg_down))
+                    layer.append(_Basic(prev, planes, stride, **block_args))
                     prev = planes
                 else:
                     width = int(planes * (width_per_group / 64.0)) * groups
-                    layer.append(
-                        _Bottleneck(
-                            prev, width, planes * 4, stride, groups, torchvision=True, avg_down=avg_down
-                        )
-                    )
+                    layer.append(_Bottleneck(prev, width, planes * 4, stride, groups, **block_args))
                     prev = planes * 4
             setattr(self, f"layer{i + 1}", nn.Sequential(*layer))
         self.n_stages = len(stage_sizes)

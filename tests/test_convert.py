@@ -1,5 +1,5 @@
 """PyTorch <-> Flax weight conversion: exact round trips, inference of the architecture (torchvision,
-timm and the seed's layouts), fresh heads, .pth/.safetensors files, errors."""
+timm and labml.ai's annotated ResNet layouts), fresh heads, .pth/.safetensors files, errors."""
 
 import os
 import sys
@@ -121,6 +121,10 @@ def test_missing_unexpected_and_wrong_shape_keys_are_all_listed():
     assert "missing keys (1): layer3.1.bn2.running_var" in msg
     assert "unexpected keys (1): layer9.extra.weight" in msg
     assert "layer2.0.conv1.weight: got (5, 5, 64, 128)" in msg
+    err = e.value  # the same, as fields
+    assert err.missing == ("layer3.1.bn2.running_var",) and err.unexpected == ("layer9.extra.weight",)
+    assert err.wrong_shapes == (("layer2.0.conv1.weight", (5, 5, 64, 128), (3, 3, 64, 128)),)
+    assert err.target == "ResNet (resnet18)" == err.looks_like
 
 
 def test_not_a_resnet_state_dict():
@@ -188,12 +192,33 @@ def test_timm_layout_converts_by_inference_and_computes_the_same_function(arch):
     _assert_same_function_float64(tm, model, variables)
 
 
-def test_timm_state_dict_when_importable():
+@pytest.mark.parametrize(
+    "arch, overrides",
+    [
+        ("seresnext26d_32x4d", dict(stage_sizes=(1, 2))),
+        ("resnet18", dict(stage_sizes=(1, 1), attn_layer="se")),  # SE on a basic block
+    ],
+)
+def test_squeeze_excite_converts_by_inference_and_computes_the_same_function(arch, overrides):
+    """timm's ``layerN.M.se.fc1/fc2`` (1x1 convs with biases) convert with no model given, back to
+    the same state_dict, and compute the PyTorch twin's function at float64."""
+    tm = randomize_batchnorm(torch_resnet(arch, num_classes=5, **overrides))
+    sd = tm.state_dict()
+    assert {"layer1.0.se.fc1.weight", "layer1.0.se.fc1.bias", "layer2.0.se.fc2.bias"} <= set(sd)
+    variables = convert.torch_to_flax(sd)
+    model = convert.infer_model(sd)
+    assert model == resnet_jax.get_model(arch, num_classes=5, **overrides)
+    _assert_state_dicts_equal(convert.flax_to_torch(variables), sd)
+    _assert_same_function_float64(tm, model, variables)
+
+
+@pytest.mark.parametrize("arch", ["resnet18d", "seresnext26d_32x4d"])
+def test_timm_state_dict_when_importable(arch):
     timm = pytest.importorskip("timm")
-    tm = randomize_batchnorm(timm.create_model("resnet18d", pretrained=False, num_classes=5))
+    tm = randomize_batchnorm(timm.create_model(arch, pretrained=False, num_classes=5))
     variables = convert.torch_to_flax(tm.state_dict())
     model = convert.infer_model(tm.state_dict())
-    assert model == resnet_jax.resnet18d(num_classes=5)
+    assert model == resnet_jax.get_model(arch, num_classes=5)
     _assert_same_function_float64(tm, model, variables, size=65)
 
 

@@ -108,6 +108,31 @@ def test_init_from_errors_name_the_problem(tmp_path):
         loop.train_and_evaluate(tiny_config(init_from=str(tmp_path)), str(tmp_path / "b"))
 
 
+def test_init_from_another_architecture_is_one_line_from_the_structured_error(tmp_path):
+    """init_from formats the library's StateDictMismatchError fields: counts, a first key each,
+    the architecture the file looks like."""
+    from resnet_jax import get_model
+    from resnet_jax.convert import save_torch_checkpoint
+    from train import init_from
+
+    r50 = get_model("resnet50", num_classes=10, stage_sizes=(1, 1))
+    shapes = jax.eval_shape(lambda: r50.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
+    path = str(tmp_path / "r50.safetensors")
+    save_torch_checkpoint(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes), path)
+    model = get_model("resnet18", num_classes=10, stage_sizes=(1, 1))
+    with pytest.raises(ConfigError) as e:
+        init_from._from_torch_file(path, model, "init_from")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(
+        f"config.init_from={path!r} does not fit config.model (ResNet): "
+    )
+    # bottleneck-only: conv3/bn3 of 2 blocks and layer1.0's projection (5 tensors each); misshapen:
+    # layer1.0.conv1 (1x1), layer2.0.conv1 (256 in), downsample.0 and its 4 BN tensors (512), fc.
+    assert "unexpected keys (15), e.g. layer1.0.bn3.bias" in msg
+    assert "wrong shapes (8), e.g. fc.weight: got (512, 10), expected (128, 10)" in msg
+    assert "The state_dict looks like ResNet (stage_sizes=(1, 1), block=bottleneck)." in msg
+
+
 def test_export_loads_strictly_into_pytorch_and_gives_the_same_logits(tmp_path):
     torch = pytest.importorskip("torch")
     from resnet_jax.torch_reference import torch_resnet

@@ -39,6 +39,10 @@ TIMM_PARAMS_M = {
     "resnet101d": 44.57,
     "resnet152d": 60.21,
     "resnet200d": 64.69,
+    "seresnet50": 28.09,
+    "seresnext50_32x4d": 27.56,
+    "seresnext101_32x8d": 93.57,
+    "seresnext26d_32x4d": 16.81,
 }
 
 
@@ -59,7 +63,7 @@ def test_preset_parameter_count_equals_torchvision(arch):
 
 
 @pytest.mark.parametrize("arch", sorted(TIMM_PARAMS_M))
-def test_resnet_d_parameter_count_equals_timm(arch):
+def test_timm_preset_parameter_count_equals_timm(arch):
     n = _count(_abstract_init(getattr(resnet_jax, arch)())["params"])
     assert round(n / 1e6, 2) == TIMM_PARAMS_M[arch]
     with torch.device("meta"):
@@ -74,6 +78,25 @@ def test_deep_and_tiered_stems_have_timm_widths_and_names():
         assert set(params["layer2_0"]) >= {"downsample_1", "downsample_2"}
         assert "downsample_0" not in params["layer2_0"]
         assert params["layer2_0"]["downsample_1"]["kernel"].shape == (1, 1, 256, 512)
+
+
+def test_squeeze_excite_has_timm_names_widths_and_place():
+    """``layerN_M/se/fc1|fc2`` 1x1 convs with biases, reduced to make_divisible(C / 16, 8) as
+    timm's SEModule (at least 8, nearest multiple, halves up), applied after the last BN."""
+    params = _abstract_init(resnet_jax.seresnet50(), (1, 64, 64, 3))["params"]
+    se = params["layer4_2"]["se"]
+    assert jax.tree.map(lambda a: a.shape, se) == {
+        "fc1": {"kernel": (1, 1, 2048, 128), "bias": (128,)},
+        "fc2": {"kernel": (1, 1, 128, 2048), "bias": (2048,)},
+    }
+    assert params["layer1_0"]["se"]["fc1"]["kernel"].shape == (1, 1, 256, 16)
+    assert "se" not in _abstract_init(resnet_jax.resnet50(), (1, 64, 64, 3))["params"]["layer1_0"]
+    # 64 / 16 = 4 -> 8 (the floor); 200 / 16 = 12.5 -> 16; 120 / 16 = 7.5 -> 8; 2048 -> 128.
+    from resnet_jax import core
+
+    assert [core.se_channels(c) for c in (64, 200, 120, 2048, 392)] == [8, 16, 8, 128, 24]
+    with pytest.raises(ValueError, match="attn_layer must be '' or 'se'"):
+        resnet_jax.resnet18(attn_layer="eca").init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
 
 
 def test_stem_options_are_validated():

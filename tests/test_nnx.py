@@ -19,7 +19,7 @@ import torch
 from flax import nnx, traverse_util
 
 import resnet_jax
-from resnet_jax import convert
+from resnet_jax import bridge, convert
 from resnet_jax import nnx as rnnx
 from resnet_jax.torch_reference import TorchResNetBase, torch_resnet
 
@@ -110,6 +110,23 @@ def test_state_paths_are_pytorch_module_paths():
     seed_paths = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(seed))}
     assert {"conv.kernel", "bn.var", "blocks.2.shortcut.conv.kernel", "blocks.1.conv3.kernel"} <= seed_paths
     assert not any(p.startswith("blocks.0.shortcut") for p in seed_paths)  # identity shortcut
+
+
+def test_nnx_module_imports_no_linen_module():
+    """resnet_jax.nnx builds from the shared plans in core; Linen <-> NNX lives in bridge.py."""
+    import ast
+
+    tree = ast.parse(open(rnnx.__file__).read())
+    imported = set()
+    for node in tree.body:  # module level: what importing resnet_jax.nnx runs
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("resnet_jax"):
+            imported |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            imported |= {a.name for a in node.names if a.name.startswith("resnet_jax")}
+    assert imported and not any(
+        m.split(".")[1] in ("models", "blocks", "bridge") for m in imported if "." in m
+    )
+    assert rnnx.from_linen is bridge.from_linen and rnnx.to_linen is bridge.to_linen  # still importable
 
 
 def test_fields_and_defaults_equal_the_linen_modules():
@@ -219,13 +236,17 @@ def _reduced(arch, **overrides):
 
 def _preset_groups():
     """The presets grouped by everything but their depth: each group is one configuration of
-    blocks and stem, which two one-block stages exercise completely."""
+    blocks and stem, which two one-block stages exercise completely. The SE presets are one
+    group, run as the one with the most options (SE on grouped convs, deep stem, avg_down): their
+    other options are the plain presets' and have their own groups. Each group's first member
+    has the most fields."""
     groups: dict = {}
     for arch, fields in resnet_jax.PRESETS.items():
-        groups.setdefault(tuple(sorted((k, v) for k, v in fields.items() if k != "stage_sizes")), []).append(
-            arch
-        )
-    return list(groups.values())
+        key = tuple(sorted((k, v) for k, v in fields.items() if k != "stage_sizes"))
+        if fields.get("attn_layer"):
+            key = (("attn_layer", fields["attn_layer"]),)
+        groups.setdefault(key, []).append(arch)
+    return [sorted(archs, key=lambda a: -len(resnet_jax.PRESETS[a])) for archs in groups.values()]
 
 
 # The speed options that leave values unchanged, folded into groups so they cost no extra compile.
@@ -234,7 +255,7 @@ _OPTIONS = {
     "resnet26t": dict(stem_pad_channels=8, bn_variance="shifted"),
 }
 
-# Every preset (reduced to two one-block stages), the small stem, and the seed's ResNetBase.
+# Every preset (reduced to two one-block stages), the small stem, and labml.ai's ResNetBase.
 NUMERIC_CONFIGS = [
     *(
         pytest.param(_reduced(archs[0], **_OPTIONS.get(archs[0], {})), id=",".join(archs))

@@ -56,6 +56,15 @@ def test_float64_parity_is_structural_for_every_torchvision_preset(arch):
     assert ("running stats after 1 forward" in result["rows"]) == forward_only
 
 
+def test_float64_parity_of_squeeze_excite():
+    """timm's SE blocks (here with grouped convs, deep stem and avg_down) against the PyTorch twin:
+    every row, gradients and SGD steps included (64x64: at 32x32 the last stage's train-mode
+    BatchNorm sees 2 values per channel and amplifies rounding, for resnet26d alike)."""
+    code, result = _cli("--arch", "seresnext26d_32x4d", *STRUCTURAL)
+    assert code == 0 and len(result["rows"]) == 6, result["rows"]
+    assert all(err <= 1e-10 for err in result["rows"].values()), result["rows"]
+
+
 def test_forward_only_parity_catches_a_wrong_batchnorm_momentum(monkeypatch, capsys):
     """``--steps 0`` compares the running statistics after one train-mode forward: a momentum
     that differs from PyTorch's only there must fail that row, and only that row."""
@@ -162,7 +171,8 @@ def test_torchvision_reference_when_importable():
     assert code == 0, result["rows"]
 
 
-def test_timm_reference_when_importable():
+@pytest.mark.parametrize("arch", ["resnet26t", "seresnext26d_32x4d"])
+def test_timm_reference_when_importable(arch):
     pytest.importorskip("timm")
-    code, result = _cli("--arch", "resnet26t", "--reference", "timm", "--dtype", "float64", "--steps", "3")
+    code, result = _cli("--arch", arch, "--reference", "timm", "--dtype", "float64", "--steps", "3")
     assert code == 0 and all(e <= 1e-10 for e in result["rows"].values()), result["rows"]

@@ -14,6 +14,7 @@ import torch
 
 import resnet_jax
 from resnet_jax import convert, pretrained
+from resnet_jax.parity import rel
 from resnet_jax.pretrained import Preprocess
 from resnet_jax.torch_reference import randomize_batchnorm, torch_resnet
 
@@ -76,10 +77,6 @@ def _logits(model, variables, tm, size=32):
     return out, ref
 
 
-def _rel(a, b):
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 def test_loads_from_the_torch_hub_cache_and_predicts_like_pytorch():
     tm = _twin()
     path = _save_torchvision_style(tm, pretrained.torch_hub_dir(), "tiny")
@@ -89,7 +86,7 @@ def test_loads_from_the_torch_hub_cache_and_predicts_like_pytorch():
     assert not info.new_head and info.num_classes == 10 == model.num_classes
     assert info.weights.preprocess == Preprocess(40, 32)
     out, ref = _logits(model, variables, tm)
-    assert _rel(out, ref) <= 1e-5
+    assert rel(out, ref) <= 1e-5
 
 
 def test_a_file_whose_sha256_does_not_match_its_name_is_rejected():
@@ -158,7 +155,7 @@ def test_download_is_verified_then_cached(monkeypatch, tmp_path):
     assert (pretrained.torch_hub_dir() / served.name).read_bytes() == served.read_bytes()
     assert pretrained.load("tiny.tv_in1k", return_info=True)[2].found_in == "torch hub cache"
     out, ref = _logits(model, variables, tm)
-    assert _rel(out, ref) <= 1e-5
+    assert rel(out, ref) <= 1e-5
 
     # A download whose bytes do not match the name's hash is discarded, not cached.
     _register("tiny.bad_in1k", "tiny-00000000.pth")
@@ -183,7 +180,7 @@ def test_loads_timm_layout_safetensors_from_the_hugging_face_cache():
     assert info.found_in == "hugging face cache" and info.path == str(snapshot / "model.safetensors")
     jax.tree.map(np.testing.assert_array_equal, loaded, variables)
     out, ref = _logits(loaded_model, loaded, tm, size=33)
-    assert _rel(out, ref) <= 1e-5
+    assert rel(out, ref) <= 1e-5
 
 
 def test_new_head_is_fresh_and_every_other_tensor_loads_bitwise():
@@ -215,7 +212,7 @@ def test_path_argument_file_or_directory(tmp_path):
     model, variables, info = pretrained.load("tiny.tv_in1k", path=mine, return_info=True)
     assert info.found_in == "path"
     out, ref = _logits(model, variables, tm)
-    assert _rel(out, ref) <= 1e-5
+    assert rel(out, ref) <= 1e-5
     with pytest.raises(pretrained.WeightsNotFoundError, match="no weights file at .*tiny-12345678.pth"):
         pretrained.load("tiny.tv_in1k", path=tmp_path)
     named = _save_torchvision_style(tm, tmp_path / "dir", "tiny")
@@ -253,7 +250,7 @@ def test_unknown_name_lists_close_names_and_bare_names_mean_the_default():
 def test_builtin_entries_carry_torchvision_and_timm_metadata():
     names = pretrained.list_pretrained()
     tv = [n for n in names if ".tv" in n]
-    assert len(tv) == 17 and len(names) - len(tv) == 16
+    assert len(tv) == 17 and len(names) - len(tv) == 20
     # Every torchvision architecture with ImageNet weights has them (resnet200 has none).
     assert {pretrained.info(n).arch for n in tv} == set(resnet_jax.TORCHVISION_ARCHS) - {"resnet200"}
     for n in names:
@@ -272,6 +269,13 @@ def test_builtin_entries_carry_torchvision_and_timm_metadata():
     d = pretrained.info("resnet50d.ra2_in1k")
     assert (d.top1, d.preprocess) == (81.356, Preprocess(303, 288, "bicubic"))  # crop_pct 0.95
     assert pretrained.list_pretrained("resnet50d*") == ["resnet50d.a1_in1k", "resnet50d.ra2_in1k"]
+    se = pretrained.info("seresnext26d_32x4d")  # a bare name: timm's weights for the preset
+    assert (se.name, se.top1, se.preprocess) == (
+        "seresnext26d_32x4d.bt_in1k",
+        78.816,
+        Preprocess(303, 288, "bicubic"),
+    )
+    assert pretrained.info("seresnext101_32x8d").preprocess == Preprocess(288, 288, "bicubic")  # crop_pct 1
 
 
 def test_preprocess_resizes_the_shorter_side_crops_the_centre_and_normalises():

@@ -11,7 +11,6 @@ classes). Only a fresh run imports weights; a resumed run restores its own check
 from __future__ import annotations
 
 import os
-import re
 from typing import Any
 
 import jax
@@ -19,8 +18,6 @@ import numpy as np
 
 from train import paths, steps
 from train.config import ConfigError
-
-_MISMATCH_KINDS = ("missing keys", "unexpected keys", "wrong shapes")
 
 
 def import_weights(
@@ -146,19 +143,13 @@ def _check_fits(
     )
 
 
-def _mismatch_message(e: Exception, path: str, model: Any, field: str) -> str:
-    # The library lists every key; one line with counts, an example and its hint is enough.
-    lines = [line.strip() for line in str(e).splitlines()[1:]]
-    problems = []
-    for ln in lines:
-        # "wrong shapes (2): conv1.weight: got (7, 7, 3, 64) ..., fc.weight: ..." -> first item
-        match = re.match(r"(.+? \(\d+\)): (.+?)(?:, (?=\w+\.[\w.]+[:,])| \.\.\.|$)", ln)
-        if match and match.group(1).split(" (")[0] in _MISMATCH_KINDS:
-            problems.append(f"{match.group(1)}, e.g. {match.group(2)}")
-    hint = next((ln for ln in lines if "looks like" in ln), "")
-    hint = hint[hint.index("The state_dict") :] if hint else ""
+def _mismatch_message(e: Any, path: str, model: Any, field: str) -> str:
+    # The library's error lists every key; one line with counts, an example and its hint is enough.
+    kinds = (("missing keys", e.missing), ("unexpected keys", e.unexpected), ("wrong shapes", e.wrong_shapes))
+    problems = "; ".join(f"{title} ({len(items)}), e.g. {items[0]}" for title, items in kinds if items)
+    hint = f" The state_dict looks like {e.looks_like}." if e.looks_like else ""
     return (
         f"config.{field}={path!r} does not fit config.model ({type(model).__name__}): "
-        f"{'; '.join(problems)}. {hint} Set config.model (arch, overrides) to the architecture "
+        f"{problems or e.message.rstrip('.')}.{hint} Set config.model (arch, overrides) to the architecture "
         f"the state_dict was saved from."
     )
