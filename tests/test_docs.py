@@ -109,4 +109,3 @@ def test_skipped_block_compiles(block: Block) -> None:
     """A block marked skip still parses; it is reported as skipped, by name, with its reason."""
     compile(block.code, block.name, "exec")
     pytest.skip(f"{block.name}: {block.skip}")
-
