@@ -109,3 +109,26 @@ def test_skipped_block_compiles(block: Block) -> None:
     """A block marked skip still parses; it is reported as skipped, by name, with its reason."""
     compile(block.code, block.name, "exec")
     pytest.skip(f"{block.name}: {block.skip}")
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if p.exists()], ids=lambda p: p.name)
+def test_links_resolve(page: Path) -> None:
+    """Every relative link of a page names a file that exists and, with ``#...``, a heading in it."""
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+        if re.match(r"[a-z]+://", target):
+            continue
+        file, _, anchor = target.partition("#")
+        path = (page.parent / file).resolve() if file else page
+        if not path.exists():
+            broken.append(target)
+        elif anchor and path.suffix == ".md":
+            headings = re.findall(r"^#+ (.+)$", path.read_text(), flags=re.M)
+            if anchor not in {_anchor(h) for h in headings}:
+                broken.append(target)
+    assert not broken, f"{page.name}: broken links {broken}"
