@@ -77,10 +77,15 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from resnet_jax import convert
 
     d = tmp_path_factory.mktemp("docs")
-    variables = resnet_jax.resnet18().init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    # Random values of the right shapes (positive variances): the pages convert and run these
+    # weights, and an abstract init avoids paying for a real one here.
+    rng = np.random.default_rng(0)
+    shapes = jax.eval_shape(
+        lambda: resnet_jax.resnet18().init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    )
+    variables = jax.tree.map(lambda s: rng.uniform(0.5, 1.5, s.shape).astype(np.float32) * 0.05, shapes)
     convert.save_torch_checkpoint(variables, d / "resnet18.pth", arch="resnet18")
     convert.save_torch_checkpoint(variables, d / "resnet18.safetensors", arch="resnet18")
-    rng = np.random.default_rng(0)
     for name in ("cat.jpg", "dog.jpg"):
         Image.fromarray(rng.integers(0, 256, (80, 96, 3), dtype=np.uint8)).save(d / name)
     return d
