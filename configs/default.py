@@ -100,7 +100,7 @@ def _loop(c: ml_collections.ConfigDict) -> None:
     """Parallelism, logging, evaluation and checkpoint policy (train/loop.py, train/periodic.py)."""
     c.parallelism = "jit"  # 'jit' (over a device mesh) or 'pmap'
     # jit's mesh: 'auto' axes (the compiler propagates shardings) or 'explicit' (sharding in
-    # types, jax.make_mesh's default since JAX 0.10). Same results; see README "Meshes".
+    # types, jax.make_mesh's default since JAX 0.10). Same results; see docs/sharding.md.
     c.mesh_axis_types = "auto"
     c.seed = 0
     # PRNG for parameter init: '' = JAX's default (threefry2x32). 'rbg' compiles much faster on
