@@ -24,6 +24,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md"))]
 SKIP = re.compile(r"<!--\s*skip:\s*(.+?)\s*-->")
+# One worker under `-n 2 --dist loadgroup`: the pages share the fixture and JAX's compiled ops,
+# which a second worker would pay for again.
+pytestmark = pytest.mark.xdist_group("docs")
 
 
 @dataclasses.dataclass(frozen=True)
