@@ -2,10 +2,10 @@
 ResNet (``labml_nn.resnet``) and torchvision, and timm's squeeze-and-excitation.
 
 Which layers a block has, and their PyTorch names, come from ``core.block_plan`` (shared with the
-NNX modules); how they connect is the block's forward here, read top to bottom. Every convolution is padded explicitly
-(``kernel // 2`` on each side, as PyTorch does) because Flax's ``'SAME'`` pads stride-2
-convolutions asymmetrically and would shift every feature map by half a pixel relative to a
-PyTorch model with the same weights.
+NNX modules); how they connect is the block's forward here, read top to bottom. Every convolution
+is padded explicitly (``kernel // 2`` on each side, as PyTorch does) because Flax's ``'SAME'``
+pads stride-2 convolutions asymmetrically and would shift every feature map by half a pixel
+relative to a PyTorch model with the same weights.
 """
 
 from __future__ import annotations
@@ -155,10 +155,20 @@ class SqueezeExcite(nn.Module):
 
 
 class _Block(nn.Module):
-    """The forward of both residual blocks; their ``plan`` says which layers they have."""
+    """The forward of both residual blocks; their fields give the plan of their layers."""
 
     def plan(self, in_channels: int) -> core.BlockPlan:
-        raise NotImplementedError
+        bottleneck = getattr(self, "bottleneck_channels", None)  # None: a basic block
+        return core.block_plan(
+            in_channels,
+            self.out_channels,
+            self.stride,
+            bottleneck,
+            getattr(self, "groups", 1),
+            self.projection,
+            self.avg_down,
+            self.attn_layer,
+        )
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -203,16 +213,6 @@ class ResidualBlock(_Block):
     avg_down: bool = False
     attn_layer: str = ""
 
-    def plan(self, in_channels: int) -> core.BlockPlan:
-        return core.block_plan(
-            in_channels,
-            self.out_channels,
-            self.stride,
-            projection=self.projection,
-            avg_down=self.avg_down,
-            attn_layer=self.attn_layer,
-        )
-
 
 class BottleneckResidualBlock(_Block):
     """1x1 reduce, 3x3 (strided, optionally grouped), 1x1 expand, plus a shortcut.
@@ -233,15 +233,3 @@ class BottleneckResidualBlock(_Block):
     projection: str = "shortcut"
     avg_down: bool = False
     attn_layer: str = ""
-
-    def plan(self, in_channels: int) -> core.BlockPlan:
-        return core.block_plan(
-            in_channels,
-            self.out_channels,
-            self.stride,
-            self.bottleneck_channels,
-            self.groups,
-            self.projection,
-            self.avg_down,
-            self.attn_layer,
-        )

@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from resnet_jax import pretrained
+
 Batch = dict[str, np.ndarray]
 
 DIGITS = "sklearn_digits"
@@ -46,8 +48,9 @@ IMAGE_FOLDER = "image_folder"
 DIGITS_TEST_SIZE = 360
 DIGITS_SPLIT_SEED = 0
 
-IMAGENET_MEAN = (123.675, 116.28, 103.53)
-IMAGENET_STD = (58.395, 57.12, 57.375)
+# resnet_jax.pretrained's ImageNet statistics (0..1 units) in the 0..255 units of the pipelines.
+IMAGENET_MEAN = tuple(round(255 * m, 3) for m in pretrained.IMAGENET_MEAN)
+IMAGENET_STD = tuple(round(255 * s, 3) for s in pretrained.IMAGENET_STD)
 TRAIN_AUGMENTATIONS = ("inception_crop", "pad_crop", "none")
 
 IMAGENET_HELP = (
