@@ -28,7 +28,7 @@ def get_config():
     c.normalize_std = (58.395, 57.12, 57.375)
 
     c.model.arch = "resnet50"
-    c.model.overrides = {"zero_init_residual": True, "bn_variance": "shifted"}  # shifted: 1.08x on GPU
+    c.model.overrides = {"zero_init_residual": True, "bn_variance": "shifted"}  # faster on GPU
     c.dtype = "auto"  # bfloat16 on TPU/GPU; '--config.dtype=float16' for loss-scaled fp16 on GPU
 
     c.batch_size = 1024

@@ -47,11 +47,11 @@ class BatchNorm(nn.Module):
     Differences from ``flax.linen.BatchNorm`` that matter for parity with ``torch.nn.BatchNorm2d``:
     the running variance is updated with the *unbiased* batch variance, and ``momentum`` 0.9
     (Flax's convention) equals PyTorch's 0.1. ``variance`` is ``'two_pass'`` (default, robust
-    whatever the mean) or ``'shifted'`` (one pass, shifted by the running mean: 1.08x the images/s
-    of two-pass for ResNet-50 on an H100, see BENCHMARKS.md, but less exact in float32 in the
-    first steps from scratch); both give PyTorch's value at float64. ``recompute=True`` keeps
-    the backward pass's copy of ``x`` in its own dtype (values unchanged; measured slower).
-    Statistics are computed in at least float32 whatever ``dtype`` is. Under
+    whatever the mean) or ``'shifted'`` (one pass, shifted by the running mean: faster, see
+    BENCHMARKS.md, but less exact in float32 in the first steps from scratch); both give
+    PyTorch's value at float64. ``recompute=True`` keeps the backward pass's copy of ``x`` in its
+    own dtype (values unchanged; measured slower). Statistics are computed in at least float32
+    whatever ``dtype`` is. Under
     ``jax.jit`` with a batch sharded over a mesh the reductions are global automatically; under
     ``pmap`` set ``axis_name`` to average them across devices (synchronised BatchNorm).
     """

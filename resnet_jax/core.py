@@ -1,24 +1,9 @@
 """The one definition of the architectures, shared by the Linen and the NNX modules.
 
-Linen (``blocks.py``, ``models.py``) and NNX (``nnx.py``) differ in how a module holds its state,
-not in what the network computes. So everything that decides the architecture lives here, as
-plain data and pure functions that know neither API:
-
-* **plans**: which layers a block has, named as PyTorch names them, with their channels,
-  kernels, strides and groups (:func:`block_plan`), which blocks a network has
-  (:func:`resnet_plan`, :func:`resnetbase_plan`) and what its stem is (:func:`resnet_stem`,
-  :func:`resnetbase_stem`);
-* **names**: a plan names layers by their PyTorch module path (``layer1.0``, ``downsample.1``);
-  Linen spells ``.N`` as ``_N`` (:func:`linen_name`), NNX keeps ``N`` as an ``nnx.List`` index
-  (:func:`split_index`), and weight conversion maps the two spellings (:func:`linen_path`,
-  :func:`torch_path`);
-* **arithmetic** that both APIs call: PyTorch-exact BatchNorm (:func:`batch_norm`), the pools,
-  the squeeze-and-excitation gate, padding, initialisers and input checks.
-
-Each API writes a block's computation in one short function that reads top to bottom (conv,
-norm, activation, ..., the shortcut, the addition) over a :class:`BlockPlan`. A new variant is a
-plan change here (and, for a new layer kind such as SE, one small module per API); its presets
-are new ``PRESETS`` entries.
+Plain data and pure functions that know neither API: plans (:func:`block_plan`,
+:func:`resnet_plan`, :func:`resnetbase_plan`, the stems), PyTorch-path names and their Linen and
+NNX spellings, the ``PRESETS`` table, and the arithmetic both APIs call (:func:`batch_norm`,
+pools, the SE gate, padding, initialisers). docs/design.md explains the split.
 """
 
 from __future__ import annotations
@@ -329,7 +314,7 @@ def resnet_stem(
 
     ``pad_channels_to`` zero-pads the first conv's input channels (see
     :func:`channel_padded_conv`); ``None`` means 8 on GPUs, where a 3-channel stem leaves cuDNN on
-    slow kernels (1.02x ResNet-50 bf16 training on an H100, BENCHMARKS.md), and off elsewhere.
+    slow kernels (the gain is in BENCHMARKS.md), and off elsewhere.
     """
     if stem_type not in STEM_TYPES:
         raise ValueError(f"stem_type must be '', 'deep' or 'deep_tiered'; got {stem_type!r}.")
@@ -581,7 +566,7 @@ def batch_norm(
     ``'shifted'`` is one pass over ``x``, ``E[(x - s)^2] - E[x - s]^2`` with the shift ``s`` the
     running mean (a constant to autodiff): unlike Flax's ``E[x^2] - E[x]^2``, float32
     cancellation stays small once the running mean tracks the batch mean, and it saves a read of
-    every activation: 1.08x the images/s of two-pass for ResNet-50 on an H100 (BENCHMARKS.md).
+    every activation (the speed-up on a GPU is in BENCHMARKS.md).
     Its weak spot is the first steps from scratch, while the running mean (0 at init) is not yet
     a useful shift: cancellation then amplifies float32 rounding, e.g. a 2-process run and a
     1-process run of the digits config drift apart by 1e-4 where two-pass keeps 1e-6. Both are
@@ -590,7 +575,7 @@ def batch_norm(
 
     ``recompute=True`` checkpoints the normalisation (``jax.checkpoint``): the backward pass keeps
     ``x`` in its own dtype and recomputes the float32 product, rather than storing float32
-    copies. Values are unchanged (measured slower on an H100, so off by default).
+    copies. Values are unchanged (slower on a GPU in BENCHMARKS.md, so off by default).
     """
     if variance not in BN_VARIANCES:
         raise ValueError(f"variance must be 'two_pass' or 'shifted'; got {variance!r}.")

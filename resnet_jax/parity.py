@@ -71,7 +71,7 @@ def _randomize(model, gen, branch_gain: tuple[float, float]) -> None:
     The last BatchNorm of each residual branch gets a small scale drawn from ``branch_gain``, as
     in trained torchvision ResNets (and zero_init_residual). With scales near 1 there, a deep
     train-mode ResNet at init is so ill-conditioned that PyTorch's own float32 gradients differ
-    from its float64 ones by ~2e-2 (ResNet-50, see BENCHMARKS.md); parity would then measure
+    from its float64 ones by far more than rounding (docs/pytorch.md); parity would then measure
     rounding amplification, not the implementation.
     """
     import torch

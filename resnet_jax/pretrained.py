@@ -1,17 +1,9 @@
 """Pretrained ImageNet weights by name: torchvision's and timm's ResNets as Flax variables.
 
-``model, variables = pretrained.load('resnet50.tv2_in1k')``. Names are timm's ``arch.tag``:
-``tv_in1k``/``tv2_in1k`` are torchvision's ``IMAGENET1K_V1``/``V2`` files; other tags are timm's
-own weights on the Hugging Face hub (``timm/<name>``, ``model.safetensors``). A bare preset name
-(``'resnet50'``) means the default weights: torchvision's ``DEFAULT``, or timm's first tag for the
--D/-T and SE presets. :func:`list_pretrained` lists them, :func:`info` gives file, source, published
-top-1 and the evaluation preprocessing it was measured with.
-
-The file is taken from, in order: ``path=``; the PyTorch hub cache (``$TORCH_HOME/hub/checkpoints``,
-where ``torch.hub`` and torchvision put it); the Hugging Face hub cache; a download (``urllib`` for
-torchvision's URLs, ``huggingface_hub`` for the hub). torchvision file names end in a prefix of
-the file's sha256, which is checked: a file that does not match is never used. Checkpoints are
-read as tensors only (``safetensors``, or ``torch.load(weights_only=True)``), never as pickled code.
+``model, variables = pretrained.load('resnet50.tv2_in1k')``. :func:`list_pretrained` lists the
+names, :func:`info` gives an entry's file, source, published top-1 and preprocessing, and
+:func:`locate` finds the file (``path=``, the PyTorch and Hugging Face hub caches, a download),
+checking torchvision's sha256 prefixes. docs/pretrained.md is the guide.
 """
 
 from __future__ import annotations

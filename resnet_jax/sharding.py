@@ -1,20 +1,10 @@
 """Data-parallel meshes, and the conv/matmul that let the models train under explicit axes.
 
-Since JAX 0.10, ``jax.make_mesh`` gives *explicit* axes by default: an array's sharding is part
-of its type, and every op must be able to say how its output is sharded. Data parallelism needs
-one decision from the model there, which JAX's "Autodiff and sharding" guide spells out:
-parameters are *replicated* over the batch axis, so their gradients (contractions over the
-sharded batch) come out replicated, i.e. reduced over ``'data'`` inside the backward conv/matmul.
-
-A parameter that was never placed on the mesh (built by ``model.init`` or an NNX constructor
-outside it) has no mesh in its type. The forward pass accepts it, but the backward pass of
-``lax.conv_general_dilated`` / ``lax.dot_general`` then cannot type the kernel gradient and raises
-``ShardingTypeError: Please specify the output sharding via out_sharding ...`` (jax 0.10.2).
 :func:`conv_general_dilated` and :func:`dot_general`, which every conv and dense layer of
-``resnet_jax`` uses, therefore first cast the kernel to *replicated on the mesh of its input*
-(:func:`replicated_like`). That cast is free when the kernel is already replicated there (the
-usual case after :func:`replicate`), an all-gather when it was sharded (FSDP-style), and a no-op
-outside explicit meshes (auto-axes ``jax.sharding.Mesh``, ``pmap``, one device).
+``resnet_jax`` uses, cast the kernel to replicated on the mesh of its input
+(:func:`replicated_like`), so that a parameter never placed on an explicit mesh still has a
+typed gradient; outside explicit meshes the cast is a no-op. docs/sharding.md says which mesh
+to use, and why.
 """
 
 from __future__ import annotations

@@ -158,7 +158,7 @@ def _conv(x, w):
 
 
 def test_reduced_kernels_for_unreduced_gradients_are_not_supported_by_conv():
-    """The limitation the README documents: JAX's `reduced` parameters (gradients left
+    """The limitation docs/sharding.md documents: JAX's `reduced` parameters (gradients left
     unreduced, one AllReduce placed by hand) work for matmuls but not for convolutions (jax
     0.10.x; jax's source is unchanged there through 0.11), so ResNet gradients are reduced inside
     each backward conv. Once a JAX implements the rule, the gradient must equal the replicated
