@@ -52,17 +52,27 @@ def torch_to_flax(
 ) -> Variables:
     """Convert a PyTorch state_dict to ``{'params': ..., 'batch_stats': ...}`` of numpy arrays.
 
-    ``model`` is the Flax module to check against (Linen, or an NNX model, concrete or from
-    ``nnx.eval_shape``), or a preset name; by default it is inferred from the keys
-    (:func:`infer_model`). Raises :class:`StateDictMismatchError` listing every
-    missing key, unexpected key and wrong shape. Accepts torch tensors or numpy arrays, and
-    unwraps ``{'state_dict': ...}`` checkpoints and DataParallel ``module.`` prefixes.
+    Every tensor is converted exactly; only a fresh ``fc`` (see ``num_classes``, ``new_head``) is
+    new. Accepts torch tensors or numpy arrays, and unwraps ``{'state_dict': ...}`` checkpoints
+    and DataParallel ``module.`` prefixes.
 
-    Fine-tuning on other classes: ``num_classes=N`` builds the classifier with ``N`` classes and,
-    when the checkpoint has another count, initialises a fresh ``fc`` (as ``torch.nn.Linear``,
-    from ``rng``). ``new_head=True`` always ignores the checkpoint's ``fc``: the model's ``fc``, if
-    it has one (``num_classes=None`` has none), is freshly initialised. Every other tensor is
-    converted exactly.
+    Args:
+        state_dict: torchvision's (or timm's, or labml.ai's annotated ResNet's) keys and tensors.
+        model: The Flax module to check against: Linen, or an NNX model (concrete or from
+            ``nnx.eval_shape``), or a preset name. None infers it from the keys
+            (:func:`infer_model`).
+        num_classes: Build the classifier with this many classes; when the checkpoint has
+            another count, ``fc`` is freshly initialised (as ``torch.nn.Linear``, from ``rng``).
+            None keeps the model's (or the checkpoint's) count.
+        new_head: Always ignore the checkpoint's ``fc``: the model's ``fc``, if it has one, is
+            freshly initialised.
+        rng: Seed or PRNG key for a fresh ``fc``; unused otherwise.
+
+    Returns:
+        The variables, in the Linen layout (also for an NNX ``model``).
+
+    Raises:
+        StateDictMismatchError: Listing every missing key, unexpected key and wrong shape.
     """
     state_dict = strip_wrappers(state_dict)
     new_head = new_head or (num_classes is not None and num_classes != _classes(state_dict))
@@ -93,11 +103,23 @@ def torch_to_nnx(
 ) -> Any:
     """Load a PyTorch state_dict into an NNX model and return it.
 
-    ``model`` is an NNX ``resnet_jax.nnx`` model (filled in place), a preset name, or None (the
-    architecture is inferred from the keys, :func:`infer_model`); for the last two the model is
-    built with ``nnx.eval_shape``, so no random initialisation is ever allocated. ``num_classes``,
-    ``new_head`` and ``rng`` give a fresh classifier as in :func:`torch_to_flax`, whose errors
-    this raises too. Nothing is written when the state_dict does not fit.
+    Nothing is written when the state_dict does not fit.
+
+    Args:
+        state_dict: As for :func:`torch_to_flax`.
+        model: A ``resnet_jax.nnx`` model, filled in place; a preset name; or None, which infers
+            the architecture from the keys (:func:`infer_model`). For a name or None the model
+            is built with ``nnx.eval_shape``, so no random initialisation is ever allocated.
+        num_classes: The classifier's size; a fresh ``fc`` as in :func:`torch_to_flax`. With a
+            given model it must equal the model's.
+        new_head: Always initialise a fresh ``fc``, ignoring the checkpoint's.
+        rng: Seed or PRNG key for a fresh ``fc``; unused otherwise.
+
+    Returns:
+        The filled model (``model`` itself when one was given).
+
+    Raises:
+        StateDictMismatchError: As :func:`torch_to_flax`.
     """
     from flax import nnx
 

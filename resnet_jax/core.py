@@ -568,14 +568,36 @@ def batch_norm(
     cancellation stays small once the running mean tracks the batch mean, and it saves a read of
     every activation (the speed-up on a GPU is in BENCHMARKS.md).
     Its weak spot is the first steps from scratch, while the running mean (0 at init) is not yet
-    a useful shift: cancellation then amplifies float32 rounding, e.g. a 2-process run and a
-    1-process run of the digits config drift apart by 1e-4 where two-pass keeps 1e-6. Both are
-    PyTorch's value at float64. ``axis_name`` averages the moments across a ``pmap`` axis
-    (synchronised BatchNorm); under ``jax.jit`` over a sharded batch they are global anyway.
+    a useful shift: cancellation then amplifies float32 rounding, so runs that should agree
+    (e.g. on different process counts) drift apart more than with two-pass. Both are PyTorch's
+    value at float64. ``axis_name`` averages the moments across a ``pmap`` axis (synchronised
+    BatchNorm); under ``jax.jit`` over a sharded batch they are global anyway.
 
     ``recompute=True`` checkpoints the normalisation (``jax.checkpoint``): the backward pass keeps
     ``x`` in its own dtype and recomputes the float32 product, rather than storing float32
     copies. Values are unchanged (slower on a GPU in BENCHMARKS.md, so off by default).
+
+    Args:
+        x: Activations, channels last.
+        scale: Per-channel scale (PyTorch's ``weight``).
+        bias: Per-channel bias.
+        running_mean: Running mean; its dtype is the statistics' dtype.
+        running_var: Running (unbiased) variance.
+        train: Normalise with the batch's statistics (True) or the running ones (False).
+        momentum: Weight of the old running statistics (Flax's convention).
+        epsilon: Added to the variance before the square root.
+        variance: ``'two_pass'`` or ``'shifted'``, as above.
+        axis_name: A ``pmap`` axis to average the batch moments over; None: this device's batch
+            (global under ``jax.jit`` with a sharded batch).
+        unbiased_running_var: Update the running variance with the unbiased batch variance, as
+            PyTorch does; False uses the biased one, as Flax does.
+        dtype: The output's dtype; None keeps ``x``'s (promoted with the parameters').
+        update_stats: In train mode, return updated running statistics; False returns them
+            unchanged (e.g. a train-mode forward pass that must not move them).
+        recompute: Recompute the normalisation in the backward pass, as above.
+
+    Returns:
+        ``(y, new_running_mean, new_running_var)``.
     """
     if variance not in BN_VARIANCES:
         raise ValueError(f"variance must be 'two_pass' or 'shifted'; got {variance!r}.")

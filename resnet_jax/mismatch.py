@@ -31,6 +31,16 @@ class StateDictMismatchError(ValueError):
     ``wrong_shapes`` (:class:`WrongShape`), ``looks_like`` (the architecture the weights fit, if
     recognised, else ``None``), ``hints`` (what to do), ``context`` (where the weights came from).
     A plain message, for weights that are no ResNet's at all, leaves the lists empty.
+
+    Args:
+        message: The first line: what did not fit.
+        target: The model, described.
+        missing: Keys the model needs that the weights lack.
+        unexpected: Keys in the weights that the model has no place for.
+        wrong_shapes: Keys present on both sides with different shapes.
+        looks_like: The architecture the weights fit, if recognised, else None.
+        hints: Lines saying what to do.
+        context: A line put first, saying where the weights came from (a file name, ...).
     """
 
     def __init__(

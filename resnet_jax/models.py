@@ -79,6 +79,22 @@ class ResNetBase(nn.Module):
     (default ``(1, 2, 2, ...)``). To reproduce labml.ai's annotated PyTorch ResNet exactly
     (labml_nn.resnet), use ``strides=(2, 1, 1, ...)`` and ``conv_bias=True``: it strides only the
     network's very first block and keeps PyTorch's default conv biases.
+
+    Attributes:
+        n_blocks: Residual blocks per stage.
+        n_channels: Output channels per stage; the stem has ``n_channels[0]``.
+        bottlenecks: Bottleneck width per stage (bottleneck blocks); None: basic blocks.
+        img_channels: Input image channels.
+        first_kernel_size: The stem conv's kernel size.
+        strides: The first block's stride per stage; None means ``(1, 2, 2, ...)``.
+        conv_bias: Give every conv a bias, as PyTorch's ``Conv2d`` does by default.
+        zero_init_residual: Initialise each block's last BatchNorm scale to 0, so every block
+            starts as the identity.
+        momentum: BatchNorm momentum, Flax's convention (0.9 is PyTorch's 0.1).
+        epsilon: BatchNorm epsilon.
+        axis_name: A ``pmap`` axis for synchronised BatchNorm; None under ``jax.jit``.
+        dtype: Compute dtype.
+        param_dtype: Parameter dtype.
     """
 
     n_blocks: Sequence[int]
@@ -142,6 +158,30 @@ class ResNet(nn.Module):
     ``stem_pad_channels`` (the stem convolution pads its input channels with zeros to this
     multiple: ``None``, the default, means 8 on GPUs, where a 3-channel stem leaves cuDNN on slow
     kernels, and off elsewhere; 0 = off).
+
+    Attributes:
+        stage_sizes: Blocks per stage, e.g. ``(3, 4, 6, 3)`` for ResNet-50.
+        block: ``'basic'`` or ``'bottleneck'``.
+        num_classes: Classifier size; None: no ``fc``, the model returns pooled features.
+        groups: Grouped 3x3 convs in bottleneck blocks (ResNeXt's cardinality).
+        width_per_group: Bottleneck width per group (64 standard; 128 for Wide ResNet).
+        img_channels: Input image channels.
+        small_stem: 3x3/1 stem conv without max-pool, for 32x32 inputs.
+        stem_type: ``''`` (torchvision's 7x7), ``'deep'`` or ``'deep_tiered'`` (timm's).
+        stem_width: Width of the deep stem's first convs (timm's ``stem_width``).
+        avg_down: Average-pool downsampling shortcuts (timm's ``avg_down``).
+        attn_layer: ``''`` or ``'se'`` (squeeze-and-excitation in every block).
+        zero_init_residual: Initialise each block's last BatchNorm scale to 0, so every block
+            starts as the identity (torchvision's option of the same name).
+        momentum: BatchNorm momentum, Flax's convention (0.9 is PyTorch's 0.1).
+        epsilon: BatchNorm epsilon.
+        axis_name: A ``pmap`` axis for synchronised BatchNorm; None under ``jax.jit``.
+        bn_variance: ``'two_pass'`` or ``'shifted'`` BatchNorm variance.
+        bn_recompute: Recompute BatchNorm in the backward pass instead of storing float32 copies.
+        stem_pad_channels: Pad the stem conv's input channels to this multiple; None: 8 on GPUs,
+            off elsewhere; 0: off.
+        dtype: Compute dtype.
+        param_dtype: Parameter dtype.
     """
 
     stage_sizes: Sequence[int]
@@ -228,6 +268,13 @@ def classifier_head(
     """The ``fc`` layer of :class:`ResNet`, initialised as ``torch.nn.Linear``.
 
     Shared with weight conversion, which initialises a fresh head the same way.
+
+    Args:
+        num_classes: Output features (logits).
+        fan_in: Input features (the pooled width); sets the bias initialisation's range, as
+            PyTorch's ``Linear`` does (an initializer of the bias alone cannot see it).
+        dtype: Compute dtype.
+        param_dtype: Parameter dtype.
     """
     return nn.Dense(
         num_classes,

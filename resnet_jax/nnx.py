@@ -45,6 +45,23 @@ class BatchNorm(nnx.Module):
     with the Linen ``resnet_jax.BatchNorm``; see there for ``variance`` and ``momentum``).
 
     ``use_running_average`` is set by ``model.train()`` / ``model.eval()`` or per call.
+
+    Args:
+        num_features: Channels (the last axis).
+        use_running_average: Normalise with the running statistics (eval) rather than the
+            batch's (train).
+        momentum: Weight of the old running statistics (Flax's convention: 0.9 is PyTorch's 0.1).
+        epsilon: Added to the variance before the square root.
+        dtype: The output's dtype; None keeps the input's (promoted with the parameters').
+        param_dtype: Dtype of ``scale`` and ``bias``; the statistics are at least float32.
+        axis_name: A ``pmap`` axis for synchronised BatchNorm; None under ``jax.jit``.
+        unbiased_running_var: Update the running variance with the unbiased batch variance, as
+            PyTorch does.
+        variance: ``'two_pass'`` or ``'shifted'`` (see ``core.batch_norm``).
+        recompute: Recompute the normalisation in the backward pass (see ``core.batch_norm``).
+        scale_init: Initializer of ``scale``.
+        bias_init: Initializer of ``bias``.
+        rngs: Random streams; ``params`` initialises ``scale`` and ``bias``.
     """
 
     def __init__(
@@ -333,6 +350,24 @@ class ResNetBase(_Network):
     Fields and defaults as the Linen ``resnet_jax.ResNetBase``; ``strides=(2, 1, ...)`` with
     ``conv_bias=True`` is the annotated PyTorch ResNet (labml_nn.resnet). ``features(x)`` gives
     ``'stem'``, ``'stage1'``, ...; calling the model gives pooled ``[batch, n_channels[-1]]``.
+
+    Args:
+        n_blocks: Residual blocks per stage.
+        n_channels: Output channels per stage; the stem has ``n_channels[0]``.
+        bottlenecks: Bottleneck width per stage (bottleneck blocks); None: basic blocks.
+        img_channels: Input image channels.
+        first_kernel_size: The stem conv's kernel size.
+        strides: The first block's stride per stage; None means ``(1, 2, 2, ...)``.
+        conv_bias: Give every conv a bias, as PyTorch's ``Conv2d`` does by default.
+        zero_init_residual: Initialise each block's last BatchNorm scale to 0 (blocks start as
+            the identity).
+        momentum: BatchNorm momentum, Flax's convention (0.9 is PyTorch's 0.1).
+        epsilon: BatchNorm epsilon.
+        axis_name: A ``pmap`` axis for synchronised BatchNorm; None under ``jax.jit``.
+        dtype: Compute dtype.
+        param_dtype: Parameter dtype.
+        rngs: Random streams for the initial parameters (``nnx.Rngs(0)``, or ``nnx.eval_shape``
+            to allocate none).
     """
 
     def __init__(
@@ -381,6 +416,32 @@ class ResNet(_Network):
     whatever ``dtype`` is. timm's ``stem_type``/``stem_width``/``avg_down`` (ResNet-D, -T),
     ``attn_layer='se'`` (SE-ResNet: ``layer1[0].se.fc1``) and the speed options ``bn_variance``,
     ``bn_recompute``, ``stem_pad_channels`` as in Linen.
+
+    Args:
+        stage_sizes: Blocks per stage, e.g. ``(3, 4, 6, 3)`` for ResNet-50.
+        block: ``'basic'`` or ``'bottleneck'``.
+        num_classes: Classifier size; None: no ``fc``, the model returns pooled features.
+        groups: Grouped 3x3 convs in bottleneck blocks (ResNeXt's cardinality).
+        width_per_group: Bottleneck width per group (64 standard; 128 for Wide ResNet).
+        img_channels: Input image channels.
+        small_stem: 3x3/1 stem conv without max-pool, for 32x32 inputs.
+        stem_type: ``''`` (torchvision's 7x7), ``'deep'`` or ``'deep_tiered'`` (timm's).
+        stem_width: Width of the deep stem's first convs (timm's ``stem_width``).
+        avg_down: Average-pool downsampling shortcuts (timm's ``avg_down``).
+        attn_layer: ``''`` or ``'se'`` (squeeze-and-excitation in every block).
+        zero_init_residual: Initialise each block's last BatchNorm scale to 0 (blocks start as
+            the identity).
+        momentum: BatchNorm momentum, Flax's convention (0.9 is PyTorch's 0.1).
+        epsilon: BatchNorm epsilon.
+        axis_name: A ``pmap`` axis for synchronised BatchNorm; None under ``jax.jit``.
+        bn_variance: ``'two_pass'`` or ``'shifted'`` BatchNorm variance.
+        bn_recompute: Recompute BatchNorm in the backward pass instead of storing float32 copies.
+        stem_pad_channels: Pad the stem conv's input channels to this multiple; None: 8 on GPUs,
+            off elsewhere; 0: off.
+        dtype: Compute dtype.
+        param_dtype: Parameter dtype.
+        rngs: Random streams for the initial parameters (``nnx.Rngs(0)``, or ``nnx.eval_shape``
+            to allocate none).
     """
 
     def __init__(

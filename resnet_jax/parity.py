@@ -287,14 +287,40 @@ def run_parity(
     noise_floor: bool = True,
     api: str = "linen",
 ) -> dict[str, Any]:
-    """Run the comparison; returns ``{'rows': {name: rel_error}, 'ok': bool, ...}``.
+    """Compare the Flax model with its PyTorch twin: forward passes, gradients and SGD steps.
 
     In float32 the same protocol also runs in PyTorch float32 against PyTorch float64 (the
     ``floor`` rows): the error PyTorch makes against exact arithmetic. ReLU sign flips of
     pre-activations within rounding of zero make gradients discontinuous, so on deep networks
-    that floor can exceed 1e-4; a float32 row passes when it is within its tolerance or within
-    twice the floor. float64 rows must be within tolerance, with no floor. ``api='nnx'`` runs
-    the NNX model (``resnet_jax.nnx``) instead of the Linen one.
+    that floor can exceed the float32 tolerance; a float32 row passes when it is within its
+    tolerance or within twice the floor. float64 rows must be within tolerance, with no floor.
+
+    Args:
+        arch: A preset name, or ``'resnetbase'``/``'resnetbase_bottleneck'`` (a small
+            labml.ai-style backbone).
+        dtype: ``'float32'`` or ``'float64'`` (needs ``JAX_ENABLE_X64=1``), on both sides.
+        image_size: Height and width of the random input images.
+        batch: Images per step.
+        steps: SGD steps compared; 0 compares forward passes only (eval and train mode).
+        num_classes: Classifier size (ignored by the ``resnetbase`` backbones).
+        conv_bias: ``resnetbase``: biases on every conv.
+        labml: ``resnetbase``: labml.ai's annotated PyTorch ResNet (conv biases, only the first
+            block strided).
+        reference: The PyTorch model: ``'local'`` (this package's twin), ``'torchvision'`` or
+            ``'timm'``.
+        lr: SGD learning rate.
+        branch_gain: Range of the random scales of each residual branch's last BatchNorm, small
+            as in a trained network, so the comparison measures the implementation rather than
+            rounding amplified by an ill-conditioned network.
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay (PyTorch's, added to the gradient).
+        seed: Random seed of the weights, images and labels.
+        noise_floor: float32: also run PyTorch in float64 for the ``floor`` rows.
+        api: ``'linen'`` or ``'nnx'`` (the ``resnet_jax.nnx`` model).
+
+    Returns:
+        ``{'rows': {name: rel_error}, 'floor': ..., 'tolerances': ..., 'passed': ...,
+        'ok': bool, ...}``.
     """
     import copy
 

@@ -142,10 +142,30 @@ def register(
     default: bool = False,
     overwrite: bool = False,
 ) -> WeightsInfo:
-    """Add named weights. ``file_name`` defaults to the URL's last part (``url``) or
-    ``model.safetensors`` (``hf_hub_id``); without either, the file comes only from ``path=`` or
-    the PyTorch hub cache. ``model_kwargs`` are ResNet fields over the preset (e.g. smaller
-    ``stage_sizes``); ``default=True`` makes ``arch`` alone name these weights."""
+    """Add named weights, so that :func:`load` and :func:`info` know them.
+
+    Args:
+        name: The name to load them by, e.g. ``'resnet50.my_in1k'``.
+        arch: The architecture, a key of ``resnet_jax.PRESETS``.
+        file_name: The weights file's name. Defaults to the URL's last part (``url``) or
+            ``model.safetensors`` (``hf_hub_id``); without either, the file comes only from
+            ``path=`` or the PyTorch hub cache.
+        url: A direct download; the file is cached in the PyTorch hub directory.
+        hf_hub_id: A Hugging Face repository holding ``file_name``.
+        sha256: Hex digest of the file, or a prefix of it; None checks the prefix in
+            ``file_name`` when it carries one, as torchvision's names do.
+        num_classes: The classifier's size in the checkpoint.
+        preprocess: The evaluation preprocessing the weights expect; None means resize to 256,
+            centre crop 224, ImageNet mean/std.
+        top1: The published ImageNet-1k top-1 (%) with ``preprocess``, if known; shown, never checked.
+        source: Who published the weights (shown by :func:`info`).
+        model_kwargs: ResNet fields over the preset's (e.g. smaller ``stage_sizes``).
+        default: Make ``arch`` alone name these weights.
+        overwrite: Replace weights already registered under ``name``, instead of raising.
+
+    Returns:
+        The new registry entry.
+    """
     if arch not in PRESETS:
         raise ValueError(f"unknown architecture {arch!r}; choose one of: {', '.join(PRESETS)}.")
     if name in _REGISTRY and not overwrite:
@@ -277,7 +297,22 @@ def _download_hf(entry: WeightsInfo) -> Path:
 def locate(
     entry: WeightsInfo, path: Optional[Union[str, os.PathLike]] = None, download: bool = True
 ) -> tuple[Path, str]:
-    """``(file, where)`` for an entry, from the sources in order (see the module docstring)."""
+    """Find an entry's weights file, from the sources in order (see the module docstring).
+
+    Args:
+        entry: The registry entry, from :func:`info`.
+        path: A weights file, or a directory holding ``entry.file_name``; when given, no cache or
+            download is tried. None searches the PyTorch and Hugging Face hub caches.
+        download: Download the file when no cache has it; False never touches the network.
+
+    Returns:
+        ``(file, where)``: the file's path and where it was found (``'path'``,
+        ``'torch hub cache'``, ``'hugging face cache'`` or ``'download'``).
+
+    Raises:
+        WeightsNotFoundError: No source has the file; the message says where to put it.
+        HashMismatchError: The file's sha256 is not the published one.
+    """
     if path is not None:
         given = Path(path).expanduser()
         if given.is_dir():
@@ -338,14 +373,28 @@ def load(
     return_info: bool = False,
     **overrides: Any,
 ) -> Union[tuple[ResNet, dict], tuple[ResNet, dict, LoadInfo]]:
-    """``(model, variables)`` for named pretrained weights; ``(model, variables, LoadInfo)`` with
-    ``return_info=True``.
+    """A Linen ResNet and its variables for named pretrained weights.
 
-    ``num_classes`` other than the checkpoint's (1000 for ImageNet) gives a classifier whose
-    ``fc`` is freshly initialised (as ``torch.nn.Linear``, from ``rng``), for fine-tuning; every
-    other tensor is the checkpoint's, exactly. ``dtype`` is the compute dtype, ``param_dtype`` the
-    dtype the parameters are returned in; ``overrides`` set other ResNet fields (``axis_name``,
-    ...). ``download=False`` never touches the network. Variables are numpy arrays.
+    Every tensor is the checkpoint's, exactly, except a fresh ``fc`` when ``num_classes`` asks
+    for another classifier (fine-tuning).
+
+    Args:
+        name: Registered weights (:func:`list_pretrained`), or a bare preset name for its default.
+        path: A weights file or a directory holding it, read instead of the caches (see
+            :func:`locate`).
+        num_classes: The classifier's size. None, or the checkpoint's own count, keeps the
+            checkpoint's ``fc``; another count initialises a fresh one as ``torch.nn.Linear``
+            does, from ``rng``.
+        dtype: The model's compute dtype.
+        param_dtype: The dtype of the returned parameters (BatchNorm statistics: at least float32).
+        download: Download the file when no cache has it; False never touches the network.
+        rng: Seed or PRNG key for a fresh ``fc``; unused otherwise.
+        return_info: Also return a :class:`LoadInfo` (which file, found where, fresh head or not).
+        **overrides: Other ResNet fields (``axis_name``, ``bn_variance``, ...).
+
+    Returns:
+        ``(model, variables)``, or ``(model, variables, LoadInfo)`` with ``return_info=True``;
+        ``variables`` is ``{'params': ..., 'batch_stats': ...}`` of numpy arrays.
     """
     entry = info(name)
     file, found_in = locate(entry, path, download)

@@ -38,6 +38,14 @@ def make_data_mesh(
     topology reordering by ``jax.make_mesh``), so each host's devices hold one contiguous slice of
     the global batch: what ``jax.make_array_from_process_local_data`` fills from each host's
     local batch in multi-host training.
+
+    Args:
+        n_devices: Use the first ``n_devices`` of ``jax.devices()``; None uses all. With
+            ``devices`` it must equal their number.
+        explicit: Explicit axis type (True) or Auto (False).
+        devices: The devices to use; None means ``jax.devices()``.
+        axis_name: The mesh axis's name, which batch shardings and ``axis_name`` fields refer to.
+        process_ordered: Keep one contiguous slice of devices per process (multi-host input).
     """
     if devices is None:
         devices = jax.devices()
@@ -61,7 +69,13 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 
 
 def shard_batch(tree: Any, mesh: Mesh, axis_name: str = DATA_AXIS) -> Any:
-    """Every array of ``tree`` split along its leading (batch) axis over ``axis_name``."""
+    """Every array of ``tree`` split along its leading (batch) axis over ``axis_name``.
+
+    Args:
+        tree: Arrays whose leading axis is the global batch, divisible by the axis's size.
+        mesh: The mesh to place them on, e.g. from :func:`make_data_mesh`.
+        axis_name: The mesh axis to split the batch over.
+    """
     return jax.device_put(tree, NamedSharding(mesh, P(axis_name)))
 
 

@@ -19,6 +19,15 @@ def load_torch_checkpoint(path: Union[str, os.PathLike]) -> dict[str, np.ndarray
     ``.safetensors`` is read with ``safetensors.numpy`` (no PyTorch needed); anything else with
     ``torch.load(..., weights_only=True)``. Unwraps ``{'state_dict': ...}``/``{'model': ...}`` and
     DataParallel ``module.`` prefixes; half-precision tensors are widened to float32.
+
+    Args:
+        path: The checkpoint file; its suffix picks the reader.
+
+    Returns:
+        The state_dict, with numpy arrays for tensors.
+
+    Raises:
+        ValueError: The file holds pickled objects or no state_dict.
     """
     path = os.fspath(path)
     if path.endswith(".safetensors"):
@@ -59,7 +68,16 @@ def save_torch_checkpoint(
     Keys are torchvision's (timm's for the -D/-T presets), with ``num_batches_tracked`` added, so
     ``load_state_dict(strict=True)`` of the same architecture accepts the file. With ``arch`` (a
     preset name or Flax module) the variables are checked against it first, and nothing is written
-    when they do not match. Returns the state_dict written, as numpy arrays.
+    when they do not match. The file is written under a temporary name and renamed, so a crash
+    never leaves a half-written file under ``path``.
+
+    Args:
+        variables: Linen-layout ``{'params': ..., 'batch_stats': ...}``.
+        path: The file to write; must end with ``.safetensors``, ``.pth`` or ``.pt``.
+        arch: A preset name or Flax module to check the variables against; None skips the check.
+
+    Returns:
+        The state_dict written, as numpy arrays.
     """
     path = os.fspath(path)
     suffix = os.path.splitext(path)[1]
