@@ -591,7 +591,7 @@ def batch_norm(
             (global under ``jax.jit`` with a sharded batch).
         unbiased_running_var: Update the running variance with the unbiased batch variance, as
             PyTorch does; False uses the biased one, as Flax does.
-        dtype: The output's dtype; None keeps ``x``'s (promoted with the parameters').
+        dtype: The output's dtype; None keeps ``x``'s.
         update_stats: In train mode, return updated running statistics; False returns them
             unchanged (e.g. a train-mode forward pass that must not move them).
         recompute: Recompute the normalisation in the backward pass, as above.

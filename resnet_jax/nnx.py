@@ -52,7 +52,7 @@ class BatchNorm(nnx.Module):
             batch's (train).
         momentum: Weight of the old running statistics (Flax's convention: 0.9 is PyTorch's 0.1).
         epsilon: Added to the variance before the square root.
-        dtype: The output's dtype; None keeps the input's (promoted with the parameters').
+        dtype: The output's dtype; None keeps the input's.
         param_dtype: Dtype of ``scale`` and ``bias``; the statistics are at least float32.
         axis_name: A ``pmap`` axis for synchronised BatchNorm; None under ``jax.jit``.
         unbiased_running_var: Update the running variance with the unbiased batch variance, as

@@ -664,7 +664,22 @@ def run_aot(
     devices: Sequence[Any] | None = None,
     progress: Callable[[str], None] = lambda message: None,
 ) -> AotResult:
-    """Compile ``config``'s train and eval steps for ``slice_``; see the module docstring."""
+    """Compile ``config``'s train and eval steps for ``slice_``; see the module docstring.
+
+    Args:
+        config: The run's config (``parallelism='jit'``, not float64).
+        slice_: The TPU slice to compile for.
+        find_max_batch: Also search the largest per-device batch whose train step fits in
+            device memory (one compile per size tried).
+        devices: Devices to compile for; None: the compile-only devices of ``slice_``'s topology.
+        progress: Called with one line before each compile.
+
+    Returns:
+        An :class:`AotResult`, with the compiled steps in ``compiled``.
+
+    Raises:
+        AotError: The config cannot run on the slice; the message says why.
+    """
     compiler = Compiler(config, slice_, devices)
     n = compiler.num_devices
     try:

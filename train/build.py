@@ -118,7 +118,19 @@ def build_steps(
     """The model, optimizer and pure train/eval steps for ``config`` and its ``DatasetInfo``.
 
     ``python -m train`` and ``train.aot`` both build their steps here, so the program compiled
-    for a TPU ahead of time is the one the run executes. ``platform`` resolves ``dtype='auto'``.
+    for a TPU ahead of time is the one the run executes.
+
+    Args:
+        config: The run's ``ml_collections`` config (``train/config.py``).
+        info: The dataset's ``DatasetInfo`` (classes, image shape, normalisation statistics).
+        steps_per_epoch: Optimizer steps per epoch, for the learning-rate schedule.
+        total_steps: Optimizer steps of the whole run, for the schedule.
+        platform: The backend that resolves ``dtype='auto'`` (e.g. ``'tpu'`` when compiling ahead
+            of time); None means the current default backend.
+
+    Returns:
+        A :class:`Steps`: the model, its compute dtype, optimizer, schedule, a state factory and
+        the pure train and eval steps, not yet wrapped by a driver.
     """
     axis_name = steps.PMAP_AXIS if config.parallelism == "pmap" else None
     model, dtype = create_model(config, info, axis_name, platform=platform)

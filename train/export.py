@@ -28,7 +28,16 @@ def _define_flags() -> None:
 
 
 def export(workdir: str, out: str, step: int | None = None) -> dict:
-    """Write the checkpoint of ``workdir`` (newest, or ``step``) to ``out``; returns the state_dict."""
+    """Write the checkpoint of ``workdir`` as a PyTorch state_dict, with its class names beside it.
+
+    Args:
+        workdir: A run's workdir (local or ``gs://``), of a preset architecture.
+        out: The file to write (``.safetensors``, ``.pth`` or ``.pt``; may be ``gs://``).
+        step: The checkpoint step to export; None: the newest.
+
+    Returns:
+        The state_dict written, as numpy arrays.
+    """
     from resnet_jax import convert
     from train import build, checkpoint, paths
     from train.class_names import beside, write_class_names

@@ -349,6 +349,15 @@ class ImageFolderSource:
         return len(self.train_paths) // global_batch
 
     def train_batches(self, config, global_batch, start_step, process_index, process_count):
+        """This host's endless stream of augmented training batches, from ``start_step`` on.
+
+        Args:
+            config: The run's config (augmentation fields, Grain workers and buffer, seed).
+            global_batch: Examples per step over all hosts.
+            start_step: The first step to yield (a resumed run continues its stream exactly).
+            process_index: This host's index; it gets its slice of each global batch.
+            process_count: Number of hosts.
+        """
         per_host = host_batch_size(global_batch, process_count)
         steps = self.steps_per_epoch(global_batch, process_count)
         if steps < 1:
@@ -370,6 +379,15 @@ class ImageFolderSource:
         )
 
     def eval_batches(self, config, global_batch, process_index, process_count):
+        """This host's slice of one pass over the eval split; the last batch is padded, with
+        ``mask`` 0 on the padding.
+
+        Args:
+            config: The run's config (``eval_crop_fraction``, Grain workers and buffer).
+            global_batch: Examples per step over all hosts.
+            process_index: This host's index.
+            process_count: Number of hosts.
+        """
         per_host = host_batch_size(global_batch, process_count)
         steps = -(-len(self.eval_paths) // global_batch)
         crop = float(config.eval_crop_fraction)

@@ -28,7 +28,26 @@ def import_weights(
     field: str = "init_from",
     new_head: bool = False,
 ) -> tuple[steps.TrainState, str]:
-    """``host_state`` with the weights of ``source``; and one line saying what was loaded."""
+    """``host_state`` with the weights of ``source``; and one line saying what was loaded.
+
+    Args:
+        source: A PyTorch state_dict file, a pretrained name, or another run's workdir (local or
+            ``gs://``; its newest checkpoint).
+        model: The run's Linen model, which the weights must fit.
+        host_state: The freshly initialised state, on the host; its optimizer state is kept,
+            and its ``fc`` where the source's does not fit (see ``new_head``).
+        arch: ``config.model.arch``, checked against a pretrained name's architecture; ``''``
+            skips the check.
+        field: The config field that named ``source``, for error messages.
+        new_head: Keep the fresh ``fc`` even when the source's has the same class count.
+
+    Returns:
+        ``(state, note)``: the state with float32 parameters and BatchNorm statistics, and the
+        line to log.
+
+    Raises:
+        ConfigError: ``source`` is none of the three, or its weights do not fit ``model``.
+    """
     fresh = {"params": host_state.params, "batch_stats": host_state.batch_stats}
     if paths.Path(source).is_dir():  # a local or gs:// workdir
         from train import checkpoint

@@ -60,7 +60,15 @@ def _scalars(record: Mapping[str, Any]) -> dict[str, float]:
 
 class MetricWriter:
     """Writes metric records to ``metrics.jsonl`` (segments in a bucket) and TensorBoard (when
-    ``enabled``)."""
+    ``enabled``).
+
+    Args:
+        workdir: The run's workdir (local or ``gs://``).
+        enabled: Write anything at all; False on every process but 0.
+        tensorboard: Also write TensorBoard events.
+        flush_secs: ``gs://`` only: the least time between two segments, in seconds.
+        clock: Monotonic time source for ``flush_secs`` (replaceable in tests).
+    """
 
     def __init__(
         self,

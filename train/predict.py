@@ -35,7 +35,14 @@ def _define_flags() -> None:
 def predict_files(
     workdir: str, paths: Sequence[str], *, step: int | None = None, top_k: int = 5
 ) -> list[list[tuple[int, str, float]]]:
-    """Per image, the ``top_k`` ``(class index, class name, probability)``, most likely first."""
+    """Per image, the ``top_k`` ``(class index, class name, probability)``, most likely first.
+
+    Args:
+        workdir: A run's workdir (local or ``gs://``): its config, class names and checkpoint.
+        paths: Image files, preprocessed as the run's evaluation does.
+        step: The checkpoint step to use; None: the newest.
+        top_k: Classes per image, capped at the number of classes.
+    """
     config, info = build.load_run_info(workdir)
     # Compute in float32 here: inference of a few images is not worth a reduced precision.
     config.dtype = "float32"

@@ -99,6 +99,15 @@ def create_train_state(
     jittable: the drivers call it under ``jax.jit`` to create the state directly on device.
     ``init_model`` (same variables, other dtypes) draws the initial values instead, cast to
     ``model``'s dtypes: a float64 twin starts from its float32 run's exact initial values.
+
+    Args:
+        rng: PRNG key of the initialisation.
+        model: The Linen model to train.
+        tx: The optimizer; its state is initialised from the parameters.
+        input_shape: One example batch's shape ``[B, H, W, C]``.
+        dynamic_scale: Add a ``DynamicScale`` (loss scaling, for float16).
+        init_model: A model with the same variables in other dtypes that draws the initial
+            values; None: ``model`` draws them.
     """
     x = jnp.zeros(tuple(input_shape), jnp.float32)
     variables = (init_model or model).init(rng, x, train=False)
@@ -168,6 +177,16 @@ def make_train_step(
     ``uint8`` batches (``model_input``). With ``state.dynamic_scale`` set
     the loss is scaled for float16, and a step with non-finite gradients is skipped while the
     scale shrinks.
+
+    Args:
+        model: The Linen model, called with ``train=True``.
+        tx: The optimizer.
+        label_smoothing: Label smoothing of the cross-entropy loss (0: none).
+        axis_name: The pmap axis; None under jit.
+        lr_schedule: Adds the step's learning rate to the metrics; None leaves it out.
+        input_stats: ``(mean, std)`` per channel on the 0-255 pixel scale (the dataset's
+            ``info.mean``, ``info.std``), normalising ``uint8`` batches on the device; None:
+            batches must hold normalised floats.
     """
 
     def loss_fn(params, batch_stats, batch):
@@ -239,7 +258,14 @@ def make_eval_step(
     """Return the pure ``eval_step(state, batch) -> sums`` (running BatchNorm statistics).
 
     Returns sums over the real examples (``batch['mask']`` weights, default all ones) of the
-    unsmoothed loss and of top-1/top-5 hits, plus their ``count``.
+    unsmoothed loss and of top-1/top-5 hits, plus their ``count``: sums, so that batches (and
+    hosts, and padding) add up exactly before the division.
+
+    Args:
+        model: The Linen model, called with ``train=False``.
+        axis_name: The pmap axis to sum over; None under jit.
+        input_stats: ``(mean, std)`` normalising ``uint8`` batches, as for
+            :func:`make_train_step`.
     """
 
     def eval_step(state: TrainState, batch: Batch) -> Metrics:
@@ -473,8 +499,15 @@ def _replicate_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
 def make_driver(
     parallelism: str, mesh: Mesh | None = None, mesh_axis_types: str = "auto"
 ) -> JitDriver | PmapDriver:
-    """``'jit'`` -> ``JitDriver`` (over ``mesh``, default all devices with ``mesh_axis_types``
-    ``'auto'`` or ``'explicit'``), ``'pmap'`` -> ``PmapDriver``."""
+    """The driver that places state and batches and runs the steps for ``parallelism``.
+
+    Args:
+        parallelism: ``'jit'`` (a :class:`JitDriver`) or ``'pmap'`` (a :class:`PmapDriver`).
+        mesh: The jit driver's mesh; None: a data mesh over all devices, ordered by process (so
+            each host feeds its own slice of the batch). Unused by pmap.
+        mesh_axis_types: ``'auto'`` or ``'explicit'`` axis types for a mesh built here;
+            ``'explicit'`` needs ``'jit'``.
+    """
     check_mesh_axis_types(mesh_axis_types, parallelism)
     if parallelism == "jit":
         if mesh is None:
