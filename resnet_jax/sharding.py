@@ -44,7 +44,7 @@ def make_data_mesh(
             ``devices`` it must equal their number.
         explicit: Explicit axis type (True) or Auto (False).
         devices: The devices to use; None means ``jax.devices()``.
-        axis_name: The mesh axis's name, which batch shardings and ``axis_name`` fields refer to.
+        axis_name: The mesh axis's name; batch shardings (:func:`shard_batch`) name it.
         process_ordered: Keep one contiguous slice of devices per process (multi-host input).
     """
     if devices is None:

@@ -258,8 +258,8 @@ def make_eval_step(
     """Return the pure ``eval_step(state, batch) -> sums`` (running BatchNorm statistics).
 
     Returns sums over the real examples (``batch['mask']`` weights, default all ones) of the
-    unsmoothed loss and of top-1/top-5 hits, plus their ``count``: sums, so that batches (and
-    hosts, and padding) add up exactly before the division.
+    unsmoothed loss and of top-1/top-5 hits, plus their ``count``: sums, so that batches and
+    hosts of any size combine, padding excluded, before the one division.
 
     Args:
         model: The Linen model, called with ``train=False``.
