@@ -174,6 +174,21 @@ def _folder_layout(jpeg_dir: str) -> str:
     return root
 
 
+def _rate_record(variant: str, images: int, elapsed: float, batch: dict[str, Any]) -> dict[str, Any]:
+    """The fields every variant's run reports: its rate over the cores this process may use."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "variant": variant,
+        "cores": cores,
+        "images": images,
+        "seconds": elapsed,
+        "images_per_s": images / elapsed,
+        "images_per_s_per_core": images / elapsed / cores,
+        "output_shape": list(batch["image"].shape),
+        "output_dtype": str(batch["image"].dtype),
+    }
+
+
 def run_grain_worker(args: argparse.Namespace) -> dict[str, Any]:
     """Time ``train/image_folder.py``'s training batches with ``args.grain_workers`` workers."""
     from train.config import default_config
@@ -203,21 +218,12 @@ def run_grain_worker(args: argparse.Namespace) -> dict[str, Any]:
         batch = next(it)
     elapsed = time.perf_counter() - t
     it.close()
-    images = batches * args.batch
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     import grain
     import PIL
 
     return {
-        "variant": "grain",
-        "cores": cores,
+        **_rate_record("grain", batches * args.batch, elapsed, batch),
         "grain_workers": args.grain_workers,
-        "images": images,
-        "seconds": elapsed,
-        "images_per_s": images / elapsed,
-        "images_per_s_per_core": images / elapsed / cores,
-        "output_shape": list(batch["image"].shape),
-        "output_dtype": str(batch["image"].dtype),
         "grain": getattr(grain, "__version__", "?"),
         "pillow": PIL.__version__,
         "tensorflow_imported": "tensorflow" in sys.modules,
@@ -260,18 +266,9 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     for _ in range(batches):
         batch = next(it)
     elapsed = time.perf_counter() - t
-    images = batches * args.batch
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
-        "variant": args.variant,
-        "cores": cores,
+        **_rate_record(args.variant, batches * args.batch, elapsed, batch),
         "threads": args.threads,
-        "images": images,
-        "seconds": elapsed,
-        "images_per_s": images / elapsed,
-        "images_per_s_per_core": images / elapsed / cores,
-        "output_shape": list(batch["image"].shape),
-        "output_dtype": str(batch["image"].dtype),
         "tensorflow": tf.__version__,
     }
 
