@@ -68,7 +68,7 @@ class BatchNorm(nn.Module):
     bias_init: Callable = nn.initializers.zeros
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
         features = x.shape[-1]
         scale = self.param("scale", self.scale_init, (features,), self.param_dtype)
         bias = self.param("bias", self.bias_init, (features,), self.param_dtype)
@@ -133,7 +133,7 @@ class ShortcutProjection(nn.Module):
     norm_name: str = "bn"
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
         spec = core.projection_spec(
             x.shape[-1], self.out_channels, self.stride, self.conv_name, self.norm_name
         )
@@ -171,7 +171,7 @@ class _Block(nn.Module):
         )
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
         plan = self.plan(x.shape[-1])
         layer = functools.partial(
             conv_bn, self.conv, self.norm, train=train, zero_init_residual=self.zero_init_residual

@@ -78,7 +78,8 @@ class ResNetBase(nn.Module):
     width per stage) selects bottleneck blocks. ``strides`` are the first-block strides per stage
     (default ``(1, 2, 2, ...)``). To reproduce labml.ai's annotated PyTorch ResNet exactly
     (labml_nn.resnet), use ``strides=(2, 1, 1, ...)`` and ``conv_bias=True``: it strides only the
-    network's very first block and keeps PyTorch's default conv biases.
+    network's very first block and keeps PyTorch's default conv biases. ``train`` defaults to
+    True, as for :class:`ResNet`.
 
     Attributes:
         n_blocks: Residual blocks per stage.
@@ -112,7 +113,7 @@ class ResNetBase(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def features(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
+    def features(self, x: jax.Array, train: bool = True) -> dict[str, jax.Array]:
         """Feature maps after the stem (``'stem'``) and after each stage (``'stage1'``, ...)."""
         stages = core.resnetbase_plan(self.n_blocks, self.n_channels, self.bottlenecks, self.strides)
         check_images(x, self.img_channels, "ResNetBase")
@@ -129,7 +130,7 @@ class ResNetBase(nn.Module):
         x = jnp.asarray(x, self.dtype)
         return _features(x, train, stem, stages, conv, norm, zero_init_residual=self.zero_init_residual)
 
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
         last = self.features(x, train)[f"stage{len(self.n_channels)}"]
         return core.global_avg_pool(last).astype(self.dtype)
 
@@ -142,6 +143,12 @@ class ResNet(nn.Module):
     and max-pool by a 3x3/1 conv, for 32x32 inputs such as CIFAR. ``num_classes=None`` drops
     ``fc`` and returns pooled features. Per-stage maps (C2..C5) come from :meth:`features`.
     Logits are returned in float32 whatever ``dtype`` is.
+
+    ``train`` defaults to True, as in Flax's ``examples/imagenet`` (whose trainer calls
+    ``init``/``apply`` without it, so this class is a drop-in there) and as a new PyTorch or NNX
+    model is in train mode. A training pass updates ``batch_stats``, so ``model.apply(variables,
+    x)`` without ``mutable=['batch_stats']`` raises Flax's "collection is immutable" error; pass
+    ``train=False`` to evaluate.
 
     timm's stem and shortcut options, with timm's parameter names (so timm weights convert):
     ``stem_type='deep'`` replaces the 7x7 conv by three 3x3 convs (``'deep_tiered'``: a narrower
@@ -205,7 +212,7 @@ class ResNet(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
-    def features(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
+    def features(self, x: jax.Array, train: bool = True) -> dict[str, jax.Array]:
         """Feature maps: ``'stem'`` (after max-pool) and ``'layer1'``..``'layer4'`` (C2..C5).
 
         ``model.apply(variables, x, train=False, method='features')``; add
@@ -213,7 +220,7 @@ class ResNet(nn.Module):
         """
         return self._forward(x, train, head=False)[0]
 
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
         return self._forward(x, train, head=True)[1]
 
     @nn.compact

@@ -31,7 +31,7 @@ class BaseClassifier(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
         features = self.backbone(x, train)
         dense = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="fc")
         logits = dense(features)
