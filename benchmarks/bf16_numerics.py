@@ -28,6 +28,7 @@ import resnet_jax
 from benchmarks.report import emit_json, host_environment
 from resnet_jax import convert
 from resnet_jax.parity import _randomize, rel
+from resnet_jax.platform import skip_absent_tpu
 
 
 def _torch_model(arch: str, num_classes: int):
@@ -126,6 +127,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", metavar="FILE")
     args = p.parse_args(argv)
+    skip_absent_tpu()  # libtpu installed but no TPU here: no TPU start-up attempt and warnings
     result = run(args)
     emit_json(result, args.output)
     return result

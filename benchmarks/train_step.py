@@ -51,6 +51,7 @@ import resnet_jax
 from benchmarks.report import emit_json
 from benchmarks.step_cache import measure_cache
 from benchmarks.step_run import DTYPES, run
+from resnet_jax.platform import skip_absent_tpu
 from train import compile_cache
 
 
@@ -171,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parse ``argv`` (default: ``sys.argv``), run, and print the JSON result (and write it)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    skip_absent_tpu()  # libtpu installed but no TPU here: no TPU start-up attempt and warnings
     if args.measure_cache:
         result = measure_cache(args, argv)
     else:

@@ -432,7 +432,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
+    from resnet_jax.platform import skip_absent_tpu
 
+    skip_absent_tpu()  # libtpu installed (the test extra) but no TPU: no TPU start-up warnings
     import jax
 
     if args.dtype == "float64":

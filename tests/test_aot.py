@@ -18,9 +18,9 @@ import jax
 import numpy as np
 import pytest
 
+from resnet_jax import platform as platform_lib
 from resnet_jax.sharding import make_data_mesh
 from train import aot, steps
-from train import platform as platform_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
@@ -289,7 +289,9 @@ def test_conftest_keeps_jax_on_the_cpu():
 @needs_libtpu
 def test_training_entry_point_skips_the_tpu_start_up_without_a_tpu():
     # What `python -m train` does first; without it libtpu's start-up prints its warnings here.
-    code = "from train.platform import skip_absent_tpu; import jax; print(skip_absent_tpu(), jax.devices())"
+    code = (
+        "from resnet_jax.platform import skip_absent_tpu; import jax; print(skip_absent_tpu(), jax.devices())"
+    )
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
     proc = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120

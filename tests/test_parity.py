@@ -1,6 +1,7 @@
 """``python -m resnet_jax.parity``: float64 structural identity for every torchvision preset, a
 ResNet-D and ResNetBase, float32 targets, and a failing exit status when the models differ."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import pytest
 
 import resnet_jax
 import resnet_jax.parity as parity
+from resnet_jax import platform
 
 DEEP = {"resnet101", "resnet152", "resnet200", "wide_resnet101_2", "resnext101_32x8d", "resnext101_64x4d"}
 # float64 checks structure, not trajectories: 3 SGD steps (momentum enters from the 2nd) on a
@@ -176,3 +178,25 @@ def test_timm_reference_when_importable(arch):
     pytest.importorskip("timm")
     code, result = _cli("--arch", arch, "--reference", "timm", "--dtype", "float64", "--steps", "3")
     assert code == 0 and all(e <= 1e-10 for e in result["rows"].values()), result["rows"]
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed: no TPU start-up"
+)
+def test_parity_command_without_jax_platforms_prints_no_tpu_warnings():
+    # With libtpu installed (the test extra) but no TPU, JAX's TPU start-up would print warnings
+    # ("could not determine TPU accelerator type", "TPU_WORKER_HOSTNAMES") before using the CPU.
+    if platform._tpu_on_pci_bus() or platform._other_accelerator():
+        pytest.skip("this machine has an accelerator: the command leaves JAX to use it")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    args = ["--arch", "resnetbase", "--steps", "0", "--no-floor", "--batch", "2", "--image-size", "16"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "resnet_jax.parity", "--json", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["ok"]
+    assert "TPU" not in proc.stderr, proc.stderr[-3000:]

@@ -31,12 +31,12 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)
 
     # Imported here so that --help stays fast and distributed init precedes any JAX use.
+    from resnet_jax.platform import skip_absent_tpu
     from train import loop
     from train.compile_cache import enable_compilation_cache
     from train.config import ConfigError
     from train.distributed import maybe_initialize_distributed
     from train.input_pipeline import DatasetError
-    from train.platform import skip_absent_tpu
 
     skip_absent_tpu()  # libtpu installed for train.aot, but no TPU here: no TPU start-up attempt
     enable_compilation_cache(config.compilation_cache_dir)

@@ -69,8 +69,8 @@ def export(workdir: str, out: str, step: int | None = None) -> dict:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    from resnet_jax.platform import skip_absent_tpu
     from train.config import ConfigError
-    from train.platform import skip_absent_tpu
 
     skip_absent_tpu()
     try:

@@ -91,7 +91,7 @@ def _load(path: str, info: input_pipeline.DatasetInfo, crop: float) -> np.ndarra
 def main(argv: list[str]) -> None:
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    from train.platform import skip_absent_tpu
+    from resnet_jax.platform import skip_absent_tpu
 
     skip_absent_tpu()
     paths = argv[1:]

@@ -1,10 +1,13 @@
 """Keep JAX on the CPU when libtpu is installed on a machine that has no TPU.
 
-libtpu (``pip install -e ".[tpu]"``, which ``train.aot`` needs) makes JAX try to start a TPU
-runtime whenever it picks a backend, even where no TPU exists: the attempt prints screens of
-warnings about TPU VM metadata, holds ``/tmp/libtpu_lockfile`` and then falls back to the CPU.
-:func:`skip_absent_tpu` avoids the attempt, and changes nothing on a TPU or GPU machine or when
-the user chose ``JAX_PLATFORMS`` themselves.
+libtpu (``pip install -e ".[tpu]"``, which ``train.aot`` needs and the ``test`` extra brings)
+makes JAX try to start a TPU runtime whenever it picks a backend, even where no TPU exists: the
+attempt prints screens of warnings about TPU VM metadata, holds ``/tmp/libtpu_lockfile`` and
+then falls back to the CPU. :func:`skip_absent_tpu` avoids the attempt, and changes nothing on a
+TPU or GPU machine or when the user chose ``JAX_PLATFORMS`` themselves. Every command that runs
+JAX calls it first (``python -m train``, ``train.predict``, ``train.export``,
+``resnet_jax.parity``, ``benchmarks.train_step``, ``benchmarks.bf16_numerics``);
+``train.aot`` instead always compiles on the CPU.
 """
 
 from __future__ import annotations
