@@ -15,6 +15,7 @@ from resnet_jax.blocks import (
     ShortcutProjection,
     SqueezeExcite,
 )
+
 # The presets are imported by name, so that IDEs and grep see them, and exported through
 # __all__ as PRESETS lists them (which ruff cannot see, hence the noqa).
 from resnet_jax.models import (  # noqa: F401
