@@ -536,6 +536,13 @@ def channel_padded_conv(pad_to: int) -> Callable[..., Array]:
 # BatchNorm
 
 BN_VARIANCES = ("shifted", "two_pass")
+# The options of batch_norm that the Linen and the NNX BatchNorm modules hold as fields.
+BN_FIELDS = ("momentum", "epsilon", "variance", "axis_name", "unbiased_running_var", "dtype", "recompute")
+
+
+def bn_fields(module: Any) -> dict[str, Any]:
+    """The :func:`batch_norm` options (``BN_FIELDS``) that a BatchNorm module, Linen or NNX, holds."""
+    return {name: getattr(module, name) for name in BN_FIELDS}
 
 
 def batch_norm(
