@@ -174,6 +174,16 @@ def _folder_layout(jpeg_dir: str) -> str:
     return root
 
 
+def _time_batches(it: Any, warmup: int, batches: int) -> tuple[float, dict[str, Any]]:
+    """Seconds that ``batches`` batches of ``it`` take after ``warmup`` untimed ones, and the last."""
+    for _ in range(warmup):
+        batch = next(it)
+    t = time.perf_counter()
+    for _ in range(batches):
+        batch = next(it)
+    return time.perf_counter() - t, batch
+
+
 def _rate_record(variant: str, images: int, elapsed: float, batch: dict[str, Any]) -> dict[str, Any]:
     """The fields every variant's run reports: its rate over the cores this process may use."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -211,12 +221,7 @@ def run_grain_worker(args: argparse.Namespace) -> dict[str, Any]:
     # The stream runs over epochs of the files without a pause, as in training.
     it = iter(source.train_batches(config, args.batch, 0, 0, 1))
     warmup = max(args.warmup_batches, 1) + 2 * args.grain_workers  # each worker's first batches
-    for _ in range(warmup):
-        batch = next(it)
-    t = time.perf_counter()
-    for _ in range(batches):
-        batch = next(it)
-    elapsed = time.perf_counter() - t
+    elapsed, batch = _time_batches(it, warmup, batches)
     it.close()
     import grain
     import PIL
@@ -259,13 +264,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     options.threading.max_intra_op_parallelism = 1
     ds = ds.with_options(options)
 
-    it = ds.as_numpy_iterator()
-    for _ in range(warmup):
-        batch = next(it)
-    t = time.perf_counter()
-    for _ in range(batches):
-        batch = next(it)
-    elapsed = time.perf_counter() - t
+    elapsed, batch = _time_batches(ds.as_numpy_iterator(), warmup, batches)
     return {
         **_rate_record(args.variant, batches * args.batch, elapsed, batch),
         "threads": args.threads,

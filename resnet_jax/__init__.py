@@ -15,7 +15,10 @@ from resnet_jax.blocks import (
     ShortcutProjection,
     SqueezeExcite,
 )
-from resnet_jax.models import (
+
+# The presets are imported by name, so that IDEs and grep see them, and exported through
+# __all__ as PRESETS lists them (which ruff cannot see, hence the noqa).
+from resnet_jax.models import (  # noqa: F401
     PRESETS,
     TORCHVISION_ARCHS,
     ResNet,
@@ -68,29 +71,6 @@ __all__ = [
     "SqueezeExcite",
     "get_model",
     "nnx",
-    "resnet18",
-    "resnet18d",
-    "resnet26d",
-    "resnet26t",
-    "resnet34",
-    "resnet34d",
-    "resnet50",
-    "resnet50d",
-    "resnet50t",
-    "resnet101",
-    "resnet101d",
-    "resnet152",
-    "resnet152d",
-    "resnet200",
-    "resnet200d",
-    "resnext50_32x4d",
-    "resnext101_32x8d",
-    "resnext101_64x4d",
-    "seresnet50",
-    "seresnext26d_32x4d",
-    "seresnext50_32x4d",
-    "seresnext101_32x8d",
     "sharding",
-    "wide_resnet50_2",
-    "wide_resnet101_2",
+    *PRESETS,
 ]

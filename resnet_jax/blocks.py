@@ -76,21 +76,9 @@ class BatchNorm(nn.Module):
         ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), stat_dtype)
         ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), stat_dtype)
         update = train and not self.is_initializing()
+        stats = (ra_mean.value, ra_var.value)
         y, mean, var = core.batch_norm(
-            x,
-            scale,
-            bias,
-            ra_mean.value,
-            ra_var.value,
-            train=train,
-            momentum=self.momentum,
-            epsilon=self.epsilon,
-            variance=self.variance,
-            axis_name=self.axis_name,
-            unbiased_running_var=self.unbiased_running_var,
-            dtype=self.dtype,
-            update_stats=update,
-            recompute=self.recompute,
+            x, scale, bias, *stats, train=train, update_stats=update, **core.bn_fields(self)
         )
         if update:
             ra_mean.value, ra_var.value = mean, var

@@ -9,6 +9,7 @@ pools, the SE gate, padding, initialisers). docs/design.md explains the split.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Collection, Mapping, Optional, Sequence
 
 import jax
@@ -535,6 +536,13 @@ def channel_padded_conv(pad_to: int) -> Callable[..., Array]:
 # BatchNorm
 
 BN_VARIANCES = ("shifted", "two_pass")
+# The options of batch_norm that the Linen and the NNX BatchNorm modules hold as fields.
+BN_FIELDS = ("momentum", "epsilon", "variance", "axis_name", "unbiased_running_var", "dtype", "recompute")
+
+
+def bn_fields(module: Any) -> dict[str, Any]:
+    """The :func:`batch_norm` options (``BN_FIELDS``) that a BatchNorm module, Linen or NNX, holds."""
+    return {name: getattr(module, name) for name in BN_FIELDS}
 
 
 def batch_norm(
@@ -603,25 +611,11 @@ def batch_norm(
         raise ValueError(f"variance must be 'two_pass' or 'shifted'; got {variance!r}.")
     stat_dtype = running_mean.dtype
     compute_dtype = jnp.promote_types(jnp.promote_types(x.dtype, stat_dtype), jnp.float32)
-    xf = x.astype(compute_dtype)
     new_mean, new_var = running_mean, running_var
-    if train:
-        axes = tuple(range(x.ndim - 1))
-        n = 1
-        for a in axes:
-            n *= x.shape[a]
-        pmean = (lambda t: jax.lax.pmean(t, axis_name)) if axis_name is not None else (lambda t: t)
-        if variance == "two_pass":
-            mean = pmean(jnp.mean(xf, axis=axes))
-            var = pmean(jnp.mean(jnp.square(xf - mean), axis=axes))
-        else:
-            shift = jax.lax.stop_gradient(running_mean).astype(compute_dtype)
-            centred = xf - shift
-            m1, m2 = pmean((jnp.mean(centred, axis=axes), jnp.mean(jnp.square(centred), axis=axes)))
-            mean = m1 + shift
-            var = jnp.maximum(m2 - jnp.square(m1), 0.0)
-        if axis_name is not None:
-            n = n * jax.lax.psum(1, axis_name)
+    if not train:
+        mean, var = running_mean.astype(compute_dtype), running_var.astype(compute_dtype)
+    else:
+        mean, var, n = _batch_moments(x.astype(compute_dtype), running_mean, variance, axis_name)
         if update_stats:
             if isinstance(n, int) and n < 2:
                 raise ValueError(
@@ -632,9 +626,6 @@ def batch_norm(
             batch_mean, batch_var = jax.lax.stop_gradient((mean, unbiased))
             new_mean = momentum * running_mean + (1 - momentum) * batch_mean.astype(stat_dtype)
             new_var = momentum * running_var + (1 - momentum) * batch_var.astype(stat_dtype)
-    else:
-        mean, var = running_mean.astype(compute_dtype), running_var.astype(compute_dtype)
-
     out_dtype = dtype if dtype is not None else x.dtype
 
     def normalize(x, mean, var, scale, bias):
@@ -645,3 +636,23 @@ def batch_norm(
     if recompute:
         normalize = jax.checkpoint(normalize)
     return normalize(x, mean, var, scale, bias), new_mean, new_var
+
+
+def _batch_moments(xf: Array, running_mean: Array, variance: str, axis_name: Optional[str]):
+    """``(mean, biased variance, values per channel)`` of ``xf`` over all axes but the last,
+    averaged across ``axis_name`` when given; ``'shifted'`` shifts by ``running_mean``."""
+    axes = tuple(range(xf.ndim - 1))
+    pmean = (lambda t: jax.lax.pmean(t, axis_name)) if axis_name is not None else (lambda t: t)
+    if variance == "two_pass":
+        mean = pmean(jnp.mean(xf, axis=axes))
+        var = pmean(jnp.mean(jnp.square(xf - mean), axis=axes))
+    else:
+        shift = jax.lax.stop_gradient(running_mean).astype(xf.dtype)
+        centred = xf - shift
+        m1, m2 = pmean((jnp.mean(centred, axis=axes), jnp.mean(jnp.square(centred), axis=axes)))
+        mean = m1 + shift
+        var = jnp.maximum(m2 - jnp.square(m1), 0.0)
+    n = math.prod(xf.shape[:-1])
+    if axis_name is not None:
+        n = n * jax.lax.psum(1, axis_name)
+    return mean, var, n

@@ -104,20 +104,9 @@ class BatchNorm(nnx.Module):
         if use_running_average is None:
             use_running_average = self.use_running_average
         train = not use_running_average
+        stats = (self.mean[...], self.var[...])
         y, mean, var = core.batch_norm(
-            x,
-            self.scale[...],
-            self.bias[...],
-            self.mean[...],
-            self.var[...],
-            train=train,
-            momentum=self.momentum,
-            epsilon=self.epsilon,
-            variance=self.variance,
-            axis_name=self.axis_name,
-            unbiased_running_var=self.unbiased_running_var,
-            dtype=self.dtype,
-            recompute=self.recompute,
+            x, self.scale[...], self.bias[...], *stats, train=train, **core.bn_fields(self)
         )
         if train:
             self.mean.set_value(mean)

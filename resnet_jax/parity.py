@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -324,11 +324,35 @@ def run_parity(
     """
     import copy
 
-    import jax
-    import jax.numpy as jnp
-    import torch
+    _check_args_and_precision(api, dtype, steps)
+    fmodel, tmodel, xs, ys = _models_and_batches(
+        arch, dtype, image_size, batch, steps, num_classes, conv_bias, labml, reference, branch_gain, seed
+    )
+    jax_run = _converted(fmodel, tmodel, api)  # before PyTorch's SGD steps change tmodel's weights
+    exact = copy.deepcopy(tmodel).double() if (noise_floor and dtype == "float32") else None
 
-    from resnet_jax.convert import torch_to_flax
+    hyper = dict(steps=steps, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    ref = _torch_run(tmodel, xs, ys, **hyper)
+    del tmodel
+    run = jax_run(xs, ys, **hyper)
+    rows, worst = _compare(run, ref, ref["init"], steps)
+    tol = TOLERANCES[dtype]
+    tolerances = {k: tol.get(k, tol["default"]) for k in rows}
+    floor: dict[str, float] = {}
+    if exact is not None:
+        ref64 = _torch_run(exact, xs.double(), ys, **hyper)
+        floor, _ = _compare(ref, ref64, ref["init"], steps)
+    passed = {k: rows[k] <= max(tolerances[k], 2 * floor.get(k, 0.0)) for k in rows}
+    setup = dict(arch=arch, api=api, dtype=dtype, image_size=image_size, batch=batch)
+    verdict = dict(rows=rows, floor=floor, tolerances=tolerances, passed=passed, worst=worst)
+    losses = dict(losses=run["losses"], torch_losses=ref["losses"])
+    return {**setup, **verdict, **losses, "ok": all(passed.values())}
+
+
+def _check_args_and_precision(api: str, dtype: str, steps: int) -> None:
+    """Reject bad arguments, and make both frameworks compute at full precision."""
+    import jax
+    import torch
 
     if api not in APIS:
         raise ValueError(f"api must be one of {', '.join(APIS)}; got {api!r}.")
@@ -342,8 +366,16 @@ def run_parity(
     jax.config.update("jax_default_matmul_precision", "highest")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    tdtype = torch.float64 if dtype == "float64" else torch.float32
 
+
+def _models_and_batches(
+    arch, dtype, image_size, batch, steps, num_classes, conv_bias, labml, reference, branch_gain, seed
+):
+    """(Flax module, randomised PyTorch model, images, labels), all in ``dtype`` and from ``seed``."""
+    import jax.numpy as jnp
+    import torch
+
+    tdtype = torch.float64 if dtype == "float64" else torch.float32
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     fmodel, tmodel, n_out = _build(arch, num_classes, conv_bias, labml, reference)
@@ -352,6 +384,14 @@ def run_parity(
     _randomize(tmodel, gen, branch_gain)
     xs = torch.randn(max(steps, 1) + 1, batch, 3, image_size, image_size, generator=gen, dtype=tdtype)
     ys = torch.randint(0, n_out, (steps, batch), generator=gen)
+    return fmodel, tmodel, xs, ys
+
+
+def _converted(fmodel, tmodel, api: str) -> Callable[..., dict]:
+    """:func:`_jax_run` or :func:`_nnx_run` of the Flax model with ``tmodel``'s weights, to call as
+    ``(xs, ys, **hyperparameters)``."""
+    import functools
+
     if api == "nnx":
         from flax import nnx
 
@@ -360,41 +400,10 @@ def run_parity(
 
         # Built abstractly and filled from the state_dict: no random init is allocated.
         abstract = nnx.eval_shape(lambda: from_linen(fmodel, rngs=nnx.Rngs(0)))
-        nnx_model = torch_to_nnx(tmodel.state_dict(), abstract)
-    else:
-        variables = torch_to_flax(tmodel.state_dict(), fmodel)
-    exact = copy.deepcopy(tmodel).double() if (noise_floor and dtype == "float32") else None
+        return functools.partial(_nnx_run, torch_to_nnx(tmodel.state_dict(), abstract))
+    from resnet_jax.convert import torch_to_flax
 
-    hyper = dict(steps=steps, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    ref = _torch_run(tmodel, xs, ys, **hyper)
-    del tmodel
-    if api == "nnx":
-        run = _nnx_run(nnx_model, xs, ys, **hyper)
-    else:
-        run = _jax_run(fmodel, variables, xs, ys, **hyper)
-    rows, worst = _compare(run, ref, ref["init"], steps)
-    tol = TOLERANCES[dtype]
-    tolerances = {k: tol.get(k, tol["default"]) for k in rows}
-    floor: dict[str, float] = {}
-    if exact is not None:
-        ref64 = _torch_run(exact, xs.double(), ys, **hyper)
-        floor, _ = _compare(ref, ref64, ref["init"], steps)
-    passed = {k: rows[k] <= max(tolerances[k], 2 * floor.get(k, 0.0)) for k in rows}
-    return {
-        "arch": arch,
-        "api": api,
-        "dtype": dtype,
-        "image_size": image_size,
-        "batch": batch,
-        "rows": rows,
-        "floor": floor,
-        "tolerances": tolerances,
-        "passed": passed,
-        "worst": worst,
-        "losses": run["losses"],
-        "torch_losses": ref["losses"],
-        "ok": all(passed.values()),
-    }
+    return functools.partial(_jax_run, fmodel, torch_to_flax(tmodel.state_dict(), fmodel))
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -457,23 +466,26 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        print(
-            f"{args.arch}  {args.api}  {args.dtype}  batch {args.batch}  {size}x{size}  "
-            f"reference={args.reference}"
-        )
-        floor = result["floor"]
-        head = f"{'check':<44}{'||d||/||ref||':>14}{'tolerance':>11}"
-        print(head + (f"{'torch f32 vs f64':>18}" if floor else ""))
-        for name, err in result["rows"].items():
-            flag = "ok" if result["passed"][name] else "FAIL"
-            line = f"{name:<44}{err:>14.3e}{result['tolerances'][name]:>11.0e}"
-            if floor:
-                line += f"{floor[name]:>18.3e}"
-            print(f"{line}  {flag}")
-        if floor:
-            print("float32 rows pass within the tolerance or within 2x PyTorch's own float32 error.")
-        print("PASS" if result["ok"] else "FAIL")
+        _print_table(result, args.reference)
     return 0 if result["ok"] else 1
+
+
+def _print_table(result: dict[str, Any], reference: str) -> None:
+    """:func:`run_parity`'s rows with their tolerances (and PyTorch's float32 error), then PASS/FAIL."""
+    arch, api, dtype, batch, size = (result[k] for k in ("arch", "api", "dtype", "batch", "image_size"))
+    print(f"{arch}  {api}  {dtype}  batch {batch}  {size}x{size}  reference={reference}")
+    floor = result["floor"]
+    head = f"{'check':<44}{'||d||/||ref||':>14}{'tolerance':>11}"
+    print(head + (f"{'torch f32 vs f64':>18}" if floor else ""))
+    for name, err in result["rows"].items():
+        flag = "ok" if result["passed"][name] else "FAIL"
+        line = f"{name:<44}{err:>14.3e}{result['tolerances'][name]:>11.0e}"
+        if floor:
+            line += f"{floor[name]:>18.3e}"
+        print(f"{line}  {flag}")
+    if floor:
+        print("float32 rows pass within the tolerance or within 2x PyTorch's own float32 error.")
+    print("PASS" if result["ok"] else "FAIL")
 
 
 if __name__ == "__main__":

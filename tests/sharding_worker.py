@@ -1,8 +1,8 @@
 """Subprocess helper for the multi-device NNX and explicit-sharding tests (not a test module).
 
 The CPU device count must be fixed before JAX initialises, so each scenario runs in its own
-process: ``python tests/sharding_worker.py MODE OUT --devices N``. It records results in
-``OUT`` (npz); the tests make the assertions.
+process: ``python tests/sharding_worker.py MODE OUT --devices N`` (which the tests start with
+``run_in_subprocess``). It records results in ``OUT`` (npz); the tests make the assertions.
 
 * ``nnx_user``: what an NNX user writes: a bfloat16 ResNet, ``nnx.Optimizer(model,
   optax.sgd(...), wrt=nnx.Param)``, an ``nnx.jit`` train step on a batch sharded over ``'data'``,
@@ -242,6 +242,18 @@ def run_mesh_modes(out: str) -> None:
             results[f"plain_conv_{'replicated' if place else 'unplaced'}"] = f"{type(e).__name__}: {e}"
     results["jax_version"] = jax.__version__
     np.savez(out, devices=n, **results)
+
+
+def run_in_subprocess(mode: str, out: str, devices: int) -> None:
+    """What the tests call: ``mode`` in a fresh process with ``devices`` CPU devices, results in
+    ``out``; fails with the worker's output when it does."""
+    import subprocess
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    cmd = [sys.executable, os.path.abspath(__file__), mode, out, "--devices", str(devices)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
 
 def main() -> None:

@@ -5,8 +5,6 @@ import contextlib
 import dataclasses
 import functools
 import inspect
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,8 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from float_bounds import float32_bound, rel  # noqa: E402
+from sharding_worker import run_in_subprocess  # noqa: E402
 
-WORKER = str(REPO / "tests" / "sharding_worker.py")
 F64 = dict(dtype=jnp.float64, param_dtype=jnp.float64)
 
 
@@ -514,18 +512,8 @@ def test_mismatched_variables_list_every_offending_key_and_write_nothing():
 
 @pytest.fixture(scope="module")
 def nnx_user(tmp_path_factory):
-    out = tmp_path_factory.mktemp("nnx_user") / "out.npz"
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
-    proc = subprocess.run(
-        [sys.executable, WORKER, "nnx_user", str(out), "--devices", "8"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        cwd=str(REPO),
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    out = str(tmp_path_factory.mktemp("nnx_user") / "out.npz")
+    run_in_subprocess("nnx_user", out, devices=8)
     return dict(np.load(out))
 
 

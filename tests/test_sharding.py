@@ -4,8 +4,6 @@ The multi-device runs happen in a subprocess (tests/sharding_worker.py, 2 fake C
 because the device count must be set before JAX initialises.
 """
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,25 +20,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from float_bounds import assert_trees_within_float32_error  # noqa: E402
+from sharding_worker import run_in_subprocess  # noqa: E402
 
-WORKER = str(REPO / "tests" / "sharding_worker.py")
 APIS = ("linen", "nnx")
 
 
 @pytest.fixture(scope="module")
 def mesh_modes(tmp_path_factory):
-    out = tmp_path_factory.mktemp("mesh_modes") / "out.npz"
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
-    proc = subprocess.run(
-        [sys.executable, WORKER, "mesh_modes", str(out), "--devices", "2"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        cwd=str(REPO),
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    out = str(tmp_path_factory.mktemp("mesh_modes") / "out.npz")
+    run_in_subprocess("mesh_modes", out, devices=2)
     data = np.load(out)
     runs: dict = {}
     for key in data.files:
