@@ -23,6 +23,8 @@ Grain worker processes as cores (inheriting the pinning), batched to numpy as th
 receives it; the files are read from disk (the page cache after the warm-up batches), decoded by
 Pillow, cropped, resized (antialiased bilinear) and flipped by ``train/image_ops.py``.
 ``--grain-workers 0,1,2`` sets the worker counts to try on each core count instead.
+``grain_pillow`` is the same with simplejpeg hidden from the worker process and its Grain workers,
+so that Pillow decodes every JPEG (the same pixels; what a machine without simplejpeg gets).
 
 Needs TensorFlow to write the JPEGs and for the tf.data variants; the grain variant's process
 does not import it.
@@ -120,7 +122,8 @@ def training_preprocess_fn(image_size: int, channels: int = 3) -> Callable[[Any,
 # pipeline could make; ``replica`` is a plain copy of the pipeline's ops, to show that the copies
 # measure the same thing as the pipeline. ``float_out`` normalises to float32 on the host, as the
 # pipeline did before it handed uint8 pixels to the accelerator.
-VARIANTS = ("pipeline", "replica", "float_out", "no_antialias", "fast_dct", "grain")
+VARIANTS = ("pipeline", "replica", "float_out", "no_antialias", "fast_dct", "grain", "grain_pillow")
+GRAIN_VARIANTS = ("grain", "grain_pillow")
 
 
 def variant_preprocess_fn(variant: str, image_size: int, channels: int = 3) -> Callable[[Any, Any], Any]:
@@ -191,8 +194,14 @@ def _rate_record(variant: str, images: int, elapsed: float, batch: dict[str, Any
 
 def run_grain_worker(args: argparse.Namespace) -> dict[str, Any]:
     """Time ``train/image_folder.py``'s training batches with ``args.grain_workers`` workers."""
+    from train import image_ops
     from train.config import default_config
     from train.image_folder import ImageFolderSource
+
+    if (args.variant == "grain_pillow") != (image_ops.simplejpeg is None):
+        raise RuntimeError(
+            f"variant {args.variant}: simplejpeg is {'' if image_ops.simplejpeg else 'not '}importable"
+        )
 
     config = default_config()
     config.update(
@@ -222,8 +231,9 @@ def run_grain_worker(args: argparse.Namespace) -> dict[str, Any]:
     import PIL
 
     return {
-        **_rate_record("grain", batches * args.batch, elapsed, batch),
+        **_rate_record(args.variant, batches * args.batch, elapsed, batch),
         "grain_workers": args.grain_workers,
+        "jpeg_decoder": "simplejpeg" if image_ops.simplejpeg is not None else "pillow",
         "grain": getattr(grain, "__version__", "?"),
         "pillow": PIL.__version__,
         "tensorflow_imported": "tensorflow" in sys.modules,
@@ -232,7 +242,7 @@ def run_grain_worker(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     """Time the preprocessing with ``args.threads`` threads in this process."""
-    if args.variant == "grain":
+    if args.variant in GRAIN_VARIANTS:
         return run_grain_worker(args)
     tf = _tf()
     files = sorted(glob.glob(os.path.join(args.jpeg_dir, "*.jpg")))
@@ -308,7 +318,7 @@ def run_all(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
         plan = [
             (variant, cores, workers)
             for variant, cores in itertools.product(args.variants, _core_counts(args.cores))
-            for workers in ((args.grain_workers_list or [cores]) if variant == "grain" else [0])
+            for workers in ((args.grain_workers_list or [cores]) if variant in GRAIN_VARIANTS else [0])
         ]
         for variant, cores, workers in plan:
             cmd = [
@@ -339,11 +349,21 @@ def run_all(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
             ]
             print(
                 f"[benchmark_input] {variant}, {cores} core(s)"
-                + (f", {workers} Grain worker(s)" if variant == "grain" else ""),
+                + (f", {workers} Grain worker(s)" if variant in GRAIN_VARIANTS else ""),
                 file=sys.stderr,
                 flush=True,
             )
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            env = None
+            if variant == "grain_pillow":
+                # A module of that name that fails to import, first on the path of the worker
+                # process and of the Grain workers it spawns: train.image_ops falls back to Pillow.
+                blocker = os.path.join(jpeg_dir, "no_simplejpeg")
+                os.makedirs(blocker, exist_ok=True)
+                with open(os.path.join(blocker, "simplejpeg.py"), "w") as f:
+                    f.write("raise ImportError('hidden by benchmarks.input_pipeline (grain_pillow)')\n")
+                path = os.environ.get("PYTHONPATH")
+                env = dict(os.environ, PYTHONPATH=blocker + (os.pathsep + path if path else ""))
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if proc.returncode != 0:
                 raise RuntimeError(f"worker with {cores} core(s) failed:\n{proc.stderr[-3000:]}")
             runs.append(json.loads(proc.stdout))

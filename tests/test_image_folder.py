@@ -400,6 +400,74 @@ def test_image_modes_become_rgb_and_exif_orientation_is_applied(tmp_path):
     assert eval_pixels.shape == (6, 6, 3)
 
 
+def _jpeg_kinds(tmp_path: Path) -> dict[str, tuple[Path, bool]]:
+    """JPEG files of every kind a folder may hold -> (file, whether simplejpeg should decode it)."""
+    rng = np.random.default_rng(3)
+    smooth = Image.fromarray(rng.integers(0, 256, (6, 7, 3), dtype=np.uint8)).resize((97, 83), Image.BICUBIC)
+    noisy = Image.fromarray(
+        np.clip(np.asarray(smooth) + rng.normal(0, 25, (83, 97, 3)), 0, 255).astype(np.uint8)
+    )
+    exif = Image.Exif()
+    exif[image_ops.EXIF_ORIENTATION] = 6
+    kinds = {
+        "420": ({"subsampling": 2}, noisy, True),
+        "422": ({"subsampling": 1}, noisy, True),
+        "444": ({"subsampling": 0}, noisy, True),
+        "progressive": ({"progressive": True}, noisy, True),
+        "restart_markers": ({"restart_marker_blocks": 2}, noisy, True),
+        "grayscale": ({}, noisy.convert("L"), True),
+        "cmyk": ({}, noisy.convert("CMYK"), False),
+        "exif_turned": ({"exif": exif}, noisy, False),
+    }
+    out = {}
+    for name, (kw, image, fast) in kinds.items():
+        path = tmp_path / f"{name}.jpg"
+        image.save(path, quality=90, **kw)
+        out[name] = (path, fast)
+    return out
+
+
+def test_simplejpeg_decodes_the_same_pixels_as_pillow(tmp_path, monkeypatch):
+    """The faster JPEG decoder changes no pixel: train crops (with and without a flip) and eval
+    images are the same bytes with simplejpeg as with Pillow alone, for every kind of JPEG."""
+    pytest.importorskip("simplejpeg")
+    config = default_config()
+    config.update(train_augment="inception_crop", random_flip=True, crop_area_range=(0.3, 1.0))
+    files = _jpeg_kinds(tmp_path)
+    results = {}
+    for use_simplejpeg in (True, False):
+        if not use_simplejpeg:
+            monkeypatch.setattr(image_ops, "simplejpeg", None)
+        for name, (path, fast) in files.items():
+            decoded = image_ops.jpeg_pixels(image_ops.open_image(path))
+            assert (decoded is not None) == (fast and use_simplejpeg), name
+            if decoded is not None:  # the whole image: Pillow's own decode, bit for bit
+                with Image.open(path) as f:
+                    np.testing.assert_array_equal(decoded, np.asarray(f.convert("RGB")), err_msg=name)
+            for i in range(4):
+                rng = np.random.default_rng([i, 5])
+                results[use_simplejpeg, name, "train", i] = image_ops.train_image(
+                    image_ops.open_image(path), rng, 24, config
+                )
+            results[use_simplejpeg, name, "eval"] = image_ops.eval_image(
+                image_ops.open_image(path), 24, 0.875
+            )
+    keys = [k[1:] for k in results if k[0]]
+    assert len(keys) == len(files) * 5
+    for key in keys:
+        fast, pillow = results[(True, *key)], results[(False, *key)]
+        assert fast.shape == (24, 24, 3) and fast.dtype == np.uint8, key
+        np.testing.assert_array_equal(fast, pillow, err_msg=str(key))
+    # A JPEG that libjpeg reads only with a warning (its last bytes cut off) is left to Pillow,
+    # which stops on it as before, naming the file.
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(files["420"][0].read_bytes()[:-200])
+    monkeypatch.undo()
+    assert image_ops.jpeg_pixels(image_ops.open_image(cut)) is None
+    with pytest.raises(OSError, match="truncated"):
+        image_ops.train_image(image_ops.open_image(cut), np.random.default_rng(0), 24, config)
+
+
 def test_pillow_preprocessing_matches_the_tensorflow_path():
     """Eval: the same pixels within the rounding of Pillow's 8-bit resize. Train: the same
     distribution of crop scale, aspect ratio and position (two-sample Kolmogorov-Smirnov)."""
@@ -420,6 +488,16 @@ def test_pillow_preprocessing_matches_the_tensorflow_path():
             got = image_ops.eval_image(Image.fromarray(pixels), 32, fraction)
             diff = np.abs(got.astype(int) - want.astype(int))
             assert got.shape == want.shape and diff.max() <= 1 and diff.mean() < 0.3, (h, w, fraction)
+
+        # A raw array (train.predict's .npy input), whole or fractional values: TF's float
+        # resize, within float32 rounding (no 8-bit rounding on either side).
+        offsets = np.random.default_rng([h, w]).uniform(-0.5, 0.5, pixels.shape)  # own draws
+        array = pixels.astype(np.float32) + offsets.astype(np.float32)
+        for fraction in (0.875, 1.0):
+            want = input_pipeline.preprocess_eval_image(array, info, fraction, to_uint8=False).numpy()
+            got = image_ops.eval_array(array, 32, fraction)
+            assert got.dtype == np.float32 and got.shape == want.shape, (h, w, fraction)
+            np.testing.assert_allclose(got, want, rtol=0, atol=2e-3, err_msg=str((h, w, fraction)))
 
     # A training crop: the same box cut and resized by TF (slice, antialiased bilinear resize,
     # round) and by Pillow (resize with the box) gives the same pixels within rounding.
@@ -524,7 +602,11 @@ def test_sigkill_mid_epoch_resumes_bitwise_and_nothing_imports_tensorflow(digits
     assert 30 not in checkpoint.Checkpointer(str(killed), read_only=True).all_steps()
     # predict (class names, not indices; no TensorFlow either) runs beside the restarted run.
     files = [written["val"][i][0] for i in (0, 1)]
-    predict = _start(_cli("train.predict", f"--workdir={reference}", "--top_k=2", *files))
+    # A .npy array of the first file's pixels: the same preprocessing (NumPy/Pillow, no TF).
+    array = tmp_path / "first.npy"
+    with Image.open(files[0]) as f:
+        np.save(array, np.asarray(f.convert("RGB")))
+    predict = _start(_cli("train.predict", f"--workdir={reference}", "--top_k=2", *files, array))
     model = tmp_path / "model.safetensors"
     export = _start(_cli("train.export", f"--workdir={reference}", f"--out={model}"))
     restart = _run(_train_cmd(root, killed, "--config.grain_worker_count=0"))
@@ -559,9 +641,10 @@ def test_sigkill_mid_epoch_resumes_bitwise_and_nothing_imports_tensorflow(digits
     assert predict.returncode == 0, err[-3000:]
     assert "TENSORFLOW_IMPORTED=False" in err
     lines = out.splitlines()
-    assert lines[0] == str(files[0]) and lines[3] == str(files[1])
+    assert lines[0] == str(files[0]) and lines[3] == str(files[1]) and lines[6] == str(array)
     top = lines[1].split()
     assert top[0] == "1." and top[1] in SORTED and top[-1] == f"{SORTED.index(top[1])})"
+    assert lines[7:9] == lines[1:3]  # the array: the file's class names and probabilities
 
     # export: the weights, and the class names beside them; no TensorFlow.
     assert export.returncode == 0 and "TENSORFLOW_IMPORTED=False" in export_err, export_err[-3000:]
