@@ -26,6 +26,10 @@ Pillow, cropped, resized (antialiased bilinear) and flipped by ``train/image_ops
 ``grain_pillow`` is the same with simplejpeg hidden from the worker process and its Grain workers,
 so that Pillow decodes every JPEG (the same pixels; what a machine without simplejpeg gets).
 
+Each run also reports ``images_per_cpu_s``: images per CPU second used by the run's process and
+its child processes (Grain's workers) while timed. On a machine shared with other jobs the
+wall-clock rate swings with their load; the CPU rate measures the pipeline's own work per core.
+
 Needs TensorFlow to write the JPEGs and for the tf.data variants; the grain variant's process
 does not import it.
 """
@@ -177,8 +181,34 @@ def _folder_layout(jpeg_dir: str) -> str:
     return root
 
 
-def _rate_record(variant: str, images: int, elapsed: float, batch: dict[str, Any]) -> dict[str, Any]:
-    """The fields every variant's run reports: its rate over the cores this process may use."""
+def cpu_seconds() -> float | None:
+    """CPU time (user + system) of this process and its child processes (Grain's workers) so
+    far, from /proc (None where there is none). On a shared machine the wall-clock rate swings
+    with the other jobs; the images per CPU second that the pipeline itself used do not."""
+    total = sum(os.times()[:2])
+    try:
+        children = set()
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/children") as f:
+                children.update(int(pid) for pid in f.read().split())
+        for pid in children:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        return None
+    return total
+
+
+def _minus(end: float | None, start: float | None) -> float | None:
+    return None if end is None or start is None else end - start
+
+
+def _rate_record(
+    variant: str, images: int, elapsed: float, batch: dict[str, Any], cpu: float | None = None
+) -> dict[str, Any]:
+    """The fields every variant's run reports: its rate over the cores this process may use,
+    and per CPU second used (``cpu``: CPU seconds of the timed batches, ``cpu_seconds``)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
         "variant": variant,
@@ -187,6 +217,8 @@ def _rate_record(variant: str, images: int, elapsed: float, batch: dict[str, Any
         "seconds": elapsed,
         "images_per_s": images / elapsed,
         "images_per_s_per_core": images / elapsed / cores,
+        "cpu_seconds": cpu,
+        "images_per_cpu_s": images / cpu if cpu else None,
         "output_shape": list(batch["image"].shape),
         "output_dtype": str(batch["image"].dtype),
     }
@@ -222,16 +254,16 @@ def run_grain_worker(args: argparse.Namespace) -> dict[str, Any]:
     warmup = max(args.warmup_batches, 1) + 2 * args.grain_workers  # each worker's first batches
     for _ in range(warmup):
         batch = next(it)
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), cpu_seconds()
     for _ in range(batches):
         batch = next(it)
-    elapsed = time.perf_counter() - t
+    elapsed, cpu = time.perf_counter() - t, _minus(cpu_seconds(), cpu)
     it.close()
     import grain
     import PIL
 
     return {
-        **_rate_record(args.variant, batches * args.batch, elapsed, batch),
+        **_rate_record(args.variant, batches * args.batch, elapsed, batch, cpu),
         "grain_workers": args.grain_workers,
         "jpeg_decoder": "simplejpeg" if image_ops.simplejpeg is not None else "pillow",
         "grain": getattr(grain, "__version__", "?"),
@@ -272,12 +304,12 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     it = ds.as_numpy_iterator()
     for _ in range(warmup):
         batch = next(it)
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), cpu_seconds()
     for _ in range(batches):
         batch = next(it)
-    elapsed = time.perf_counter() - t
+    elapsed, cpu = time.perf_counter() - t, _minus(cpu_seconds(), cpu)
     return {
-        **_rate_record(args.variant, batches * args.batch, elapsed, batch),
+        **_rate_record(args.variant, batches * args.batch, elapsed, batch, cpu),
         "threads": args.threads,
         "tensorflow": tf.__version__,
     }

@@ -290,3 +290,17 @@ def test_input_benchmark_on_a_few_jpegs(tmp_path):
     assert run["images_per_s"] == pytest.approx(8 / run["seconds"])
     assert r["images_per_s_per_core"] == run["images_per_s_per_core"] > 0
     assert r["cores_to_feed_model_rate"] == math.ceil(1000 / r["images_per_s_per_core"])
+    assert run["cpu_seconds"] >= 0  # this process's CPU time over the timed batches
+
+    # The Grain variants: simplejpeg decodes the JPEGs, or (grain_pillow) it is hidden from the
+    # worker process, and Pillow does; neither imports TensorFlow.
+    r = _run(
+        "benchmarks.input_pipeline",
+        *args,
+        "--variants=grain,grain_pillow",
+        "--grain-workers=0",
+        f"--jpeg-dir={tmp_path}",
+    )
+    assert [run["jpeg_decoder"] for run in r["runs"]] == ["simplejpeg", "pillow"]
+    for run in r["runs"]:
+        assert run["output_shape"] == [2, 32, 32, 3] and run["tensorflow_imported"] is False
