@@ -19,17 +19,19 @@ as torchvision's loader does), and the EXIF orientation is applied, so a phone p
 on upright, as a viewer shows it (TF's decoders and torchvision's loader ignore the tag).
 
 JPEGs (RGB or grayscale, upright) are decoded by simplejpeg when it is installed: the same
-libjpeg-turbo and the same settings as Pillow's decoder (accurate integer IDCT, smooth chroma
-upsampling), so the same pixels bit for bit, about 20% faster because it decodes the file from
-memory straight into an RGB array. Without simplejpeg, or for any other file, Pillow decodes.
+libjpeg-turbo with the same settings as Pillow's decoder (accurate integer IDCT, smooth chroma
+upsampling), so the same pixels bit for bit, with about 15% less CPU time for the decode alone
+(BENCHMARKS.md, section 3b). Without simplejpeg, or for any other file, Pillow decodes.
 (TF's ``decode_jpeg`` defaults to the fast integer IDCT: its pixels differ from both by a few
 levels.)
 
 ``config.jpeg_reduced_decode=True`` (off by default) lets a JPEG whose training crop is at least
 twice the model's input size decode at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, Pillow's
-``draft``): several times faster on large photos, but the crop's pixels are then those of a
-smaller image, not of the full decode that the TF path resizes (a mean difference of 1.5-2.3
-levels at 224 instead of 1.0). Evaluation always decodes in full.
+``draft``). It saves inverse DCTs and resize work on large photos, not the entropy decoding, so
+the gain depends on the file (on a noisy synthetic 12-megapixel JPEG: 0.9-1.1x). The crop's
+pixels are then those of a smaller image, not of the full decode that the TF path resizes (a
+mean difference from TF's crop of 1.5-2.3 levels at 224, against 1.0 with the full decode).
+Evaluation always decodes in full.
 """
 
 from __future__ import annotations
