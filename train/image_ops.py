@@ -30,7 +30,7 @@ twice the model's input size decode at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scal
 ``draft``). It saves inverse DCTs and resize work on large photos, not the entropy decoding, so
 the gain depends on the file (on a noisy synthetic 12-megapixel JPEG: 0.9-1.1x). The crop's
 pixels are then those of a smaller image, not of the full decode that the TF path resizes (a
-mean difference from TF's crop of 1.5-2.3 levels at 224, against 1.0 with the full decode).
+mean difference from TF's crop of 1.1-2.3 levels at 224, against 1.0 with the full decode).
 Evaluation always decodes in full.
 """
 
