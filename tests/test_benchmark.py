@@ -304,3 +304,11 @@ def test_input_benchmark_on_a_few_jpegs(tmp_path):
     assert [run["jpeg_decoder"] for run in r["runs"]] == ["simplejpeg", "pillow"]
     for run in r["runs"]:
         assert run["output_shape"] == [2, 32, 32, 3] and run["tensorflow_imported"] is False
+
+    # The per-stage profile of the folder pipeline on the same files: every stage timed, and the
+    # whole preprocessing costs more than its resize alone.
+    p = _run("benchmarks.folder_profile", f"--jpeg-dir={tmp_path}", "--rounds=1", "--per-round=2")
+    ms = {name: v["median"] for name, v in p["ms_per_image"].items()}
+    assert {"decode_pillow", "decode_simplejpeg", "resize_antialiased", "tf_decode_and_crop"} <= set(ms)
+    assert ms["train_image_simplejpeg"] > ms["resize_antialiased"] > 0
+    assert p["files"] == 4 and 0.08 <= p["mean_crop_area_fraction"] <= 1.0
