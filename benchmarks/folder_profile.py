@@ -67,7 +67,7 @@ def _stages(files: list[str], boxes: list[tuple[int, int, int, int]]) -> dict[st
         "train_image_pillow": pillow_train_image,
     }
     if image_ops.simplejpeg is not None:
-        stages["decode_simplejpeg"] = lambda i: image_ops.simplejpeg.decode_jpeg(data[i], "RGB")
+        stages["decode_simplejpeg"] = lambda i: image_ops.decode_jpeg(data[i])
     return stages
 
 

@@ -21,10 +21,12 @@ antialiasing in the resize, the fast integer IDCT), to show what moves the per-c
 and Pillow, no TensorFlow) on the same files laid out as ``ROOT/train/<class>/``, with as many
 Grain worker processes as cores (inheriting the pinning), batched to numpy as the training loop
 receives it; the files are read from disk (the page cache after the warm-up batches), decoded by
-Pillow, cropped, resized (antialiased bilinear) and flipped by ``train/image_ops.py``.
+simplejpeg (as TF decodes them), cropped, resized (antialiased bilinear) and flipped by
+``train/image_ops.py``.
 ``--grain-workers 0,1,2`` sets the worker counts to try on each core count instead.
 ``grain_pillow`` is the same with simplejpeg hidden from the worker process and its Grain workers,
-so that Pillow decodes every JPEG (the same pixels; what a machine without simplejpeg gets).
+so that Pillow decodes every JPEG (accurate IDCT: pixels a few levels from TF's; what a machine
+without simplejpeg gets).
 
 Each run also reports ``images_per_cpu_s``: images per CPU second used by the run's process and
 its child processes (Grain's workers) while timed. On a machine shared with other jobs the

@@ -427,37 +427,73 @@ def _jpeg_kinds(tmp_path: Path) -> dict[str, tuple[Path, bool]]:
     return out
 
 
-def test_simplejpeg_decodes_the_same_pixels_as_pillow(tmp_path, monkeypatch):
-    """The faster JPEG decoder changes no pixel: train crops (with and without a flip) and eval
-    images are the same bytes with simplejpeg as with Pillow alone, for every kind of JPEG."""
+def test_jpegs_decode_to_the_tensorflow_paths_pixels(tmp_path, monkeypatch):
+    """With simplejpeg, every JPEG it takes decodes to TF's default decode bit for bit (the whole
+    image; a training box as ``decode_and_crop_jpeg`` cuts it but for its edge columns), so train
+    crops are TF's within the rounding of the 8-bit resize, eval images within the eval test's.
+    Pillow (no simplejpeg, or CMYK / EXIF-rotated files) uses the accurate IDCT: a few levels
+    off TF's decode, and the same pixels with or without simplejpeg for the files it gets."""
     pytest.importorskip("simplejpeg")
+    tf = pytest.importorskip("tensorflow")
     config = default_config()
-    config.update(train_augment="inception_crop", random_flip=True, crop_area_range=(0.3, 1.0))
+    config.update(train_augment="inception_crop", random_flip=False, crop_area_range=(0.3, 1.0))
+    info = input_pipeline.DatasetInfo(
+        "t", 3, (24, 24, 3), 0, 0, (), input_pipeline.IMAGENET_MEAN, input_pipeline.IMAGENET_STD
+    )
     files = _jpeg_kinds(tmp_path)
     results = {}
     for use_simplejpeg in (True, False):
         if not use_simplejpeg:
             monkeypatch.setattr(image_ops, "simplejpeg", None)
         for name, (path, fast) in files.items():
+            data = path.read_bytes()
             decoded = image_ops.jpeg_pixels(image_ops.open_image(path))
             assert (decoded is not None) == (fast and use_simplejpeg), name
-            if decoded is not None:  # the whole image: Pillow's own decode, bit for bit
+            if fast:
+                tf_pixels = tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
                 with Image.open(path) as f:
-                    np.testing.assert_array_equal(decoded, np.asarray(f.convert("RGB")), err_msg=name)
+                    pillow = np.asarray(f.convert("RGB")).astype(int)
+                # Pillow's accurate IDCT is a few levels off TF's fast one (the check has power).
+                assert 0 < np.abs(pillow - tf_pixels).max() <= 8, name
+                if decoded is not None:  # the whole image: TF's decode, bit for bit
+                    np.testing.assert_array_equal(decoded, tf_pixels, err_msg=name)
             for i in range(4):
                 rng = np.random.default_rng([i, 5])
-                results[use_simplejpeg, name, "train", i] = image_ops.train_image(
-                    image_ops.open_image(path), rng, 24, config
-                )
-            results[use_simplejpeg, name, "eval"] = image_ops.eval_image(
-                image_ops.open_image(path), 24, 0.875
-            )
+                got = image_ops.train_image(image_ops.open_image(path), rng, 24, config)
+                results[use_simplejpeg, name, "train", i] = got
+                if fast:
+                    height, width = image_ops.upright_size(image_ops.open_image(path))
+                    top, left, ch, cw = image_ops.sample_crop(
+                        np.random.default_rng([i, 5]), height, width, tuple(config.crop_area_range)
+                    )
+                    crop = tf.io.decode_and_crop_jpeg(data, [top, left, ch, cw], channels=3).numpy()
+                    if decoded is not None:
+                        ours = decoded[top : top + ch, left : left + cw]
+                        # libjpeg's cropped decode upsamples the chroma as if the crop's left and
+                        # right edges were the image's: TF's own crop differs from its whole
+                        # decode in the two outermost columns of a chroma-subsampled JPEG.
+                        np.testing.assert_array_equal(ours[:, 2:-2], crop[:, 2:-2], err_msg=name)
+                        if name in ("444", "grayscale"):
+                            np.testing.assert_array_equal(ours, crop, err_msg=name)
+                        box = tf_pixels[top : top + ch, left : left + cw].astype(np.float32)
+                        want = tf.image.resize(box, [24, 24], antialias=True)
+                        want = tf.cast(tf.round(want), tf.uint8).numpy()
+                        diff = np.abs(got.astype(int) - want.astype(int))
+                        assert diff.max() <= 1, (name, i)
+            got = image_ops.eval_image(image_ops.open_image(path), 24, 0.875)
+            results[use_simplejpeg, name, "eval"] = got
+            if fast and use_simplejpeg:
+                image = tf.io.decode_image(data, channels=3, expand_animations=False)
+                want = input_pipeline.preprocess_eval_image(image, info, 0.875).numpy()
+                diff = np.abs(got.astype(int) - want.astype(int))
+                assert diff.max() <= 1 and diff.mean() < 0.3, name
     keys = [k[1:] for k in results if k[0]]
     assert len(keys) == len(files) * 5
     for key in keys:
         fast, pillow = results[(True, *key)], results[(False, *key)]
         assert fast.shape == (24, 24, 3) and fast.dtype == np.uint8, key
-        np.testing.assert_array_equal(fast, pillow, err_msg=str(key))
+        if not files[key[0]][1]:  # Pillow decodes it either way: the same bytes
+            np.testing.assert_array_equal(fast, pillow, err_msg=str(key))
     # A JPEG that libjpeg reads only with a warning (its last bytes cut off) is left to Pillow,
     # which stops on it as before, naming the file.
     cut = tmp_path / "cut.jpg"

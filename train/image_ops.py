@@ -18,12 +18,16 @@ Decoding (``open_image``): any mode becomes RGB (grayscale, CMYK, palette; RGBA 
 as torchvision's loader does), and the EXIF orientation is applied, so a phone photo is trained
 on upright, as a viewer shows it (TF's decoders and torchvision's loader ignore the tag).
 
-JPEGs (RGB or grayscale, upright) are decoded by simplejpeg when it is installed: the same
-libjpeg-turbo with the same settings as Pillow's decoder (accurate integer IDCT, smooth chroma
-upsampling), so the same pixels bit for bit, with about 15% less CPU time for the decode alone
-(BENCHMARKS.md, section 3b). Without simplejpeg, or for any other file, Pillow decodes.
-(TF's ``decode_jpeg`` defaults to the fast integer IDCT: its pixels differ from both by a few
-levels.)
+JPEGs (RGB or grayscale, upright) are decoded by simplejpeg when it is installed, with the
+settings of TF's ``decode_jpeg``/``decode_and_crop_jpeg``/``decode_image`` defaults, which the TF
+path uses for training and evaluation: libjpeg-turbo's fast integer IDCT (``fastdct=True``; TF's
+``dct_method=''``) and smooth chroma upsampling (``fastupsample=False``; TF's
+``fancy_upscaling=True``). The decoded pixels are then TF's bit for bit, and a training crop is
+TF's ``decode_and_crop_jpeg`` of the same box (``tests/test_image_folder.py`` checks both).
+Without simplejpeg, or for any other file (CMYK, an EXIF orientation, not a JPEG), Pillow
+decodes, and a JPEG's pixels then come from libjpeg's accurate integer IDCT, which Pillow always
+uses: they differ from TF's by up to about 6 levels (mean under 1). simplejpeg's decode also
+takes less CPU time than Pillow's (BENCHMARKS.md, section 3b).
 
 ``config.jpeg_reduced_decode=True`` (off by default) lets a JPEG whose training crop is at least
 twice the model's input size decode at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, Pillow's
@@ -43,7 +47,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-try:  # optional: a faster JPEG decoder with the same pixels (module docstring)
+try:  # optional: a faster JPEG decoder that gives TF's pixels (module docstring)
     import simplejpeg
 except ImportError:  # pragma: no cover - installed with the train extra
     simplejpeg = None
@@ -77,7 +81,7 @@ def jpeg_pixels(image: Image.Image) -> np.ndarray | None:
     """``uint8 [H, W, 3]`` pixels of an opened, not yet decoded, upright RGB or grayscale JPEG,
     decoded by simplejpeg; None for anything else (then Pillow decodes it).
 
-    The same pixels as Pillow's decoder (``tests/test_image_folder.py`` checks). A file that
+    The same pixels as TF's default JPEG decode (module docstring). A file that
     simplejpeg rejects, even for what libjpeg only warns about, also returns None, so that
     Pillow decides whether it can be read, as it does for every other file.
     """
@@ -92,11 +96,17 @@ def jpeg_pixels(image: Image.Image) -> np.ndarray | None:
     image.fp.seek(0)
     data = image.fp.read()
     try:
-        pixels = simplejpeg.decode_jpeg(data, "RGB")
+        pixels = decode_jpeg(data)
     except ValueError:
         return None
     image.close()  # Pillow closes the file once it has decoded; nothing else will here
     return pixels
+
+
+def decode_jpeg(data: bytes) -> np.ndarray:
+    """``uint8 [H, W, 3]`` pixels of JPEG ``data`` by simplejpeg, as TF's default decode gives
+    them: the fast integer IDCT and smooth chroma upsampling (module docstring)."""
+    return simplejpeg.decode_jpeg(data, "RGB", fastdct=True, fastupsample=False)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
