@@ -22,8 +22,12 @@ JPEGs (RGB or grayscale, upright) are decoded by simplejpeg when it is installed
 settings of TF's ``decode_jpeg``/``decode_and_crop_jpeg``/``decode_image`` defaults, which the TF
 path uses for training and evaluation: libjpeg-turbo's fast integer IDCT (``fastdct=True``; TF's
 ``dct_method=''``) and smooth chroma upsampling (``fastupsample=False``; TF's
-``fancy_upscaling=True``). The decoded pixels are then TF's bit for bit, and a training crop is
-TF's ``decode_and_crop_jpeg`` of the same box (``tests/test_image_folder.py`` checks both).
+``fancy_upscaling=True``). The decoded pixels are then TF's bit for bit
+(``tests/test_image_folder.py`` checks). A training crop is cut from the whole decode, so it
+equals TF's ``decode_and_crop_jpeg`` of the same box except in the box's two outermost columns
+on each side when the chroma is subsampled: libjpeg's cropped decode upsamples the chroma there
+as if the box's edges were the image's (a mean difference from TF's 224 crops of 0.19 levels,
+against 1.0 with Pillow's decode; BENCHMARKS.md, section 3b).
 Without simplejpeg, or for any other file (CMYK, an EXIF orientation, not a JPEG), Pillow
 decodes, and a JPEG's pixels then come from libjpeg's accurate integer IDCT, which Pillow always
 uses: they differ from TF's by up to about 6 levels (mean under 1). simplejpeg's decode also
