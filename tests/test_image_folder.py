@@ -442,12 +442,12 @@ def test_jpegs_decode_to_the_tensorflow_paths_pixels(tmp_path, monkeypatch):
     pytest.importorskip("simplejpeg")
     tf = pytest.importorskip("tensorflow")
     config = default_config()
-    config.update(train_augment="inception_crop", random_flip=False, crop_area_range=(0.3, 1.0))
+    config.update(train_augment="inception_crop", random_flip=True, crop_area_range=(0.3, 1.0))
     info = input_pipeline.DatasetInfo(
         "t", 3, (24, 24, 3), 0, 0, (), input_pipeline.IMAGENET_MEAN, input_pipeline.IMAGENET_STD
     )
     files = _jpeg_kinds(tmp_path)
-    results = {}
+    results, flips = {}, []
     for use_simplejpeg in (True, False):
         if not use_simplejpeg:
             monkeypatch.setattr(image_ops, "simplejpeg", None)
@@ -469,9 +469,11 @@ def test_jpegs_decode_to_the_tensorflow_paths_pixels(tmp_path, monkeypatch):
                 results[use_simplejpeg, name, "train", i] = got
                 if fast:
                     height, width = image_ops.upright_size(image_ops.open_image(path))
+                    draws = np.random.default_rng([i, 5])  # train_image's draws: box, then flip
                     top, left, ch, cw = image_ops.sample_crop(
-                        np.random.default_rng([i, 5]), height, width, tuple(config.crop_area_range)
+                        draws, height, width, tuple(config.crop_area_range)
                     )
+                    flips.append(draws.random() < 0.5)
                     crop = tf.io.decode_and_crop_jpeg(data, [top, left, ch, cw], channels=3).numpy()
                     if decoded is not None:
                         ours = decoded[top : top + ch, left : left + cw]
@@ -484,6 +486,7 @@ def test_jpegs_decode_to_the_tensorflow_paths_pixels(tmp_path, monkeypatch):
                         box = tf_pixels[top : top + ch, left : left + cw].astype(np.float32)
                         want = tf.image.resize(box, [24, 24], antialias=True)
                         want = tf.cast(tf.round(want), tf.uint8).numpy()
+                        want = want[:, ::-1] if flips[-1] else want
                         diff = np.abs(got.astype(int) - want.astype(int))
                         assert diff.max() <= 1, (name, i)
             got = image_ops.eval_image(image_ops.open_image(path), 24, 0.875)
@@ -493,6 +496,7 @@ def test_jpegs_decode_to_the_tensorflow_paths_pixels(tmp_path, monkeypatch):
                 want = input_pipeline.preprocess_eval_image(image, info, 0.875).numpy()
                 diff = np.abs(got.astype(int) - want.astype(int))
                 assert diff.max() <= 1 and diff.mean() < 0.3, name
+    assert any(flips) and not all(flips)
     keys = [k[1:] for k in results if k[0]]
     assert len(keys) == len(files) * 5
     for key in keys:

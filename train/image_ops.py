@@ -30,7 +30,7 @@ as if the box's edges were the image's (a mean difference from TF's 224 crops of
 against 1.0 with Pillow's decode; BENCHMARKS.md, section 3b).
 Without simplejpeg, or for any other file (CMYK, an EXIF orientation, not a JPEG), Pillow
 decodes, and a JPEG's pixels then come from libjpeg's accurate integer IDCT, which Pillow always
-uses: they differ from TF's by up to about 6 levels (mean under 1). simplejpeg's decode also
+uses: they differ from TF's by up to about 6 levels. simplejpeg's decode also
 takes less CPU time than Pillow's (BENCHMARKS.md, section 3b).
 
 ``config.jpeg_reduced_decode=True`` (off by default) lets a JPEG whose training crop is at least
