@@ -455,19 +455,19 @@ def test_jpegs_decode_to_the_tensorflow_paths_pixels(tmp_path, monkeypatch):
             data = path.read_bytes()
             decoded = image_ops.jpeg_pixels(image_ops.open_image(path))
             assert (decoded is not None) == (fast and use_simplejpeg), name
-            if fast:
+            if decoded is not None:  # TF's reference, once per file
                 tf_pixels = tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
                 with Image.open(path) as f:
                     pillow = np.asarray(f.convert("RGB")).astype(int)
                 # Pillow's accurate IDCT is a few levels off TF's fast one (the check has power).
                 assert 0 < np.abs(pillow - tf_pixels).max() <= 8, name
-                if decoded is not None:  # the whole image: TF's decode, bit for bit
-                    np.testing.assert_array_equal(decoded, tf_pixels, err_msg=name)
+                # The whole image: TF's decode, bit for bit.
+                np.testing.assert_array_equal(decoded, tf_pixels, err_msg=name)
             for i in range(4):
                 rng = np.random.default_rng([i, 5])
                 got = image_ops.train_image(image_ops.open_image(path), rng, 24, config)
                 results[use_simplejpeg, name, "train", i] = got
-                if fast:
+                if decoded is not None:
                     height, width = image_ops.upright_size(image_ops.open_image(path))
                     draws = np.random.default_rng([i, 5])  # train_image's draws: box, then flip
                     top, left, ch, cw = image_ops.sample_crop(
@@ -475,20 +475,19 @@ def test_jpegs_decode_to_the_tensorflow_paths_pixels(tmp_path, monkeypatch):
                     )
                     flips.append(draws.random() < 0.5)
                     crop = tf.io.decode_and_crop_jpeg(data, [top, left, ch, cw], channels=3).numpy()
-                    if decoded is not None:
-                        ours = decoded[top : top + ch, left : left + cw]
-                        # libjpeg's cropped decode upsamples the chroma as if the crop's left and
-                        # right edges were the image's: TF's own crop differs from its whole
-                        # decode in the two outermost columns of a chroma-subsampled JPEG.
-                        np.testing.assert_array_equal(ours[:, 2:-2], crop[:, 2:-2], err_msg=name)
-                        if name in ("444", "grayscale"):
-                            np.testing.assert_array_equal(ours, crop, err_msg=name)
-                        box = tf_pixels[top : top + ch, left : left + cw].astype(np.float32)
-                        want = tf.image.resize(box, [24, 24], antialias=True)
-                        want = tf.cast(tf.round(want), tf.uint8).numpy()
-                        want = want[:, ::-1] if flips[-1] else want
-                        diff = np.abs(got.astype(int) - want.astype(int))
-                        assert diff.max() <= 1, (name, i)
+                    ours = decoded[top : top + ch, left : left + cw]
+                    # libjpeg's cropped decode upsamples the chroma as if the crop's left and
+                    # right edges were the image's: TF's own crop differs from its whole
+                    # decode in the two outermost columns of a chroma-subsampled JPEG.
+                    np.testing.assert_array_equal(ours[:, 2:-2], crop[:, 2:-2], err_msg=name)
+                    if name in ("444", "grayscale"):
+                        np.testing.assert_array_equal(ours, crop, err_msg=name)
+                    box = tf_pixels[top : top + ch, left : left + cw].astype(np.float32)
+                    want = tf.image.resize(box, [24, 24], antialias=True)
+                    want = tf.cast(tf.round(want), tf.uint8).numpy()
+                    want = want[:, ::-1] if flips[-1] else want
+                    diff = np.abs(got.astype(int) - want.astype(int))
+                    assert diff.max() <= 1, (name, i)
             got = image_ops.eval_image(image_ops.open_image(path), 24, 0.875)
             results[use_simplejpeg, name, "eval"] = got
             if fast and use_simplejpeg:
