@@ -21,8 +21,16 @@ antialiasing in the resize, the fast integer IDCT), to show what moves the per-c
 and Pillow, no TensorFlow) on the same files laid out as ``ROOT/train/<class>/``, with as many
 Grain worker processes as cores (inheriting the pinning), batched to numpy as the training loop
 receives it; the files are read from disk (the page cache after the warm-up batches), decoded by
-Pillow, cropped, resized (antialiased bilinear) and flipped by ``train/image_ops.py``.
+simplejpeg (as TF decodes them), cropped, resized (antialiased bilinear) and flipped by
+``train/image_ops.py``.
 ``--grain-workers 0,1,2`` sets the worker counts to try on each core count instead.
+``grain_pillow`` is the same with simplejpeg hidden from the worker process and its Grain workers,
+so that Pillow decodes every JPEG (accurate IDCT: pixels a few levels from TF's; what a machine
+without simplejpeg gets).
+
+Each run also reports ``images_per_cpu_s``: images per CPU second used by the run's process and
+its child processes (Grain's workers) while timed. On a machine shared with other jobs the
+wall-clock rate swings with their load; the CPU rate measures the pipeline's own work per core.
 
 Needs TensorFlow to write the JPEGs and for the tf.data variants; the grain variant's process
 does not import it.
@@ -120,7 +128,8 @@ def training_preprocess_fn(image_size: int, channels: int = 3) -> Callable[[Any,
 # pipeline could make; ``replica`` is a plain copy of the pipeline's ops, to show that the copies
 # measure the same thing as the pipeline. ``float_out`` normalises to float32 on the host, as the
 # pipeline did before it handed uint8 pixels to the accelerator.
-VARIANTS = ("pipeline", "replica", "float_out", "no_antialias", "fast_dct", "grain")
+VARIANTS = ("pipeline", "replica", "float_out", "no_antialias", "fast_dct", "grain", "grain_pillow")
+GRAIN_VARIANTS = ("grain", "grain_pillow")
 
 
 def variant_preprocess_fn(variant: str, image_size: int, channels: int = 3) -> Callable[[Any, Any], Any]:
@@ -174,18 +183,45 @@ def _folder_layout(jpeg_dir: str) -> str:
     return root
 
 
-def _time_batches(it: Any, warmup: int, batches: int) -> tuple[float, dict[str, Any]]:
-    """Seconds that ``batches`` batches of ``it`` take after ``warmup`` untimed ones, and the last."""
+def cpu_seconds() -> float | None:
+    """CPU time (user + system) of this process and its child processes (Grain's workers) so
+    far, from /proc (None where there is none). On a shared machine the wall-clock rate swings
+    with the other jobs; the images per CPU second that the pipeline itself used do not."""
+    total = sum(os.times()[:2])
+    try:
+        children = set()
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/children") as f:
+                children.update(int(pid) for pid in f.read().split())
+        for pid in children:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        return None
+    return total
+
+
+def _minus(end: float | None, start: float | None) -> float | None:
+    return None if end is None or start is None else end - start
+
+
+def _time_batches(it: Any, warmup: int, batches: int) -> tuple[float, float | None, dict[str, Any]]:
+    """Wall seconds and CPU seconds (``cpu_seconds``) that ``batches`` batches of ``it`` take
+    after ``warmup`` untimed ones, and the last batch."""
     for _ in range(warmup):
         batch = next(it)
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), cpu_seconds()
     for _ in range(batches):
         batch = next(it)
-    return time.perf_counter() - t, batch
+    return time.perf_counter() - t, _minus(cpu_seconds(), cpu), batch
 
 
-def _rate_record(variant: str, images: int, elapsed: float, batch: dict[str, Any]) -> dict[str, Any]:
-    """The fields every variant's run reports: its rate over the cores this process may use."""
+def _rate_record(
+    variant: str, images: int, elapsed: float, batch: dict[str, Any], cpu: float | None = None
+) -> dict[str, Any]:
+    """The fields every variant's run reports: its rate over the cores this process may use,
+    and per CPU second used (``cpu``: CPU seconds of the timed batches, ``cpu_seconds``)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
         "variant": variant,
@@ -194,6 +230,8 @@ def _rate_record(variant: str, images: int, elapsed: float, batch: dict[str, Any
         "seconds": elapsed,
         "images_per_s": images / elapsed,
         "images_per_s_per_core": images / elapsed / cores,
+        "cpu_seconds": cpu,
+        "images_per_cpu_s": images / cpu if cpu else None,
         "output_shape": list(batch["image"].shape),
         "output_dtype": str(batch["image"].dtype),
     }
@@ -201,8 +239,14 @@ def _rate_record(variant: str, images: int, elapsed: float, batch: dict[str, Any
 
 def run_grain_worker(args: argparse.Namespace) -> dict[str, Any]:
     """Time ``train/image_folder.py``'s training batches with ``args.grain_workers`` workers."""
+    from train import image_ops
     from train.config import default_config
     from train.image_folder import ImageFolderSource
+
+    if (args.variant == "grain_pillow") != (image_ops.simplejpeg is None):
+        raise RuntimeError(
+            f"variant {args.variant}: simplejpeg is {'' if image_ops.simplejpeg else 'not '}importable"
+        )
 
     config = default_config()
     config.update(
@@ -221,14 +265,15 @@ def run_grain_worker(args: argparse.Namespace) -> dict[str, Any]:
     # The stream runs over epochs of the files without a pause, as in training.
     it = iter(source.train_batches(config, args.batch, 0, 0, 1))
     warmup = max(args.warmup_batches, 1) + 2 * args.grain_workers  # each worker's first batches
-    elapsed, batch = _time_batches(it, warmup, batches)
+    elapsed, cpu, batch = _time_batches(it, warmup, batches)
     it.close()
     import grain
     import PIL
 
     return {
-        **_rate_record("grain", batches * args.batch, elapsed, batch),
+        **_rate_record(args.variant, batches * args.batch, elapsed, batch, cpu),
         "grain_workers": args.grain_workers,
+        "jpeg_decoder": "simplejpeg" if image_ops.simplejpeg is not None else "pillow",
         "grain": getattr(grain, "__version__", "?"),
         "pillow": PIL.__version__,
         "tensorflow_imported": "tensorflow" in sys.modules,
@@ -237,7 +282,7 @@ def run_grain_worker(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     """Time the preprocessing with ``args.threads`` threads in this process."""
-    if args.variant == "grain":
+    if args.variant in GRAIN_VARIANTS:
         return run_grain_worker(args)
     tf = _tf()
     files = sorted(glob.glob(os.path.join(args.jpeg_dir, "*.jpg")))
@@ -264,9 +309,9 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     options.threading.max_intra_op_parallelism = 1
     ds = ds.with_options(options)
 
-    elapsed, batch = _time_batches(ds.as_numpy_iterator(), warmup, batches)
+    elapsed, cpu, batch = _time_batches(ds.as_numpy_iterator(), warmup, batches)
     return {
-        **_rate_record(args.variant, batches * args.batch, elapsed, batch),
+        **_rate_record(args.variant, batches * args.batch, elapsed, batch, cpu),
         "threads": args.threads,
         "tensorflow": tf.__version__,
     }
@@ -307,7 +352,7 @@ def run_all(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
         plan = [
             (variant, cores, workers)
             for variant, cores in itertools.product(args.variants, _core_counts(args.cores))
-            for workers in ((args.grain_workers_list or [cores]) if variant == "grain" else [0])
+            for workers in ((args.grain_workers_list or [cores]) if variant in GRAIN_VARIANTS else [0])
         ]
         for variant, cores, workers in plan:
             cmd = [
@@ -338,11 +383,21 @@ def run_all(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
             ]
             print(
                 f"[benchmark_input] {variant}, {cores} core(s)"
-                + (f", {workers} Grain worker(s)" if variant == "grain" else ""),
+                + (f", {workers} Grain worker(s)" if variant in GRAIN_VARIANTS else ""),
                 file=sys.stderr,
                 flush=True,
             )
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            env = None
+            if variant == "grain_pillow":
+                # A module of that name that fails to import, first on the path of the worker
+                # process and of the Grain workers it spawns: train.image_ops falls back to Pillow.
+                blocker = os.path.join(jpeg_dir, "no_simplejpeg")
+                os.makedirs(blocker, exist_ok=True)
+                with open(os.path.join(blocker, "simplejpeg.py"), "w") as f:
+                    f.write("raise ImportError('hidden by benchmarks.input_pipeline (grain_pillow)')\n")
+                path = os.environ.get("PYTHONPATH")
+                env = dict(os.environ, PYTHONPATH=blocker + (os.pathsep + path if path else ""))
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if proc.returncode != 0:
                 raise RuntimeError(f"worker with {cores} core(s) failed:\n{proc.stderr[-3000:]}")
             runs.append(json.loads(proc.stdout))

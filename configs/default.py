@@ -42,6 +42,10 @@ def _data(c: ml_collections.ConfigDict) -> None:
     c.crop_aspect_ratio_range = (3 / 4, 4 / 3)
     c.crop_min_object_covered = 0.1
     c.random_flip = False  # digits are not mirror-symmetric
+    # image_folder, 'inception_crop': decode a JPEG at 1/2, 1/4 or 1/8 scale when its crop is at
+    # least that many times the input size (less work on large photos; the pixels differ from a
+    # full decode: train/image_ops.py).
+    c.jpeg_reduced_decode = False
     c.eval_crop_fraction = 1.0  # 0.875: resize to size/0.875 then center-crop size (ImageNet)
     c.normalize_mean = ()  # per channel, in 0..255 pixel units; () = dataset default
     c.class_subset = ()  # sklearn_digits only: train and evaluate on these digits, relabelled 0..k-1

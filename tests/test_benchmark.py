@@ -290,3 +290,25 @@ def test_input_benchmark_on_a_few_jpegs(tmp_path):
     assert run["images_per_s"] == pytest.approx(8 / run["seconds"])
     assert r["images_per_s_per_core"] == run["images_per_s_per_core"] > 0
     assert r["cores_to_feed_model_rate"] == math.ceil(1000 / r["images_per_s_per_core"])
+    assert run["cpu_seconds"] >= 0  # this process's CPU time over the timed batches
+
+    # The Grain variants: simplejpeg decodes the JPEGs, or (grain_pillow) it is hidden from the
+    # worker process, and Pillow does; neither imports TensorFlow.
+    r = _run(
+        "benchmarks.input_pipeline",
+        *args,
+        "--variants=grain,grain_pillow",
+        "--grain-workers=0",
+        f"--jpeg-dir={tmp_path}",
+    )
+    assert [run["jpeg_decoder"] for run in r["runs"]] == ["simplejpeg", "pillow"]
+    for run in r["runs"]:
+        assert run["output_shape"] == [2, 32, 32, 3] and run["tensorflow_imported"] is False
+
+    # The per-stage profile of the folder pipeline on the same files: every stage timed, and the
+    # whole preprocessing costs more than its resize alone.
+    p = _run("benchmarks.folder_profile", f"--jpeg-dir={tmp_path}", "--rounds=1", "--per-round=2")
+    ms = {name: v["median"] for name, v in p["ms_per_image"].items()}
+    assert {"decode_pillow", "decode_simplejpeg", "resize_antialiased", "tf_decode_and_crop"} <= set(ms)
+    assert ms["train_image_simplejpeg"] > ms["resize_antialiased"] > 0
+    assert p["files"] == 4 and 0.08 <= p["mean_crop_area_fraction"] <= 1.0

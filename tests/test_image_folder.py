@@ -153,8 +153,10 @@ def test_classes_are_sorted_folder_names_and_eval_pixels_are_the_files(digits_ro
     assert (ds.info.num_train_examples, ds.info.num_eval_examples) == (1437, 360)
     assert ds.info.image_shape == (8, 8, 3)
     # The eval split in file order (class folders sorted, then file names): every row is its
-    # file's pixels as Pillow decodes them to RGB, whatever the file's mode, with its label;
+    # file's pixels decoded to RGB, whatever the file's mode, with its label: an RGB or
+    # grayscale JPEG as TF decodes it (the TFDS path's fast IDCT), anything else as Pillow does;
     # the lossless RGB and grayscale PNGs are the digits themselves.
+    tf = pytest.importorskip("tensorflow")
     expected = sorted(written["val"], key=lambda t: (SORTED.index(NAMES[t[1]]), t[0].name))
     batches = list(ds.eval_iterator(64))
     images = np.concatenate([b["image"] for b in batches])
@@ -164,7 +166,11 @@ def test_classes_are_sorted_folder_names_and_eval_pixels_are_the_files(digits_ro
     for (path, digit, x), image, label in zip(expected, images, labels):
         assert SORTED[label] == NAMES[digit]
         with Image.open(path) as f:
-            np.testing.assert_array_equal(image, np.asarray(f.convert("RGB")), err_msg=str(path))
+            if f.format == "JPEG" and f.mode in ("RGB", "L"):
+                want = tf.io.decode_image(path.read_bytes(), channels=3, expand_animations=False).numpy()
+            else:
+                want = np.asarray(f.convert("RGB"))
+            np.testing.assert_array_equal(image, want, err_msg=str(path))
             if f.mode in ("RGB", "L") and path.suffix == ".png":
                 np.testing.assert_array_equal(image, np.repeat(x[..., None], 3, -1), err_msg=str(path))
 
@@ -400,6 +406,113 @@ def test_image_modes_become_rgb_and_exif_orientation_is_applied(tmp_path):
     assert eval_pixels.shape == (6, 6, 3)
 
 
+def _jpeg_kinds(tmp_path: Path) -> dict[str, tuple[Path, bool]]:
+    """JPEG files of every kind a folder may hold -> (file, whether simplejpeg should decode it)."""
+    rng = np.random.default_rng(3)
+    smooth = Image.fromarray(rng.integers(0, 256, (6, 7, 3), dtype=np.uint8)).resize((97, 83), Image.BICUBIC)
+    noisy = Image.fromarray(
+        np.clip(np.asarray(smooth) + rng.normal(0, 25, (83, 97, 3)), 0, 255).astype(np.uint8)
+    )
+    exif = Image.Exif()
+    exif[image_ops.EXIF_ORIENTATION] = 6
+    kinds = {
+        "420": ({"subsampling": 2}, noisy, True),
+        "422": ({"subsampling": 1}, noisy, True),
+        "444": ({"subsampling": 0}, noisy, True),
+        "progressive": ({"progressive": True}, noisy, True),
+        "restart_markers": ({"restart_marker_blocks": 2}, noisy, True),
+        "grayscale": ({}, noisy.convert("L"), True),
+        "cmyk": ({}, noisy.convert("CMYK"), False),
+        "exif_turned": ({"exif": exif}, noisy, False),
+    }
+    out = {}
+    for name, (kw, image, fast) in kinds.items():
+        path = tmp_path / f"{name}.jpg"
+        image.save(path, quality=90, **kw)
+        out[name] = (path, fast)
+    return out
+
+
+def test_jpegs_decode_to_the_tensorflow_paths_pixels(tmp_path, monkeypatch):
+    """With simplejpeg, every JPEG it takes decodes to TF's default decode bit for bit (the whole
+    image; a training box as ``decode_and_crop_jpeg`` cuts it but for its edge columns), so train
+    crops are TF's within the rounding of the 8-bit resize, eval images within the eval test's.
+    Pillow (no simplejpeg, or CMYK / EXIF-rotated files) uses the accurate IDCT: a few levels
+    off TF's decode, and the same pixels with or without simplejpeg for the files it gets."""
+    pytest.importorskip("simplejpeg")
+    tf = pytest.importorskip("tensorflow")
+    config = default_config()
+    config.update(train_augment="inception_crop", random_flip=True, crop_area_range=(0.3, 1.0))
+    info = input_pipeline.DatasetInfo(
+        "t", 3, (24, 24, 3), 0, 0, (), input_pipeline.IMAGENET_MEAN, input_pipeline.IMAGENET_STD
+    )
+    files = _jpeg_kinds(tmp_path)
+    results, flips = {}, []
+    for use_simplejpeg in (True, False):
+        if not use_simplejpeg:
+            monkeypatch.setattr(image_ops, "simplejpeg", None)
+        for name, (path, fast) in files.items():
+            data = path.read_bytes()
+            decoded = image_ops.jpeg_pixels(image_ops.open_image(path))
+            assert (decoded is not None) == (fast and use_simplejpeg), name
+            if decoded is not None:  # TF's reference, once per file
+                tf_pixels = tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
+                with Image.open(path) as f:
+                    pillow = np.asarray(f.convert("RGB")).astype(int)
+                # Pillow's accurate IDCT is a few levels off TF's fast one (the check has power).
+                assert 0 < np.abs(pillow - tf_pixels).max() <= 8, name
+                # The whole image: TF's decode, bit for bit.
+                np.testing.assert_array_equal(decoded, tf_pixels, err_msg=name)
+            for i in range(4):
+                rng = np.random.default_rng([i, 5])
+                got = image_ops.train_image(image_ops.open_image(path), rng, 24, config)
+                results[use_simplejpeg, name, "train", i] = got
+                if decoded is not None:
+                    height, width = image_ops.upright_size(image_ops.open_image(path))
+                    draws = np.random.default_rng([i, 5])  # train_image's draws: box, then flip
+                    top, left, ch, cw = image_ops.sample_crop(
+                        draws, height, width, tuple(config.crop_area_range)
+                    )
+                    flips.append(draws.random() < 0.5)
+                    crop = tf.io.decode_and_crop_jpeg(data, [top, left, ch, cw], channels=3).numpy()
+                    ours = decoded[top : top + ch, left : left + cw]
+                    # libjpeg's cropped decode upsamples the chroma as if the crop's left and
+                    # right edges were the image's: TF's own crop differs from its whole
+                    # decode in the two outermost columns of a chroma-subsampled JPEG.
+                    np.testing.assert_array_equal(ours[:, 2:-2], crop[:, 2:-2], err_msg=name)
+                    if name in ("444", "grayscale"):
+                        np.testing.assert_array_equal(ours, crop, err_msg=name)
+                    box = tf_pixels[top : top + ch, left : left + cw].astype(np.float32)
+                    want = tf.image.resize(box, [24, 24], antialias=True)
+                    want = tf.cast(tf.round(want), tf.uint8).numpy()
+                    want = want[:, ::-1] if flips[-1] else want
+                    diff = np.abs(got.astype(int) - want.astype(int))
+                    assert diff.max() <= 1, (name, i)
+            got = image_ops.eval_image(image_ops.open_image(path), 24, 0.875)
+            results[use_simplejpeg, name, "eval"] = got
+            if fast and use_simplejpeg:
+                image = tf.io.decode_image(data, channels=3, expand_animations=False)
+                want = input_pipeline.preprocess_eval_image(image, info, 0.875).numpy()
+                diff = np.abs(got.astype(int) - want.astype(int))
+                assert diff.max() <= 1 and diff.mean() < 0.3, name
+    assert any(flips) and not all(flips)
+    keys = [k[1:] for k in results if k[0]]
+    assert len(keys) == len(files) * 5
+    for key in keys:
+        fast, pillow = results[(True, *key)], results[(False, *key)]
+        assert fast.shape == (24, 24, 3) and fast.dtype == np.uint8, key
+        if not files[key[0]][1]:  # Pillow decodes it either way: the same bytes
+            np.testing.assert_array_equal(fast, pillow, err_msg=str(key))
+    # A JPEG that libjpeg reads only with a warning (its last bytes cut off) is left to Pillow,
+    # which stops on it as before, naming the file.
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(files["420"][0].read_bytes()[:-200])
+    monkeypatch.undo()
+    assert image_ops.jpeg_pixels(image_ops.open_image(cut)) is None
+    with pytest.raises(OSError, match="truncated"):
+        image_ops.train_image(image_ops.open_image(cut), np.random.default_rng(0), 24, config)
+
+
 def test_pillow_preprocessing_matches_the_tensorflow_path():
     """Eval: the same pixels within the rounding of Pillow's 8-bit resize. Train: the same
     distribution of crop scale, aspect ratio and position (two-sample Kolmogorov-Smirnov)."""
@@ -420,6 +533,16 @@ def test_pillow_preprocessing_matches_the_tensorflow_path():
             got = image_ops.eval_image(Image.fromarray(pixels), 32, fraction)
             diff = np.abs(got.astype(int) - want.astype(int))
             assert got.shape == want.shape and diff.max() <= 1 and diff.mean() < 0.3, (h, w, fraction)
+
+        # A raw array (train.predict's .npy input), whole or fractional values: TF's float
+        # resize, within float32 rounding (no 8-bit rounding on either side).
+        offsets = np.random.default_rng([h, w]).uniform(-0.5, 0.5, pixels.shape)  # own draws
+        array = pixels.astype(np.float32) + offsets.astype(np.float32)
+        for fraction in (0.875, 1.0):
+            want = input_pipeline.preprocess_eval_image(array, info, fraction, to_uint8=False).numpy()
+            got = image_ops.eval_array(array, 32, fraction)
+            assert got.dtype == np.float32 and got.shape == want.shape, (h, w, fraction)
+            np.testing.assert_allclose(got, want, rtol=0, atol=2e-3, err_msg=str((h, w, fraction)))
 
     # A training crop: the same box cut and resized by TF (slice, antialiased bilinear resize,
     # round) and by Pillow (resize with the box) gives the same pixels within rounding.
@@ -524,7 +647,11 @@ def test_sigkill_mid_epoch_resumes_bitwise_and_nothing_imports_tensorflow(digits
     assert 30 not in checkpoint.Checkpointer(str(killed), read_only=True).all_steps()
     # predict (class names, not indices; no TensorFlow either) runs beside the restarted run.
     files = [written["val"][i][0] for i in (0, 1)]
-    predict = _start(_cli("train.predict", f"--workdir={reference}", "--top_k=2", *files))
+    # A .npy array of the first file's pixels: the same preprocessing (NumPy/Pillow, no TF).
+    array = tmp_path / "first.npy"
+    with Image.open(files[0]) as f:
+        np.save(array, np.asarray(f.convert("RGB")))
+    predict = _start(_cli("train.predict", f"--workdir={reference}", "--top_k=2", *files, array))
     model = tmp_path / "model.safetensors"
     export = _start(_cli("train.export", f"--workdir={reference}", f"--out={model}"))
     restart = _run(_train_cmd(root, killed, "--config.grain_worker_count=0"))
@@ -559,9 +686,10 @@ def test_sigkill_mid_epoch_resumes_bitwise_and_nothing_imports_tensorflow(digits
     assert predict.returncode == 0, err[-3000:]
     assert "TENSORFLOW_IMPORTED=False" in err
     lines = out.splitlines()
-    assert lines[0] == str(files[0]) and lines[3] == str(files[1])
+    assert lines[0] == str(files[0]) and lines[3] == str(files[1]) and lines[6] == str(array)
     top = lines[1].split()
     assert top[0] == "1." and top[1] in SORTED and top[-1] == f"{SORTED.index(top[1])})"
+    assert lines[7:9] == lines[1:3]  # the array: the file's class names and probabilities
 
     # export: the weights, and the class names beside them; no TensorFlow.
     assert export.returncode == 0 and "TENSORFLOW_IMPORTED=False" in export_err, export_err[-3000:]

@@ -248,6 +248,7 @@ _AUGMENT_FIELDS = (
     "crop_area_range",
     "crop_aspect_ratio_range",
     "crop_min_object_covered",
+    "jpeg_reduced_decode",
 )
 
 

@@ -16,10 +16,30 @@ rounding of Pillow's 8-bit resize, and the same distribution of crop scale and a
 
 Decoding (``open_image``): any mode becomes RGB (grayscale, CMYK, palette; RGBA drops its alpha,
 as torchvision's loader does), and the EXIF orientation is applied, so a phone photo is trained
-on upright, as a viewer shows it (TF's decoders and torchvision's loader ignore the tag). For a
-training crop at least twice the model's input size a JPEG is decoded at 1/2, 1/4 or 1/8 scale
-(libjpeg's DCT scaling, Pillow's ``draft``): several times faster on large photos; evaluation
-always decodes in full.
+on upright, as a viewer shows it (TF's decoders and torchvision's loader ignore the tag).
+
+JPEGs (RGB or grayscale, upright) are decoded by simplejpeg when it is installed, with the
+settings of TF's ``decode_jpeg``/``decode_and_crop_jpeg``/``decode_image`` defaults, which the TF
+path uses for training and evaluation: libjpeg-turbo's fast integer IDCT (``fastdct=True``; TF's
+``dct_method=''``) and smooth chroma upsampling (``fastupsample=False``; TF's
+``fancy_upscaling=True``). The decoded pixels are then TF's bit for bit
+(``tests/test_image_folder.py`` checks). A training crop is cut from the whole decode, so it
+equals TF's ``decode_and_crop_jpeg`` of the same box except in the box's two outermost columns
+on each side when the chroma is subsampled: libjpeg's cropped decode upsamples the chroma there
+as if the box's edges were the image's (a mean difference from TF's 224 crops of 0.19 levels,
+against 1.0 with Pillow's decode; BENCHMARKS.md, section 3b).
+Without simplejpeg, or for any other file (CMYK, an EXIF orientation, not a JPEG), Pillow
+decodes, and a JPEG's pixels then come from libjpeg's accurate integer IDCT, which Pillow always
+uses: they differ from TF's by up to about 6 levels. simplejpeg's decode also
+takes less CPU time than Pillow's (BENCHMARKS.md, section 3b).
+
+``config.jpeg_reduced_decode=True`` (off by default) lets a JPEG whose training crop is at least
+twice the model's input size decode at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, Pillow's
+``draft``). It saves inverse DCTs and resize work on large photos, not the entropy decoding, so
+the gain depends on the file (on a noisy synthetic 12-megapixel JPEG: 0.9-1.1x). The crop's
+pixels are then those of a smaller image, not of the full decode that the TF path resizes (a
+mean difference from TF's crop of 1.1-2.3 levels at 224, against 1.0 with the full decode).
+Evaluation always decodes in full.
 """
 
 from __future__ import annotations
@@ -30,6 +50,11 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
+
+try:  # optional: a faster JPEG decoder that gives TF's pixels (module docstring)
+    import simplejpeg
+except ImportError:  # pragma: no cover - installed with the train extra
+    simplejpeg = None
 
 EXIF_ORIENTATION = 0x0112
 # Orientations 5-8 turn the stored image by 90 degrees: its width is the upright height.
@@ -56,8 +81,43 @@ def _orientation(image: Image.Image) -> int:
         return 1
 
 
+def jpeg_pixels(image: Image.Image) -> np.ndarray | None:
+    """``uint8 [H, W, 3]`` pixels of an opened, not yet decoded, upright RGB or grayscale JPEG,
+    decoded by simplejpeg; None for anything else (then Pillow decodes it).
+
+    The same pixels as TF's default JPEG decode (module docstring). A file that
+    simplejpeg rejects, even for what libjpeg only warns about, also returns None, so that
+    Pillow decides whether it can be read, as it does for every other file.
+    """
+    if (
+        simplejpeg is None
+        or image.format != "JPEG"
+        or image.mode not in ("RGB", "L")
+        or getattr(image, "fp", None) is None
+        or _orientation(image) != 1
+    ):
+        return None
+    image.fp.seek(0)
+    data = image.fp.read()
+    try:
+        pixels = decode_jpeg(data)
+    except ValueError:
+        return None
+    image.close()  # Pillow closes the file once it has decoded; nothing else will here
+    return pixels
+
+
+def decode_jpeg(data: bytes) -> np.ndarray:
+    """``uint8 [H, W, 3]`` pixels of JPEG ``data`` by simplejpeg, as TF's default decode gives
+    them: the fast integer IDCT and smooth chroma upsampling (module docstring)."""
+    return simplejpeg.decode_jpeg(data, "RGB", fastdct=True, fastupsample=False)
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Decoded, upright (EXIF orientation applied) RGB."""
+    pixels = jpeg_pixels(image)
+    if pixels is not None:
+        return Image.fromarray(pixels)
     with warnings.catch_warnings():
         # Pillow suggests RGBA for palette images with transparency; RGB is what we want.
         warnings.simplefilter("ignore", UserWarning)
@@ -148,14 +208,23 @@ def train_image(image: Image.Image, rng: np.random.Generator, size: int, config:
             tuple(config.crop_aspect_ratio_range),
             float(config.crop_min_object_covered),
         )
-        image = _draft(image, min(crop_h, crop_w) / size)
-        image = to_rgb(image)
-        # The box in the (possibly reduced) decoded image's pixels. Cut first, then resize: a
-        # resize with ``box=`` would blend in pixels beyond the box's edges, which TF's
-        # slice-then-resize does not.
-        sy, sx = image.height / height, image.width / width
-        box = tuple(round(v) for v in (left * sx, top * sy, (left + crop_w) * sx, (top + crop_h) * sy))
-        pixels = np.asarray(image.crop(box).resize((size, size), Image.BILINEAR, reducing_gap=None))
+        # Cut first, then resize: a resize with ``box=`` would blend in pixels beyond the box's
+        # edges, which TF's slice-then-resize does not.
+        reduced = config.jpeg_reduced_decode and _draft(image, min(crop_h, crop_w) / size)
+        pixels = None if reduced else jpeg_pixels(image)
+        if pixels is not None:
+            crop = Image.fromarray(pixels[top : top + crop_h, left : left + crop_w])
+        else:
+            image = to_rgb(image)
+            # The box in the (possibly reduced) decoded image's pixels.
+            sy, sx = image.height / height, image.width / width
+            box = (left * sx, top * sy, (left + crop_w) * sx, (top + crop_h) * sy)
+            crop = image.crop(tuple(round(v) for v in box))
+        out = crop.resize((size, size), Image.BILINEAR, reducing_gap=None)
+        if config.random_flip and rng.random() < 0.5:
+            # Flipped by Pillow on the small output, then one copy to NumPy.
+            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return np.asarray(out, np.uint8)
     elif mode == "pad_crop":
         image = to_rgb(image)
         if image.size != (size, size):
@@ -176,11 +245,15 @@ def train_image(image: Image.Image, rng: np.random.Generator, size: int, config:
     return np.ascontiguousarray(pixels, np.uint8)
 
 
-def _draft(image: Image.Image, reduction: float) -> Image.Image:
-    """Let a JPEG decode at 1/2, 1/4 or 1/8 scale when the crop is that much larger than needed."""
+def _draft(image: Image.Image, reduction: float) -> bool:
+    """Let a JPEG decode at 1/2, 1/4 or 1/8 scale when the crop is that much larger than needed
+    (``config.jpeg_reduced_decode``); whether it will."""
     if image.format == "JPEG" and reduction >= 2:
-        image.draft("RGB", (math.ceil(image.width / reduction), math.ceil(image.height / reduction)))
-    return image
+        return (
+            image.draft("RGB", (math.ceil(image.width / reduction), math.ceil(image.height / reduction)))
+            is not None
+        )
+    return False
 
 
 def eval_image(image: Image.Image, size: int, crop_fraction: float = 0.875) -> np.ndarray:
@@ -188,14 +261,35 @@ def eval_image(image: Image.Image, size: int, crop_fraction: float = 0.875) -> n
     ``size / crop_fraction`` and take the central crop; ``crop_fraction >= 1`` resizes straight
     to ``size``. The TF path's arithmetic (float32 scale, round half to even)."""
     image = to_rgb(image)
+    new_h, new_w, top, left = _eval_geometry(image.height, image.width, size, crop_fraction)
+    pixels = _resize(image, new_h, new_w)
+    return np.ascontiguousarray(pixels[top : top + size, left : left + size])
+
+
+def eval_array(pixels: np.ndarray, size: int, crop_fraction: float = 0.875) -> np.ndarray:
+    """``eval_image`` of a raw pixel array ``[H, W, C]`` (values 0..255, whole or not) ->
+    ``float32 [size, size, C]``, not rounded: each channel is resized as a 32-bit float image
+    (Pillow's mode ``F``), as the TF path resizes an array (``train.predict``'s ``.npy`` inputs)."""
+    pixels = np.asarray(pixels, np.float32)
+    height, width, channels = pixels.shape
+    new_h, new_w, top, left = _eval_geometry(height, width, size, crop_fraction)
+    out = np.empty((size, size, channels), np.float32)
+    for c in range(channels):
+        plane = Image.fromarray(np.ascontiguousarray(pixels[..., c]), mode="F")
+        if (new_w, new_h) != (width, height):
+            plane = plane.resize((new_w, new_h), Image.BILINEAR, reducing_gap=None)
+        out[..., c] = np.asarray(plane)[top : top + size, left : left + size]
+    return out
+
+
+def _eval_geometry(height: int, width: int, size: int, crop_fraction: float) -> tuple[int, int, int, int]:
+    """``(resized height, resized width, top, left)`` of the eval resize and central crop."""
     if crop_fraction >= 1.0:
-        return _resize(image, size, size)
-    shape = np.array([image.height, image.width], np.float32)
+        return size, size, 0, 0
+    shape = np.array([height, width], np.float32)
     scale = np.float32(size / crop_fraction) / shape.min()
     new_h, new_w = (int(v) for v in np.round(shape * scale))
-    pixels = _resize(image, new_h, new_w)
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    return np.ascontiguousarray(pixels[top : top + size, left : left + size])
+    return new_h, new_w, (new_h - size) // 2, (new_w - size) // 2
 
 
 def _resize(image: Image.Image, height: int, width: int) -> np.ndarray:

@@ -7,6 +7,9 @@ same preprocessing as evaluation (resize, center crop, normalisation) and prints
 the top-k class names with their probabilities. Grayscale models get the image converted to
 one channel; for the digits model, draw light digits on a dark background like sklearn's.
 ``.npy`` files are raw pixel arrays (0..255), ``[H, W]`` or ``[H, W, C]`` with the model's ``C``.
+A run on an image folder preprocesses both with ``train/image_ops.py`` (Pillow and NumPy), so
+predicting, like its training and export, never imports TensorFlow; other runs use the TF ops of
+their evaluation.
 An unreadable image or an array of the wrong rank or channel count is a one-line error (exit 2).
 """
 
@@ -84,7 +87,13 @@ def _load(path: str, info: input_pipeline.DatasetInfo, crop: float) -> np.ndarra
             f"{path} has shape {array.shape}; the model takes one image of shape [H, W] or "
             f"[H, W, {channels}] ({channels} channel(s), pixel values 0..255)."
         )
-    pixels = input_pipeline.preprocess_eval_image(array.astype(np.float32), info, crop, to_uint8=False)
+    if info.name == input_pipeline.IMAGE_FOLDER:
+        # The run's own NumPy/Pillow preprocessing: its whole workflow stays without TensorFlow.
+        from train import image_ops
+
+        pixels = image_ops.eval_array(array, info.image_shape[0], crop)
+    else:
+        pixels = input_pipeline.preprocess_eval_image(array.astype(np.float32), info, crop, to_uint8=False)
     return input_pipeline.normalize_pixels(pixels, info)
 
 
