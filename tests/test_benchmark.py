@@ -253,6 +253,7 @@ def test_strip_flags():
 def test_input_benchmark_on_a_few_jpegs(tmp_path):
     tf = pytest.importorskip("tensorflow")
     from benchmarks import input_pipeline as benchmark_input
+    from benchmarks import input_workers as benchmark_workers
     from train import input_pipeline as ip
 
     jpegs = benchmark_input.write_jpegs(str(tmp_path), 4)
@@ -262,7 +263,7 @@ def test_input_benchmark_on_a_few_jpegs(tmp_path):
 
     # The training preprocessing itself: stateless (a function of the seed), uint8 pixels.
     data = tf.constant((tmp_path / "img_00000.jpg").read_bytes())
-    fn = benchmark_input.training_preprocess_fn(48)
+    fn = benchmark_workers.training_preprocess_fn(48)
     seed = tf.constant([3, 7], tf.int64)
     a = fn(data, seed).numpy()
     b = fn(data, seed).numpy()
@@ -270,11 +271,11 @@ def test_input_benchmark_on_a_few_jpegs(tmp_path):
     assert a.shape == (48, 48, 3) and a.dtype == np.uint8
     assert (a == b).all() and not (a == c).all()
     # The benchmark's copy of those ops matches the pipeline exactly; its variants differ.
-    replica = benchmark_input.variant_preprocess_fn("replica", 48)
+    replica = benchmark_workers.variant_preprocess_fn("replica", 48)
     assert (replica(data, seed).numpy() == a).all()
     # Host-normalised float32 (the old output) equals the uint8 pixels normalised later, up to
     # rounding the resized pixels (0.5 / std).
-    floats = benchmark_input.variant_preprocess_fn("float_out", 48)(data, seed).numpy()
+    floats = benchmark_workers.variant_preprocess_fn("float_out", 48)(data, seed).numpy()
     info = ip.DatasetInfo("x", 1, (48, 48, 3), 0, 0, (), ip.IMAGENET_MEAN, ip.IMAGENET_STD)
     diff = np.abs(ip.normalize_pixels(a, info) - floats)
     assert floats.dtype == np.float32 and diff.max() <= 0.5 / min(ip.IMAGENET_STD) + 1e-5
