@@ -138,18 +138,90 @@ def test_unknown_dataset_asks_for_its_shape_instead_of_reading_it():
     assert dtype == np.uint8
 
 
-def test_largest_batch_bisects_to_the_threshold():
-    for threshold, start, expected in [
-        (100, 16, 96),
-        (1000, 16, 1000),
-        (5, 16, 5),
-        (0, 4, 0),
-        (300, 256, 296),
-    ]:
-        best, trials = aot.largest_batch(lambda b, t=threshold: b <= t, start)
-        assert best == expected, (threshold, start, trials)
-        assert len(trials) <= 14  # doublings, then about log2(range / 8) bisection steps
-        assert all(ok == (b <= threshold) for b, ok in trials)
+GIB = 2**30
+HBM = 16 * GIB
+
+
+def linear_memory(state_gib, gib_per_image):
+    """A fake compile: memory linear in the batch; fits up to the 16 GiB of HBM."""
+
+    def measure(b):
+        need = int((state_gib + gib_per_image * b) * GIB)
+        return aot.Trial(b, need <= HBM, need)
+
+    return measure
+
+
+def remat_memory(largest, gib_per_image=0.036):
+    """A fake compile shaped as XLA:TPU's for ResNet-50 on v5e (BENCHMARKS.md): memory grows
+    with the batch until the compiler rematerialises to stay just under the limit, so it bends
+    flat below ``largest``, and jumps above it (the sizes its out-of-HBM errors report)."""
+
+    def measure(b):
+        if b <= largest:
+            need = min(0.3 + gib_per_image * b, 14.5 + 1.1 * b / largest)
+            return aot.Trial(b, True, int(need * GIB))
+        return aot.Trial(b, False, int((16.3 + 0.02 * (b - largest)) * GIB))
+
+    return measure
+
+
+def silent(measure):
+    """The same fits, but no sizes (an out-of-HBM message that names none)."""
+    return lambda b: aot.Trial(b, measure(b).fits, 0)
+
+
+def brute_force(measure, limit=1 << 16):
+    """The largest batch on the search's grid (1..8, then multiples of 8) that fits."""
+    grid = [*range(1, 8), *range(8, limit + 1, 8)]
+    return max((b for b in grid if measure(b).fits), default=0)
+
+
+@pytest.mark.parametrize(
+    "measure, start",
+    [
+        (remat_memory(1024), 256),  # ResNet-50 on v5e
+        (remat_memory(1024), 128),
+        (remat_memory(1536), 256),
+        (remat_memory(600), 256),
+        (remat_memory(4000, gib_per_image=0.01), 256),
+        (linear_memory(0.3, 0.036), 256),  # 432 fits
+        (linear_memory(10, 0.01), 128),  # a big state: 568
+        (linear_memory(0.3, 0.036), 250),  # a start off the grid
+    ],
+)
+def test_largest_batch_costs_one_or_two_fitting_compiles(measure, start):
+    best, trials = aot.largest_batch(measure, start, HBM)
+    assert best == brute_force(measure)
+    tried = {t.batch: t for t in trials}
+    assert len(tried) == len(trials)  # no batch compiled twice
+    assert all(t == measure(t.batch) for t in trials)
+    # The answer compiled and fits, and the next step up compiled and did not.
+    assert tried[best].fits and not tried[best + 8].fits
+    assert trials[0].batch == start
+    fits = sum(t.fits for t in trials[1:])  # minutes each; `start` is compiled anyway
+    fails = sum(not t.fits for t in trials)  # seconds each
+    assert 1 <= fits <= 2 and fails <= 13, [(t.batch, t.fits) for t in trials]
+
+
+@pytest.mark.parametrize(
+    "measure, start, expected",
+    [
+        (linear_memory(0.3, 0.036), 1024, 432),  # start does not fit: the search goes down
+        (linear_memory(15.96, 0.01), 256, 4),  # below 8 the steps are 1
+        (linear_memory(17, 0.01), 256, 0),  # nothing fits
+        (linear_memory(0, 1e-9), 256, 1 << 16),  # everything fits: stop at the limit
+        (silent(remat_memory(1024)), 256, 1024),  # no sizes: bisection
+        (silent(linear_memory(0.3, 0.036)), 7, 432),
+    ],
+)
+def test_largest_batch_edges(measure, start, expected):
+    best, trials = aot.largest_batch(measure, start, HBM)
+    assert best == expected == brute_force(measure)
+    tried = {t.batch: t.fits for t in trials}
+    assert len(tried) == len(trials) <= 40
+    if 0 < best < 1 << 16:
+        assert tried[best] and not tried[best + (8 if best >= 8 else 1)]
 
 
 # ---------------------------------------------------------------------------------------------
