@@ -9,7 +9,6 @@ and the forward FLOPs against XLA:CPU's count for the same eval step on one CPU 
 import dataclasses
 import importlib.util
 import os
-import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 import pytest
 
 from resnet_jax.sharding import make_data_mesh
-from train import aot, steps
+from train import aot, executables, steps
 from train import platform as platform_lib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -325,16 +324,18 @@ def test_too_big_does_not_fit():
 def test_save_writes_the_executables_with_their_versions(four_chips, tmp_path):
     path = tmp_path / "steps.aot"
     aot.save_executables(four_chips, str(path))
-    payload = pickle.loads(path.read_bytes())
-    assert payload["jax"] == jax.__version__ and payload["libtpu"] == aot.libtpu_version()
+    payload = executables.read(str(path))
+    assert payload["environment"]["jax"] == jax.__version__
+    assert payload["environment"]["libtpu"] == aot.libtpu_version()
     assert payload["topology"] == "v5e:2x2"
-    serialized, in_tree, _ = payload["steps"]["train_step"]
+    assert payload["devices"]["platform"] == "tpu" and payload["devices"]["num_devices"] == 4
+    serialized, in_tree, _ = payload["steps"]["train_step"]["executable"]
     assert len(serialized) > 1000
     assert in_tree == four_chips.compiled["train_step"].in_tree
-    payload["libtpu"] = "0.0.1"
-    path.write_bytes(pickle.dumps(payload))
-    with pytest.raises(aot.AotError, match="libtpu='0.0.1'"):
-        aot.load_executables(str(path))
+    assert payload["steps"]["train_step"]["fingerprint"] == four_chips.train.program
+    # This CPU is not the slice: python -m train would warn and compile.
+    why = executables.mismatch(payload, "train_step", None, jax.devices())
+    assert why == "it was compiled for platform='tpu', this run has 'cpu'"
 
 
 @needs_libtpu

@@ -32,7 +32,6 @@ import importlib.util
 import json
 import math
 import os
-import pickle
 import re
 import sys
 import tempfile
@@ -46,7 +45,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from resnet_jax.sharding import DATA_AXIS, make_data_mesh
-from train import input_pipeline, steps
+from train import executables, input_pipeline, steps
 from train.build import Steps, build_steps
 from train.config import ConfigError, validate_config
 
@@ -80,13 +79,18 @@ GENERATIONS = {
     "v5p": Generation("v5p", 95, 3, True, True, 1, 4),
     "v6e": Generation("v6e", 32, 2, False, False, 1, 8),
 }
+# `--topology=cpu`: this machine's CPU devices, the memory being the host's. Not a TPU: it is
+# there to test `--save` and its reuse by `python -m train` where there is no TPU.
+CPU = Generation(
+    "cpu", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3, 1, False, False, 1, 1 << 30
+)
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v5": "v5p", "v6lite": "v6e"}
 HOST_BOUNDS = (2, 2, 1)  # chips per host on multi-host slices
 
 ACCEPTED_FORMS = (
     "an accelerator type (v4-8, v5p-128, v5litepod-8 or v5e-8, v6e-8, v2-8, v3-32: the number "
     "counts cores on v2/v3/v4/v5p and chips on v5e/v6e) or a topology (v5e:2x2, v6e:2x4, "
-    "v4:2x2x1, v5p:4x4x4; chips along each axis)"
+    "v4:2x2x1, v5p:4x4x4; chips along each axis), or cpu (this machine's CPU devices, to test --save)"
 )
 
 
@@ -105,7 +109,7 @@ class Slice:
 
     @property
     def gen(self) -> Generation:
-        return GENERATIONS[self.generation]
+        return CPU if self.generation == "cpu" else GENERATIONS[self.generation]
 
     @property
     def chips(self) -> int:
@@ -128,11 +132,16 @@ class Slice:
 
     @property
     def hbm_per_device(self) -> float:
-        """Bytes of HBM per JAX device: a chip, or one core of a v2/v3 chip."""
+        """Bytes of HBM per JAX device: a chip, or one core of a v2/v3 chip (CPU devices share
+        the host's memory)."""
+        if self.generation == "cpu":
+            return self.gen.hbm_gib * GIB / self.chips
         return self.gen.hbm_gib * GIB / self.gen.devices_per_chip
 
     @property
     def device_word(self) -> str:
+        if self.generation == "cpu":
+            return "device"
         return "chip" if self.gen.devices_per_chip == 1 else "core"
 
 
@@ -151,6 +160,10 @@ def parse_topology(name: str, num_slices: int = 1) -> Slice:
     if num_slices < 1:
         raise AotError(f"--num_slices must be >= 1; got {num_slices}.")
     text = name.strip().lower()
+    if text == "cpu":
+        if num_slices != 1:
+            raise AotError("--topology=cpu is this machine's CPU devices: --num_slices must be 1.")
+        return Slice(name, "cpu", (len(jax.devices("cpu")),))
     unknown = AotError(f"unknown --topology {name!r}; use {ACCEPTED_FORMS}.")
     match = re.fullmatch(r"([a-z0-9]+)(?:[:=]((?:\d+x)+\d+)|-(\d+))", text)
     if not match:
@@ -213,7 +226,10 @@ def _stderr_to_file() -> Iterator[Any]:
 
 
 def topology_devices(slice_: Slice) -> list[Any]:
-    """The compile-only devices of ``slice_`` (libtpu's topology description; no TPU needed)."""
+    """The compile-only devices of ``slice_`` (libtpu's topology description; no TPU needed), or
+    this machine's CPU devices for ``--topology=cpu``."""
+    if slice_.generation == "cpu":
+        return jax.devices("cpu")
     require_libtpu()
     from jax.experimental import topologies
 
@@ -323,6 +339,7 @@ class StepReport:
     code_bytes: int = 0
     flops_per_device: float = 0.0
     collectives: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+    program: str = ""  # fingerprint of the lowered program (train/executables.py)
     out_of_memory: str = ""  # the compiler's message when it ran out of HBM
     needed_bytes: int = 0  # from that message
 
@@ -405,14 +422,17 @@ def compile_step(name: str, jitted: Any, args: Sequence[Any], global_batch: int)
     """Lower and compile ``jitted(*args)``; the report, and the compiled step (None when the
     compiler ran out of HBM, which it reports as an error on TPU)."""
     t0 = time.perf_counter()
+    lowered = jitted.lower(*args)
+    program = executables.fingerprint(lowered)
     try:
-        compiled = jitted.lower(*args).compile()
+        compiled = lowered.compile()
     except Exception as e:
         oom = _out_of_memory(str(e))
         if oom is None:
             raise
+        seconds = time.perf_counter() - t0
         return StepReport(
-            name, global_batch, time.perf_counter() - t0, out_of_memory=oom[0], needed_bytes=oom[1]
+            name, global_batch, seconds, program=program, out_of_memory=oom[0], needed_bytes=oom[1]
         ), None
     seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
@@ -427,6 +447,7 @@ def compile_step(name: str, jitted: Any, args: Sequence[Any], global_batch: int)
         code_bytes=int(mem.generated_code_size_in_bytes),
         flops_per_device=float(_cost(compiled).get("flops", 0.0)),
         collectives=collectives(compiled.as_text()),
+        program=program,
     )
     return report, compiled
 
@@ -508,6 +529,7 @@ class AotResult:
     # Each train-step compile of the search: batch per device, fits, bytes needed, compile time.
     max_batch_trials: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     compiled: dict[str, Any] = dataclasses.field(default_factory=dict)
+    devices: list[Any] = dataclasses.field(default_factory=list)  # the devices compiled for
 
     @property
     def batch_per_device(self) -> int:
@@ -526,10 +548,10 @@ class AotResult:
     def verdict(self) -> str:
         need, have, word = self.needed_bytes / GIB, self.slice.hbm_per_device / GIB, self.slice.device_word
         if self.fits:
-            return f"fits: {need:.1f} of {have:g} GiB per {word}"
+            return f"fits: {need:.1f} of {have:.4g} GiB per {word}"
         if not need:  # the compiler ran out of HBM without saying how much it needed
-            return f"does not fit: needs more than the {have:g} GiB the {word} has"
-        return f"does not fit: needs {need:.1f} GiB, the {word} has {have:g}"
+            return f"does not fit: needs more than the {have:.4g} GiB the {word} has"
+        return f"does not fit: needs {need:.1f} GiB, the {word} has {have:.4g}"
 
     def to_json(self) -> dict[str, Any]:
         def step(r: StepReport | None) -> dict[str, Any] | None:
@@ -578,7 +600,7 @@ class Compiler:
                 "train.aot compiles the jit driver (a mesh over the slice); pmap cannot be compiled "
                 "for a topology ahead of time. Use --config.parallelism=jit (the same step)."
             )
-        if config.dtype == "float64":
+        if config.dtype == "float64" and slice_.generation != "cpu":
             raise AotError("TPUs have no float64; use --config.dtype=auto (bfloat16) or float32.")
         self.config, self.slice = config, slice_
         self.devices = list(devices) if devices is not None else topology_devices(slice_)
@@ -595,7 +617,8 @@ class Compiler:
         total = int(self.config.num_train_steps)
         if total <= 0:
             total = max(round(self.config.num_epochs * steps_per_epoch), 1)
-        return build_steps(self.config, self.info, steps_per_epoch, total, platform="tpu")
+        platform = "cpu" if self.slice.generation == "cpu" else "tpu"
+        return build_steps(self.config, self.info, steps_per_epoch, total, platform=platform)
 
     def train(self, global_batch: int, *, mesh: Mesh | None = None, shardings: bool = True):
         mesh = mesh or self.mesh
@@ -756,6 +779,7 @@ def run_aot(
     dtype = np.dtype(compiler.parts(batch).dtype).name
     result = AotResult(slice_, config, compiler.info, dtype, n, train, evaluation)
     result.compiled = {"train_step": compiled_train, "eval_step": compiled_eval}
+    result.devices = compiler.devices
     if find_max_batch:
         known = {batch // n: train} if batch % n == 0 else {}
 
@@ -785,57 +809,19 @@ def run_aot(
 
 
 def save_executables(result: AotResult, path: str) -> None:
-    """Write the compiled steps with what they were compiled against (``load_executables``)."""
-    from etils import epath
-    from jax.experimental import serialize_executable
-
-    payload = {
-        "format": 1,
-        "jax": jax.__version__,
-        "jaxlib": importlib.metadata.version("jaxlib"),
-        "libtpu": libtpu_version(),
-        "libtpu_init_args": os.environ.get("LIBTPU_INIT_ARGS", ""),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "topology": result.slice.topology,
-        "num_slices": result.slice.num_slices,
-        "config": result.config.to_json_best_effort(),
-        "steps": {},
+    """Write the compiled steps with what they depend on, for ``python -m train
+    --config.aot_executable=PATH`` (``train/executables.py`` says when they are reused)."""
+    steps_ = {
+        r.name: (r.program, result.compiled.get(r.name)) for r in (result.train, result.eval) if r is not None
     }
-    for name, compiled in result.compiled.items():
-        if compiled is not None:
-            payload["steps"][name] = serialize_executable.serialize(compiled)
-    epath.Path(path).write_bytes(pickle.dumps(payload))
-
-
-def load_executables(path: str) -> dict[str, Any]:
-    """The compiled steps saved by ``--save``, loaded onto this machine's TPU devices.
-
-    Reuse is valid only with the same JAX, jaxlib and libtpu versions, the same
-    ``LIBTPU_INIT_ARGS`` and ``XLA_FLAGS``, the same topology and the same config (model, batch,
-    dtype, optimizer): anything else may fail to load or, worse, run a different program. Those
-    that this function can see are checked; on a mismatch, compile again (``python -m train``
-    does it on its own) rather than reuse.
-    """
-    from etils import epath
-    from jax.experimental import serialize_executable
-
-    payload = pickle.loads(epath.Path(path).read_bytes())
-    now = {
-        "jax": jax.__version__,
-        "jaxlib": importlib.metadata.version("jaxlib"),
-        "libtpu": libtpu_version(),
-        "libtpu_init_args": os.environ.get("LIBTPU_INIT_ARGS", ""),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-    }
-    for key, value in now.items():
-        if payload.get(key) != value:
-            raise AotError(
-                f"{path} was compiled with {key}={payload.get(key)!r}, this machine has {value!r}; "
-                f"compile again with python -m train.aot --save."
-            )
-    return {
-        name: serialize_executable.deserialize_and_load(*triple) for name, triple in payload["steps"].items()
-    }
+    executables.save(
+        path,
+        steps_,
+        result.devices,
+        topology=result.slice.topology,
+        num_slices=result.slice.num_slices,
+        config=result.config.to_json_best_effort(),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -862,7 +848,8 @@ def format_report(result: AotResult) -> str:
         f"({result.batch_per_device} per {word}); jit over {result.num_devices} devices "
         f"({result.config.mesh_axis_types} axes)",
         f"topology {s.topology} ({s.name}): {s.chips} chips in {s.num_slices} slice(s), {s.hosts} "
-        f"host(s), {s.gen.hbm_gib:g} GiB HBM per chip; jax {jax.__version__}, libtpu {libtpu_version()}",
+        f"host(s), {s.gen.hbm_gib:.4g} GiB {'host memory' if s.generation == 'cpu' else 'HBM per chip'}; "
+        f"jax {jax.__version__}, libtpu {libtpu_version()}",
     ]
     for r in (result.train, result.eval):
         if r is None:
@@ -930,7 +917,8 @@ def main(argv: list[str]) -> None:
     config = _CONFIG.value
     try:
         slice_ = parse_topology(FLAGS.topology, FLAGS.num_slices)
-        require_libtpu()
+        if slice_.generation != "cpu":
+            require_libtpu()
         if FLAGS.batch_per_chip > 0:
             config.batch_size = FLAGS.batch_per_chip * slice_.chips
         result = run_aot(
@@ -949,7 +937,10 @@ def main(argv: list[str]) -> None:
         epath.Path(FLAGS.json).write_text(json.dumps(result.to_json(), indent=2) + "\n")
     if FLAGS.save:
         save_executables(result, FLAGS.save)
-        print(f"saved the executables to {FLAGS.save} (reuse: same jax, libtpu and flags)")
+        print(
+            f"saved the executables to {FLAGS.save}; python -m train --config.aot_executable={FLAGS.save} "
+            f"loads them when jax, libtpu, flags, devices and the program match"
+        )
 
 
 if __name__ == "__main__":
