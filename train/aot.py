@@ -14,8 +14,9 @@ allocated; a CPU is enough. It reports, and writes as JSON with ``--json``:
   and the compile time;
 * with ``--find_max_batch``: the largest per-chip batch that fits, searched over compiles
   (:func:`largest_batch`);
-* with ``--save FILE``: the serialized executables (see :func:`load_executables` for when they
-  may be reused).
+* with ``--save FILE``: the serialized executables, which ``python -m train
+  --config.aot_executable=FILE`` loads instead of compiling (``train/executables.py``);
+* with ``--topology=cpu``: the same for this machine's CPU devices (no libtpu), to try ``--save``.
 
 The dataset is never read: class count, image channels and training-set size come from
 :data:`KNOWN_DATASETS` or, for ``dataset='synthetic'``, from the config's ``synthetic_*`` fields.
