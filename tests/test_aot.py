@@ -200,7 +200,7 @@ def test_largest_batch_costs_one_or_two_fitting_compiles(measure, start):
     assert trials[0].batch == start
     fits = sum(t.fits for t in trials[1:])  # minutes each; `start` is compiled anyway
     fails = sum(not t.fits for t in trials)  # seconds each
-    assert 1 <= fits <= 2 and fails <= 13, [(t.batch, t.fits) for t in trials]
+    assert 1 <= fits <= 2 and fails <= 15, [(t.batch, t.fits) for t in trials]
 
 
 @pytest.mark.parametrize(

@@ -67,8 +67,9 @@ def largest_batch(
     interpolated batch where the memory needed reaches ``capacity`` (:func:`_crossing`) up to
     the smallest batch that failed: the interpolation undershoots (XLA rematerialises to fit as
     the limit nears, so the memory curve bends), and a try that fits costs as much as a hundred
-    that fail. Without sizes to interpolate it bisects. About one or two fitting compiles and
-    ten failing ones per search, as the unit tests count on model memory curves.
+    that fail. Within four steps of the smallest failure it steps down one at a time. Without
+    sizes to interpolate it bisects. About one or two fitting compiles and ten failing ones per
+    search, as the unit tests count on model memory curves.
 
     Returns ``(b, trials)`` in the order tried; ``b`` is 0 when not even 1 fits."""
     tried: dict[int, Trial] = {}
@@ -94,6 +95,10 @@ def largest_batch(
         estimate = _crossing(tried, lo, hi, capacity)
         b = (lo + hi) // 2 if estimate is None else estimate + (hi - estimate) / 2
         b = min(max(_grid_up(b), _grid_next(lo)), _grid_prev(hi))
+        if estimate is not None and hi - b <= 4 * 8:
+            # Near the smallest failure, step down from it: a few failing tries cost less than
+            # one fit that falls short of the answer.
+            b = max(_grid_prev(hi), _grid_next(lo))
         if test(b).fits:
             lo = b
         else:
