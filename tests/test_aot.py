@@ -329,6 +329,8 @@ def test_save_writes_the_executables_with_their_versions(four_chips, tmp_path):
     assert payload["environment"]["libtpu"] == aot.libtpu_version()
     assert payload["topology"] == "v5e:2x2"
     assert payload["devices"]["platform"] == "tpu" and payload["devices"]["num_devices"] == 4
+    # v5e:2x2: each chip's host, its (x, y, z) in the torus, and its core.
+    assert sorted(payload["devices"]["layout"]) == [[0, x, y, 0, 0] for x in (0, 1) for y in (0, 1)]
     serialized, in_tree, _ = payload["steps"]["train_step"]["executable"]
     assert len(serialized) > 1000
     assert in_tree == four_chips.compiled["train_step"].in_tree

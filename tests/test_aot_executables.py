@@ -83,9 +83,13 @@ def test_payload_holds_what_the_executables_depend_on(saved):
         "device_kind": jax.devices()[0].device_kind,
         "num_devices": jax.device_count(),
         "num_processes": 1,
+        "layout": [[0, d.id] for d in jax.devices()],
     }
     assert set(payload["steps"]) == {"train_step", "eval_step"}
     assert all(len(s["fingerprint"]) == 64 for s in payload["steps"].values())
+    payload["devices"]["layout"][0][-1] += 1  # another device in the first place
+    why = executables.mismatch(payload, "train_step", None, jax.devices())
+    assert why == "it was compiled for another device layout (the slice's shape, or the mesh's order)"
     # A different device count is refused before the program is even compared.
     payload["devices"]["num_devices"] += 1
     why = executables.mismatch(payload, "train_step", None, jax.devices())

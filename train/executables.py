@@ -45,12 +45,22 @@ def environment(platform: str) -> dict[str, Any]:
 
 
 def devices_summary(devices: list[Any]) -> dict[str, Any]:
-    """Platform, device kind, and device and process counts of the devices a step runs on."""
+    """Platform, device kind, device and process counts, and the layout (each device's host
+    and, on TPU, its coordinates in the torus and core, in mesh order) of the devices a step
+    runs on. The layout pins the slice's shape (2x4 and 4x2 have the same count)."""
+
+    def place(d: Any) -> list[int]:
+        coords = getattr(d, "coords", None)
+        if coords is None:
+            return [d.process_index, d.id]
+        return [d.process_index, *coords, getattr(d, "core_on_chip", 0)]
+
     return {
         "platform": devices[0].platform,
         "device_kind": devices[0].device_kind,
         "num_devices": len(devices),
         "num_processes": len({d.process_index for d in devices}),
+        "layout": [place(d) for d in devices],
     }
 
 
@@ -118,6 +128,8 @@ def mismatch(payload: dict[str, Any], name: str, lowered: Any, devices: list[Any
         *((key, payload["devices"].get(key), value) for key, value in here.items()),
         *((key, saved_env.get(key), value) for key, value in env.items()),
     ]:
+        if saved != now and what == "layout":
+            return "it was compiled for another device layout (the slice's shape, or the mesh's order)"
         if saved != now:
             return f"it was compiled for {what}={saved!r}, this run has {now!r}"
     if payload["steps"][name]["fingerprint"] != fingerprint(lowered):

@@ -36,7 +36,7 @@ class AotResult:
     # Each train-step compile of the search: batch per device, fits, bytes needed, compile time.
     max_batch_trials: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     compiled: dict[str, Any] = dataclasses.field(default_factory=dict)
-    devices: list[Any] = dataclasses.field(default_factory=list)  # the devices compiled for
+    devices: list[Any] = dataclasses.field(default_factory=list)  # the mesh's devices, in its order
 
     @property
     def batch_per_device(self) -> int:
@@ -192,7 +192,7 @@ def run_aot(
     dtype = np.dtype(compiler.parts(batch).dtype).name
     result = AotResult(slice_, config, compiler.info, dtype, n, train, evaluation)
     result.compiled = {"train_step": compiled_train, "eval_step": compiled_eval}
-    result.devices = compiler.devices
+    result.devices = list(compiler.mesh.devices.flat)  # in the mesh's order, as python -m train has them
     if find_max_batch:
         known = {batch // n: train} if batch % n == 0 else {}
 
