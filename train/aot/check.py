@@ -198,7 +198,7 @@ def run_aot(
 
         def measure(b: int) -> Trial:
             report = known.get(b) or compiler.train(b * n)[0]
-            trial = Trial(b, compiler.fits(report), report.total_bytes)
+            trial = Trial(b, compiler.fits(report), report.total_bytes, report.available_bytes)
             result.max_batch_trials.append(
                 {
                     "batch_per_device": b,

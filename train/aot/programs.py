@@ -38,6 +38,7 @@ class StepReport:
     program: str = ""  # fingerprint of the lowered program (train/executables.py)
     out_of_memory: str = ""  # the compiler's message when it ran out of HBM
     needed_bytes: int = 0  # from that message
+    available_bytes: int = 0  # the HBM the compiler had for the program, from that message
 
     @property
     def total_bytes(self) -> int:
@@ -92,26 +93,31 @@ def _cost(compiled: Any) -> dict[str, float]:
 # XLA:TPU's out-of-HBM errors: "Used 20.5G of 15.75G hbm" or "the total memory required for HLO
 # temporaries (24.68G) exceeds available HBM (15.75G)".
 _OOM_NEEDED = (
-    re.compile(r"Used ([0-9.]+)([KMGT]?)\S* of [0-9.]+[KMGT]?\S* hbm", re.IGNORECASE),
-    re.compile(r"required for [^(]*\(([0-9.]+)([KMGT]?)\S*\) exceeds available HBM", re.IGNORECASE),
+    re.compile(r"Used ([0-9.]+)([KMGT]?)\S* of ([0-9.]+)([KMGT]?)\S* hbm", re.IGNORECASE),
+    re.compile(
+        r"required for [^(]*\(([0-9.]+)([KMGT]?)\S*\) exceeds available HBM \(([0-9.]+)([KMGT]?)",
+        re.IGNORECASE,
+    ),
 )
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 
-def _out_of_memory(message: str) -> tuple[str, int] | None:
-    """The compiler's out-of-HBM error (its first line) and the bytes it says the program needs
-    (0 when it does not say)."""
+def _out_of_memory(message: str) -> tuple[str, int, int] | None:
+    """The compiler's out-of-HBM error (its first line), the bytes it says the program needs
+    and the bytes it says the chip has for it (less than the HBM: 15.75 of v5e's 16 GiB, 30.75
+    of v4's 32); 0 for either when it does not say."""
     if "RESOURCE_EXHAUSTED" not in message and "out of memory" not in message.lower():
         return None
-    needed = 0
+    needed = available = 0
     for pattern in _OOM_NEEDED:
         found = pattern.search(message)
         if found:
             needed = int(float(found.group(1)) * _UNITS[found.group(2).upper()])
+            available = int(float(found.group(3)) * _UNITS[found.group(4).upper()])
             break
     lines = message.strip().splitlines() or [message]
     line = next((x for x in lines if "memory" in x.lower()), lines[0])
-    return line.strip(), needed
+    return line.strip(), needed, available
 
 
 def compile_step(name: str, jitted: Any, args: Sequence[Any], global_batch: int) -> tuple[StepReport, Any]:
@@ -128,7 +134,13 @@ def compile_step(name: str, jitted: Any, args: Sequence[Any], global_batch: int)
             raise
         seconds = time.perf_counter() - t0
         return StepReport(
-            name, global_batch, seconds, program=program, out_of_memory=oom[0], needed_bytes=oom[1]
+            name,
+            global_batch,
+            seconds,
+            program=program,
+            out_of_memory=oom[0],
+            needed_bytes=oom[1],
+            available_bytes=oom[2],
         ), None
     seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()

@@ -15,6 +15,7 @@ class Trial:
     batch: int
     fits: bool
     needed_bytes: int
+    limit_bytes: int = 0  # the memory the compiler had for it, when its out-of-HBM message says
 
 
 def _grid_up(x: float) -> int:
@@ -64,7 +65,8 @@ def largest_batch(
     HBM ends in seconds and says how many bytes it needed. So it spends failures to save fits:
     from ``start``, it jumps to 4x the batch that a linear scaling of ``start``'s memory would
     fill, which fails (if it fits, it jumps again). Then each try goes halfway from the
-    interpolated batch where the memory needed reaches ``capacity`` (:func:`_crossing`) up to
+    interpolated batch where the memory needed reaches the compiler's limit (``capacity``, or
+    less where a failure's ``limit_bytes`` says so; :func:`_crossing`) up to
     the smallest batch that failed: the interpolation undershoots (XLA rematerialises to fit as
     the limit nears, so the memory curve bends), and a try that fits costs as much as a hundred
     that fail. Within four steps of the smallest failure it steps down one at a time. Without
@@ -92,7 +94,9 @@ def largest_batch(
             linear = b * capacity / trial.needed_bytes if trial.needed_bytes else 0
             b = min(max(2 * b, _grid_up(4 * linear)), limit)
     while _grid_next(lo) < hi:
-        estimate = _crossing(tried, lo, hi, capacity)
+        # Interpolate to the compiler's own limit where a failure said it: a little below the HBM.
+        limit = min([capacity, *(t.limit_bytes for t in tried.values() if t.limit_bytes)])
+        estimate = _crossing(tried, lo, hi, limit)
         b = (lo + hi) // 2 if estimate is None else estimate + (hi - estimate) / 2
         b = min(max(_grid_up(b), _grid_next(lo)), _grid_prev(hi))
         if estimate is not None and hi - b <= 4 * 8:
