@@ -119,6 +119,10 @@ def _loop(c: ml_collections.ConfigDict) -> None:
     # Persistent XLA compilation cache: 'auto' = $RESNET_JAX_CACHE_DIR or ~/.cache/resnet_jax/xla;
     # a path; or 'off'. A restarted or repeated run then loads its compiled steps from disk.
     c.compilation_cache_dir = "auto"
+    # A file written by `python -m train.aot --save` (may be gs://): its train and eval steps are
+    # loaded instead of compiled when JAX/libtpu versions, flags, devices and the lowered program
+    # all match this run; otherwise one warning line and a normal compile. '' = compile.
+    c.aot_executable = ""
     c.log_every_steps = 20
     c.eval_every_steps = 110  # > 0: every N steps; 0: at the end of every epoch; < 0: never
     c.eval_at_end = True

@@ -13,13 +13,14 @@ import dataclasses
 import functools
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from train import checkpoint as checkpoint_lib
-from train import input_pipeline, optim, paths, steps
+from train import executables, input_pipeline, optim, paths, steps
 from train import metrics as metrics_lib
 from train.class_names import save_class_names
 from train.config import ConfigError, validate_config, with_defaults
@@ -74,6 +75,7 @@ def build_run(config: Any, workdir: str) -> Run:
     dataset = input_pipeline.create_dataset(config)
     info = dataset.info
     driver = steps.make_driver(config.parallelism, mesh_axis_types=config.mesh_axis_types)
+    load = _saved_executables(config, driver)  # read (or refused) before anything is written
     steps_per_epoch, total_steps = _step_counts(config, dataset)
     parts = build_steps(config, info, steps_per_epoch, total_steps)
     save_run_info(workdir, config, info)
@@ -92,11 +94,26 @@ def build_run(config: Any, workdir: str) -> Run:
         create_state=parts.create_state,
         ckpt=ckpt,
         writer=writer,
-        train_step=CompiledOnFirstCall(train_step, "train_step"),
-        eval_step=CompiledOnFirstCall(eval_step, "eval_step"),
+        train_step=CompiledOnFirstCall(train_step, "train_step", load),
+        eval_step=CompiledOnFirstCall(eval_step, "eval_step", load),
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
     )
+
+
+def _saved_executables(config: Any, driver: Any) -> Callable[[str, Any], Any] | None:
+    """``config.aot_executable``'s loader for ``CompiledOnFirstCall``, or None without one."""
+    path = config.aot_executable
+    if not path:
+        return None
+    if config.parallelism != "jit":
+        raise ConfigError(
+            "config.aot_executable needs config.parallelism='jit' (train.aot compiles the jit driver's "
+            "steps)."
+        )
+    payload = executables.read(path)
+    devices = list(driver.mesh.devices.flat)
+    return lambda name, lowered: executables.load(payload, name, lowered, devices, path)
 
 
 @dataclasses.dataclass

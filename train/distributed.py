@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -42,17 +43,24 @@ def sync_processes(name: str, timeout_s: int = 1800) -> None:
 class CompiledOnFirstCall:
     """Ahead-of-time compiles a jitted or pmapped function at its first call, then syncs hosts.
 
-    ``compile_time`` is the compilation alone (lowering + XLA), not the first step's run.
+    ``load(name, lowered)``, when given, may return an executable compiled earlier for the same
+    lowered program (``train/executables.py``); None from it means compile as usual.
+    ``compile_time`` is the compilation (or the load) alone, not the first step's run, and
+    ``loaded`` says which it was.
     """
 
-    def __init__(self, fn: Any, name: str):
-        self._fn, self._name, self._compiled = fn, name, None
+    def __init__(self, fn: Any, name: str, load: Callable[[str, Any], Any] | None = None):
+        self._fn, self._name, self._load, self._compiled = fn, name, load, None
         self.compile_time: float | None = None
+        self.loaded = False
 
     def __call__(self, *args):
         if self._compiled is None:
             t0 = time.perf_counter()
-            self._compiled = self._fn.lower(*args).compile()
+            lowered = self._fn.lower(*args)
+            compiled = self._load(self._name, lowered) if self._load is not None else None
+            self.loaded = compiled is not None
+            self._compiled = compiled if compiled is not None else lowered.compile()
             self.compile_time = time.perf_counter() - t0
             sync_processes(f"resnet_jax_compiled_{self._name}")
         return self._compiled(*args)

@@ -256,6 +256,7 @@ def _finish(run: Run, out: Outcome, start_step: int, summary: dict[str, Any], wa
             "final_step": run.total_steps,
             "eval": out.last_eval,
             "compile_time_s": out.compile_time,
+            "aot_loaded": run.train_step.loaded,
             "images_per_sec": out.throughput.median(),
             "train_time_s": out.throughput.train_time,
             "wall_time_s": wall,
@@ -284,7 +285,8 @@ def format_summary(s: dict[str, Any], already_done: bool = False) -> str:
     if s.get("images_per_sec"):
         lines.append(
             f"  throughput:  {s['images_per_sec']:,.0f} images/s (training, median over log "
-            f"windows); compilation {s['compile_time_s']:.1f} s"
+            f"windows); {'loaded ahead-of-time executable' if s.get('aot_loaded') else 'compilation'} "
+            f"{s['compile_time_s']:.1f} s"
         )
     if s.get("skipped_steps"):
         lines.append(f"  float16:     {s['skipped_steps']} step(s) skipped on overflow (loss scaling)")
