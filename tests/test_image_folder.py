@@ -744,3 +744,15 @@ def test_finetune_folder_config_with_weights_file_new_head_and_frozen_or_slower_
         np.testing.assert_array_equal(a, b)  # frozen: the file's weights, bit for bit
     moved = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(slow), jax.tree.leaves(pretrained))]
     assert max(moved) > 0  # the slower backbone still trains
+
+
+def test_default_worker_count_is_one_per_core_and_none_on_a_one_core_host(monkeypatch):
+    from train import image_folder
+
+    config = default_config()
+    assert config.grain_worker_count == -1
+    for cores, expected in (({0}, 0), ({0, 1}, 2), ({0, 1, 2, 3}, 4)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, cores=cores: cores)
+        assert image_folder.worker_count(config) == expected
+    config.grain_worker_count = 3  # an explicit count is used as given
+    assert image_folder.worker_count(config) == 3

@@ -267,10 +267,14 @@ def _grain():
 
 
 def worker_count(config: Any) -> int:
-    """``config.grain_worker_count``, with -1 meaning one worker per core of this host."""
+    """``config.grain_worker_count``; -1 means one worker process per core of this host, or none
+    (decoding in this process, on Grain's read threads) where the host has a single core: a
+    worker there has no core of its own, and handing its batches across processes cost about 9%
+    of the rate on one core (BENCHMARKS.md, section 3b)."""
     n = int(config.grain_worker_count)
     if n < 0:
-        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        n = cores if cores > 1 else 0
     return n
 
 
