@@ -27,15 +27,19 @@ STRUCTURAL = ["--dtype", "float64", "--steps", "3", "--batch", "2"]
 FORWARD_ONLY = {"resnet152", "resnet200", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet101_2"}
 
 
-def _cli(*args, x64=False):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run(
+def _parity_process(args, env, timeout=900) -> subprocess.CompletedProcess:
+    """``python -m resnet_jax.parity --json ARGS`` in a subprocess with ``env``."""
+    return subprocess.run(
         [sys.executable, "-m", "resnet_jax.parity", "--json", *args],
         capture_output=True,
         text=True,
         env=env,
-        timeout=900,
+        timeout=timeout,
     )
+
+
+def _cli(*args, x64=False):
+    proc = _parity_process(args, dict(os.environ, JAX_PLATFORMS="cpu"))
     lines = proc.stdout.strip().splitlines()
     assert lines, f"parity exited {proc.returncode} with no result:\n{proc.stderr[-3000:]}"
     return proc.returncode, json.loads(lines[-1])
@@ -190,13 +194,7 @@ def test_parity_command_without_jax_platforms_prints_no_tpu_warnings():
         pytest.skip("this machine has an accelerator: the command leaves JAX to use it")
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
     args = ["--arch", "resnetbase", "--steps", "0", "--no-floor", "--batch", "2", "--image-size", "16"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "resnet_jax.parity", "--json", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    proc = _parity_process(args, env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["ok"]
     assert "TPU" not in proc.stderr, proc.stderr[-3000:]
