@@ -210,6 +210,25 @@ def test_largest_batch_costs_one_or_two_fitting_compiles(measure, start, hbm):
 
 
 @pytest.mark.parametrize(
+    "measure, start, hbm",
+    [
+        (remat_memory(2184, gib_per_image=0.0135, limit=30.75), 3688, 2 * HBM),  # v4, as measured
+        (remat_memory(1024), 4096, HBM),
+        (remat_memory(300), 8192, HBM),
+        (linear_memory(0.3, 0.036), 1024, HBM),
+    ],
+)
+def test_largest_batch_from_a_start_that_fails_costs_one_fit(measure, start, hbm):
+    # A search resumed above the answer (the fitting compile at the start batch already done in
+    # an earlier run) compiles one fit: the answer.
+    best, trials = aot.largest_batch(measure, start, hbm)
+    assert best == brute_force(measure)
+    assert not trials[0].fits
+    assert sum(t.fits for t in trials) == 1 and len(trials) <= 16, [(t.batch, t.fits) for t in trials]
+
+
+
+@pytest.mark.parametrize(
     "measure, start, expected",
     [
         (linear_memory(0.3, 0.036), 1024, 432),  # start does not fit: the search goes down

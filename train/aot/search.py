@@ -69,8 +69,9 @@ def largest_batch(
     less where a failure's ``limit_bytes`` says so; :func:`_crossing`) up to
     the smallest batch that failed: the interpolation undershoots (XLA rematerialises to fit as
     the limit nears, so the memory curve bends), and a try that fits costs as much as a hundred
-    that fail. Within four steps of the smallest failure it steps down one at a time. Without
-    sizes to interpolate it bisects. About one or two fitting compiles and ten failing ones per
+    that fail. Within four steps of the smallest failure it steps down one at a time. From a
+    ``start`` that fails it steps down by a quarter until it has two failures to draw the
+    secant through, or a fit. Without sizes to interpolate it bisects. About one or two fitting compiles and ten failing ones per
     search, as the unit tests count on model memory curves.
 
     Returns ``(b, trials)`` in the order tried; ``b`` is 0 when not even 1 fits."""
@@ -97,7 +98,15 @@ def largest_batch(
         # Interpolate to the compiler's own limit where a failure said it: a little below the HBM.
         limit = min([capacity, *(t.limit_bytes for t in tried.values() if t.limit_bytes)])
         estimate = _crossing(tried, lo, hi, limit)
-        b = (lo + hi) // 2 if estimate is None else estimate + (hi - estimate) / 2
+        if estimate is None and not lo and tried[hi].needed_bytes:
+            # Only failures so far (a start above the answer): a second, cheap failure gives
+            # the secant. Memory grows faster than the batch up there, so scaling the batch to
+            # the limit undershoots, and a fit far below the answer would waste minutes.
+            b = max(0.75 * hi, hi * limit / tried[hi].needed_bytes)
+        elif estimate is None:
+            b = (lo + hi) // 2
+        else:
+            b = estimate + (hi - estimate) / 2
         b = min(max(_grid_up(b), _grid_next(lo)), _grid_prev(hi))
         if estimate is not None and hi - b <= 4 * 8:
             # Near the smallest failure, step down from it: a few failing tries cost less than
