@@ -131,6 +131,10 @@ def run_all(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
             for variant, cores in itertools.product(args.variants, _core_counts(args.cores))
             for workers in ((args.grain_workers_list or [cores]) if variant in GRAIN_VARIANTS else [0])
         ]
+        # -1: what the training program starts with grain_worker_count=-1 on that many cores.
+        from train.image_folder import default_worker_count
+
+        plan = [(v, c, default_worker_count(c) if w < 0 else w) for v, c, w in plan]
         for variant, cores, workers in plan:
             cmd = [
                 sys.executable,
@@ -249,8 +253,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--grain-workers",
         dest="grain_workers_spec",
         default="",
-        help="grain variant: comma-separated Grain worker counts to try per core count "
-        "(default: as many as cores)",
+        help="grain variant: comma-separated Grain worker counts to try per core count; -1: the "
+        "training program's default for that many cores (default: as many as cores)",
     )
     p.add_argument("--output", metavar="FILE", help="also write the JSON to FILE")
     # Internal: one measurement in this process.
