@@ -23,7 +23,12 @@ Grain worker processes as cores (inheriting the pinning), batched to numpy as th
 receives it; the files are read from disk (the page cache after the warm-up batches), decoded by
 simplejpeg (as TF decodes them), cropped, resized (antialiased bilinear) and flipped by
 ``train/image_ops.py``.
-``--grain-workers 0,1,2`` sets the worker counts to try on each core count instead.
+``--grain-workers 0,1,2`` sets the worker counts to try on each core count instead; ``-1`` is
+what the training program starts by default (``grain_worker_count=-1``: none on one core, one
+per core otherwise).
+``work_only`` times the same per-image work (``image_ops.train_image``) with nothing around it:
+one independent process per core, no Grain, no batches. Its rate over the cores is what this
+machine gives that work, the ceiling against which Grain's scaling is read.
 ``grain_pillow`` is the same with simplejpeg hidden from the worker process and its Grain workers,
 so that Pillow decodes every JPEG (accurate IDCT: pixels a few levels from TF's; what a machine
 without simplejpeg gets).

@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 
 def _tf():
     import tensorflow as tf
@@ -54,7 +56,16 @@ def training_preprocess_fn(image_size: int, channels: int = 3) -> Callable[[Any,
 # pipeline could make; ``replica`` is a plain copy of the pipeline's ops, to show that the copies
 # measure the same thing as the pipeline. ``float_out`` normalises to float32 on the host, as the
 # pipeline did before it handed uint8 pixels to the accelerator.
-VARIANTS = ("pipeline", "replica", "float_out", "no_antialias", "fast_dct", "grain", "grain_pillow")
+VARIANTS = (
+    "pipeline",
+    "replica",
+    "float_out",
+    "no_antialias",
+    "fast_dct",
+    "grain",
+    "grain_pillow",
+    "work_only",
+)
 GRAIN_VARIANTS = ("grain", "grain_pillow")
 
 
@@ -206,10 +217,71 @@ def run_grain_worker(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _work_only_process(core: int, paths: list[str], config: Any, size: int, start: Any, done: Any) -> None:
+    """One of ``run_work_only``'s processes: warm up, wait for ``start``, preprocess ``paths``."""
+    from train import image_ops
+
+    os.sched_setaffinity(0, {core})
+    rng = np.random.default_rng(core)
+    for path in paths[:16]:
+        image_ops.train_image(image_ops.open_image(path), rng, size, config)
+    done.put(-1)  # ready
+    start.wait()
+    for path in paths:
+        image_ops.train_image(image_ops.open_image(path), rng, size, config)
+    done.put(core)
+
+
+def run_work_only(args: argparse.Namespace) -> dict[str, Any]:
+    """The image-folder path's per-image work alone (``image_ops.train_image`` on the same files,
+    same config) in one independent process per core: no Grain, no batching, nothing shared.
+    Its rate over cores is what this machine gives that work: the ceiling for Grain's scaling."""
+    import multiprocessing as mp
+    import types
+
+    from train import image_ops
+    from train.config import default_config
+
+    config = default_config()
+    fields = {k: config[k] for k in ("crop_padding", "crop_area_range", "crop_aspect_ratio_range",
+                                     "crop_min_object_covered", "jpeg_reduced_decode")}
+    aug = types.SimpleNamespace(train_augment="inception_crop", random_flip=True, **fields)
+    files = sorted(glob.glob(os.path.join(args.jpeg_dir, "*.jpg")))
+    cores = sorted(os.sched_getaffinity(0))
+    images = max(args.total_images // args.batch, 1) * args.batch
+    per_core = -(-images // len(cores))
+    ctx = mp.get_context("fork")
+    start, done = ctx.Event(), ctx.Queue()
+    procs = [
+        ctx.Process(
+            target=_work_only_process,
+            args=(c, [files[(i * per_core + j) % len(files)] for j in range(per_core)], aug,
+                  args.image_size, start, done),
+        )
+        for i, c in enumerate(cores)
+    ]
+    for p in procs:
+        p.start()
+    for _ in procs:
+        done.get()  # every process warmed up
+    t, cpu = time.perf_counter(), cpu_seconds()
+    start.set()
+    for _ in procs:
+        done.get()
+    elapsed, cpu = time.perf_counter() - t, _minus(cpu_seconds(), cpu)
+    for p in procs:
+        p.join()
+    one = image_ops.train_image(image_ops.open_image(files[0]), np.random.default_rng(0), args.image_size, aug)
+    batch = {"image": one[None]}  # one image: nothing is batched
+    return {**_rate_record(args.variant, per_core * len(cores), elapsed, batch, cpu), "processes": len(cores)}
+
+
 def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     """Time the preprocessing with ``args.threads`` threads in this process."""
     if args.variant in GRAIN_VARIANTS:
         return run_grain_worker(args)
+    if args.variant == "work_only":
+        return run_work_only(args)
     tf = _tf()
     files = sorted(glob.glob(os.path.join(args.jpeg_dir, "*.jpg")))
     if not files:

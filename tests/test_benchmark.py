@@ -294,17 +294,22 @@ def test_input_benchmark_on_a_few_jpegs(tmp_path):
     assert run["cpu_seconds"] >= 0  # this process's CPU time over the timed batches
 
     # The Grain variants: simplejpeg decodes the JPEGs, or (grain_pillow) it is hidden from the
-    # worker process, and Pillow does; neither imports TensorFlow.
+    # worker process, and Pillow does; neither imports TensorFlow. --grain-workers=-1 is the
+    # training default: no worker process on one core. work_only times the per-image work alone.
     r = _run(
         "benchmarks.input_pipeline",
         *args,
-        "--variants=grain,grain_pillow",
-        "--grain-workers=0",
+        "--variants=grain,grain_pillow,work_only",
+        "--grain-workers=-1",
         f"--jpeg-dir={tmp_path}",
     )
-    assert [run["jpeg_decoder"] for run in r["runs"]] == ["simplejpeg", "pillow"]
-    for run in r["runs"]:
+    *grain_runs, alone = r["runs"]
+    assert [run["jpeg_decoder"] for run in grain_runs] == ["simplejpeg", "pillow"]
+    for run in grain_runs:
         assert run["output_shape"] == [2, 32, 32, 3] and run["tensorflow_imported"] is False
+        assert run["grain_workers"] == 0
+    assert alone["variant"] == "work_only" and alone["processes"] == 1 and alone["images"] == 8
+    assert alone["output_shape"] == [1, 32, 32, 3] and alone["cpu_seconds"] > 0
 
     # The per-stage profile of the folder pipeline on the same files: every stage timed, and the
     # whole preprocessing costs more than its resize alone.
