@@ -243,8 +243,16 @@ def run_work_only(args: argparse.Namespace) -> dict[str, Any]:
     from train.config import default_config
 
     config = default_config()
-    fields = {k: config[k] for k in ("crop_padding", "crop_area_range", "crop_aspect_ratio_range",
-                                     "crop_min_object_covered", "jpeg_reduced_decode")}
+    fields = {
+        k: config[k]
+        for k in (
+            "crop_padding",
+            "crop_area_range",
+            "crop_aspect_ratio_range",
+            "crop_min_object_covered",
+            "jpeg_reduced_decode",
+        )
+    }
     aug = types.SimpleNamespace(train_augment="inception_crop", random_flip=True, **fields)
     files = sorted(glob.glob(os.path.join(args.jpeg_dir, "*.jpg")))
     cores = sorted(os.sched_getaffinity(0))
@@ -255,8 +263,14 @@ def run_work_only(args: argparse.Namespace) -> dict[str, Any]:
     procs = [
         ctx.Process(
             target=_work_only_process,
-            args=(c, [files[(i * per_core + j) % len(files)] for j in range(per_core)], aug,
-                  args.image_size, start, done),
+            args=(
+                c,
+                [files[(i * per_core + j) % len(files)] for j in range(per_core)],
+                aug,
+                args.image_size,
+                start,
+                done,
+            ),
         )
         for i, c in enumerate(cores)
     ]
@@ -271,7 +285,9 @@ def run_work_only(args: argparse.Namespace) -> dict[str, Any]:
     elapsed, cpu = time.perf_counter() - t, _minus(cpu_seconds(), cpu)
     for p in procs:
         p.join()
-    one = image_ops.train_image(image_ops.open_image(files[0]), np.random.default_rng(0), args.image_size, aug)
+    one = image_ops.train_image(
+        image_ops.open_image(files[0]), np.random.default_rng(0), args.image_size, aug
+    )
     batch = {"image": one[None]}  # one image: nothing is batched
     return {**_rate_record(args.variant, per_core * len(cores), elapsed, batch, cpu), "processes": len(cores)}
 

@@ -227,7 +227,6 @@ def test_largest_batch_from_a_start_that_fails_costs_one_fit(measure, start, hbm
     assert sum(t.fits for t in trials) == 1 and len(trials) <= 16, [(t.batch, t.fits) for t in trials]
 
 
-
 @pytest.mark.parametrize(
     "measure, start, expected",
     [

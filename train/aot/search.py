@@ -71,8 +71,9 @@ def largest_batch(
     the limit nears, so the memory curve bends), and a try that fits costs as much as a hundred
     that fail. Within four steps of the smallest failure it steps down one at a time. From a
     ``start`` that fails it steps down by a quarter until it has two failures to draw the
-    secant through, or a fit. Without sizes to interpolate it bisects. About one or two fitting compiles and ten failing ones per
-    search, as the unit tests count on model memory curves.
+    secant through, or a fit. Without sizes to interpolate it bisects. About one or two
+    fitting compiles and ten failing ones per search, as the unit tests count on model memory
+    curves.
 
     Returns ``(b, trials)`` in the order tried; ``b`` is 0 when not even 1 fits."""
     tried: dict[int, Trial] = {}
