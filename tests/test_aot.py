@@ -345,6 +345,43 @@ def test_too_big_does_not_fit():
 
 
 @needs_libtpu
+def test_find_max_batch_records_every_compile(monkeypatch):
+    # run_aot's search end to end, with every train-step compile after the first replaced by a
+    # fake memory curve (a real search costs minutes of compiles per try): the answer, and each
+    # try in the JSON with its bytes and whether the compiler ran out of HBM.
+    from train.aot import check, programs
+
+    curve = remat_memory(40)
+    real_train = check.Compiler.train
+    calls = []
+
+    def train(self, global_batch, **kw):
+        calls.append(global_batch)
+        if len(calls) == 1:  # the start: a real compile, which the sharding check reads
+            return real_train(self, global_batch, **kw)
+        t = curve(global_batch // 4)
+        if t.fits:
+            return programs.StepReport("train_step", global_batch, 1.0, temp_bytes=t.needed_bytes), None
+        message = "RESOURCE_EXHAUSTED: Ran out of memory on HBM"
+        report = programs.StepReport(
+            "train_step", global_batch, 1.0, out_of_memory=message, needed_bytes=t.needed_bytes
+        )
+        report.available_bytes = t.limit_bytes
+        return report, None
+
+    monkeypatch.setattr(check.Compiler, "train", train)
+    result = aot.run_aot(tiny_config(batch_size=32), aot.parse_topology("v5e:2x2"), find_max_batch=True)
+    assert result.max_batch_per_device == 40 == brute_force(curve)
+    trials = result.to_json()["max_batch_trials"]
+    assert trials[0]["batch_per_device"] == 8 and trials[0]["fits"] and not trials[0]["out_of_memory"]
+    assert [t["batch_per_device"] * 4 for t in trials] == calls
+    for t in trials[1:]:
+        assert t["out_of_memory"] == (not t["fits"])
+        assert t["needed_bytes"] == curve(t["batch_per_device"]).needed_bytes
+    assert {t["batch_per_device"]: t["fits"] for t in trials}[48] is False
+
+
+@needs_libtpu
 def test_save_writes_the_executables_with_their_versions(four_chips, tmp_path):
     path = tmp_path / "steps.aot"
     aot.save_executables(four_chips, str(path))

@@ -204,6 +204,7 @@ def run_aot(
                     "batch_per_device": b,
                     "fits": trial.fits,
                     "needed_bytes": trial.needed_bytes,
+                    "out_of_memory": bool(report.out_of_memory),
                     "compile_s": round(report.compile_s, 1),
                 }
             )
