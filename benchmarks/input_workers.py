@@ -239,21 +239,13 @@ def run_work_only(args: argparse.Namespace) -> dict[str, Any]:
     import multiprocessing as mp
     import types
 
-    from train import image_ops
+    from train import image_folder, image_ops
     from train.config import default_config
 
     config = default_config()
-    fields = {
-        k: config[k]
-        for k in (
-            "crop_padding",
-            "crop_area_range",
-            "crop_aspect_ratio_range",
-            "crop_min_object_covered",
-            "jpeg_reduced_decode",
-        )
-    }
-    aug = types.SimpleNamespace(train_augment="inception_crop", random_flip=True, **fields)
+    config.update({"train_augment": "inception_crop", "random_flip": True})
+    # The fields the Grain path hands its workers, picked the same way (train/image_folder.py).
+    aug = types.SimpleNamespace(**{k: config[k] for k in image_folder._AUGMENT_FIELDS})
     files = sorted(glob.glob(os.path.join(args.jpeg_dir, "*.jpg")))
     cores = sorted(os.sched_getaffinity(0))
     images = max(args.total_images // args.batch, 1) * args.batch
