@@ -15,26 +15,32 @@
 #   cache     cold vs warm start through the persistent compilation cache    -> cache.json
 #   sweep     ResNet-50 at batch 128 and 512, ResNet-18 and ResNet-101 at 256 (library) -> sweep_*.json
 #   input     JPEG preprocessing on all host cores (Pillow; TensorFlow absent) -> input.json
+#   grain     the image-folder pipeline (Grain workers, simplejpeg) and the same per-image work
+#             alone, on 1, 2, 4, 8 and all host cores; JPEGs written by Pillow -> grain.json
 #   tries     one XLA flag or library setting per run, library step only    -> tries_*.json
 #   nnx       ResNet-50 bf16 batch 256: Linen vs NNX (split + jax.jit, and nnx.jit), alternating -> nnx.json
 #
 # Every result is JSON in OUTDIR; logs go to OUTDIR/logs. The summary of everything in OUTDIR
-# is printed at the end (python -m benchmarks.gpu_summary OUTDIR). Missing pure-Python packages
-# (ml_collections: the training program's configs) are installed from benchmarks/wheels/ when
-# present (pip download --no-deps -d benchmarks/wheels ml_collections).
+# is printed at the end (python -m benchmarks.gpu_summary OUTDIR). Missing packages
+# (ml_collections: the training program's configs; grain, array_record, simplejpeg, cloudpickle
+# and portpicker: the grain part) are installed from benchmarks/wheels/ when present. The host
+# runs Python 3.12, so fetch them for it:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d benchmarks/wheels \
+#     ml_collections grain==0.2.18 array_record==0.8.6 simplejpeg==1.9.0 cloudpickle portpicker
 set -uo pipefail
 if [[ $# -lt 1 ]]; then
-  sed -n '2,27p' "$0"
+  sed -n '2,32p' "$0"
   exit 2
 fi
 OUT_DIR=$(mkdir -p "$1" && cd "$1" && pwd)
 shift
-PARTS=${*:-env headline profile loop numerics digits cache sweep input nnx}
+PARTS=${*:-env headline profile loop numerics digits cache sweep input grain nnx}
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 mkdir -p "$OUT_DIR/logs"
 
-if ! "$PY" -c "import ml_collections" 2>/dev/null && ls benchmarks/wheels/*.whl >/dev/null 2>&1; then
+if ! "$PY" -c "import ml_collections, grain, simplejpeg" 2>/dev/null && ls benchmarks/wheels/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/resnet_jax_wheels benchmarks/wheels/*.whl
   export PYTHONPATH=/tmp/resnet_jax_wheels${PYTHONPATH:+:$PYTHONPATH}
 fi
@@ -119,6 +125,11 @@ EOF
   input)
     rate=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['jax']['images_per_s'])" "$OUT_DIR/headline.json" 2>/dev/null || echo 7200)
     step input 300 "$PY" -m benchmarks.input_host --cores 1,all --model-rate "$rate" --output "$OUT_DIR/input.json"
+    ;;
+  grain)
+    cores=1; for n in 2 4 8; do [[ $n -lt $(nproc) ]] && cores+=",$n"; done
+    step grain 420 "$PY" -m benchmarks.input_pipeline --total-images 2048 --cores "$cores,all" --grain-workers -1 \
+      --variants grain,work_only,grain,work_only,grain,work_only --jpeg-dir "$OUT_DIR/jpegs" --output "$OUT_DIR/grain.json"
     ;;
   tries)
     # One change per run against the library's default step (the profile part is the

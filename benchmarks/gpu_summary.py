@@ -180,6 +180,16 @@ def summary(out_dir: str) -> str:
             f"## input (Pillow): {runs}; feeds {inp['accelerators_fed_at_model_rate']:.2f} GPUs at "
             f"{inp['config']['model_rate']:.0f} img/s; {inp['cores_per_accelerator']:.1f} cores per GPU"
         )
+    grain = _load(out_dir, "grain.json")
+    if grain:
+        lines.append("## image folders through Grain (simplejpeg) vs the same work alone (work_only)")
+        for cores, row in grain.get("scaling", {}).items():
+            g, w = row.get("grain_images_per_s"), row.get("work_only_images_per_s")
+            lines.append(
+                f"{cores}: Grain {_f(g, '.0f')} img/s (x{_f(row.get('grain_scaling'))}), "
+                f"work_only {_f(w, '.0f')} (x{_f(row.get('work_only_scaling'))}), "
+                f"Grain / work_only {_f(row.get('grain_over_work_only'))}"
+            )
     steps_path = os.path.join(out_dir, "steps.jsonl")
     if os.path.exists(steps_path):
         with open(steps_path) as f:

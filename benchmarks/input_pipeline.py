@@ -37,8 +37,8 @@ Each run also reports ``images_per_cpu_s``: images per CPU second used by the ru
 its child processes (Grain's workers) while timed. On a machine shared with other jobs the
 wall-clock rate swings with their load; the CPU rate measures the pipeline's own work per core.
 
-Needs TensorFlow to write the JPEGs and for the tf.data variants; the grain variant's process
-does not import it.
+Needs TensorFlow for the tf.data variants. Without it (the GPU host) the JPEGs are written by
+Pillow, and the ``grain`` and ``work_only`` variants run; their processes do not import it.
 """
 
 from __future__ import annotations
@@ -66,11 +66,36 @@ GPU_TARGET_IMAGES_PER_S = 7200.0  # ResNet-50 bfloat16 training on one H100 (BEN
 # Synthetic JPEGs.
 
 
-def write_jpegs(directory: str, count: int, seed: int = 0, quality: int = 90) -> dict[str, Any]:
-    """Write ``count`` photo-like JPEGs to ``directory``; returns their mean size and bytes."""
+def _resize_float(a, h: int, w: int, method: str, tf):
+    """``a`` (float32, [H, W, C]) resized to ``h`` x ``w``: TensorFlow's resize where it is
+    installed, else Pillow's (the GPU host has no TensorFlow)."""
     import numpy as np
 
-    tf = _tf()
+    if tf is not None:
+        return tf.image.resize(a[None], (h, w), method).numpy()[0]
+    from PIL import Image
+
+    resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[method]
+    return np.stack(
+        [
+            np.asarray(Image.fromarray(a[..., c], mode="F").resize((w, h), resample))
+            for c in range(a.shape[-1])
+        ],
+        axis=-1,
+    )
+
+
+def write_jpegs(directory: str, count: int, seed: int = 0, quality: int = 90) -> dict[str, Any]:
+    """Write ``count`` photo-like JPEGs to ``directory``; returns their mean size and bytes.
+
+    Encoded by TensorFlow where it is installed, else by Pillow (``writer`` in the result): the
+    same synthetic content, and files of about the same size, but not the same bytes."""
+    import numpy as np
+
+    try:
+        tf = _tf()
+    except ImportError:
+        tf = None
     os.makedirs(directory, exist_ok=True)
     rng = np.random.default_rng(seed)
     sizes, nbytes = [], []
@@ -79,18 +104,28 @@ def write_jpegs(directory: str, count: int, seed: int = 0, quality: int = 90) ->
         # Large smooth regions plus finer texture plus sensor-like noise: about 0.65 bytes per
         # pixel at quality 90, as ImageNet's photos (~110 KB at ~400x400 on average), so the
         # JPEG decoder has a realistic amount of work per pixel.
-        coarse = tf.image.resize(rng.uniform(0, 255, (1, 6, 6, 3)).astype("float32"), (h, w), "bicubic")
-        fine = rng.normal(0, 70, (1, h // 3, w // 3, 3)).astype("float32")
-        fine = tf.image.resize(fine, (h, w), "bilinear")
-        noise = rng.normal(0, 14, (1, h, w, 3)).astype("float32")
-        image = tf.clip_by_value(coarse + fine + noise, 0, 255)[0]
-        data = tf.io.encode_jpeg(tf.cast(image, tf.uint8), quality=quality).numpy()
+        coarse = _resize_float(rng.uniform(0, 255, (6, 6, 3)).astype("float32"), h, w, "bicubic", tf)
+        fine = rng.normal(0, 70, (h // 3, w // 3, 3)).astype("float32")
+        fine = _resize_float(fine, h, w, "bilinear", tf)
+        noise = rng.normal(0, 14, (h, w, 3)).astype("float32")
+        image = np.clip(coarse + fine + noise, 0, 255).astype(np.uint8)
+        if tf is not None:
+            data = tf.io.encode_jpeg(image, quality=quality).numpy()
+        else:
+            import io
+
+            from PIL import Image
+
+            buf = io.BytesIO()
+            Image.fromarray(image).save(buf, format="JPEG", quality=quality)
+            data = buf.getvalue()
         with open(os.path.join(directory, f"img_{i:05d}.jpg"), "wb") as f:
             f.write(data)
         sizes.append((h, w))
         nbytes.append(len(data))
     return {
         "count": count,
+        "writer": f"tensorflow {tf.__version__}" if tf is not None else "Pillow",
         "mean_height": float(np.mean([s[0] for s in sizes])),
         "mean_width": float(np.mean([s[1] for s in sizes])),
         "mean_bytes": float(np.mean(nbytes)),
@@ -116,7 +151,21 @@ def _core_counts(spec: str) -> list[int]:
     return out
 
 
+def _require_tensorflow_for(variants: Sequence[str]) -> None:
+    tf_variants = [v for v in variants if v not in GRAIN_VARIANTS and v != "work_only"]
+    if not tf_variants:
+        return
+    try:
+        import tensorflow  # noqa: F401
+    except ImportError as e:
+        raise SystemExit(
+            f"--variants {','.join(tf_variants)} time the tf.data pipeline and need TensorFlow "
+            f"({e}): pip install -e '.[test]', or time only --variants grain,work_only"
+        ) from None
+
+
 def run_all(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
+    _require_tensorflow_for(args.variants)
     tmp = None
     jpeg_dir = args.jpeg_dir
     if jpeg_dir is None:
@@ -226,7 +275,30 @@ def run_all(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
         "model_rate_images_per_s": args.model_rate,
         "cores_to_feed_model_rate": math.ceil(args.model_rate / per_core),
         **({"grain_images_per_s_per_core": grain_summary} if grain_runs else {}),
+        "scaling": scaling(runs),
     }
+
+
+def scaling(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per core count: each variant's median images/s over its rounds, its scaling from the
+    fewest cores measured, and Grain's rate over ``work_only``'s (the same per-image work in
+    independent processes: how far the machine itself scales it)."""
+    import statistics
+
+    rates: dict[str, dict[int, list[float]]] = {}
+    for r in runs:
+        rates.setdefault(r["variant"], {}).setdefault(r["cores"], []).append(r["images_per_s"])
+    out: dict[str, dict[str, float]] = {}
+    for variant, by_cores in rates.items():
+        base = statistics.median(by_cores[min(by_cores)])
+        for cores, values in sorted(by_cores.items()):
+            row = out.setdefault(f"{cores} core(s)", {})
+            row[f"{variant}_images_per_s"] = round(statistics.median(values), 1)
+            row[f"{variant}_scaling"] = round(statistics.median(values) / base, 3)
+    for row in out.values():
+        if "grain_images_per_s" in row and "work_only_images_per_s" in row:
+            row["grain_over_work_only"] = round(row["grain_images_per_s"] / row["work_only_images_per_s"], 3)
+    return out
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -44,13 +44,14 @@ TINY_MACS = (
 assert TINY_MACS == 33_998_080
 
 
-def _run(module: str, *args: str, timeout: int = 300) -> dict:
+def _run(module: str, *args: str, timeout: int = 300, env: dict | None = None) -> dict:
     proc = subprocess.run(
         [sys.executable, "-m", module, *args],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout)
@@ -318,3 +319,67 @@ def test_input_benchmark_on_a_few_jpegs(tmp_path):
     assert {"decode_pillow", "decode_simplejpeg", "resize_antialiased", "tf_decode_and_crop"} <= set(ms)
     assert ms["train_image_simplejpeg"] > ms["resize_antialiased"] > 0
     assert p["files"] == 4 and 0.08 <= p["mean_crop_area_fraction"] <= 1.0
+
+
+def test_input_scaling_table():
+    from benchmarks.input_pipeline import scaling
+
+    runs = [
+        {"variant": "grain", "cores": 1, "images_per_s": 500.0},
+        {"variant": "grain", "cores": 1, "images_per_s": 520.0},
+        {"variant": "grain", "cores": 1, "images_per_s": 400.0},  # median of three: 500
+        {"variant": "work_only", "cores": 1, "images_per_s": 550.0},
+        {"variant": "grain", "cores": 4, "images_per_s": 1800.0},
+        {"variant": "grain", "cores": 4, "images_per_s": 1900.0},  # median of two: 1850
+        {"variant": "work_only", "cores": 4, "images_per_s": 2090.0},
+    ]
+    table = scaling(runs)
+    assert table["1 core(s)"] == {
+        "grain_images_per_s": 500.0,
+        "grain_scaling": 1.0,
+        "work_only_images_per_s": 550.0,
+        "work_only_scaling": 1.0,
+        "grain_over_work_only": 0.909,
+    }
+    assert table["4 core(s)"]["grain_scaling"] == 3.7 and table["4 core(s)"]["work_only_scaling"] == 3.8
+    assert table["4 core(s)"]["grain_over_work_only"] == 0.885
+
+
+def test_input_benchmark_without_tensorflow(tmp_path):
+    """The GPU host has no TensorFlow: the benchmark writes its JPEGs with Pillow and times the
+    Grain and work_only variants there, and the tf.data variant says what it needs."""
+    pytest.importorskip("grain")
+    from PIL import Image
+
+    blocker = tmp_path / "no_tensorflow"
+    blocker.mkdir()
+    (blocker / "tensorflow.py").write_text("raise ImportError('hidden by the test: no TensorFlow here')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(blocker), str(REPO)]))
+    jpegs = tmp_path / "jpegs"
+    args = ["--image-size=32", "--batch=2", "--total-images=8", "--cores=1", "--num-images=3"]
+    r = _run(
+        "benchmarks.input_pipeline",
+        *args,
+        "--variants=grain,work_only",
+        "--grain-workers=-1",
+        f"--jpeg-dir={jpegs}",
+        env=env,
+    )
+    assert r["jpegs"]["writer"] == "Pillow" and r["jpegs"]["count"] == 3
+    assert 0.3 < r["jpegs"]["mean_bytes_per_pixel"] < 1.5  # photo-like, as TensorFlow's files
+    for path in sorted(jpegs.glob("*.jpg")):
+        with Image.open(path) as im:
+            assert im.format == "JPEG" and im.mode == "RGB" and 300 <= min(im.size) <= max(im.size) <= 500
+    grain_run, alone = r["runs"]
+    assert grain_run["tensorflow_imported"] is False and grain_run["output_shape"] == [2, 32, 32, 3]
+    assert alone["variant"] == "work_only" and alone["images"] == 8
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.input_pipeline", *args, f"--jpeg-dir={jpegs}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "need TensorFlow" in proc.stderr and "--variants grain,work_only" in proc.stderr
