@@ -321,6 +321,25 @@ def test_input_benchmark_on_a_few_jpegs(tmp_path):
     assert p["files"] == 4 and 0.08 <= p["mean_crop_area_fraction"] <= 1.0
 
 
+def test_grain_threads_accounts_for_every_thread(tmp_path):
+    pytest.importorskip("grain")
+    from benchmarks.input_pipeline import write_jpegs
+
+    write_jpegs(str(tmp_path), 4)
+    r = _run("benchmarks.grain_threads", f"--jpeg-dir={tmp_path}", "--workers=1", "--batches=4", "--batch=4")
+    assert r["workers"] == 1 and r["images"] == 16
+    cpu = r["cpu_ms_per_image"]
+    for role, threads in cpu["per_thread"].items():
+        assert sum(threads) == pytest.approx(cpu["per_process"][role], abs=1e-3)
+    assert cpu["total"] == pytest.approx(sum(cpu["per_process"].values()), abs=1e-3)
+    # The one Grain worker decodes every image: a child process doing at least the work alone's
+    # half (its timer ticks at 10 ms over 16 images), while this process only receives batches.
+    busy = [ms for role, ms in cpu["per_process"].items() if role.startswith("child_")]
+    assert max(busy) > 0.5 * cpu["work_alone"] > 0
+    assert cpu["per_process"].get("consumer", 0) < max(busy)
+    assert cpu["overhead"] == pytest.approx(cpu["total"] - cpu["work_alone"], abs=1e-3)
+
+
 def test_input_scaling_table():
     from benchmarks.input_pipeline import scaling
 
