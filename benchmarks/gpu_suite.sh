@@ -140,6 +140,10 @@ EOF
     step tries_stem_pad8 240 $base --stem-pad-channels 8 --output "$OUT_DIR/tries_stem_pad8.json"
     step tries_recompute_pad8 240 $base --bn-recompute --stem-pad-channels 8 --output "$OUT_DIR/tries_recompute_pad8.json"
     step tries_no_donate 240 $base --no-donate --output "$OUT_DIR/tries_no_donate.json"
+    # Issue 25's first try: the stem max-pool's backward as elementwise ops, alternating with the
+    # library's step in one process (maxpool_elementwise_over_xla_images_per_s).
+    step tries_maxpool_elementwise 360 $TS $R50 --steps 30 --warmup 5 --rounds 3 --pipelined \
+      --compare-maxpool-elementwise --output "$OUT_DIR/tries_maxpool_elementwise.json"
     ;;
   nnx)
     step nnx 360 $TS $R50 --steps 30 --warmup 5 --rounds 3 --compare-nnx --pipelined --output "$OUT_DIR/nnx.json"

@@ -205,6 +205,22 @@ def nnx_train_step(model: Any, optimizer: Any, batch: dict[str, jax.Array]) -> d
     }
 
 
+class ElementwiseMaxPoolContender(JaxContender):
+    """The library's step with the stem's max-pool swapped for ``core.max_pool_3x3_elementwise``
+    (its backward made of elementwise ops instead of ``select_and_scatter``): an experiment,
+    swapped only while this contender traces and compiles, so the others keep XLA's max-pool."""
+
+    def prepare(self) -> dict[str, Any]:
+        from resnet_jax import core
+
+        xla_pool = core.max_pool_3x3
+        core.max_pool_3x3 = core.max_pool_3x3_elementwise
+        try:
+            return super().prepare()
+        finally:
+            core.max_pool_3x3 = xla_pool
+
+
 class NNXContender(Contender):
     """The same model from ``resnet_jax.nnx``, trained as NNX users write it: ``nnx.Optimizer``
     and a step with the same loss, optimizer and metrics as the training program's, state

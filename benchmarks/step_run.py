@@ -20,7 +20,7 @@ from benchmarks.minimal_resnet import minimal_resnet
 from benchmarks.report import host_environment
 from benchmarks.step_common import OPTIMIZER_DESC, Contender, log
 from benchmarks.step_flops import peak_tflops
-from benchmarks.step_jax import JaxContender, NNXContender, peak_memory_bytes
+from benchmarks.step_jax import ElementwiseMaxPoolContender, JaxContender, NNXContender, peak_memory_bytes
 from benchmarks.step_torch import TorchContender
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -98,6 +98,8 @@ def build_contenders(args: argparse.Namespace, backend: str) -> list[Contender]:
     if args.compare_bn_two_pass:
         two_pass = resnet_jax.get_model(args.arch, **common, **{**options, "bn_variance": "two_pass"})
         contenders.append(JaxContender("jax_bn_two_pass", two_pass, args))
+    if args.compare_maxpool_elementwise:
+        contenders.append(ElementwiseMaxPoolContender("jax_maxpool_elementwise", library, args))
     if args.compare_torch:
         for mode in args.torch_compile_mode.split(","):
             contenders.append(TorchContender(args, backend, mode.strip()))
@@ -191,6 +193,9 @@ def ratios(
         if args.compare_bn_two_pass
         else None,
         "library_over_minimal_images_per_s": ratio("jax", "minimal") if args.compare_minimal else None,
+        "maxpool_elementwise_over_xla_images_per_s": ratio("jax_maxpool_elementwise", "jax")
+        if args.compare_maxpool_elementwise
+        else None,
         "nnx_over_linen_images_per_s": ratio("nnx", "jax") if args.compare_nnx else None,
         "nnx_jit_over_linen_images_per_s": ratio("nnx_jit", "jax") if args.compare_nnx else None,
         "note": "measured side by side in this one run"

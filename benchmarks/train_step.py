@@ -111,6 +111,12 @@ def _add_comparison_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--compare-minimal", action="store_true", help="also time a minimal Flax ResNet")
     p.add_argument(
+        "--compare-maxpool-elementwise",
+        action="store_true",
+        help="also time the library with the stem max-pool's backward as elementwise ops "
+        "(core.max_pool_3x3_elementwise) instead of select_and_scatter",
+    )
+    p.add_argument(
         "--compare-nnx",
         action="store_true",
         help="also time the resnet_jax.nnx model (split + jax.jit, and nnx.jit)",

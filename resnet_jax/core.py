@@ -491,6 +491,53 @@ def max_pool_3x3(x: Array) -> Array:
     return pooling.max_pool(x, (3, 3), strides=(2, 2), padding=torch_padding(3))
 
 
+@jax.custom_vjp
+def max_pool_3x3_elementwise(x: Array) -> Array:
+    """:func:`max_pool_3x3` with a backward pass made of elementwise ops and strided pads instead
+    of XLA's ``select_and_scatter`` (an experiment for the GPU, ``benchmarks.train_step
+    --max-pool elementwise``). The same values, and the same gradient: each window's gradient goes
+    to its first maximum in row-major order, as in PyTorch and in XLA; where windows overlap,
+    their (at most four) contributions to one pixel may add in another order."""
+    return _max_pool_3x3_xla(x)
+
+
+def _max_pool_3x3_xla(x: Array) -> Array:
+    # max_pool_3x3's body, by another name: benchmarks.train_step swaps max_pool_3x3 itself.
+    return pooling.max_pool(x, (3, 3), strides=(2, 2), padding=torch_padding(3))
+
+
+def _max_pool_3x3_fwd(x: Array) -> tuple[Array, tuple[Array, Array]]:
+    y = _max_pool_3x3_xla(x)
+    return y, (x, y)
+
+
+def _max_pool_3x3_bwd(res: tuple[Array, Array], g: Array) -> tuple[Array]:
+    x, y = res
+    n, h, w, c = x.shape
+    oh, ow = y.shape[1:3]
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    span_h, span_w = 2 * (oh - 1) + 1, 2 * (ow - 1) + 1
+    taken = jnp.zeros(y.shape, bool)
+    dxp = jnp.zeros(xp.shape, g.dtype)
+    zero = jnp.zeros((), g.dtype)
+    for di in range(3):
+        for dj in range(3):
+            # The window element at offset (di, dj) of every output position.
+            xs = jax.lax.slice(xp, (0, di, dj, 0), (n, di + span_h, dj + span_w, c), (1, 2, 2, 1))
+            hit = (xs == y) & ~taken  # the first maximum of each window takes the gradient
+            taken = taken | hit
+            back = jax.lax.pad(
+                jnp.where(hit, g, zero),
+                zero,
+                ((0, 0, 0), (di, h + 2 - di - span_h, 1), (dj, w + 2 - dj - span_w, 1), (0, 0, 0)),
+            )
+            dxp = dxp + back
+    return (dxp[:, 1 : 1 + h, 1 : 1 + w, :],)
+
+
+max_pool_3x3_elementwise.defvjp(_max_pool_3x3_fwd, _max_pool_3x3_bwd)
+
+
 def global_avg_pool(x: Array) -> Array:
     # Accumulate in at least float32: a bfloat16 sum over 49+ positions loses digits.
     return jnp.mean(x.astype(jnp.promote_types(x.dtype, jnp.float32)), axis=(1, 2))

@@ -7,11 +7,14 @@ targets: those are in BENCHMARKS.md.
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -200,6 +203,36 @@ def test_cli_library_minimal_nnx_and_torch_in_one_run():
         assert entry["num_params"] == lib["num_params"] and how in entry["step"]
         ratio = r["ratios"][f"{name}_over_linen_images_per_s"]
         assert ratio == pytest.approx(entry["images_per_s"] / lib["images_per_s"])
+
+
+def test_maxpool_elementwise_contender_swaps_only_its_own_max_pool():
+    """``--compare-maxpool-elementwise``: that contender's compiled step has no scatter while the
+    library's keeps it, the swap is undone after its compile, and one step of each
+    from the same state and batch gives the same parameters (the pool's gradient differs only
+    in the order overlapping windows add)."""
+    import chex
+
+    from benchmarks import step_run, train_step
+    from resnet_jax import core
+
+    xla_pool = core.max_pool_3x3
+    args = train_step.parse_args(
+        ["--arch=resnet18", "--stage-sizes=1,1", "--image-size=32", "--num-classes=10", "--dtype=float32"]
+        + ["--batch=4", "--warmup=1", "--compare-maxpool-elementwise", "--no-compilation-cache"]
+    )
+    library, pooled = step_run.build_contenders(args, "cpu")
+    assert pooled.name == "jax_maxpool_elementwise" and pooled.model is library.model
+    library.prepare()  # builds, compiles and runs one step (warmup=1) from the seeded state
+    pooled.prepare()
+    assert core.max_pool_3x3 is xla_pool
+    # XLA's max-pool gradient is a select_and_scatter (the CPU backend rewrites it as a scatter).
+    scatter = re.compile(r" (select-and-scatter|scatter)\(")
+    assert scatter.search(library.step.as_text())
+    assert not scatter.search(pooled.step.as_text())
+    chex.assert_trees_all_close(pooled.state.params, library.state.params, rtol=1e-4, atol=1e-6)
+    # The step really moved the stem (a wrong gradient there would show above).
+    stem = jax.tree.leaves(library.state.params["conv1"])[0]
+    assert float(jnp.abs(stem).max()) > 0
 
 
 def test_cli_rejects_bad_arguments():

@@ -366,3 +366,37 @@ def test_channel_padded_stem_keeps_the_parameter_and_pads_inside():
     chex.assert_trees_all_equal_shapes(variables, plain.init(jax.random.key(0), x, train=False))
     hlo = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).as_text()
     assert "7x7x8x64" in hlo  # the convolution really runs on 8 input channels
+
+
+@pytest.mark.parametrize("shape", [(2, 9, 9, 3), (1, 8, 7, 2), (2, 28, 27, 4)])
+def test_max_pool_with_elementwise_backward_is_the_max_pool(shape):
+    """``core.max_pool_3x3_elementwise`` (the GPU experiment) against XLA's max-pool gradient and
+    PyTorch's ``MaxPool2d(3, 2, 1)`` backward, at float64, on post-ReLU inputs full of ties
+    (whole windows of zeros): the same values, and each window's gradient on the same pixel."""
+    from resnet_jax import core
+
+    jax.config.update("jax_enable_x64", True)
+    try:
+        rng = np.random.default_rng(sum(shape))
+        x = np.maximum(rng.integers(-2, 3, shape), 0).astype(np.float64)
+        y = np.asarray(core.max_pool_3x3(x))
+        g = rng.normal(size=y.shape)
+        y_new, vjp = jax.vjp(core.max_pool_3x3_elementwise, jnp.asarray(x))
+        (dx,) = vjp(jnp.asarray(g))
+        assert dx.dtype == jnp.float64 and np.array_equal(np.asarray(y_new), y)
+        (dx_xla,) = jax.vjp(core.max_pool_3x3, jnp.asarray(x))[1](jnp.asarray(g))
+        # Ties go to the same pixel; only the order in which up to four overlapping windows add
+        # into one pixel may differ (a few float64 ulps).
+        np.testing.assert_allclose(np.asarray(dx), np.asarray(dx_xla), rtol=1e-13, atol=1e-13)
+        xt = torch.from_numpy(x.transpose(0, 3, 1, 2)).requires_grad_(True)
+        yt = torch.nn.MaxPool2d(3, 2, 1)(xt)
+        yt.backward(torch.from_numpy(g.transpose(0, 3, 1, 2)))
+        np.testing.assert_array_equal(yt.detach().numpy().transpose(0, 2, 3, 1), y)
+        dx_torch = xt.grad.numpy().transpose(0, 2, 3, 1)
+        np.testing.assert_allclose(np.asarray(dx), dx_torch, rtol=1e-13, atol=1e-13)
+        # Ties were really there (a wrong tie rule would move whole gradients, O(1) apart), and
+        # every window's gradient landed on exactly one pixel.
+        assert (x == 0).mean() > 0.4
+        assert np.count_nonzero(np.asarray(dx)) <= g.size and np.asarray(dx).sum() == pytest.approx(g.sum())
+    finally:
+        jax.config.update("jax_enable_x64", False)
