@@ -19,7 +19,6 @@ import argparse
 import glob
 import os
 import time
-import types
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,22 +42,11 @@ def measure(jpeg_dir: str, workers: int, batches: int, batch: int = 64, warmup: 
     import numpy as np
     import psutil
 
-    from benchmarks.input_workers import _folder_layout
+    from benchmarks.input_workers import augment_fields, folder_config
     from train import image_ops
-    from train.config import default_config
-    from train.image_folder import _AUGMENT_FIELDS, ImageFolderSource
+    from train.image_folder import ImageFolderSource
 
-    config = default_config()
-    config.update(
-        {
-            "data_dir": _folder_layout(jpeg_dir),
-            "image_size": 224,
-            "train_augment": "inception_crop",
-            "random_flip": True,
-            "grain_worker_count": workers,
-            "grain_worker_buffer_size": 2,
-        }
-    )
+    config = folder_config(jpeg_dir, 224, workers)
     it = iter(ImageFolderSource(config).train_batches(config, batch, 0, 0, 1))
     for _ in range(warmup):
         next(it)
@@ -80,14 +68,14 @@ def measure(jpeg_dir: str, workers: int, batches: int, batch: int = 64, warmup: 
     # The same work alone: train_image over the same files, one thread, this process.
     files = sorted(glob.glob(os.path.join(jpeg_dir, "*.jpg")))
     rng = np.random.default_rng(0)
-    aug = types.SimpleNamespace(**{k: config[k] for k in _AUGMENT_FIELDS})
+    aug = augment_fields(config)
     for path in files[:16]:
         image_ops.train_image(image_ops.open_image(path), rng, 224, aug)
-    n = min(len(files), images)
+    alone_files = files[:images]
     t = time.thread_time()  # this thread only: Grain's threads may still be winding down
-    for i in range(n):
-        image_ops.train_image(image_ops.open_image(files[i % len(files)]), rng, 224, aug)
-    alone = 1e3 * (time.thread_time() - t) / n
+    for path in alone_files:
+        image_ops.train_image(image_ops.open_image(path), rng, 224, aug)
+    alone = 1e3 * (time.thread_time() - t) / len(alone_files)
     total = sum(per_process.values())
     return {
         "workers": workers,

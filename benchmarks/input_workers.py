@@ -174,10 +174,39 @@ def _rate_record(
     }
 
 
+def folder_config(jpeg_dir: str, image_size: int, grain_workers: int, seed: int = 0) -> Any:
+    """The training config the Grain variants time: ``jpeg_dir`` as an image folder, Inception
+    crop and flip at ``image_size``, ``grain_workers`` worker processes with 2 batches each."""
+    from train.config import default_config
+
+    config = default_config()
+    config.update(
+        {
+            "data_dir": _folder_layout(jpeg_dir),
+            "image_size": image_size,
+            "seed": seed,
+            "train_augment": "inception_crop",
+            "random_flip": True,
+            "grain_worker_count": grain_workers,
+            "grain_worker_buffer_size": 2,
+        }
+    )
+    return config
+
+
+def augment_fields(config: Any) -> Any:
+    """The config fields the Grain path hands its workers, picked as train/image_folder.py does:
+    what ``image_ops.train_image`` reads, for timing it outside Grain."""
+    import types
+
+    from train import image_folder
+
+    return types.SimpleNamespace(**{k: config[k] for k in image_folder._AUGMENT_FIELDS})
+
+
 def run_grain_worker(args: argparse.Namespace) -> dict[str, Any]:
     """Time ``train/image_folder.py``'s training batches with ``args.grain_workers`` workers."""
     from train import image_ops
-    from train.config import default_config
     from train.image_folder import ImageFolderSource
 
     if (args.variant == "grain_pillow") != (image_ops.simplejpeg is None):
@@ -185,18 +214,7 @@ def run_grain_worker(args: argparse.Namespace) -> dict[str, Any]:
             f"variant {args.variant}: simplejpeg is {'' if image_ops.simplejpeg else 'not '}importable"
         )
 
-    config = default_config()
-    config.update(
-        {
-            "data_dir": _folder_layout(args.jpeg_dir),
-            "image_size": args.image_size,
-            "seed": args.seed,
-            "train_augment": "inception_crop",
-            "random_flip": True,
-            "grain_worker_count": args.grain_workers,
-            "grain_worker_buffer_size": 2,
-        }
-    )
+    config = folder_config(args.jpeg_dir, args.image_size, args.grain_workers, args.seed)
     source = ImageFolderSource(config)
     batches = max(args.total_images // args.batch, 1)
     # The stream runs over epochs of the files without a pause, as in training.
@@ -237,15 +255,13 @@ def run_work_only(args: argparse.Namespace) -> dict[str, Any]:
     same config) in one independent process per core: no Grain, no batching, nothing shared.
     Its rate over cores is what this machine gives that work: the ceiling for Grain's scaling."""
     import multiprocessing as mp
-    import types
 
-    from train import image_folder, image_ops
+    from train import image_ops
     from train.config import default_config
 
     config = default_config()
     config.update({"train_augment": "inception_crop", "random_flip": True})
-    # The fields the Grain path hands its workers, picked the same way (train/image_folder.py).
-    aug = types.SimpleNamespace(**{k: config[k] for k in image_folder._AUGMENT_FIELDS})
+    aug = augment_fields(config)
     files = sorted(glob.glob(os.path.join(args.jpeg_dir, "*.jpg")))
     cores = sorted(os.sched_getaffinity(0))
     images = max(args.total_images // args.batch, 1) * args.batch

@@ -486,24 +486,25 @@ def avg_pool_ceil(x: Array, stride: int) -> Array:
     return pooling.avg_pool(x, window, strides=window, padding=pads, count_include_pad=False)
 
 
+def _max_pool_3x3_xla(x: Array) -> Array:
+    return pooling.max_pool(x, (3, 3), strides=(2, 2), padding=torch_padding(3))
+
+
 def max_pool_3x3(x: Array) -> Array:
     """PyTorch's ``MaxPool2d(3, 2, padding=1)``: explicit padding pads with -inf, as PyTorch does."""
-    return pooling.max_pool(x, (3, 3), strides=(2, 2), padding=torch_padding(3))
+    # Through a second name, which benchmarks.step_jax's max-pool experiment leaves in place
+    # when it swaps this function for max_pool_3x3_elementwise.
+    return _max_pool_3x3_xla(x)
 
 
 @jax.custom_vjp
 def max_pool_3x3_elementwise(x: Array) -> Array:
     """:func:`max_pool_3x3` with a backward pass made of elementwise ops and strided pads instead
     of XLA's ``select_and_scatter`` (an experiment for the GPU, ``benchmarks.train_step
-    --max-pool elementwise``). The same values, and the same gradient: each window's gradient goes
-    to its first maximum in row-major order, as in PyTorch and in XLA; where windows overlap,
-    their (at most four) contributions to one pixel may add in another order."""
+    --compare-maxpool-elementwise``). The same values, and the same gradient: each window's
+    gradient goes to its first maximum in row-major order, as in PyTorch and in XLA; where windows
+    overlap, their (at most four) contributions to one pixel may add in another order."""
     return _max_pool_3x3_xla(x)
-
-
-def _max_pool_3x3_xla(x: Array) -> Array:
-    # max_pool_3x3's body, by another name: benchmarks.train_step swaps max_pool_3x3 itself.
-    return pooling.max_pool(x, (3, 3), strides=(2, 2), padding=torch_padding(3))
 
 
 def _max_pool_3x3_fwd(x: Array) -> tuple[Array, tuple[Array, Array]]:
