@@ -144,6 +144,10 @@ EOF
     # library's step in one process (maxpool_elementwise_over_xla_images_per_s).
     step tries_maxpool_elementwise 360 $TS $R50 --steps 30 --warmup 5 --rounds 3 --pipelined \
       --compare-maxpool-elementwise --output "$OUT_DIR/tries_maxpool_elementwise.json"
+    # The second: BatchNorm + add + ReLU as one custom VJP with BatchNorm's closed-form backward
+    # (ResNet(bn_fused=True)), alternating likewise (bn_fused_over_unfused_images_per_s).
+    step tries_bn_fused 360 $TS $R50 --steps 30 --warmup 5 --rounds 3 --pipelined \
+      --compare-bn-fused --output "$OUT_DIR/tries_bn_fused.json"
     ;;
   nnx)
     step nnx 360 $TS $R50 --steps 30 --warmup 5 --rounds 3 --compare-nnx --pipelined --output "$OUT_DIR/nnx.json"

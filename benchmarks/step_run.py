@@ -100,6 +100,9 @@ def build_contenders(args: argparse.Namespace, backend: str) -> list[Contender]:
         contenders.append(JaxContender("jax_bn_two_pass", two_pass, args))
     if args.compare_maxpool_elementwise:
         contenders.append(ElementwiseMaxPoolContender("jax_maxpool_elementwise", library, args))
+    if args.compare_bn_fused:
+        fused = resnet_jax.get_model(args.arch, **common, **{**options, "bn_fused": True})
+        contenders.append(JaxContender("jax_bn_fused", fused, args))
     if args.compare_torch:
         for mode in args.torch_compile_mode.split(","):
             contenders.append(TorchContender(args, backend, mode.strip()))
@@ -196,6 +199,7 @@ def ratios(
         "maxpool_elementwise_over_xla_images_per_s": ratio("jax_maxpool_elementwise", "jax")
         if args.compare_maxpool_elementwise
         else None,
+        "bn_fused_over_unfused_images_per_s": ratio("jax_bn_fused", "jax") if args.compare_bn_fused else None,
         "nnx_over_linen_images_per_s": ratio("nnx", "jax") if args.compare_nnx else None,
         "nnx_jit_over_linen_images_per_s": ratio("nnx_jit", "jax") if args.compare_nnx else None,
         "note": "measured side by side in this one run"

@@ -117,6 +117,12 @@ def _add_comparison_flags(p: argparse.ArgumentParser) -> None:
         "(core.max_pool_3x3_elementwise) instead of select_and_scatter",
     )
     p.add_argument(
+        "--compare-bn-fused",
+        action="store_true",
+        help="also time the library with ResNet(bn_fused=True): each BatchNorm with its add and "
+        "ReLU as one custom VJP (core.batch_norm(fused=True))",
+    )
+    p.add_argument(
         "--compare-nnx",
         action="store_true",
         help="also time the resnet_jax.nnx model (split + jax.jit, and nnx.jit)",

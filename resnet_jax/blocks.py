@@ -50,10 +50,12 @@ class BatchNorm(nn.Module):
     whatever the mean) or ``'shifted'`` (one pass, shifted by the running mean: faster, see
     BENCHMARKS.md, but less exact in float32 in the first steps from scratch); both give
     PyTorch's value at float64. ``recompute=True`` keeps the backward pass's copy of ``x`` in its
-    own dtype (values unchanged; measured slower). Statistics are computed in at least float32
-    whatever ``dtype`` is. Under
-    ``jax.jit`` with a batch sharded over a mesh the reductions are global automatically; under
-    ``pmap`` set ``axis_name`` to average them across devices (synchronised BatchNorm).
+    own dtype (values unchanged; measured slower). ``norm(x, train, residual, act)`` returns
+    ``act(bn(x) + residual)``, the end of a block; ``fused=True`` makes that one custom-VJP pass
+    in training (``core.batch_norm``; an experiment for the GPU, values unchanged). Statistics
+    are computed in at least float32 whatever ``dtype`` is. Under ``jax.jit`` with a batch
+    sharded over a mesh the reductions are global automatically; under ``pmap`` set
+    ``axis_name`` to average them across devices (synchronised BatchNorm).
     """
 
     momentum: float = 0.9
@@ -64,11 +66,18 @@ class BatchNorm(nn.Module):
     unbiased_running_var: bool = True
     variance: str = "two_pass"
     recompute: bool = False
+    fused: bool = False
     scale_init: Callable = nn.initializers.ones
     bias_init: Callable = nn.initializers.zeros
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        train: bool = True,
+        residual: Optional[jax.Array] = None,
+        act: Optional[Callable[[jax.Array], jax.Array]] = None,
+    ) -> jax.Array:
         features = x.shape[-1]
         scale = self.param("scale", self.scale_init, (features,), self.param_dtype)
         bias = self.param("bias", self.bias_init, (features,), self.param_dtype)
@@ -77,12 +86,13 @@ class BatchNorm(nn.Module):
         ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), stat_dtype)
         update = train and not self.is_initializing()
         stats = (ra_mean.value, ra_var.value)
+        folded, after = core.fold_act(self.fused, residual, act)
         y, mean, var = core.batch_norm(
-            x, scale, bias, *stats, train=train, update_stats=update, **core.bn_fields(self)
+            x, scale, bias, *stats, train=train, update_stats=update, **core.bn_fields(self), **folded
         )
         if update:
             ra_mean.value, ra_var.value = mean, var
-        return y
+        return after(y)
 
 
 def conv_bn(
@@ -90,7 +100,7 @@ def conv_bn(
 ) -> core.Layer:
     """The conv and BatchNorm of ``spec`` (made by the ``conv`` and ``norm`` factories, inside the
     calling compact method) as one layer ``x -> norm(conv(pool(x)))``; ``pool`` is the ResNet-D
-    shortcut's average pool, or nothing."""
+    shortcut's average pool, or nothing. Keywords (``residual``, ``act``) go to the norm."""
     k = spec.kernel_size
     conv = conv(
         spec.out_channels,
@@ -102,7 +112,7 @@ def conv_bn(
         **core.conv_overrides(spec),
     )
     norm = norm(name=core.linen_name(spec.norm), **spec.norm_overrides(zero_init_residual))
-    return lambda x: norm(conv(core.avg_pool_ceil(x, spec.pool)), train)
+    return lambda x, **end: norm(conv(core.avg_pool_ceil(x, spec.pool)), train, **end)
 
 
 class ShortcutProjection(nn.Module):
@@ -167,10 +177,9 @@ class _Block(nn.Module):
         *inner, last = plan.branch
         y = x
         for spec in inner:  # conv -> norm -> act
-            y = self.act(layer(spec)(y))
-        y = layer(last)(y)  # conv -> norm, no act before the addition
-        if plan.se_channels:
-            y = SqueezeExcite(self.conv, name="se")(y)
+            y = layer(spec)(y, act=self.act)
+        if plan.se_channels:  # conv -> norm -> SE, then the addition and act below
+            y = SqueezeExcite(self.conv, name="se")(layer(last)(y))
         shortcut = x
         if plan.shortcut_module is not None:
             s = plan.shortcut
@@ -179,7 +188,9 @@ class _Block(nn.Module):
             )(x, train)
         elif plan.shortcut is not None:
             shortcut = layer(plan.shortcut)(x)
-        return self.act(y + shortcut)
+        if plan.se_channels:
+            return self.act(y + shortcut)
+        return layer(last)(y, residual=shortcut, act=self.act)  # conv -> norm -> add -> act
 
 
 class ResidualBlock(_Block):

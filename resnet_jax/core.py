@@ -9,6 +9,7 @@ pools, the SE gate, padding, initialisers). docs/design.md explains the split.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Collection, Mapping, Optional, Sequence
 
@@ -585,12 +586,42 @@ def channel_padded_conv(pad_to: int) -> Callable[..., Array]:
 
 BN_VARIANCES = ("shifted", "two_pass")
 # The options of batch_norm that the Linen and the NNX BatchNorm modules hold as fields.
-BN_FIELDS = ("momentum", "epsilon", "variance", "axis_name", "unbiased_running_var", "dtype", "recompute")
+BN_FIELDS = (
+    "momentum",
+    "epsilon",
+    "variance",
+    "axis_name",
+    "unbiased_running_var",
+    "dtype",
+    "recompute",
+    "fused",
+)
 
 
 def bn_fields(module: Any) -> dict[str, Any]:
     """The :func:`batch_norm` options (``BN_FIELDS``) that a BatchNorm module, Linen or NNX, holds."""
     return {name: getattr(module, name) for name in BN_FIELDS}
+
+
+def fold_act(
+    fused: bool, residual: Optional[Array], act: Optional[Callable[[Array], Array]]
+) -> tuple[dict[str, Any], Callable[[Array], Array]]:
+    """How a BatchNorm module ends a block with ``act(bn(x) + residual)``: the arguments that
+    :func:`batch_norm` folds in, and what the module applies to its result. Unfused, the add and
+    ``act`` follow the call as separate ops; fused, the call does both (``act`` must be ReLU)."""
+    if not fused:
+
+        def after(y: Array) -> Array:
+            y = y + residual if residual is not None else y
+            return act(y) if act is not None else y
+
+        return {}, after
+    if act is not None and act is not jax.nn.relu:
+        raise ValueError(
+            f"BatchNorm(fused=True) folds in only a ReLU (jax.nn.relu), got act={act!r}; "
+            "use fused=False with other activations."
+        )
+    return {"residual": residual, "relu": act is not None}, lambda y: y
 
 
 def batch_norm(
@@ -609,6 +640,9 @@ def batch_norm(
     dtype: Any = None,
     update_stats: bool = True,
     recompute: bool = False,
+    residual: Optional[Array] = None,
+    relu: bool = False,
+    fused: bool = False,
 ) -> tuple[Array, Array, Array]:
     """PyTorch's BatchNorm2d over all axes but the last: ``(y, new_running_mean, new_running_var)``.
 
@@ -633,6 +667,15 @@ def batch_norm(
     ``x`` in its own dtype and recomputes the float32 product, rather than storing float32
     copies. Values are unchanged (slower on a GPU in BENCHMARKS.md, so off by default).
 
+    ``residual`` and ``relu`` fold a residual block's ending into the same call:
+    ``y = relu(bn(x) + residual)``, computed as the separate ops would be (``bn(x)`` rounded to
+    the output dtype, then the add and the ReLU). ``fused=True`` (an experiment for the GPU,
+    ``benchmarks.train_step --compare-bn-fused``) makes the train-mode statistics, normalisation,
+    add and ReLU one ``jax.custom_vjp`` whose backward is BatchNorm's closed form
+    (:func:`_bn_train_fused`): it keeps only ``x``, the output ``y`` (whose sign is the ReLU's
+    mask) and per-channel vectors, and makes ``dx`` in one elementwise pass after two per-channel
+    sums. The same values as unfused, and the same gradients up to rounding.
+
     Args:
         x: Activations, channels last.
         scale: Per-channel scale (PyTorch's ``weight``).
@@ -651,19 +694,32 @@ def batch_norm(
         update_stats: In train mode, return updated running statistics; False returns them
             unchanged (e.g. a train-mode forward pass that must not move them).
         recompute: Recompute the normalisation in the backward pass, as above.
+        residual: Added to the normalised ``x`` (in the output dtype) before ``relu``.
+        relu: End with a ReLU.
+        fused: In train mode, one custom-VJP pass as above (not with ``recompute``).
 
     Returns:
         ``(y, new_running_mean, new_running_var)``.
     """
     if variance not in BN_VARIANCES:
         raise ValueError(f"variance must be 'two_pass' or 'shifted'; got {variance!r}.")
+    if fused and recompute:
+        raise ValueError("batch_norm: fused=True and recompute=True exclude each other; choose one.")
     stat_dtype = running_mean.dtype
     compute_dtype = jnp.promote_types(jnp.promote_types(x.dtype, stat_dtype), jnp.float32)
     new_mean, new_var = running_mean, running_var
+    out_dtype = dtype if dtype is not None else x.dtype
+    fused_y = None
     if not train:
         mean, var = running_mean.astype(compute_dtype), running_var.astype(compute_dtype)
     else:
-        mean, var, n = _batch_moments(x.astype(compute_dtype), running_mean, variance, axis_name)
+        if fused:
+            fused_y, mean, var = _bn_train_fused(
+                x, scale, bias, residual, running_mean, epsilon, relu, variance, axis_name, out_dtype
+            )
+            n = _values_per_channel(x, axis_name)
+        else:
+            mean, var, n = _batch_moments(x.astype(compute_dtype), running_mean, variance, axis_name)
         if update_stats:
             if isinstance(n, int) and n < 2:
                 raise ValueError(
@@ -674,16 +730,31 @@ def batch_norm(
             batch_mean, batch_var = jax.lax.stop_gradient((mean, unbiased))
             new_mean = momentum * running_mean + (1 - momentum) * batch_mean.astype(stat_dtype)
             new_var = momentum * running_var + (1 - momentum) * batch_var.astype(stat_dtype)
-    out_dtype = dtype if dtype is not None else x.dtype
-
-    def normalize(x, mean, var, scale, bias):
-        mul = jax.lax.rsqrt(var + epsilon) * scale.astype(compute_dtype)
-        y = x.astype(compute_dtype) * mul + (bias.astype(compute_dtype) - mean * mul)
-        return y.astype(out_dtype)
-
+    if fused_y is not None:
+        return fused_y, new_mean, new_var
     if recompute:
-        normalize = jax.checkpoint(normalize)
-    return normalize(x, mean, var, scale, bias), new_mean, new_var
+        y = jax.checkpoint(_normalize, static_argnums=(5, 6))(x, mean, var, scale, bias, epsilon, out_dtype)
+    else:
+        y = _normalize(x, mean, var, scale, bias, epsilon, out_dtype)
+    return _add_relu(y, residual, relu), new_mean, new_var
+
+
+def _normalize(x: Array, mean: Array, var: Array, scale: Array, bias: Array, epsilon: float, out_dtype: Any):
+    """``(x - mean) / sqrt(var + epsilon) * scale + bias`` in ``mean``'s dtype, then ``out_dtype``."""
+    mul = jax.lax.rsqrt(var + epsilon) * scale.astype(mean.dtype)
+    y = x.astype(mean.dtype) * mul + (bias.astype(mean.dtype) - mean * mul)
+    return y.astype(out_dtype)
+
+
+def _add_relu(y: Array, residual: Optional[Array], relu: bool) -> Array:
+    if residual is not None:
+        y = y + residual
+    return jax.nn.relu(y) if relu else y
+
+
+def _values_per_channel(x: Array, axis_name: Optional[str]):
+    n = math.prod(x.shape[:-1])
+    return n * jax.lax.psum(1, axis_name) if axis_name is not None else n
 
 
 def _batch_moments(xf: Array, running_mean: Array, variance: str, axis_name: Optional[str]):
@@ -700,7 +771,53 @@ def _batch_moments(xf: Array, running_mean: Array, variance: str, axis_name: Opt
         m1, m2 = pmean((jnp.mean(centred, axis=axes), jnp.mean(jnp.square(centred), axis=axes)))
         mean = m1 + shift
         var = jnp.maximum(m2 - jnp.square(m1), 0.0)
-    n = math.prod(xf.shape[:-1])
-    if axis_name is not None:
-        n = n * jax.lax.psum(1, axis_name)
-    return mean, var, n
+    return mean, var, _values_per_channel(xf, axis_name)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _bn_train_fused(x, scale, bias, residual, shift, epsilon, relu, variance, axis_name, out_dtype):
+    """Train-mode ``(relu(bn(x) + residual), batch mean, biased batch variance)`` with
+    BatchNorm's closed-form backward (``batch_norm(..., fused=True)``). ``shift`` is the running
+    mean, the ``'shifted'`` variance's constant; it gets no gradient."""
+    return _bn_fused_fwd(x, scale, bias, residual, shift, epsilon, relu, variance, axis_name, out_dtype)[0]
+
+
+def _bn_fused_fwd(x, scale, bias, residual, shift, epsilon, relu, variance, axis_name, out_dtype):
+    compute_dtype = jnp.promote_types(jnp.promote_types(x.dtype, shift.dtype), jnp.float32)
+    mean, var, _ = _batch_moments(x.astype(compute_dtype), shift, variance, axis_name)
+    y = _add_relu(_normalize(x, mean, var, scale, bias, epsilon, out_dtype), residual, relu)
+    # The backward needs x, the output's sign (ReLU's mask; y is kept anyway, as the next
+    # convolution's input) and per-channel vectors, nothing of the size of x in float32.
+    # An empty array stands for the residual: whether there is one, and its dtype.
+    marker = None if residual is None else jnp.zeros((0,), residual.dtype)
+    saved = (x, y if relu else None, mean, jax.lax.rsqrt(var + epsilon), scale, marker, shift)
+    return (y, mean, var), saved
+
+
+def _bn_fused_bwd(epsilon, relu, variance, axis_name, out_dtype, saved, cotangents):
+    x, y, mean, rstd, scale, marker, shift = saved
+    g, g_mean, g_var = cotangents
+    if relu:
+        g = jnp.where(y > 0, g, jnp.zeros((), g.dtype))
+    axes = tuple(range(x.ndim - 1))
+    psum = (lambda t: jax.lax.psum(t, axis_name)) if axis_name is not None else (lambda t: t)
+    n = _values_per_channel(x, axis_name)
+    cd = mean.dtype
+    gf, centred = g.astype(cd), x.astype(cd) - mean
+    # Per-channel sums: this device's are the gradients of its bias and scale; their sums over
+    # all devices of a pmap axis, with the batch statistics' own cotangents (zero when they only
+    # update running statistics), carry the gradient through the batch mean and variance.
+    d_bias, d_centred = jnp.sum(gf, axis=axes), jnp.sum(gf * centred, axis=axes)
+    t_bias, t_centred, t_mean, t_var = psum((d_bias, d_centred, g_mean.astype(cd), g_var.astype(cd)))
+    # dx = a * g + b * (x - mean) + c.
+    sf = scale.astype(cd)
+    a = sf * rstd
+    b = (2 * t_var - sf * rstd**3 * t_centred) / n
+    c = (t_mean - a * t_bias) / n
+    dx = (a * gf + b * centred + c).astype(x.dtype)
+    d_residual = None if marker is None else g.astype(marker.dtype)
+    d_scale = (d_centred * rstd).astype(scale.dtype)
+    return dx, d_scale, d_bias.astype(scale.dtype), d_residual, jnp.zeros_like(shift)
+
+
+_bn_train_fused.defvjp(_bn_fused_fwd, _bn_fused_bwd)

@@ -50,8 +50,7 @@ def _features(
 ) -> dict[str, jax.Array]:
     """Stem and stages of a plan as Linen submodules (call inside a compact method)."""
     for spec in stem.convs:
-        x = conv_bn(conv, norm, spec, train)(x)
-        x = nn.relu(x) if stem.act else x
+        x = conv_bn(conv, norm, spec, train)(x, act=nn.relu if stem.act else None)
     x = core.max_pool_3x3(x) if stem.max_pool else x
     feats = {"stem": x}
     for key, blocks in stages:
@@ -161,7 +160,8 @@ class ResNet(nn.Module):
 
     Speed options that leave every value unchanged (up to float32 rounding): ``bn_variance``
     (``'two_pass'``, the default, or the faster one-pass ``'shifted'``; see :class:`BatchNorm`),
-    ``bn_recompute`` (BatchNorm's backward keeps its input in ``dtype`` instead of float32) and
+    ``bn_recompute`` (BatchNorm's backward keeps its input in ``dtype`` instead of float32),
+    ``bn_fused`` (each BatchNorm with its add and ReLU as one custom VJP; an experiment) and
     ``stem_pad_channels`` (the stem convolution pads its input channels with zeros to this
     multiple: ``None``, the default, means 8 on GPUs, where a 3-channel stem leaves cuDNN on slow
     kernels, and off elsewhere; 0 = off).
@@ -185,6 +185,8 @@ class ResNet(nn.Module):
         axis_name: A ``pmap`` axis for synchronised BatchNorm; None under ``jax.jit``.
         bn_variance: ``'two_pass'`` or ``'shifted'`` BatchNorm variance.
         bn_recompute: Recompute BatchNorm in the backward pass instead of storing float32 copies.
+        bn_fused: In training, each BatchNorm with the add and ReLU after it is one custom-VJP
+            pass (``core.batch_norm(fused=True)``; an experiment for the GPU, values unchanged).
         stem_pad_channels: Pad the stem conv's input channels to this multiple; None: 8 on GPUs,
             off elsewhere; 0: off.
         dtype: Compute dtype.
@@ -208,6 +210,7 @@ class ResNet(nn.Module):
     axis_name: Optional[str] = None
     bn_variance: str = "two_pass"
     bn_recompute: bool = False
+    bn_fused: bool = False
     stem_pad_channels: Optional[int] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -245,6 +248,7 @@ class ResNet(nn.Module):
             axis_name=self.axis_name,
             variance=self.bn_variance,
             recompute=self.bn_recompute,
+            fused=self.bn_fused,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )

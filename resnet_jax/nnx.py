@@ -59,6 +59,8 @@ class BatchNorm(nnx.Module):
             PyTorch does.
         variance: ``'two_pass'`` or ``'shifted'`` (see ``core.batch_norm``).
         recompute: Recompute the normalisation in the backward pass (see ``core.batch_norm``).
+        fused: In training, ``bn(x, residual=..., act=...)`` is one custom-VJP pass (see
+            ``core.batch_norm``; an experiment for the GPU).
         scale_init: Initializer of ``scale``.
         bias_init: Initializer of ``bias``.
         rngs: Random streams; ``params`` initialises ``scale`` and ``bias``.
@@ -77,6 +79,7 @@ class BatchNorm(nnx.Module):
         unbiased_running_var: bool = True,
         variance: str = "two_pass",
         recompute: bool = False,
+        fused: bool = False,
         scale_init: Callable = jax.nn.initializers.ones,
         bias_init: Callable = jax.nn.initializers.zeros,
         rngs: nnx.Rngs,
@@ -99,19 +102,29 @@ class BatchNorm(nnx.Module):
         self.unbiased_running_var = unbiased_running_var
         self.variance = variance
         self.recompute = recompute
+        self.fused = fused
 
-    def __call__(self, x: jax.Array, use_running_average: Optional[bool] = None) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        use_running_average: Optional[bool] = None,
+        *,
+        residual: Optional[jax.Array] = None,
+        act: Optional[Callable[[jax.Array], jax.Array]] = None,
+    ) -> jax.Array:
+        """``act(bn(x) + residual)``; ``residual`` and ``act`` default to none."""
         if use_running_average is None:
             use_running_average = self.use_running_average
         train = not use_running_average
         stats = (self.mean[...], self.var[...])
+        folded, after = core.fold_act(self.fused, residual, act)
         y, mean, var = core.batch_norm(
-            x, self.scale[...], self.bias[...], *stats, train=train, **core.bn_fields(self)
+            x, self.scale[...], self.bias[...], *stats, train=train, **core.bn_fields(self), **folded
         )
         if train:
             self.mean.set_value(mean)
             self.var.set_value(var)
-        return y
+        return after(y)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,9 +177,10 @@ def _add_conv_bn(
 
 
 def _conv_bn(module: nnx.Module, spec: core.ConvSpec) -> core.Layer:
-    """``x -> norm(conv(pool(x)))`` of ``spec``'s children of ``module``."""
+    """``x -> norm(conv(pool(x)))`` of ``spec``'s children of ``module``; keywords (``residual``,
+    ``act``) go to the norm."""
     conv, norm = _child(module, spec.conv), _child(module, spec.norm)
-    return lambda x: norm(conv(core.avg_pool_ceil(x, spec.pool)))
+    return lambda x, **end: norm(conv(core.avg_pool_ceil(x, spec.pool)), **end)
 
 
 class ShortcutProjection(nnx.Module):
@@ -229,16 +243,17 @@ class _Block(nnx.Module):
         *inner, last = plan.branch
         y = x
         for spec in inner:  # conv -> norm -> act
-            y = self.act(_conv_bn(self, spec)(y))
-        y = _conv_bn(self, last)(y)  # conv -> norm, no act before the addition
-        if self.se is not None:
-            y = self.se(y)
+            y = _conv_bn(self, spec)(y, act=self.act)
+        if self.se is not None:  # conv -> norm -> SE, then the addition and act below
+            y = self.se(_conv_bn(self, last)(y))
         shortcut = x
         if plan.shortcut_module is not None:
             shortcut = _child(self, plan.shortcut_module)(x)
         elif plan.shortcut is not None:
             shortcut = _conv_bn(self, plan.shortcut)(x)
-        return self.act(y + shortcut)
+        if self.se is not None:
+            return self.act(y + shortcut)
+        return _conv_bn(self, last)(y, residual=shortcut, act=self.act)  # conv -> norm -> add -> act
 
 
 class ResidualBlock(_Block):
@@ -317,8 +332,7 @@ class _Network(nnx.Module):
         check_images(x, self.img_channels, type(self).__name__)
         x = jnp.asarray(x, self.dtype)
         for spec in self.stem_spec.convs:
-            x = _conv_bn(self, spec)(x)
-            x = nnx.relu(x) if self.stem_spec.act else x
+            x = _conv_bn(self, spec)(x, act=nnx.relu if self.stem_spec.act else None)
         x = core.max_pool_3x3(x) if self.stem_spec.max_pool else x
         feats = {"stem": x}
         for key, blocks in self.stages:
@@ -425,6 +439,7 @@ class ResNet(_Network):
         axis_name: A ``pmap`` axis for synchronised BatchNorm; None under ``jax.jit``.
         bn_variance: ``'two_pass'`` or ``'shifted'`` BatchNorm variance.
         bn_recompute: Recompute BatchNorm in the backward pass instead of storing float32 copies.
+        bn_fused: BatchNorm, add and ReLU as one custom-VJP pass in training (an experiment).
         stem_pad_channels: Pad the stem conv's input channels to this multiple; None: 8 on GPUs,
             off elsewhere; 0: off.
         dtype: Compute dtype.
@@ -452,6 +467,7 @@ class ResNet(_Network):
         axis_name: Optional[str] = None,
         bn_variance: str = "two_pass",
         bn_recompute: bool = False,
+        bn_fused: bool = False,
         stem_pad_channels: Optional[int] = None,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
@@ -469,6 +485,7 @@ class ResNet(_Network):
             axis_name=axis_name,
             variance=bn_variance,
             recompute=bn_recompute,
+            fused=bn_fused,
             dtype=dtype,
             param_dtype=param_dtype,
         )

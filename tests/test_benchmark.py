@@ -205,11 +205,12 @@ def test_cli_library_minimal_nnx_and_torch_in_one_run():
         assert ratio == pytest.approx(entry["images_per_s"] / lib["images_per_s"])
 
 
-def test_maxpool_elementwise_contender_swaps_only_its_own_max_pool():
+def test_maxpool_elementwise_and_bn_fused_contenders_step_as_the_library():
     """``--compare-maxpool-elementwise``: that contender's compiled step has no scatter while the
     library's keeps it, the swap is undone after its compile, and one step of each
     from the same state and batch gives the same parameters (the pool's gradient differs only
-    in the order overlapping windows add)."""
+    in the order overlapping windows add). ``--compare-bn-fused``: the library's model with
+    ``bn_fused=True``, whose step also gives the same parameters and running statistics."""
     import chex
 
     from benchmarks import step_run, train_step
@@ -218,12 +219,17 @@ def test_maxpool_elementwise_contender_swaps_only_its_own_max_pool():
     xla_pool = core.max_pool_3x3
     args = train_step.parse_args(
         ["--arch=resnet18", "--stage-sizes=1,1", "--image-size=32", "--num-classes=10", "--dtype=float32"]
-        + ["--batch=4", "--warmup=1", "--compare-maxpool-elementwise", "--no-compilation-cache"]
+        + ["--batch=4", "--warmup=1", "--compare-maxpool-elementwise", "--compare-bn-fused"]
+        + ["--no-compilation-cache"]
     )
-    library, pooled = step_run.build_contenders(args, "cpu")
+    library, pooled, fused = step_run.build_contenders(args, "cpu")
     assert pooled.name == "jax_maxpool_elementwise" and pooled.model is library.model
+    assert fused.name == "jax_bn_fused" and fused.model == library.model.clone(bn_fused=True)
     library.prepare()  # builds, compiles and runs one step (warmup=1) from the seeded state
     pooled.prepare()
+    fused.prepare()
+    chex.assert_trees_all_close(fused.state.params, library.state.params, rtol=1e-4, atol=1e-6)
+    chex.assert_trees_all_close(fused.state.batch_stats, library.state.batch_stats, rtol=1e-5, atol=1e-6)
     assert core.max_pool_3x3 is xla_pool
     # XLA's max-pool gradient is a select_and_scatter (the CPU backend rewrites it as a scatter).
     scatter = re.compile(r" (select-and-scatter|scatter)\(")

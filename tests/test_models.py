@@ -400,3 +400,191 @@ def test_max_pool_with_elementwise_backward_is_the_max_pool(shape):
         assert np.count_nonzero(np.asarray(dx)) <= g.size and np.asarray(dx).sum() == pytest.approx(g.sum())
     finally:
         jax.config.update("jax_enable_x64", False)
+
+
+def _bn_args(rng, shape, residual: bool):
+    c = shape[-1]
+    x = rng.normal(2.0, 3.0, shape)
+    scale, bias = rng.normal(1.0, 0.5, c), rng.normal(0.0, 0.5, c)
+    ra_mean, ra_var = rng.normal(1.5, 0.5, c), rng.uniform(5.0, 12.0, c)
+    res = rng.normal(0.0, 2.0, shape) if residual else None
+    return x, scale, bias, ra_mean, ra_var, res
+
+
+@pytest.mark.parametrize(
+    "relu,residual,variance,devices",
+    [
+        (True, True, "two_pass", 0),
+        (True, False, "two_pass", 0),
+        (False, False, "shifted", 0),
+        (False, True, "two_pass", 0),
+        (True, True, "shifted", 3),  # synchronised over a vmap axis, as under pmap
+    ],
+)
+def test_fused_batch_norm_is_batch_norm(relu, residual, variance, devices):
+    """``core.batch_norm(fused=True)`` (one custom VJP with BatchNorm's closed-form backward, the
+    GPU experiment) against the same call unfused (autodiff of the separate ops), at float64: the
+    output, the running statistics and the gradients of x, scale, bias and the residual."""
+    from resnet_jax import core
+
+    jax.config.update("jax_enable_x64", True)
+    try:
+        rng = np.random.default_rng(7 + devices)
+        shape = (devices, 2, 5, 4, 6) if devices else (3, 5, 4, 6)
+        x, scale, bias, ra_mean, ra_var, res = _bn_args(rng, shape, residual)
+        if devices:  # per-channel parameters are replicated over the devices
+            ra_mean, ra_var = np.broadcast_to(ra_mean, (devices, 6)), np.broadcast_to(ra_var, (devices, 6))
+            scale, bias = np.broadcast_to(scale, (devices, 6)), np.broadcast_to(bias, (devices, 6))
+        g = rng.normal(size=shape)
+        axis = "batch" if devices else None
+
+        def one(x, scale, bias, res, ra_mean, ra_var, g, fused):
+            def f(x, scale, bias, res):
+                return core.batch_norm(
+                    x, scale, bias, ra_mean, ra_var, train=True, variance=variance,
+                    axis_name=axis, residual=res, relu=relu, fused=fused,
+                )  # fmt: skip
+
+            (y, m, v), vjp = jax.vjp(f, x, scale, bias, res)
+            return (y, m, v), vjp((g, jnp.zeros_like(m), jnp.zeros_like(v)))
+
+        def run(fused):
+            args, fn = (x, scale, bias, res, ra_mean, ra_var, g), functools.partial(one, fused=fused)
+            return jax.vmap(fn, axis_name="batch")(*args) if devices else fn(*args)
+
+        (y0, m0, v0), grads0 = run(False)
+        (y1, m1, v1), grads1 = run(True)
+        assert y1.dtype == jnp.float64
+        np.testing.assert_allclose(y1, y0, rtol=1e-13, atol=1e-13)
+        np.testing.assert_allclose(m1, m0, rtol=1e-13)
+        np.testing.assert_allclose(v1, v0, rtol=1e-13)
+        for name, a, b in zip(("x", "scale", "bias", "residual"), grads1, grads0):
+            if b is None:
+                assert a is None, name
+                continue
+            # Reductions add in another order: a few float64 ulps of the largest entry.
+            np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-11 * np.abs(b).max(), err_msg=name)
+        if relu:
+            assert (np.asarray(y0) == 0).mean() > 0.1  # the ReLU's mask was really exercised
+    finally:
+        jax.config.update("jax_enable_x64", False)
+
+
+def test_fused_batch_norm_matches_torch_and_carries_statistic_gradients():
+    """The fused BatchNorm + add + ReLU against PyTorch's ``relu(BatchNorm2d(x) + r)`` autograd at
+    float64, and the custom VJP's cotangents for the batch mean and variance (zero in training,
+    where they only feed the running statistics) against autodiff of the unfused moments."""
+    from resnet_jax import core
+
+    jax.config.update("jax_enable_x64", True)
+    try:
+        rng = np.random.default_rng(3)
+        x, scale, bias, ra_mean, ra_var, res = _bn_args(rng, (4, 3, 5, 8), True)
+        g = rng.normal(size=x.shape)
+        f = functools.partial(core.batch_norm, train=True, relu=True, fused=True)
+        step = lambda x, s, b, r: f(x, s, b, ra_mean, ra_var, residual=r)  # noqa: E731
+        (y, new_mean, new_var), vjp = jax.vjp(step, x, scale, bias, res)
+        dx, dscale, dbias, dres = vjp((g, jnp.zeros(8), jnp.zeros(8)))
+
+        bn = torch.nn.BatchNorm2d(8, momentum=0.1, eps=1e-5).double()
+        with torch.no_grad():
+            bn.weight.copy_(torch.from_numpy(scale))
+            bn.bias.copy_(torch.from_numpy(bias))
+            bn.running_mean.copy_(torch.from_numpy(ra_mean))
+            bn.running_var.copy_(torch.from_numpy(ra_var))
+        nchw = lambda a: torch.from_numpy(a.transpose(0, 3, 1, 2).copy()).requires_grad_(True)  # noqa: E731
+        xt, rt = nchw(x), nchw(res)
+        yt = torch.relu(bn(xt) + rt)
+        yt.backward(torch.from_numpy(g.transpose(0, 3, 1, 2).copy()))
+        nhwc = lambda t: t.detach().numpy().transpose(0, 2, 3, 1)  # noqa: E731
+        np.testing.assert_allclose(y, nhwc(yt), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(new_mean, bn.running_mean.numpy(), rtol=1e-13)
+        np.testing.assert_allclose(new_var, bn.running_var.numpy(), rtol=1e-13)
+        np.testing.assert_allclose(dx, nhwc(xt.grad), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(dres, nhwc(rt.grad), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(dscale, bn.weight.grad.numpy(), rtol=1e-10)
+        np.testing.assert_allclose(dbias, bn.bias.grad.numpy(), rtol=1e-10)
+
+        # Non-zero cotangents for the batch mean and variance outputs of the custom VJP.
+        def unfused(x, scale, bias, r):
+            mean, var, _ = core._batch_moments(x, jnp.asarray(ra_mean), "two_pass", None)
+            y = core._add_relu(core._normalize(x, mean, var, scale, bias, 1e-5, x.dtype), r, True)
+            return y, mean, var
+
+        fused = lambda *a: core._bn_train_fused(
+            *a, jnp.asarray(ra_mean), 1e-5, True, "two_pass", None, x.dtype
+        )  # noqa: E731
+        cts = (g, rng.normal(size=8), rng.normal(size=8))
+        want = jax.vjp(unfused, x, scale, bias, res)[1](cts)
+        got = jax.vjp(fused, x, scale, bias, res)[1](cts)
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-11 * np.abs(b).max())
+    finally:
+        jax.config.update("jax_enable_x64", False)
+
+
+@pytest.mark.parametrize("arch", ["basic", "bottleneck_se_d"])
+def test_fused_batch_norm_model_is_the_model(arch):
+    """``bn_fused=True`` changes no value: a small Linen ResNet and its NNX twin, fused and
+    unfused, at float64: logits, running statistics and every parameter's gradient."""
+    from flax import nnx
+
+    from resnet_jax import nnx as rnnx
+
+    fields = (
+        dict(stage_sizes=(1, 1), block="basic")
+        if arch == "basic"
+        else dict(stage_sizes=(1, 1), block="bottleneck", attn_layer="se", avg_down=True, stem_type="deep")
+    )
+    jax.config.update("jax_enable_x64", True)
+    try:
+        x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)))
+        labels = jnp.array([1, 3])
+        out = {}
+        for fused in (False, True):
+            model = resnet_jax.ResNet(
+                num_classes=5, bn_fused=fused, dtype=jnp.float64, param_dtype=jnp.float64, **fields
+            )
+            variables = model.init(jax.random.key(0), x, train=False)
+
+            def loss(params, model=model, variables=variables):
+                logits, upd = model.apply(
+                    {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
+                )
+                nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1).mean()
+                return nll, (logits, upd)
+
+            (_, (logits, upd)), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
+            out[fused] = (logits, upd["batch_stats"], grads)
+
+            nmodel = rnnx.ResNet(
+                num_classes=5,
+                bn_fused=fused,
+                dtype=jnp.float64,
+                param_dtype=jnp.float64,
+                rngs=nnx.Rngs(0),
+                **fields,
+            )
+            nmodel.train()
+
+            def nloss(m):
+                return -jnp.take_along_axis(jax.nn.log_softmax(m(x)), labels[:, None], 1).mean()
+
+            nloss_value, ngrads = nnx.value_and_grad(nloss)(nmodel)
+            out["nnx", fused] = (nloss_value, nnx.state(nmodel, nnx.BatchStat), ngrads)
+        for a, b in zip(jax.tree.leaves(out[True]), jax.tree.leaves(out[False]), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+        for a, b in zip(jax.tree.leaves(out["nnx", True]), jax.tree.leaves(out["nnx", False]), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+    finally:
+        jax.config.update("jax_enable_x64", False)
+
+
+def test_fused_batch_norm_rejects_what_it_cannot_fold():
+    from resnet_jax import core
+
+    x, ones = jnp.ones((2, 3, 3, 4)), jnp.ones(4)
+    with pytest.raises(ValueError, match="folds in only a ReLU"):
+        BatchNorm(fused=True).init_with_output(jax.random.key(0), x, True, None, jax.nn.gelu)
+    with pytest.raises(ValueError, match="exclude each other"):
+        core.batch_norm(x, ones, ones, ones, ones, train=True, fused=True, recompute=True)
