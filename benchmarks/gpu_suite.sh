@@ -18,6 +18,10 @@
 #   grain     the image-folder pipeline (Grain workers, simplejpeg) and the same per-image work
 #             alone, on 1, 2, 4, 8 and all host cores; JPEGs written by Pillow -> grain.json
 #   tries     one XLA flag or library setting per run, library step only    -> tries_*.json
+#   tries_pool_bn issue 25's first two tries (elementwise max-pool backward, fused BatchNorm + add +
+#             ReLU) against the library step, alternating in one process     -> tries_pool_bn.json
+#   jax011    the sharding and NNX tests, and NNX parity at float64 (resnet18, labml.ai's
+#             bottleneck ResNetBase), on the host's jax                       -> jax011_parity_*.json
 #   nnx       ResNet-50 bf16 batch 256: Linen vs NNX (split + jax.jit, and nnx.jit), alternating -> nnx.json
 #
 # Every result is JSON in OUTDIR; logs go to OUTDIR/logs. The summary of everything in OUTDIR
@@ -30,7 +34,7 @@
 #     ml_collections grain==0.2.18 array_record==0.8.6 simplejpeg==1.9.0 cloudpickle portpicker
 set -uo pipefail
 if [[ $# -lt 1 ]]; then
-  sed -n '2,32p' "$0"
+  sed -n '2,36p' "$0"
   exit 2
 fi
 OUT_DIR=$(mkdir -p "$1" && cd "$1" && pwd)
@@ -148,6 +152,22 @@ EOF
     # (ResNet(bn_fused=True)), alternating likewise (bn_fused_over_unfused_images_per_s).
     step tries_bn_fused 360 $TS $R50 --steps 30 --warmup 5 --rounds 3 --pipelined \
       --compare-bn-fused --output "$OUT_DIR/tries_bn_fused.json"
+    ;;
+  tries_pool_bn)
+    # Each try compiles once; the three steps then alternate (3 rounds x 30 steps), so the two
+    # ratios (maxpool_elementwise_over_xla_images_per_s, bn_fused_over_unfused_images_per_s) share
+    # one process, one device state and one baseline.
+    step tries_pool_bn 420 $TS $R50 --steps 30 --warmup 5 --rounds 3 --pipelined --compare-maxpool-elementwise \
+      --compare-bn-fused --output "$OUT_DIR/tries_pool_bn.json"
+    ;;
+  jax011)
+    # Issue 25, part 1: on jax 0.11 (tests/conftest.py runs the tests on the host's CPU devices).
+    step jax011_tests 420 "$PY" -m pytest -q -n 4 -p no:cacheprovider tests/test_sharding.py tests/test_nnx.py
+    step jax011_parity_resnet18 240 "$PY" -m resnet_jax.parity --arch resnet18 --dtype float64 --api nnx --json
+    cp "$OUT_DIR/logs/jax011_parity_resnet18.out" "$OUT_DIR/jax011_parity_resnet18.json"
+    step jax011_parity_labml 240 "$PY" -m resnet_jax.parity --arch resnetbase_bottleneck --labml --dtype float64 \
+      --api nnx --json
+    cp "$OUT_DIR/logs/jax011_parity_labml.out" "$OUT_DIR/jax011_parity_labml.json"
     ;;
   nnx)
     step nnx 360 $TS $R50 --steps 30 --warmup 5 --rounds 3 --compare-nnx --pipelined --output "$OUT_DIR/nnx.json"

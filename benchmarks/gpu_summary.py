@@ -104,6 +104,29 @@ def _step_table(title: str, result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _jax011_lines(out_dir: str) -> list[str]:
+    """The ``jax011`` part: the tests' exit status (steps.jsonl) and the NNX parity verdicts."""
+    lines = []
+    try:
+        with open(os.path.join(out_dir, "steps.jsonl")) as f:
+            steps = {s["step"]: s for s in map(json.loads, f) if s.get("step")}
+    except (OSError, ValueError):
+        steps = {}
+    if "jax011_tests" in steps:
+        rc = steps["jax011_tests"]["exit"]
+        lines.append(
+            f"## jax011: tests/test_sharding.py tests/test_nnx.py: {'passed' if rc == 0 else f'exit {rc}'}"
+        )
+    for name in ("resnet18", "labml"):
+        d = _load(out_dir, f"jax011_parity_{name}.json")
+        if d is not None:
+            lines.append(
+                f"## jax011: parity --api nnx --dtype float64 {name}: {'PASS' if d.get('ok') else 'FAIL'}, "
+                f"worst row {d.get('worst')}"
+            )
+    return lines
+
+
 def summary(out_dir: str) -> str:
     lines: list[str] = []
     env = _load(out_dir, "env.json")
@@ -112,6 +135,7 @@ def summary(out_dir: str) -> str:
             f"# GPU suite: {env.get('nvidia_smi')} | jax {env.get('jax')} "
             f"torch {env.get('torch')} | {env.get('date')}"
         )
+    lines += _jax011_lines(out_dir)
     head = _load(out_dir, "headline.json")
     if head:
         lines += _step_table("ResNet-50 bf16 batch 256 (one process, interleaved)", head)

@@ -441,3 +441,20 @@ def test_input_benchmark_without_tensorflow(tmp_path):
     )
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "need TensorFlow" in proc.stderr and "--variants grain,work_only" in proc.stderr
+
+
+def test_gpu_summary_reports_the_jax011_part(tmp_path):
+    """``gpu_suite.sh ... jax011``'s results in the summary: the tests' exit status from
+    steps.jsonl and each NNX parity verdict, failures named as failures."""
+    import json
+
+    from benchmarks import gpu_summary
+
+    steps = [{"step": "jax011_tests", "exit": 1, "seconds": 80}, {"step": "nnx", "exit": 0, "seconds": 9}]
+    (tmp_path / "steps.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
+    (tmp_path / "jax011_parity_resnet18.json").write_text(json.dumps({"ok": True, "worst": "logits"}))
+    (tmp_path / "jax011_parity_labml.json").write_text(json.dumps({"ok": False, "worst": "grads"}))
+    text = gpu_summary.summary(str(tmp_path))
+    assert "tests/test_sharding.py tests/test_nnx.py: exit 1" in text
+    assert "float64 resnet18: PASS, worst row logits" in text
+    assert "float64 labml: FAIL, worst row grads" in text
