@@ -34,7 +34,7 @@
 #     ml_collections grain==0.2.18 array_record==0.8.6 simplejpeg==1.9.0 cloudpickle portpicker
 set -uo pipefail
 if [[ $# -lt 1 ]]; then
-  sed -n '2,36p' "$0"
+  sed -n '2,34p' "$0"
   exit 2
 fi
 OUT_DIR=$(mkdir -p "$1" && cd "$1" && pwd)
