@@ -104,14 +104,19 @@ def _step_table(title: str, result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _steps(out_dir: str) -> list[dict[str, Any]]:
+    """What ``gpu_suite.sh`` recorded of each step it ran (steps.jsonl): name, exit status, seconds."""
+    path = os.path.join(out_dir, "steps.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def _jax011_lines(out_dir: str) -> list[str]:
     """The ``jax011`` part: the tests' exit status (steps.jsonl) and the NNX parity verdicts."""
     lines = []
-    try:
-        with open(os.path.join(out_dir, "steps.jsonl")) as f:
-            steps = {s["step"]: s for s in map(json.loads, f) if s.get("step")}
-    except (OSError, ValueError):
-        steps = {}
+    steps = {s["step"]: s for s in _steps(out_dir)}
     if "jax011_tests" in steps:
         rc = steps["jax011_tests"]["exit"]
         lines.append(
@@ -214,13 +219,9 @@ def summary(out_dir: str) -> str:
                 f"work_only {_f(w, '.0f')} (x{_f(row.get('work_only_scaling'))}), "
                 f"Grain / work_only {_f(row.get('grain_over_work_only'))}"
             )
-    steps_path = os.path.join(out_dir, "steps.jsonl")
-    if os.path.exists(steps_path):
-        with open(steps_path) as f:
-            bad = [json.loads(x) for x in f if x.strip()]
-        bad = [s for s in bad if s["exit"] != 0]
-        if bad:
-            lines.append("FAILED steps: " + ", ".join(f"{s['step']} (exit {s['exit']})" for s in bad))
+    bad = [s for s in _steps(out_dir) if s["exit"] != 0]
+    if bad:
+        lines.append("FAILED steps: " + ", ".join(f"{s['step']} (exit {s['exit']})" for s in bad))
     return "\n".join(lines)
 
 

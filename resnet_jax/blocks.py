@@ -178,8 +178,6 @@ class _Block(nn.Module):
         y = x
         for spec in inner:  # conv -> norm -> act
             y = layer(spec)(y, act=self.act)
-        if plan.se_channels:  # conv -> norm -> SE, then the addition and act below
-            y = SqueezeExcite(self.conv, name="se")(layer(last)(y))
         shortcut = x
         if plan.shortcut_module is not None:
             s = plan.shortcut
@@ -188,8 +186,8 @@ class _Block(nn.Module):
             )(x, train)
         elif plan.shortcut is not None:
             shortcut = layer(plan.shortcut)(x)
-        if plan.se_channels:
-            return self.act(y + shortcut)
+        if plan.se_channels:  # conv -> norm -> SE -> add -> act
+            return self.act(SqueezeExcite(self.conv, name="se")(layer(last)(y)) + shortcut)
         return layer(last)(y, residual=shortcut, act=self.act)  # conv -> norm -> add -> act
 
 

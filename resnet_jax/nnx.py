@@ -244,15 +244,13 @@ class _Block(nnx.Module):
         y = x
         for spec in inner:  # conv -> norm -> act
             y = _conv_bn(self, spec)(y, act=self.act)
-        if self.se is not None:  # conv -> norm -> SE, then the addition and act below
-            y = self.se(_conv_bn(self, last)(y))
         shortcut = x
         if plan.shortcut_module is not None:
             shortcut = _child(self, plan.shortcut_module)(x)
         elif plan.shortcut is not None:
             shortcut = _conv_bn(self, plan.shortcut)(x)
-        if self.se is not None:
-            return self.act(y + shortcut)
+        if self.se is not None:  # conv -> norm -> SE -> add -> act
+            return self.act(self.se(_conv_bn(self, last)(y)) + shortcut)
         return _conv_bn(self, last)(y, residual=shortcut, act=self.act)  # conv -> norm -> add -> act
 
 
