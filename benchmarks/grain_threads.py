@@ -10,7 +10,10 @@ before and after the timed batches, in this process (``consumer``) and in each c
 CPU milliseconds over all images the stream delivered, so a process's threads add up to the
 process, and all processes to the CPU cost of one image. Beside it, the same per-image work
 alone (``image_ops.train_image`` over the same files in a loop, one thread) in this process:
-the stream's overhead is the difference. Prints one JSON object.
+the stream's overhead is the difference. ``handoff_ms_per_image`` times what a Grain worker does
+with each batch it sends, on one batch of the same shape: Grain's ``copy_to_shm`` into a new
+shared-memory segment (then unlinked, as the consumer does), against the same copy into memory
+that is reused. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -91,6 +94,34 @@ def measure(jpeg_dir: str, workers: int, batches: int, batch: int = 64, warmup: 
     }
 
 
+def handoff(batch: int, size: int = 224, repeats: int = 30) -> dict[str, float]:
+    """CPU ms per image of handing one ``uint8 [batch, size, size, 3]`` batch to another process:
+    ``new_segment`` (Grain's ``copy_to_shm``, one new segment per batch, unlinked after) and
+    ``reused_memory`` (the same bytes copied into one buffer every time); medians of ``repeats``."""
+    import numpy as np
+    from grain._src.python.ipc import shared_memory_array
+
+    x = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+    out = np.empty_like(x)
+
+    def new_segment():
+        shared_memory_array.unlink_shm(shared_memory_array.copy_to_shm(x, min_size=0))
+
+    def reused_memory():
+        np.copyto(out, x)
+
+    result = {}
+    for name, fn in (("new_segment", new_segment), ("reused_memory", reused_memory)):
+        fn()
+        times = []
+        for _ in range(repeats):
+            t = time.thread_time()
+            fn()
+            times.append(time.thread_time() - t)
+        result[name] = round(1e3 * float(np.median(times)) / batch, 4)
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="python -m benchmarks.grain_threads", description=__doc__.split("\n")[0])
     p.add_argument("--jpeg-dir", required=True)
@@ -113,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "benchmark": "grain_threads",
         "environment": host_environment(),
         **measure(args.jpeg_dir, args.workers, args.batches, args.batch),
+        "handoff_ms_per_image": handoff(args.batch),
     }
     emit_json(result, args.output)
     return result

@@ -377,6 +377,28 @@ def test_grain_threads_accounts_for_every_thread(tmp_path):
     assert max(busy) > 0.5 * cpu["work_alone"] > 0
     assert cpu["per_process"].get("consumer", 0) < max(busy)
     assert cpu["overhead"] == pytest.approx(cpu["total"] - cpu["work_alone"], abs=1e-3)
+    assert set(r["handoff_ms_per_image"]) == {"new_segment", "reused_memory"}
+
+
+def test_handoff_copies_the_batch_and_leaves_no_segment():
+    """What ``handoff`` times really moves the bytes: a segment made by ``copy_to_shm`` holds the
+    batch, and the unlink removes it from /dev/shm."""
+    pytest.importorskip("grain")
+    import numpy as np
+    from grain._src.python.ipc import shared_memory_array
+
+    from benchmarks.grain_threads import handoff
+
+    x = np.arange(2 * 8 * 8 * 3, dtype=np.uint8).reshape(2, 8, 8, 3)
+    meta = shared_memory_array.copy_to_shm(x, min_size=0)
+    seg = shared_memory_array.SharedMemoryArray.from_metadata(meta)
+    np.testing.assert_array_equal(np.asarray(seg), x)
+    name = meta.name
+    del seg
+    shared_memory_array.unlink_shm(meta)
+    assert not os.path.exists(f"/dev/shm/{name}")
+    ms = handoff(2, size=8, repeats=3)
+    assert ms["new_segment"] > 0 and ms["reused_memory"] >= 0
 
 
 def test_input_scaling_table():
