@@ -15,7 +15,8 @@
 #   cache     cold vs warm start through the persistent compilation cache    -> cache.json
 #   sweep     ResNet-50 at batch 128 and 512, ResNet-18 and ResNet-101 at 256 (library) -> sweep_*.json
 #   input     JPEG preprocessing on all host cores (Pillow; TensorFlow absent) -> input.json
-#   grain     the image-folder pipeline (Grain workers, simplejpeg) and the same per-image work
+#   grain     the image-folder pipeline (Grain, simplejpeg; the default worker count, and from 3
+#             cores on also no workers, read threads in one process) and the same per-image work
 #             alone, on 1, 2, 4, 8 and all host cores; JPEGs written by Pillow -> grain.json
 #   tries     one XLA flag or library setting per run, library step only    -> tries_*.json
 #   tries_pool_bn issue 25's first two tries (elementwise max-pool backward, fused BatchNorm + add +
@@ -132,7 +133,7 @@ EOF
     ;;
   grain)
     cores=1; for n in 2 4 8; do [[ $n -lt $(nproc) ]] && cores+=",$n"; done
-    step grain 420 "$PY" -m benchmarks.input_pipeline --total-images 2048 --cores "$cores,all" --grain-workers -1 \
+    step grain 480 "$PY" -m benchmarks.input_pipeline --total-images 2048 --cores "$cores,all" --grain-workers=-1,0 \
       --variants grain,work_only,grain,work_only,grain,work_only --jpeg-dir "$OUT_DIR/jpegs" --output "$OUT_DIR/grain.json"
     ;;
   tries)

@@ -218,6 +218,11 @@ def summary(out_dir: str) -> str:
                 f"{cores}: Grain {_f(g, '.0f')} img/s (x{_f(row.get('grain_scaling'))}), "
                 f"work_only {_f(w, '.0f')} (x{_f(row.get('work_only_scaling'))}), "
                 f"Grain / work_only {_f(row.get('grain_over_work_only'))}"
+                + (
+                    f"; no workers (read threads) x{_f(row['grain_in_process_over_grain'])} the default"
+                    if "grain_in_process_over_grain" in row
+                    else ""
+                )
             )
     bad = [s for s in _steps(out_dir) if s["exit"] != 0]
     if bad:

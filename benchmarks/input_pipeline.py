@@ -24,8 +24,9 @@ receives it; the files are read from disk (the page cache after the warm-up batc
 simplejpeg (as TF decodes them), cropped, resized (antialiased bilinear) and flipped by
 ``train/image_ops.py``.
 ``--grain-workers 0,1,2`` sets the worker counts to try on each core count instead; ``-1`` is
-what the training program starts by default (``grain_worker_count=-1``: none on one core, one
-per core otherwise).
+what the training program starts by default (``grain_worker_count=-1``: none on one or two
+cores, one per core otherwise); a count that repeats on a core count (``-1,0`` on two cores)
+runs once.
 ``work_only`` times the same per-image work (``image_ops.train_image``) with nothing around it:
 one independent process per core, no Grain, no batches. Its rate over the cores is what this
 machine gives that work, the ceiling against which Grain's scaling is read.
@@ -180,15 +181,19 @@ def run_all(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
             jpegs = write_jpegs(jpeg_dir, args.num_images, args.seed)
             jpegs["generation_s"] = time.perf_counter() - t
         runs = []
+        # -1: what the training program starts with grain_worker_count=-1 on that many cores; a
+        # count that repeats within one variant and core count (-1,0 on two cores) runs once.
+        from train.image_folder import default_worker_count
+
         plan = [
             (variant, cores, workers)
             for variant, cores in itertools.product(args.variants, _core_counts(args.cores))
-            for workers in ((args.grain_workers_list or [cores]) if variant in GRAIN_VARIANTS else [0])
+            for workers in dict.fromkeys(
+                (default_worker_count(cores) if w < 0 else w for w in (args.grain_workers_list or [cores]))
+                if variant in GRAIN_VARIANTS
+                else [0]
+            )
         ]
-        # -1: what the training program starts with grain_worker_count=-1 on that many cores.
-        from train.image_folder import default_worker_count
-
-        plan = [(v, c, default_worker_count(c) if w < 0 else w) for v, c, w in plan]
         for variant, cores, workers in plan:
             cmd = [
                 sys.executable,
@@ -282,23 +287,45 @@ def run_all(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
 def scaling(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Per core count: each variant's median images/s over its rounds, its scaling from the
     fewest cores measured, and Grain's rate over ``work_only``'s (the same per-image work in
-    independent processes: how far the machine itself scales it)."""
+    independent processes: how far the machine itself scales it).
+
+    A Grain run with the worker count the training program starts by default on its cores
+    (``default_worker_count``) counts as its variant; one with another count is its own
+    variant, ``<variant>_in_process`` (no workers) or ``<variant>_<N>_workers``, reported over
+    the default at the same cores and scaled from the default's fewest-core rate.
+    """
     import statistics
 
+    from train.image_folder import default_worker_count
+
+    def label(r: dict[str, Any]) -> str:
+        w = r.get("grain_workers")
+        if w is None or w == default_worker_count(r["cores"]):
+            return r["variant"]
+        return f"{r['variant']}_in_process" if w == 0 else f"{r['variant']}_{w}_workers"
+
     rates: dict[str, dict[int, list[float]]] = {}
+    of: dict[str, str] = {}
     for r in runs:
-        rates.setdefault(r["variant"], {}).setdefault(r["cores"], []).append(r["images_per_s"])
+        rates.setdefault(label(r), {}).setdefault(r["cores"], []).append(r["images_per_s"])
+        of[label(r)] = r["variant"]
     out: dict[str, dict[str, float]] = {}
-    for variant, by_cores in rates.items():
-        base = statistics.median(by_cores[min(by_cores)])
+    for name, by_cores in rates.items():
+        home = rates.get(of[name], by_cores)
+        base = statistics.median(home[min(home)])
         for cores, values in sorted(by_cores.items()):
             row = out.setdefault(f"{cores} core(s)", {})
-            row[f"{variant}_images_per_s"] = round(statistics.median(values), 1)
-            row[f"{variant}_scaling"] = round(statistics.median(values) / base, 3)
+            row[f"{name}_images_per_s"] = round(statistics.median(values), 1)
+            row[f"{name}_scaling"] = round(statistics.median(values) / base, 3)
     for row in out.values():
+        for name, variant in of.items():
+            if name != variant and f"{name}_images_per_s" in row and f"{variant}_images_per_s" in row:
+                row[f"{name}_over_{variant}"] = round(
+                    row[f"{name}_images_per_s"] / row[f"{variant}_images_per_s"], 3
+                )
         if "grain_images_per_s" in row and "work_only_images_per_s" in row:
             row["grain_over_work_only"] = round(row["grain_images_per_s"] / row["work_only_images_per_s"], 3)
-    return out
+    return dict(sorted(out.items(), key=lambda kv: int(kv[0].split()[0])))
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

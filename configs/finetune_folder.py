@@ -23,7 +23,7 @@ def get_config():
     c = run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py"))["get_config"]()
     c.dataset = "image_folder"
     c.data_dir = ""  # ROOT, holding train/ and val/: set --config.data_dir
-    c.grain_worker_count = -1  # decoding processes: one per core (none on a one-core host)
+    c.grain_worker_count = -1  # decoding processes: one per core (none on 1-2 cores: read threads)
     c.image_size = 224
     c.train_augment = "inception_crop"
     c.random_flip = True

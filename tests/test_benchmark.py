@@ -428,6 +428,34 @@ def test_input_scaling_table():
     assert table["4 core(s)"]["grain_over_work_only"] == 0.885
 
 
+def test_input_scaling_table_keeps_other_worker_counts_apart():
+    from benchmarks.input_pipeline import scaling
+
+    # Defaults: no workers on 1 and 2 cores, one per core from 3 (train.image_folder).
+    runs = [
+        {"variant": "grain", "cores": 4, "grain_workers": 0, "images_per_s": 1700.0},
+        {"variant": "grain", "cores": 4, "grain_workers": 4, "images_per_s": 1900.0},
+        {"variant": "grain", "cores": 1, "grain_workers": 0, "images_per_s": 500.0},
+        {"variant": "grain", "cores": 1, "grain_workers": 1, "images_per_s": 450.0},
+        {"variant": "grain", "cores": 2, "grain_workers": 0, "images_per_s": 950.0},
+        {"variant": "work_only", "cores": 4, "images_per_s": 2000.0},
+    ]
+    table = scaling(runs)
+    assert list(table) == ["1 core(s)", "2 core(s)", "4 core(s)"]
+    assert table["1 core(s)"] == {
+        "grain_images_per_s": 500.0,
+        "grain_scaling": 1.0,
+        "grain_1_workers_images_per_s": 450.0,
+        "grain_1_workers_scaling": 0.9,
+        "grain_1_workers_over_grain": 0.9,
+    }
+    assert table["2 core(s)"]["grain_scaling"] == 1.9
+    four = table["4 core(s)"]
+    assert four["grain_images_per_s"] == 1900.0 and four["grain_scaling"] == 3.8  # 4 workers
+    assert four["grain_in_process_scaling"] == 3.4 and four["grain_in_process_over_grain"] == 0.895
+    assert four["grain_over_work_only"] == 0.95 and four["work_only_scaling"] == 1.0
+
+
 def test_input_benchmark_without_tensorflow(tmp_path):
     """The GPU host has no TensorFlow: the benchmark writes its JPEGs with Pillow and times the
     Grain and work_only variants there, and the tf.data variant says what it needs."""
@@ -483,3 +511,28 @@ def test_gpu_summary_reports_the_jax011_part(tmp_path):
     assert "tests/test_sharding.py tests/test_nnx.py: exit 1" in text
     assert "float64 resnet18: PASS, worst row logits" in text
     assert "float64 labml: FAIL, worst row grads" in text
+
+
+def test_gpu_summary_reports_grain_scaling_and_the_in_process_rate(tmp_path):
+    """``gpu_suite.sh ... grain``: a line per core count, from the ``scaling`` table that
+    ``benchmarks.input_pipeline`` computes from its runs (here made up), with the in-process
+    rate beside the default where both ran."""
+    import json
+
+    from benchmarks import gpu_summary
+    from benchmarks.input_pipeline import scaling
+
+    runs = [
+        {"variant": "grain", "cores": 1, "grain_workers": 0, "images_per_s": 500.0},
+        {"variant": "work_only", "cores": 1, "images_per_s": 520.0},
+        {"variant": "grain", "cores": 4, "grain_workers": 4, "images_per_s": 1900.0},
+        {"variant": "grain", "cores": 4, "grain_workers": 0, "images_per_s": 1710.0},
+        {"variant": "work_only", "cores": 4, "images_per_s": 2000.0},
+    ]
+    (tmp_path / "grain.json").write_text(json.dumps({"scaling": scaling(runs)}))
+    lines = gpu_summary.summary(str(tmp_path)).splitlines()
+    one = next(x for x in lines if x.startswith("1 core(s):"))
+    four = next(x for x in lines if x.startswith("4 core(s):"))
+    assert "Grain 500 img/s (x1)" in one and "no workers" not in one
+    assert "Grain 1900 img/s (x3.8)" in four and "Grain / work_only 0.95" in four
+    assert "no workers (read threads) x0.9 the default" in four

@@ -746,13 +746,18 @@ def test_finetune_folder_config_with_weights_file_new_head_and_frozen_or_slower_
     assert max(moved) > 0  # the slower backbone still trains
 
 
-def test_default_worker_count_is_one_per_core_and_none_on_a_one_core_host(monkeypatch):
+def test_default_worker_count_is_one_per_core_from_three_cores_and_none_below(monkeypatch):
     from train import image_folder
 
     config = default_config()
     assert config.grain_worker_count == -1
-    for cores, expected in (({0}, 0), ({0, 1}, 2), ({0, 1, 2, 3}, 4)):
+    # cores -> (worker processes, read threads in each process that decodes)
+    for cores, workers, threads in (({0}, 0, 2), ({0, 1}, 0, 2), ({0, 1, 2}, 3, 1), (set(range(16)), 16, 1)):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid, cores=cores: cores)
-        assert image_folder.worker_count(config) == expected
+        assert image_folder.worker_count(config) == workers
+        assert image_folder.read_threads(image_folder.worker_count(config)) == threads
     config.grain_worker_count = 3  # an explicit count is used as given
     assert image_folder.worker_count(config) == 3
+    config.grain_worker_count = 0  # decoding in the training process: a read thread per core
+    assert image_folder.worker_count(config) == 0
+    assert image_folder.read_threads(0) == 16

@@ -8,7 +8,9 @@ split must have the same ones.
 
 Batches are what the TFDS path yields: ``uint8`` pixels (normalised in the jitted step),
 ``int32`` labels, and ``mask`` for eval. Decoding and augmentation (``train.image_ops``) run in
-``config.grain_worker_count`` Grain worker processes (``mp_prefetch``; 0 decodes in this process).
+``config.grain_worker_count`` Grain worker processes (``mp_prefetch``; 0 decodes in this process,
+on Grain's read threads; -1, the default, starts one per core on hosts of 3 cores or more, and
+none on smaller ones: ``default_worker_count``).
 
 Order and resume (the project's skip rule, as for the other sources): epoch ``e`` visits the
 training files in the permutation drawn from ``(seed, e)``, the same on every host; global
@@ -266,22 +268,39 @@ def _grain():
     return grain
 
 
+def host_cores() -> int:
+    """The cores this process may run on (its affinity mask, else the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def worker_count(config: Any) -> int:
-    """``config.grain_worker_count``; -1 means one worker process per core of this host, or none
-    (decoding in this process, on Grain's read threads) where the host has a single core: a
-    worker there has no core of its own, and handing its batches across processes cost about 9%
-    of the rate on one core (BENCHMARKS.md, section 3b)."""
+    """``config.grain_worker_count``; -1 means ``default_worker_count`` of this host's cores."""
     n = int(config.grain_worker_count)
-    if n < 0:
-        n = default_worker_count(
-            len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        )
-    return n
+    return default_worker_count(host_cores()) if n < 0 else n
 
 
 def default_worker_count(cores: int) -> int:
-    """The worker processes ``grain_worker_count=-1`` starts on a host with ``cores`` cores."""
-    return cores if cores > 1 else 0
+    """The worker processes ``grain_worker_count=-1`` starts on a host with ``cores`` cores: one
+    per core from 3 cores on, and none (decoding in the training process, on one Grain read
+    thread per core) on one or two cores.
+
+    On one or two cores a worker has no core of its own, and handing its batches across
+    processes (a new shared-memory segment per batch) costs more than the GIL does to read
+    threads, which release it while decoding and resizing. Measured on 2-core VMs
+    (BENCHMARKS.md, section 3b): on one core, one worker 0.91x the in-process rate and two
+    0.86-0.91x; on two cores, two workers 0.93-0.97x (median per round), scaling 1.82-1.84x from
+    one core against the in-process 1.87-1.90x. With more cores the GIL's share of each image's
+    work (the Python around each example, and the batching) bounds read threads, so each core
+    gets a process; where the two cross was not measured (``gpu_suite.sh OUT grain`` does).
+    """
+    return cores if cores > 2 else 0
+
+
+def read_threads(workers: int) -> int:
+    """Grain read threads per process: one in each worker process, which has a core to itself
+    (2-3% faster on 2 cores than two threads each); one per core, and at least two, where the
+    training process decodes (``workers == 0``)."""
+    return 1 if workers > 0 else max(2, host_cores())
 
 
 def _exit_with_parent(worker_index: int, worker_count: int) -> None:
@@ -318,10 +337,8 @@ def _batches(example_fn, start: int, stop: int, per_host: int, workers: int, buf
     """
     grain = _grain()
     ds = grain.MapDataset.range(start, stop).map(example_fn).batch(per_host, drop_remainder=True)
-    # Two read threads in this process (decoding and resizing release the GIL); one in each
-    # worker process, which has a core to itself (2-3% faster on 2 cores than two threads).
-    threads = 1 if workers > 0 else 2
-    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2))
+    threads = read_threads(workers)
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(2, threads)))
     if workers > 0:
         it_ds = it_ds.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=max(buffer, 1)),
