@@ -180,6 +180,35 @@ def test_parity_fails_on_a_real_discrepancy(monkeypatch, capsys):
     assert "FAIL" in out.splitlines()[-1]
 
 
+def test_float32_flip_hint_only_when_only_gradient_rows_fail(monkeypatch, capsys):
+    """A float32 FAIL in gradient/SGD rows alone gets one line saying that a ReLU flipped by
+    rounding in JAX's run alone can cause it and that float64 is the structural check (the
+    verdict stays FAIL); a forward row that fails, as with a wrong epsilon, gets no such line."""
+    rows = ("eval logits", "grads (max over modules)", "param change over 5 SGD steps (max)")
+    result = {
+        "dtype": "float32",
+        "passed": dict(zip(rows, (True, False, True))),
+        "worst": {rows[1]: "layer3.1.conv1", rows[2]: "fc"},
+    }
+    hint = parity._float32_flip_hint(result)
+    assert hint.startswith("Only gradient/SGD rows failed (worst module, grads: layer3.1.conv1)")
+    assert "--dtype float64" in hint
+    assert parity._float32_flip_hint({**result, "dtype": "float64"}) is None
+    assert parity._float32_flip_hint({**result, "passed": dict.fromkeys(rows, True)}) is None
+    assert parity._float32_flip_hint({**result, "passed": dict(zip(rows, (False, False, True)))}) is None
+
+    build = parity._build
+
+    def wrong_eps(*a, **k):
+        fmodel, tmodel, n = build(*a, **k)
+        return fmodel.clone(epsilon=1e-3), tmodel, n
+
+    monkeypatch.setattr(parity, "_build", wrong_eps)
+    assert parity.main(["--arch", "resnetbase", "--steps", "1"]) == 1
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1] == "FAIL" and "Only gradient/SGD rows failed" not in out
+
+
 def test_torchvision_reference_when_importable():
     pytest.importorskip("torchvision")
     code, result = _cli("--arch", "resnet50", "--reference", "torchvision", "--dtype", "float64")
