@@ -53,8 +53,9 @@ def _data(c: ml_collections.ConfigDict) -> None:
     c.cache = False  # keep the encoded TFDS training shard in memory
     c.shuffle_buffer_size = 16_384
     c.prefetch_to_device = 2  # batches transferred ahead of the step using them
-    # image_folder: Grain worker processes decoding images per host (-1: one per core, or none on a
-    # one-core host; 0: none, decode in the training process), and the batches each keeps ready.
+    # image_folder: Grain worker processes decoding images per host (-1: one per core from 3 cores,
+    # none on 1-2; 0: none, decode in the training process on read threads), and the batches each
+    # keeps ready.
     c.grain_worker_count = -1
     c.grain_worker_buffer_size = 2
     # synthetic data (dataset='synthetic')
