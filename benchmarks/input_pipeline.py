@@ -307,14 +307,15 @@ def scaling(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
     rates: dict[str, dict[int, list[float]]] = {}
     of: dict[str, str] = {}
     for r in runs:
-        rates.setdefault(label(r), {}).setdefault(r["cores"], []).append(r["images_per_s"])
-        of[label(r)] = r["variant"]
-    out: dict[str, dict[str, float]] = {}
+        name = label(r)
+        rates.setdefault(name, {}).setdefault(r["cores"], []).append(r["images_per_s"])
+        of[name] = r["variant"]
+    out: dict[int, dict[str, float]] = {}
     for name, by_cores in rates.items():
         home = rates.get(of[name], by_cores)
         base = statistics.median(home[min(home)])
         for cores, values in sorted(by_cores.items()):
-            row = out.setdefault(f"{cores} core(s)", {})
+            row = out.setdefault(cores, {})
             row[f"{name}_images_per_s"] = round(statistics.median(values), 1)
             row[f"{name}_scaling"] = round(statistics.median(values) / base, 3)
     for row in out.values():
@@ -325,7 +326,7 @@ def scaling(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
                 )
         if "grain_images_per_s" in row and "work_only_images_per_s" in row:
             row["grain_over_work_only"] = round(row["grain_images_per_s"] / row["work_only_images_per_s"], 3)
-    return dict(sorted(out.items(), key=lambda kv: int(kv[0].split()[0])))
+    return {f"{cores} core(s)": row for cores, row in sorted(out.items())}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

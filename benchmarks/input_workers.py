@@ -159,7 +159,9 @@ def _rate_record(
 ) -> dict[str, Any]:
     """The fields every variant's run reports: its rate over the cores this process may use,
     and per CPU second used (``cpu``: CPU seconds of the timed batches, ``cpu_seconds``)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    from benchmarks.report import available_cpus
+
+    cores = len(available_cpus())
     return {
         "variant": variant,
         "cores": cores,
