@@ -6,6 +6,7 @@ class order differs from the digit order. Training runs use the tiny configs of 
 training tests.
 """
 
+import itertools
 import os
 import signal
 import subprocess
@@ -313,6 +314,50 @@ def test_eval_split_may_be_called_validation_or_test(tmp_path):
         assert classes == ("a", "b") and eval_name == name and evals[1] == [0, 1]
 
 
+def test_class_folders_are_read_at_any_depth_in_torchvisions_order(tmp_path):
+    """As torchvision's ImageFolder: every image under a class folder, sub-folders included,
+    sorted by folder path and then name (so ``a/sub b`` comes before ``a/sub/deeper``: ' ' < '/').
+    Hidden files and folders are skipped, and a link looping back is not followed around."""
+    root = _tree(
+        tmp_path / "root",
+        {
+            "train/a/x1.png": _png(1),
+            "train/a/sub/y.png": _png(2),
+            "train/a/sub b/w.png": _png(3),
+            "train/a/sub/deeper/z.JPG": _png(4),
+            "train/a/notes.txt": b"not an image",
+            "train/a/.hidden/h.png": _png(5),
+            "train/b/only/nested/q.webp": _png(6),
+            "val/a/v.png": _png(7),
+            "val/b/2019/v.png": _png(8),
+        },
+    )
+    want = ["a/x1.png", "a/sub/y.png", "a/sub b/w.png", "a/sub/deeper/z.JPG", "b/only/nested/q.webp"]
+    # torchvision's rule (datasets.folder.make_dataset), written out: sorted(os.walk(...)).
+    rule = [
+        os.path.relpath(os.path.join(d, f), root / "train")
+        for c in ("a", "b")
+        for d, _, files in sorted(os.walk(root / "train" / c, followlinks=True))
+        for f in sorted(files)
+        if f.lower().endswith((".png", ".jpg", ".webp")) and ".hidden" not in d
+    ]
+    assert rule == want
+    (root / "train/a/sub/loop").symlink_to(root / "train/a", target_is_directory=True)
+    classes, (paths, labels), (eval_paths, eval_labels), _ = scan(str(root))
+    assert classes == ("a", "b")
+    assert [os.path.relpath(p, root / "train") for p in paths] == want
+    assert labels == [0, 0, 0, 0, 1] and eval_labels == [0, 1]
+    assert eval_paths[1] == str(root / "val/b/2019/v.png")
+    # The nested files are what the batches hold: each file is one flat value written above.
+    ds = input_pipeline.create_dataset(
+        folder_config(root, image_size=4, train_augment="none", random_flip=False)
+    )
+    (train,) = [b["image"] for b in itertools.islice(ds.train_iterator(5), 1)]
+    assert sorted(train[:, 0, 0, 0]) == [1, 2, 3, 4, 6] and (train == train[:, :1, :1, :1]).all()
+    (evals,) = [b["image"] for b in ds.eval_iterator(2)]
+    assert list(evals[:, 0, 0, 0]) == [7, 8] and (evals == evals[:, :1, :1, :1]).all()
+
+
 def test_corrupt_file_stops_naming_it(tmp_path):
     root = _indexed_folder(tmp_path / "corrupt", n=12)
     bad = root / "train" / "c1" / "004.png"
@@ -404,6 +449,31 @@ def test_image_modes_become_rgb_and_exif_orientation_is_applied(tmp_path):
     np.testing.assert_array_equal(np.asarray(image_ops.to_rgb(opened)), np.rot90(rgb, k=-1))
     eval_pixels = image_ops.eval_image(image_ops.open_image(path), 6, 1.0)
     assert eval_pixels.shape == (6, 6, 3)
+
+
+def test_16_bit_pngs_keep_the_high_byte_as_tensorflow_decodes_them(tmp_path):
+    """Pillow opens a 16-bit grayscale PNG as mode I;16, whose convert("RGB") clips everything
+    above 255 to white; the pipeline keeps the high byte, which is what TF's decode_png gives."""
+    rng = np.random.default_rng(4)
+    gray = rng.integers(0, 1 << 16, (9, 11), dtype=np.uint16)
+    path = tmp_path / "gray16.png"
+    Image.fromarray(gray).save(path)
+    assert Image.open(path).mode.startswith("I")  # what makes the case: not L
+    want = np.repeat((gray >> 8).astype(np.uint8)[..., None], 3, -1)
+    np.testing.assert_array_equal(np.asarray(image_ops.to_rgb(image_ops.open_image(path))), want)
+    np.testing.assert_array_equal(
+        image_ops.eval_image(image_ops.open_image(path), 11, 1.0),
+        np.asarray(Image.fromarray(want).resize((11, 11), Image.BILINEAR, reducing_gap=None)),
+    )
+    # Every 16-bit PNG kind (gray, gray+alpha, RGB, RGBA), written and decoded by TensorFlow.
+    tf = pytest.importorskip("tensorflow")
+    for channels in (1, 2, 3, 4):
+        data = tf.io.encode_png(rng.integers(0, 1 << 16, (9, 11, channels), dtype=np.uint16)).numpy()
+        path = tmp_path / f"c{channels}.png"
+        path.write_bytes(data)
+        tf_pixels = tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
+        got = np.asarray(image_ops.to_rgb(image_ops.open_image(path)))
+        np.testing.assert_array_equal(got, tf_pixels, err_msg=f"{channels} channels")
 
 
 def _jpeg_kinds(tmp_path: Path) -> dict[str, tuple[Path, bool]]:

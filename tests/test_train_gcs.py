@@ -395,6 +395,58 @@ def test_metric_segments_flush_at_checkpoints_and_intervals_and_truncate_on_resu
     ]
 
 
+def test_image_folder_in_the_bucket_reads_as_its_local_copy(gcs, tmp_path):
+    """``--config.data_dir=gs://...`` for an image folder: the same classes, files (sub-folders
+    included) and batches, bit for bit, as the same folder on the local disk."""
+    import io
+    import itertools
+
+    from PIL import Image
+    from train_worker import tiny_config
+
+    from train import input_pipeline
+    from train.image_folder import scan
+
+    rng = np.random.default_rng(0)
+    names = ["train/cat/a.png", "train/cat/2019/b.jpg", "train/dog/c.png", "train/dog/d.webp"]
+    names += ["val/cat/e.png", "val/dog/old/f.jpg"]
+    local = tmp_path / "photos"
+    for name in names:
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(
+            buf, format={"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}[name.rsplit(".", 1)[1]]
+        )
+        (local / name).parent.mkdir(parents=True, exist_ok=True)
+        (local / name).write_bytes(buf.getvalue())
+        gcs.write(f"photos/{name}", buf.getvalue())
+    _fresh()
+    remote = f"gs://{BUCKET}/photos"
+    got, want = scan(remote), scan(str(local))
+    assert got[0] == want[0] == ("cat", "dog") and got[3] == want[3] == "val"
+    for (g_paths, g_labels), (w_paths, w_labels) in zip(got[1:3], want[1:3]):
+        assert [p[len(remote) :] for p in g_paths] == [p[len(str(local)) :] for p in w_paths]
+        assert g_labels == w_labels
+    assert len(got[1][0]) == 4  # train/cat/2019/b.jpg is one of them
+
+    def batches(root):
+        ds = input_pipeline.create_dataset(
+            tiny_config(dataset="image_folder", data_dir=root, grain_worker_count=0, image_size=8)
+        )
+        return list(itertools.islice(ds.train_iterator(4), 2)) + list(ds.eval_iterator(2))
+
+    for g, w in zip(batches(remote), batches(str(local)), strict=True):
+        assert g.keys() == w.keys()
+        for k in g:
+            np.testing.assert_array_equal(g[k], w[k], err_msg=k)
+    # Every object was read and closed: none is left open, reading ahead in the background.
+    import gc
+
+    import gcsfs
+
+    gc.collect()
+    assert not [f for f in gc.get_objects() if issubclass(type(f), gcsfs.core.GCSFile) and not f.closed]
+
+
 def test_nothing_is_written_on_the_local_disk(gcs, whole):
     assert not (REPO / "gs:").exists()
     written = sorted(str(p.relative_to(gcs.home.parent)) for p in gcs.home.parent.rglob("*") if p.is_file())

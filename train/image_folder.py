@@ -4,7 +4,8 @@
 evaluates on ``ROOT/val/<class>/*`` (or ``validation/``, or ``test/``). Files ending in .jpg,
 .jpeg, .png, .bmp or .webp (any case) are images; other files and hidden ones are ignored. The
 classes are the sub-folder names of ``train/``, sorted, as torchvision numbers them; the val
-split must have the same ones.
+split must have the same ones. As in torchvision's ``ImageFolder``, a class is every image under
+its folder, sub-folders included (``train/cat/2019/*.jpg``), listed in torchvision's order.
 
 Batches are what the TFDS path yields: ``uint8`` pixels (normalised in the jitted step),
 ``int32`` labels, and ``mask`` for eval. Decoding and augmentation (``train.image_ops``) run in
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import io
 import os
 import threading
 import time
@@ -92,17 +94,40 @@ def _is_dir(path: str) -> bool:
     return _path(path).is_dir() if "://" in path else os.path.isdir(path)
 
 
+def _image_files(folder: str) -> list[str]:
+    """The image files in ``folder`` and its sub-folders, at any depth, in torchvision's order:
+    by folder path, then by file name (``sorted(os.walk(folder, followlinks=True))``).
+
+    Hidden files and folders are skipped. A folder reached again through a link is read once, so
+    a link that loops back ends the walk there instead of repeating its files."""
+    found, seen = [], set()
+
+    def visit(d: str) -> None:
+        key = d if "://" in d else os.path.realpath(d)
+        if key in seen:
+            return
+        seen.add(key)
+        for name, is_dir in _list_dir(d):
+            if is_dir:
+                visit(_join(d, name))
+            elif name.lower().endswith(IMAGE_EXTENSIONS):
+                found.append((d, name))
+
+    visit(folder)
+    return [_join(d, name) for d, name in sorted(found)]
+
+
 def _class_files(split_dir: str, classes: Sequence[str]) -> tuple[list[str], list[int]]:
     paths, labels = [], []
     for label, name in enumerate(classes):
         folder = _join(split_dir, name)
-        files = [f for f, is_dir in _list_dir(folder) if not is_dir and f.lower().endswith(IMAGE_EXTENSIONS)]
+        files = _image_files(folder)
         if not files:
             raise DatasetError(
                 f"class folder {folder} has no images ({', '.join(IMAGE_EXTENSIONS)}); add some or "
                 "remove the folder."
             )
-        paths += [_join(folder, f) for f in files]
+        paths += files
         labels += [label] * len(files)
     return paths, labels
 
@@ -159,7 +184,9 @@ def _names(names: Sequence[str]) -> str:
 
 def _open(path: str):
     if "://" in path:
-        return image_ops.open_image(_path(path).open("rb"))
+        # The whole object in one read, and the remote file closed: Pillow leaves a file object
+        # it was given open, and gcsfs's read-ahead of an open file goes on in the background.
+        return image_ops.open_image(io.BytesIO(_path(path).read_bytes()))
     return image_ops.open_image(path)
 
 

@@ -16,7 +16,10 @@ rounding of Pillow's 8-bit resize, and the same distribution of crop scale and a
 
 Decoding (``open_image``): any mode becomes RGB (grayscale, CMYK, palette; RGBA drops its alpha,
 as torchvision's loader does), and the EXIF orientation is applied, so a phone photo is trained
-on upright, as a viewer shows it (TF's decoders and torchvision's loader ignore the tag).
+on upright, as a viewer shows it (TF's decoders and torchvision's loader ignore the tag). A
+16-bit PNG keeps the high byte of each value, as TF's ``decode_png`` does; for 16-bit grayscale,
+which Pillow opens as mode ``I;16``, its ``convert("RGB")`` (and torchvision's loader) would
+instead clip every value above 255 to white.
 
 JPEGs (RGB or grayscale, upright) are decoded by simplejpeg when it is installed, with the
 settings of TF's ``decode_jpeg``/``decode_and_crop_jpeg``/``decode_image`` defaults, which the TF
@@ -123,6 +126,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
         warnings.simplefilter("ignore", UserWarning)
         if _orientation(image) != 1:
             image = ImageOps.exif_transpose(image)
+        if image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PNG"):
+            # A 16-bit grayscale PNG: its high byte, as TF's decode gives it. Pillow's convert
+            # would clip every value above 255 to white.
+            image = Image.fromarray((np.asarray(image).astype(np.uint32) >> 8).astype(np.uint8))
         return image if image.mode == "RGB" else image.convert("RGB")
 
 
