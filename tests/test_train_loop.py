@@ -163,25 +163,31 @@ def test_predict_top5_of_image_files(run, tmp_path):
     workdir, _ = run
     x, _y, mean, std = digits_eval_arrays(config())
     paths, pixels = [], []
-    for i in range(3):
+    for i, name in enumerate(["digit0.png", "sub/digit1.png", "sub/digit2.png"]):
         img = np.rint(x[i, ..., 0]).astype(np.uint8)
-        path = str(tmp_path / f"digit{i}.png")
+        path = tmp_path / "images" / name
+        path.parent.mkdir(exist_ok=True)
         Image.fromarray(img).save(path)
-        paths.append(path)
+        paths.append(str(path))
         pixels.append(img[..., None].astype(np.float32))
     results = predict.predict_files(workdir, paths, top_k=5)
+    # A folder stands for its images, sub-folders included; two batches of 2, the last padded.
+    assert predict.expand_folders([str(tmp_path / "images")]) == paths
+    batched = predict.predict_files(workdir, predict.expand_folders([str(tmp_path / "images")]), batch_size=2)
     variables = checkpoint.restore_variables(workdir)
     logits, twin = _logits_and_float64_twin(variables, (np.stack(pixels) - mean) / std)
     probs, probs64 = np.asarray(jax.nn.softmax(logits)), np.asarray(jax.nn.softmax(twin))
     # Ranks and probabilities as an independent float32 eval gives them; where rounding may swap
     # two classes (float64 probabilities within twice float32's error), either order is right.
     eps = 2 * np.abs(probs - probs64).max()
-    for top, p, p64 in zip(results, probs, probs64):
-        assert len(top) == 5
-        got = [i for i, _, _ in top]
-        np.testing.assert_allclose(p64[got], np.sort(p64)[::-1][:5], rtol=0, atol=2 * eps)
-        np.testing.assert_allclose([q for _, _, q in top], p[got], atol=max(1e-5, 2 * eps))
-        assert [name for i, name, _ in top] == [str(i) for i, _, _ in top]
+    for tops in (results, batched):
+        assert len(tops) == 3
+        for top, p, p64 in zip(tops, probs, probs64):
+            assert len(top) == 5
+            got = [i for i, _, _ in top]
+            np.testing.assert_allclose(p64[got], np.sort(p64)[::-1][:5], rtol=0, atol=2 * eps)
+            np.testing.assert_allclose([q for _, _, q in top], p[got], atol=max(1e-5, 2 * eps))
+            assert [name for i, name, _ in top] == [str(i) for i, _, _ in top]
 
 
 def test_pmap_loop_matches_jit_loop(tmp_path):

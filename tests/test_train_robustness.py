@@ -336,9 +336,13 @@ def test_predict_rejects_images_of_wrong_rank_or_channels(reference, tmp_path):
     np.save(tmp_path / "good.npy", good)
     np.save(tmp_path / "two_channels.npy", np.zeros((8, 8, 2), np.uint8))
     np.save(tmp_path / "four_d.npy", np.zeros((1, 8, 8, 1), np.uint8))
+    (tmp_path / "no_images" / "sub").mkdir(parents=True)
+    (tmp_path / "no_images" / "sub" / "notes.txt").write_text("not an image")
     cases = {
         "two_channels.npy": ["two_channels.npy", "(8, 8, 2)", "1 channel"],
         "four_d.npy": ["four_d.npy", "(1, 8, 8, 1)", "[H, W]"],
+        "no_images": ["folder", "no_images", "has no image files", "sub-folders"],
+        "missing.png": ["missing.png", "does not exist"],
     }
     procs = {name: _predict(reference, tmp_path / "good.npy", tmp_path / name) for name in cases}
     for name, proc in procs.items():

@@ -94,7 +94,7 @@ def _is_dir(path: str) -> bool:
     return _path(path).is_dir() if "://" in path else os.path.isdir(path)
 
 
-def _image_files(folder: str) -> list[str]:
+def image_files(folder: str) -> list[str]:
     """The image files in ``folder`` and its sub-folders, at any depth, in torchvision's order:
     by folder path, then by file name (``sorted(os.walk(folder, followlinks=True))``).
 
@@ -121,7 +121,7 @@ def _class_files(split_dir: str, classes: Sequence[str]) -> tuple[list[str], lis
     paths, labels = [], []
     for label, name in enumerate(classes):
         folder = _join(split_dir, name)
-        files = _image_files(folder)
+        files = image_files(folder)
         if not files:
             raise DatasetError(
                 f"class folder {folder} has no images ({', '.join(IMAGE_EXTENSIONS)}); add some or "

@@ -1,11 +1,15 @@
 """Top-k classes of image files with a trained checkpoint.
 
-``python -m train.predict --workdir=DIR [--step=N] [--top_k=5] IMAGE...`` (``DIR`` and the
-images may be ``gs://`` paths) reads the run's
+``python -m train.predict --workdir=DIR [--step=N] [--top_k=5] [--batch_size=64] IMAGE|FOLDER...``
+(``DIR``, the images and folders may be ``gs://`` paths) reads the run's
 config and dataset info from ``DIR``, restores the newest (or given) checkpoint, applies the
 same preprocessing as evaluation (resize, center crop, normalisation) and prints, per image,
-the top-k class names with their probabilities. Grayscale models get the image converted to
-one channel; for the digits model, draw light digits on a dark background like sklearn's.
+the top-k class names with their probabilities. A folder stands for the image files under it
+(.jpg, .jpeg, .png, .bmp, .webp, sub-folders included, in the order an image-folder run lists
+them). Images are read and run ``batch_size`` at a time (one compilation: the last batch is
+padded), and each batch's results are printed as soon as it is done, with a progress bar.
+Grayscale models get the image converted to one channel; for the digits model, draw light
+digits on a dark background like sklearn's.
 ``.npy`` files are raw pixel arrays (0..255), ``[H, W]`` or ``[H, W, C]`` with the model's ``C``.
 A run on an image folder preprocesses both with ``train/image_ops.py`` (Pillow and NumPy), so
 predicting, like its training and export, never imports TensorFlow; other runs use the TF ops of
@@ -16,7 +20,7 @@ An unreadable image or an array of the wrong rank or channel count is a one-line
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import numpy as np
@@ -32,11 +36,12 @@ def _define_flags() -> None:
     flags.DEFINE_string("workdir", None, "Workdir of a training run.")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
     flags.DEFINE_integer("top_k", 5, "How many classes to print per image.")
+    flags.DEFINE_integer("batch_size", 64, "Images read and run at a time.")
     flags.mark_flag_as_required("workdir")
 
 
 def predict_files(
-    workdir: str, paths: Sequence[str], *, step: int | None = None, top_k: int = 5
+    workdir: str, paths: Sequence[str], *, step: int | None = None, top_k: int = 5, batch_size: int = 64
 ) -> list[list[tuple[int, str, float]]]:
     """Per image, the ``top_k`` ``(class index, class name, probability)``, most likely first.
 
@@ -45,22 +50,68 @@ def predict_files(
         paths: Image files, preprocessed as the run's evaluation does.
         step: The checkpoint step to use; None: the newest.
         top_k: Classes per image, capped at the number of classes.
+        batch_size: Images read and run at a time.
     """
+    return [top for _, top in iter_predictions(workdir, paths, step=step, top_k=top_k, batch_size=batch_size)]
+
+
+def iter_predictions(
+    workdir: str,
+    paths: Sequence[str],
+    *,
+    step: int | None = None,
+    top_k: int = 5,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> Iterator[tuple[str, list[tuple[int, str, float]]]]:
+    """``(path, top_k)`` per image of ``predict_files``, yielded a batch at a time."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1; got {batch_size}.")
     config, info = build.load_run_info(workdir)
     # Compute in float32 here: inference of a few images is not worth a reduced precision.
     config.dtype = "float32"
     model, _ = create_model(config, info)
     variables = checkpoint.restore_variables(workdir, step)
     crop = float(config.eval_crop_fraction)
-    images = np.stack([_load(p, info, crop) for p in paths])
-    logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
-    probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+    forward = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, x, train=False), axis=-1))
     k = min(top_k, info.num_classes)
-    results = []
-    for row in probs:
-        order = np.argsort(-row, kind="stable")[:k]
-        results.append([(int(i), info.class_names[i], float(row[i])) for i in order])
-    return results
+    size = min(batch_size, len(paths))  # every batch padded to this: one compilation
+    starts = range(0, len(paths), size)
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(paths), desc="predict", unit="image", disable=not progress or len(starts) < 2) as bar:
+        for start in starts:
+            chunk = paths[start : start + size]
+            images = np.stack([_load(p, info, crop) for p in chunk])
+            padded = np.zeros((size, *images.shape[1:]), images.dtype)
+            padded[: len(chunk)] = images
+            probs = np.asarray(forward(variables, padded))[: len(chunk)]
+            for path, row in zip(chunk, probs):
+                order = np.argsort(-row, kind="stable")[:k]
+                yield path, [(int(i), info.class_names[i], float(row[i])) for i in order]
+            bar.update(len(chunk))
+
+
+def expand_folders(args: Sequence[str]) -> list[str]:
+    """``args`` with each folder (local or ``gs://``) replaced by the image files under it."""
+    from train import image_folder
+
+    out = []
+    for arg in args:
+        path = paths.Path(arg)
+        if not path.is_dir():
+            if not path.exists():
+                raise ImageError(f"{arg} does not exist; give image files, or folders that hold them.")
+            out.append(arg)
+            continue
+        files = image_folder.image_files(arg)
+        if not files:
+            raise ImageError(
+                f"folder {arg} has no image files ({', '.join(image_folder.IMAGE_EXTENSIONS)}) in it "
+                "or its sub-folders; give image files or a folder that holds some."
+            )
+        out += files
+    return out
 
 
 class ImageError(ValueError):
@@ -106,16 +157,31 @@ def main(argv: list[str]) -> None:
     paths = argv[1:]
     if not paths:
         raise app.UsageError("give one or more image files: python -m train.predict --workdir=DIR IMAGE...")
+    FLAGS = flags.FLAGS
+    if FLAGS.batch_size < 1:
+        raise app.UsageError(f"--batch_size must be at least 1; got {FLAGS.batch_size}.")
     try:
-        FLAGS = flags.FLAGS
-        results = predict_files(FLAGS.workdir, paths, step=FLAGS.step, top_k=FLAGS.top_k)
+        files = expand_folders(paths)
+        results = iter_predictions(
+            FLAGS.workdir,
+            files,
+            step=FLAGS.step,
+            top_k=FLAGS.top_k,
+            batch_size=FLAGS.batch_size,
+            progress=True,
+        )
+        from tqdm.auto import tqdm
+
+        for path, top in results:
+            # Through tqdm, so that the progress bar (on stderr) is redrawn below the results.
+            lines = [path] + [
+                f"  {rank}. {name:<30} {100 * prob:6.2f}%  (class {index})"
+                for rank, (index, name, prob) in enumerate(top, 1)
+            ]
+            tqdm.write("\n".join(lines))
     except (FileNotFoundError, ImageError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    for path, top in zip(paths, results):
-        print(path)
-        for rank, (index, name, prob) in enumerate(top, 1):
-            print(f"  {rank}. {name:<30} {100 * prob:6.2f}%  (class {index})")
 
 
 if __name__ == "__main__":
