@@ -299,6 +299,27 @@ def test_bad_folders_name_the_problem(tmp_path, files, words):
         assert w in message, message
 
 
+def test_an_unreadable_folder_is_one_line_naming_it(tmp_path, monkeypatch):
+    # The tests run as root here, which reads any folder, so the OS's refusal is simulated.
+    root = _tree(
+        tmp_path / "root", {"train/a/x.png": _png(), "train/a/locked/y.png": _png(), "val/a/z.png": _png()}
+    )
+    real = os.scandir
+
+    def scandir(path):
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(DatasetError) as e:
+        scan(str(root))
+    message = str(e.value)
+    assert "\n" not in message
+    for w in ("cannot list the folder", "train/a/locked", "Permission denied", "make it readable"):
+        assert w in message, message
+
+
 def test_eval_split_may_be_called_validation_or_test(tmp_path):
     for name in ("validation", "test"):
         root = _tree(

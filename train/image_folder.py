@@ -82,11 +82,17 @@ def _path(path: str):
 
 def _list_dir(path: str) -> list[tuple[str, bool]]:
     """``(name, is_dir)`` of the non-hidden entries of ``path``, sorted by name."""
-    if "://" in path:
-        entries = [(p.name, p.is_dir()) for p in _path(path).iterdir()]
-    else:
-        with os.scandir(path) as it:
-            entries = [(e.name, e.is_dir()) for e in it]
+    try:
+        if "://" in path:
+            entries = [(p.name, p.is_dir()) for p in _path(path).iterdir()]
+        else:
+            with os.scandir(path) as it:
+                entries = [(e.name, e.is_dir()) for e in it]
+    except OSError as e:
+        raise DatasetError(
+            f"cannot list the folder {path} ({e.strerror or e}); make it readable, or move it out of "
+            "the dataset."
+        ) from None
     return sorted(e for e in entries if not e[0].startswith("."))
 
 

@@ -179,7 +179,7 @@ def main(argv: list[str]) -> None:
                 for rank, (index, name, prob) in enumerate(top, 1)
             ]
             tqdm.write("\n".join(lines))
-    except (FileNotFoundError, ImageError) as e:
+    except (FileNotFoundError, ImageError, input_pipeline.DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
