@@ -45,8 +45,7 @@ def measure(jpeg_dir: str, workers: int, batches: int, batch: int = 64, warmup: 
     import numpy as np
     import psutil
 
-    from benchmarks.input_workers import augment_fields, folder_config
-    from train import image_ops
+    from benchmarks.input_workers import augment_fields, folder_config, train_file
     from train.image_folder import ImageFolderSource
 
     config = folder_config(jpeg_dir, 224, workers)
@@ -73,11 +72,11 @@ def measure(jpeg_dir: str, workers: int, batches: int, batch: int = 64, warmup: 
     rng = np.random.default_rng(0)
     aug = augment_fields(config)
     for path in files[:16]:
-        image_ops.train_image(image_ops.open_image(path), rng, 224, aug)
+        train_file(path, rng, 224, aug)
     alone_files = files[:images]
     t = time.thread_time()  # this thread only: Grain's threads may still be winding down
     for path in alone_files:
-        image_ops.train_image(image_ops.open_image(path), rng, 224, aug)
+        train_file(path, rng, 224, aug)
     alone = 1e3 * (time.thread_time() - t) / len(alone_files)
     total = sum(per_process.values())
     return {

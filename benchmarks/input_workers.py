@@ -237,18 +237,25 @@ def run_grain_worker(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _work_only_process(core: int, paths: list[str], config: Any, size: int, start: Any, done: Any) -> None:
-    """One of ``run_work_only``'s processes: warm up, wait for ``start``, preprocess ``paths``."""
+def train_file(path: str, rng: np.random.Generator, size: int, config: Any) -> np.ndarray:
+    """One training example's work as the image-folder path does it: read the file's bytes, then
+    ``image_ops.train_image`` (``train/image_folder.py``'s ``load_example``)."""
     from train import image_ops
 
+    with open(path, "rb") as f:
+        return image_ops.train_image(f.read(), rng, size, config)
+
+
+def _work_only_process(core: int, paths: list[str], config: Any, size: int, start: Any, done: Any) -> None:
+    """One of ``run_work_only``'s processes: warm up, wait for ``start``, preprocess ``paths``."""
     os.sched_setaffinity(0, {core})
     rng = np.random.default_rng(core)
     for path in paths[:16]:
-        image_ops.train_image(image_ops.open_image(path), rng, size, config)
+        train_file(path, rng, size, config)
     done.put(-1)  # ready
     start.wait()
     for path in paths:
-        image_ops.train_image(image_ops.open_image(path), rng, size, config)
+        train_file(path, rng, size, config)
     done.put(core)
 
 
@@ -258,7 +265,6 @@ def run_work_only(args: argparse.Namespace) -> dict[str, Any]:
     Its rate over cores is what this machine gives that work: the ceiling for Grain's scaling."""
     import multiprocessing as mp
 
-    from train import image_ops
     from train.config import default_config
 
     config = default_config()
@@ -295,9 +301,7 @@ def run_work_only(args: argparse.Namespace) -> dict[str, Any]:
     elapsed, cpu = time.perf_counter() - t, _minus(cpu_seconds(), cpu)
     for p in procs:
         p.join()
-    one = image_ops.train_image(
-        image_ops.open_image(files[0]), np.random.default_rng(0), args.image_size, aug
-    )
+    one = train_file(files[0], np.random.default_rng(0), args.image_size, aug)
     batch = {"image": one[None]}  # one image: nothing is batched
     return {**_rate_record(args.variant, per_core * len(cores), elapsed, batch, cpu), "processes": len(cores)}
 

@@ -380,6 +380,22 @@ def test_grain_threads_accounts_for_every_thread(tmp_path):
     assert set(r["handoff_ms_per_image"]) == {"new_segment", "reused_memory"}
 
 
+def test_train_image_threads_times_both_inputs_in_alternating_rounds(tmp_path):
+    from benchmarks.input_pipeline import write_jpegs
+
+    write_jpegs(str(tmp_path), 4)
+    r = _run("benchmarks.train_image_threads", f"--jpeg-dir={tmp_path}", "--rounds=2", "--images=4")
+    assert r["files"] == 4 and r["threads"] == 2 and len(r["rounds"]) == 2
+    # Alternating order: the first timing of a round is the other input in the next round.
+    assert [next(iter(row)) for row in r["rounds"]] == ["bytes_1t", "pillow_open_1t"]
+    rates = r["median_images_per_s"]
+    assert set(rates) == {f"{k}_{n}t" for k in ("bytes", "pillow_open") for n in (1, 2)}
+    assert all(v > 0 for v in rates.values())
+    ratios = r["median_ratios"]
+    want = sorted(r["rounds"][i]["bytes_2t"] / r["rounds"][i]["pillow_open_2t"] for i in range(2))
+    assert ratios["bytes_over_pillow_open_2t"] == pytest.approx(sum(want) / 2, abs=2e-3)
+
+
 def test_handoff_copies_the_batch_and_leaves_no_segment():
     """What ``handoff`` times really moves the bytes: a segment made by ``copy_to_shm`` holds the
     batch, and the unlink removes it from /dev/shm."""

@@ -8,6 +8,7 @@ training tests.
 
 import itertools
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -602,6 +603,52 @@ def test_jpegs_decode_to_the_tensorflow_paths_pixels(tmp_path, monkeypatch):
     assert image_ops.jpeg_pixels(image_ops.open_image(cut)) is None
     with pytest.raises(OSError, match="truncated"):
         image_ops.train_image(image_ops.open_image(cut), np.random.default_rng(0), 24, config)
+
+
+def test_jpeg_bytes_skip_pillows_open_and_give_the_same_crops(tmp_path, monkeypatch):
+    """``train_image`` of a file's bytes decodes a plain JPEG with simplejpeg, without Pillow
+    opening it (``jpeg_size``); every crop is the one made through Pillow's ``open``. A JPEG with
+    an APP1 segment (EXIF or XMP: Pillow applies an orientation from either) goes to Pillow."""
+    pytest.importorskip("simplejpeg")
+    config = default_config()
+    config.update(train_augment="inception_crop", random_flip=True, crop_area_range=(0.3, 1.0))
+    files = {name: path for name, (path, _) in _jpeg_kinds(tmp_path).items()}
+    noisy = Image.open(files["444"]).convert("RGB")
+    exif = Image.Exif()
+    exif[image_ops.EXIF_ORIENTATION] = 1
+    noisy.save(tmp_path / "exif_upright.jpg", quality=90, exif=exif)
+    xmp = (
+        b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-'
+        b'syntax-ns#"><rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/>'
+        b"</rdf:RDF></x:xmpmeta>"
+    )
+    noisy.save(tmp_path / "xmp_turned.jpg", quality=90, xmp=xmp)
+    files.update(exif_upright=tmp_path / "exif_upright.jpg", xmp_turned=tmp_path / "xmp_turned.jpg")
+    (tmp_path / "truncated.jpg").write_bytes(files["420"].read_bytes()[:-400])
+    files["truncated"] = tmp_path / "truncated.jpg"
+    fast = {"420", "422", "444", "progressive", "restart_markers", "grayscale", "truncated"}
+    for name, path in files.items():
+        data = path.read_bytes()
+        with Image.open(path) as f:
+            size = f.size[::-1]
+            if name == "xmp_turned":
+                assert image_ops.upright_size(f) == size[::-1]  # Pillow turns it: the case has power
+        assert image_ops.jpeg_size(data) == (size if name in fast else None), name
+        for i in range(4):
+            try:
+                want = image_ops.train_image(
+                    image_ops.open_image(path), np.random.default_rng([i, 5]), 24, config
+                )
+            except OSError as e:  # only the truncated file: the same error either way
+                with pytest.raises(type(e), match=re.escape(str(e))):
+                    image_ops.train_image(data, np.random.default_rng([i, 5]), 24, config)
+                continue
+            got = image_ops.train_image(data, np.random.default_rng([i, 5]), 24, config)
+            np.testing.assert_array_equal(got, want, err_msg=f"{name} {i}")
+    # Not a JPEG, or no simplejpeg: Pillow opens it.
+    assert image_ops.jpeg_size(_png()) is None
+    monkeypatch.setattr(image_ops, "simplejpeg", None)
+    assert image_ops.jpeg_size(files["420"].read_bytes()) is None
 
 
 def test_pillow_preprocessing_matches_the_tensorflow_path():

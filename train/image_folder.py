@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import atexit
 import functools
-import io
 import os
 import threading
 import time
@@ -188,18 +187,18 @@ def _names(names: Sequence[str]) -> str:
 # Reading one example (runs in Grain's worker processes).
 
 
-def _open(path: str):
+def _read(path: str) -> bytes:
+    """The file's bytes, in one read (for ``gs://``, one request, and the remote file closed)."""
     if "://" in path:
-        # The whole object in one read, and the remote file closed: Pillow leaves a file object
-        # it was given open, and gcsfs's read-ahead of an open file goes on in the background.
-        return image_ops.open_image(io.BytesIO(_path(path).read_bytes()))
-    return image_ops.open_image(path)
+        return _path(path).read_bytes()
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def load_example(path: str, fn) -> np.ndarray:
-    """``fn(opened image)``, with any failure to read or decode it as one line naming the file."""
+    """``fn(the file's bytes)``, with any failure to read or decode it as one line naming the file."""
     try:
-        return fn(_open(path))
+        return fn(_read(path))
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ImageDecodeError(

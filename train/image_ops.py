@@ -47,6 +47,7 @@ Evaluation always decodes in full.
 
 from __future__ import annotations
 
+import io
 import math
 import warnings
 from typing import Any
@@ -65,8 +66,8 @@ _TRANSPOSED = (5, 6, 7, 8)
 
 
 def open_image(file: Any) -> Image.Image:
-    """The image in ``file`` (a path or binary file object), not yet decoded."""
-    return Image.open(file)
+    """The image in ``file`` (a path, binary file object or the file's bytes), not yet decoded."""
+    return Image.open(io.BytesIO(file) if isinstance(file, bytes) else file)
 
 
 def upright_size(image: Image.Image) -> tuple[int, int]:
@@ -108,6 +109,39 @@ def jpeg_pixels(image: Image.Image) -> np.ndarray | None:
         return None
     image.close()  # Pillow closes the file once it has decoded; nothing else will here
     return pixels
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """``(height, width)`` of a JPEG file's bytes that simplejpeg decodes, unopened by Pillow, to the
+    pixels ``jpeg_pixels`` gives; None for anything else.
+
+    That is a YCbCr, RGB or grayscale JPEG without an APP1 segment: APP1 holds EXIF and XMP,
+    either of which may carry an orientation that Pillow applies. The markers before the scan
+    are walked here; simplejpeg reads the frame header. Skipping Pillow's header parsing, which
+    is Python, leaves less of each image's work holding the GIL (BENCHMARKS.md, section 3b).
+    """
+    if simplejpeg is None or data[:2] != b"\xff\xd8":
+        return None
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF or 0xD0 <= marker <= 0xD7 or marker == 0x01:  # fill byte; no length
+            i += 1 if marker == 0xFF else 2
+            continue
+        if marker == 0xDA:  # start of scan: the header is over
+            break
+        if marker == 0xE1:
+            return None
+        i += 2 + ((data[i + 2] << 8) | data[i + 3])
+    else:
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    return (height, width) if colorspace in ("YCbCr", "RGB", "Gray") else None
 
 
 def decode_jpeg(data: bytes) -> np.ndarray:
@@ -202,11 +236,19 @@ def _round(x: float) -> int:
 # Training and evaluation preprocessing of one image.
 
 
-def train_image(image: Image.Image, rng: np.random.Generator, size: int, config: Any) -> np.ndarray:
-    """Training preprocessing of one opened image -> ``uint8 [size, size, 3]`` (module docstring)."""
+def train_image(image: Image.Image | bytes, rng: np.random.Generator, size: int, config: Any) -> np.ndarray:
+    """Training preprocessing of one image file's bytes (or the opened image) -> ``uint8 [size,
+    size, 3]`` (module docstring). A JPEG that ``jpeg_size`` takes is decoded by simplejpeg
+    without Pillow opening it: the same pixels as through Pillow's ``open``."""
     mode = config.train_augment
     if mode == "inception_crop":
-        height, width = upright_size(image)
+        shape = None
+        if isinstance(image, bytes) and not config.jpeg_reduced_decode:
+            shape = jpeg_size(image)
+        if shape is None:
+            image = open_image(image) if isinstance(image, bytes) else image
+            shape = upright_size(image)
+        height, width = shape
         top, left, crop_h, crop_w = sample_crop(
             rng,
             height,
@@ -215,12 +257,19 @@ def train_image(image: Image.Image, rng: np.random.Generator, size: int, config:
             tuple(config.crop_aspect_ratio_range),
             float(config.crop_min_object_covered),
         )
-        # Cut first, then resize: a resize with ``box=`` would blend in pixels beyond the box's
-        # edges, which TF's slice-then-resize does not.
-        reduced = config.jpeg_reduced_decode and _draft(image, min(crop_h, crop_w) / size)
-        pixels = None if reduced else jpeg_pixels(image)
+        pixels = None
+        if isinstance(image, bytes):
+            try:
+                pixels = decode_jpeg(image)
+            except ValueError:  # then Pillow decides whether it can be read, as jpeg_pixels does
+                image = open_image(image)
+        if pixels is None:
+            # Cut first, then resize: a resize with ``box=`` would blend in pixels beyond the
+            # box's edges, which TF's slice-then-resize does not.
+            reduced = config.jpeg_reduced_decode and _draft(image, min(crop_h, crop_w) / size)
+            pixels = None if reduced else jpeg_pixels(image)
         if pixels is not None:
-            crop = Image.fromarray(pixels[top : top + crop_h, left : left + crop_w])
+            crop = _crop(pixels, top, left, crop_h, crop_w)
         else:
             image = to_rgb(image)
             # The box in the (possibly reduced) decoded image's pixels.
@@ -229,11 +278,12 @@ def train_image(image: Image.Image, rng: np.random.Generator, size: int, config:
             crop = image.crop(tuple(round(v) for v in box))
         out = crop.resize((size, size), Image.BILINEAR, reducing_gap=None)
         if config.random_flip and rng.random() < 0.5:
-            # Flipped by Pillow on the small output, then one copy to NumPy.
+            # Flipped by Pillow on the small output (a tenth of the time of NumPy's copy of a
+            # reversed view), then one copy to NumPy.
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return np.asarray(out, np.uint8)
     elif mode == "pad_crop":
-        image = to_rgb(image)
+        image = to_rgb(open_image(image) if isinstance(image, bytes) else image)
         if image.size != (size, size):
             image = image.resize((size, size), Image.BILINEAR)
         pad = int(config.crop_padding)
@@ -241,7 +291,7 @@ def train_image(image: Image.Image, rng: np.random.Generator, size: int, config:
         dy, dx = (int(v) for v in rng.integers(0, 2 * pad + 1, 2))
         pixels = padded[dy : dy + size, dx : dx + size]
     elif mode == "none":
-        image = to_rgb(image)
+        image = to_rgb(open_image(image) if isinstance(image, bytes) else image)
         pixels = np.asarray(
             image if image.size == (size, size) else image.resize((size, size), Image.BILINEAR)
         )
@@ -250,6 +300,15 @@ def train_image(image: Image.Image, rng: np.random.Generator, size: int, config:
     if config.random_flip and rng.random() < 0.5:
         pixels = pixels[:, ::-1]
     return np.ascontiguousarray(pixels, np.uint8)
+
+
+def _crop(pixels: np.ndarray, top: int, left: int, height: int, width: int) -> Image.Image:
+    """The box of decoded ``uint8 [H, W, 3]`` pixels as a Pillow image, read in place (one copy,
+    where ``Image.fromarray`` of the strided slice makes two)."""
+    pixels = np.ascontiguousarray(pixels)
+    row = pixels.shape[1] * 3
+    flat = pixels.reshape(-1)[top * row + left * 3 :]
+    return Image.frombuffer("RGB", (width, height), flat, "raw", "RGB", row, 1)
 
 
 def _draft(image: Image.Image, reduction: float) -> bool:
@@ -263,11 +322,11 @@ def _draft(image: Image.Image, reduction: float) -> bool:
     return False
 
 
-def eval_image(image: Image.Image, size: int, crop_fraction: float = 0.875) -> np.ndarray:
+def eval_image(image: Image.Image | bytes, size: int, crop_fraction: float = 0.875) -> np.ndarray:
     """Evaluation preprocessing -> ``uint8 [size, size, 3]``: resize the shorter side to
     ``size / crop_fraction`` and take the central crop; ``crop_fraction >= 1`` resizes straight
     to ``size``. The TF path's arithmetic (float32 scale, round half to even)."""
-    image = to_rgb(image)
+    image = to_rgb(open_image(image) if isinstance(image, bytes) else image)
     new_h, new_w, top, left = _eval_geometry(image.height, image.width, size, crop_fraction)
     pixels = _resize(image, new_h, new_w)
     return np.ascontiguousarray(pixels[top : top + size, left : left + size])
