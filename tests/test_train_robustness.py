@@ -345,6 +345,9 @@ def test_predict_rejects_images_of_wrong_rank_or_channels(reference, tmp_path):
         "missing.png": ["missing.png", "does not exist"],
     }
     procs = {name: _predict(reference, tmp_path / "good.npy", tmp_path / name) for name in cases}
+    # A reader that stops early (``| head``): no traceback, the shell's SIGPIPE status.
+    gone = _predict(reference, tmp_path / "good.npy")
+    gone.stdout.close()
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 2, err[-3000:]
@@ -353,6 +356,8 @@ def test_predict_rejects_images_of_wrong_rank_or_channels(reference, tmp_path):
         assert line.startswith("error: ")
         for w in cases[name]:
             assert w in line, line
+    err = gone.communicate(timeout=120)[1]
+    assert gone.returncode == 141 and "Traceback" not in err, err[-3000:]
 
     from train import predict
 

@@ -19,6 +19,7 @@ An unreadable image or an array of the wrong rank or channel count is a one-line
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator, Sequence
 
@@ -182,6 +183,10 @@ def main(argv: list[str]) -> None:
     except (FileNotFoundError, ImageError, input_pipeline.DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:
+        # The reader stopped early (``| head``): stop quietly, as a shell tool does on SIGPIPE.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(128 + 13)
 
 
 if __name__ == "__main__":
