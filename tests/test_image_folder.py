@@ -321,6 +321,29 @@ def test_an_unreadable_folder_is_one_line_naming_it(tmp_path, monkeypatch):
         assert w in message, message
 
 
+def test_file_names_that_are_not_utf8_are_read_and_class_names_must_be_one_line_of_text(tmp_path):
+    root = _tree(tmp_path / "root", {"train/a/ok.png": _png(1), "val/a/v.png": _png(3)})
+    try:  # a name in Latin-1, as old archives hold them
+        with open(os.path.join(os.fsencode(root / "train/a"), b"caf\xe9.png"), "wb") as f:
+            f.write(_png(2))
+    except OSError:  # pragma: no cover - file systems that only store UTF-8 names
+        pytest.skip("this file system refuses a file name that is not UTF-8")
+    classes, (paths, _), _, _ = scan(str(root))
+    assert [os.fsencode(p)[-8:] for p in paths] == [b"caf\xe9.png", b"a/ok.png"]
+    ds = input_pipeline.create_dataset(
+        folder_config(root, image_size=4, train_augment="none", random_flip=False)
+    )
+    (train,) = [b["image"] for b in itertools.islice(ds.train_iterator(2), 1)]
+    assert sorted(train[:, 0, 0, 0]) == [1, 2]
+    # Class names are saved one per line: a folder name that is not one line of text is refused.
+    for bad in (b"caf\xe9", b"two\nlines"):
+        os.mkdir(os.path.join(os.fsencode(root / "train"), bad))
+        with pytest.raises(DatasetError) as e:
+            scan(str(root))
+        assert "\n" not in str(e.value) and "rename the folder" in str(e.value) and repr(bad) in str(e.value)
+        os.rmdir(os.path.join(os.fsencode(root / "train"), bad))
+
+
 def test_eval_split_may_be_called_validation_or_test(tmp_path):
     for name in ("validation", "test"):
         root = _tree(

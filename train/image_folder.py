@@ -159,6 +159,13 @@ def scan(root: str) -> tuple[tuple[str, ...], tuple[list[str], list[int]], tuple
         )
     eval_dir = _join(root, eval_name)
     classes = tuple(name for name, is_dir in _list_dir(train_dir) if is_dir)
+    for name in classes:
+        # Class names are saved one per line, as UTF-8 text (class_names.txt).
+        if name.splitlines() != [name] or name != name.encode("utf-8", "replace").decode("utf-8"):
+            raise DatasetError(
+                f"the class folder name {name.encode('utf-8', 'surrogateescape')!r} in {train_dir} is "
+                "not one line of UTF-8 text, which class names are saved as; rename the folder."
+            )
     if not classes:
         raise DatasetError(
             f"{train_dir} has no class folders; put each class's images in its own folder, "
@@ -213,13 +220,16 @@ class _Paths:
     def __init__(self, paths: Sequence[str]):
         prefix = os.path.commonprefix(list(paths)) if paths else ""
         self.prefix = prefix[: prefix.rfind("/") + 1]
-        self.rest = np.array([p[len(self.prefix) :].encode() for p in paths], dtype=bytes)
+        # surrogateescape: a local file name that is not UTF-8 comes back as the same bytes.
+        self.rest = np.array(
+            [p[len(self.prefix) :].encode("utf-8", "surrogateescape") for p in paths], dtype=bytes
+        )
 
     def __len__(self) -> int:
         return len(self.rest)
 
     def __getitem__(self, i: int) -> str:
-        return self.prefix + self.rest[i].decode()
+        return self.prefix + self.rest[i].decode("utf-8", "surrogateescape")
 
 
 @functools.lru_cache(maxsize=2)

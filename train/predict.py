@@ -175,7 +175,9 @@ def main(argv: list[str]) -> None:
 
         for path, top in results:
             # Through tqdm, so that the progress bar (on stderr) is redrawn below the results.
-            lines = [path] + [
+            # A local file name that is not UTF-8 is shown with U+FFFD where its bytes are not.
+            shown = path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            lines = [shown] + [
                 f"  {rank}. {name:<30} {100 * prob:6.2f}%  (class {index})"
                 for rank, (index, name, prob) in enumerate(top, 1)
             ]
