@@ -668,8 +668,13 @@ def test_jpeg_bytes_skip_pillows_open_and_give_the_same_crops(tmp_path, monkeypa
                 continue
             got = image_ops.train_image(data, np.random.default_rng([i, 5]), 24, config)
             np.testing.assert_array_equal(got, want, err_msg=f"{name} {i}")
-    # Not a JPEG, or no simplejpeg: Pillow opens it.
+    # Not a JPEG, or no simplejpeg: Pillow opens it. So does a JPEG above Pillow's pixel limit,
+    # which Pillow refuses as a possible decompression bomb (here the limit is lowered).
     assert image_ops.jpeg_size(_png()) is None
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 97 * 83 // 2 - 1)
+    assert image_ops.jpeg_size(files["420"].read_bytes()) is None
+    with pytest.raises(Image.DecompressionBombError):
+        image_ops.train_image(files["420"].read_bytes(), np.random.default_rng(0), 24, config)
     monkeypatch.setattr(image_ops, "simplejpeg", None)
     assert image_ops.jpeg_size(files["420"].read_bytes()) is None
 

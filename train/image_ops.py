@@ -141,6 +141,8 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
     except ValueError:
         return None
+    if Image.MAX_IMAGE_PIXELS is not None and height * width > Image.MAX_IMAGE_PIXELS:
+        return None  # Pillow's open warns, or refuses a decompression bomb, as for any file
     return (height, width) if colorspace in ("YCbCr", "RGB", "Gray") else None
 
 
