@@ -68,6 +68,8 @@ def iter_predictions(
     """``(path, top_k)`` per image of ``predict_files``, yielded a batch at a time."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1; got {batch_size}.")
+    if not paths:
+        return
     config, info = build.load_run_info(workdir)
     # Compute in float32 here: inference of a few images is not worth a reduced precision.
     config.dtype = "float32"
