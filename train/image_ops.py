@@ -31,6 +31,8 @@ equals TF's ``decode_and_crop_jpeg`` of the same box except in the box's two out
 on each side when the chroma is subsampled: libjpeg's cropped decode upsamples the chroma there
 as if the box's edges were the image's (a mean difference from TF's 224 crops of 0.19 levels,
 against 1.0 with Pillow's decode; BENCHMARKS.md, section 3b).
+For training, a JPEG's bytes without an APP1 segment (EXIF, XMP) go to simplejpeg without
+Pillow opening the file at all (``jpeg_size``), which saves the Python of Pillow's header parsing.
 Without simplejpeg, or for any other file (CMYK, an EXIF orientation, not a JPEG), Pillow
 decodes, and a JPEG's pixels then come from libjpeg's accurate integer IDCT, which Pillow always
 uses: they differ from TF's by up to about 6 levels. simplejpeg's decode also
