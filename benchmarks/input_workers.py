@@ -240,10 +240,9 @@ def run_grain_worker(args: argparse.Namespace) -> dict[str, Any]:
 def train_file(path: str, rng: np.random.Generator, size: int, config: Any) -> np.ndarray:
     """One training example's work as the image-folder path does it: read the file's bytes, then
     ``image_ops.train_image`` (``train/image_folder.py``'s ``load_example``)."""
-    from train import image_ops
+    from train import image_folder, image_ops
 
-    with open(path, "rb") as f:
-        return image_ops.train_image(f.read(), rng, size, config)
+    return image_ops.train_image(image_folder._read(path), rng, size, config)
 
 
 def _work_only_process(core: int, paths: list[str], config: Any, size: int, start: Any, done: Any) -> None:

@@ -31,11 +31,11 @@ INPUTS = ("bytes", "pillow_open")
 
 
 def _work(kind: str) -> Callable[[str, np.random.Generator, Any], np.ndarray]:
+    from benchmarks.input_workers import train_file
     from train import image_ops
 
     def from_bytes(path, rng, config):
-        with open(path, "rb") as f:
-            return image_ops.train_image(f.read(), rng, 224, config)
+        return train_file(path, rng, 224, config)
 
     def from_pillow(path, rng, config):
         return image_ops.train_image(image_ops.open_image(path), rng, 224, config)

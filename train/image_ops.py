@@ -72,6 +72,11 @@ def open_image(file: Any) -> Image.Image:
     return Image.open(io.BytesIO(file) if isinstance(file, bytes) else file)
 
 
+def _opened(image: Image.Image | bytes) -> Image.Image:
+    """``image`` itself, or the file's ``bytes`` opened by Pillow."""
+    return open_image(image) if isinstance(image, bytes) else image
+
+
 def upright_size(image: Image.Image) -> tuple[int, int]:
     """``(height, width)`` of ``image`` once its EXIF orientation is applied."""
     width, height = image.size
@@ -250,7 +255,7 @@ def train_image(image: Image.Image | bytes, rng: np.random.Generator, size: int,
         if isinstance(image, bytes) and not config.jpeg_reduced_decode:
             shape = jpeg_size(image)
         if shape is None:
-            image = open_image(image) if isinstance(image, bytes) else image
+            image = _opened(image)
             shape = upright_size(image)
         height, width = shape
         top, left, crop_h, crop_w = sample_crop(
@@ -287,7 +292,7 @@ def train_image(image: Image.Image | bytes, rng: np.random.Generator, size: int,
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return np.asarray(out, np.uint8)
     elif mode == "pad_crop":
-        image = to_rgb(open_image(image) if isinstance(image, bytes) else image)
+        image = to_rgb(_opened(image))
         if image.size != (size, size):
             image = image.resize((size, size), Image.BILINEAR)
         pad = int(config.crop_padding)
@@ -295,7 +300,7 @@ def train_image(image: Image.Image | bytes, rng: np.random.Generator, size: int,
         dy, dx = (int(v) for v in rng.integers(0, 2 * pad + 1, 2))
         pixels = padded[dy : dy + size, dx : dx + size]
     elif mode == "none":
-        image = to_rgb(open_image(image) if isinstance(image, bytes) else image)
+        image = to_rgb(_opened(image))
         pixels = np.asarray(
             image if image.size == (size, size) else image.resize((size, size), Image.BILINEAR)
         )
@@ -330,7 +335,7 @@ def eval_image(image: Image.Image | bytes, size: int, crop_fraction: float = 0.8
     """Evaluation preprocessing -> ``uint8 [size, size, 3]``: resize the shorter side to
     ``size / crop_fraction`` and take the central crop; ``crop_fraction >= 1`` resizes straight
     to ``size``. The TF path's arithmetic (float32 scale, round half to even)."""
-    image = to_rgb(open_image(image) if isinstance(image, bytes) else image)
+    image = to_rgb(_opened(image))
     new_h, new_w, top, left = _eval_geometry(image.height, image.width, size, crop_fraction)
     pixels = _resize(image, new_h, new_w)
     return np.ascontiguousarray(pixels[top : top + size, left : left + size])
