@@ -348,6 +348,11 @@ def test_predict_rejects_images_of_wrong_rank_or_channels(reference, tmp_path):
     # A reader that stops early (``| head``): no traceback, the shell's SIGPIPE status.
     gone = _predict(reference, tmp_path / "good.npy")
     gone.stdout.close()
+    # A count below 1 would print too few classes (--top_k=-1 printed all but one) or none.
+    flags = {
+        f: _predict(reference, f, tmp_path / "good.npy")
+        for f in ("--top_k=-1", "--top_k=0", "--batch_size=0")
+    }
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 2, err[-3000:]
@@ -358,11 +363,18 @@ def test_predict_rejects_images_of_wrong_rank_or_channels(reference, tmp_path):
             assert w in line, line
     err = gone.communicate(timeout=120)[1]
     assert gone.returncode == 141 and "Traceback" not in err, err[-3000:]
+    for flag, proc in flags.items():
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode != 0 and not out and "Traceback" not in err, err[-3000:]
+        assert f"flag {flag}: " in err and "not a positive integer" in err, err[-3000:]
 
     from train import predict
 
     (top,) = predict.predict_files(reference, [str(tmp_path / "good.npy")], top_k=3)
     assert len(top) == 3 and abs(sum(p for *_, p in top) - 1) < 1
+    for bad in ({"top_k": 0}, {"top_k": -1}, {"batch_size": 0}):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be at least 1"):
+            predict.predict_files(reference, [str(tmp_path / "good.npy")], **bad)
 
 
 def _save_torch(path, variables) -> None:

@@ -36,8 +36,8 @@ def _define_flags() -> None:
     ``train.export`` (which also has ``--workdir``) never clashes."""
     flags.DEFINE_string("workdir", None, "Workdir of a training run.")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-    flags.DEFINE_integer("top_k", 5, "How many classes to print per image.")
-    flags.DEFINE_integer("batch_size", 64, "Images read and run at a time.")
+    flags.DEFINE_integer("top_k", 5, "How many classes to print per image.", lower_bound=1)
+    flags.DEFINE_integer("batch_size", 64, "Images read and run at a time.", lower_bound=1)
     flags.mark_flag_as_required("workdir")
 
 
@@ -50,8 +50,8 @@ def predict_files(
         workdir: A run's workdir (local or ``gs://``): its config, class names and checkpoint.
         paths: Image files, preprocessed as the run's evaluation does.
         step: The checkpoint step to use; None: the newest.
-        top_k: Classes per image, capped at the number of classes.
-        batch_size: Images read and run at a time.
+        top_k: Classes per image (at least 1), capped at the number of classes.
+        batch_size: Images read and run at a time (at least 1).
     """
     return [top for _, top in iter_predictions(workdir, paths, step=step, top_k=top_k, batch_size=batch_size)]
 
@@ -66,8 +66,9 @@ def iter_predictions(
     progress: bool = False,
 ) -> Iterator[tuple[str, list[tuple[int, str, float]]]]:
     """``(path, top_k)`` per image of ``predict_files``, yielded a batch at a time."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1; got {batch_size}.")
+    for name, value in (("top_k", top_k), ("batch_size", batch_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1; got {value}.")
     if not paths:
         return
     config, info = build.load_run_info(workdir)
@@ -161,8 +162,6 @@ def main(argv: list[str]) -> None:
     if not paths:
         raise app.UsageError("give one or more image files: python -m train.predict --workdir=DIR IMAGE...")
     FLAGS = flags.FLAGS
-    if FLAGS.batch_size < 1:
-        raise app.UsageError(f"--batch_size must be at least 1; got {FLAGS.batch_size}.")
     try:
         files = expand_folders(paths)
         results = iter_predictions(
