@@ -26,10 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from resnet_jax import convert
+from resnet_jax.constants import IMAGENET_MEAN, IMAGENET_STD
 from resnet_jax.models import PRESETS, ResNet, get_model
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class UnknownWeightsError(KeyError):
