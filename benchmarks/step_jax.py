@@ -206,19 +206,19 @@ def nnx_train_step(model: Any, optimizer: Any, batch: dict[str, jax.Array]) -> d
 
 
 class ElementwiseMaxPoolContender(JaxContender):
-    """The library's step with the stem's max-pool swapped for ``core.max_pool_3x3_elementwise``
+    """The library's step with the stem's max-pool swapped for ``ops.max_pool_3x3_elementwise``
     (its backward made of elementwise ops instead of ``select_and_scatter``): an experiment,
     swapped only while this contender traces and compiles, so the others keep XLA's max-pool."""
 
     def prepare(self) -> dict[str, Any]:
-        from resnet_jax import core
+        from resnet_jax import ops
 
-        xla_pool = core.max_pool_3x3
-        core.max_pool_3x3 = core.max_pool_3x3_elementwise
+        xla_pool = ops.max_pool_3x3
+        ops.max_pool_3x3 = ops.max_pool_3x3_elementwise
         try:
             return super().prepare()
         finally:
-            core.max_pool_3x3 = xla_pool
+            ops.max_pool_3x3 = xla_pool
 
 
 class NNXContender(Contender):

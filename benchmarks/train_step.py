@@ -114,13 +114,13 @@ def _add_comparison_flags(p: argparse.ArgumentParser) -> None:
         "--compare-maxpool-elementwise",
         action="store_true",
         help="also time the library with the stem max-pool's backward as elementwise ops "
-        "(core.max_pool_3x3_elementwise) instead of select_and_scatter",
+        "(ops.max_pool_3x3_elementwise) instead of select_and_scatter",
     )
     p.add_argument(
         "--compare-bn-fused",
         action="store_true",
         help="also time the library with ResNet(bn_fused=True): each BatchNorm with its add and "
-        "ReLU as one custom VJP (core.batch_norm(fused=True))",
+        "ReLU as one custom VJP (batchnorm.batch_norm(fused=True))",
     )
     p.add_argument(
         "--compare-nnx",

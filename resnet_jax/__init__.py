@@ -2,55 +2,31 @@
 SE-ResNets; labml.ai's annotated ResNet as ``ResNetBase``).
 
 Linen modules here; the same models for Flax NNX in ``resnet_jax.nnx`` (imported on first use,
-so Linen users do not pay for importing ``flax.nnx``); meshes in ``resnet_jax.sharding``.
+so Linen users do not pay for importing ``flax.nnx``); meshes in ``resnet_jax.sharding``; the
+architectures themselves, for both APIs, in ``resnet_jax.blocks`` and ``resnet_jax.networks``.
 """
 
 import importlib
 
-from resnet_jax import sharding
-from resnet_jax.blocks import (
-    BatchNorm,
-    BottleneckResidualBlock,
-    ResidualBlock,
-    ShortcutProjection,
-    SqueezeExcite,
-)
-
-# The presets are imported by name, so that IDEs and grep see them, and exported through
-# __all__ as PRESETS lists them (which ruff cannot see, hence the noqa).
-from resnet_jax.models import (  # noqa: F401
+from resnet_jax import blocks, models, sharding
+from resnet_jax.models import (
     PRESETS,
     TORCHVISION_ARCHS,
+    BatchNorm,
+    Block,
+    BottleneckResidualBlock,
+    ResidualBlock,
     ResNet,
     ResNetBase,
+    ShortcutProjection,
+    SqueezeExcite,
     get_model,
-    resnet18,
-    resnet18d,
-    resnet26d,
-    resnet26t,
-    resnet34,
-    resnet34d,
-    resnet50,
-    resnet50d,
-    resnet50t,
-    resnet101,
-    resnet101d,
-    resnet152,
-    resnet152d,
-    resnet200,
-    resnet200d,
-    resnext50_32x4d,
-    resnext101_32x8d,
-    resnext101_64x4d,
-    seresnet50,
-    seresnext26d_32x4d,
-    seresnext50_32x4d,
-    seresnext101_32x8d,
-    wide_resnet50_2,
-    wide_resnet101_2,
 )
 
 __version__ = "0.1.0"
+
+# One function per preset (``resnet_jax.resnet50``), from the table in ``presets.py``.
+globals().update({arch: getattr(models, arch) for arch in PRESETS})
 
 
 def __getattr__(name: str):
@@ -61,6 +37,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "BatchNorm",
+    "Block",
     "BottleneckResidualBlock",
     "PRESETS",
     "TORCHVISION_ARCHS",
@@ -69,6 +46,7 @@ __all__ = [
     "ResidualBlock",
     "ShortcutProjection",
     "SqueezeExcite",
+    "blocks",
     "get_model",
     "nnx",
     "sharding",

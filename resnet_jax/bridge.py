@@ -1,47 +1,27 @@
 """Linen <-> NNX: the model with the same fields in the other API, and the same arrays under the
 other API's paths.
 
-Both APIs build from the plans in ``core.py``, so a Linen ``ResNet``/``ResNetBase`` and the NNX
-model with the same fields hold the same variables: Linen keys them
+Both APIs build from the same definitions (``networks.py``, ``blocks.py``), so a Linen
+``ResNet``/``ResNetBase`` and the NNX model with the same fields hold the same variables: Linen keys them
 ``('params'|'batch_stats', *linen_path)`` (``layer1_0/conv1/kernel``), NNX by PyTorch path and
 variable type (``layer1[0].conv1.kernel``, an ``nnx.Param``). Conversion is exact both ways.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Union
+from typing import Any, Mapping
 
 import jax.numpy as jnp
 import numpy as np
-from flax import linen, nnx, traverse_util
+from flax import traverse_util
 
-from resnet_jax import models
-from resnet_jax import nnx as rnnx
 from resnet_jax.layout import nnx_to_linen, nnx_variables
 from resnet_jax.mismatch import StateDictMismatchError, compare, describe
+from resnet_jax.nnx import from_linen, to_linen
 
 __all__ = ["from_linen", "linen_to_nnx", "nnx_to_linen", "to_linen"]
 
-_LINEN = {rnnx.ResNet: models.ResNet, rnnx.ResNetBase: models.ResNetBase}
-
 Variables = dict[str, Any]
-
-
-def from_linen(module: linen.Module, *, rngs: nnx.Rngs) -> Union[rnnx.ResNet, rnnx.ResNetBase]:
-    """The NNX model with the fields of a Linen ``resnet_jax.ResNet`` or ``ResNetBase``."""
-    for nnx_cls, linen_cls in _LINEN.items():
-        if type(module) is linen_cls:
-            names = [n for n in linen_cls.__dataclass_fields__ if n not in ("parent", "name")]
-            return nnx_cls(**{n: getattr(module, n) for n in names}, rngs=rngs)
-    raise TypeError(f"from_linen takes a resnet_jax ResNet or ResNetBase; got {type(module).__name__}.")
-
-
-def to_linen(model: Union[rnnx.ResNet, rnnx.ResNetBase]) -> linen.Module:
-    """The Linen module with the fields of an NNX ``ResNet`` or ``ResNetBase`` (for
-    :func:`nnx_to_linen` variables)."""
-    if type(model) not in _LINEN:
-        raise TypeError(f"to_linen takes a resnet_jax.nnx ResNet or ResNetBase; got {type(model).__name__}.")
-    return _LINEN[type(model)](**rnnx.fields(model))
 
 
 def linen_to_nnx(variables: Mapping[str, Any], model: Any) -> Any:

@@ -10,6 +10,7 @@ fields. The other jobs live next door and are re-exported here: the architecture
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Mapping, Optional, Union
 
 import jax
@@ -18,13 +19,13 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
-from resnet_jax import core
+from resnet_jax import presets
 from resnet_jax.infer import infer_fields, infer_model
 from resnet_jax.layout import flax_to_torch, nnx_to_linen, nnx_variables, shape, strip_wrappers, torch_key
 from resnet_jax.layout import torch_leaves as _torch_leaves
 from resnet_jax.mismatch import StateDictMismatchError, compare, describe
 from resnet_jax.models import ResNet, classifier_head, get_model
-from resnet_jax.torch_io import load_torch_checkpoint, save_torch_checkpoint
+from resnet_jax.torch_io import load_torch_checkpoint, write_state_dict
 
 Variables = dict[str, Any]
 
@@ -133,7 +134,7 @@ def torch_to_nnx(
         else:
             kind, fields = (
                 "ResNet",
-                {**core.preset_fields(model, {}, ()), "num_classes": _classes(state_dict)},
+                {**presets.preset_fields(model, {}, ()), "num_classes": _classes(state_dict)},
             )
         if num_classes is not None and kind == "ResNet":
             fields["num_classes"] = num_classes
@@ -238,3 +239,35 @@ def _mismatch(state_dict, model, missing, unexpected, wrong, ckpt_classes) -> St
         looks_like=looks_like,
         hints=hints,
     )
+
+
+def save_torch_checkpoint(
+    variables: Mapping[str, Any],
+    path: Union[str, "os.PathLike"],
+    arch: Optional[Any] = None,
+) -> dict[str, np.ndarray]:
+    """Write Flax variables as a PyTorch state_dict: ``.safetensors`` (no PyTorch needed) or
+    ``.pth``/``.pt`` (``torch.save`` of tensors).
+
+    Keys are torchvision's (timm's for the -D/-T presets), with ``num_batches_tracked`` added, so
+    ``load_state_dict(strict=True)`` of the same architecture accepts the file. With ``arch`` (a
+    preset name or Flax module) the variables are checked against it first, and nothing is written
+    when they do not match. The file is written under a temporary name and renamed, so a crash
+    never leaves a half-written file under ``path``.
+
+    Args:
+        variables: Linen-layout ``{'params': ..., 'batch_stats': ...}``.
+        path: The file to write; must end with ``.safetensors``, ``.pth`` or ``.pt``.
+        arch: A preset name or Flax module to check the variables against; None skips the check.
+
+    Returns:
+        The state_dict written, as numpy arrays.
+    """
+    path = os.fspath(path)
+    if os.path.splitext(path)[1] not in (".safetensors", ".pth", ".pt"):
+        raise ValueError(f"{path}: the file name must end with .safetensors, .pth or .pt.")
+    state_dict = flax_to_torch(variables)
+    if arch is not None:
+        torch_to_flax(state_dict, arch)  # raises StateDictMismatchError, listing the keys
+    write_state_dict(state_dict, path)
+    return state_dict

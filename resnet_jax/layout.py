@@ -1,7 +1,7 @@
 """The key and leaf rules between PyTorch state_dicts and Flax variables.
 
 A PyTorch key ``layer1.0.downsample.1.running_var`` is the Flax key
-``('batch_stats', 'layer1_0', 'downsample_1', 'var')`` (module paths: ``core.linen_path``), and
+``('batch_stats', 'layer1_0', 'downsample_1', 'var')`` (module paths: ``names.linen_path``), and
 each leaf has one rule: conv ``OIHW -> HWIO``, linear transposed, BatchNorm ``weight/bias ->
 scale/bias`` and ``running_mean/var -> batch_stats mean/var``, ``num_batches_tracked`` dropped
 (it only matters for ``momentum=None`` in PyTorch). NNX state paths are PyTorch's, so an NNX
@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from resnet_jax import core
+from resnet_jax import names
 from resnet_jax.mismatch import StateDictMismatchError
 
 _BN_STATS = {"running_mean": "mean", "running_var": "var"}
@@ -60,7 +60,7 @@ def torch_leaves(state_dict: Mapping[str, Any]) -> tuple[dict, dict[tuple, str]]
         if leaf == "num_batches_tracked":
             continue
         arr = to_numpy(value)
-        path = core.linen_path(prefix)
+        path = names.linen_path(prefix)
         if leaf in _BN_STATS:
             target = ("batch_stats", *path, _BN_STATS[leaf])
         elif leaf == "bias":
@@ -89,7 +89,7 @@ def torch_key(flax_key: tuple[str, ...]) -> str:
         name = {"mean": "running_mean", "var": "running_var"}[leaf]
     else:
         name = {"kernel": "weight", "scale": "weight", "bias": "bias"}[leaf]
-    return f"{core.torch_path(path)}.{name}"
+    return f"{names.torch_path(path)}.{name}"
 
 
 def flax_to_torch(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -130,7 +130,7 @@ def nnx_variables(model: Any) -> dict[tuple, Any]:
             raise TypeError(
                 f"{'.'.join(parts)} is an nnx.{type(var).__name__}; only Param and BatchStat convert."
             )
-        out[(collection, *core.linen_path(parts[:-1]), parts[-1])] = var
+        out[(collection, *names.linen_path(parts[:-1]), parts[-1])] = var
     return out
 
 

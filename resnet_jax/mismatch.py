@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
-from resnet_jax import core
+from resnet_jax.presets import PRESETS
 
 
 class WrongShape(NamedTuple):
@@ -124,7 +124,7 @@ def describe(model: Any, prefix: str = "") -> str:
     name = prefix + type(model).__name__
     if hasattr(model, "stage_sizes"):  # a ResNet, either API
         arch = {"stage_sizes": tuple(model.stage_sizes), **{k: getattr(model, k) for k in _ARCH_DEFAULTS}}
-        for preset, fields in core.PRESETS.items():
+        for preset, fields in PRESETS.items():
             if {**_ARCH_DEFAULTS, **fields, "stage_sizes": tuple(fields["stage_sizes"])} == arch:
                 return f"{name} ({preset})"
         extra = "".join(

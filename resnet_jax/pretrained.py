@@ -30,7 +30,6 @@ from resnet_jax.constants import IMAGENET_MEAN, IMAGENET_STD
 from resnet_jax.models import PRESETS, ResNet, get_model
 
 
-
 class UnknownWeightsError(KeyError):
     """No weights are registered under that name; the message lists close names."""
 

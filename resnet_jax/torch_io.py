@@ -6,11 +6,11 @@ torchvision's and timm's key names.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Union
 
 import numpy as np
 
-from resnet_jax.layout import flax_to_torch, strip_wrappers, to_numpy
+from resnet_jax.layout import strip_wrappers, to_numpy
 
 
 def load_torch_checkpoint(path: Union[str, os.PathLike]) -> dict[str, np.ndarray]:
@@ -57,37 +57,14 @@ def load_torch_checkpoint(path: Union[str, os.PathLike]) -> dict[str, np.ndarray
     return {k: to_numpy(v) if hasattr(v, "detach") else v for k, v in strip_wrappers(obj).items()}
 
 
-def save_torch_checkpoint(
-    variables: Mapping[str, Any],
-    path: Union[str, os.PathLike],
-    arch: Optional[Any] = None,
-) -> dict[str, np.ndarray]:
-    """Write Flax variables as a PyTorch state_dict: ``.safetensors`` (no PyTorch needed) or
-    ``.pth``/``.pt`` (``torch.save`` of tensors).
-
-    Keys are torchvision's (timm's for the -D/-T presets), with ``num_batches_tracked`` added, so
-    ``load_state_dict(strict=True)`` of the same architecture accepts the file. With ``arch`` (a
-    preset name or Flax module) the variables are checked against it first, and nothing is written
-    when they do not match. The file is written under a temporary name and renamed, so a crash
-    never leaves a half-written file under ``path``.
-
-    Args:
-        variables: Linen-layout ``{'params': ..., 'batch_stats': ...}``.
-        path: The file to write; must end with ``.safetensors``, ``.pth`` or ``.pt``.
-        arch: A preset name or Flax module to check the variables against; None skips the check.
-
-    Returns:
-        The state_dict written, as numpy arrays.
-    """
+def write_state_dict(state_dict: Mapping[str, np.ndarray], path: Union[str, os.PathLike]) -> None:
+    """Write a state_dict of numpy arrays as ``.safetensors`` (no PyTorch needed) or ``.pth``/``.pt``
+    (``torch.save`` of tensors), under a temporary name and then renamed, so a crash never leaves
+    a half-written file under ``path``."""
     path = os.fspath(path)
     suffix = os.path.splitext(path)[1]
     if suffix not in (".safetensors", ".pth", ".pt"):
         raise ValueError(f"{path}: the file name must end with .safetensors, .pth or .pt.")
-    state_dict = flax_to_torch(variables)
-    if arch is not None:
-        from resnet_jax.convert import torch_to_flax
-
-        torch_to_flax(state_dict, arch)  # raises StateDictMismatchError, listing the keys
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         if suffix == ".safetensors":
@@ -95,7 +72,7 @@ def save_torch_checkpoint(
                 from safetensors.numpy import save_file
             except ImportError as e:
                 raise ImportError(f"writing {path} needs safetensors: pip install safetensors") from e
-            save_file(state_dict, tmp, metadata={"format": "pt"})
+            save_file(dict(state_dict), tmp, metadata={"format": "pt"})
         else:
             try:
                 import torch
@@ -106,7 +83,6 @@ def save_torch_checkpoint(
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return state_dict
 
 
 def _to_torch(torch: Any, arr: np.ndarray) -> Any:

@@ -214,9 +214,9 @@ def test_maxpool_elementwise_and_bn_fused_contenders_step_as_the_library():
     import chex
 
     from benchmarks import step_run, train_step
-    from resnet_jax import core
+    from resnet_jax import ops
 
-    xla_pool = core.max_pool_3x3
+    xla_pool = ops.max_pool_3x3
     args = train_step.parse_args(
         ["--arch=resnet18", "--stage-sizes=1,1", "--image-size=32", "--num-classes=10", "--dtype=float32"]
         + ["--batch=4", "--warmup=1", "--compare-maxpool-elementwise", "--compare-bn-fused"]
@@ -230,7 +230,7 @@ def test_maxpool_elementwise_and_bn_fused_contenders_step_as_the_library():
     fused.prepare()
     chex.assert_trees_all_close(fused.state.params, library.state.params, rtol=1e-4, atol=1e-6)
     chex.assert_trees_all_close(fused.state.batch_stats, library.state.batch_stats, rtol=1e-5, atol=1e-6)
-    assert core.max_pool_3x3 is xla_pool
+    assert ops.max_pool_3x3 is xla_pool
     # XLA's max-pool gradient is a select_and_scatter (the CPU backend rewrites it as a scatter).
     scatter = re.compile(r" (select-and-scatter|scatter)\(")
     assert scatter.search(library.step.as_text())

@@ -92,9 +92,9 @@ def test_squeeze_excite_has_timm_names_widths_and_place():
     assert params["layer1_0"]["se"]["fc1"]["kernel"].shape == (1, 1, 256, 16)
     assert "se" not in _abstract_init(resnet_jax.resnet50(), (1, 64, 64, 3))["params"]["layer1_0"]
     # 64 / 16 = 4 -> 8 (the floor); 200 / 16 = 12.5 -> 16; 120 / 16 = 7.5 -> 8; 2048 -> 128.
-    from resnet_jax import core
+    from resnet_jax.blocks import se_channels
 
-    assert [core.se_channels(c) for c in (64, 200, 120, 2048, 392)] == [8, 16, 8, 128, 24]
+    assert [se_channels(c) for c in (64, 200, 120, 2048, 392)] == [8, 16, 8, 128, 24]
     with pytest.raises(ValueError, match="attn_layer must be '' or 'se'"):
         resnet_jax.resnet18(attn_layer="eca").init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
 
@@ -370,21 +370,21 @@ def test_channel_padded_stem_keeps_the_parameter_and_pads_inside():
 
 @pytest.mark.parametrize("shape", [(2, 9, 9, 3), (1, 8, 7, 2), (2, 28, 27, 4)])
 def test_max_pool_with_elementwise_backward_is_the_max_pool(shape):
-    """``core.max_pool_3x3_elementwise`` (the GPU experiment) against XLA's max-pool gradient and
+    """``ops.max_pool_3x3_elementwise`` (the GPU experiment) against XLA's max-pool gradient and
     PyTorch's ``MaxPool2d(3, 2, 1)`` backward, at float64, on post-ReLU inputs full of ties
     (whole windows of zeros): the same values, and each window's gradient on the same pixel."""
-    from resnet_jax import core
+    from resnet_jax import ops
 
     jax.config.update("jax_enable_x64", True)
     try:
         rng = np.random.default_rng(sum(shape))
         x = np.maximum(rng.integers(-2, 3, shape), 0).astype(np.float64)
-        y = np.asarray(core.max_pool_3x3(x))
+        y = np.asarray(ops.max_pool_3x3(x))
         g = rng.normal(size=y.shape)
-        y_new, vjp = jax.vjp(core.max_pool_3x3_elementwise, jnp.asarray(x))
+        y_new, vjp = jax.vjp(ops.max_pool_3x3_elementwise, jnp.asarray(x))
         (dx,) = vjp(jnp.asarray(g))
         assert dx.dtype == jnp.float64 and np.array_equal(np.asarray(y_new), y)
-        (dx_xla,) = jax.vjp(core.max_pool_3x3, jnp.asarray(x))[1](jnp.asarray(g))
+        (dx_xla,) = jax.vjp(ops.max_pool_3x3, jnp.asarray(x))[1](jnp.asarray(g))
         # Ties go to the same pixel; only the order in which up to four overlapping windows add
         # into one pixel may differ (a few float64 ulps).
         np.testing.assert_allclose(np.asarray(dx), np.asarray(dx_xla), rtol=1e-13, atol=1e-13)
@@ -422,10 +422,10 @@ def _bn_args(rng, shape, residual: bool):
     ],
 )
 def test_fused_batch_norm_is_batch_norm(relu, residual, variance, devices):
-    """``core.batch_norm(fused=True)`` (one custom VJP with BatchNorm's closed-form backward, the
+    """``batchnorm.batch_norm(fused=True)`` (one custom VJP with BatchNorm's closed-form backward, the
     GPU experiment) against the same call unfused (autodiff of the separate ops), at float64: the
     output, the running statistics and the gradients of x, scale, bias and the residual."""
-    from resnet_jax import core
+    from resnet_jax import batchnorm
 
     jax.config.update("jax_enable_x64", True)
     try:
@@ -440,7 +440,7 @@ def test_fused_batch_norm_is_batch_norm(relu, residual, variance, devices):
 
         def one(x, scale, bias, res, ra_mean, ra_var, g, fused):
             def f(x, scale, bias, res):
-                return core.batch_norm(
+                return batchnorm.batch_norm(
                     x, scale, bias, ra_mean, ra_var, train=True, variance=variance,
                     axis_name=axis, residual=res, relu=relu, fused=fused,
                 )  # fmt: skip
@@ -474,14 +474,14 @@ def test_fused_batch_norm_matches_torch_and_carries_statistic_gradients():
     """The fused BatchNorm + add + ReLU against PyTorch's ``relu(BatchNorm2d(x) + r)`` autograd at
     float64, and the custom VJP's cotangents for the batch mean and variance (zero in training,
     where they only feed the running statistics) against autodiff of the unfused moments."""
-    from resnet_jax import core
+    from resnet_jax import batchnorm
 
     jax.config.update("jax_enable_x64", True)
     try:
         rng = np.random.default_rng(3)
         x, scale, bias, ra_mean, ra_var, res = _bn_args(rng, (4, 3, 5, 8), True)
         g = rng.normal(size=x.shape)
-        f = functools.partial(core.batch_norm, train=True, relu=True, fused=True)
+        f = functools.partial(batchnorm.batch_norm, train=True, relu=True, fused=True)
         step = lambda x, s, b, r: f(x, s, b, ra_mean, ra_var, residual=r)  # noqa: E731
         (y, new_mean, new_var), vjp = jax.vjp(step, x, scale, bias, res)
         dx, dscale, dbias, dres = vjp((g, jnp.zeros(8), jnp.zeros(8)))
@@ -507,11 +507,11 @@ def test_fused_batch_norm_matches_torch_and_carries_statistic_gradients():
 
         # Non-zero cotangents for the batch mean and variance outputs of the custom VJP.
         def unfused(x, scale, bias, r):
-            mean, var, _ = core._batch_moments(x, jnp.asarray(ra_mean), "two_pass", None)
-            y = core._add_relu(core._normalize(x, mean, var, scale, bias, 1e-5, x.dtype), r, True)
+            mean, var, _ = batchnorm._batch_moments(x, jnp.asarray(ra_mean), "two_pass", None)
+            y = batchnorm._add_relu(batchnorm._normalize(x, mean, var, scale, bias, 1e-5, x.dtype), r, True)
             return y, mean, var
 
-        fused = lambda *a: core._bn_train_fused(
+        fused = lambda *a: batchnorm._bn_train_fused(
             *a, jnp.asarray(ra_mean), 1e-5, True, "two_pass", None, x.dtype
         )  # noqa: E731
         cts = (g, rng.normal(size=8), rng.normal(size=8))
@@ -578,10 +578,10 @@ def test_fused_batch_norm_model_is_the_model():
 
 
 def test_fused_batch_norm_rejects_what_it_cannot_fold():
-    from resnet_jax import core
+    from resnet_jax import batchnorm
 
     x, ones = jnp.ones((2, 3, 3, 4)), jnp.ones(4)
     with pytest.raises(ValueError, match="folds in only a ReLU"):
         BatchNorm(fused=True).init_with_output(jax.random.key(0), x, True, None, jax.nn.gelu)
     with pytest.raises(ValueError, match="exclude each other"):
-        core.batch_norm(x, ones, ones, ones, ones, train=True, fused=True, recompute=True)
+        batchnorm.batch_norm(x, ones, ones, ones, ones, train=True, fused=True, recompute=True)

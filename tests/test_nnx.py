@@ -111,7 +111,8 @@ def test_state_paths_are_pytorch_module_paths():
 
 
 def test_nnx_module_imports_no_linen_module():
-    """resnet_jax.nnx builds from the shared plans in core; Linen <-> NNX lives in bridge.py."""
+    """resnet_jax.nnx builds from the shared definitions (blocks, networks, layers), which know
+    neither API; it imports no Linen module, and Linen <-> NNX variables live in bridge.py."""
     import ast
 
     tree = ast.parse(open(rnnx.__file__).read())
@@ -121,9 +122,10 @@ def test_nnx_module_imports_no_linen_module():
             imported |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
         elif isinstance(node, ast.Import):
             imported |= {a.name for a in node.names if a.name.startswith("resnet_jax")}
-    assert imported and not any(
-        m.split(".")[1] in ("models", "blocks", "bridge") for m in imported if "." in m
-    )
+    assert imported and not any(m.split(".")[1] in ("models", "bridge") for m in imported if "." in m)
+    for shared in ("blocks", "networks", "layers", "presets"):  # API-neutral: no Linen module either
+        source = open(rnnx.__file__.replace("nnx.py", f"{shared}.py")).read()
+        assert "flax.linen" not in source and "from flax import linen" not in source, shared
     assert rnnx.from_linen is bridge.from_linen and rnnx.to_linen is bridge.to_linen  # still importable
 
 

@@ -1,0 +1,95 @@
+"""The vocabulary of an architecture definition, shared by the Linen and the NNX modules.
+
+An architecture is written once, as plain frozen dataclasses that know neither API:
+
+* layer specs (:class:`Conv`, :class:`Norm`, :class:`Linear`) say what a layer is;
+* a :class:`Node` (a block, a shortcut, a whole network) names its children by their PyTorch
+  module paths (``conv1``, ``downsample.1``, ``layer1.0``) in :meth:`Node.children`, and says how
+  they connect in :meth:`Node.forward`, read top to bottom like a PyTorch ``forward``.
+
+``forward`` reaches its children through ``m[path]`` (a :class:`Layers`). Each API supplies its own
+``Layers``: Linen creates the submodule inside the calling compact method, NNX looks up the child it
+built from ``children()``. So the same forward runs in both APIs, and the PyTorch names are the
+state's names, which keeps weight conversion a structural walk. docs/design.md explains the split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Protocol
+
+import jax
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Conv:
+    """A 2-D convolution with PyTorch's symmetric ``kernel_size // 2`` padding.
+
+    ``bias``: this conv has a bias of its own, initialised as PyTorch's (squeeze-and-excitation's
+    ``fc1``/``fc2``, timm's conv heads); otherwise the network's conv options decide.
+    ``pad_channels_to``: zero-pad the input channels inside the conv (:func:`ops.channel_padded_conv`).
+    ``standardize``: weight standardisation with this epsilon (0: off), BiT's ``StdConv2d``.
+    """
+
+    in_channels: int
+    out_channels: int
+    kernel_size: int
+    stride: int = 1
+    groups: int = 1
+    bias: bool = False
+    pad_channels_to: int = 0
+    standardize: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Norm:
+    """A normalisation of ``channels``: the network's BatchNorm (``kind='batch'``), or GroupNorm
+    with ``groups`` groups (``kind='group'``). ``zero_init`` starts its scale at 0, which makes a
+    residual branch that ends with it start as the identity (``zero_init_residual``)."""
+
+    channels: int
+    zero_init: bool = False
+    kind: str = "batch"
+    groups: int = 32
+    epsilon: float = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class Linear:
+    """A fully connected layer, initialised as ``torch.nn.Linear`` (the classifier ``fc``)."""
+
+    in_features: int
+    out_features: int
+
+
+class Layers(Protocol):
+    """How a :meth:`Node.forward` reaches its children, in either API.
+
+    ``m[path]`` is the child named ``path`` in :meth:`Node.children`: a conv or linear layer is
+    ``x -> y``; a norm is ``(x, residual=None, act=None) -> act(norm(x) + residual)``; a node is
+    ``x -> y``. ``m.act`` is the network's activation.
+    """
+
+    act: Callable[[Array], Array]
+
+    def __getitem__(self, path: str) -> Callable[..., Array]: ...
+
+
+Spec = Any  # Conv | Norm | Linear | Node
+
+
+class Node:
+    """A module of an architecture definition: children by PyTorch path, and a forward.
+
+    Subclasses are frozen dataclasses, so a definition is a hashable value that Linen modules can
+    hold as a field and NNX modules as static data.
+    """
+
+    def children(self) -> Mapping[str, Spec]:
+        """``{pytorch_path: spec}`` in creation order (NNX draws initial parameters in this order)."""
+        raise NotImplementedError
+
+    def forward(self, m: Layers, x: Array) -> Array:
+        raise NotImplementedError
