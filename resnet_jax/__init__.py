@@ -1,5 +1,5 @@
 """resnet_jax: Flax ResNets that match PyTorch (torchvision's; timm's ResNet-D/-T and
-SE-ResNets; labml.ai's annotated ResNet as ``ResNetBase``).
+SE-ResNets and pre-activation ResNetV2/BiT; labml.ai's annotated ResNet as ``ResNetBase``).
 
 Linen modules here; the same models for Flax NNX in ``resnet_jax.nnx`` (imported on first use,
 so Linen users do not pay for importing ``flax.nnx``); meshes in ``resnet_jax.sharding``; the
@@ -10,6 +10,7 @@ import importlib
 
 from resnet_jax import blocks, models, sharding
 from resnet_jax.models import (
+    ALL_PRESETS,
     PRESETS,
     TORCHVISION_ARCHS,
     BatchNorm,
@@ -18,6 +19,7 @@ from resnet_jax.models import (
     ResidualBlock,
     ResNet,
     ResNetBase,
+    ResNetV2,
     ShortcutProjection,
     SqueezeExcite,
     get_model,
@@ -26,7 +28,7 @@ from resnet_jax.models import (
 __version__ = "0.1.0"
 
 # One function per preset (``resnet_jax.resnet50``), from the table in ``presets.py``.
-globals().update({arch: getattr(models, arch) for arch in PRESETS})
+globals().update({arch: getattr(models, arch) for arch in ALL_PRESETS})
 
 
 def __getattr__(name: str):
@@ -39,10 +41,12 @@ __all__ = [
     "BatchNorm",
     "Block",
     "BottleneckResidualBlock",
+    "ALL_PRESETS",
     "PRESETS",
     "TORCHVISION_ARCHS",
     "ResNet",
     "ResNetBase",
+    "ResNetV2",
     "ResidualBlock",
     "ShortcutProjection",
     "SqueezeExcite",
@@ -50,5 +54,5 @@ __all__ = [
     "get_model",
     "nnx",
     "sharding",
-    *PRESETS,
+    *ALL_PRESETS,
 ]

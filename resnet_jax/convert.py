@@ -24,7 +24,7 @@ from resnet_jax.infer import infer_fields, infer_model
 from resnet_jax.layout import flax_to_torch, nnx_to_linen, nnx_variables, shape, strip_wrappers, torch_key
 from resnet_jax.layout import torch_leaves as _torch_leaves
 from resnet_jax.mismatch import StateDictMismatchError, compare, describe
-from resnet_jax.models import ResNet, classifier_head, get_model
+from resnet_jax.models import classifier_head, get_model
 from resnet_jax.torch_io import load_torch_checkpoint, write_state_dict
 
 Variables = dict[str, Any]
@@ -88,8 +88,8 @@ def torch_to_flax(
 
         model = bridge.to_linen(model)
     if num_classes is not None:
-        if not isinstance(model, ResNet):
-            raise ValueError(f"num_classes applies to ResNet classifiers; {type(model).__name__} has no fc.")
+        if not hasattr(model, "num_classes"):
+            raise ValueError(f"num_classes applies to classifiers; {type(model).__name__} has no fc.")
         model = model.clone(num_classes=num_classes)
     return traverse_util.unflatten_dict(_convert(state_dict, model, _linen_shapes(model), new_head, rng))
 
@@ -133,10 +133,10 @@ def torch_to_nnx(
             kind, fields = infer_fields(state_dict)
         else:
             kind, fields = (
-                "ResNet",
+                presets.family(model),
                 {**presets.preset_fields(model, {}, ()), "num_classes": _classes(state_dict)},
             )
-        if num_classes is not None and kind == "ResNet":
+        if num_classes is not None and kind != "ResNetBase":
             fields["num_classes"] = num_classes
         model = nnx.eval_shape(lambda: getattr(rnnx, kind)(**fields, rngs=nnx.Rngs(0)))
     elif not isinstance(model, nnx.Module):
@@ -169,8 +169,12 @@ def __getattr__(name: str) -> Callable:
 # ---------------------------------------------------------------------------------------------
 
 
+# The classifier of each layout: ResNet's ``fc`` (linear) and ResNetV2's ``head.fc`` (1x1 conv).
+_HEADS = ("fc", "head.fc")
+
+
 def _classes(state_dict: Mapping[str, Any]) -> Optional[int]:
-    return shape(state_dict["fc.weight"])[0] if "fc.weight" in state_dict else None
+    return next((shape(state_dict[f"{h}.weight"])[0] for h in _HEADS if f"{h}.weight" in state_dict), None)
 
 
 def _linen_shapes(model: nn.Module) -> dict[tuple, tuple]:
@@ -191,18 +195,25 @@ def _convert(
     """The state_dict's flat leaves for ``model`` (whose variables have the ``expected`` shapes), with
     a fresh ``fc`` (the model's, if it has one) for ``new_head``."""
     ckpt_classes = _classes(state_dict)
-    model_fc = expected.get(("params", "fc", "kernel"))
+    head_path = next(
+        (tuple(h.split(".")) for h in _HEADS if ("params", *h.split("."), "kernel") in expected), None
+    )
     if new_head:
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(_HEADS)}
     flat, origin = _torch_leaves(state_dict)
-    if new_head and model_fc is not None:
+    if new_head and head_path is not None:
+        # A fresh classifier, initialised as torch.nn.Linear (a 1x1 conv head as PyTorch's Conv2d,
+        # which is the same distribution), from rng.
+        kernel_shape = expected[("params", *head_path, "kernel")]
+        fan_in, classes = kernel_shape[-2:]
         dtype = getattr(model, "dtype", jnp.float32)
-        head = classifier_head(model_fc[1], model_fc[0], dtype, getattr(model, "param_dtype", jnp.float32))
+        head = classifier_head(classes, fan_in, dtype, getattr(model, "param_dtype", jnp.float32))
         key = jax.random.key(rng) if isinstance(rng, int) else rng
-        fresh = head.init(key, jnp.zeros((1, model_fc[0]), dtype))["params"]
+        fresh = head.init(key, jnp.zeros((1, fan_in), dtype))["params"]
         for leaf in ("kernel", "bias"):
-            flat[("params", "fc", leaf)] = np.asarray(fresh[leaf])
-            origin[("params", "fc", leaf)] = f"fc.{leaf} (fresh)"
+            target = ("params", *head_path, leaf)
+            flat[target] = np.asarray(fresh[leaf]).reshape(expected[target])
+            origin[target] = f"{'.'.join(head_path)}.{leaf} (fresh)"
     got = {k: tuple(v.shape) for k, v in flat.items()}
     missing, unexpected, wrong = compare(got, expected, lambda k: origin.get(k) or torch_key(k))
     if missing or unexpected or wrong:
@@ -217,7 +228,7 @@ def _mismatch(state_dict, model, missing, unexpected, wrong, ckpt_classes) -> St
     except StateDictMismatchError:
         looks_like = None
     hints = []
-    if any(w.key.startswith("fc.") for w in wrong) and hasattr(model, "num_classes"):
+    if any(w.key.startswith(_HEADS) for w in wrong) and hasattr(model, "num_classes"):
         hints.append(
             f"The state_dict's fc has {ckpt_classes} classes and the model's {model.num_classes}: "
             "pass new_head=True (or num_classes=...) to initialise a fresh fc."

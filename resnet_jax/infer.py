@@ -18,7 +18,7 @@ _AVG_SHORTCUT = re.compile(r"layer\d+\.\d+\.downsample\.1\.weight")
 
 
 def infer_fields(state_dict: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
-    """``('ResNet' | 'ResNetBase', fields)`` of the model a state_dict belongs to."""
+    """``('ResNet' | 'ResNetBase' | 'ResNetV2', fields)`` of the model a state_dict belongs to."""
     shapes = {k: shape(v) for k, v in strip_wrappers(state_dict).items()}
     if ("conv1.weight" in shapes or "conv1.0.weight" in shapes) and any(
         k.startswith("layer1.") for k in shapes
@@ -26,9 +26,12 @@ def infer_fields(state_dict: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
         return "ResNet", _resnet_fields(shapes)
     if "conv.weight" in shapes and "blocks.0.conv1.weight" in shapes:
         return "ResNetBase", _resnetbase_fields(shapes)
+    if "stages.0.blocks.0.norm1.weight" in shapes:
+        return "ResNetV2", _resnetv2_fields(shapes)
     raise StateDictMismatchError(
         "not a ResNet state_dict: expected torchvision keys (conv1.*, layer1.*, ...), timm keys "
-        "(conv1.0.*, layer1.*, ...) or labml.ai's ResNetBase keys (conv.*, bn.*, blocks.N.*); first "
+        "(conv1.0.*, layer1.*, ...; ResNetV2: stem.*, stages.N.*) or labml.ai's ResNetBase keys "
+        "(conv.*, bn.*, blocks.N.*); first "
         f"keys are {list(shapes)[:5]}."
     )
 
@@ -83,6 +86,35 @@ def _resnet_fields(shapes: Shapes) -> dict[str, Any]:
     fields["attn_layer"] = "se" if "layer1.0.se.fc1.weight" in shapes else ""
     fields["num_classes"] = shapes["fc.weight"][0] if "fc.weight" in shapes else None
     return fields
+
+
+def _resnetv2_fields(shapes: Shapes) -> dict[str, Any]:
+    """timm's ResNetV2: GroupNorm (no running statistics) means BiT, whose convs are weight
+    standardised and whose stem pool is 'fixed'; a deep stem comes with average-pool shortcuts,
+    as in timm's -d presets (the pool has no weights to tell)."""
+    stage_sizes = []
+    while f"stages.{len(stage_sizes)}.blocks.0.conv1.weight" in shapes:
+        i = len(stage_sizes)
+        stage_sizes.append(
+            1 + max(int(k.split(".")[3]) for k in shapes if k.startswith(f"stages.{i}.blocks."))
+        )
+    group = "stages.0.blocks.0.norm1.running_mean" not in shapes
+    deep = "stem.conv1.weight" in shapes
+    stem = shapes["stem.conv3.weight" if deep else "stem.conv.weight"]
+    outs = [shapes[f"stages.{i}.blocks.0.conv3.weight"][0] for i in range(len(stage_sizes))]
+    width_factor = max(stem[0] // 64, 1)
+    return dict(
+        stage_sizes=tuple(stage_sizes),
+        channels=tuple(c // width_factor for c in outs),
+        width_factor=width_factor,
+        stem_width=stem[0] // width_factor,
+        stem_type="deep" if deep else "fixed" if group else "",
+        avg_down=deep,
+        norm_layer="group" if group else "batch",
+        std_conv_eps=1e-8 if group else 0.0,
+        img_channels=shapes["stem.conv1.weight" if deep else "stem.conv.weight"][1],
+        num_classes=shapes["head.fc.weight"][0] if "head.fc.weight" in shapes else None,
+    )
 
 
 def _resnetbase_fields(shapes: Shapes) -> dict[str, Any]:

@@ -20,6 +20,8 @@ from typing import Any, Callable, Mapping, Protocol
 
 import jax
 
+from resnet_jax import ops
+
 Array = jax.Array
 
 
@@ -93,3 +95,79 @@ class Node:
 
     def forward(self, m: Layers, x: Array) -> Array:
         raise NotImplementedError
+
+
+# (path of the conv, path of its norm, the conv) of a stem, in order.
+StemLayer = tuple[str, str, Conv]
+# Stages: the feature map's name and its blocks, each (PyTorch path, block definition).
+Stages = tuple[tuple[str, tuple[tuple[str, Node], ...]], ...]
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+class Network(Node):
+    """What every network definition has: a stem, stages of blocks, and a head.
+
+    Subclasses are frozen dataclasses whose fields are the model's fields. They give
+    :meth:`stem` and :meth:`stages`, and may override :meth:`head`; the layer options
+    (:meth:`conv_options`, :meth:`norm_options`) are what their fields mean for every conv and
+    BatchNorm, which each API turns into its own layer factories.
+    """
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):  # lists from configs and JSON: hashable tuples
+            object.__setattr__(self, f.name, _as_tuple(getattr(self, f.name)))
+
+    # -- the plan --
+
+    def stem(self) -> tuple[tuple[StemLayer, ...], bool, bool]:
+        """``(layers, act, max_pool)``: conv+norm pairs, whether ReLU follows each, and the pool."""
+        raise NotImplementedError
+
+    def stages(self) -> Stages:
+        raise NotImplementedError
+
+    def head_children(self) -> dict[str, Spec]:
+        return {}
+
+    def children(self) -> Mapping[str, Spec]:
+        out: dict[str, Spec] = {}
+        for conv_path, norm_path, conv in self.stem()[0]:
+            out[conv_path], out[norm_path] = conv, Norm(conv.out_channels)
+        for _, blocks in self.stages():
+            out.update(blocks)
+        out.update(self.head_children())
+        return out
+
+    @property
+    def out_channels(self) -> int:
+        return self.stages()[-1][1][-1][1].out_channels
+
+    def conv_options(self) -> dict[str, Any]:
+        return dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+    def norm_options(self) -> dict[str, Any]:
+        keys = ("momentum", "epsilon", "axis_name", "dtype", "param_dtype")
+        return {k: getattr(self, k) for k in keys}
+
+    # -- the forward --
+
+    def features(self, m: Layers, x: Array) -> dict[str, Array]:
+        layers, act, max_pool = self.stem()
+        for conv_path, norm_path, _ in layers:
+            x = m[norm_path](m[conv_path](x), act=jax.nn.relu if act else None)
+        x = ops.max_pool_3x3(x) if max_pool else x
+        feats = {"stem": x}
+        for key, blocks in self.stages():
+            for path, _ in blocks:
+                x = m[path](x)
+            feats[key] = x
+        return feats
+
+    def head(self, m: Layers, feats: Mapping[str, Array]) -> Array:
+        return ops.global_avg_pool(feats[self.stages()[-1][0]]).astype(self.dtype)
+
+    def forward(self, m: Layers, x: Array) -> Array:
+        return self.head(m, self.features(m, x))

@@ -22,9 +22,9 @@ from flax import linen as nn
 from resnet_jax import blocks, names, ops, presets
 from resnet_jax.batchnorm import batch_norm, bn_fields, fold_act
 from resnet_jax.layers import Conv, Linear, Node, Norm
-from resnet_jax.networks import Network, ResNetBaseDef, ResNetDef
+from resnet_jax.networks import NETWORKS, Network, ResNetBaseDef, ResNetDef, ResNetV2Def
 from resnet_jax.ops import check_images
-from resnet_jax.presets import PRESETS, TORCHVISION_ARCHS
+from resnet_jax.presets import ALL_PRESETS, PRESETS, TORCHVISION_ARCHS
 
 Dtype = Any
 ModuleDef = Callable[..., nn.Module]
@@ -212,14 +212,15 @@ def linen_model(definition: type, name: str) -> type:
 
 # The Linen model class of each network definition.
 MODELS: dict[type, type] = {}
-ResNet = linen_model(ResNetDef, "ResNet")
-ResNetBase = linen_model(ResNetBaseDef, "ResNetBase")
+globals().update({name: linen_model(d, name) for name, d in NETWORKS.items()})  # ResNet, ResNetBase, ...
+ResNet, ResNetBase, ResNetV2 = (MODELS[d] for d in (ResNetDef, ResNetBaseDef, ResNetV2Def))
 
 
 def get_model(arch: str, num_classes: Optional[int] = 1000, **overrides: Any) -> nn.Module:
-    """Build the preset ``arch`` (a key of ``PRESETS``); ``overrides`` set any other field."""
-    known = {f.name for f in dataclasses.fields(ResNetDef)}
-    return ResNet(num_classes=num_classes, **presets.preset_fields(arch, overrides, known))
+    """Build the preset ``arch`` (a key of ``ALL_PRESETS``); ``overrides`` set any other field."""
+    definition = NETWORKS[presets.family(arch)]
+    known = {f.name for f in dataclasses.fields(definition)}
+    return MODELS[definition](num_classes=num_classes, **presets.preset_fields(arch, overrides, known))
 
 
 def _preset(arch: str) -> Callable[..., nn.Module]:
@@ -227,11 +228,11 @@ def _preset(arch: str) -> Callable[..., nn.Module]:
         return get_model(arch, num_classes, **overrides)
 
     preset.__name__ = preset.__qualname__ = arch
-    preset.__doc__ = f"{presets.preset_source(arch)}'s {arch} as a Flax ResNet; ``overrides`` set any field."
+    preset.__doc__ = f"{presets.preset_source(arch)}'s {arch} as a Flax model; ``overrides`` set any field."
     return preset
 
 
-globals().update({arch: _preset(arch) for arch in PRESETS})
+globals().update({arch: _preset(arch) for arch in ALL_PRESETS})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,6 +318,7 @@ class SqueezeExcite(_BlockModule):
 
 
 __all__ = [
+    "ALL_PRESETS",
     "PRESETS",
     "TORCHVISION_ARCHS",
     "BatchNorm",
@@ -325,6 +327,7 @@ __all__ = [
     "Factories",
     "ResNet",
     "ResNetBase",
+    "ResNetV2",
     "ResidualBlock",
     "ShortcutProjection",
     "SqueezeExcite",
@@ -332,5 +335,5 @@ __all__ = [
     "classifier_head",
     "default_conv",
     "get_model",
-    *PRESETS,
+    *ALL_PRESETS,
 ]

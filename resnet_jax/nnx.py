@@ -28,9 +28,9 @@ from flax import nnx
 from resnet_jax import blocks, names, ops, presets
 from resnet_jax.batchnorm import BN_VARIANCES, batch_norm, bn_fields, fold_act
 from resnet_jax.layers import Conv, Linear, Node, Norm
-from resnet_jax.networks import Network, ResNetBaseDef, ResNetDef
+from resnet_jax.networks import NETWORKS, Network, ResNetBaseDef, ResNetDef, ResNetV2Def
 from resnet_jax.ops import check_images
-from resnet_jax.presets import PRESETS
+from resnet_jax.presets import ALL_PRESETS, PRESETS
 
 Dtype = Any
 Factory = Callable[..., nnx.Module]
@@ -279,8 +279,8 @@ def nnx_model(definition: type, name: str) -> type:
 
 # The NNX model class of each network definition.
 MODELS: dict[type, type] = {}
-ResNet = nnx_model(ResNetDef, "ResNet")
-ResNetBase = nnx_model(ResNetBaseDef, "ResNetBase")
+globals().update({name: nnx_model(d, name) for name, d in NETWORKS.items()})  # ResNet, ResNetBase, ...
+ResNet, ResNetBase, ResNetV2 = (MODELS[d] for d in (ResNetDef, ResNetBaseDef, ResNetV2Def))
 
 
 def fields(model: nnx.Module) -> dict[str, Any]:
@@ -291,9 +291,12 @@ def fields(model: nnx.Module) -> dict[str, Any]:
 def get_model(
     arch: str, num_classes: Optional[int] = 1000, *, rngs: nnx.Rngs, **overrides: Any
 ) -> nnx.Module:
-    """Build the preset ``arch`` (a key of ``PRESETS``); ``overrides`` set any other field."""
-    known = {f.name for f in dataclasses.fields(ResNetDef)}
-    return ResNet(num_classes=num_classes, **presets.preset_fields(arch, overrides, known), rngs=rngs)
+    """Build the preset ``arch`` (a key of ``ALL_PRESETS``); ``overrides`` set any other field."""
+    definition = NETWORKS[presets.family(arch)]
+    known = {f.name for f in dataclasses.fields(definition)}
+    return MODELS[definition](
+        num_classes=num_classes, **presets.preset_fields(arch, overrides, known), rngs=rngs
+    )
 
 
 def _preset(arch: str) -> Callable[..., nnx.Module]:
@@ -301,11 +304,11 @@ def _preset(arch: str) -> Callable[..., nnx.Module]:
         return get_model(arch, num_classes, rngs=rngs, **overrides)
 
     preset.__name__ = preset.__qualname__ = arch
-    preset.__doc__ = f"{presets.preset_source(arch)}'s {arch} as an NNX ResNet; ``overrides`` set any field."
+    preset.__doc__ = f"{presets.preset_source(arch)}'s {arch} as an NNX model; ``overrides`` set any field."
     return preset
 
 
-globals().update({arch: _preset(arch) for arch in PRESETS})
+globals().update({arch: _preset(arch) for arch in ALL_PRESETS})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,6 +393,7 @@ def to_linen(model: nnx.Module) -> Any:
 
 
 __all__ = [
+    "ALL_PRESETS",
     "PRESETS",
     "BatchNorm",
     "Block",
@@ -397,6 +401,7 @@ __all__ = [
     "Factories",
     "ResNet",
     "ResNetBase",
+    "ResNetV2",
     "ResidualBlock",
     "ShortcutProjection",
     "SqueezeExcite",
@@ -405,5 +410,5 @@ __all__ = [
     "from_linen",
     "get_model",
     "to_linen",
-    *PRESETS,
+    *ALL_PRESETS,
 ]

@@ -101,6 +101,11 @@ def max_pool_3x3(x: Array) -> Array:
     return _max_pool_3x3_xla(x)
 
 
+def max_pool_3x3_valid(x: Array) -> Array:
+    """``MaxPool2d(3, 2, padding=0)``: BiT's stem pool, after its own zero padding."""
+    return pooling.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+
+
 @jax.custom_vjp
 def max_pool_3x3_elementwise(x: Array) -> Array:
     """:func:`max_pool_3x3` with a backward pass made of elementwise ops and strided pads instead

@@ -51,45 +51,18 @@ def _build(arch: str, num_classes: int, conv_bias: bool, labml: bool, reference:
         )
         return resnet_jax.ResNetBase(**kw), torch_reference.TorchResNetBase(**kw), 64
     if reference == "torchvision":
-        import torchvision
-
+        torchvision = torch_reference.import_reference("torchvision")
         if not hasattr(torchvision.models, arch):
             raise SystemExit(f"torchvision has no {arch}; use --reference local or timm.")
         tm = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
     elif reference == "timm":
-        import timm
-
+        timm = torch_reference.import_reference("timm")
         tm = timm.create_model(arch, pretrained=False, num_classes=num_classes)
+    elif arch not in resnet_jax.PRESETS:
+        raise SystemExit(f"{arch} has no local PyTorch twin; use --reference timm.")
     else:
         tm = torch_reference.torch_resnet(arch, num_classes=num_classes)
     return resnet_jax.get_model(arch, num_classes=num_classes), tm, num_classes
-
-
-def _randomize(model, gen, branch_gain: tuple[float, float]) -> None:
-    """BatchNorm affine and statistics shaped like a trained network's, so eval differs from train.
-
-    The last BatchNorm of each residual branch gets a small scale drawn from ``branch_gain``, as
-    in trained torchvision ResNets (and zero_init_residual). With scales near 1 there, a deep
-    train-mode ResNet at init is so ill-conditioned that PyTorch's own float32 gradients differ
-    from its float64 ones by far more than rounding (docs/pytorch.md); parity would then measure
-    rounding amplification, not the implementation.
-    """
-    import torch
-
-    last_bns = set()
-    for m in model.modules():
-        if hasattr(m, "conv1") and hasattr(m, "bn2"):  # a residual block (ours or torchvision's)
-            last_bns.add(id(getattr(m, "bn3", m.bn2)))
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                lo, hi = branch_gain if id(m) in last_bns else (0.8, 1.2)
-                m.weight.uniform_(lo, hi, generator=gen)
-                m.bias.normal_(0.0, 0.1, generator=gen)
-                m.running_mean.normal_(0.0, 0.2, generator=gen)
-                m.running_var.uniform_(0.5, 2.0, generator=gen)
-            elif isinstance(m, torch.nn.Conv2d) and m.bias is not None:
-                m.bias.normal_(0.0, 0.1, generator=gen)
 
 
 def _torch_run(model, xs, ys, steps: int, lr: float, momentum: float, weight_decay: float) -> dict:
@@ -143,7 +116,7 @@ def _jax_run(fmodel, variables, xs, ys, steps: int, lr: float, momentum: float, 
     def loss_fn(p, s, x, y):
         logits, upd = fmodel.apply({"params": p, "batch_stats": s}, x, train=True, mutable=["batch_stats"])
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-        return loss, (logits, upd["batch_stats"])
+        return loss, (logits, upd.get("batch_stats", {}))
 
     # Donated: the largest presets hold ~1 GB per parameter copy in float64.
     @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
@@ -154,7 +127,7 @@ def _jax_run(fmodel, variables, xs, ys, steps: int, lr: float, momentum: float, 
 
     nhwc = lambda t: jnp.asarray(t.numpy().transpose(0, 2, 3, 1))  # noqa: E731
     params = jax.tree.map(jnp.array, variables.pop("params"))
-    stats = jax.tree.map(jnp.array, variables.pop("batch_stats"))
+    stats = jax.tree.map(jnp.array, variables.pop("batch_stats", {}))  # none with GroupNorm
     rec = {
         "eval logits": np.asarray(
             # Eager: one forward pass costs far less than compiling it.
@@ -167,7 +140,7 @@ def _jax_run(fmodel, variables, xs, ys, steps: int, lr: float, momentum: float, 
             {"params": params, "batch_stats": stats}, nhwc(xs[0]), train=True, mutable=["batch_stats"]
         )
         rec["train logits"] = np.asarray(logits)
-        rec["stats"] = flax_to_torch({"batch_stats": upd["batch_stats"]})
+        rec["stats"] = flax_to_torch({"batch_stats": upd.get("batch_stats", {})})
         return rec
     opt_state = tx.init(params)
     for i in range(steps):
@@ -234,9 +207,12 @@ def _compare(run: dict, ref: dict, init: dict, steps: int) -> tuple[dict, dict]:
         "eval logits": rel(run["eval logits"], ref["eval logits"]),
         "train logits": rel(run["train logits"], ref["train logits"]),
     }
+    # Running statistics exist only with BatchNorm (BiT's GroupNorm keeps none): no row without.
+    stats_row = "running stats after 1 forward" if steps == 0 else "running stats after 1 step"
+    stats = {stats_row: max(stat_err.values())} if stat_err else {}
+    stats_worst = {stats_row: max(stat_err, key=stat_err.get)} if stat_err else {}
     if steps == 0:
-        rows = {**forward, "running stats after 1 forward": max(stat_err.values())}
-        return rows, {"running stats after 1 forward": max(stat_err, key=stat_err.get)}
+        return {**forward, **stats}, stats_worst
     # Gradients and updates are compared per module (weight and bias as one vector): a bias that
     # feeds a train-mode BatchNorm through convolutions only (every conv bias, and labml.ai's
     # stem BN bias) has an exactly-zero gradient, so per tensor both sides are rounding noise.
@@ -255,7 +231,7 @@ def _compare(run: dict, ref: dict, init: dict, steps: int) -> tuple[dict, dict]:
     rows = {
         **forward,
         "grads (max over modules)": max(grad_err.values()),
-        "running stats after 1 step": max(stat_err.values()),
+        **stats,
         f"loss over {steps} SGD steps (max)": max(
             abs(a - b) / abs(b) for a, b in zip(run["losses"], ref["losses"])
         ),
@@ -263,7 +239,7 @@ def _compare(run: dict, ref: dict, init: dict, steps: int) -> tuple[dict, dict]:
     }
     worst = {
         "grads (max over modules)": max(grad_err, key=grad_err.get),
-        "running stats after 1 step": max(stat_err, key=stat_err.get),
+        **stats_worst,
         f"param change over {steps} SGD steps (max)": max(update_err, key=update_err.get),
     }
     return rows, worst
@@ -375,13 +351,15 @@ def _models_and_batches(
     import jax.numpy as jnp
     import torch
 
+    from resnet_jax import torch_reference
+
     tdtype = torch.float64 if dtype == "float64" else torch.float32
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     fmodel, tmodel, n_out = _build(arch, num_classes, conv_bias, labml, reference)
     fmodel = fmodel.clone(dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype))
     tmodel = tmodel.to(tdtype)
-    _randomize(tmodel, gen, branch_gain)
+    torch_reference.randomize_for_parity(tmodel, gen, branch_gain)
     xs = torch.randn(max(steps, 1) + 1, batch, 3, image_size, image_size, generator=gen, dtype=tdtype)
     ys = torch.randint(0, n_out, (steps, batch), generator=gen)
     return fmodel, tmodel, xs, ys
@@ -407,10 +385,10 @@ def _converted(fmodel, tmodel, api: str) -> Callable[..., dict]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from resnet_jax.models import PRESETS
+    from resnet_jax.models import ALL_PRESETS
 
     parser = argparse.ArgumentParser(prog="python -m resnet_jax.parity", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", required=True, choices=list(PRESETS) + list(BASE_ARCHS))
+    parser.add_argument("--arch", required=True, choices=list(ALL_PRESETS) + list(BASE_ARCHS))
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--image-size", type=int, default=None, help="default 64 (32 for resnetbase)")
     parser.add_argument("--batch", type=int, default=4)

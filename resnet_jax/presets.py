@@ -40,6 +40,32 @@ PRESETS: Mapping[str, Mapping[str, Any]] = {
     "seresnext101_32x8d": dict(stage_sizes=(3, 4, 23, 3), groups=32, width_per_group=8, **_SE),
     "seresnext26d_32x4d": dict(stage_sizes=(2, 2, 2, 2), groups=32, width_per_group=4, **_SE, **_D),
 }
+# timm's pre-activation ResNets (``ResNetV2``): BatchNorm ones, and BiT's GroupNorm and
+# weight-standardised convolutions with its zero-padded stem pool.
+_BIT = dict(stem_type="fixed", norm_layer="group", std_conv_eps=1e-8)
+RESNETV2_PRESETS: Mapping[str, Mapping[str, Any]] = {
+    "resnetv2_50": dict(stage_sizes=(3, 4, 6, 3)),
+    "resnetv2_50d": dict(stage_sizes=(3, 4, 6, 3), stem_type="deep", avg_down=True),
+    "resnetv2_101": dict(stage_sizes=(3, 4, 23, 3)),
+    "resnetv2_50x1_bit": dict(stage_sizes=(3, 4, 6, 3), **_BIT),
+    "resnetv2_101x1_bit": dict(stage_sizes=(3, 4, 23, 3), **_BIT),
+}
+# Every preset's model class (a key of ``networks.NETWORKS``), and all presets by name.
+FAMILIES: Mapping[str, Mapping[str, Mapping[str, Any]]] = {"ResNet": PRESETS, "ResNetV2": RESNETV2_PRESETS}
+ALL_PRESETS: Mapping[str, Mapping[str, Any]] = {a: f for table in FAMILIES.values() for a, f in table.items()}
+
+
+def family(arch: str) -> str:
+    """The model class of the preset ``arch``: ``'ResNet'`` or ``'ResNetV2'``."""
+    check_arch(arch)
+    return next(name for name, table in FAMILIES.items() if arch in table)
+
+
+def check_arch(arch: str) -> None:
+    if arch not in ALL_PRESETS:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of: {', '.join(ALL_PRESETS)}.")
+
+
 # The presets whose architecture torchvision ships (the others come from timm).
 TORCHVISION_ARCHS = tuple(a for a, f in PRESETS.items() if "stem_type" not in f and "attn_layer" not in f)
 
@@ -50,11 +76,10 @@ def preset_source(arch: str) -> str:
 
 
 def preset_fields(arch: str, overrides: Mapping[str, Any], known: Collection[str]) -> dict[str, Any]:
-    """The ResNet fields of the preset ``arch`` with ``overrides``, each checked: ``arch`` is a
-    preset and every override one of the ``known`` fields."""
-    if arch not in PRESETS:
-        raise ValueError(f"unknown architecture {arch!r}; choose one of: {', '.join(PRESETS)}.")
+    """The fields of the preset ``arch`` with ``overrides``, each checked: ``arch`` is a preset and
+    every override one of the ``known`` fields."""
+    check_arch(arch)
     unknown = set(overrides) - set(known)
     if unknown:
-        raise TypeError(f"unknown ResNet field(s) {sorted(unknown)} for {arch}.")
-    return {**PRESETS[arch], **overrides}
+        raise TypeError(f"unknown {family(arch)} field(s) {sorted(unknown)} for {arch}.")
+    return {**ALL_PRESETS[arch], **overrides}

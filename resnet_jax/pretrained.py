@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from resnet_jax import convert
-from resnet_jax.constants import IMAGENET_MEAN, IMAGENET_STD
-from resnet_jax.models import PRESETS, ResNet, get_model
+from resnet_jax.constants import IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD
+from resnet_jax.models import ALL_PRESETS, ResNet, get_model
 
 
 class UnknownWeightsError(KeyError):
@@ -164,8 +164,8 @@ def register(
     Returns:
         The new registry entry.
     """
-    if arch not in PRESETS:
-        raise ValueError(f"unknown architecture {arch!r}; choose one of: {', '.join(PRESETS)}.")
+    if arch not in ALL_PRESETS:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of: {', '.join(ALL_PRESETS)}.")
     if name in _REGISTRY and not overwrite:
         raise ValueError(f"pretrained weights {name!r} are already registered; pass overwrite=True.")
     if file_name is None:
@@ -409,7 +409,8 @@ def load(
     stat_dtype = jnp.promote_types(param_dtype, jnp.float32)
     variables = {
         "params": jax.tree.map(lambda a: np.asarray(a, param_dtype), variables["params"]),
-        "batch_stats": jax.tree.map(lambda a: np.asarray(a, stat_dtype), variables["batch_stats"]),
+        # GroupNorm models (BiT) keep no statistics.
+        "batch_stats": jax.tree.map(lambda a: np.asarray(a, stat_dtype), variables.get("batch_stats", {})),
     }
     if not return_info:
         return model, variables
@@ -466,6 +467,19 @@ _TIMM = [
 ]
 
 
+# timm's ResNetV2 weights: (name, eval image size, crop_pct, interpolation, classes). All of them
+# expect timm's Inception normalisation (mean = std = 0.5), as their pretrained_cfg says. BiT's
+# ImageNet-21k weights (21,843 classes) are for transfer: load them with num_classes=N for a fresh
+# head.fc. No top-1 is given: timm's cfg carries none, and none was measured here.
+_TIMM_V2 = [
+    ("resnetv2_50x1_bit.goog_in21k", 224, 0.875, "bilinear", 21843),
+    ("resnetv2_101x1_bit.goog_in21k", 224, 0.875, "bilinear", 21843),
+    ("resnetv2_50x1_bit.goog_in21k_ft_in1k", 448, 1.0, "bilinear", 1000),
+    ("resnetv2_50.a1h_in1k", 288, 1.0, "bicubic", 1000),
+    ("resnetv2_101.a1h_in1k", 288, 1.0, "bicubic", 1000),
+]
+
+
 def _register_builtin() -> None:
     newest: dict[str, int] = {}
     for arch, version, file_name, resize, top1 in _TORCHVISION:
@@ -489,6 +503,17 @@ def _register_builtin() -> None:
             top1=top1,
             source="timm",
             default=arch not in _DEFAULTS,  # timm's first tag, for the archs torchvision lacks
+        )
+    for name, size, crop_pct, interpolation, classes in _TIMM_V2:
+        arch = name.split(".")[0]
+        register(
+            name,
+            arch,
+            hf_hub_id=f"timm/{name}",
+            num_classes=classes,
+            preprocess=Preprocess(int(size / crop_pct), size, interpolation, INCEPTION_MEAN, INCEPTION_STD),
+            source="timm",
+            default=arch not in _DEFAULTS,
         )
 
 

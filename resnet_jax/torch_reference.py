@@ -12,7 +12,10 @@ timm's squeeze-and-excitation (``layerN.M.se.fc1/fc2``), so timm state_dicts loa
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import importlib
+import sys
+import types
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -247,3 +250,51 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
             elif isinstance(m, nn.Conv2d) and m.bias is not None:
                 m.bias.normal_(0.0, 0.1, generator=gen)
     return model
+
+
+def import_reference(name: str) -> Any:
+    """Import ``'torchvision'`` or ``'timm'`` (which imports torchvision) as a reference.
+
+    A torchvision wheel whose compiled operators do not match the installed PyTorch (a CUDA
+    torchvision beside a CPU PyTorch) fails at import in ``torchvision._meta_registrations``,
+    which registers fake kernels for those operators (``operator torchvision::nms does not
+    exist``). The models and transforms used as references need none of them, so that one
+    module is replaced by an empty one and the import retried.
+    """
+    try:
+        return importlib.import_module(name)
+    except RuntimeError as e:
+        if "torchvision::" not in str(e):
+            raise
+    for module in [m for m in sys.modules if m.split(".")[0] in ("torchvision", "timm")]:
+        del sys.modules[module]  # the half-imported packages
+    sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
+    return importlib.import_module(name)
+
+
+def randomize_for_parity(model, gen, branch_gain: tuple[float, float]) -> None:
+    """BatchNorm affine and statistics shaped like a trained network's, so eval differs from train.
+
+    The last BatchNorm of each residual branch gets a small scale drawn from ``branch_gain``, as
+    in trained torchvision ResNets (and zero_init_residual). With scales near 1 there, a deep
+    train-mode ResNet at init is so ill-conditioned that PyTorch's own float32 gradients differ
+    from its float64 ones by far more than rounding (docs/pytorch.md); parity would then measure
+    rounding amplification, not the implementation.
+    """
+    last_bns = set()
+    for m in model.modules():
+        if hasattr(m, "conv1") and hasattr(m, "bn2"):  # a residual block (ours or torchvision's)
+            last_bns.add(id(getattr(m, "bn3", m.bn2)))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.GroupNorm):  # BiT's: an affine transform, no statistics
+                m.weight.uniform_(0.8, 1.2, generator=gen)
+                m.bias.normal_(0.0, 0.1, generator=gen)
+            elif isinstance(m, torch.nn.BatchNorm2d):
+                lo, hi = branch_gain if id(m) in last_bns else (0.8, 1.2)
+                m.weight.uniform_(lo, hi, generator=gen)
+                m.bias.normal_(0.0, 0.1, generator=gen)
+                m.running_mean.normal_(0.0, 0.2, generator=gen)
+                m.running_var.uniform_(0.5, 2.0, generator=gen)
+            elif isinstance(m, torch.nn.Conv2d) and m.bias is not None:
+                m.bias.normal_(0.0, 0.1, generator=gen)

@@ -13,7 +13,7 @@ import torch
 
 import resnet_jax
 from resnet_jax import convert
-from resnet_jax.torch_reference import TorchResNetBase, randomize_batchnorm, torch_resnet
+from resnet_jax.torch_reference import TorchResNetBase, import_reference, randomize_batchnorm, torch_resnet
 
 SEED_CONFIGS = [
     dict(n_blocks=(2, 2), n_channels=(8, 16)),
@@ -213,8 +213,8 @@ def test_squeeze_excite_converts_by_inference_and_computes_the_same_function(arc
 
 
 @pytest.mark.parametrize("arch", ["resnet18d", "seresnext26d_32x4d"])
-def test_timm_state_dict_when_importable(arch):
-    timm = pytest.importorskip("timm")
+def test_timm_state_dict(arch):
+    timm = import_reference("timm")
     tm = randomize_batchnorm(timm.create_model(arch, pretrained=False, num_classes=5))
     variables = convert.torch_to_flax(tm.state_dict())
     model = convert.infer_model(tm.state_dict())

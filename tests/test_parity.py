@@ -209,15 +209,13 @@ def test_float32_flip_hint_only_when_only_gradient_rows_fail(monkeypatch, capsys
     assert out.splitlines()[-1] == "FAIL" and "Only gradient/SGD rows failed" not in out
 
 
-def test_torchvision_reference_when_importable():
-    pytest.importorskip("torchvision")
+def test_torchvision_reference():
     code, result = _cli("--arch", "resnet50", "--reference", "torchvision", "--dtype", "float64")
     assert code == 0, result["rows"]
 
 
 @pytest.mark.parametrize("arch", ["resnet26t", "seresnext26d_32x4d"])
-def test_timm_reference_when_importable(arch):
-    pytest.importorskip("timm")
+def test_timm_reference(arch):
     code, result = _cli("--arch", arch, "--reference", "timm", "--dtype", "float64", "--steps", "3")
     assert code == 0 and all(e <= 1e-10 for e in result["rows"].values()), result["rows"]
 
@@ -236,3 +234,16 @@ def test_parity_command_without_jax_platforms_prints_no_tpu_warnings():
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["ok"]
     assert "TPU" not in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    "arch,api", [("resnetv2_50x1_bit", "linen"), ("resnetv2_50d", "nnx"), ("resnetv2_101", "linen")]
+)
+def test_resnetv2_and_bit_match_timm_at_float64(arch, api):
+    """timm's ResNetV2 (BatchNorm, deep stem with average-pool shortcuts) and BiT (GroupNorm,
+    weight-standardised convs, the zero-padded stem pool) against timm's own modules: forward,
+    gradients and an SGD step, every row within 1e-10."""
+    args = ("--arch", arch, "--reference", "timm", "--dtype", "float64", "--steps", "1")
+    code, result = _cli(*args, "--api", api, "--image-size", "32", "--batch", "2")
+    assert code == 0 and all(e <= 1e-10 for e in result["rows"].values()), result["rows"]
+    assert ("running stats after 1 step" in result["rows"]) == (not arch.endswith("_bit"))

@@ -250,10 +250,16 @@ def test_unknown_name_lists_close_names_and_bare_names_mean_the_default():
 def test_builtin_entries_carry_torchvision_and_timm_metadata():
     names = pretrained.list_pretrained()
     tv = [n for n in names if ".tv" in n]
-    assert len(tv) == 17 and len(names) - len(tv) == 20
+    v2 = [n for n in names if n.startswith("resnetv2_")]
+    assert len(tv) == 17 and len(names) - len(tv) - len(v2) == 20 and len(v2) == 5
     # Every torchvision architecture with ImageNet weights has them (resnet200 has none).
     assert {pretrained.info(n).arch for n in tv} == set(resnet_jax.TORCHVISION_ARCHS) - {"resnet200"}
-    for n in names:
+    for n in v2:  # timm's ResNetV2 and BiT: Inception normalisation, no quoted top-1
+        entry = pretrained.info(n)
+        assert entry.arch in resnet_jax.ALL_PRESETS and entry.hf_hub_id == f"timm/{n}" and entry.top1 is None
+        assert entry.preprocess.mean == entry.preprocess.std == (0.5, 0.5, 0.5)
+        assert entry.num_classes == (21843 if n.endswith("in21k") else 1000)
+    for n in set(names) - set(v2):
         entry = pretrained.info(n)
         assert entry.arch in resnet_jax.PRESETS and entry.num_classes == 1000 and entry.top1 > 69
         if n in tv:
