@@ -2,19 +2,21 @@
 
 The blocks of one page run in order in one namespace (a later block may use an earlier one's
 names), in a temporary directory that holds the files the pages name: ``resnet18.pth`` and
-``resnet18.safetensors`` (a randomly initialised ResNet-18 saved with ``resnet_jax.convert``) and
-two small JPEGs, ``cat.jpg`` and ``dog.jpg``. The pages use tiny shapes themselves, so nothing
-is substituted and what a reader copies is what ran.
+``resnet18.safetensors`` (a randomly initialised ResNet-18 saved with ``resnet_jax.convert``),
+two small JPEGs, ``cat.jpg`` and ``dog.jpg``, this checkout's ``configs/``, and
+``imagenet_tars/``: ImageNet's two tar files holding a few JPEGs, which docs/tpu.md prepares with
+TFDS's real imagenet2012 builder and no network. The pages use tiny shapes themselves, so
+nothing is substituted and what a reader copies is what ran.
 
 A block that cannot run here (it needs a download, a TPU or minutes of compute) has the line
 ``<!-- skip: REASON -->`` just before its opening fence. It is still compiled (a syntax error
 fails), then reported as skipped by its page and line with that reason.
 
 ```bash blocks run only on the pages in ``SHELL_PAGES`` (docs/tpu.md, whose readers copy shell
-commands): there every ```bash block runs, in order, in one ``bash -eu`` script in the same
-directory, with this interpreter first on ``PATH`` (as in an activated venv), unless it is marked
-skip; a marked one is still parsed (``bash -n``). A block that calls ``gcloud`` must be marked.
-Other pages' ```bash blocks are never run.
+commands): there every ```bash block runs, in order, in one ``bash -euo pipefail`` script in the
+same directory, with this interpreter first on ``PATH`` (as in an activated venv), unless it is
+marked skip; a marked one is still parsed (``bash -n``). A block that calls ``gcloud`` must be
+marked. Other pages' ```bash blocks are never run.
 """
 
 from __future__ import annotations
