@@ -2,8 +2,8 @@
 ``restore_or_init(run) -> (state, start_step)``.
 
 Where to change things: the data and augmentation in ``train/input_pipeline.py``, the model in
-``train/model.py``, the optimizer and schedule in ``train/optim.py``, the train step and the
-sharding (jit over a mesh, or pmap) in ``train/steps.py``, the checkpoint policy in
+``train/model.py``, the optimizer and schedule in ``train/optim.py``, the train step in
+``train/steps.py``, the sharding (jit over a mesh, or pmap) in ``train/parallel.py``, the checkpoint policy in
 ``train/checkpoint.py`` and ``train/periodic.py``.
 """
 
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from train import checkpoint as checkpoint_lib
-from train import executables, input_pipeline, optim, paths, steps
+from train import executables, input_pipeline, optim, parallel, paths, steps
 from train import metrics as metrics_lib
 from train.class_names import save_class_names
 from train.config import ConfigError, validate_config, with_defaults
@@ -74,7 +74,7 @@ def build_run(config: Any, workdir: str) -> Run:
     validate_config(config, device_count=jax.device_count(), process_count=jax.process_count())
     dataset = input_pipeline.create_dataset(config)
     info = dataset.info
-    driver = steps.make_driver(config.parallelism, mesh_axis_types=config.mesh_axis_types)
+    driver = parallel.make_driver(config.parallelism, mesh_axis_types=config.mesh_axis_types)
     load = _saved_executables(config, driver)  # read (or refused) before anything is written
     steps_per_epoch, total_steps = _step_counts(config, dataset)
     parts = build_steps(config, info, steps_per_epoch, total_steps)
@@ -149,7 +149,7 @@ def build_steps(
         A :class:`Steps`: the model, its compute dtype, optimizer, schedule, a state factory and
         the pure train and eval steps, not yet wrapped by a driver.
     """
-    axis_name = steps.PMAP_AXIS if config.parallelism == "pmap" else None
+    axis_name = parallel.PMAP_AXIS if config.parallelism == "pmap" else None
     model, dtype = create_model(config, info, axis_name, platform=platform)
     # A float64 run is the twin of the float32 run with its seed: same initial values, cast.
     float32_twin = None

@@ -7,7 +7,7 @@ import runpy
 from pathlib import Path
 from typing import Any
 
-from train import input_pipeline, optim, steps
+from train import input_pipeline, optim, parallel
 from train.model import DTYPES, architectures, resolve_dtype
 
 # Every field train/ reads is defined here, with its comment and default (configs/ is not a
@@ -78,7 +78,7 @@ def validate_config(
     """Raise ``ConfigError`` for settings that cannot work on ``device_count`` devices."""
     _choice(config, "parallelism", ("jit", "pmap"))
     try:
-        steps.check_mesh_axis_types(config.mesh_axis_types, config.parallelism)
+        parallel.check_mesh_axis_types(config.mesh_axis_types, config.parallelism)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     _choice(config, "optimizer", optim.OPTIMIZERS)
