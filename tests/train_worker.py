@@ -47,9 +47,9 @@ def digits_eval_arrays(config):
     """The digits held-out images (float, unnormalised), labels, and the normalisation mean/std."""
     import numpy as np
 
-    from train import input_pipeline
+    from train.data import registry
 
-    src = input_pipeline.create_dataset(config).__dict__["_source"]
+    src = registry.create_dataset(config).source
     return src.x_eval, src.y_eval, np.array(src.mean), np.array(src.std)
 
 
@@ -59,10 +59,10 @@ def eval_logits(config, variables, x, *, float64=False):
     import numpy as np
     from float_bounds import float64_apply
 
-    from train import input_pipeline
+    from train.data import registry
     from train.model import create_model
 
-    info = input_pipeline.create_dataset(config).info
+    info = registry.create_dataset(config).info
     if not float64:
         return np.asarray(create_model(config, info)[0].apply(variables, x, train=False))
     twin = config.copy_and_resolve_references()
