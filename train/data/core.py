@@ -211,6 +211,16 @@ def default_stats(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return (127.5,) * channels, (64.0,) * channels
 
 
+def shape_info(
+    config: Any, name: str, num_classes: int, image_shape: tuple[int, int, int], num_train_examples: int
+) -> DatasetInfo:
+    """A ``DatasetInfo`` from a dataset's shape alone (``DataSource.describe``), normalised as the
+    config says or by ``default_stats``; no eval split or class names, which compiling does not
+    need (a synthetic set may have millions of classes)."""
+    mean, std = norm_stats(config, image_shape[-1], default_stats(image_shape[-1]))
+    return DatasetInfo(name, num_classes, image_shape, num_train_examples, 0, (), mean, std)
+
+
 def normalize_pixels(images: Any, info: DatasetInfo) -> np.ndarray:
     """Pixels (0..255) -> the normalised float32 the model takes (what the step does on device)."""
     mean, std = np.asarray(info.mean, np.float32), np.asarray(info.std, np.float32)

@@ -20,11 +20,11 @@ from train.data.core import (
     DatasetError,
     DatasetInfo,
     DataSource,
-    default_stats,
     fold_seed,
     host_batch_size,
     norm_stats,
     normalize_pixels,
+    shape_info,
 )
 
 DIGITS_TEST_SIZE = 360
@@ -113,18 +113,8 @@ class DigitsSource(DataSource):
     @classmethod
     def describe(cls, config: Any) -> tuple[DatasetInfo, Any]:
         # 8x8, normalised float32 on the host, whatever image_size says.
-        mean, std = norm_stats(config, 1, default_stats(1))
-        info = DatasetInfo(
-            name=cls.name,
-            num_classes=len(config.class_subset or ()) or 10,
-            image_shape=(8, 8, 1),
-            num_train_examples=NUM_DIGITS - DIGITS_TEST_SIZE,
-            num_eval_examples=0,
-            class_names=(),
-            mean=mean,
-            std=std,
-        )
-        return info, np.float32
+        num_classes = len(config.class_subset or ()) or 10
+        return shape_info(config, cls.name, num_classes, (8, 8, 1), NUM_DIGITS - DIGITS_TEST_SIZE), np.float32
 
     load_image = staticmethod(tf_ops.load_image)
     load_array = staticmethod(tf_ops.load_array)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from train.data import tf_ops
-from train.data.core import Batch, DatasetInfo, DataSource, default_stats, host_batch_size, norm_stats
+from train.data.core import Batch, DatasetInfo, DataSource, host_batch_size, shape_info
 
 
 class SyntheticSource(DataSource):
@@ -35,19 +35,9 @@ class SyntheticSource(DataSource):
     @classmethod
     def describe(cls, config: Any) -> tuple[DatasetInfo, Any]:
         size, channels = int(config.image_size), int(config.synthetic_channels)
-        num_classes = int(config.synthetic_num_classes)
-        mean, std = norm_stats(config, channels, default_stats(channels))
-        info = DatasetInfo(
-            name=cls.name,
-            num_classes=num_classes,
-            image_shape=(size, size, channels),
-            num_train_examples=int(config.synthetic_num_examples),
-            num_eval_examples=0,
-            class_names=(),  # not needed to compile; a synthetic set may have millions of classes
-            mean=mean,
-            std=std,
-        )
-        return info, np.uint8
+        shape = (size, size, channels)
+        num_classes, num_train = int(config.synthetic_num_classes), int(config.synthetic_num_examples)
+        return shape_info(config, cls.name, num_classes, shape, num_train), np.uint8
 
     load_image = staticmethod(tf_ops.load_image)
     load_array = staticmethod(tf_ops.load_array)

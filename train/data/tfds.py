@@ -25,6 +25,7 @@ from train.data.core import (
     fold_seed,
     host_batch_size,
     norm_stats,
+    shape_info,
 )
 
 IMAGENET_HELP = (
@@ -162,19 +163,10 @@ class TFDSSource(DataSource):
         known = KNOWN_SETS.get(config.dataset.split(":")[0].split("/")[0])
         if known is None:
             return None
-        size = int(config.image_size)
-        mean, std = norm_stats(config, known.channels, default_stats(known.channels))
-        info = DatasetInfo(
-            name=config.dataset,
-            num_classes=known.num_classes,
-            image_shape=(size, size, known.channels),
-            num_train_examples=known.num_train_examples,
-            num_eval_examples=0,
-            class_names=(),
-            mean=mean,
-            std=std,
-        )
-        return info, np.uint8
+        shape = (int(config.image_size),) * 2 + (known.channels,)
+        return shape_info(
+            config, config.dataset, known.num_classes, shape, known.num_train_examples
+        ), np.uint8
 
     load_image = staticmethod(tf_ops.load_image)
     load_array = staticmethod(tf_ops.load_array)
