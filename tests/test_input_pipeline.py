@@ -345,3 +345,29 @@ def test_prefetch_keeps_order_and_stays_bounded():
         out.append(y)
         assert len(placed) - len(out) <= 2
     assert out == [x * 10 for x in range(7)]
+
+
+# --- the registry and the augmentation options -------------------------------------------------
+
+
+def test_registry_maps_named_sources_and_sends_every_other_name_to_tfds():
+    from train.data.digits import DigitsSource
+    from train.data.image_folder import ImageFolderSource
+    from train.data.synthetic import SyntheticSource
+    from train.data.tfds import TFDSSource
+
+    assert registry.get("sklearn_digits") is DigitsSource
+    assert registry.get("synthetic") is SyntheticSource and SyntheticSource.repeats_one_batch
+    assert registry.get("image_folder") is ImageFolderSource
+    assert registry.get("cifar10") is TFDSSource and registry.get("imagenet2012:5.1.0") is TFDSSource
+    assert not registry.create_dataset(make_config(dataset="sklearn_digits")).repeats_one_batch
+
+
+def test_augment_options_are_config_fields_and_both_paths_offer_every_crop():
+    from train.data import image_ops
+    from train.data.augment import TRAIN_AUGMENTATIONS, AugmentOptions
+
+    config = make_config(train_augment="pad_crop", crop_padding=3)
+    options = AugmentOptions.from_config(config)
+    assert options.train_augment == "pad_crop" and options.crop_padding == 3
+    assert set(image_ops.CROPS) == set(tf_ops.CROPS) == set(TRAIN_AUGMENTATIONS)
