@@ -64,10 +64,6 @@ def _check_fine_tuning(config: Any) -> None:
         )
     if config.init_from and config.init_from_torch:
         raise ConfigError("set config.init_from or its older name config.init_from_torch, not both.")
-    try:
-        registry.get(config.dataset).check_config(config)  # class_subset, for one
-    except DatasetError as e:
-        raise ConfigError(str(e)) from None
 
 
 def validate_config(
@@ -114,6 +110,10 @@ def validate_config(
     if config.learning_rate < 0 or config.weight_decay < 0:
         raise ConfigError("config.learning_rate and config.weight_decay must be >= 0.")
     _check_fine_tuning(config)
+    try:
+        registry.get(config.dataset).check_config(config)  # the source's own checks: class_subset
+    except DatasetError as e:
+        raise ConfigError(str(e)) from None
     for field in ("batch_size", "eval_batch_size"):
         value = int(config[field])
         if device_count and value % device_count:
