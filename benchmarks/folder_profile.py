@@ -3,7 +3,7 @@
 ``python -m benchmarks.folder_profile --jpeg-dir DIR [--rounds 12] [--per-round 48] [--core 0]``
 
 Over the JPEGs in ``DIR`` (``benchmarks.input_pipeline --jpeg-dir DIR`` writes them), in one
-process pinned to one core, the stages of ``train/image_ops.py``'s ``inception_crop`` training
+process pinned to one core, the stages of ``train/data/image_ops.py``'s ``inception_crop`` training
 preprocessing at 224 are timed one by one: opening the file and parsing its header (Pillow),
 sampling the crop box, decoding the whole JPEG (simplejpeg, and Pillow for comparison), making
 the crop a Pillow image, the antialiased resize, and the flip and copy to NumPy. Beside them, the
@@ -33,8 +33,8 @@ from benchmarks.report import emit_json, host_environment
 def _stages(files: list[str], boxes: list[tuple[int, int, int, int]]) -> dict[str, Callable[[int], Any]]:
     from PIL import Image
 
-    from train import image_ops
     from train.config import default_config
+    from train.data import image_ops
 
     config = default_config()
     config.update(train_augment="inception_crop", random_flip=True)
@@ -70,7 +70,7 @@ def _stages(files: list[str], boxes: list[tuple[int, int, int, int]]) -> dict[st
         # What train_image does instead for a plain JPEG's bytes (image_ops.jpeg_size): no
         # Pillow open, and the box read in place.
         stages["jpeg_size_header"] = lambda i: image_ops.jpeg_size(data[i])
-        stages["crop_in_place"] = lambda i: image_ops._crop(decoded[i], *boxes[i])
+        stages["crop_in_place"] = lambda i: image_ops.crop_box(decoded[i], *boxes[i])
     return stages
 
 
@@ -102,7 +102,7 @@ def _tf_stages(files: list[str], boxes: list[tuple[int, int, int, int]]) -> dict
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from PIL import Image
 
-    from train import image_ops
+    from train.data import image_ops
 
     files = sorted(glob.glob(os.path.join(args.jpeg_dir, "*.jpg")))
     if not files:

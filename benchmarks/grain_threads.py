@@ -2,7 +2,7 @@
 
 ``python -m benchmarks.grain_threads --jpeg-dir DIR [--workers 2] [--cores 2] [--batches 24]``
 
-Runs ``train/image_folder.py``'s training batches over the JPEGs in ``DIR`` (as
+Runs ``train/data/image_folder.py``'s training batches over the JPEGs in ``DIR`` (as
 ``benchmarks.input_pipeline --jpeg-dir DIR`` writes them) with ``--workers`` Grain worker
 processes, pinned to the first ``--cores`` cores, and reads every thread's CPU time (psutil)
 before and after the timed batches, in this process (``consumer``) and in each child process
@@ -46,7 +46,7 @@ def measure(jpeg_dir: str, workers: int, batches: int, batch: int = 64, warmup: 
     import psutil
 
     from benchmarks.input_workers import augment_fields, folder_config, train_file
-    from train.image_folder import ImageFolderSource
+    from train.data.image_folder import ImageFolderSource
 
     config = folder_config(jpeg_dir, 224, workers)
     it = iter(ImageFolderSource(config).train_batches(config, batch, 0, 0, 1))

@@ -129,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "benchmark": "input_host",
         "config": {
             "decoder": (
-                f"Pillow {PIL.__version__} (TensorFlow absent); replica of train.input_pipeline's recipe"
+                f"Pillow {PIL.__version__} (TensorFlow absent); replica of train.data.tf_ops' recipe"
             ),
             "num_images": args.num_images,
             "mean_jpeg_bytes": float(np.mean([len(b) for b in images])),

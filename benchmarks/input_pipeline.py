@@ -6,7 +6,7 @@ Writes ``--num-images`` JPEG files of ImageNet-like sizes (300-500 px a side, sm
 fields with texture and noise, quality 90; about the bytes per pixel of ImageNet's photos), then
 for each ``--cores`` value runs, in a fresh process confined to that many CPUs
 (``sched_setaffinity`` before TensorFlow starts), the training program's preprocessing from
-``train.input_pipeline`` (JPEG shape, Inception random-resized crop box, decode of the crop only,
+``train/data/tf_ops.py`` (JPEG shape, Inception random-resized crop box, decode of the crop only,
 antialiased bilinear resize, rounding to uint8, random flip; normalisation runs on the
 accelerator) in a tf.data map with that many threads, batched to numpy as the training loop
 receives it. The encoded files are read into memory first,
@@ -17,12 +17,12 @@ the number of cores needed to feed one accelerator at ``--model-rate`` images/s.
 preprocessing with one change each (float32 normalised on the host instead of uint8 pixels, no
 antialiasing in the resize, the fast integer IDCT), to show what moves the per-core rate.
 
-``--variants grain`` times the image-folder pipeline instead (``train/image_folder.py``: Grain
+``--variants grain`` times the image-folder pipeline instead (``train/data/image_folder.py``: Grain
 and Pillow, no TensorFlow) on the same files laid out as ``ROOT/train/<class>/``, with as many
 Grain worker processes as cores (inheriting the pinning), batched to numpy as the training loop
 receives it; the files are read from disk (the page cache after the warm-up batches), decoded by
 simplejpeg (as TF decodes them), cropped, resized (antialiased bilinear) and flipped by
-``train/image_ops.py``.
+``train/data/image_ops.py``.
 ``--grain-workers 0,1,2`` sets the worker counts to try on each core count instead; ``-1`` is
 what the training program starts by default (``grain_worker_count=-1``: none on one or two
 cores, one per core otherwise); a count that repeats on a core count (``-1,0`` on two cores)
@@ -183,7 +183,7 @@ def run_all(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
         runs = []
         # -1: what the training program starts with grain_worker_count=-1 on that many cores; a
         # count that repeats within one variant and core count (-1,0 on two cores) runs once.
-        from train.image_folder import default_worker_count
+        from train.data.image_folder import default_worker_count
 
         plan = [
             (variant, cores, workers)
@@ -230,7 +230,7 @@ def run_all(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
             env = None
             if variant == "grain_pillow":
                 # A module of that name that fails to import, first on the path of the worker
-                # process and of the Grain workers it spawns: train.image_ops falls back to Pillow.
+                # process and of the Grain workers it spawns: train.data.image_ops falls back to Pillow.
                 blocker = os.path.join(jpeg_dir, "no_simplejpeg")
                 os.makedirs(blocker, exist_ok=True)
                 with open(os.path.join(blocker, "simplejpeg.py"), "w") as f:
@@ -261,7 +261,7 @@ def run_all(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
             "image_size": args.image_size,
             "batch": args.batch,
             "total_images_per_run": max(args.total_images // args.batch, 1) * args.batch,
-            "preprocessing": "train.input_pipeline training preprocessing, train_augment="
+            "preprocessing": "train.data.tf_ops training preprocessing, train_augment="
             "'inception_crop' + random_flip: extract_jpeg_shape, stateless_sample_distorted_"
             "bounding_box (area 0.08-1, aspect 3/4-4/3), decode_and_crop_jpeg, antialiased "
             "bilinear resize, round to uint8, flip (mean/std normalisation runs in the jitted "
@@ -296,7 +296,7 @@ def scaling(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """
     import statistics
 
-    from train.image_folder import default_worker_count
+    from train.data.image_folder import default_worker_count
 
     def label(r: dict[str, Any]) -> str:
         w = r.get("grain_workers")

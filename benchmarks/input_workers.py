@@ -34,22 +34,24 @@ def _tf():
 
 def training_preprocess_fn(image_size: int, channels: int = 3) -> Callable[[Any, Any], Any]:
     """``fn(encoded_jpeg, seed[2]) -> uint8 [size, size, C]``: the training program's own code."""
-    from train import input_pipeline as ip
     from train.config import default_config
+    from train.data import core, tf_ops
 
-    info = ip.DatasetInfo(
+    info = core.DatasetInfo(
         name="jpeg-benchmark",
         num_classes=1000,
         image_shape=(image_size, image_size, channels),
         num_train_examples=0,
         num_eval_examples=0,
         class_names=(),
-        mean=ip.IMAGENET_MEAN,
-        std=ip.IMAGENET_STD,
+        mean=core.IMAGENET_MEAN,
+        std=core.IMAGENET_STD,
     )
     config = default_config()
     config.update(train_augment="inception_crop", random_flip=True)
-    return lambda image, seed: ip.preprocess_train_image(image, seed, info, config, jpeg=True, encoded=True)
+    return lambda image, seed: tf_ops.preprocess_train_image(
+        image, seed, info, config, jpeg=True, encoded=True
+    )
 
 
 # Variants of the same work, to see what moves the per-core rate. Each is one change that the
@@ -75,7 +77,7 @@ def variant_preprocess_fn(variant: str, image_size: int, channels: int = 3) -> C
         return training_preprocess_fn(image_size, channels)
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}; got {variant!r}")
-    from train.input_pipeline import IMAGENET_MEAN, IMAGENET_STD
+    from train.data.core import IMAGENET_MEAN, IMAGENET_STD
 
     tf = _tf()
     antialias = variant != "no_antialias"
@@ -197,19 +199,17 @@ def folder_config(jpeg_dir: str, image_size: int, grain_workers: int, seed: int 
 
 
 def augment_fields(config: Any) -> Any:
-    """The config fields the Grain path hands its workers, picked as train/image_folder.py does:
-    what ``image_ops.train_image`` reads, for timing it outside Grain."""
-    import types
+    """The options the Grain path hands its workers (``train/data/augment.py``): what
+    ``image_ops.train_image`` reads, for timing it outside Grain."""
+    from train.data.augment import AugmentOptions
 
-    from train import image_folder
-
-    return types.SimpleNamespace(**{k: config[k] for k in image_folder._AUGMENT_FIELDS})
+    return AugmentOptions.from_config(config)
 
 
 def run_grain_worker(args: argparse.Namespace) -> dict[str, Any]:
-    """Time ``train/image_folder.py``'s training batches with ``args.grain_workers`` workers."""
-    from train import image_ops
-    from train.image_folder import ImageFolderSource
+    """Time ``train/data/image_folder.py``'s training batches with ``args.grain_workers`` workers."""
+    from train.data import image_ops
+    from train.data.image_folder import ImageFolderSource
 
     if (args.variant == "grain_pillow") != (image_ops.simplejpeg is None):
         raise RuntimeError(
@@ -239,10 +239,10 @@ def run_grain_worker(args: argparse.Namespace) -> dict[str, Any]:
 
 def train_file(path: str, rng: np.random.Generator, size: int, config: Any) -> np.ndarray:
     """One training example's work as the image-folder path does it: read the file's bytes, then
-    ``image_ops.train_image`` (``train/image_folder.py``'s ``load_example``)."""
-    from train import image_folder, image_ops
+    ``image_ops.train_image`` (``train/data/image_folder.py``'s ``load_example``)."""
+    from train.data import image_folder, image_ops
 
-    return image_ops.train_image(image_folder._read(path), rng, size, config)
+    return image_ops.train_image(image_folder.read_bytes(path), rng, size, config)
 
 
 def _work_only_process(core: int, paths: list[str], config: Any, size: int, start: Any, done: Any) -> None:

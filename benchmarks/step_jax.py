@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 from benchmarks.step_common import LABEL_SMOOTHING, LEARNING_RATE, MOMENTUM, STARTED, WEIGHT_DECAY, Contender
 from benchmarks.step_flops import forward_macs_per_image, xla_flops
 from resnet_jax.sharding import DATA_AXIS, make_data_mesh
-from train import compile_cache, optim, steps
+from train import compile_cache, optim, parallel, steps
 
 
 def peak_memory_bytes() -> int | None:
@@ -115,7 +115,7 @@ class JaxContender(Contender):
     def _init_state(self, mesh: Mesh, tx: optax.GradientTransformation) -> float:
         """Create the replicated train state in ``self.state``; the seconds it took."""
         size = self.args.image_size
-        driver = steps.JitDriver(mesh)
+        driver = parallel.JitDriver(mesh)
         # rbg keys: the initial values do not matter here and threefry init compiles ~2x slower.
         create_fn = functools.partial(
             steps.create_train_state,
@@ -141,7 +141,7 @@ class JaxContender(Contender):
                 train_step, in_shardings=(replicated, data), out_shardings=(replicated, replicated)
             )
         else:
-            jitted = steps.jit_train_step(train_step, mesh)
+            jitted = parallel.jit_train_step(train_step, mesh)
 
         cache_dir = jax.config.jax_compilation_cache_dir
         entries_before = compile_cache.cache_entries(cache_dir) if cache_dir else None

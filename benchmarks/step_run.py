@@ -242,7 +242,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "steps": args.steps,
             "warmup": args.warmup,
             "rounds": args.rounds,
-            "step": "train.steps.make_train_step via train.steps.jit_train_step (mesh of all devices)",
+            "step": "train.steps.make_train_step via train.parallel.jit_train_step (mesh of all devices)",
             "optimizer": OPTIMIZER_DESC,
             "data": "synthetic, generated on device (float32 images, int32 labels)",
         },

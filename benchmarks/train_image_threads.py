@@ -4,7 +4,7 @@ holds the GIL.
 
 ``python -m benchmarks.train_image_threads --jpeg-dir DIR [--rounds 6] [--images 512] [--threads 2]``
 
-Each round times, in alternating order, ``train_image(bytes)`` (what ``train/image_folder.py``
+Each round times, in alternating order, ``train_image(bytes)`` (what ``train/data/image_folder.py``
 hands it: a plain JPEG's header from ``image_ops.jpeg_size``, no Pillow ``open``) and
 ``train_image(Image.open(path))`` (Pillow parses the header and the EXIF block in Python), each
 in one thread and then in ``--threads`` threads. Both read the file and give the same pixels
@@ -32,7 +32,7 @@ INPUTS = ("bytes", "pillow_open")
 
 def _work(kind: str) -> Callable[[str, np.random.Generator, Any], np.ndarray]:
     from benchmarks.input_workers import train_file
-    from train import image_ops
+    from train.data import image_ops
 
     def from_bytes(path, rng, config):
         return train_file(path, rng, 224, config)

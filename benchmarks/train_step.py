@@ -1,7 +1,7 @@
 """Training-step benchmark: ``python -m benchmarks.train_step --arch resnet50 --batch 256 --dtype bfloat16``.
 
 Times the training program's own step (``train.steps.make_train_step`` compiled by
-``train.steps.jit_train_step`` over a device mesh) on synthetic data generated on the device:
+``train.parallel.jit_train_step`` over a device mesh) on synthetic data generated on the device:
 compile time (lowering + XLA compile, measured apart from the timed steps), then the median of
 ``--steps`` device-synchronised steps after ``--warmup`` untimed ones. Prints one JSON object.
 

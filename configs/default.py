@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 def _data(c: ml_collections.ConfigDict) -> None:
-    """Dataset and augmentation (train/input_pipeline.py)."""
+    """Dataset and augmentation (train/data/)."""
     # 'sklearn_digits', 'synthetic', 'image_folder' (data_dir/train/<class>/*, data_dir/val/<class>/*;
     # Grain, no TensorFlow), or a TFDS name ('imagenet2012', 'cifar10', 'imagenette', ...).
     c.dataset = "sklearn_digits"
@@ -44,7 +44,7 @@ def _data(c: ml_collections.ConfigDict) -> None:
     c.random_flip = False  # digits are not mirror-symmetric
     # image_folder, 'inception_crop': decode a JPEG at 1/2, 1/4 or 1/8 scale when its crop is at
     # least that many times the input size (less work on large photos; the pixels differ from a
-    # full decode: train/image_ops.py).
+    # full decode: train/data/image_ops.py).
     c.jpeg_reduced_decode = False
     c.eval_crop_fraction = 1.0  # 0.875: resize to size/0.875 then center-crop size (ImageNet)
     c.normalize_mean = ()  # per channel, in 0..255 pixel units; () = dataset default

@@ -8,7 +8,7 @@ The folder is torchvision's ImageFolder layout, one sub-folder per class (JPEG, 
     python -m train.predict --workdir=/tmp/ft photo.jpg        # prints class names
     python -m train.export --workdir=/tmp/ft --out=/tmp/ft/model.pth   # + model.classes.txt
 
-The images are read with Grain and Pillow, without TensorFlow (train/image_folder.py). The
+The images are read with Grain and Pillow, without TensorFlow (train/data/image_folder.py). The
 pretrained weights (torchvision's IMAGENET1K_V2) are downloaded once; the classifier gets a new
 head with one output per class folder. The backbone trains at a tenth of the head's learning
 rate; ``--config.freeze_backbone=True --config.backbone_lr_multiplier=1`` trains the head alone.

@@ -19,7 +19,7 @@ import pytest
 
 from resnet_jax import platform as platform_lib
 from resnet_jax.sharding import make_data_mesh
-from train import aot, executables, steps
+from train import aot, executables, parallel
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
@@ -303,7 +303,7 @@ def test_forward_flops_match_xla_cpu_on_one_device(four_chips):
     parts = compiler.parts(BATCH)
     cpu_mesh = make_data_mesh(devices=jax.devices("cpu")[:1], explicit=False, process_ordered=True)
     args = aot.abstract_inputs(parts, cpu_mesh, compiler.info, compiler.image_dtype, 16, eval_batch=True)
-    cpu = aot._cost(steps.jit_eval_step(parts.eval_step, cpu_mesh).lower(*args).compile())["flops"] / 16
+    cpu = aot._cost(parallel.jit_eval_step(parts.eval_step, cpu_mesh).lower(*args).compile())["flops"] / 16
     tpu = four_chips.eval.flops_per_device * 4 / BATCH
     assert tpu == pytest.approx(cpu, rel=0.05)
 

@@ -294,7 +294,7 @@ def test_input_benchmark_on_a_few_jpegs(tmp_path):
     tf = pytest.importorskip("tensorflow")
     from benchmarks import input_pipeline as benchmark_input
     from benchmarks import input_workers as benchmark_workers
-    from train import input_pipeline as ip
+    from train.data import core
 
     jpegs = benchmark_input.write_jpegs(str(tmp_path), 4)
     assert len(list(tmp_path.glob("*.jpg"))) == 4
@@ -316,9 +316,9 @@ def test_input_benchmark_on_a_few_jpegs(tmp_path):
     # Host-normalised float32 (the old output) equals the uint8 pixels normalised later, up to
     # rounding the resized pixels (0.5 / std).
     floats = benchmark_workers.variant_preprocess_fn("float_out", 48)(data, seed).numpy()
-    info = ip.DatasetInfo("x", 1, (48, 48, 3), 0, 0, (), ip.IMAGENET_MEAN, ip.IMAGENET_STD)
-    diff = np.abs(ip.normalize_pixels(a, info) - floats)
-    assert floats.dtype == np.float32 and diff.max() <= 0.5 / min(ip.IMAGENET_STD) + 1e-5
+    info = core.DatasetInfo("x", 1, (48, 48, 3), 0, 0, (), core.IMAGENET_MEAN, core.IMAGENET_STD)
+    diff = np.abs(core.normalize_pixels(a, info) - floats)
+    assert floats.dtype == np.float32 and diff.max() <= 0.5 / min(core.IMAGENET_STD) + 1e-5
     assert diff.max() > 0  # the pixels really were rounded, not compared with themselves
 
     # The CLI on those files, in a worker process pinned to one core.
@@ -447,7 +447,7 @@ def test_input_scaling_table():
 def test_input_scaling_table_keeps_other_worker_counts_apart():
     from benchmarks.input_pipeline import scaling
 
-    # Defaults: no workers on 1 and 2 cores, one per core from 3 (train.image_folder).
+    # Defaults: no workers on 1 and 2 cores, one per core from 3 (train.data.image_folder).
     runs = [
         {"variant": "grain", "cores": 4, "grain_workers": 0, "images_per_s": 1700.0},
         {"variant": "grain", "cores": 4, "grain_workers": 4, "images_per_s": 1900.0},

@@ -19,14 +19,15 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from train_worker import tiny_config  # noqa: E402
 
-from train import checkpoint, export, input_pipeline, loop, optim  # noqa: E402
+from train import checkpoint, export, loop, optim  # noqa: E402
 from train.config import ConfigError, validate_config  # noqa: E402
+from train.data import registry  # noqa: E402
 
 
 def test_class_subset_keeps_and_relabels_digits():
-    full = input_pipeline.create_dataset(tiny_config())
-    sub = input_pipeline.create_dataset(tiny_config(class_subset=(7, 2)))
-    src_full, src_sub = full.__dict__["_source"], sub.__dict__["_source"]
+    full = registry.create_dataset(tiny_config())
+    sub = registry.create_dataset(tiny_config(class_subset=(7, 2)))
+    src_full, src_sub = full.source, sub.source
     assert sub.info.num_classes == 2 and sub.info.class_names == ("7", "2")
     for x, y, xs, ys in (
         (src_full.x_train, src_full.y_train, src_sub.x_train, src_sub.y_train),

@@ -26,18 +26,19 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from train_worker import tiny_config  # noqa: E402
 
-from train import checkpoint, image_ops, input_pipeline, loop  # noqa: E402
+from train import checkpoint, loop  # noqa: E402
 from train.class_names import load_class_names, read_class_names  # noqa: E402
 from train.config import default_config  # noqa: E402
-from train.image_folder import scan  # noqa: E402
-from train.input_pipeline import DatasetError  # noqa: E402
+from train.data import core, image_folder, image_ops, registry, tf_ops  # noqa: E402
+from train.data.core import DatasetError  # noqa: E402
+from train.data.image_folder import scan  # noqa: E402
 
 NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 SORTED = tuple(sorted(NAMES))
 
 
 def _digits():
-    src = input_pipeline.create_dataset(tiny_config()).__dict__["_source"]
+    src = registry.create_dataset(tiny_config()).source
     pixels = lambda x: np.round(x[..., 0]).astype(np.uint8)  # noqa: E731
     return pixels(src.x_train), src.y_train, pixels(src.x_eval), src.y_eval
 
@@ -150,7 +151,7 @@ def _one_line_error(result) -> str:
 
 def test_classes_are_sorted_folder_names_and_eval_pixels_are_the_files(digits_root):
     root, written = digits_root
-    ds = input_pipeline.create_dataset(folder_config(root))
+    ds = registry.create_dataset(folder_config(root))
     assert ds.info.class_names == SORTED and ds.info.num_classes == 10
     assert (ds.info.num_train_examples, ds.info.num_eval_examples) == (1437, 360)
     assert ds.info.image_shape == (8, 8, 3)
@@ -180,12 +181,12 @@ def test_classes_are_sorted_folder_names_and_eval_pixels_are_the_files(digits_ro
 def test_order_is_a_function_of_seed_and_epoch_and_resume_skips_exactly(digits_root):
     root, _ = digits_root
     config = folder_config(root)
-    ds = input_pipeline.create_dataset(config)
+    ds = registry.create_dataset(config)
     spe = ds.steps_per_epoch(64)
     assert spe == 1437 // 64
     it = ds.train_iterator(64)
     stream = [next(it) for _ in range(spe + 3)]
-    again = input_pipeline.create_dataset(config).train_iterator(64, start_step=spe - 2)
+    again = registry.create_dataset(config).train_iterator(64, start_step=spe - 2)
     for want in stream[spe - 2 :]:  # resumed across the epoch boundary: the same batches
         got = next(again)
         np.testing.assert_array_equal(got["image"], want["image"])
@@ -193,7 +194,7 @@ def test_order_is_a_function_of_seed_and_epoch_and_resume_skips_exactly(digits_r
     # Epoch 1 visits the files in another order; another seed changes epoch 0.
     first = lambda b: tuple(b["label"])  # noqa: E731
     assert first(stream[spe]) != first(stream[0])
-    other = input_pipeline.create_dataset(folder_config(root, seed=1)).train_iterator(64)
+    other = registry.create_dataset(folder_config(root, seed=1)).train_iterator(64)
     assert first(next(other)) != first(stream[0])
     # Each epoch visits every class in proportion: the labels of an epoch are the files' labels.
     epoch0 = np.concatenate([b["label"] for b in stream[:spe]])
@@ -216,7 +217,7 @@ def _indexed_folder(root: Path, n: int = 45) -> Path:
 def test_two_hosts_read_disjoint_shards_that_cover_the_epoch(tmp_path):
     root = _indexed_folder(tmp_path / "indexed")
     config = folder_config(root, image_size=4, train_augment="none")
-    ds = input_pipeline.create_dataset(config)
+    ds = registry.create_dataset(config)
     spe = ds.steps_per_epoch(8, 2)
     assert spe == 45 // 8
 
@@ -293,7 +294,7 @@ def test_bad_folders_name_the_problem(tmp_path, files, words):
     if files is not None:
         _tree(root, files)
     with pytest.raises(DatasetError) as e:
-        input_pipeline.create_dataset(folder_config(root))
+        registry.create_dataset(folder_config(root))
     message = str(e.value)
     assert "\n" not in message
     for w in words:
@@ -330,9 +331,7 @@ def test_file_names_that_are_not_utf8_are_read_and_class_names_must_be_one_line_
         pytest.skip("this file system refuses a file name that is not UTF-8")
     classes, (paths, _), _, _ = scan(str(root))
     assert [os.fsencode(p)[-8:] for p in paths] == [b"caf\xe9.png", b"a/ok.png"]
-    ds = input_pipeline.create_dataset(
-        folder_config(root, image_size=4, train_augment="none", random_flip=False)
-    )
+    ds = registry.create_dataset(folder_config(root, image_size=4, train_augment="none", random_flip=False))
     (train,) = [b["image"] for b in itertools.islice(ds.train_iterator(2), 1)]
     assert sorted(train[:, 0, 0, 0]) == [1, 2]
     # Class names are saved one per line: a folder name that is not one line of text is refused.
@@ -394,9 +393,7 @@ def test_class_folders_are_read_at_any_depth_in_torchvisions_order(tmp_path):
     assert labels == [0, 0, 0, 0, 1] and eval_labels == [0, 1]
     assert eval_paths[1] == str(root / "val/b/2019/v.png")
     # The nested files are what the batches hold: each file is one flat value written above.
-    ds = input_pipeline.create_dataset(
-        folder_config(root, image_size=4, train_augment="none", random_flip=False)
-    )
+    ds = registry.create_dataset(folder_config(root, image_size=4, train_augment="none", random_flip=False))
     (train,) = [b["image"] for b in itertools.islice(ds.train_iterator(5), 1)]
     assert sorted(train[:, 0, 0, 0]) == [1, 2, 3, 4, 6] and (train == train[:, :1, :1, :1]).all()
     (evals,) = [b["image"] for b in ds.eval_iterator(2)]
@@ -407,7 +404,7 @@ def test_corrupt_file_stops_naming_it(tmp_path):
     root = _indexed_folder(tmp_path / "corrupt", n=12)
     bad = root / "train" / "c1" / "004.png"
     bad.write_bytes(_png()[:40])  # truncated
-    ds = input_pipeline.create_dataset(folder_config(root, image_size=4, train_augment="none"))
+    ds = registry.create_dataset(folder_config(root, image_size=4, train_augment="none"))
     with pytest.raises(DatasetError, match=f"cannot decode {bad} .*delete or replace the file"):
         for _ in ds.train_iterator(12):
             pass
@@ -558,9 +555,7 @@ def test_jpegs_decode_to_the_tensorflow_paths_pixels(tmp_path, monkeypatch):
     tf = pytest.importorskip("tensorflow")
     config = default_config()
     config.update(train_augment="inception_crop", random_flip=True, crop_area_range=(0.3, 1.0))
-    info = input_pipeline.DatasetInfo(
-        "t", 3, (24, 24, 3), 0, 0, (), input_pipeline.IMAGENET_MEAN, input_pipeline.IMAGENET_STD
-    )
+    info = core.DatasetInfo("t", 3, (24, 24, 3), 0, 0, (), core.IMAGENET_MEAN, core.IMAGENET_STD)
     files = _jpeg_kinds(tmp_path)
     results, flips = {}, []
     for use_simplejpeg in (True, False):
@@ -607,7 +602,7 @@ def test_jpegs_decode_to_the_tensorflow_paths_pixels(tmp_path, monkeypatch):
             results[use_simplejpeg, name, "eval"] = got
             if fast and use_simplejpeg:
                 image = tf.io.decode_image(data, channels=3, expand_animations=False)
-                want = input_pipeline.preprocess_eval_image(image, info, 0.875).numpy()
+                want = tf_ops.preprocess_eval_image(image, info, 0.875).numpy()
                 diff = np.abs(got.astype(int) - want.astype(int))
                 assert diff.max() <= 1 and diff.mean() < 0.3, name
     assert any(flips) and not all(flips)
@@ -685,9 +680,7 @@ def test_pillow_preprocessing_matches_the_tensorflow_path():
     tf = pytest.importorskip("tensorflow")
     from scipy import stats
 
-    info = input_pipeline.DatasetInfo(
-        "t", 3, (32, 32, 3), 0, 0, (), input_pipeline.IMAGENET_MEAN, input_pipeline.IMAGENET_STD
-    )
+    info = core.DatasetInfo("t", 3, (32, 32, 3), 0, 0, (), core.IMAGENET_MEAN, core.IMAGENET_STD)
     rng = np.random.default_rng(0)
     for h, w in ((37, 53), (120, 90), (16, 20), (300, 451)):
         smooth = np.asarray(
@@ -695,7 +688,7 @@ def test_pillow_preprocessing_matches_the_tensorflow_path():
         )
         pixels = np.clip(smooth + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
         for fraction in (0.875, 1.0):
-            want = input_pipeline.preprocess_eval_image(tf.constant(pixels), info, fraction).numpy()
+            want = tf_ops.preprocess_eval_image(tf.constant(pixels), info, fraction).numpy()
             got = image_ops.eval_image(Image.fromarray(pixels), 32, fraction)
             diff = np.abs(got.astype(int) - want.astype(int))
             assert got.shape == want.shape and diff.max() <= 1 and diff.mean() < 0.3, (h, w, fraction)
@@ -705,7 +698,7 @@ def test_pillow_preprocessing_matches_the_tensorflow_path():
         offsets = np.random.default_rng([h, w]).uniform(-0.5, 0.5, pixels.shape)  # own draws
         array = pixels.astype(np.float32) + offsets.astype(np.float32)
         for fraction in (0.875, 1.0):
-            want = input_pipeline.preprocess_eval_image(array, info, fraction, to_uint8=False).numpy()
+            want = tf_ops.preprocess_eval_image(array, info, fraction, to_uint8=False).numpy()
             got = image_ops.eval_array(array, 32, fraction)
             assert got.dtype == np.float32 and got.shape == want.shape, (h, w, fraction)
             np.testing.assert_allclose(got, want, rtol=0, atol=2e-3, err_msg=str((h, w, fraction)))
@@ -913,8 +906,6 @@ def test_finetune_folder_config_with_weights_file_new_head_and_frozen_or_slower_
 
 
 def test_default_worker_count_is_one_per_core_from_three_cores_and_none_below(monkeypatch):
-    from train import image_folder
-
     config = default_config()
     assert config.grain_worker_count == -1
     # cores -> (worker processes, read threads in each process that decodes)

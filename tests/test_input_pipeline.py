@@ -1,4 +1,4 @@
-"""train.input_pipeline: TFDS (mocked and a tiny locally built set), digits, synthetic data."""
+"""train.data: TFDS (mocked and a tiny locally built set), digits, synthetic data."""
 
 import sys
 from pathlib import Path
@@ -10,8 +10,8 @@ import tensorflow_datasets as tfds
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train import input_pipeline as ip  # noqa: E402
 from train.config import default_config  # noqa: E402
+from train.data import core, registry, tf_ops  # noqa: E402
 
 tf.config.set_visible_devices([], "GPU")
 
@@ -73,7 +73,9 @@ def make_config(**kw):
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("tfds")
-    ip.create_dataset(make_config(dataset="resnet_jax_tiny_shapes", data_dir=str(data_dir), download=True))
+    registry.create_dataset(
+        make_config(dataset="resnet_jax_tiny_shapes", data_dir=str(data_dir), download=True)
+    )
     return str(data_dir)
 
 
@@ -99,7 +101,7 @@ def test_mock_cifar10_train_and_eval_batches():
     cfg = make_config(download=True, image_size=32, train_augment="pad_crop", random_flip=True)
     with tfds.testing.mock_data(num_examples=37):
         raw = list(tfds.load("cifar10", split="test").as_numpy_iterator())
-        ds = ip.create_dataset(cfg)
+        ds = registry.create_dataset(cfg)
         assert ds.info.num_classes == 10 and ds.info.image_shape == (32, 32, 3)
         assert ds.info.num_train_examples == 37 and ds.steps_per_epoch(8) == 4
         batch = next(ds.train_iterator(8))
@@ -128,13 +130,13 @@ def test_mock_imagenet_inception_crop_is_deterministic_and_resumable():
         eval_split="validation",
     )
     with tfds.testing.mock_data(num_examples=20):
-        ds = ip.create_dataset(cfg)
+        ds = registry.create_dataset(cfg)
         assert ds.info.num_classes == 1000 and ds.steps_per_epoch(4) == 5
         run = _take(ds.train_iterator(4), 7)  # crosses the epoch boundary at step 5
         again = _take(ds.train_iterator(4), 7)
         resumed = _take(ds.train_iterator(4, start_step=3), 4)
         cfg.seed = 1
-        reseeded = next(ip.create_dataset(cfg).train_iterator(4))
+        reseeded = next(registry.create_dataset(cfg).train_iterator(4))
         ev = next(ds.eval_iterator(8))
     for a, b in zip(run, again):
         np.testing.assert_array_equal(a["image"], b["image"])
@@ -152,7 +154,7 @@ def test_mock_imagenet_inception_crop_is_deterministic_and_resumable():
 
 def test_tiny_tfds_epochs_hosts_and_eval(tiny_dir):
     cfg = make_config(dataset="resnet_jax_tiny_shapes", data_dir=tiny_dir, **TINY_NORM)
-    ds = ip.create_dataset(cfg)
+    ds = registry.create_dataset(cfg)
     assert ds.info.num_train_examples == 30 and ds.info.num_eval_examples == 11
     assert ds.info.class_names == ("a", "b", "c")
     # One host: each epoch is a permutation of a subset (6 batches of 5 = all 30).
@@ -185,8 +187,10 @@ def test_tiny_tfds_epochs_hosts_and_eval(tiny_dir):
 
 
 def test_tiny_tfds_cache_gives_the_same_stream(tiny_dir):
-    plain = ip.create_dataset(make_config(dataset="resnet_jax_tiny_shapes", data_dir=tiny_dir, **TINY_NORM))
-    cached = ip.create_dataset(
+    plain = registry.create_dataset(
+        make_config(dataset="resnet_jax_tiny_shapes", data_dir=tiny_dir, **TINY_NORM)
+    )
+    cached = registry.create_dataset(
         make_config(dataset="resnet_jax_tiny_shapes", data_dir=tiny_dir, cache=True, **TINY_NORM)
     )
     a = np.concatenate([_ids(b["image"]) for b in _take(cached.train_iterator(5), 12)])
@@ -203,25 +207,25 @@ def test_tiny_tfds_cache_gives_the_same_stream(tiny_dir):
 def test_missing_imagenet_says_where_the_tar_files_go(tmp_path):
     manual = tmp_path / "manual"
     cfg = make_config(dataset="imagenet2012", data_dir=str(tmp_path), manual_dir=str(manual))
-    with pytest.raises(ip.DatasetError) as e:
-        ip.create_dataset(cfg)
+    with pytest.raises(core.DatasetError) as e:
+        registry.create_dataset(cfg)
     msg = str(e.value)
     assert "ILSVRC2012_img_train.tar" in msg and "ILSVRC2012_img_val.tar" in msg
     assert str(manual) in msg and "tfds build imagenet2012" in msg
 
 
 def test_missing_and_unknown_datasets(tmp_path):
-    with pytest.raises(ip.DatasetError, match=r"tfds build cifar100.*--config.download=True"):
-        ip.create_dataset(make_config(dataset="cifar100", data_dir=str(tmp_path)))
-    with pytest.raises(ip.DatasetError, match="unknown dataset 'no_such_set'"):
-        ip.create_dataset(make_config(dataset="no_such_set"))
+    with pytest.raises(core.DatasetError, match=r"tfds build cifar100.*--config.download=True"):
+        registry.create_dataset(make_config(dataset="cifar100", data_dir=str(tmp_path)))
+    with pytest.raises(core.DatasetError, match="unknown dataset 'no_such_set'"):
+        registry.create_dataset(make_config(dataset="no_such_set"))
 
 
 def test_bad_batch_and_augment():
-    with pytest.raises(ip.DatasetError, match="multiple of the number of processes"):
-        ip.host_batch_size(10, 3)
-    digits = ip.create_dataset(make_config(dataset="sklearn_digits", train_augment="inception_crop"))
-    with pytest.raises(ip.DatasetError, match="pad_crop"):
+    with pytest.raises(core.DatasetError, match="multiple of the number of processes"):
+        core.host_batch_size(10, 3)
+    digits = registry.create_dataset(make_config(dataset="sklearn_digits", train_augment="inception_crop"))
+    with pytest.raises(core.DatasetError, match="pad_crop"):
         next(digits.train_iterator(8))
 
 
@@ -233,9 +237,9 @@ def test_eval_center_crop_geometry():
     img = np.zeros((300, 400, 3), np.uint8)
     img[..., 0] = 255
     img[24:-24, 24:-24] = (0, 0, 255)
-    info = ip.DatasetInfo("x", 2, (56, 56, 3), 1, 1, ("a", "b"), (0.0,) * 3, (1.0,) * 3)
-    cropped = np.asarray(ip.preprocess_eval_image(img, info, 0.875))
-    full = np.asarray(ip.preprocess_eval_image(img, info, 1.0))
+    info = core.DatasetInfo("x", 2, (56, 56, 3), 1, 1, ("a", "b"), (0.0,) * 3, (1.0,) * 3)
+    cropped = np.asarray(tf_ops.preprocess_eval_image(img, info, 0.875))
+    full = np.asarray(tf_ops.preprocess_eval_image(img, info, 1.0))
     assert cropped.shape == full.shape == (56, 56, 3)
     red = cropped[..., 0] > 127
     # Shorter side -> 64 (scale 64/300), so 300 x 400 -> 64 x 85, then the central 56 x 56:
@@ -254,9 +258,9 @@ def test_eval_center_crop_geometry():
 
 
 def test_digits_split_is_fixed_and_stratified():
-    a = ip.create_dataset(make_config(dataset="sklearn_digits", seed=0))
-    b = ip.create_dataset(make_config(dataset="sklearn_digits", seed=5))
-    src_a, src_b = a._source, b._source
+    a = registry.create_dataset(make_config(dataset="sklearn_digits", seed=0))
+    b = registry.create_dataset(make_config(dataset="sklearn_digits", seed=5))
+    src_a, src_b = a.source, b.source
     np.testing.assert_array_equal(src_a.x_eval, src_b.x_eval)
     assert a.info.num_train_examples == 1437 and a.info.num_eval_examples == 360
     assert a.info.image_shape == (8, 8, 1) and a.info.num_classes == 10
@@ -268,7 +272,7 @@ def test_digits_split_is_fixed_and_stratified():
 
 def test_digits_hosts_slice_the_same_global_batch():
     cfg = make_config(dataset="sklearn_digits", train_augment="pad_crop", crop_padding=1)
-    ds = ip.create_dataset(cfg)
+    ds = registry.create_dataset(cfg)
     one = _take(ds.train_iterator(16, start_step=20), 4)  # crosses the epoch end (89 steps)
     hosts = [
         _take(ds.train_iterator(16, start_step=20, process_index=i, process_count=2), 4) for i in range(2)
@@ -281,7 +285,7 @@ def test_digits_hosts_slice_the_same_global_batch():
     resumed = next(ds.train_iterator(16, start_step=22))
     np.testing.assert_array_equal(resumed["image"], one[2]["image"])
     # Shifts by at most one pixel: every augmented image is a translate of a training image.
-    src = ds._source
+    src = ds.source
     raw = one[0]["image"] * np.array(src.std) + np.array(src.mean)
     padded = np.pad(src.x_train, ((0, 0), (1, 1), (1, 1), (0, 0)))
     shifts = set()
@@ -298,7 +302,7 @@ def test_digits_hosts_slice_the_same_global_batch():
 
 
 def test_digits_eval_counts_every_example_once_on_two_hosts():
-    ds = ip.create_dataset(make_config(dataset="sklearn_digits"))
+    ds = registry.create_dataset(make_config(dataset="sklearn_digits"))
     labels = []
     steps = []
     for host in range(2):
@@ -308,7 +312,7 @@ def test_digits_eval_counts_every_example_once_on_two_hosts():
     assert steps == [6, 6]  # ceil(360 / 64)
     all_labels = np.concatenate(labels)
     assert len(all_labels) == 360
-    np.testing.assert_array_equal(np.bincount(all_labels), np.bincount(ds._source.y_eval))
+    np.testing.assert_array_equal(np.bincount(all_labels), np.bincount(ds.source.y_eval))
 
 
 # --- synthetic and prefetch --------------------------------------------------------------------
@@ -319,7 +323,7 @@ def test_synthetic_batches():
     cfg.synthetic_channels = 3
     cfg.synthetic_num_examples = 100
     cfg.synthetic_num_eval_examples = 10
-    ds = ip.create_dataset(cfg)
+    ds = registry.create_dataset(cfg)
     it = ds.train_iterator(8)
     a, b = next(it), next(it)
     assert a["image"].shape == (8, 12, 12, 3) and a["label"].max() < 5
@@ -337,7 +341,33 @@ def test_prefetch_keeps_order_and_stays_bounded():
         return x * 10
 
     out = []
-    for y in ip.prefetch_to_device(iter(range(7)), place, size=2):
+    for y in core.prefetch_to_device(iter(range(7)), place, size=2):
         out.append(y)
         assert len(placed) - len(out) <= 2
     assert out == [x * 10 for x in range(7)]
+
+
+# --- the registry and the augmentation options -------------------------------------------------
+
+
+def test_registry_maps_named_sources_and_sends_every_other_name_to_tfds():
+    from train.data.digits import DigitsSource
+    from train.data.image_folder import ImageFolderSource
+    from train.data.synthetic import SyntheticSource
+    from train.data.tfds import TFDSSource
+
+    assert registry.get("sklearn_digits") is DigitsSource
+    assert registry.get("synthetic") is SyntheticSource and SyntheticSource.repeats_one_batch
+    assert registry.get("image_folder") is ImageFolderSource
+    assert registry.get("cifar10") is TFDSSource and registry.get("imagenet2012:5.1.0") is TFDSSource
+    assert not registry.create_dataset(make_config(dataset="sklearn_digits")).repeats_one_batch
+
+
+def test_augment_options_are_config_fields_and_both_paths_offer_every_crop():
+    from train.data import image_ops
+    from train.data.augment import TRAIN_AUGMENTATIONS, AugmentOptions
+
+    config = make_config(train_augment="pad_crop", crop_padding=3)
+    options = AugmentOptions.from_config(config)
+    assert options.train_augment == "pad_crop" and options.crop_padding == 3
+    assert set(image_ops.CROPS) == set(tf_ops.CROPS) == set(TRAIN_AUGMENTATIONS)

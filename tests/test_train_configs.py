@@ -213,7 +213,7 @@ def _is_config(node) -> bool:
 
 
 def _train_sources():
-    for path in sorted((REPO / "train").glob("*.py")):
+    for path in sorted((REPO / "train").rglob("*.py")):
         yield path, ast.parse(path.read_text(), str(path))
 
 

@@ -404,8 +404,8 @@ def test_image_folder_in_the_bucket_reads_as_its_local_copy(gcs, tmp_path):
     from PIL import Image
     from train_worker import tiny_config
 
-    from train import input_pipeline
-    from train.image_folder import scan
+    from train.data import registry
+    from train.data.image_folder import scan
 
     rng = np.random.default_rng(0)
     names = ["train/cat/a.png", "train/cat/2019/b.jpg", "train/dog/c.png", "train/dog/d.webp"]
@@ -429,7 +429,7 @@ def test_image_folder_in_the_bucket_reads_as_its_local_copy(gcs, tmp_path):
     assert len(got[1][0]) == 4  # train/cat/2019/b.jpg is one of them
 
     def batches(root):
-        ds = input_pipeline.create_dataset(
+        ds = registry.create_dataset(
             tiny_config(dataset="image_folder", data_dir=root, grain_worker_count=0, image_size=8)
         )
         return list(itertools.islice(ds.train_iterator(4), 2)) + list(ds.eval_iterator(2))

@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train import optim, steps
+from train import optim, parallel, steps
 from train.config import default_config
 from train.model import build_model
 
@@ -193,7 +193,7 @@ def test_jit_driver_on_one_device_equals_plain_step(tiny):
     step_fn = steps.make_train_step(model, tx)
     batch = _batch(seed=5)
     want, _ = jax.jit(step_fn)(state, batch)
-    driver = steps.JitDriver()
+    driver = parallel.JitDriver()
     placed = driver.place_state(jax.device_get(state))
     got, metrics = driver.train_step(step_fn)(placed, driver.place_batch(batch))
     chex.assert_trees_all_close(driver.to_host(got.params), jax.device_get(want.params), atol=1e-6)

@@ -47,9 +47,9 @@ def digits_eval_arrays(config):
     """The digits held-out images (float, unnormalised), labels, and the normalisation mean/std."""
     import numpy as np
 
-    from train import input_pipeline
+    from train.data import registry
 
-    src = input_pipeline.create_dataset(config).__dict__["_source"]
+    src = registry.create_dataset(config).source
     return src.x_eval, src.y_eval, np.array(src.mean), np.array(src.std)
 
 
@@ -59,10 +59,10 @@ def eval_logits(config, variables, x, *, float64=False):
     import numpy as np
     from float_bounds import float64_apply
 
-    from train import input_pipeline
+    from train.data import registry
     from train.model import create_model
 
-    info = input_pipeline.create_dataset(config).info
+    info = registry.create_dataset(config).info
     if not float64:
         return np.asarray(create_model(config, info)[0].apply(variables, x, train=False))
     twin = config.copy_and_resolve_references()
@@ -78,17 +78,17 @@ def run_parallel(out: str, steps_n: int = 5) -> None:
     import optax
 
     from resnet_jax.sharding import make_data_mesh
-    from train import steps
+    from train import parallel, steps
     from train.model import build_model
 
     assert jax.device_count() == 8, jax.devices()
     # The training mesh (resnet_jax.sharding's factory): devices in (process, id) order whatever
     # order they come in, auto axes by default; 'explicit' only when asked for.
     shuffled = [jax.devices()[i] for i in (3, 0, 7, 1, 6, 2, 5, 4)]
-    mesh = steps.JitDriver(make_data_mesh(devices=shuffled, explicit=False, process_ordered=True)).mesh
+    mesh = parallel.JitDriver(make_data_mesh(devices=shuffled, explicit=False, process_ordered=True)).mesh
     assert [d.id for d in mesh.devices.flat] == sorted(d.id for d in jax.devices()), mesh.devices
-    assert steps.JitDriver().mesh.axis_types == (jax.sharding.AxisType.Auto,)
-    assert steps.make_driver("jit", mesh_axis_types="explicit").mesh.axis_types == (
+    assert parallel.JitDriver().mesh.axis_types == (jax.sharding.AxisType.Auto,)
+    assert parallel.make_driver("jit", mesh_axis_types="explicit").mesh.axis_types == (
         jax.sharding.AxisType.Explicit,
     )
     model_cfg = {
@@ -105,14 +105,16 @@ def run_parallel(out: str, steps_n: int = 5) -> None:
     ]
     results = {}
     for name, driver, axis in (
-        ("jit", steps.JitDriver(), None),
-        ("pmap", steps.PmapDriver(), steps.PMAP_AXIS),
+        ("jit", parallel.JitDriver(), None),
+        ("pmap", parallel.PmapDriver(), parallel.PMAP_AXIS),
         (
             "single",
-            steps.JitDriver(make_data_mesh(devices=jax.devices()[:1], explicit=False, process_ordered=True)),
+            parallel.JitDriver(
+                make_data_mesh(devices=jax.devices()[:1], explicit=False, process_ordered=True)
+            ),
             None,
         ),
-        ("explicit", steps.make_driver("jit", mesh_axis_types="explicit"), None),
+        ("explicit", parallel.make_driver("jit", mesh_axis_types="explicit"), None),
     ):
         model = build_model(model_cfg, 10, 3, axis_name=axis)
         tx = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.02, momentum=0.9, nesterov=True))

@@ -35,8 +35,8 @@ def main(argv: list[str]) -> None:
     from train import loop
     from train.compile_cache import enable_compilation_cache
     from train.config import ConfigError
+    from train.data.core import DatasetError
     from train.distributed import maybe_initialize_distributed
-    from train.input_pipeline import DatasetError
 
     skip_absent_tpu()  # libtpu installed for train.aot, but no TPU here: no TPU start-up attempt
     enable_compilation_cache(config.compilation_cache_dir)

@@ -1,9 +1,10 @@
 """Everything a run needs, built from its config: ``build_run(config, workdir) -> Run``, then
 ``restore_or_init(run) -> (state, start_step)``.
 
-Where to change things: the data and augmentation in ``train/input_pipeline.py``, the model in
-``train/model.py``, the optimizer and schedule in ``train/optim.py``, the train step and the
-sharding (jit over a mesh, or pmap) in ``train/steps.py``, the checkpoint policy in
+Where to change things: the data in ``train/data/`` (the augmentation: ``train/data/augment.py``
+says where), the model in
+``train/model.py``, the optimizer and schedule in ``train/optim.py``, the train step in
+``train/steps.py``, the sharding (jit over a mesh, or pmap) in ``train/parallel.py``, the checkpoint policy in
 ``train/checkpoint.py`` and ``train/periodic.py``.
 """
 
@@ -20,10 +21,12 @@ import jax
 import jax.numpy as jnp
 
 from train import checkpoint as checkpoint_lib
-from train import executables, input_pipeline, optim, paths, steps
+from train import executables, optim, parallel, paths, steps
 from train import metrics as metrics_lib
 from train.class_names import save_class_names
 from train.config import ConfigError, validate_config, with_defaults
+from train.data import registry
+from train.data.core import DatasetInfo
 from train.distributed import CompiledOnFirstCall
 from train.init_from import import_weights
 from train.model import build_model, create_model
@@ -72,9 +75,9 @@ def build_run(config: Any, workdir: str) -> Run:
     """Data, model, optimizer, compiled steps, checkpointer and metric writer for ``config``."""
     workdir = paths.resolve(workdir)  # gs://bucket/run stays a URL
     validate_config(config, device_count=jax.device_count(), process_count=jax.process_count())
-    dataset = input_pipeline.create_dataset(config)
+    dataset = registry.create_dataset(config)
     info = dataset.info
-    driver = steps.make_driver(config.parallelism, mesh_axis_types=config.mesh_axis_types)
+    driver = parallel.make_driver(config.parallelism, mesh_axis_types=config.mesh_axis_types)
     load = _saved_executables(config, driver)  # read (or refused) before anything is written
     steps_per_epoch, total_steps = _step_counts(config, dataset)
     parts = build_steps(config, info, steps_per_epoch, total_steps)
@@ -149,7 +152,7 @@ def build_steps(
         A :class:`Steps`: the model, its compute dtype, optimizer, schedule, a state factory and
         the pure train and eval steps, not yet wrapped by a driver.
     """
-    axis_name = steps.PMAP_AXIS if config.parallelism == "pmap" else None
+    axis_name = parallel.PMAP_AXIS if config.parallelism == "pmap" else None
     model, dtype = create_model(config, info, axis_name, platform=platform)
     # A float64 run is the twin of the float32 run with its seed: same initial values, cast.
     float32_twin = None
@@ -225,7 +228,7 @@ def restore_or_init(run: Run) -> tuple[Any, int]:
     return state, 0
 
 
-def save_run_info(workdir: str, config: Any, info: input_pipeline.DatasetInfo) -> None:
+def save_run_info(workdir: str, config: Any, info: DatasetInfo) -> None:
     if jax.process_index() != 0:
         return
     root = paths.Path(workdir)
@@ -242,7 +245,7 @@ def save_run_info(workdir: str, config: Any, info: input_pipeline.DatasetInfo) -
         ) from None
 
 
-def load_run_info(workdir: str) -> tuple[Any, input_pipeline.DatasetInfo]:
+def load_run_info(workdir: str) -> tuple[Any, DatasetInfo]:
     """The config (ConfigDict) and DatasetInfo a run wrote into ``workdir``."""
     root = paths.Path(paths.resolve(workdir))
     if not (root / CONFIG_FILE).exists():
@@ -250,4 +253,4 @@ def load_run_info(workdir: str) -> tuple[Any, input_pipeline.DatasetInfo]:
     config = with_defaults(json.loads((root / CONFIG_FILE).read_text()))
     raw = json.loads((root / DATASET_INFO_FILE).read_text())
     raw = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
-    return config, input_pipeline.DatasetInfo(**raw)
+    return config, DatasetInfo(**raw)

@@ -7,7 +7,10 @@ import runpy
 from pathlib import Path
 from typing import Any
 
-from train import input_pipeline, optim, steps
+from train import optim, parallel
+from train.data import registry
+from train.data.augment import TRAIN_AUGMENTATIONS
+from train.data.core import DatasetError
 from train.model import DTYPES, architectures, resolve_dtype
 
 # Every field train/ reads is defined here, with its comment and default (configs/ is not a
@@ -61,15 +64,6 @@ def _check_fine_tuning(config: Any) -> None:
         )
     if config.init_from and config.init_from_torch:
         raise ConfigError("set config.init_from or its older name config.init_from_torch, not both.")
-    subset = tuple(config.class_subset or ())
-    if subset:
-        if config.dataset != input_pipeline.DIGITS:
-            raise ConfigError(
-                f"config.class_subset is supported for dataset={input_pipeline.DIGITS!r} only; "
-                f"got dataset={config.dataset!r}."
-            )
-        if len(set(subset)) != len(subset) or not all(0 <= int(c) <= 9 for c in subset) or len(subset) < 2:
-            raise ConfigError(f"config.class_subset must be 2 or more distinct digits 0-9; got {subset}.")
 
 
 def validate_config(
@@ -78,7 +72,7 @@ def validate_config(
     """Raise ``ConfigError`` for settings that cannot work on ``device_count`` devices."""
     _choice(config, "parallelism", ("jit", "pmap"))
     try:
-        steps.check_mesh_axis_types(config.mesh_axis_types, config.parallelism)
+        parallel.check_mesh_axis_types(config.mesh_axis_types, config.parallelism)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     _choice(config, "optimizer", optim.OPTIMIZERS)
@@ -89,7 +83,7 @@ def validate_config(
             resolve_dtype(config.dtype)  # float64 without 64-bit JAX
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    _choice(config, "train_augment", input_pipeline.TRAIN_AUGMENTATIONS)
+    _choice(config, "train_augment", TRAIN_AUGMENTATIONS)
     _choice(config, "rng_impl", ("", "threefry2x32", "rbg", "unsafe_rbg"))
     if config.model.arch not in architectures():
         raise ConfigError(
@@ -116,6 +110,10 @@ def validate_config(
     if config.learning_rate < 0 or config.weight_decay < 0:
         raise ConfigError("config.learning_rate and config.weight_decay must be >= 0.")
     _check_fine_tuning(config)
+    try:
+        registry.get(config.dataset).check_config(config)  # the source's own checks: class_subset
+    except DatasetError as e:
+        raise ConfigError(str(e)) from None
     for field in ("batch_size", "eval_batch_size"):
         value = int(config[field])
         if device_count and value % device_count:

@@ -23,10 +23,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from train import input_pipeline, paths, periodic, steps
 from train import metrics as metrics_lib
+from train import paths, periodic, steps
 from train.build import Run, build_run, restore_or_init
 from train.config import ConfigError
+from train.data.core import Dataset, prefetch_to_device
 from train.periodic import NonFiniteError  # noqa: F401  (part of this module's interface)
 
 
@@ -141,7 +142,7 @@ def _save(run: Run, state: Any, step: int, guard: periodic.NonFiniteGuard) -> No
     run.ckpt.save(step, run.driver.to_host(state), meta)
 
 
-def evaluate(eval_step, state, dataset: input_pipeline.Dataset, driver, config: Any) -> dict[str, float]:
+def evaluate(eval_step, state, dataset: Dataset, driver, config: Any) -> dict[str, float]:
     """One pass over the held-out split; returns loss, accuracy, top5_accuracy, num_examples."""
     total = None
     batches = dataset.eval_iterator(
@@ -149,7 +150,7 @@ def evaluate(eval_step, state, dataset: input_pipeline.Dataset, driver, config: 
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
-    for batch in input_pipeline.prefetch_to_device(batches, driver.place_batch, config.prefetch_to_device):
+    for batch in prefetch_to_device(batches, driver.place_batch, config.prefetch_to_device):
         sums = eval_step(state, batch)
         total = sums if total is None else jax.tree.map(jnp.add, total, sums)
     if total is None:
@@ -171,12 +172,12 @@ def _train_batches(run: Run, start_step: int) -> Iterator[Any]:
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
-    if config.dataset == input_pipeline.SYNTHETIC:
+    if run.dataset.repeats_one_batch:
         # Benchmarks measure the model, not host-to-device copies: place the batch once.
         placed = driver.place_batch(next(host_batches))
         while True:
             yield placed
-    yield from input_pipeline.prefetch_to_device(host_batches, driver.place_batch, config.prefetch_to_device)
+    yield from prefetch_to_device(host_batches, driver.place_batch, config.prefetch_to_device)
 
 
 def _progress_bar(run: Run, start_step: int):

@@ -11,9 +11,9 @@ padded), and each batch's results are printed as soon as it is done, with a prog
 Grayscale models get the image converted to one channel; for the digits model, draw light
 digits on a dark background like sklearn's.
 ``.npy`` files are raw pixel arrays (0..255), ``[H, W]`` or ``[H, W, C]`` with the model's ``C``.
-A run on an image folder preprocesses both with ``train/image_ops.py`` (Pillow and NumPy), so
-predicting, like its training and export, never imports TensorFlow; other runs use the TF ops of
-their evaluation.
+Each run's data source loads them (``load_image``, ``load_array``): a run on an image folder
+preprocesses both with ``train/data/image_ops.py`` (Pillow and NumPy), so predicting, like its
+training and export, never imports TensorFlow; other runs use the TF ops of their evaluation.
 An unreadable image or an array of the wrong rank or channel count is a one-line error (exit 2).
 """
 
@@ -27,7 +27,9 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from train import build, checkpoint, input_pipeline, paths
+from train import build, checkpoint, paths
+from train.data import image_folder, registry
+from train.data.core import DatasetError, DatasetInfo
 from train.model import create_model
 
 
@@ -98,8 +100,6 @@ def iter_predictions(
 
 def expand_folders(args: Sequence[str]) -> list[str]:
     """``args`` with each folder (local or ``gs://``) replaced by the image files under it."""
-    from train import image_folder
-
     out = []
     for arg in args:
         path = paths.Path(arg)
@@ -122,11 +122,12 @@ class ImageError(ValueError):
     """An input image cannot be used with the model; the message names the file and the fix."""
 
 
-def _load(path: str, info: input_pipeline.DatasetInfo, crop: float) -> np.ndarray:
+def _load(path: str, info: DatasetInfo, crop: float) -> np.ndarray:
     channels = info.image_shape[-1]
+    source = registry.get(info.name)
     if not path.endswith(".npy"):
         try:
-            return input_pipeline.load_image_for_eval(path, info, crop)
+            return source.load_image(path, info, crop)
         except Exception as e:  # TF's errors are long; the first line says what is wrong
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ImageError(f"cannot read {path} as an image (PNG, JPEG, GIF, BMP): {first[:200]}") from None
@@ -142,14 +143,7 @@ def _load(path: str, info: input_pipeline.DatasetInfo, crop: float) -> np.ndarra
             f"{path} has shape {array.shape}; the model takes one image of shape [H, W] or "
             f"[H, W, {channels}] ({channels} channel(s), pixel values 0..255)."
         )
-    if info.name == input_pipeline.IMAGE_FOLDER:
-        # The run's own NumPy/Pillow preprocessing: its whole workflow stays without TensorFlow.
-        from train import image_ops
-
-        pixels = image_ops.eval_array(array, info.image_shape[0], crop)
-    else:
-        pixels = input_pipeline.preprocess_eval_image(array.astype(np.float32), info, crop, to_uint8=False)
-    return input_pipeline.normalize_pixels(pixels, info)
+    return source.load_array(array, info, crop)
 
 
 def main(argv: list[str]) -> None:
@@ -183,7 +177,7 @@ def main(argv: list[str]) -> None:
                 for rank, (index, name, prob) in enumerate(top, 1)
             ]
             tqdm.write("\n".join(lines))
-    except (FileNotFoundError, ImageError, input_pipeline.DatasetError) as e:
+    except (FileNotFoundError, ImageError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except BrokenPipeError:

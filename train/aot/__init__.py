@@ -19,7 +19,8 @@ allocated; a CPU is enough. It reports, and writes as JSON with ``--json``:
 * with ``--topology=cpu``: the same for this machine's CPU devices (no libtpu), to try ``--save``.
 
 The dataset is never read: class count, image channels and training-set size come from
-:data:`KNOWN_DATASETS` or, for ``dataset='synthetic'``, from the config's ``synthetic_*`` fields.
+the dataset's source (``describe``: the TFDS sets of ``train.data.tfds.KNOWN_SETS``, the digits,
+and for ``dataset='synthetic'`` the config's ``synthetic_*`` fields).
 
 Needs libtpu, the TPU compiler: ``pip install -e ".[tpu]"``. JAX itself stays on the CPU backend.
 
@@ -30,7 +31,7 @@ costs), ``search`` (``--find_max_batch``), ``check`` (both steps, the result, it
 """
 
 from train.aot.check import AotResult, Compiler, format_report, run_aot, save_executables
-from train.aot.datasets import KNOWN_DATASETS, KnownDataset, dataset_info
+from train.aot.datasets import dataset_info
 from train.aot.programs import (
     StepReport,
     _cost,
@@ -60,12 +61,10 @@ __all__ = [
     "GENERATIONS",
     "GIB",
     "INSTALL_HINT",
-    "KNOWN_DATASETS",
     "AotError",
     "AotResult",
     "Compiler",
     "Generation",
-    "KnownDataset",
     "Slice",
     "StepReport",
     "Trial",

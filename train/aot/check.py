@@ -12,7 +12,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from resnet_jax.sharding import make_data_mesh
-from train import executables, steps
+from train import executables, parallel
 from train.aot.datasets import dataset_info
 from train.aot.programs import StepReport, abstract_inputs, check_sharding, compile_step, gradient_bytes
 from train.aot.search import Trial, largest_batch
@@ -131,12 +131,14 @@ class Compiler:
         mesh = mesh or self.mesh
         parts = self.parts(global_batch)
         args = abstract_inputs(parts, mesh, self.info, self.image_dtype, global_batch, shardings=shardings)
-        return compile_step("train_step", steps.jit_train_step(parts.train_step, mesh), args, global_batch)
+        return compile_step("train_step", parallel.jit_train_step(parts.train_step, mesh), args, global_batch)
 
     def eval(self, global_batch: int):
         parts = self.parts(self.config.batch_size)
         args = abstract_inputs(parts, self.mesh, self.info, self.image_dtype, global_batch, eval_batch=True)
-        return compile_step("eval_step", steps.jit_eval_step(parts.eval_step, self.mesh), args, global_batch)
+        return compile_step(
+            "eval_step", parallel.jit_eval_step(parts.eval_step, self.mesh), args, global_batch
+        )
 
     def auto_flops(self, global_batch: int) -> float:
         """Per-device FLOPs of the same train step on an auto-axes mesh (the reference)."""

@@ -8,7 +8,8 @@ split must have the same ones. As in torchvision's ``ImageFolder``, a class is e
 its folder, sub-folders included (``train/cat/2019/*.jpg``), listed in torchvision's order.
 
 Batches are what the TFDS path yields: ``uint8`` pixels (normalised in the jitted step),
-``int32`` labels, and ``mask`` for eval. Decoding and augmentation (``train.image_ops``) run in
+``int32`` labels, and ``mask`` for eval. Decoding and augmentation (``train/data/image_ops.py``,
+with the options of ``train/data/augment.py``) run in
 ``config.grain_worker_count`` Grain worker processes (``mp_prefetch``; 0 decodes in this process,
 on Grain's read threads; -1, the default, starts one per core on hosts of 3 cores or more, and
 none on smaller ones: ``default_worker_count``).
@@ -35,23 +36,24 @@ import functools
 import os
 import threading
 import time
-import types
 import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
-from train import image_ops
-from train.input_pipeline import (
-    IMAGE_FOLDER,
+from train.data import image_ops
+from train.data.augment import AugmentOptions
+from train.data.core import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Batch,
     DatasetError,
     DatasetInfo,
-    _norm_stats,
+    DataSource,
     host_batch_size,
+    norm_stats,
+    normalize_pixels,
 )
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -194,7 +196,7 @@ def _names(names: Sequence[str]) -> str:
 # Reading one example (runs in Grain's worker processes).
 
 
-def _read(path: str) -> bytes:
+def read_bytes(path: str) -> bytes:
     """The file's bytes, in one read (for ``gs://``, one request, and the remote file closed)."""
     if "://" in path:
         return _path(path).read_bytes()
@@ -205,7 +207,7 @@ def _read(path: str) -> bytes:
 def load_example(path: str, fn) -> np.ndarray:
     """``fn(the file's bytes)``, with any failure to read or decode it as one line naming the file."""
     try:
-        return fn(_read(path))
+        return fn(read_bytes(path))
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ImageDecodeError(
@@ -243,8 +245,8 @@ class _TrainExample:
 
     def __init__(self, paths, labels, config, per_host, global_batch, process_index, steps_per_epoch):
         self.paths, self.labels = _Paths(paths), np.asarray(labels, np.int32)
-        # Only the augmentation fields travel to the Grain workers, by attribute as in the config.
-        self.config = types.SimpleNamespace(**{k: config[k] for k in _AUGMENT_FIELDS})
+        # Only the augmentation options travel to the Grain workers, by the config's names.
+        self.options = AugmentOptions.from_config(config)
         self.size, self.seed = int(config.image_size), int(config.seed)
         self.per_host, self.global_batch = per_host, global_batch
         self.process_index, self.steps = process_index, steps_per_epoch
@@ -260,7 +262,7 @@ class _TrainExample:
         index = epoch_order(self.seed, epoch, len(self.paths))[pos]
         rng = np.random.default_rng([self.seed, epoch, pos])
         image = load_example(
-            self.paths[index], lambda im: image_ops.train_image(im, rng, self.size, self.config)
+            self.paths[index], lambda im: image_ops.train_image(im, rng, self.size, self.options)
         )
         return {"image": image, "label": self.labels[index]}
 
@@ -283,17 +285,6 @@ class _EvalExample:
             self.paths[row], lambda im: image_ops.eval_image(im, self.size, self.crop_fraction)
         )
         return {"image": image, "label": self.labels[row], "mask": np.float32(1.0)}
-
-
-_AUGMENT_FIELDS = (
-    "train_augment",
-    "crop_padding",
-    "random_flip",
-    "crop_area_range",
-    "crop_aspect_ratio_range",
-    "crop_min_object_covered",
-    "jpeg_reduced_decode",
-)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,20 +319,19 @@ def default_worker_count(cores: int) -> int:
 
     On one or two cores a worker has no core of its own, and handing its batches across
     processes (a new shared-memory segment per batch) costs more than the GIL does to read
-    threads, which release it while decoding and resizing. Measured on 2-core VMs
-    (BENCHMARKS.md, section 3b): on one core, one worker 0.91x the in-process rate and two
-    0.86-0.91x; on two cores, two workers 0.93-0.97x (median per round), scaling 1.82-1.84x from
-    one core against the in-process 1.87-1.90x. With more cores the GIL's share of each image's
-    work (the Python around each example, and the batching) bounds read threads, so each core
-    gets a process; where the two cross was not measured (``gpu_suite.sh OUT grain`` does).
+    threads, which release it while decoding and resizing: on 2-core VMs the workers were slower
+    than the read threads (BENCHMARKS.md, section 3b). With more cores the GIL's share of each
+    image's work (the Python around each example, and the batching) bounds read threads, so
+    each core gets a process; where the two cross was not measured (``gpu_suite.sh OUT grain``
+    does).
     """
     return cores if cores > 2 else 0
 
 
 def read_threads(workers: int) -> int:
     """Grain read threads per process: one in each worker process, which has a core to itself
-    (2-3% faster on 2 cores than two threads each); one per core, and at least two, where the
-    training process decodes (``workers == 0``)."""
+    (a second thread there only competes for that core; BENCHMARKS.md, section 3b); one per core,
+    and at least two, where the training process decodes (``workers == 0``)."""
     return 1 if workers > 0 else max(2, host_cores())
 
 
@@ -398,17 +388,19 @@ def _batches(example_fn, start: int, stop: int, per_host: int, workers: int, buf
             it.close()
 
 
-class ImageFolderSource:
-    """The ``Dataset`` source for ``dataset='image_folder'`` (``train.input_pipeline.Dataset``)."""
+class ImageFolderSource(DataSource):
+    """``dataset='image_folder'``: ``config.data_dir``'s ``train/<class>/*`` and ``val/<class>/*``."""
+
+    name = "image_folder"
 
     def __init__(self, config: Any):
         root = str(config.data_dir or "")
         root = root if "://" in root else os.path.expanduser(root)
         classes, (self.train_paths, self.train_labels), (self.eval_paths, self.eval_labels), _ = scan(root)
-        mean, std = _norm_stats(config, 3, (IMAGENET_MEAN, IMAGENET_STD))
+        mean, std = norm_stats(config, 3, (IMAGENET_MEAN, IMAGENET_STD))
         size = int(config.image_size)
         self.info = DatasetInfo(
-            name=IMAGE_FOLDER,
+            name=self.name,
             num_classes=len(classes),
             image_shape=(size, size, 3),
             num_train_examples=len(self.train_paths),
@@ -417,6 +409,18 @@ class ImageFolderSource:
             mean=mean,
             std=std,
         )
+
+    @staticmethod
+    def load_image(path: str, info: DatasetInfo, crop_fraction: float) -> np.ndarray:
+        """An image file with this run's (Pillow) eval preprocessing, without TensorFlow."""
+        size = info.image_shape[0]
+        pixels = load_example(path, lambda im: image_ops.eval_image(im, size, crop_fraction))
+        return normalize_pixels(pixels, info)
+
+    @staticmethod
+    def load_array(pixels: np.ndarray, info: DatasetInfo, crop_fraction: float) -> np.ndarray:
+        """Raw pixels with this run's NumPy/Pillow eval preprocessing: normalised float32."""
+        return normalize_pixels(image_ops.eval_array(pixels, info.image_shape[0], crop_fraction), info)
 
     def steps_per_epoch(self, global_batch: int, process_count: int) -> int:
         return len(self.train_paths) // global_batch
@@ -476,11 +480,3 @@ class ImageFolderSource:
         return _batches(
             fn, 0, steps * per_host, per_host, worker_count(config), config.grain_worker_buffer_size
         )
-
-
-def load_image_for_eval(path: str, info: DatasetInfo, crop_fraction: float) -> np.ndarray:
-    """An image file with the eval preprocessing of an image-folder run: normalised float32."""
-    from train.input_pipeline import normalize_pixels
-
-    pixels = load_example(path, lambda im: image_ops.eval_image(im, info.image_shape[0], crop_fraction))
-    return normalize_pixels(pixels, info)

@@ -1,13 +1,15 @@
 """Image preprocessing with Pillow and NumPy (no TensorFlow), for image folders read by Grain.
 
-The same augmentation as the TF ops of ``train.input_pipeline``, controlled by the same config
-fields, so a run reads the same kind of batches from a folder as from TFDS:
+The same augmentation as the TF ops of ``train/data/tf_ops.py``, controlled by the same options
+(``train/data/augment.py``), so a run reads the same kind of batches from a folder as from TFDS.
+Training is a list of small named ops (``train_ops``), each ``op(image, rng, size, options)``:
 
-* ``train_augment='inception_crop'``: a random box of area ``crop_area_range`` and aspect ratio
-  ``crop_aspect_ratio_range`` (``crop_min_object_covered``), sampled the way TensorFlow's
-  ``sample_distorted_bounding_box`` samples it (``sample_crop``), resized to ``image_size`` with
-  antialiased bilinear filtering; ``'pad_crop'`` (reflect-pad ``crop_padding`` pixels, random
-  crop); ``'none'``; then a horizontal flip with probability 1/2 unless ``random_flip=False``.
+* a crop from ``CROPS`` (``train_augment``): ``'inception_crop'``, a random box of area
+  ``crop_area_range`` and aspect ratio ``crop_aspect_ratio_range`` (``crop_min_object_covered``),
+  sampled the way TensorFlow's ``sample_distorted_bounding_box`` samples it (``sample_crop``),
+  resized to ``image_size`` with antialiased bilinear filtering; ``'pad_crop'`` (reflect-pad
+  ``crop_padding`` pixels, random crop); ``'none'`` (``resize``);
+* ``flip_lr``: a horizontal flip with probability 1/2, unless ``random_flip=False``;
 * evaluation (and ``train.predict``): resize the shorter side to ``image_size /
   eval_crop_fraction`` and take the central crop, the TF path's arithmetic (``eval_image``).
 
@@ -41,7 +43,7 @@ takes less CPU time than Pillow's (BENCHMARKS.md, section 3b).
 ``config.jpeg_reduced_decode=True`` (off by default) lets a JPEG whose training crop is at least
 twice the model's input size decode at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, Pillow's
 ``draft``). It saves inverse DCTs and resize work on large photos, not the entropy decoding, so
-the gain depends on the file (on a noisy synthetic 12-megapixel JPEG: 0.9-1.1x). The crop's
+the gain depends on the file (BENCHMARKS.md, section 3b). The crop's
 pixels are then those of a smaller image, not of the full decode that the TF path resizes (a
 mean difference from TF's crop of 1.1-2.3 levels at 224, against 1.0 with the full decode).
 Evaluation always decodes in full.
@@ -245,73 +247,104 @@ def _round(x: float) -> int:
 # Training and evaluation preprocessing of one image.
 
 
+def inception_crop(
+    image: Image.Image | bytes, rng: np.random.Generator, size: int, config: Any
+) -> Image.Image:
+    """A random box (``sample_crop``) of the file's bytes or the opened image, cut and resized
+    to ``size`` x ``size`` (antialiased bilinear). A JPEG that ``jpeg_size`` takes is decoded by
+    simplejpeg without Pillow opening it: the same pixels as through Pillow's ``open``."""
+    shape = None
+    if isinstance(image, bytes) and not config.jpeg_reduced_decode:
+        shape = jpeg_size(image)
+    if shape is None:
+        image = _opened(image)
+        shape = upright_size(image)
+    height, width = shape
+    top, left, crop_h, crop_w = sample_crop(
+        rng,
+        height,
+        width,
+        tuple(config.crop_area_range),
+        tuple(config.crop_aspect_ratio_range),
+        float(config.crop_min_object_covered),
+    )
+    pixels = None
+    if isinstance(image, bytes):
+        try:
+            pixels = decode_jpeg(image)
+        except ValueError:  # then Pillow decides whether it can be read, as jpeg_pixels does
+            image = open_image(image)
+    if pixels is None:
+        # Cut first, then resize: a resize with ``box=`` would blend in pixels beyond the
+        # box's edges, which TF's slice-then-resize does not.
+        reduced = config.jpeg_reduced_decode and _draft(image, min(crop_h, crop_w) / size)
+        pixels = None if reduced else jpeg_pixels(image)
+    if pixels is not None:
+        crop = crop_box(pixels, top, left, crop_h, crop_w)
+    else:
+        image = to_rgb(image)
+        # The box in the (possibly reduced) decoded image's pixels.
+        sy, sx = image.height / height, image.width / width
+        box = (left * sx, top * sy, (left + crop_w) * sx, (top + crop_h) * sy)
+        crop = image.crop(tuple(round(v) for v in box))
+    return crop.resize((size, size), Image.BILINEAR, reducing_gap=None)
+
+
+def pad_crop(image: Image.Image | bytes, rng: np.random.Generator, size: int, config: Any) -> np.ndarray:
+    """Resized to ``size`` (if it is not), reflect-padded by ``crop_padding`` pixels, and cropped
+    back to ``size`` x ``size`` at random (CIFAR)."""
+    image = to_rgb(_opened(image))
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.BILINEAR)
+    pad = int(config.crop_padding)
+    padded = np.pad(np.asarray(image), ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
+    dy, dx = (int(v) for v in rng.integers(0, 2 * pad + 1, 2))
+    return padded[dy : dy + size, dx : dx + size]
+
+
+def resize(image: Image.Image | bytes, rng: np.random.Generator, size: int, config: Any) -> np.ndarray:
+    """No crop: the whole image resized to ``size`` x ``size`` (``train_augment='none'``)."""
+    image = to_rgb(_opened(image))
+    return np.asarray(image if image.size == (size, size) else image.resize((size, size), Image.BILINEAR))
+
+
+def flip_lr(
+    image: Image.Image | np.ndarray, rng: np.random.Generator, size: int, config: Any
+) -> Image.Image | np.ndarray:
+    """A horizontal flip with probability 1/2."""
+    if rng.random() >= 0.5:
+        return image
+    if isinstance(image, Image.Image):
+        # Pillow flips the small output, then one copy to NumPy follows.
+        return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return image[:, ::-1]
+
+
+# config.train_augment -> the op that starts the training preprocessing.
+CROPS = {"inception_crop": inception_crop, "pad_crop": pad_crop, "none": resize}
+
+
+def train_ops(config: Any) -> list:
+    """The training ops for ``config`` (``AugmentOptions`` or the run's config), in order; each is
+    ``op(image, rng, size, config)``, and takes the one before's output (an opened image, the
+    file's bytes for the first, or ``uint8 [H, W, 3]`` pixels)."""
+    crop = CROPS.get(config.train_augment)
+    if crop is None:
+        raise ValueError(
+            f"train_augment must be 'inception_crop', 'pad_crop' or 'none'; got {config.train_augment!r}."
+        )
+    return [crop, flip_lr] if config.random_flip else [crop]
+
+
 def train_image(image: Image.Image | bytes, rng: np.random.Generator, size: int, config: Any) -> np.ndarray:
     """Training preprocessing of one image file's bytes (or the opened image) -> ``uint8 [size,
-    size, 3]`` (module docstring). A JPEG that ``jpeg_size`` takes is decoded by simplejpeg
-    without Pillow opening it: the same pixels as through Pillow's ``open``."""
-    mode = config.train_augment
-    if mode == "inception_crop":
-        shape = None
-        if isinstance(image, bytes) and not config.jpeg_reduced_decode:
-            shape = jpeg_size(image)
-        if shape is None:
-            image = _opened(image)
-            shape = upright_size(image)
-        height, width = shape
-        top, left, crop_h, crop_w = sample_crop(
-            rng,
-            height,
-            width,
-            tuple(config.crop_area_range),
-            tuple(config.crop_aspect_ratio_range),
-            float(config.crop_min_object_covered),
-        )
-        pixels = None
-        if isinstance(image, bytes):
-            try:
-                pixels = decode_jpeg(image)
-            except ValueError:  # then Pillow decides whether it can be read, as jpeg_pixels does
-                image = open_image(image)
-        if pixels is None:
-            # Cut first, then resize: a resize with ``box=`` would blend in pixels beyond the
-            # box's edges, which TF's slice-then-resize does not.
-            reduced = config.jpeg_reduced_decode and _draft(image, min(crop_h, crop_w) / size)
-            pixels = None if reduced else jpeg_pixels(image)
-        if pixels is not None:
-            crop = _crop(pixels, top, left, crop_h, crop_w)
-        else:
-            image = to_rgb(image)
-            # The box in the (possibly reduced) decoded image's pixels.
-            sy, sx = image.height / height, image.width / width
-            box = (left * sx, top * sy, (left + crop_w) * sx, (top + crop_h) * sy)
-            crop = image.crop(tuple(round(v) for v in box))
-        out = crop.resize((size, size), Image.BILINEAR, reducing_gap=None)
-        if config.random_flip and rng.random() < 0.5:
-            # Flipped by Pillow on the small output (a tenth of the time of NumPy's copy of a
-            # reversed view), then one copy to NumPy.
-            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return np.asarray(out, np.uint8)
-    elif mode == "pad_crop":
-        image = to_rgb(_opened(image))
-        if image.size != (size, size):
-            image = image.resize((size, size), Image.BILINEAR)
-        pad = int(config.crop_padding)
-        padded = np.pad(np.asarray(image), ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
-        dy, dx = (int(v) for v in rng.integers(0, 2 * pad + 1, 2))
-        pixels = padded[dy : dy + size, dx : dx + size]
-    elif mode == "none":
-        image = to_rgb(_opened(image))
-        pixels = np.asarray(
-            image if image.size == (size, size) else image.resize((size, size), Image.BILINEAR)
-        )
-    else:
-        raise ValueError(f"train_augment must be 'inception_crop', 'pad_crop' or 'none'; got {mode!r}.")
-    if config.random_flip and rng.random() < 0.5:
-        pixels = pixels[:, ::-1]
-    return np.ascontiguousarray(pixels, np.uint8)
+    size, 3]``: ``train_ops(config)`` in turn, drawing from ``rng`` in that order."""
+    for op in train_ops(config):
+        image = op(image, rng, size, config)
+    return np.ascontiguousarray(image, np.uint8)
 
 
-def _crop(pixels: np.ndarray, top: int, left: int, height: int, width: int) -> Image.Image:
+def crop_box(pixels: np.ndarray, top: int, left: int, height: int, width: int) -> Image.Image:
     """The box of decoded ``uint8 [H, W, 3]`` pixels as a Pillow image, read in place (one copy,
     where ``Image.fromarray`` of the strided slice makes two)."""
     pixels = np.ascontiguousarray(pixels)

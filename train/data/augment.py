@@ -1,0 +1,39 @@
+"""The training augmentation's options: which crop, and the fields that tune it.
+
+Where to change the augmentation:
+
+* the per-image ops of image folders (Pillow and NumPy): ``train/data/image_ops.py``,
+  ``train_ops`` lists them in order (a crop from ``CROPS``, then ``flip_lr``);
+* the same ops for TFDS (TF ops, inside ``tf.data``): ``train/data/tf_ops.py``, ``CROPS`` and
+  ``preprocess_train_image``;
+* the digits' (in memory): ``train/data/digits.py``.
+
+A new option is a field here, with its default in ``configs/default.py``; the image-folder
+path ships ``AugmentOptions`` to its Grain workers, so the new field travels with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+# config.train_augment: the crop (or resize) that starts the training preprocessing.
+TRAIN_AUGMENTATIONS = ("inception_crop", "pad_crop", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentOptions:
+    """The config fields that the per-image training preprocessing reads, by the same names."""
+
+    train_augment: str  # one of TRAIN_AUGMENTATIONS
+    crop_padding: int  # pad_crop: pixels of reflect padding on each side
+    random_flip: bool  # a horizontal flip with probability 1/2
+    crop_area_range: tuple[float, float]  # inception_crop: the box's share of the image's area
+    crop_aspect_ratio_range: tuple[float, float]  # inception_crop: the box's width / height
+    crop_min_object_covered: float  # inception_crop: TF's sample_distorted_bounding_box
+    jpeg_reduced_decode: bool  # image folders, inception_crop: decode large JPEGs at 1/2..1/8
+
+    @classmethod
+    def from_config(cls, config: Any) -> AugmentOptions:
+        """The options of ``config`` (a ``ConfigDict`` or any object with these fields)."""
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
