@@ -109,3 +109,30 @@ def test_bit_weights_load_offline_from_the_cache_with_a_fresh_head(tmp_path, mon
         np.array_equal, {**fresh["params"], "head": None}, {**variables["params"], "head": None}
     )
     assert all(jax.tree.leaves(same))
+
+
+def test_train_imports_bit_weights_with_a_fresh_head_and_labels_it_the_head(tmp_path):
+    """The training program fine-tunes BiT: a timm BiT state_dict with 21,843 classes loads into a
+    3-class ResNetV2 config, every backbone tensor exactly and ``head.fc`` fresh; the optimizer's
+    ``freeze_backbone`` labels ``head`` as the head."""
+    from types import SimpleNamespace
+
+    from train import init_from, optim
+    from train import model as train_model
+
+    tm = _timm("resnetv2_50x1_bit", num_classes=21843)
+    path = str(tmp_path / "bit.safetensors")
+    convert.save_torch_checkpoint(convert.torch_to_flax(tm.state_dict()), path)
+    cfg = {"arch": "resnetv2_50x1_bit", "overrides": FIELDS}
+    model = train_model.build_model(cfg, num_classes=3, img_channels=3)
+    fresh = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    state = SimpleNamespace(params=fresh["params"], batch_stats={}, replace=lambda **kw: kw)
+    loaded, note = init_from.import_weights(path, model, state)
+    assert "head.fc" not in note and "classifier" in note and "21843 classes" in note
+    ref = convert.torch_to_flax(tm.state_dict())["params"]
+    assert np.array_equal(loaded["params"]["stem"]["conv"]["kernel"], ref["stem"]["conv"]["kernel"])
+    assert np.array_equal(loaded["params"]["head"]["fc"]["kernel"], fresh["params"]["head"]["fc"]["kernel"])
+    labels = optim.head_labels(loaded["params"])
+    assert set(jax.tree.leaves(labels["head"])) == {"head"} and set(jax.tree.leaves(labels["stages_0"])) == {
+        "backbone"
+    }

@@ -93,8 +93,8 @@ def _from_torch_file(path: str, model: Any, field: str) -> dict[str, Any]:
 
 
 def _classes_in(state_dict: Any) -> int | None:
-    for key, value in state_dict.items():
-        if key.split(".")[-2:] == ["fc", "weight"] and len(np.shape(value)) == 2:
+    for key, value in state_dict.items():  # ResNet's fc (linear), or ResNetV2's head.fc (1x1 conv)
+        if key in ("fc.weight", "head.fc.weight") and len(np.shape(value)) in (2, 4):
             return int(np.shape(value)[0])
     return None
 
@@ -125,12 +125,14 @@ def _fit_head(
     variables: dict[str, Any], fresh: dict[str, Any], source: str, new_head: bool
 ) -> tuple[dict[str, Any], str]:
     """Keep the fresh classifier when the loaded one has another class count (or ``new_head``)."""
-    theirs, ours = variables["params"].get("fc"), fresh["params"].get("fc")
+    name = "head" if "head" in fresh["params"] else "fc"  # ResNetV2's head.fc, or ResNet's fc
+    theirs, ours = variables["params"].get(name), fresh["params"].get(name)
     if theirs is None or ours is None:
         return variables, ""
-    if not new_head and np.shape(theirs["kernel"]) == np.shape(ours["kernel"]):
+    if not new_head and jax.tree.map(np.shape, theirs) == jax.tree.map(np.shape, ours):
         return variables, ""
-    variables = {**variables, "params": {**variables["params"], "fc": ours}}
+    variables = {**variables, "params": {**variables["params"], name: ours}}
+    theirs, ours = theirs.get("fc", theirs), ours.get("fc", ours)
     note = (
         f"the classifier (fc) is freshly initialised: {np.shape(theirs['kernel'])[-1]} classes in "
         f"{source}, {np.shape(ours['kernel'])[-1]} in this dataset"

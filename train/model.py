@@ -39,7 +39,7 @@ class BaseClassifier(nn.Module):
 
 
 def architectures() -> list[str]:
-    return [BASE_ARCH, *resnet_jax.PRESETS]
+    return [BASE_ARCH, *resnet_jax.ALL_PRESETS]
 
 
 def _tuples(d: Mapping[str, Any]) -> dict[str, Any]:
@@ -99,6 +99,6 @@ def build_model(
         return BaseClassifier(
             backbone=backbone, num_classes=num_classes, dtype=dtype, param_dtype=backbone.param_dtype
         )
-    if arch not in resnet_jax.PRESETS:
+    if arch not in resnet_jax.ALL_PRESETS:
         raise ValueError(f"unknown config.model.arch {arch!r}; choose one of: {', '.join(architectures())}.")
     return resnet_jax.get_model(arch, num_classes=num_classes, **{**overrides, **common})

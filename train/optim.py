@@ -61,8 +61,12 @@ def decay_mask(params: Any) -> Any:
 
 
 def head_labels(params: Any) -> Any:
-    """``'head'`` for the classifier (``fc``), ``'backbone'`` for every other parameter."""
-    return {k: jax.tree.map(lambda _, k=k: "head" if k == "fc" else "backbone", v) for k, v in params.items()}
+    """``'head'`` for the classifier (ResNet's ``fc``, ResNetV2's ``head``), ``'backbone'`` for
+    every other parameter."""
+    return {
+        k: jax.tree.map(lambda _, k=k: "head" if k in ("fc", "head") else "backbone", v)
+        for k, v in params.items()
+    }
 
 
 def create_optimizer(config: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
