@@ -208,6 +208,67 @@ def test_truncated_latest_checkpoint_falls_back_to_previous(reference, tmp_path)
     _assert_same_params(str(workdir), reference)
 
 
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@_SHARES_REFERENCE
+def test_resume_with_another_model_refuses_and_changes_nothing(reference, tmp_path):
+    """Checkpoints of another model config are not damaged: the run stops before it writes or
+    moves anything, naming the field; the original command then resumes from the last step."""
+    workdir = tmp_path / "other_model"
+    shutil.copytree(reference, workdir)
+    before = _files(workdir)
+    for _ in range(2):  # the same mistake twice loses nothing either
+        result = _run(workdir, "--config.model.overrides.small_stem=False")
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert "Traceback" not in result.stderr and "damaged" not in result.stderr, result.stderr[-3000:]
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith(f"error: workdir {workdir} was trained with "), line
+        assert "model.overrides.small_stem=True but this run has False" in line, line
+        assert "rerun with the original config, or use a new --workdir" in line, line
+        assert _files(workdir) == before
+        assert not (workdir / "checkpoints_damaged").exists()
+
+    result = _run(workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Resuming from checkpoint step {STEPS}" in result.stdout
+    assert f"Already trained to step {STEPS}" in result.stdout
+
+
+def test_mismatched_checkpoint_is_not_moved_and_damaged_ones_are_never_replaced(tmp_path):
+    ckpt = checkpoint.Checkpointer(str(tmp_path), max_to_keep=3)
+    good = {"params": {"w": np.ones((4,), np.float32)}}
+    ckpt.save(1, good, {"step": 1})
+    ckpt.wait()
+    # Another shape is another model, not damage: an error, and the checkpoint stays.
+    for template in ({"params": {"w": np.zeros((5,), np.float32)}}, {"params": {"v": np.zeros((4,))}}):
+        with pytest.raises(checkpoint.CheckpointMismatchError, match="checkpoint 1 .* holds another state"):
+            ckpt.restore(template)
+        assert ckpt.all_steps() == [1] and not ckpt.damaged
+    assert ckpt.mismatch({"params": {"w": np.zeros((5,), np.float32)}}) == (
+        1,
+        ["params/w is (4,) there, (5,) here"],
+    )
+    assert ckpt.mismatch({"params": {"w": np.zeros((4,), np.float32)}}) is None
+    # A step set aside twice: the first copy is kept, the second gets a name of its own.
+    damaged = tmp_path / "checkpoints_damaged"
+    for value in (np.nan, np.inf):
+        ckpt.save(2, {"params": {"w": np.full((4,), value, np.float32)}}, {"step": 2})
+        ckpt.wait()
+        state, _ = ckpt.restore({"params": {"w": np.zeros((4,), np.float32)}})
+        np.testing.assert_array_equal(state["params"]["w"], good["params"]["w"])
+    assert sorted(p.name for p in damaged.iterdir()) == ["2", "2.2"]
+    ckpt.close()
+    for name, value in (("2", np.nan), ("2.2", np.inf)):
+        moved = tmp_path / "moved" / name
+        shutil.copytree(damaged / name, moved / "checkpoints" / "2")
+        reader = checkpoint.Checkpointer(str(moved), read_only=True)
+        raw, _ = reader.restore_raw(2)
+        reader.close()
+        np.testing.assert_array_equal(raw["params"]["w"], np.full((4,), value, np.float32))
+
+
 def test_nan_stops_with_the_step_and_never_checkpoints_it(tmp_path):
     workdir = str(tmp_path / "nan")
     # The images of step index 9 (1-based step 10) are NaN: a real NaN through forward/backward.
