@@ -156,3 +156,13 @@ def test_preemption_flag_set_by_sigterm_and_handler_restored():
         assert flag.requested
         assert flag.stop_now(at_log_step=False)  # one process: no need to wait for a log step
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_first_ctrl_c_sets_the_flag_and_a_second_interrupts_at_once():
+    before = signal.getsignal(signal.SIGINT)
+    with periodic.PreemptionFlag() as flag:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert flag.requested and flag.signal == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before

@@ -1,5 +1,5 @@
-"""Robustness of ``python -m train``, done for real on subprocesses of the CLI: SIGKILL mid-epoch
-and SIGTERM (preemption) followed by a restart, truncated checkpoint files, NaNs injected into
+"""Robustness of ``python -m train``, done for real on subprocesses of the CLI: SIGKILL mid-epoch,
+SIGTERM (preemption) and Ctrl-C followed by a restart, truncated checkpoint files, NaNs injected into
 the computation, and bad configs / inputs that must fail with one clear line.
 
 Every resumed run is compared bitwise with one uninterrupted reference run of the same command.
@@ -170,6 +170,31 @@ def test_sigterm_saves_current_step_exits_0_and_resumes(reference, tmp_path):
     saved = int(out.split("Preempted (SIGTERM) at step ")[1].split(":")[0])
     steps = checkpoint.Checkpointer(workdir, read_only=True).all_steps()
     # The step it stopped at is saved (not only the last periodic checkpoint) and is mid-epoch.
+    assert saved in steps and saved % 7 != 0 and 9 <= saved < STEPS, (saved, steps)
+
+    restart = _run(workdir)
+    assert restart.returncode == 0, restart.stderr[-3000:]
+    assert f"Resuming from checkpoint step {saved}" in restart.stdout
+    _assert_same_params(workdir, reference)
+
+
+@_SHARES_REFERENCE
+def test_ctrl_c_saves_current_step_exits_130_with_one_line_and_resumes(reference, tmp_path):
+    workdir = str(tmp_path / "interrupted")
+    proc = _start(workdir, "--config.debug_step_delay_s=0.05")
+    try:
+        _wait_for_step(proc, workdir, 9)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    (line,) = err.strip().splitlines()  # no KeyboardInterrupt traceback
+    assert line.startswith("Interrupted (Ctrl-C) at step ") and "rerun the same command" in line, line
+    saved = int(line.split("at step ")[1].split(":")[0])
+    assert f"saved checkpoint step {saved} in " in line, line
+    steps = checkpoint.Checkpointer(workdir, read_only=True).all_steps()
     assert saved in steps and saved % 7 != 0 and 9 <= saved < STEPS, (saved, steps)
 
     restart = _run(workdir)

@@ -2,7 +2,7 @@
 
 Build (``train/build.py``), restore or init, train, finish. Training logs metrics with images/s
 to ``metrics.jsonl`` and TensorBoard, evaluates and checkpoints periodically, stops at the first
-NaN/Inf and saves on SIGTERM (``train/periodic.py``: one small piece per periodic action), then
+NaN/Inf and saves on SIGTERM or Ctrl-C (``train/periodic.py``: one small piece per periodic action), then
 ends with a final evaluation, a PNG of the curves and a summary. ``config.eval_only``
 evaluates a checkpoint instead of training.
 
@@ -16,6 +16,7 @@ path (``gs://bucket/run``); its metrics are then segments ``metrics/part-NNNNNN.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -57,6 +58,7 @@ class Outcome:
     compile_time: float | None = None
     last_eval: dict[str, float] | None = None
     preempted_at: int | None = None
+    stopped_by: str | None = None  # the signal that stopped it here ('SIGTERM', 'SIGINT')
 
 
 def _train(run: Run, state: Any, start_step: int) -> Outcome:
@@ -83,6 +85,7 @@ def _train(run: Run, state: Any, start_step: int) -> Outcome:
                     _save(run, out.state, done, guard)
                     run.ckpt.wait()
                     out.preempted_at = done
+                    out.stopped_by = preemption.signal
                     break
                 _evaluate_and_checkpoint(run, out, done, log, guard, bar)
         if out.preempted_at is None:
@@ -235,13 +238,22 @@ def _finish(run: Run, out: Outcome, start_step: int, summary: dict[str, Any], wa
         saved = (
             f"saved checkpoint step {out.preempted_at}" if run.config.save_checkpoints else "nothing saved"
         )
+        # Another host's signal stops this one too: that is a preemption here.
+        stopped_by = out.stopped_by or "SIGTERM"
         summary.update(
-            {"final_step": out.preempted_at, "preempted": True, "skipped_steps": out.skipped_steps}
+            {
+                "final_step": out.preempted_at,
+                "preempted": True,
+                "stopped_by": stopped_by,
+                "skipped_steps": out.skipped_steps,
+            }
         )
         if run.is_main:
+            interrupted = stopped_by == "SIGINT"  # Ctrl-C: exit 130, so the line goes to stderr
             print(
-                f"Preempted (SIGTERM) at step {out.preempted_at}: {saved} in {run.ckpt.directory}; "
-                f"rerun the same command to resume.",
+                f"{'Interrupted (Ctrl-C)' if interrupted else 'Preempted (SIGTERM)'} at step "
+                f"{out.preempted_at}: {saved} in {run.ckpt.directory}; rerun the same command to resume.",
+                file=sys.stderr if interrupted else sys.stdout,
                 flush=True,
             )
         return summary
