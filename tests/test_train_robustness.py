@@ -333,6 +333,69 @@ def test_bad_config_is_one_clear_line(overrides, words, tmp_path):
         assert w in err, err
 
 
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (
+            ["--config.batchsize=32"],
+            ["--config.batchsize:", "has no field", "did you mean --config.batch_size?"],
+        ),
+        (["--config.distributed.enabeld=True"], ["did you mean --config.distributed.enabled?"]),
+        (
+            ["--config=configs/defualt.py"],
+            ["--config=configs/defualt.py: no such file", "did you mean configs/default.py?"],
+        ),
+        (["--config.batch_size=abc"], ["--config.batch_size=abc", "invalid literal"]),
+        (
+            ["--config.model.overrides.small_stm=True"],
+            ["config.model.overrides.small_stm is not a field of resnet18", "did you mean small_stem?"],
+        ),
+        (["--config.model.overrides.num_classes=3"], ["sets num_classes itself"]),
+        # A model field that configs/finetune_folder.py does not list (ml_collections refused it).
+        (
+            ["--config=configs/finetune_folder.py", "--config.model.overrides.small_stem=True"],
+            ["config.num_train_steps must be > 0"],
+        ),
+    ],
+)
+def test_config_flag_mistakes_are_one_line(args, words, tmp_path):
+    config = next((a for a in args if a.startswith("--config=")), "--config=configs/default.py")
+    args = [a for a in args if a != config]
+    cmd = [sys.executable, "-m", "train", config, f"--workdir={tmp_path / 'w'}", *args]
+    cmd.append("--config.num_train_steps=-5")  # a start-up error of its own, should the flags pass
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=str(REPO), env=_env(), timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: "), line
+    for w in words:
+        assert w in line, line
+    assert not (tmp_path / "w").exists()
+
+
+def test_model_fields_are_set_with_the_ordinary_flag_form(tmp_path):
+    import json
+
+    result = _run(
+        tmp_path,
+        "--config.num_train_steps=1",
+        "--config.checkpoint_every_steps=0",
+        "--config.model.overrides.zero_init_residual=True",  # not in configs/default.py
+        "--config.model.overrides.block",  # the value as the next argument
+        "bottleneck",
+        "--config.model.overrides.stage_sizes=1,",  # the last one given wins
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = json.loads((tmp_path / "config.json").read_text())["model"]["overrides"]
+    assert saved == {
+        "stage_sizes": [1],
+        "small_stem": True,
+        "zero_init_residual": True,
+        "block": "bottleneck",
+    }
+    params = checkpoint.restore_variables(str(tmp_path))["params"]
+    assert "conv3" in params["layer1_0"]  # a bottleneck block
+
+
 _SAVER = """
 import sys, numpy as np
 sys.path.insert(0, {repo!r})

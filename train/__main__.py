@@ -72,4 +72,6 @@ def _main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from train.cli import parse_flags
+
+    app.run(main, flags_parser=parse_flags)
