@@ -203,6 +203,42 @@ def test_ctrl_c_saves_current_step_exits_130_with_one_line_and_resumes(reference
     _assert_same_params(workdir, reference)
 
 
+def test_ctrl_c_in_a_terminal_leaves_the_grain_workers_quiet(tmp_path):
+    """A terminal's Ctrl-C signals the whole process group: the Grain decoding workers too.
+    They ignore it; the training process saves and stops them, with one line, no traceback."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_image_folder import write_digits_folder
+
+    write_digits_folder(tmp_path / "digits")
+    workdir = str(tmp_path / "folder_run")
+    cmd = _cmd(
+        workdir,
+        "--config.dataset=image_folder",
+        f"--config.data_dir={tmp_path / 'digits'}",
+        "--config.grain_worker_count=2",
+        "--config.debug_step_delay_s=0.05",
+    )
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=str(REPO),
+        env=_env(),
+        start_new_session=True,
+    )
+    try:
+        _wait_for_step(proc, workdir, 3)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert "Interrupted (Ctrl-C) at step " in err, err[-3000:]
+
+
 def _damage(step_dir: Path) -> list[Path]:
     """Truncate every array data file of a checkpoint to half its size."""
     damaged = []
