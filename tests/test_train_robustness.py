@@ -523,7 +523,9 @@ def test_predict_rejects_images_of_wrong_rank_or_channels(reference, tmp_path):
     np.save(tmp_path / "four_d.npy", np.zeros((1, 8, 8, 1), np.uint8))
     (tmp_path / "no_images" / "sub").mkdir(parents=True)
     (tmp_path / "no_images" / "sub" / "notes.txt").write_text("not an image")
+    (tmp_path / "corrupt.jpg").write_bytes(b"\xff\xd8 not really a JPEG" * 10)
     cases = {
+        "corrupt.jpg": ["corrupt.jpg", "not an image file that can be decoded", ".webp) and .npy arrays"],
         "two_channels.npy": ["two_channels.npy", "(8, 8, 2)", "1 channel"],
         "four_d.npy": ["four_d.npy", "(1, 8, 8, 1)", "[H, W]"],
         "no_images": ["folder", "no_images", "has no image files", "sub-folders"],
@@ -546,6 +548,7 @@ def test_predict_rejects_images_of_wrong_rank_or_channels(reference, tmp_path):
         assert line.startswith("error: ")
         for w in cases[name]:
             assert w in line, line
+        assert "function_node" not in line and "Op:" not in line, line  # TensorFlow's internals
     err = gone.communicate(timeout=120)[1]
     assert gone.returncode == 141 and "Traceback" not in err, err[-3000:]
     for flag, proc in flags.items():
@@ -560,6 +563,35 @@ def test_predict_rejects_images_of_wrong_rank_or_channels(reference, tmp_path):
     for bad in ({"top_k": 0}, {"top_k": -1}, {"batch_size": 0}):
         with pytest.raises(ValueError, match=f"{next(iter(bad))} must be at least 1"):
             predict.predict_files(reference, [str(tmp_path / "good.npy")], **bad)
+
+
+def test_predict_messages_name_the_file_not_the_decoder(tmp_path):
+    """Pillow's path (image-folder runs): no ``<_io.BytesIO object at 0x...>``, no training advice
+    ("rerun to resume"); an RGB model refuses a 2-D array naming the shape it was given."""
+    from train import predict
+    from train.input_pipeline import DatasetInfo
+
+    info = DatasetInfo("image_folder", 2, (8, 8, 3), 4, 2, ("a", "b"), (0.0,) * 3, (1.0,) * 3)
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG not really" * 10)
+    np.save(tmp_path / "gray.npy", np.zeros((8, 8), np.uint8))
+    with pytest.raises(predict.ImageError) as e:
+        predict._load(str(tmp_path / "corrupt.png"), info, 1.0)
+    line = str(e.value)
+    assert "corrupt.png" in line and "not an image file that can be decoded" in line, line
+    assert "BytesIO" not in line and "rerun" not in line and ".webp" in line, line
+    with pytest.raises(predict.ImageError) as e:
+        predict._load(str(tmp_path / "gray.npy"), info, 1.0)
+    assert "has shape (8, 8);" in str(e.value) and "[H, W, 3] (3 channels" in str(e.value), str(e.value)
+    assert "[H, W]" not in str(e.value)
+
+
+def test_workdir_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a workdir")
+    result = _run(tmp_path / "notes.txt")
+    assert result.returncode == 2, result.stderr[-3000:]
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: --workdir {tmp_path / 'notes.txt'} is a file; give a directory"), line
+    assert (tmp_path / "notes.txt").read_text() == "not a workdir"
 
 
 def _save_torch(path, variables) -> None:

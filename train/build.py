@@ -71,6 +71,10 @@ def _step_counts(config: Any, dataset: Any) -> tuple[int, int]:
 def build_run(config: Any, workdir: str) -> Run:
     """Data, model, optimizer, compiled steps, checkpointer and metric writer for ``config``."""
     workdir = paths.resolve(workdir)  # gs://bucket/run stays a URL
+    if paths.Path(workdir).exists() and not paths.Path(workdir).is_dir():
+        raise ConfigError(
+            f"--workdir {workdir} is a file; give a directory, or a path where one can be made."
+        )
     validate_config(config, device_count=jax.device_count(), process_count=jax.process_count())
     dataset = input_pipeline.create_dataset(config)
     info = dataset.info
