@@ -166,3 +166,11 @@ def test_first_ctrl_c_sets_the_flag_and_a_second_interrupts_at_once():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_eval_summary_leaves_out_top5_with_five_classes_or_fewer():
+    m = {"accuracy": 0.5, "top5_accuracy": 1.0, "loss": 0.25, "num_examples": 12}
+    assert periodic.eval_summary(m, num_classes=3) == "accuracy 50.00%  loss 0.2500  (12 examples)"
+    assert periodic.eval_summary(m, num_classes=5) == "accuracy 50.00%  loss 0.2500  (12 examples)"
+    assert "top-5 100.00%" in periodic.eval_summary(m, num_classes=6)
+    assert "top-5 100.00%" in periodic.eval_summary(m)

@@ -58,6 +58,18 @@ class Run:
 
 def _step_counts(config: Any, dataset: Any) -> tuple[int, int]:
     steps_per_epoch = dataset.steps_per_epoch(config.batch_size, jax.process_count())
+    examples = dataset.info.num_train_examples
+    fitted = examples // jax.device_count() * jax.device_count()  # a batch of all of them
+    if steps_per_epoch < 1 and fitted and dataset.steps_per_epoch(fitted, jax.process_count()) >= 1:
+        # A small folder of one's own photos: a batch of all of them, rather than no run at all.
+        if jax.process_index() == 0:
+            print(
+                f"config.batch_size={config.batch_size} is more than the {examples} training images: "
+                f"training with batch_size={fitted}, one step per epoch.",
+                flush=True,
+            )
+        config.batch_size = fitted
+        steps_per_epoch = dataset.steps_per_epoch(config.batch_size, jax.process_count())
     if steps_per_epoch < 1:
         raise ConfigError(
             f"config.batch_size={config.batch_size} is larger than the {dataset.info.num_train_examples} "
@@ -81,6 +93,12 @@ def build_run(config: Any, workdir: str) -> Run:
     driver = steps.make_driver(config.parallelism, mesh_axis_types=config.mesh_axis_types)
     load = _saved_executables(config, driver)  # read (or refused) before anything is written
     steps_per_epoch, total_steps = _step_counts(config, dataset)
+    if jax.process_index() == 0:
+        print(
+            f"{info.num_train_examples:,} training images in {info.num_classes} classes; "
+            f"{info.num_eval_examples:,} for evaluation ({info.name}).",
+            flush=True,
+        )
     parts = build_steps(config, info, steps_per_epoch, total_steps)
     refuse_other_config(workdir, config, parts.create_state)  # before anything is written
     save_run_info(workdir, config, info)

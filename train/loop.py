@@ -126,7 +126,9 @@ def _evaluate_and_checkpoint(run: Run, out: Outcome, done: int, log, guard, bar)
     if eval_now:
         out.last_eval = _run_eval(run, out.state, done)
         if run.is_main:
-            bar.write(f"step {done}: eval {periodic.eval_summary(out.last_eval)}")
+            bar.write(
+                f"step {done}: eval {periodic.eval_summary(out.last_eval, run.dataset.info.num_classes)}"
+            )
     if ckpt_now:
         log.check_pending()
         _save(run, out.state, done, guard)
@@ -212,6 +214,7 @@ def _summary_head(run: Run, start_step: int) -> dict[str, Any]:
         "start_step": start_step,
         "total_steps": run.total_steps,
         "steps_per_epoch": run.steps_per_epoch,
+        "num_classes": run.dataset.info.num_classes,
         "num_devices": run.driver.num_devices,
         "mesh_axis_types": run.driver.axis_types,
         "num_processes": jax.process_count(),
@@ -226,7 +229,10 @@ def _eval_only(run: Run, state: Any, step: int, summary: dict[str, Any]) -> dict
     run.ckpt.close()
     summary["eval"] = result
     if run.is_main:
-        print(f"Eval of checkpoint step {step}: {periodic.eval_summary(result)}", flush=True)
+        print(
+            f"Eval of checkpoint step {step}: {periodic.eval_summary(result, summary['num_classes'])}",
+            flush=True,
+        )
     return summary
 
 
@@ -293,7 +299,7 @@ def format_summary(s: dict[str, Any], already_done: bool = False) -> str:
             f"in {s['wall_time_s']:.1f} s."
         )
     if s.get("eval"):
-        lines.append(f"  final eval:  {periodic.eval_summary(s['eval'])}")
+        lines.append(f"  final eval:  {periodic.eval_summary(s['eval'], s.get('num_classes'))}")
     if s.get("images_per_sec"):
         lines.append(
             f"  throughput:  {s['images_per_sec']:,.0f} images/s (training, median over log "

@@ -274,11 +274,10 @@ class PreemptionFlag:
         return (jax.process_count() == 1 or at_log_step) and self.agreed()
 
 
-def eval_summary(m: dict[str, Any]) -> str:
-    return (
-        f"accuracy {100 * m['accuracy']:.2f}%  top-5 {100 * m['top5_accuracy']:.2f}%  "
-        f"loss {m['loss']:.4f}  ({m['num_examples']} examples)"
-    )
+def eval_summary(m: dict[str, Any], num_classes: int | None = None) -> str:
+    """One line of eval metrics; top-5 only with more than 5 classes (else it is always 100%)."""
+    top5 = f"top-5 {100 * m['top5_accuracy']:.2f}%  " if num_classes is None or num_classes > 5 else ""
+    return f"accuracy {100 * m['accuracy']:.2f}%  {top5}loss {m['loss']:.4f}  ({m['num_examples']} examples)"
 
 
 def last_logged_eval(workdir: str, step: int) -> dict[str, Any] | None:
