@@ -307,11 +307,18 @@ def test_mismatched_checkpoint_is_not_moved_and_damaged_ones_are_never_replaced(
         with pytest.raises(checkpoint.CheckpointMismatchError, match="checkpoint 1 .* holds another state"):
             ckpt.restore(template)
         assert ckpt.all_steps() == [1] and not ckpt.damaged
-    assert ckpt.mismatch({"params": {"w": np.zeros((5,), np.float32)}}) == (
+    assert checkpoint.mismatch(str(tmp_path), {"params": {"w": np.zeros((5,), np.float32)}}) == (
         1,
         ["params/w is (4,) there, (5,) here"],
     )
-    assert ckpt.mismatch({"params": {"w": np.zeros((4,), np.float32)}}) is None
+    assert checkpoint.mismatch(str(tmp_path), {"params": {"w": np.zeros((4,), np.float32)}}) is None
+    # A missing block is named once, not array by array; the parameters come first.
+    saved = {"params": {"a": {"w": np.zeros(2)}}, "opt_state": {"a": {"w": np.zeros(2)}}}
+    wanted = {k: {**v, "b": {"w": np.zeros(2), "v": np.zeros(2)}} for k, v in saved.items()}
+    assert checkpoint.state_differences(saved, wanted) == [
+        "params/b is not in the checkpoint",
+        "opt_state/b is not in the checkpoint",
+    ]
     # A step set aside twice: the first copy is kept, the second gets a name of its own.
     damaged = tmp_path / "checkpoints_damaged"
     for value in (np.nan, np.inf):

@@ -255,19 +255,8 @@ def refuse_other_config(workdir: str, config: Any, create_state: Callable[[], An
     another config (another model, dtype, optimizer or class count): its arrays are not this
     run's, and treating it as damaged would set the whole run aside. Reads only; the message
     names the config fields that differ from the workdir's ``config.json``."""
-    ckpt_dir = checkpoint_lib.checkpoint_dir(workdir)
-    if not paths.Path(ckpt_dir).is_dir():
-        return
-    ckpt = checkpoint_lib.Checkpointer(workdir, read_only=True)
-    try:
-        step = (
-            None
-            if config.restore_step < 0 or config.restore_step not in ckpt.all_steps()
-            else int(config.restore_step)
-        )
-        found = ckpt.mismatch(jax.eval_shape(create_state), step)
-    finally:
-        ckpt.close()
+    restore_step = None if config.restore_step < 0 else int(config.restore_step)
+    found = checkpoint_lib.mismatch(workdir, jax.eval_shape(create_state), restore_step)
     if found is None:
         return
     step, differences = found
@@ -278,22 +267,25 @@ def refuse_other_config(workdir: str, config: Any, create_state: Callable[[], An
             f"a new --workdir."
         )
     raise ConfigError(
-        f"the checkpoints in {ckpt_dir} hold another model than this config builds (step {step}: "
-        f"{'; '.join(differences)}); rerun with the config they were saved with, or use a new --workdir."
+        f"the checkpoints in {checkpoint_lib.checkpoint_dir(workdir)} hold another model than this "
+        f"config builds (step {step}: {'; '.join(differences)}); rerun with the config they were "
+        f"saved with, or use a new --workdir."
     )
 
 
 def _config_differences(workdir: str, config: Any, limit: int = 4) -> list[str]:
     """``field=saved value but this run has value`` where ``config`` differs from the workdir's
-    config.json; the model's fields first, since they shape the checkpoint."""
+    config.json."""
     saved_file = paths.Path(workdir) / CONFIG_FILE
     try:
         saved = _flat_fields(json.loads(saved_file.read_text()))
     except Exception:  # no config.json (an older or copied run), or an unreadable one
         return []
     this = _flat_fields(json.loads(config.to_json_best_effort()))
-    names = [k for k in saved.keys() | this.keys() if saved.get(k, _UNSET) != this.get(k, _UNSET)]
-    names.sort(key=lambda k: (not k.startswith(_STATE_FIELDS), k))
+    names = sorted(k for k in saved.keys() | this.keys() if saved.get(k, _UNSET) != this.get(k, _UNSET))
+    # The fields that shape a checkpoint, when some differ: the others (steps, logging) cannot
+    # be why its arrays do not fit.
+    names = [k for k in names if k.startswith(_STATE_FIELDS)] or names
     shown = [
         f"{k}={_shown(saved.get(k, _UNSET))} but this run has {_shown(this.get(k, _UNSET))}" for k in names
     ]
@@ -301,7 +293,7 @@ def _config_differences(workdir: str, config: Any, limit: int = 4) -> list[str]:
 
 
 _UNSET = object()
-# Fields that decide the shapes in a checkpoint (listed before the others in the message).
+# Fields that decide the shapes in a checkpoint.
 _STATE_FIELDS = (
     "model.",
     "dtype",

@@ -128,25 +128,6 @@ class Checkpointer:
                 self._set_aside(candidate, e)
         return None
 
-    def mismatch(self, template: Any, step: int | None = None) -> tuple[int, list[str]] | None:
-        """``(step, differences)`` when the checkpoint a restore would use holds other arrays
-        than ``template`` (see ``state_differences``), else None.
-
-        Reads only the saved tree's metadata (names, shapes, dtypes), and writes nothing, so a
-        run can refuse before it touches its workdir. Steps whose metadata cannot be read are
-        skipped (``restore`` treats them as damaged); the first readable one decides.
-        """
-        candidates = [step] if step is not None else sorted(self.all_steps(), reverse=True)
-        for candidate in candidates:
-            try:
-                handler = ocp.StandardCheckpointHandler()
-                saved = handler.metadata(paths.Path(self.directory) / str(candidate) / "state")
-            except Exception:
-                continue
-            differences = state_differences(getattr(saved, "tree", saved), template)
-            return (candidate, differences) if differences else None
-        return None
-
     def _set_aside(self, step: int, error: BaseException) -> None:
         reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:200]
         logging.warning(
@@ -173,6 +154,30 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def mismatch(workdir: str, template: Any, step: int | None = None) -> tuple[int, list[str]] | None:
+    """``(step, differences)`` when the checkpoint a restore would use (``step``, else the
+    newest) holds other arrays than ``template`` (see ``state_differences``), else None.
+
+    Reads only the saved tree's metadata (names, shapes, dtypes) and writes nothing, so a run can
+    refuse before it touches its workdir. No ``CheckpointManager``: nothing here is a collective,
+    so each process of a multi-host run may call it alone. Steps whose metadata cannot be read
+    are skipped (``Checkpointer.restore`` treats them as damaged); the first readable one decides.
+    """
+    directory = paths.Path(checkpoint_dir(workdir))
+    if not directory.is_dir():
+        return None
+    steps = ocp.utils.checkpoint_steps(directory)  # finalized steps only
+    candidates = [step] if step in steps else sorted(steps, reverse=True)
+    for candidate in candidates:
+        try:
+            saved = ocp.StandardCheckpointHandler().metadata(directory / str(candidate) / "state")
+        except Exception:
+            continue
+        differences = state_differences(getattr(saved, "tree", saved), template)
+        return (candidate, differences) if differences else None
+    return None
 
 
 def _free_name(dst: Any) -> Any:
@@ -240,14 +245,14 @@ def state_differences(saved: Any, template: Any, limit: int = 3) -> list[str]:
     have = _leaf_specs(saved)
     want = {k: v for k, v in _leaf_specs(_state_dict(template)).items() if k.split("/")[0] in saved}
     lines = []
-    for path in sorted(have.keys() | want.keys()):
+    for path in sorted(have.keys() | want.keys(), key=lambda p: (not p.startswith("params/"), p)):
         if path not in have or path not in want:
             missing = path not in have
             # Name the smallest differing subtree once (params/layer1_1, not each of its arrays).
             parts = path.split("/")
             for depth in range(1, len(parts) + 1):
                 head = "/".join(parts[:depth])
-                other = want if missing else have
+                other = have if missing else want  # the side that lacks it
                 if not any(k == head or k.startswith(head + "/") for k in other):
                     break
             line = f"{head} is {'not in the checkpoint' if missing else 'in the checkpoint only'}"
