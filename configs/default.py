@@ -70,7 +70,8 @@ def _model(c: ml_collections.ConfigDict) -> None:
     c.model = ml_collections.ConfigDict()
     # A resnet_jax preset name ('resnet18', 'resnet50', ...) or 'resnet_base'.
     c.model.arch = "resnet18"
-    # Other ResNet (or ResNetBase) fields. Field names may differ per arch, so this is a free dict.
+    # Other ResNet (or ResNetBase) fields. Field names may differ per arch, so this is a free dict;
+    # --config.model.overrides.FIELD=VALUE sets any of them (train/cli.py), checked at start-up.
     c.model.overrides = ml_collections.ConfigDict(
         {"stage_sizes": (1, 1), "small_stem": True}, type_safe=False
     )

@@ -109,6 +109,24 @@ def test_init_from_errors_name_the_problem(tmp_path):
         loop.train_and_evaluate(tiny_config(init_from=str(tmp_path)), str(tmp_path / "b"))
 
 
+def test_offline_pretrained_name_says_how_to_set_the_file_in_the_config(tmp_path, monkeypatch):
+    """The library's advice (``path=``, its Python API) becomes the config field's."""
+    from resnet_jax import pretrained
+    from train import init_from
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    real = pretrained.locate
+    monkeypatch.setattr(pretrained, "locate", lambda entry, **kw: real(entry, download=False))  # offline
+    with pytest.raises(ConfigError) as e:
+        init_from._from_pretrained("resnet18.tv_in1k", None, "resnet18", "init_from")
+    msg = str(e.value)
+    assert msg.startswith("config.init_from='resnet18.tv_in1k': ") and "is not cached" in msg, msg
+    assert msg.endswith("or download it anywhere and set --config.init_from=FILE."), msg
+    assert "path=" not in msg and "\n" not in msg, msg
+
+
 def test_init_from_another_architecture_is_one_line_from_the_structured_error(tmp_path):
     """init_from formats the library's StateDictMismatchError fields: counts, a first key each,
     the architecture the file looks like."""

@@ -248,3 +248,19 @@ def test_cli_trains_resumes_and_reports_config_errors(tmp_path):
     assert bad.returncode == 2
     assert "error: config.num_train_steps must be > 0" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_a_small_dataset_trains_with_its_defaults_and_says_what_it_has(tmp_path, capsys):
+    """Three digits (430 training images) with a batch larger than that: one batch of all of
+    them, a start-up line with the counts, and no top-5 (always 100% with 3 classes)."""
+    c = config(class_subset=(0, 1, 2), batch_size=512, num_train_steps=2, eval_every_steps=1)
+    summary = loop.train_and_evaluate(c, str(tmp_path))
+    out = capsys.readouterr().out
+    assert "config.batch_size=512 is more than the 430 training images: training with batch_size=430" in out
+    assert "430 training images in 3 classes; 107 for evaluation (sklearn_digits)." in out
+    assert "step 1: eval accuracy" in out and "top-5" not in out
+    assert "top-5" not in loop.format_summary(summary) and "final eval:  accuracy" in loop.format_summary(
+        summary
+    )
+    assert json.loads((tmp_path / "config.json").read_text())["batch_size"] == 430
+    assert summary["steps_per_epoch"] == 1 and summary["final_step"] == 2

@@ -156,3 +156,21 @@ def test_preemption_flag_set_by_sigterm_and_handler_restored():
         assert flag.requested
         assert flag.stop_now(at_log_step=False)  # one process: no need to wait for a log step
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_first_ctrl_c_sets_the_flag_and_a_second_interrupts_at_once():
+    before = signal.getsignal(signal.SIGINT)
+    with periodic.PreemptionFlag() as flag:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert flag.requested and flag.signal == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_eval_summary_leaves_out_top5_with_five_classes_or_fewer():
+    m = {"accuracy": 0.5, "top5_accuracy": 1.0, "loss": 0.25, "num_examples": 12}
+    assert periodic.eval_summary(m, num_classes=3) == "accuracy 50.00%  loss 0.2500  (12 examples)"
+    assert periodic.eval_summary(m, num_classes=5) == "accuracy 50.00%  loss 0.2500  (12 examples)"
+    assert "top-5 100.00%" in periodic.eval_summary(m, num_classes=6)
+    assert "top-5 100.00%" in periodic.eval_summary(m)

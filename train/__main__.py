@@ -4,8 +4,10 @@
 all of them). Re-running the same command on the same workdir resumes from its newest
 checkpoint; ``--config.eval_only=True`` evaluates the newest checkpoint instead.
 
-Exit status: 0 when done or after SIGTERM (preemption: the current step is saved first), 2 for a
-config or dataset error, 3 when the loss, gradients or parameters became NaN/Inf.
+Exit status: 0 when done or after SIGTERM (preemption: the current step is saved first), 130
+after Ctrl-C (SIGINT: the current step is saved first, as for SIGTERM; a second Ctrl-C stops at
+once without saving), 2 for a config or dataset error, 3 when the loss, gradients or parameters
+became NaN/Inf.
 """
 
 from __future__ import annotations
@@ -23,6 +25,20 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv: list[str]) -> None:
+    try:
+        _main(argv)
+    except KeyboardInterrupt:
+        # Outside the training steps (start-up, compilation of the first step runs inside them,
+        # the final evaluation), or a second Ctrl-C: the checkpoints already saved are whole.
+        print(
+            "Interrupted (Ctrl-C) without saving; rerun the same command to resume from the last checkpoint.",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(130)
+
+
+def _main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     config = _CONFIG.value
@@ -42,7 +58,7 @@ def main(argv: list[str]) -> None:
     enable_compilation_cache(config.compilation_cache_dir)
     try:
         maybe_initialize_distributed(config)
-        loop.train_and_evaluate(config, _WORKDIR.value)
+        summary = loop.train_and_evaluate(config, _WORKDIR.value)
     except (ConfigError, DatasetError) as e:
         # A bad config or a missing dataset is the user's to fix: one line, no traceback.
         print(f"error: {e}", file=sys.stderr, flush=True)
@@ -51,7 +67,11 @@ def main(argv: list[str]) -> None:
         # The message names the step and the checkpoint to resume from; a traceback adds nothing.
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(3)
+    if summary.get("stopped_by") == "SIGINT":
+        sys.exit(130)  # the shell's status for Ctrl-C; the step is saved (the line above says so)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from train.cli import parse_flags
+
+    app.run(main, flags_parser=parse_flags)

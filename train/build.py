@@ -61,6 +61,18 @@ class Run:
 
 def _step_counts(config: Any, dataset: Any) -> tuple[int, int]:
     steps_per_epoch = dataset.steps_per_epoch(config.batch_size, jax.process_count())
+    examples = dataset.info.num_train_examples
+    fitted = examples // jax.device_count() * jax.device_count()  # a batch of all of them
+    if steps_per_epoch < 1 and fitted and dataset.steps_per_epoch(fitted, jax.process_count()) >= 1:
+        # A small folder of one's own photos: a batch of all of them, rather than no run at all.
+        if jax.process_index() == 0:
+            print(
+                f"config.batch_size={config.batch_size} is more than the {examples} training images: "
+                f"training with batch_size={fitted}, one step per epoch.",
+                flush=True,
+            )
+        config.batch_size = fitted
+        steps_per_epoch = dataset.steps_per_epoch(config.batch_size, jax.process_count())
     if steps_per_epoch < 1:
         raise ConfigError(
             f"config.batch_size={config.batch_size} is larger than the {dataset.info.num_train_examples} "
@@ -74,13 +86,24 @@ def _step_counts(config: Any, dataset: Any) -> tuple[int, int]:
 def build_run(config: Any, workdir: str) -> Run:
     """Data, model, optimizer, compiled steps, checkpointer and metric writer for ``config``."""
     workdir = paths.resolve(workdir)  # gs://bucket/run stays a URL
+    if paths.Path(workdir).exists() and not paths.Path(workdir).is_dir():
+        raise ConfigError(
+            f"--workdir {workdir} is a file; give a directory, or a path where one can be made."
+        )
     validate_config(config, device_count=jax.device_count(), process_count=jax.process_count())
     dataset = registry.create_dataset(config)
     info = dataset.info
     driver = parallel.make_driver(config.parallelism, mesh_axis_types=config.mesh_axis_types)
     load = _saved_executables(config, driver)  # read (or refused) before anything is written
     steps_per_epoch, total_steps = _step_counts(config, dataset)
+    if jax.process_index() == 0:
+        print(
+            f"{info.num_train_examples:,} training images in {info.num_classes} classes; "
+            f"{info.num_eval_examples:,} for evaluation ({info.name}).",
+            flush=True,
+        )
     parts = build_steps(config, info, steps_per_epoch, total_steps)
+    refuse_other_config(workdir, config, parts.create_state)  # before anything is written
     save_run_info(workdir, config, info)
     ckpt = checkpoint_lib.Checkpointer(workdir, config.keep_checkpoints)
     writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
@@ -187,7 +210,10 @@ def restore_or_init(run: Run) -> tuple[Any, int]:
     the devices; and the step it is at. Damaged checkpoints are set aside with a warning."""
     config, ckpt = run.config, run.ckpt
     restore_step = None if config.restore_step < 0 else int(config.restore_step)
-    restored = ckpt.restore(jax.eval_shape(run.create_state), restore_step) if ckpt.all_steps() else None
+    try:
+        restored = ckpt.restore(jax.eval_shape(run.create_state), restore_step) if ckpt.all_steps() else None
+    except checkpoint_lib.CheckpointMismatchError as e:
+        raise ConfigError(f"{e} Rerun with the config it was saved with, or use a new --workdir.") from None
     if run.is_main:
         for bad_step, reason in ckpt.damaged:
             print(
@@ -207,9 +233,8 @@ def restore_or_init(run: Run) -> tuple[Any, int]:
     if ckpt.damaged:
         # Every checkpoint was unreadable: starting over silently would lose the whole run.
         raise ConfigError(
-            f"no readable checkpoint in {ckpt.directory} (the damaged ones, or ones saved "
-            f"with another config.model, were moved to {ckpt.damaged_directory}); restore "
-            f"the config they were saved with, or use a new workdir to start over."
+            f"no readable checkpoint in {ckpt.directory} (the damaged ones were moved to "
+            f"{ckpt.damaged_directory}); use a new workdir to start over."
         )
     state = run.driver.init_state(run.create_state)
     field = "init_from" if config.init_from else "init_from_torch"
@@ -226,6 +251,79 @@ def restore_or_init(run: Run) -> tuple[Any, int]:
         if run.is_main:
             print(note, flush=True)
     return state, 0
+
+
+def refuse_other_config(workdir: str, config: Any, create_state: Callable[[], Any]) -> None:
+    """Raise ``ConfigError`` when the checkpoint this run would resume from was saved with
+    another config (another model, dtype, optimizer or class count): its arrays are not this
+    run's, and treating it as damaged would set the whole run aside. Reads only; the message
+    names the config fields that differ from the workdir's ``config.json``."""
+    restore_step = None if config.restore_step < 0 else int(config.restore_step)
+    found = checkpoint_lib.mismatch(workdir, jax.eval_shape(create_state), restore_step)
+    if found is None:
+        return
+    step, differences = found
+    fields = _config_differences(workdir, config)
+    if fields:
+        raise ConfigError(
+            f"workdir {workdir} was trained with {'; '.join(fields)}; rerun with the original config, or use "
+            f"a new --workdir."
+        )
+    raise ConfigError(
+        f"the checkpoints in {checkpoint_lib.checkpoint_dir(workdir)} hold another model than this "
+        f"config builds (step {step}: {'; '.join(differences)}); rerun with the config they were "
+        f"saved with, or use a new --workdir."
+    )
+
+
+def _config_differences(workdir: str, config: Any, limit: int = 4) -> list[str]:
+    """``field=saved value but this run has value`` where ``config`` differs from the workdir's
+    config.json."""
+    saved_file = paths.Path(workdir) / CONFIG_FILE
+    try:
+        saved = _flat_fields(json.loads(saved_file.read_text()))
+    except Exception:  # no config.json (an older or copied run), or an unreadable one
+        return []
+    this = _flat_fields(json.loads(config.to_json_best_effort()))
+    names = sorted(k for k in saved.keys() | this.keys() if saved.get(k, _UNSET) != this.get(k, _UNSET))
+    # The fields that shape a checkpoint, when some differ: the others (steps, logging) cannot
+    # be why its arrays do not fit.
+    names = [k for k in names if k.startswith(_STATE_FIELDS)] or names
+    shown = [
+        f"{k}={_shown(saved.get(k, _UNSET))} but this run has {_shown(this.get(k, _UNSET))}" for k in names
+    ]
+    return shown[:limit] + ([f"{len(shown) - limit} more field(s)"] if len(shown) > limit else [])
+
+
+_UNSET = object()
+# Fields that decide the shapes in a checkpoint.
+_STATE_FIELDS = (
+    "model.",
+    "dtype",
+    "dataset",
+    "class_subset",
+    "synthetic_",
+    "data_dir",
+    "optimizer",
+    "momentum",
+)
+
+
+def _flat_fields(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat_fields(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _shown(value: Any) -> str:
+    if value is _UNSET:
+        return "unset"
+    to_tuple = lambda v: tuple(map(to_tuple, v)) if isinstance(v, list) else v  # noqa: E731
+    return repr(to_tuple(value))
 
 
 def save_run_info(workdir: str, config: Any, info: DatasetInfo) -> None:

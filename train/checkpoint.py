@@ -28,8 +28,14 @@ from flax import serialization
 from train import paths
 
 CHECKPOINT_SUBDIR = "checkpoints"
-# Unreadable checkpoints are moved here (kept for inspection, out of orbax's step list).
+# Unreadable checkpoints are moved here (kept for inspection, out of orbax's step list). Nothing
+# in it is ever deleted or overwritten: a step moved twice gets a new name (``7.2``, ``7.3``, ...).
 DAMAGED_SUBDIR = "checkpoints_damaged"
+
+
+class CheckpointMismatchError(ValueError):
+    """A readable checkpoint whose arrays are not those of the state this config builds (saved
+    with another model, dtype or optimizer): not damage, so it is never moved aside."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -98,6 +104,18 @@ class Checkpointer:
         for candidate in candidates:
             try:
                 raw, meta = self.restore_raw(candidate)
+            except Exception as e:
+                if step is not None:
+                    raise
+                self._set_aside(candidate, e)
+                continue
+            differences = state_differences(raw, template)
+            if differences:
+                raise CheckpointMismatchError(
+                    f"checkpoint {candidate} in {self.directory} holds another state than this config "
+                    f"builds ({'; '.join(differences)})."
+                )
+            try:
                 target = serialization.to_state_dict(template)
                 for key, value in target.items():
                     raw.setdefault(key, value)
@@ -107,16 +125,16 @@ class Checkpointer:
             except Exception as e:
                 if step is not None:
                     raise
-                reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
-                logging.warning(
-                    "checkpoint %d in %s is unreadable (%s); trying the previous one.",
-                    candidate,
-                    self.directory,
-                    reason,
-                )
-                self._move_aside(candidate)
-                self.damaged.append((candidate, reason))
+                self._set_aside(candidate, e)
         return None
+
+    def _set_aside(self, step: int, error: BaseException) -> None:
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:200]
+        logging.warning(
+            "checkpoint %d in %s is unreadable (%s); trying the previous one.", step, self.directory, reason
+        )
+        self._move_aside(step)
+        self.damaged.append((step, reason))
 
     def _move_aside(self, step: int) -> None:
         # Out of the step list, so that the resumed run saves this step afresh instead of
@@ -138,14 +156,48 @@ class Checkpointer:
         self._manager.close()
 
 
+def mismatch(workdir: str, template: Any, step: int | None = None) -> tuple[int, list[str]] | None:
+    """``(step, differences)`` when the checkpoint a restore would use (``step``, else the
+    newest) holds other arrays than ``template`` (see ``state_differences``), else None.
+
+    Reads only the saved tree's metadata (names, shapes, dtypes) and writes nothing, so a run can
+    refuse before it touches its workdir. No ``CheckpointManager``: nothing here is a collective,
+    so each process of a multi-host run may call it alone. Steps whose metadata cannot be read
+    are skipped (``Checkpointer.restore`` treats them as damaged); the first readable one decides.
+    """
+    directory = paths.Path(checkpoint_dir(workdir))
+    if not directory.is_dir():
+        return None
+    steps = ocp.utils.checkpoint_steps(directory)  # finalized steps only
+    candidates = [step] if step in steps else sorted(steps, reverse=True)
+    for candidate in candidates:
+        try:
+            saved = ocp.StandardCheckpointHandler().metadata(directory / str(candidate) / "state")
+        except Exception:
+            continue
+        differences = state_differences(getattr(saved, "tree", saved), template)
+        return (candidate, differences) if differences else None
+    return None
+
+
+def _free_name(dst: Any) -> Any:
+    """``dst``, or ``dst.2``, ``dst.3``, ... : the first name not taken (nothing is replaced)."""
+    n = 1
+    while True:
+        candidate = dst if n == 1 else dst.parent / f"{dst.name}.{n}"
+        if not candidate.exists():
+            return candidate
+        n += 1
+
+
 def _move_tree(src: Any, dst: Any) -> None:
-    """Move the directory ``src`` to ``dst`` (replacing it): one rename on a local disk; in a
-    bucket, where a directory is a name prefix, a copy of each object, then the deletion."""
+    """Move the directory ``src`` to ``dst``, or to a free name beside it when ``dst`` exists:
+    one rename on a local disk; in a bucket, where a directory is a name prefix, a copy of each
+    object, then the deletion."""
     if not src.is_dir():
         return
     dst.parent.mkdir(parents=True, exist_ok=True)
-    if dst.exists():
-        dst.rmtree()
+    dst = _free_name(dst)
     if not paths.is_remote(src):
         shutil.move(src, dst)
         return
@@ -163,6 +215,56 @@ def _move_tree(src: Any, dst: Any) -> None:
     if marker.exists():
         marker.unlink()
     src.rmtree()
+
+
+def _leaf_specs(tree: Any, prefix: str = "") -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{'params/conv1/kernel': (shape, dtype name)}`` of a nested dict of arrays, array
+    metadata or ``jax.ShapeDtypeStruct``; empty containers and None leaves have no entry."""
+    if isinstance(tree, Mapping):
+        items = tree.items()
+    elif isinstance(tree, (list, tuple)):
+        items = enumerate(tree)
+    else:
+        if tree is None:
+            return {}
+        dtype = tree.dtype if hasattr(tree, "dtype") else np.asarray(tree).dtype
+        return {prefix: (tuple(np.shape(tree)), np.dtype(dtype).name)}
+    specs = {}
+    for key, value in items:
+        specs.update(_leaf_specs(value, f"{prefix}/{key}" if prefix else str(key)))
+    return specs
+
+
+def state_differences(saved: Any, template: Any, limit: int = 3) -> list[str]:
+    """How the arrays of a saved state dict differ from ``template`` (a state, or its
+    ``jax.eval_shape``): up to ``limit`` lines such as ``params/layer1_1 is not in the
+    checkpoint`` or ``params/fc/kernel is (128, 10) there, (128, 3) here``; [] when they fit.
+
+    A part of the state that the checkpoint lacks altogether (a loss scale, say) is not a
+    difference: ``restore`` takes it from the template."""
+    have = _leaf_specs(saved)
+    want = {k: v for k, v in _leaf_specs(_state_dict(template)).items() if k.split("/")[0] in saved}
+    lines = []
+    for path in sorted(have.keys() | want.keys(), key=lambda p: (not p.startswith("params/"), p)):
+        if path not in have or path not in want:
+            missing = path not in have
+            # Name the smallest differing subtree once (params/layer1_1, not each of its arrays).
+            parts = path.split("/")
+            for depth in range(1, len(parts) + 1):
+                head = "/".join(parts[:depth])
+                other = have if missing else want  # the side that lacks it
+                if not any(k == head or k.startswith(head + "/") for k in other):
+                    break
+            line = f"{head} is {'not in the checkpoint' if missing else 'in the checkpoint only'}"
+        elif have[path] != want[path]:
+            (s1, d1), (s2, d2) = have[path], want[path]
+            there, here = (s1, s2) if s1 != s2 else (d1, d2)
+            line = f"{path} is {there} there, {here} here"
+        else:
+            continue
+        if line not in lines:
+            lines.append(line)
+    return lines[:limit] + ([f"{len(lines) - limit} more"] if len(lines) > limit else [])
 
 
 def _without_scheme(path: Any) -> str:

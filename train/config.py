@@ -11,7 +11,7 @@ from train import optim, parallel
 from train.data import registry
 from train.data.augment import TRAIN_AUGMENTATIONS
 from train.data.core import DatasetError
-from train.model import DTYPES, architectures, resolve_dtype
+from train.model import DTYPES, architectures, check_overrides, resolve_dtype
 
 # Every field train/ reads is defined here, with its comment and default (configs/ is not a
 # package: it is run by its path, as --config=configs/default.py does).
@@ -90,6 +90,10 @@ def validate_config(
             f"config.model.arch={config.model.arch!r} is unknown; choose one of: "
             f"{', '.join(architectures())}."
         )
+    try:
+        check_overrides(config.model)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     for field in ("batch_size", "eval_batch_size", "log_every_steps", "image_size"):
         if int(config[field]) <= 0:
             raise ConfigError(f"config.{field} must be positive; got {config[field]}.")

@@ -11,6 +11,7 @@ classes). Only a fresh run imports weights; a resumed run restores its own check
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import jax
@@ -117,7 +118,11 @@ def _from_pretrained(name: str, model: Any, arch: str, field: str) -> dict[str, 
     try:
         path, _ = pretrained.locate(entry)
     except Exception as e:  # offline and not cached, or a file that fails its hash check
-        raise ConfigError(f"config.{field}={name!r}: {e}") from None
+        # The library's advice is its Python API's (path=); here the file goes in the config.
+        said, n = re.subn(r"\s*\(?or pass path=[^)]*\)?\.?$", "", str(e).strip())
+        if n or isinstance(e, pretrained.WeightsNotFoundError):
+            said = f"{said.rstrip('.')}; or download it anywhere and set --config.{field}=FILE."
+        raise ConfigError(f"config.{field}={name!r}: {said}") from None
     return _from_torch_file(str(path), model, field)
 
 

@@ -2,7 +2,7 @@
 
 Build (``train/build.py``), restore or init, train, finish. Training logs metrics with images/s
 to ``metrics.jsonl`` and TensorBoard, evaluates and checkpoints periodically, stops at the first
-NaN/Inf and saves on SIGTERM (``train/periodic.py``: one small piece per periodic action), then
+NaN/Inf and saves on SIGTERM or Ctrl-C (``train/periodic.py``: one small piece per periodic action), then
 ends with a final evaluation, a PNG of the curves and a summary. ``config.eval_only``
 evaluates a checkpoint instead of training.
 
@@ -16,6 +16,7 @@ path (``gs://bucket/run``); its metrics are then segments ``metrics/part-NNNNNN.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -58,6 +59,7 @@ class Outcome:
     compile_time: float | None = None
     last_eval: dict[str, float] | None = None
     preempted_at: int | None = None
+    stopped_by: str | None = None  # the signal that stopped it here ('SIGTERM', 'SIGINT')
 
 
 def _train(run: Run, state: Any, start_step: int) -> Outcome:
@@ -84,6 +86,7 @@ def _train(run: Run, state: Any, start_step: int) -> Outcome:
                     _save(run, out.state, done, guard)
                     run.ckpt.wait()
                     out.preempted_at = done
+                    out.stopped_by = preemption.signal
                     break
                 _evaluate_and_checkpoint(run, out, done, log, guard, bar)
         if out.preempted_at is None:
@@ -124,7 +127,9 @@ def _evaluate_and_checkpoint(run: Run, out: Outcome, done: int, log, guard, bar)
     if eval_now:
         out.last_eval = _run_eval(run, out.state, done)
         if run.is_main:
-            bar.write(f"step {done}: eval {periodic.eval_summary(out.last_eval)}")
+            bar.write(
+                f"step {done}: eval {periodic.eval_summary(out.last_eval, run.dataset.info.num_classes)}"
+            )
     if ckpt_now:
         log.check_pending()
         _save(run, out.state, done, guard)
@@ -210,6 +215,7 @@ def _summary_head(run: Run, start_step: int) -> dict[str, Any]:
         "start_step": start_step,
         "total_steps": run.total_steps,
         "steps_per_epoch": run.steps_per_epoch,
+        "num_classes": run.dataset.info.num_classes,
         "num_devices": run.driver.num_devices,
         "mesh_axis_types": run.driver.axis_types,
         "num_processes": jax.process_count(),
@@ -224,7 +230,10 @@ def _eval_only(run: Run, state: Any, step: int, summary: dict[str, Any]) -> dict
     run.ckpt.close()
     summary["eval"] = result
     if run.is_main:
-        print(f"Eval of checkpoint step {step}: {periodic.eval_summary(result)}", flush=True)
+        print(
+            f"Eval of checkpoint step {step}: {periodic.eval_summary(result, summary['num_classes'])}",
+            flush=True,
+        )
     return summary
 
 
@@ -236,13 +245,22 @@ def _finish(run: Run, out: Outcome, start_step: int, summary: dict[str, Any], wa
         saved = (
             f"saved checkpoint step {out.preempted_at}" if run.config.save_checkpoints else "nothing saved"
         )
+        # Another host's signal stops this one too: that is a preemption here.
+        stopped_by = out.stopped_by or "SIGTERM"
         summary.update(
-            {"final_step": out.preempted_at, "preempted": True, "skipped_steps": out.skipped_steps}
+            {
+                "final_step": out.preempted_at,
+                "preempted": True,
+                "stopped_by": stopped_by,
+                "skipped_steps": out.skipped_steps,
+            }
         )
         if run.is_main:
+            interrupted = stopped_by == "SIGINT"  # Ctrl-C: exit 130, so the line goes to stderr
             print(
-                f"Preempted (SIGTERM) at step {out.preempted_at}: {saved} in {run.ckpt.directory}; "
-                f"rerun the same command to resume.",
+                f"{'Interrupted (Ctrl-C)' if interrupted else 'Preempted (SIGTERM)'} at step "
+                f"{out.preempted_at}: {saved} in {run.ckpt.directory}; rerun the same command to resume.",
+                file=sys.stderr if interrupted else sys.stdout,
                 flush=True,
             )
         return summary
@@ -282,7 +300,7 @@ def format_summary(s: dict[str, Any], already_done: bool = False) -> str:
             f"in {s['wall_time_s']:.1f} s."
         )
     if s.get("eval"):
-        lines.append(f"  final eval:  {periodic.eval_summary(s['eval'])}")
+        lines.append(f"  final eval:  {periodic.eval_summary(s['eval'], s.get('num_classes'))}")
     if s.get("images_per_sec"):
         lines.append(
             f"  throughput:  {s['images_per_sec']:,.0f} images/s (training, median over log "

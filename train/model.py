@@ -8,6 +8,8 @@ which allows the very narrow networks used for tiny images and tests.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from collections.abc import Mapping
 from typing import Any
 
@@ -40,6 +42,38 @@ class BaseClassifier(nn.Module):
 
 def architectures() -> list[str]:
     return [BASE_ARCH, *resnet_jax.ALL_PRESETS]
+
+
+# Set by the program (from the dataset, config.dtype and the driver), never by config.model.overrides.
+_SET_BY_THE_PROGRAM = ("num_classes", "img_channels", "dtype", "axis_name", "parent", "name")
+
+
+def model_fields(arch: str) -> list[str]:
+    """The fields ``config.model.overrides`` may set for ``arch``: those of ``resnet_jax.ResNet``
+    (of ``ResNetBase`` for ``'resnet_base'``) but the ones the program sets."""
+    cls = resnet_jax.ResNetBase if arch == BASE_ARCH else resnet_jax.ResNet
+    return [f.name for f in dataclasses.fields(cls) if f.name not in _SET_BY_THE_PROGRAM]
+
+
+def check_overrides(model_config: Mapping[str, Any]) -> None:
+    """``ValueError`` naming the first key of ``model_config['overrides']`` that is no field of
+    the model (with the nearest field's name), or one the program sets itself."""
+    arch = model_config["arch"]
+    allowed = model_fields(arch)
+    cls = "ResNetBase" if arch == BASE_ARCH else "ResNet"
+    for key in dict(model_config["overrides"] or {}):
+        if key in _SET_BY_THE_PROGRAM:
+            raise ValueError(
+                f"config.model.overrides.{key} cannot be set: the training program sets {key} itself "
+                f"(from the dataset, config.dtype and the devices)."
+            )
+        if key not in allowed:
+            near = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+            hint = f"did you mean {near[0]}? " if near else ""
+            raise ValueError(
+                f"config.model.overrides.{key} is not a field of {arch} (resnet_jax.{cls}); {hint}"
+                f"its fields: {', '.join(allowed)}."
+            )
 
 
 def _tuples(d: Mapping[str, Any]) -> dict[str, Any]:

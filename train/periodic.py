@@ -8,7 +8,8 @@
   checks, averages and writes them;
 * ``NonFiniteGuard``: stops the run at the first NaN/Inf loss or gradient norm, and never
   lets a non-finite checkpoint be written;
-* ``PreemptionFlag``: SIGTERM asks the loop to save and stop, agreed on by every process;
+* ``PreemptionFlag``: SIGTERM or Ctrl-C asks the loop to save and stop, agreed on by every
+  process;
 * ``checkpoint_meta``: what a checkpoint records about where the run stood.
 """
 
@@ -222,34 +223,41 @@ class TrainLog:
 
 
 class PreemptionFlag:
-    """Set by SIGTERM (preemption); the loop polls it between steps and saves before exiting.
+    """Set by SIGTERM (preemption) or a first Ctrl-C (SIGINT); the loop polls it between steps
+    and saves before exiting. A second Ctrl-C raises ``KeyboardInterrupt`` at once, unsaved:
+    the way out of a save that takes too long.
 
     The handler only sets a flag: saving from inside a signal handler could interleave with a
     step or a save in progress.
     """
 
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
     def __init__(self) -> None:
         self.requested = False
-        self._previous: Any = None
-        self._installed = False
+        self.signal: str | None = None  # 'SIGTERM' or 'SIGINT': the first one received here
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> PreemptionFlag:
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-            self._installed = True
-        except ValueError:  # not the main thread (e.g. called from a worker thread): no handler
-            pass
+        for signum in self.SIGNALS:
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread (e.g. called from a worker thread): no handler
+                pass
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.requested:
+            raise KeyboardInterrupt
         self.requested = True
+        self.signal = self.signal or signal.Signals(signum).name
 
     def __exit__(self, *exc: Any) -> None:
-        if self._installed:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
     def agreed(self) -> bool:
-        """True when any process got SIGTERM; every process gets the same answer.
+        """True when any process got SIGTERM or SIGINT; every process gets the same answer.
 
         A collective across processes, so call it at the same steps on every process.
         """
@@ -266,11 +274,10 @@ class PreemptionFlag:
         return (jax.process_count() == 1 or at_log_step) and self.agreed()
 
 
-def eval_summary(m: dict[str, Any]) -> str:
-    return (
-        f"accuracy {100 * m['accuracy']:.2f}%  top-5 {100 * m['top5_accuracy']:.2f}%  "
-        f"loss {m['loss']:.4f}  ({m['num_examples']} examples)"
-    )
+def eval_summary(m: dict[str, Any], num_classes: int | None = None) -> str:
+    """One line of eval metrics; top-5 only with more than 5 classes (else it is always 100%)."""
+    top5 = f"top-5 {100 * m['top5_accuracy']:.2f}%  " if num_classes is None or num_classes > 5 else ""
+    return f"accuracy {100 * m['accuracy']:.2f}%  {top5}loss {m['loss']:.4f}  ({m['num_examples']} examples)"
 
 
 def last_logged_eval(workdir: str, step: int) -> dict[str, Any] | None:

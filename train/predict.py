@@ -20,6 +20,7 @@ An unreadable image or an array of the wrong rank or channel count is a one-line
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Iterator, Sequence
 
@@ -112,7 +113,7 @@ def expand_folders(args: Sequence[str]) -> list[str]:
         if not files:
             raise ImageError(
                 f"folder {arg} has no image files ({', '.join(image_folder.IMAGE_EXTENSIONS)}) in it "
-                "or its sub-folders; give image files or a folder that holds some."
+                f"or its sub-folders; predict reads {_readable()}."
             )
         out += files
     return out
@@ -122,26 +123,48 @@ class ImageError(ValueError):
     """An input image cannot be used with the model; the message names the file and the fix."""
 
 
+def _readable() -> str:
+    """What predict reads, in every message that says so (one list: the image-folder one)."""
+    return f"image files ({', '.join(image_folder.IMAGE_EXTENSIONS)}) and .npy arrays"
+
+
+def _decode_reason(error: BaseException) -> str:
+    """Why an image could not be decoded, without the decoder's internals: Pillow names its
+    in-memory buffer (``<_io.BytesIO object at 0x...>``), TensorFlow its op and device."""
+    error = error.__context__ or error if type(error).__name__ == "ImageDecodeError" else error
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if type(error).__name__ == "UnidentifiedImageError" or "Unknown image file format" in text:
+        return "not an image file that can be decoded"
+    text = re.sub(
+        r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:\w+\].*$|\s*<_io\.\w+ object at 0x[0-9a-f]+>", "", text
+    )
+    return text[:200] or type(error).__name__
+
+
 def _load(path: str, info: DatasetInfo, crop: float) -> np.ndarray:
     channels = info.image_shape[-1]
     source = registry.get(info.name)
     if not path.endswith(".npy"):
         try:
             return source.load_image(path, info, crop)
-        except Exception as e:  # TF's errors are long; the first line says what is wrong
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ImageError(f"cannot read {path} as an image (PNG, JPEG, GIF, BMP): {first[:200]}") from None
+        except Exception as e:
+            raise ImageError(
+                f"cannot read {path} as an image ({_decode_reason(e)}); predict reads {_readable()}."
+            ) from None
     try:
         with paths.Path(path).open("rb") as f:  # local or gs://
             array = np.load(f, allow_pickle=False)
     except (OSError, ValueError) as e:
         raise ImageError(f"cannot read {path} as a .npy array: {e}") from None
-    if array.ndim == 2:
+    shape = array.shape
+    if array.ndim == 2 and channels == 1:
         array = array[..., None]
     if array.ndim != 3 or array.shape[-1] != channels:
+        takes = (
+            "[H, W] or [H, W, 1] (1 channel" if channels == 1 else f"[H, W, {channels}] ({channels} channels"
+        )
         raise ImageError(
-            f"{path} has shape {array.shape}; the model takes one image of shape [H, W] or "
-            f"[H, W, {channels}] ({channels} channel(s), pixel values 0..255)."
+            f"{path} has shape {shape}; the model takes one image of shape {takes}, pixel values 0..255)."
         )
     return source.load_array(array, info, crop)
 

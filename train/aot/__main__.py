@@ -70,5 +70,7 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     from absl import app
 
+    from train.cli import parse_flags
+
     _CONFIG = _flags()
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import atexit
 import functools
 import os
+import signal
 import threading
 import time
 import weakref
@@ -337,7 +338,10 @@ def read_threads(workers: int) -> int:
 
 def _exit_with_parent(worker_index: int, worker_count: int) -> None:
     """In each Grain worker: exit when the training process is gone (killed with SIGKILL, it
-    cannot stop its workers), instead of decoding for nobody."""
+    cannot stop its workers), instead of decoding for nobody. Ctrl-C reaches the workers too (the
+    terminal signals its whole process group): they ignore it, and the training process saves,
+    then stops them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent = os.getppid()
 
     def watch() -> None:
