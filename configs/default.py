@@ -99,7 +99,15 @@ def _optimization(c: ml_collections.ConfigDict) -> None:
     c.weight_decay_on_bn_and_bias = False
     c.lars_trust_coefficient = 0.001
     c.lars_eps = 0.0
-    c.label_smoothing = 0.0
+    c.label_smoothing = 0.0  # with mixup/cutmix on, smooths the mixed targets (timm's mixup_target)
+    # Mixup and cutmix in the train step, as timm's Mixup (train/mixup.py); 0 = off. Row i mixes
+    # with row B-1-i of the global batch; draws keyed on (seed, step).
+    c.mixup_alpha = 0.0  # > 0: mixup, lam ~ Beta(alpha, alpha)
+    c.cutmix_alpha = 0.0  # > 0: cutmix, lam ~ Beta(alpha, alpha), a box of area 1 - lam pasted
+    c.mixup_prob = 1.0  # probability of mixing a batch, pair or row
+    c.mixup_switch_prob = 0.5  # with both alphas > 0: probability of cutmix instead of mixup
+    c.mixup_mode = "batch"  # 'batch' (one draw per batch), 'pair' (per pair of rows), 'elem' (per row)
+    c.correct_lam = True  # cutmix: lam = 1 - the box's area after clipping to the image
     # Fine-tuning: everything but the classifier (fc) is the backbone. Frozen: its parameters
     # never change (its BatchNorm statistics still update in train mode, as in PyTorch with
     # requires_grad=False). Or train it at backbone_lr_multiplier x the learning rate.

@@ -11,6 +11,7 @@ from train import optim, parallel
 from train.data import registry
 from train.data.augment import TRAIN_AUGMENTATIONS
 from train.data.core import DatasetError
+from train.mixup import MixupOptions
 from train.model import DTYPES, architectures, resolve_dtype
 
 # Every field train/ reads is defined here, with its comment and default (configs/ is not a
@@ -110,6 +111,10 @@ def validate_config(
     if config.learning_rate < 0 or config.weight_decay < 0:
         raise ConfigError("config.learning_rate and config.weight_decay must be >= 0.")
     _check_fine_tuning(config)
+    try:
+        MixupOptions.from_config(config, num_classes=1)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     try:
         registry.get(config.dataset).check_config(config)  # the source's own checks: class_subset
     except DatasetError as e:
