@@ -46,6 +46,14 @@ def _data(c: ml_collections.ConfigDict) -> None:
     # least that many times the input size (less work on large photos; the pixels differ from a
     # full decode: train/data/image_ops.py).
     c.jpeg_reduced_decode = False
+    # image_folder: timm's RandomErasing (--reprob, --remode) after normalisation; 0 = off. One box
+    # of this area share and log-uniform height/width ratio, filled with zeros ('const') or
+    # per-pixel standard normals ('pixel'). Training batches are then normalised float32 from the
+    # host instead of uint8 (train/data/erase.py). torchvision's ratio is (0.3, 3.3).
+    c.random_erase_prob = 0.0
+    c.random_erase_mode = "const"
+    c.random_erase_scale = (0.02, 1 / 3)
+    c.random_erase_ratio = (0.3, 1 / 0.3)
     c.eval_crop_fraction = 1.0  # 0.875: resize to size/0.875 then center-crop size (ImageNet)
     c.normalize_mean = ()  # per channel, in 0..255 pixel units; () = dataset default
     c.class_subset = ()  # sklearn_digits only: train and evaluate on these digits, relabelled 0..k-1

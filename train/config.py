@@ -11,6 +11,7 @@ from train import optim, parallel
 from train.data import registry
 from train.data.augment import TRAIN_AUGMENTATIONS
 from train.data.core import DatasetError
+from train.data.erase import ERASE_MODES
 from train.mixup import MixupOptions
 from train.model import DTYPES, architectures, resolve_dtype
 
@@ -67,6 +68,26 @@ def _check_fine_tuning(config: Any) -> None:
         raise ConfigError("set config.init_from or its older name config.init_from_torch, not both.")
 
 
+def _check_random_erase(config: Any) -> None:
+    if not 0.0 <= config.random_erase_prob <= 1.0:
+        raise ConfigError(
+            f"config.random_erase_prob must be in [0, 1] (0: off); got {config.random_erase_prob}."
+        )
+    if config.random_erase_prob > 0:
+        _choice(config, "random_erase_mode", ERASE_MODES)
+        if config.dataset != "image_folder":
+            raise ConfigError(
+                f"config.random_erase_prob is implemented for dataset='image_folder' only; got "
+                f"dataset={config.dataset!r}."
+            )
+    for field, top in (("random_erase_scale", 1.0), ("random_erase_ratio", float("inf"))):
+        lo, hi = config[field]
+        if not 0 < lo <= hi <= top:
+            raise ConfigError(
+                f"config.{field} must be (low, high) with 0 < low <= high <= {top}; got {config[field]}."
+            )
+
+
 def validate_config(
     config: Any, *, device_count: int | None = None, process_count: int | None = None
 ) -> None:
@@ -115,6 +136,7 @@ def validate_config(
         MixupOptions.from_config(config, num_classes=1)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    _check_random_erase(config)
     try:
         registry.get(config.dataset).check_config(config)  # the source's own checks: class_subset
     except DatasetError as e:

@@ -55,6 +55,7 @@ from train.data.core import (
     norm_stats,
     normalize_pixels,
 )
+from train.data.erase import erase_normalised
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 TRAIN_DIR = "train"
@@ -243,10 +244,11 @@ def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
 class _TrainExample:
     """Host stream position -> one augmented example (picklable for Grain's workers)."""
 
-    def __init__(self, paths, labels, config, per_host, global_batch, process_index, steps_per_epoch):
+    def __init__(self, paths, labels, config, per_host, global_batch, process_index, steps_per_epoch, stats):
         self.paths, self.labels = _Paths(paths), np.asarray(labels, np.int32)
         # Only the augmentation options travel to the Grain workers, by the config's names.
         self.options = AugmentOptions.from_config(config)
+        self.stats = stats  # (mean, std): random erasing works on the normalised image
         self.size, self.seed = int(config.image_size), int(config.seed)
         self.per_host, self.global_batch = per_host, global_batch
         self.process_index, self.steps = process_index, steps_per_epoch
@@ -264,6 +266,9 @@ class _TrainExample:
         image = load_example(
             self.paths[index], lambda im: image_ops.train_image(im, rng, self.size, self.options)
         )
+        if self.options.random_erase_prob > 0:
+            # Normalised float32 from here on: the step takes float batches as normalised.
+            image = erase_normalised(image, rng, self.options, *self.stats)
         return {"image": image, "label": self.labels[index]}
 
 
@@ -443,7 +448,14 @@ class ImageFolderSource(DataSource):
                 "lower config.batch_size."
             )
         fn = _TrainExample(
-            self.train_paths, self.train_labels, config, per_host, global_batch, process_index, steps
+            self.train_paths,
+            self.train_labels,
+            config,
+            per_host,
+            global_batch,
+            process_index,
+            steps,
+            (self.info.mean, self.info.std),
         )
         start = start_step * per_host
         return _batches(
