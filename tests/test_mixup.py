@@ -168,12 +168,20 @@ np.testing.assert_array_equal(np.asarray(got[0]).reshape(x.shape), np.asarray(wa
 # The targets within an ulp: XLA fuses the two programs' arithmetic differently.
 np.testing.assert_allclose(np.asarray(got[1]).reshape(8, 5), np.asarray(want[1]), rtol=0, atol=1e-7)
 assert not np.array_equal(np.asarray(want[0]), x)
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+mesh = jax.make_mesh((4,), ("data",), axis_types=(AxisType.Explicit,))
+xs, ys = (jax.device_put(v, NamedSharding(mesh, P("data"))) for v in (x, y))
+with jax.set_mesh(mesh):  # explicit axes: the draws follow the batch's sharding
+    got = jax.jit(lambda x, y: mixup.mix_in_step(opts, step, x, y, None))(xs, ys)
+np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=0, atol=1e-7)
 print("ok")
 """
 
 
-def test_mixing_under_pmap_equals_jit_over_the_global_batch():
-    """Under pmap, each device mixes its rows with the mirrored device's, as jit flips the batch."""
+def test_mixing_under_pmap_and_on_an_explicit_mesh_equals_jit_over_the_global_batch():
+    """Under pmap, each device mixes its rows with the mirrored device's, as jit flips the batch;
+    on a mesh with explicit axes the draws are resharded as the batch's rows."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
     code = "\n".join(_PMAP.format(mode=mode) for mode in mixup.MIXUP_MODES)

@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 MIXUP_MODES = ("batch", "pair", "elem")
 _SALT = 0x6D6978  # keeps the mixing draws apart from other uses of jax.random.key(seed)
@@ -144,6 +145,16 @@ def cutmix_box(lam: jax.Array, cy: jax.Array, cx: jax.Array, height: int, width:
     return yl, yh, xl, xh
 
 
+def _sharded_as_rows(values: jax.Array, images: jax.Array) -> jax.Array:
+    """``values [B]`` sharded as ``images``' rows where the mesh has explicit axes (where JAX
+    requires matching shardings); unchanged otherwise."""
+    sharding = getattr(jax.typeof(images), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if not spec or spec[0] is None or not isinstance(values, jax.Array):
+        return values
+    return jax.sharding.reshard(values, jax.sharding.NamedSharding(sharding.mesh, P(spec[0])))
+
+
 def flip_partner(x: jax.Array) -> jax.Array:
     """Row ``B - 1 - i`` for row ``i`` of a whole batch: timm's ``x.flip(0)``."""
     return x[::-1]
@@ -166,7 +177,7 @@ def mix(
     unchanged, as timm skips them.
     """
     batch, height, width = images.shape[:3]
-    per_row = row_draws(draws, mode, batch)
+    per_row = MixDraws(*(_sharded_as_rows(d, images) for d in row_draws(draws, mode, batch)))
     dtype = images.dtype
     lam = per_row.lam.astype(dtype)
     other = partner(images)
