@@ -141,3 +141,22 @@ def test_image_folder_batches_are_normalised_with_one_box_erased_and_resume_bitw
     stream = erased.train_iterator(4)
     next(stream)
     np.testing.assert_array_equal(next(stream)["image"], got["image"])
+
+
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        (dict(random_erase_prob=0.25), "implemented for dataset='image_folder' only"),
+        (dict(random_erase_prob=1.5), "random_erase_prob must be in [0, 1]"),
+        (dict(random_erase_prob=0.25, random_erase_mode="rand"), "random_erase_mode='rand' is not valid"),
+        (dict(random_erase_scale=(0.5, 0.1)), "random_erase_scale must be (low, high)"),
+    ],
+)
+def test_bad_erasing_fields_are_one_line_naming_the_field(fields, message):
+    from train.config import ConfigError, default_config, validate_config
+
+    config = default_config()
+    config.update(fields)
+    escaped = "".join("\\" + ch if ch in "[]()" else ch for ch in message)
+    with pytest.raises(ConfigError, match=escaped):
+        validate_config(config)

@@ -188,3 +188,40 @@ def test_mixing_under_pmap_and_on_an_explicit_mesh_equals_jit_over_the_global_ba
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["ok"] * 3
+
+
+def test_draws_follow_timms_distributions():
+    """lam ~ Beta(alpha, alpha) of the chosen kind (KS test); mixed with mixup_prob; cutmix chosen
+    with mixup_switch_prob; the box centre uniform over the image."""
+    stats = pytest.importorskip("scipy.stats")
+    options = mixup.MixupOptions(0.4, 1.0, 0.8, 0.3, "elem", True, 0.0, K, 0)
+    n = 8000
+    d = [
+        np.asarray(v)
+        for v in jax.jit(mixup.draw, static_argnums=(1, 2, 3, 4))(mixup.step_key(0, 1), options, n, H, W)
+    ]
+    lam, cut, cy, cx = d
+    mixed = lam != 1.0
+    assert stats.binomtest(int(mixed.sum()), n, 0.8).pvalue > 1e-3
+    assert stats.binomtest(int(cut.sum()), n, 0.3).pvalue > 1e-3
+    assert stats.kstest(lam[mixed & ~cut], stats.beta(0.4, 0.4).cdf).pvalue > 1e-3
+    assert stats.kstest(lam[mixed & cut], stats.beta(1.0, 1.0).cdf).pvalue > 1e-3
+    assert stats.chisquare(np.bincount(cy, minlength=H)).pvalue > 1e-3
+    assert stats.chisquare(np.bincount(cx, minlength=W)).pvalue > 1e-3
+
+
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        (dict(mixup_alpha=0.2, mixup_mode="row"), "config.mixup_mode must be one of"),
+        (dict(cutmix_alpha=1.0, batch_size=63), "config.batch_size must be even; got 63"),
+        (dict(mixup_alpha=0.2, mixup_switch_prob=1.5), "config.mixup_switch_prob must be in [0, 1]"),
+    ],
+)
+def test_bad_mixing_fields_are_one_line_naming_the_field(fields, message):
+    from train.config import ConfigError, default_config, validate_config
+
+    config = default_config()
+    config.update(fields)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        validate_config(config)

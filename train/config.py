@@ -75,10 +75,10 @@ def _check_random_erase(config: Any) -> None:
         )
     if config.random_erase_prob > 0:
         _choice(config, "random_erase_mode", ERASE_MODES)
-        if config.dataset != "image_folder":
+        if not registry.get(config.dataset).random_erase:
             raise ConfigError(
-                f"config.random_erase_prob is implemented for dataset='image_folder' only; got "
-                f"dataset={config.dataset!r}."
+                f"config.random_erase_prob is implemented for dataset='image_folder' only so far; "
+                f"got dataset={config.dataset!r}."
             )
     for field, top in (("random_erase_scale", 1.0), ("random_erase_ratio", float("inf"))):
         lo, hi = config[field]

@@ -62,6 +62,7 @@ class DataSource:
     * ``name``: the ``config.dataset`` the registry maps to this class;
     * ``repeats_one_batch``: the training stream is one batch repeated (the loop places it on the
       devices once);
+    * ``random_erase``: its training pipeline applies ``config.random_erase_prob`` (erase.py);
     * ``check_config(config)``: the source's own config checks (``DatasetError``);
     * ``describe(config)``: ``(DatasetInfo, image dtype)`` without reading the data (``train.aot``),
       or None where the shape is not known without reading it (``describes_without_data`` says
@@ -78,6 +79,7 @@ class DataSource:
     name: ClassVar[str] = ""
     repeats_one_batch: ClassVar[bool] = False
     describes_without_data: ClassVar[bool] = False
+    random_erase: ClassVar[bool] = False  # its training pipeline applies config.random_erase_prob
     info: DatasetInfo
 
     @classmethod

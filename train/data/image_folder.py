@@ -397,6 +397,7 @@ class ImageFolderSource(DataSource):
     """``dataset='image_folder'``: ``config.data_dir``'s ``train/<class>/*`` and ``val/<class>/*``."""
 
     name = "image_folder"
+    random_erase = True
 
     def __init__(self, config: Any):
         root = str(config.data_dir or "")
