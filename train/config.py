@@ -88,6 +88,23 @@ def _check_random_erase(config: Any) -> None:
             )
 
 
+def _check_aug_repeats(config: Any) -> None:
+    repeats = float(config.aug_repeats)
+    if repeats < 0:
+        raise ConfigError(f"config.aug_repeats must be >= 0 (0 or 1: off); got {repeats}.")
+    if repeats > 1 and not registry.get(config.dataset).aug_repeats:
+        raise ConfigError(
+            f"config.aug_repeats is implemented for dataset='image_folder' only so far; got "
+            f"dataset={config.dataset!r}."
+        )
+    mixing = (config.mixup_alpha > 0 or config.cutmix_alpha > 0) and config.mixup_prob > 0
+    if repeats > 1 and mixing and (not repeats.is_integer() or config.batch_size % int(repeats)):
+        raise ConfigError(
+            f"config.aug_repeats={config.aug_repeats} with mixup/cutmix must be a whole number that "
+            f"divides config.batch_size={config.batch_size}."
+        )
+
+
 def validate_config(
     config: Any, *, device_count: int | None = None, process_count: int | None = None
 ) -> None:
@@ -137,6 +154,7 @@ def validate_config(
     except ValueError as e:
         raise ConfigError(str(e)) from None
     _check_random_erase(config)
+    _check_aug_repeats(config)
     try:
         registry.get(config.dataset).check_config(config)  # the source's own checks: class_subset
     except DatasetError as e:

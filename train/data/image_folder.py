@@ -54,6 +54,7 @@ from train.data.core import (
     host_batch_size,
     norm_stats,
     normalize_pixels,
+    repeat_position,
 )
 from train.data.erase import erase_normalised
 
@@ -250,6 +251,7 @@ class _TrainExample:
         self.options = AugmentOptions.from_config(config)
         self.stats = stats  # (mean, std): random erasing works on the normalised image
         self.size, self.seed = int(config.image_size), int(config.seed)
+        self.repeats = float(config.aug_repeats)  # > 1: timm's RepeatAugSampler (repeat_position)
         self.per_host, self.global_batch = per_host, global_batch
         self.process_index, self.steps = process_index, steps_per_epoch
 
@@ -261,7 +263,7 @@ class _TrainExample:
 
     def __call__(self, k: int) -> dict[str, np.ndarray]:
         epoch, pos = self.position(int(k))
-        index = epoch_order(self.seed, epoch, len(self.paths))[pos]
+        index = epoch_order(self.seed, epoch, len(self.paths))[repeat_position(pos, self.repeats)]
         rng = np.random.default_rng([self.seed, epoch, pos])
         image = load_example(
             self.paths[index], lambda im: image_ops.train_image(im, rng, self.size, self.options)
@@ -397,7 +399,7 @@ class ImageFolderSource(DataSource):
     """``dataset='image_folder'``: ``config.data_dir``'s ``train/<class>/*`` and ``val/<class>/*``."""
 
     name = "image_folder"
-    random_erase = True
+    random_erase = aug_repeats = True
 
     def __init__(self, config: Any):
         root = str(config.data_dir or "")
