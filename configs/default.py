@@ -120,6 +120,9 @@ def _optimization(c: ml_collections.ConfigDict) -> None:
     c.mixup_switch_prob = 0.5  # with both alphas > 0: probability of cutmix instead of mixup
     c.mixup_mode = "batch"  # 'batch' (one draw per batch), 'pair' (per pair of rows), 'elem' (per row)
     c.correct_lam = True  # cutmix: lam = 1 - the box's area after clipping to the image
+    # cutmix: (min, max) box side / image side, each side drawn uniformly between (timm's
+    # --cutmix-minmax; turns cutmix on with alpha 1, so lam only decides whether a row is mixed).
+    c.cutmix_minmax = ()
     # Fine-tuning: everything but the classifier (fc) is the backbone. Frozen: its parameters
     # never change (its BatchNorm statistics still update in train mode, as in PyTorch with
     # requires_grad=False). Or train it at backbone_lr_multiplier x the learning rate.

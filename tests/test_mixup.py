@@ -91,6 +91,38 @@ def test_mix_equals_timm_mixup_given_the_same_draws(monkeypatch, mode, first, co
     assert not np.array_equal(want_x, images)  # something was mixed
 
 
+@pytest.mark.parametrize("mode", ["batch", "elem"])
+def test_cutmix_minmax_equals_timms_given_the_same_draws(monkeypatch, mode):
+    """timm's rand_bbox_minmax: sides drawn in [min, max) of the image's, lam always corrected."""
+    rng = np.random.default_rng(2)
+    images, labels = rng.normal(size=(B, H, W, C)), rng.integers(0, K, B)
+    n = mixup.num_draws(mode, B)
+    lam, cut = np.roll(LAM, -1)[:n], np.roll(CUT, -1)[:n]  # batch: the first box
+    cut_h, cut_w = rng.integers(1, 6, n), rng.integers(3, 12, n)  # in [int(H*.2), int(H*.8)) etc.
+    top, left = rng.integers(0, H - cut_h + 1), rng.integers(0, W - cut_w + 1)
+    m = timm_mixup.Mixup(
+        cutmix_minmax=(0.2, 0.8), mode=mode, correct_lam=False, label_smoothing=0.1, num_classes=K
+    )
+    m._params_per_batch = lambda: (float(lam[0]), bool(cut[0]))
+    m._params_per_elem = lambda k: (lam[:k].astype(np.float32), cut[:k].copy())
+    queue = [int(v[i]) for i in range(n) if lam[i] != 1 and cut[i] for v in (cut_h, cut_w, top, left)]
+    monkeypatch.setattr(np.random, "randint", lambda lo, hi, size=None: queue.pop(0))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        x, want_y = m(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()), torch.from_numpy(labels))
+    finally:
+        torch.set_default_dtype(default)
+    assert not queue
+    with jax.enable_x64(True):
+        draws = mixup.MixDraws(lam, cut, top, left, cut_h, cut_w)
+        got_x, got_y = mixup.mix(
+            images, labels, draws, mode=mode, num_classes=K, label_smoothing=0.1, correct_lam=False
+        )
+    np.testing.assert_array_equal(np.asarray(got_x), x.numpy().transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(np.asarray(got_y), want_y.numpy())
+
+
 @pytest.mark.parametrize("lam", [0.9, 0.5, 0.03, 0.0])
 def test_cutmix_box_and_corrected_lam_equal_timms(monkeypatch, lam):
     for cy, cx in [(0, 0), (3, 8), (7, 15), (5, 1)]:
@@ -126,6 +158,7 @@ def test_train_step_loss_is_timms_soft_target_loss_on_timms_mixed_batch(monkeypa
             label_smoothing=0.1,
             seed=3,
             batch_size=B,
+            cutmix_minmax=(),
         )
     )
     options = mixup.MixupOptions.from_config(config, K)
@@ -139,7 +172,7 @@ def test_train_step_loss_is_timms_soft_target_loss_on_timms_mixed_batch(monkeypa
     _, metrics = jax.jit(step)(state, batch)
 
     draws = mixup.draw(mixup.step_key(3, 5), options, B, H, W)
-    lam, cut, cy, cx = (np.asarray(d) for d in draws)
+    lam, cut, cy, cx = (np.asarray(d) for d in draws[:4])
     assert 0 < np.sum(lam != 1) < B  # some rows mixed, some not
     m = timm_mixup.Mixup(mixup_alpha=0.4, cutmix_alpha=1.0, mode="elem", label_smoothing=0.1, num_classes=K)
     m._params_per_elem = lambda n: (lam.copy(), cut.copy())
@@ -200,7 +233,7 @@ def test_draws_follow_timms_distributions():
         np.asarray(v)
         for v in jax.jit(mixup.draw, static_argnums=(1, 2, 3, 4))(mixup.step_key(0, 1), options, n, H, W)
     ]
-    lam, cut, cy, cx = d
+    lam, cut, cy, cx = d[:4]
     mixed = lam != 1.0
     assert stats.binomtest(int(mixed.sum()), n, 0.8).pvalue > 1e-3
     assert stats.binomtest(int(cut.sum()), n, 0.3).pvalue > 1e-3
@@ -208,6 +241,16 @@ def test_draws_follow_timms_distributions():
     assert stats.kstest(lam[mixed & cut], stats.beta(1.0, 1.0).cdf).pvalue > 1e-3
     assert stats.chisquare(np.bincount(cy, minlength=H)).pvalue > 1e-3
     assert stats.chisquare(np.bincount(cx, minlength=W)).pvalue > 1e-3
+    # cutmix_minmax: sides uniform in [int(H * min), int(H * max)), the box inside the image.
+    minmax = mixup.MixupOptions(0.0, 1.0, 1.0, 0.5, "elem", True, 0.0, K, 0, (0.25, 0.75))
+    d = [
+        np.asarray(v)
+        for v in jax.jit(mixup.draw, static_argnums=(1, 2, 3, 4))(mixup.step_key(0, 1), minmax, n, H, W)
+    ]
+    _, cut, top, left, cut_h, cut_w = d
+    assert cut.all() and (top + cut_h <= H).all() and (left + cut_w <= W).all()
+    assert sorted(set(cut_h)) == [2, 3, 4, 5] and sorted(set(cut_w)) == list(range(4, 12))
+    assert stats.chisquare(np.bincount(cut_h)[2:]).pvalue > 1e-3
 
 
 @pytest.mark.parametrize(
@@ -216,6 +259,7 @@ def test_draws_follow_timms_distributions():
         (dict(mixup_alpha=0.2, mixup_mode="row"), "config.mixup_mode must be one of"),
         (dict(cutmix_alpha=1.0, batch_size=63), "config.batch_size must be even; got 63"),
         (dict(mixup_alpha=0.2, mixup_switch_prob=1.5), "config.mixup_switch_prob must be in [0, 1]"),
+        (dict(cutmix_minmax=(0.8, 0.2)), "config.cutmix_minmax must be (min, max), 0 <= min < max"),
     ],
 )
 def test_bad_mixing_fields_are_one_line_naming_the_field(fields, message):
@@ -223,5 +267,5 @@ def test_bad_mixing_fields_are_one_line_naming_the_field(fields, message):
 
     config = default_config()
     config.update(fields)
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(ConfigError, match="".join("\\" + c if c in "[]()" else c for c in message)):
         validate_config(config)

@@ -47,6 +47,7 @@ class MixupOptions:
     label_smoothing: float
     num_classes: int
     seed: int
+    cutmix_minmax: tuple[float, ...] = ()  # (min, max) box side / image side; () = from lam
 
     @classmethod
     def from_config(cls, config: Any, num_classes: int) -> MixupOptions | None:
@@ -59,7 +60,14 @@ class MixupOptions:
         for name in ("mixup_prob", "mixup_switch_prob"):
             if not 0 <= config[name] <= 1:
                 raise ValueError(f"config.{name} must be in [0, 1]; got {config[name]}.")
-        if (config.mixup_alpha <= 0 and config.cutmix_alpha <= 0) or config.mixup_prob <= 0:
+        minmax = tuple(float(v) for v in config.cutmix_minmax)
+        if minmax and (len(minmax) != 2 or not 0 <= minmax[0] < minmax[1] <= 1):
+            raise ValueError(
+                f"config.cutmix_minmax must be (min, max), 0 <= min < max <= 1, or () (off); got {minmax}."
+            )
+        # timm: cutmix_minmax turns cutmix on, with alpha 1 (lam then only decides whether to mix).
+        cutmix_alpha = 1.0 if minmax else float(config.cutmix_alpha)
+        if (config.mixup_alpha <= 0 and cutmix_alpha <= 0) or config.mixup_prob <= 0:
             return None
         if config.batch_size % 2:
             raise ValueError(
@@ -68,7 +76,7 @@ class MixupOptions:
             )
         return cls(
             mixup_alpha=float(config.mixup_alpha),
-            cutmix_alpha=float(config.cutmix_alpha),
+            cutmix_alpha=cutmix_alpha,
             mixup_prob=float(config.mixup_prob),
             mixup_switch_prob=float(config.mixup_switch_prob),
             mixup_mode=str(config.mixup_mode),
@@ -76,6 +84,7 @@ class MixupOptions:
             label_smoothing=float(config.label_smoothing),
             num_classes=int(num_classes),
             seed=int(config.seed),
+            cutmix_minmax=minmax,
         )
 
 
@@ -87,6 +96,10 @@ class MixDraws(NamedTuple):
     use_cutmix: jax.Array  # bool: paste a box instead of blending
     cy: jax.Array  # the box centre's row, uniform in [0, H)  (timm's rand_bbox)
     cx: jax.Array  # the box centre's column, uniform in [0, W)
+    # cutmix_minmax (timm's rand_bbox_minmax): the box's height and width, and then (cy, cx) is
+    # its top-left corner; -1: the box's size follows lam.
+    cut_h: jax.Array | int = -1
+    cut_w: jax.Array | int = -1
 
 
 def num_draws(mode: str, batch_size: int) -> int:
@@ -103,7 +116,7 @@ def draw(key: jax.Array, options: MixupOptions, batch_size: int, height: int, wi
     with both alphas set, cutmix with probability ``mixup_switch_prob``; ``lam ~ Beta(alpha,
     alpha)`` of the chosen kind; the box centre uniform over the image."""
     n = num_draws(options.mixup_mode, batch_size)
-    k_apply, k_switch, k_mix, k_cut, k_y, k_x = jax.random.split(key, 6)
+    k_apply, k_switch, k_mix, k_cut, k_y, k_x, k_h, k_w = jax.random.split(key, 8)
     apply = jax.random.uniform(k_apply, (n,)) < options.mixup_prob
     mixup_lam = cutmix_lam = None
     if options.mixup_alpha > 0:
@@ -116,16 +129,22 @@ def draw(key: jax.Array, options: MixupOptions, batch_size: int, height: int, wi
     else:
         use_cutmix = jnp.full((n,), cutmix_lam is not None)
         lam = cutmix_lam if cutmix_lam is not None else mixup_lam
-    return MixDraws(
-        lam=jnp.where(apply, lam, 1.0),
-        use_cutmix=use_cutmix,
-        cy=jax.random.randint(k_y, (n,), 0, height),
-        cx=jax.random.randint(k_x, (n,), 0, width),
-    )
+    lam = jnp.where(apply, lam, 1.0)
+    if not options.cutmix_minmax:
+        cy = jax.random.randint(k_y, (n,), 0, height)
+        cx = jax.random.randint(k_x, (n,), 0, width)
+        return MixDraws(lam, use_cutmix, cy, cx)
+    lo, hi = options.cutmix_minmax
+    cut_h = jax.random.randint(k_h, (n,), int(height * lo), int(height * hi))
+    cut_w = jax.random.randint(k_w, (n,), int(width * lo), int(width * hi))
+    top = jax.random.randint(k_y, (n,), 0, height - cut_h + 1)
+    left = jax.random.randint(k_x, (n,), 0, width - cut_w + 1)
+    return MixDraws(lam, use_cutmix, top, left, cut_h, cut_w)
 
 
 def row_draws(draws: MixDraws, mode: str, batch_size: int) -> MixDraws:
     """Each row's draws ``[B]``: the batch's for every row, a pair's for both its rows."""
+    draws = MixDraws(*(jnp.broadcast_to(d, draws.lam.shape) for d in draws))
     if mode == "batch":
         return MixDraws(*(jnp.broadcast_to(d, (batch_size,)) for d in draws))
     if mode == "pair":
@@ -133,15 +152,17 @@ def row_draws(draws: MixDraws, mode: str, batch_size: int) -> MixDraws:
     return draws
 
 
-def cutmix_box(lam: jax.Array, cy: jax.Array, cx: jax.Array, height: int, width: int):
-    """``(yl, yh, xl, xh)``: timm's ``rand_bbox`` given its centre draws, clipped to the image."""
+def cutmix_box(lam: jax.Array, cy: jax.Array, cx: jax.Array, height: int, width: int, cut_h=-1, cut_w=-1):
+    """``(yl, yh, xl, xh)``: timm's ``rand_bbox`` given its centre draws, clipped to the image;
+    where ``cut_h >= 0``, timm's ``rand_bbox_minmax``: that size, its top-left at ``(cy, cx)``."""
+    sized = jnp.asarray(cut_h) >= 0
     ratio = jnp.sqrt(1.0 - lam)
-    cut_h = (height * ratio).astype(jnp.int32)  # int() truncates; ratio >= 0
-    cut_w = (width * ratio).astype(jnp.int32)
-    yl = jnp.clip(cy - cut_h // 2, 0, height)
-    yh = jnp.clip(cy + (cut_h + 1) // 2, 0, height)
-    xl = jnp.clip(cx - cut_w // 2, 0, width)
-    xh = jnp.clip(cx + (cut_w + 1) // 2, 0, width)
+    cut_h = jnp.where(sized, cut_h, (height * ratio).astype(jnp.int32))  # int() truncates
+    cut_w = jnp.where(sized, cut_w, (width * ratio).astype(jnp.int32))
+    yl = jnp.where(sized, cy, jnp.clip(cy - cut_h // 2, 0, height))
+    yh = jnp.where(sized, cy + cut_h, jnp.clip(cy + (cut_h + 1) // 2, 0, height))
+    xl = jnp.where(sized, cx, jnp.clip(cx - cut_w // 2, 0, width))
+    xh = jnp.where(sized, cx + cut_w, jnp.clip(cx + (cut_w + 1) // 2, 0, width))
     return yl, yh, xl, xh
 
 
@@ -182,7 +203,7 @@ def mix(
     lam = per_row.lam.astype(dtype)
     other = partner(images)
 
-    yl, yh, xl, xh = cutmix_box(lam, per_row.cy, per_row.cx, height, width)
+    yl, yh, xl, xh = cutmix_box(lam, per_row.cy, per_row.cx, height, width, per_row.cut_h, per_row.cut_w)
     y = jnp.arange(height)[None, :, None]
     x = jnp.arange(width)[None, None, :]
     r = lambda v: v[:, None, None]  # noqa: E731
@@ -193,9 +214,9 @@ def mix(
     mixed = jnp.where(r(cut)[..., None], pasted, blended)
     mixed = jnp.where(r(per_row.lam == 1.0)[..., None], images, mixed)
 
-    if correct_lam:
-        area = ((yh - yl) * (xh - xl)).astype(dtype)
-        lam = jnp.where(cut, 1.0 - area / float(height * width), lam)
+    correct = cut if correct_lam else cut & (per_row.cut_h >= 0)  # timm: minmax always corrects
+    area = ((yh - yl) * (xh - xl)).astype(dtype)
+    lam = jnp.where(correct, 1.0 - area / float(height * width), lam)
     targets = mixup_target(labels, num_classes, lam, label_smoothing, partner)
     return mixed, targets
 
