@@ -46,6 +46,18 @@ def _data(c: ml_collections.ConfigDict) -> None:
     # least that many times the input size (less work on large photos; the pixels differ from a
     # full decode: train/data/image_ops.py).
     c.jpeg_reduced_decode = False
+    # image_folder: timm's RandomErasing (--reprob, --remode) after normalisation; 0 = off. One box
+    # of this area share and log-uniform height/width ratio, filled with zeros ('const') or
+    # per-pixel standard normals ('pixel'). Training batches are then normalised float32 from the
+    # host instead of uint8 (train/data/erase.py). torchvision's ratio is (0.3, 3.3).
+    c.random_erase_prob = 0.0
+    c.random_erase_mode = "const"
+    c.random_erase_scale = (0.02, 1 / 3)
+    c.random_erase_ratio = (0.3, 1 / 0.3)
+    # image_folder: repeated augmentation (timm's --aug-repeats, RepeatAugSampler; torchvision's
+    # --ra-sampler): each image aug_repeats times in a row in the global order, each copy augmented
+    # afresh; an epoch keeps its length (about 1/aug_repeats of the images). 0 or 1 = off.
+    c.aug_repeats = 0.0
     c.eval_crop_fraction = 1.0  # 0.875: resize to size/0.875 then center-crop size (ImageNet)
     c.normalize_mean = ()  # per channel, in 0..255 pixel units; () = dataset default
     c.class_subset = ()  # sklearn_digits only: train and evaluate on these digits, relabelled 0..k-1
@@ -100,7 +112,18 @@ def _optimization(c: ml_collections.ConfigDict) -> None:
     c.weight_decay_on_bn_and_bias = False
     c.lars_trust_coefficient = 0.001
     c.lars_eps = 0.0
-    c.label_smoothing = 0.0
+    c.label_smoothing = 0.0  # with mixup/cutmix on, smooths the mixed targets (timm's mixup_target)
+    # Mixup and cutmix in the train step, as timm's Mixup (train/mixup.py); 0 = off. Row i mixes
+    # with row B-1-i of the global batch; draws keyed on (seed, step).
+    c.mixup_alpha = 0.0  # > 0: mixup, lam ~ Beta(alpha, alpha)
+    c.cutmix_alpha = 0.0  # > 0: cutmix, lam ~ Beta(alpha, alpha), a box of area 1 - lam pasted
+    c.mixup_prob = 1.0  # probability of mixing a batch, pair or row
+    c.mixup_switch_prob = 0.5  # with both alphas > 0: probability of cutmix instead of mixup
+    c.mixup_mode = "batch"  # 'batch' (one draw per batch), 'pair' (per pair of rows), 'elem' (per row)
+    c.correct_lam = True  # cutmix: lam = 1 - the box's area after clipping to the image
+    # cutmix: (min, max) box side / image side, each side drawn uniformly between (timm's
+    # --cutmix-minmax; turns cutmix on with alpha 1, so lam only decides whether a row is mixed).
+    c.cutmix_minmax = ()
     # Fine-tuning: everything but the classifier (fc) is the backbone. Frozen: its parameters
     # never change (its BatchNorm statistics still update in train mode, as in PyTorch with
     # requires_grad=False). Or train it at backbone_lr_multiplier x the learning rate.

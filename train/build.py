@@ -29,6 +29,7 @@ from train.data import registry
 from train.data.core import DatasetInfo
 from train.distributed import CompiledOnFirstCall
 from train.init_from import import_weights
+from train.mixup import MixupOptions
 from train.model import build_model, create_model
 
 CONFIG_FILE = "config.json"
@@ -201,6 +202,7 @@ def build_steps(
         axis_name=axis_name,
         lr_schedule=schedule,
         input_stats=input_stats,
+        mixup=MixupOptions.from_config(config, info.num_classes),
     )
     return Steps(model, dtype, tx, schedule, create_state, train_step, eval_step)
 

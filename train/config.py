@@ -11,6 +11,8 @@ from train import optim, parallel
 from train.data import registry
 from train.data.augment import TRAIN_AUGMENTATIONS
 from train.data.core import DatasetError
+from train.data.erase import ERASE_MODES
+from train.mixup import MixupOptions
 from train.model import DTYPES, architectures, check_overrides, resolve_dtype
 
 # Every field train/ reads is defined here, with its comment and default (configs/ is not a
@@ -66,6 +68,43 @@ def _check_fine_tuning(config: Any) -> None:
         raise ConfigError("set config.init_from or its older name config.init_from_torch, not both.")
 
 
+def _check_random_erase(config: Any) -> None:
+    if not 0.0 <= config.random_erase_prob <= 1.0:
+        raise ConfigError(
+            f"config.random_erase_prob must be in [0, 1] (0: off); got {config.random_erase_prob}."
+        )
+    if config.random_erase_prob > 0:
+        _choice(config, "random_erase_mode", ERASE_MODES)
+        if not registry.get(config.dataset).random_erase:
+            raise ConfigError(
+                f"config.random_erase_prob is implemented for dataset='image_folder' only so far; "
+                f"got dataset={config.dataset!r}."
+            )
+    for field, top in (("random_erase_scale", 1.0), ("random_erase_ratio", float("inf"))):
+        lo, hi = config[field]
+        if not 0 < lo <= hi <= top:
+            raise ConfigError(
+                f"config.{field} must be (low, high) with 0 < low <= high <= {top}; got {config[field]}."
+            )
+
+
+def _check_aug_repeats(config: Any) -> None:
+    repeats = float(config.aug_repeats)
+    if repeats < 0:
+        raise ConfigError(f"config.aug_repeats must be >= 0 (0 or 1: off); got {repeats}.")
+    if repeats > 1 and not registry.get(config.dataset).aug_repeats:
+        raise ConfigError(
+            f"config.aug_repeats is implemented for dataset='image_folder' only so far; got "
+            f"dataset={config.dataset!r}."
+        )
+    mixing = (config.mixup_alpha > 0 or config.cutmix_alpha > 0) and config.mixup_prob > 0
+    if repeats > 1 and mixing and (not repeats.is_integer() or config.batch_size % int(repeats)):
+        raise ConfigError(
+            f"config.aug_repeats={config.aug_repeats} with mixup/cutmix must be a whole number that "
+            f"divides config.batch_size={config.batch_size}."
+        )
+
+
 def validate_config(
     config: Any, *, device_count: int | None = None, process_count: int | None = None
 ) -> None:
@@ -114,6 +153,12 @@ def validate_config(
     if config.learning_rate < 0 or config.weight_decay < 0:
         raise ConfigError("config.learning_rate and config.weight_decay must be >= 0.")
     _check_fine_tuning(config)
+    try:
+        MixupOptions.from_config(config, num_classes=1)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    _check_random_erase(config)
+    _check_aug_repeats(config)
     try:
         registry.get(config.dataset).check_config(config)  # the source's own checks: class_subset
     except DatasetError as e:

@@ -37,6 +37,8 @@ import optax
 from flax import linen as nn
 from flax.training.dynamic_scale import DynamicScale
 
+from train.mixup import MixupOptions, mix_in_step
+
 PyTree = Any
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -113,6 +115,12 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
     return optax.softmax_cross_entropy(logits.astype(dtype), targets)
 
 
+def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Per-example softmax cross-entropy against soft targets ``[B, C]`` (mixup's)."""
+    dtype = jnp.promote_types(logits.dtype, jnp.float32)
+    return optax.softmax_cross_entropy(logits.astype(dtype), targets.astype(dtype))
+
+
 def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
     """Per-example 1.0 where ``labels`` is among the ``k`` largest logits, else 0.0."""
     k = min(k, logits.shape[-1])
@@ -147,6 +155,7 @@ def make_train_step(
     axis_name: str | None = None,
     lr_schedule: optax.Schedule | None = None,
     input_stats: InputStats | None = None,
+    mixup: MixupOptions | None = None,
 ) -> StepFn:
     """Return the pure ``train_step(state, batch) -> (state, metrics)``.
 
@@ -166,6 +175,8 @@ def make_train_step(
         input_stats: ``(mean, std)`` per channel on the 0-255 pixel scale (the dataset's
             ``info.mean``, ``info.std``), normalising ``uint8`` batches on the device; None:
             batches must hold normalised floats.
+        mixup: Mixup/cutmix of each normalised batch, keyed on ``(seed, state.step)``, against
+            soft targets (``train/mixup.py``); None: off, and the step is as without it.
     """
 
     def loss_fn(params, batch_stats, batch):
@@ -175,10 +186,17 @@ def make_train_step(
             train=True,
             mutable=["batch_stats"],
         )
-        loss = jnp.mean(cross_entropy(logits, batch["label"], label_smoothing))
+        if "target" in batch:  # mixed: soft targets, already smoothed
+            loss = jnp.mean(soft_cross_entropy(logits, batch["target"]))
+        else:
+            loss = jnp.mean(cross_entropy(logits, batch["label"], label_smoothing))
         return loss, (logits, updates["batch_stats"])
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        if mixup is not None:
+            images = model_input(batch["image"], input_stats)
+            images, targets = mix_in_step(mixup, state.step, images, batch["label"], axis_name)
+            batch = {**batch, "image": images, "target": targets}
         if state.dynamic_scale is not None:
             # DynamicScale pmeans the gradients itself when given the axis.
             grad_fn = state.dynamic_scale.value_and_grad(loss_fn, has_aux=True, axis_name=axis_name)

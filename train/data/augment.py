@@ -6,7 +6,9 @@ Where to change the augmentation:
   ``train_ops`` lists them in order (a crop from ``CROPS``, then ``flip_lr``);
 * the same ops for TFDS (TF ops, inside ``tf.data``): ``train/data/tf_ops.py``, ``CROPS`` and
   ``preprocess_train_image``;
-* the digits' (in memory): ``train/data/digits.py``.
+* the digits' (in memory): ``train/data/digits.py``;
+* random erasing, after normalisation (image folders): ``train/data/erase.py``;
+* mixup and cutmix, per batch inside the train step: ``train/mixup.py``.
 
 A new option is a field here, with its default in ``configs/default.py``; the image-folder
 path ships ``AugmentOptions`` to its Grain workers, so the new field travels with it.
@@ -32,6 +34,10 @@ class AugmentOptions:
     crop_aspect_ratio_range: tuple[float, float]  # inception_crop: the box's width / height
     crop_min_object_covered: float  # inception_crop: TF's sample_distorted_bounding_box
     jpeg_reduced_decode: bool  # image folders, inception_crop: decode large JPEGs at 1/2..1/8
+    random_erase_prob: float  # image folders: timm's RandomErasing after normalisation (erase.py)
+    random_erase_mode: str  # 'const' (zeros) or 'pixel' (per-pixel standard normal)
+    random_erase_scale: tuple[float, float]  # the box's share of the image's area
+    random_erase_ratio: tuple[float, float]  # the box's height / width, log-uniform
 
     @classmethod
     def from_config(cls, config: Any) -> AugmentOptions:

@@ -62,6 +62,8 @@ class DataSource:
     * ``name``: the ``config.dataset`` the registry maps to this class;
     * ``repeats_one_batch``: the training stream is one batch repeated (the loop places it on the
       devices once);
+    * ``random_erase``, ``aug_repeats``: its training pipeline applies
+      ``config.random_erase_prob`` (erase.py), ``config.aug_repeats`` (``repeat_position``);
     * ``check_config(config)``: the source's own config checks (``DatasetError``);
     * ``describe(config)``: ``(DatasetInfo, image dtype)`` without reading the data (``train.aot``),
       or None where the shape is not known without reading it (``describes_without_data`` says
@@ -78,6 +80,8 @@ class DataSource:
     name: ClassVar[str] = ""
     repeats_one_batch: ClassVar[bool] = False
     describes_without_data: ClassVar[bool] = False
+    random_erase: ClassVar[bool] = False  # its training pipeline applies config.random_erase_prob
+    aug_repeats: ClassVar[bool] = False  # ... and config.aug_repeats
     info: DatasetInfo
 
     @classmethod
@@ -161,6 +165,16 @@ class Dataset:
 def fold_seed(*parts: int) -> int:
     """A 31-bit seed derived deterministically from integers (stable across runs and hosts)."""
     return zlib.crc32(np.asarray(parts, np.int64).tobytes()) & 0x7FFFFFFF
+
+
+def repeat_position(position: int, repeats: float) -> int:
+    """The position in an epoch's order that stream position ``position`` reads with
+    ``aug_repeats=repeats``: each example ``repeats`` times in a row, as timm's
+    ``RepeatAugSampler`` orders its indices (``indices[int(i // repeats)]``, a float allowed),
+    so an epoch visits about ``1/repeats`` of the examples, each augmented afresh per copy (the
+    copies' draws are keyed on their own positions). Every host computes the same global order.
+    ``repeats <= 1``: ``position`` itself."""
+    return int(position // repeats) if repeats > 1 else position
 
 
 def host_batch_size(global_batch_size: int, process_count: int) -> int:

@@ -55,7 +55,9 @@ from train.data.core import (
     host_batch_size,
     norm_stats,
     normalize_pixels,
+    repeat_position,
 )
+from train.data.erase import erase_normalised
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 TRAIN_DIR = "train"
@@ -244,11 +246,13 @@ def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
 class _TrainExample:
     """Host stream position -> one augmented example (picklable for Grain's workers)."""
 
-    def __init__(self, paths, labels, config, per_host, global_batch, process_index, steps_per_epoch):
+    def __init__(self, paths, labels, config, per_host, global_batch, process_index, steps_per_epoch, stats):
         self.paths, self.labels = _Paths(paths), np.asarray(labels, np.int32)
         # Only the augmentation options travel to the Grain workers, by the config's names.
         self.options = AugmentOptions.from_config(config)
+        self.stats = stats  # (mean, std): random erasing works on the normalised image
         self.size, self.seed = int(config.image_size), int(config.seed)
+        self.repeats = float(config.aug_repeats)  # > 1: timm's RepeatAugSampler (repeat_position)
         self.per_host, self.global_batch = per_host, global_batch
         self.process_index, self.steps = process_index, steps_per_epoch
 
@@ -260,11 +264,14 @@ class _TrainExample:
 
     def __call__(self, k: int) -> dict[str, np.ndarray]:
         epoch, pos = self.position(int(k))
-        index = epoch_order(self.seed, epoch, len(self.paths))[pos]
+        index = epoch_order(self.seed, epoch, len(self.paths))[repeat_position(pos, self.repeats)]
         rng = np.random.default_rng([self.seed, epoch, pos])
         image = load_example(
             self.paths[index], lambda im: image_ops.train_image(im, rng, self.size, self.options)
         )
+        if self.options.random_erase_prob > 0:
+            # Normalised float32 from here on: the step takes float batches as normalised.
+            image = erase_normalised(image, rng, self.options, *self.stats)
         return {"image": image, "label": self.labels[index]}
 
 
@@ -396,6 +403,7 @@ class ImageFolderSource(DataSource):
     """``dataset='image_folder'``: ``config.data_dir``'s ``train/<class>/*`` and ``val/<class>/*``."""
 
     name = "image_folder"
+    random_erase = aug_repeats = True
 
     def __init__(self, config: Any):
         root = str(config.data_dir or "")
@@ -447,7 +455,14 @@ class ImageFolderSource(DataSource):
                 "lower config.batch_size."
             )
         fn = _TrainExample(
-            self.train_paths, self.train_labels, config, per_host, global_batch, process_index, steps
+            self.train_paths,
+            self.train_labels,
+            config,
+            per_host,
+            global_batch,
+            process_index,
+            steps,
+            (self.info.mean, self.info.std),
         )
         start = start_step * per_host
         return _batches(
