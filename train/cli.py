@@ -48,6 +48,13 @@ def parse_flags(argv: list[str], name: str = "config") -> list[str]:
     return rest
 
 
+def help_lists_flags_of(module: str) -> None:
+    """absl's ``--help`` lists the flags of the module that ``sys.argv[0]`` names, which for a
+    console script (``resnet-jax-train``) is the script, not the program's module: adopt them."""
+    for flag in flags.FLAGS.get_key_flags_for_module(module):
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+
+
 def fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)
@@ -112,7 +119,9 @@ def _load(path: str, name: str) -> Any:
         folder = os.path.dirname(file)
         if not os.path.isdir(folder or "."):
             folder = os.path.relpath(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
-        names = sorted(f for f in os.listdir(folder or ".") if f.endswith(".py") and not f.startswith("_"))
+        # An installed train/ (the console scripts) has no configs/ beside it.
+        listed = os.listdir(folder or ".") if os.path.isdir(folder or ".") else []
+        names = sorted(f for f in listed if f.endswith(".py") and not f.startswith("_"))
         near = difflib.get_close_matches(os.path.basename(file), names, n=1, cutoff=0.6)
         hint = f"; did you mean {os.path.join(folder, near[0])}?" if near else ""
         have = ", ".join(names) or "no .py file"

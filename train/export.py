@@ -83,6 +83,14 @@ def main(argv: list[str]) -> None:
     print(f"wrote {len(state_dict)} tensors to {flags.FLAGS.out}, class names to {beside(flags.FLAGS.out)}")
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The ``resnet-jax-export`` console script: ``python -m train.export`` from anywhere."""
+    from train.cli import help_lists_flags_of
+
     _define_flags()
+    help_lists_flags_of(__name__)
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

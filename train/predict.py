@@ -209,6 +209,14 @@ def main(argv: list[str]) -> None:
         sys.exit(128 + 13)
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The ``resnet-jax-predict`` console script: ``python -m train.predict`` from anywhere."""
+    from train.cli import help_lists_flags_of
+
     _define_flags()
+    help_lists_flags_of(__name__)
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()
