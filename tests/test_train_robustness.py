@@ -548,10 +548,30 @@ def test_predict_rejects_images_of_wrong_rank_or_channels(reference, tmp_path):
             tmp_path / name,
             tmp_path / "good.npy",
             tmp_path / name,
-            flags=[f"--output={outputs[name]}", "--top_k=2", "--batch_size=2"],
+            # parity's argparse spelling (--top-k) is accepted too
+            flags=[
+                f"--output={outputs[name]}",
+                "--top_k=2" if name != "four_d.npy" else "--top-k=2",
+                "--batch_size=2",
+            ],
         )
         for name in skipped
     }
+    # export: the file and one line, without orbax's INFO lines.
+    export = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "train.export",
+            f"--workdir={reference}",
+            f"--out={tmp_path / 'm.safetensors'}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=str(REPO),
+        env=_env(),
+    )
     # A path that does not exist or a folder without images: one error line before any prediction.
     cases = {
         "no_images": ["folder", "no_images", "has no image files", "sub-folders"],
@@ -586,6 +606,10 @@ def test_predict_rejects_images_of_wrong_rank_or_channels(reference, tmp_path):
             assert row[0] == good and len(row) == 7 and float(row[3]) >= float(row[6]) > 0
         else:
             assert out.splitlines()[0] == good and out.splitlines()[1].startswith("  1. "), out
+            assert len(out.splitlines()) == 3, out  # --top-k=2
+    out, err = export.communicate(timeout=300)
+    assert export.returncode == 0 and (tmp_path / "m.safetensors").stat().st_size > 0, err[-3000:]
+    assert out.startswith("wrote ") and len(out.splitlines()) == 1 and not err.strip(), err[-3000:]
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 2, err[-3000:]

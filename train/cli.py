@@ -30,7 +30,7 @@ MODEL_FIELDS = "model.overrides"
 def parse_flags(argv: list[str], name: str = "config") -> list[str]:
     """absl's flag parsing for a program with a config flag called ``name``; every error is one
     line and exit status 2."""
-    argv = flags.FLAGS.read_flags_from_files(argv, force_gnu=False)
+    argv = accept_hyphens(flags.FLAGS.read_flags_from_files(argv, force_gnu=False))
     argv, model_fields = _take_model_fields(argv, name)
     path = _flag_value(argv, name)
     if path is not None:
@@ -46,6 +46,25 @@ def parse_flags(argv: list[str], name: str = "config") -> list[str]:
     if model_fields:
         _set_model_fields(flags.FLAGS[name].value, model_fields)
     return rest
+
+
+def accept_hyphens(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
+    """``--top-k=3`` read as ``--top_k=3`` (and ``--no-find-max-batch`` as ``--nofind_max_batch``):
+    the flags are spelt with underscores, as absl's are, and ``resnet_jax.parity``'s argparse
+    spelling (``--image-size``) works too. Only names of defined flags are changed."""
+    out = list(argv[:1])
+    for i, arg in enumerate(argv[1:], 1):
+        if arg == "--":
+            return out + list(argv[i:])
+        match = re.fullmatch(r"(--?)([A-Za-z][\w-]*)(=.*)?", arg, flags=re.S)
+        if match and "-" in match.group(2):
+            dash, name, value = match.group(1), match.group(2).replace("-", "_"), match.group(3) or ""
+            if name in flag_values:
+                arg = f"{dash}{name}{value}"
+            elif name.startswith("no_") and name[3:] in flag_values:
+                arg = f"{dash}no{name[3:]}{value}"
+        out.append(arg)
+    return out
 
 
 def help_lists_flags_of(module: str) -> None:

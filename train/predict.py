@@ -283,11 +283,11 @@ def format_result(path: str, top: Sequence[tuple[int, str, float]], output: str,
 
 def run() -> None:
     """The ``resnet-jax-predict`` console script: ``python -m train.predict`` from anywhere."""
-    from train.cli import help_lists_flags_of
+    from train.cli import accept_hyphens, help_lists_flags_of
 
     _define_flags()
     help_lists_flags_of(__name__)
-    app.run(main)
+    app.run(main, flags_parser=lambda argv: app.parse_flags_with_usage(accept_hyphens(argv)))
 
 
 if __name__ == "__main__":
