@@ -8,7 +8,7 @@ architectures themselves, for both APIs, in ``resnet_jax.blocks`` and ``resnet_j
 
 import importlib
 
-from resnet_jax import blocks, models, sharding
+from resnet_jax import blocks, models, platform, sharding
 from resnet_jax.models import (
     ALL_PRESETS,
     PRESETS,
@@ -26,6 +26,10 @@ from resnet_jax.models import (
 )
 
 __version__ = "0.1.0"
+
+# libtpu installed (the tpu and test extras) on a machine without a TPU: use the CPU rather than
+# print TPU start-up errors; nothing changes with a TPU or GPU, or with JAX_PLATFORMS set.
+platform.skip_absent_tpu_on_import()
 
 # One function per preset (``resnet_jax.resnet50``), from the table in ``presets.py``.
 globals().update({arch: getattr(models, arch) for arch in ALL_PRESETS})

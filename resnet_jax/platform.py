@@ -7,7 +7,9 @@ then falls back to the CPU. :func:`skip_absent_tpu` avoids the attempt, and chan
 TPU or GPU machine or when the user chose ``JAX_PLATFORMS`` themselves. Every command that runs
 JAX calls it first (``python -m train``, ``train.predict``, ``train.export``,
 ``resnet_jax.parity``, ``benchmarks.train_step``, ``benchmarks.bf16_numerics``);
-``train.aot`` instead always compiles on the CPU.
+``train.aot`` instead always compiles on the CPU. ``import resnet_jax`` calls
+:func:`skip_absent_tpu_on_import`, so that library code pasted from the README does not print
+those warnings either.
 """
 
 from __future__ import annotations
@@ -47,3 +49,17 @@ def skip_absent_tpu() -> bool:
         return False
     jax.config.update("jax_platforms", "cpu")
     return True
+
+
+def skip_absent_tpu_on_import() -> bool:
+    """:func:`skip_absent_tpu` for ``import resnet_jax``: only while JAX has not started a
+    backend yet (afterwards the choice is made, and changing it would only warn). Returns True
+    when it chose the CPU."""
+    try:
+        from jax._src import xla_bridge
+
+        if xla_bridge.backends_are_initialized():
+            return False
+    except (ImportError, AttributeError):  # a JAX without this private check: leave JAX alone
+        return False
+    return skip_absent_tpu()

@@ -8,6 +8,10 @@ two small JPEGs, ``cat.jpg`` and ``dog.jpg``, this checkout's ``configs/``, and
 TFDS's real imagenet2012 builder and no network. The pages use tiny shapes themselves, so
 nothing is substituted and what a reader copies is what ran.
 
+Every block, marked skip or not, must also paste into Python's prompt: ``code.InteractiveConsole``
+compiles it line by line as a pasted block is, so a ``def`` needs a blank line before the next
+top-level statement.
+
 A block that cannot run here (it needs a download, a TPU or minutes of compute) has the line
 ``<!-- skip: REASON -->`` just before its opening fence. It is still compiled (a syntax error
 fails), then reported as skipped by its page and line with that reason.
@@ -21,6 +25,7 @@ marked. Other pages' ```bash blocks are never run.
 
 from __future__ import annotations
 
+import code
 import dataclasses
 import io
 import os
@@ -156,6 +161,41 @@ def test_page_runs(page: str, workdir: Path, monkeypatch: pytest.MonkeyPatch) ->
             exec(compile(block.code, block.name, "exec"), namespace)
         except Exception as e:
             raise AssertionError(f"the block at {block.name} failed: {type(e).__name__}: {e}") from e
+
+
+class _Paste(code.InteractiveConsole):
+    """The interactive prompt, compiling only: its SyntaxErrors, by line of the block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.line, self.errors = 0, []
+
+    def runcode(self, compiled) -> None:  # compile, never run
+        pass
+
+    def showsyntaxerror(self, filename=None, **kwargs) -> None:
+        error = sys.exc_info()[1]
+        self.errors.append(f"line {self.line}: {type(error).__name__}: {error.msg}")
+
+
+def repl_paste_errors(source: str) -> list[str]:
+    """What pasting ``source`` into ``python``'s prompt line by line reports (the prompt ends a
+    compound statement at a blank line, so a top-level line straight after a ``def`` body fails)."""
+    console = _Paste()
+    for console.line, line in enumerate(source.splitlines() + [""], 1):
+        console.push(line)
+    return console.errors
+
+
+def test_repl_paste_check_finds_a_def_without_a_blank_line() -> None:
+    assert repl_paste_errors("def f():\n    return 1\nx = f()\n")
+    assert not repl_paste_errors("@staticmethod\ndef f():\n    return 1\n\nx = (\n    f()\n)\n")
+
+
+def test_blocks_paste_into_the_repl() -> None:
+    """Every ```python block, as a reader pastes it into the Python prompt."""
+    failed = {b.name: errors for b in ALL if (errors := repl_paste_errors(b.code))}
+    assert not failed, f"blocks that the Python prompt rejects when pasted: {failed}"
 
 
 @pytest.mark.parametrize("block", [b for b in ALL if b.skip is not None], ids=lambda b: b.name)

@@ -236,6 +236,25 @@ def test_parity_command_without_jax_platforms_prints_no_tpu_warnings():
     assert "TPU" not in proc.stderr, proc.stderr[-3000:]
 
 
+def test_import_resnet_jax_without_jax_platforms_prints_no_tpu_errors(tmp_path):
+    """The README's snippets: ``import resnet_jax`` with libtpu installed but no TPU keeps JAX
+    on the CPU, without libtpu's start-up errors ("unexpected worker hostname")."""
+    if importlib.util.find_spec("libtpu") is None:
+        pytest.skip("libtpu is not installed: JAX never tries a TPU")
+    if platform._tpu_on_pci_bus() or platform._other_accelerator():
+        pytest.skip("this machine has an accelerator: resnet_jax leaves JAX to use it")
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = "import resnet_jax, jax; print(jax.numpy.zeros(1), jax.default_backend())"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["[0.]", "cpu"]
+    noisy = [line for line in proc.stderr.splitlines() if "TPU" in line or "libtpu" in line]
+    assert not noisy, proc.stderr[-3000:]
+
+
 @pytest.mark.parametrize(
     "arch,api", [("resnetv2_50x1_bit", "linen"), ("resnetv2_50d", "nnx"), ("resnetv2_101", "linen")]
 )

@@ -318,3 +318,33 @@ def test_a_saved_run_config_reads_defaults_for_fields_it_predates():
     assert dict(c.model.overrides) == {}
     assert c.mesh_axis_types == "auto" and c.distributed.enabled is False  # not in the file
     assert tuple(c.crop_area_range) == (0.08, 1.0)
+
+
+def test_hyphenated_flags_read_as_their_underscore_names():
+    """``--top-k=3`` is ``--top_k=3`` (resnet_jax.parity's spelling), ``--no-find-max-batch``
+    ``--nofind_max_batch``; config overrides, values, unknown names and positionals stay."""
+    from absl import flags
+
+    from train.cli import accept_hyphens
+
+    fv = flags.FlagValues()
+    flags.DEFINE_integer("top_k", 5, "", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 64, "", flag_values=fv)
+    flags.DEFINE_bool("find_max_batch", False, "", flag_values=fv)
+    argv = ["prog", "--top-k=3", "-batch-size", "8", "--no-find-max-batch", "--find-max-batch"]
+    argv += ["--config.model.overrides.small_stem=True", "--top-kk=1", "my-cat.jpg", "--", "--top-k=1"]
+    assert accept_hyphens(argv, fv) == [
+        "prog",
+        "--top_k=3",
+        "-batch_size",
+        "8",
+        "--nofind_max_batch",
+        "--find_max_batch",
+        "--config.model.overrides.small_stem=True",
+        "--top-kk=1",
+        "my-cat.jpg",
+        "--",
+        "--top-k=1",
+    ]
+    fv(accept_hyphens(["prog", "--top-k=3", "--batch-size=8", "--find-max-batch"], fv))
+    assert (fv.top_k, fv.batch_size, fv.find_max_batch) == (3, 8, True)

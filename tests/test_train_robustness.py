@@ -5,6 +5,9 @@ the computation, and bad configs / inputs that must fail with one clear line.
 Every resumed run is compared bitwise with one uninterrupted reference run of the same command.
 """
 
+import csv
+import io
+import json
 import os
 import shutil
 import signal
@@ -511,9 +514,9 @@ def test_float16_overflow_steps_are_skipped_counted_and_logged(tmp_path):
     assert "1 step(s) skipped" in loop.format_summary(summary)
 
 
-def _predict(workdir, *paths) -> subprocess.Popen:
+def _predict(workdir, *paths, flags=()) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "train.predict", f"--workdir={workdir}", *map(str, paths)],
+        [sys.executable, "-m", "train.predict", f"--workdir={workdir}", *flags, *map(str, paths)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -531,10 +534,46 @@ def test_predict_rejects_images_of_wrong_rank_or_channels(reference, tmp_path):
     (tmp_path / "no_images" / "sub").mkdir(parents=True)
     (tmp_path / "no_images" / "sub" / "notes.txt").write_text("not an image")
     (tmp_path / "corrupt.jpg").write_bytes(b"\xff\xd8 not really a JPEG" * 10)
-    cases = {
+    # Unreadable files are skipped with one warning line each; the others are still predicted
+    # (printed as --output asks), and the exit status is 1.
+    skipped = {
         "corrupt.jpg": ["corrupt.jpg", "not an image file that can be decoded", ".webp) and .npy arrays"],
         "two_channels.npy": ["two_channels.npy", "(8, 8, 2)", "1 channel"],
         "four_d.npy": ["four_d.npy", "(1, 8, 8, 1)", "[H, W]"],
+    }
+    outputs = {"corrupt.jpg": "json", "two_channels.npy": "csv", "four_d.npy": "text"}
+    skips = {
+        name: _predict(
+            reference,
+            tmp_path / name,
+            tmp_path / "good.npy",
+            tmp_path / name,
+            # parity's argparse spelling (--top-k) is accepted too
+            flags=[
+                f"--output={outputs[name]}",
+                "--top_k=2" if name != "four_d.npy" else "--top-k=2",
+                "--batch_size=2",
+            ],
+        )
+        for name in skipped
+    }
+    # export: the file and one line, without orbax's INFO lines.
+    export = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "train.export",
+            f"--workdir={reference}",
+            f"--out={tmp_path / 'm.safetensors'}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=str(REPO),
+        env=_env(),
+    )
+    # A path that does not exist or a folder without images: one error line before any prediction.
+    cases = {
         "no_images": ["folder", "no_images", "has no image files", "sub-folders"],
         "missing.png": ["missing.png", "does not exist"],
     }
@@ -547,6 +586,30 @@ def test_predict_rejects_images_of_wrong_rank_or_channels(reference, tmp_path):
         f: _predict(reference, f, tmp_path / "good.npy")
         for f in ("--top_k=-1", "--top_k=0", "--batch_size=0")
     }
+    good = str(tmp_path / "good.npy")
+    for name, proc in skips.items():
+        out, err = proc.communicate(timeout=300)  # these compile the model (9 processes at once)
+        assert proc.returncode == 1 and "Traceback" not in err, err[-3000:]
+        warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
+        assert len(warnings) == 2 and warnings[0] == warnings[1], err[-3000:]
+        assert all(w in warnings[0] for w in skipped[name]) and warnings[0].endswith("Skipped."), warnings
+        assert err.strip().splitlines()[-1] == "2 of 3 files skipped (warnings above).", err[-3000:]
+        assert "function_node" not in err and "Op:" not in err and "rendezvous" not in err, err[-3000:]
+        if outputs[name] == "json":
+            (row,) = [json.loads(line) for line in out.splitlines()]
+            assert row["filename"] == good and len(row["classes"]) == len(row["indices"]) == 2
+            assert row["probabilities"][0] >= row["probabilities"][1] > 0
+        elif outputs[name] == "csv":
+            header, row = list(csv.reader(io.StringIO(out)))
+            columns = [f"{c}_{r}" for r in (1, 2) for c in ("class", "index", "probability")]
+            assert header == ["filename", *columns]
+            assert row[0] == good and len(row) == 7 and float(row[3]) >= float(row[6]) > 0
+        else:
+            assert out.splitlines()[0] == good and out.splitlines()[1].startswith("  1. "), out
+            assert len(out.splitlines()) == 3, out  # --top-k=2
+    out, err = export.communicate(timeout=300)
+    assert export.returncode == 0 and (tmp_path / "m.safetensors").stat().st_size > 0, err[-3000:]
+    assert out.startswith("wrote ") and len(out.splitlines()) == 1 and not err.strip(), err[-3000:]
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 2, err[-3000:]

@@ -71,7 +71,13 @@ def _main(argv: list[str]) -> None:
         sys.exit(130)  # the shell's status for Ctrl-C; the step is saved (the line above says so)
 
 
-if __name__ == "__main__":
-    from train.cli import parse_flags
+def run() -> None:
+    """The ``resnet-jax-train`` console script: ``python -m train`` from anywhere."""
+    from train.cli import help_lists_flags_of, parse_flags
 
+    help_lists_flags_of(__name__)
     app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    run()

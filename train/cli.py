@@ -30,7 +30,7 @@ MODEL_FIELDS = "model.overrides"
 def parse_flags(argv: list[str], name: str = "config") -> list[str]:
     """absl's flag parsing for a program with a config flag called ``name``; every error is one
     line and exit status 2."""
-    argv = flags.FLAGS.read_flags_from_files(argv, force_gnu=False)
+    argv = accept_hyphens(flags.FLAGS.read_flags_from_files(argv, force_gnu=False))
     argv, model_fields = _take_model_fields(argv, name)
     path = _flag_value(argv, name)
     if path is not None:
@@ -46,6 +46,32 @@ def parse_flags(argv: list[str], name: str = "config") -> list[str]:
     if model_fields:
         _set_model_fields(flags.FLAGS[name].value, model_fields)
     return rest
+
+
+def accept_hyphens(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
+    """``--top-k=3`` read as ``--top_k=3`` (and ``--no-find-max-batch`` as ``--nofind_max_batch``):
+    the flags are spelt with underscores, as absl's are, and ``resnet_jax.parity``'s argparse
+    spelling (``--image-size``) works too. Only names of defined flags are changed."""
+    out = list(argv[:1])
+    for i, arg in enumerate(argv[1:], 1):
+        if arg == "--":
+            return out + list(argv[i:])
+        match = re.fullmatch(r"(--?)([A-Za-z][\w-]*)(=.*)?", arg, flags=re.S)
+        if match and "-" in match.group(2):
+            dash, name, value = match.group(1), match.group(2).replace("-", "_"), match.group(3) or ""
+            if name in flag_values:
+                arg = f"{dash}{name}{value}"
+            elif name.startswith("no_") and name[3:] in flag_values:
+                arg = f"{dash}no{name[3:]}{value}"
+        out.append(arg)
+    return out
+
+
+def help_lists_flags_of(module: str) -> None:
+    """absl's ``--help`` lists the flags of the module that ``sys.argv[0]`` names, which for a
+    console script (``resnet-jax-train``) is the script, not the program's module: adopt them."""
+    for flag in flags.FLAGS.get_key_flags_for_module(module):
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
 
 
 def fail(message: str) -> None:
@@ -112,7 +138,9 @@ def _load(path: str, name: str) -> Any:
         folder = os.path.dirname(file)
         if not os.path.isdir(folder or "."):
             folder = os.path.relpath(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
-        names = sorted(f for f in os.listdir(folder or ".") if f.endswith(".py") and not f.startswith("_"))
+        # An installed train/ (the console scripts) has no configs/ beside it.
+        listed = os.listdir(folder or ".") if os.path.isdir(folder or ".") else []
+        names = sorted(f for f in listed if f.endswith(".py") and not f.startswith("_"))
         near = difflib.get_close_matches(os.path.basename(file), names, n=1, cutoff=0.6)
         hint = f"; did you mean {os.path.join(folder, near[0])}?" if near else ""
         have = ", ".join(names) or "no .py file"

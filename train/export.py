@@ -15,7 +15,7 @@ import os
 import sys
 import tempfile
 
-from absl import app, flags
+from absl import app, flags, logging
 
 
 def _define_flags() -> None:
@@ -69,6 +69,8 @@ def export(workdir: str, out: str, step: int | None = None) -> dict:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax's INFO lines; --verbosity=0 brings them back
     from resnet_jax.platform import skip_absent_tpu
     from train.config import ConfigError
 
@@ -83,6 +85,14 @@ def main(argv: list[str]) -> None:
     print(f"wrote {len(state_dict)} tensors to {flags.FLAGS.out}, class names to {beside(flags.FLAGS.out)}")
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The ``resnet-jax-export`` console script: ``python -m train.export`` from anywhere."""
+    from train.cli import accept_hyphens, help_lists_flags_of
+
     _define_flags()
-    app.run(main)
+    help_lists_flags_of(__name__)
+    app.run(main, flags_parser=lambda argv: app.parse_flags_with_usage(accept_hyphens(argv)))
+
+
+if __name__ == "__main__":
+    run()

@@ -1,6 +1,7 @@
 """Top-k classes of image files with a trained checkpoint.
 
-``python -m train.predict --workdir=DIR [--step=N] [--top_k=5] [--batch_size=64] IMAGE|FOLDER...``
+``python -m train.predict --workdir=DIR [--step=N] [--top_k=5] [--batch_size=64]
+[--output=text|json|csv] IMAGE|FOLDER...``
 (``DIR``, the images and folders may be ``gs://`` paths) reads the run's
 config and dataset info from ``DIR``, restores the newest (or given) checkpoint, applies the
 same preprocessing as evaluation (resize, center crop, normalisation) and prints, per image,
@@ -14,15 +15,23 @@ digits on a dark background like sklearn's.
 Each run's data source loads them (``load_image``, ``load_array``): a run on an image folder
 preprocesses both with ``train/data/image_ops.py`` (Pillow and NumPy), so predicting, like its
 training and export, never imports TensorFlow; other runs use the TF ops of their evaluation.
-An unreadable image or an array of the wrong rank or channel count is a one-line error (exit 2).
+An unreadable image or an array of the wrong rank or channel count is skipped with one warning
+line on stderr, and the others are still predicted (exit 1 when any was skipped); a path that
+does not exist, or a folder without images, is a one-line error (exit 2) before any prediction.
+``--output=json`` prints one JSON object per image and line (``filename``, ``classes``,
+``indices``, ``probabilities``, most likely first), ``--output=csv`` one row per image
+(``filename,class_1,index_1,probability_1,...``), as timm's inference script writes its results.
 """
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import os
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -41,7 +50,16 @@ def _define_flags() -> None:
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
     flags.DEFINE_integer("top_k", 5, "How many classes to print per image.", lower_bound=1)
     flags.DEFINE_integer("batch_size", 64, "Images read and run at a time.", lower_bound=1)
+    flags.DEFINE_enum(
+        "output",
+        "text",
+        OUTPUTS,
+        "text: ranked lines per image; json: one JSON object per line; csv: a row each.",
+    )
     flags.mark_flag_as_required("workdir")
+
+
+OUTPUTS = ("text", "json", "csv")
 
 
 def predict_files(
@@ -67,8 +85,11 @@ def iter_predictions(
     top_k: int = 5,
     batch_size: int = 64,
     progress: bool = False,
+    on_unreadable: Callable[[ImageError], None] | None = None,
 ) -> Iterator[tuple[str, list[tuple[int, str, float]]]]:
-    """``(path, top_k)`` per image of ``predict_files``, yielded a batch at a time."""
+    """``(path, top_k)`` per image of ``predict_files``, yielded a batch at a time. An image that
+    cannot be used raises :class:`ImageError`, or with ``on_unreadable`` is passed to it and
+    skipped."""
     for name, value in (("top_k", top_k), ("batch_size", batch_size)):
         if value < 1:
             raise ValueError(f"{name} must be at least 1; got {value}.")
@@ -88,15 +109,26 @@ def iter_predictions(
 
     with tqdm(total=len(paths), desc="predict", unit="image", disable=not progress or len(starts) < 2) as bar:
         for start in starts:
-            chunk = paths[start : start + size]
-            images = np.stack([_load(p, info, crop) for p in chunk])
+            chunk, loaded = [], []
+            for path in paths[start : start + size]:
+                try:
+                    loaded.append(_load(path, info, crop))
+                    chunk.append(path)
+                except ImageError as e:
+                    if on_unreadable is None:
+                        raise
+                    on_unreadable(e)
+            if not chunk:
+                bar.update(len(paths[start : start + size]))
+                continue
+            images = np.stack(loaded)
             padded = np.zeros((size, *images.shape[1:]), images.dtype)
             padded[: len(chunk)] = images
             probs = np.asarray(forward(variables, padded))[: len(chunk)]
             for path, row in zip(chunk, probs):
                 order = np.argsort(-row, kind="stable")[:k]
                 yield path, [(int(i), info.class_names[i], float(row[i])) for i in order]
-            bar.update(len(chunk))
+            bar.update(len(paths[start : start + size]))
 
 
 def expand_folders(args: Sequence[str]) -> list[str]:
@@ -172,6 +204,11 @@ def _load(path: str, info: DatasetInfo, crop: float) -> np.ndarray:
 def main(argv: list[str]) -> None:
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+        # TensorFlow's C++ start-up and decoder warnings (the digits and TFDS runs' eval ops)
+        # would come between the results; a skipped file's warning line says what they would.
+        # "1" is JAX's default (jax/__init__.py), not the user's choice.
+        if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "1") == "1":
+            os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
     from resnet_jax.platform import skip_absent_tpu
 
     skip_absent_tpu()
@@ -179,6 +216,15 @@ def main(argv: list[str]) -> None:
     if not paths:
         raise app.UsageError("give one or more image files: python -m train.predict --workdir=DIR IMAGE...")
     FLAGS = flags.FLAGS
+    from tqdm.auto import tqdm
+
+    skipped = []
+
+    def skip(error: ImageError) -> None:
+        # Through tqdm, on a line of its own above the progress bar (stderr).
+        skipped.append(error)
+        tqdm.write(f"warning: {error} Skipped.", file=sys.stderr)
+
     try:
         files = expand_folders(paths)
         results = iter_predictions(
@@ -188,18 +234,13 @@ def main(argv: list[str]) -> None:
             top_k=FLAGS.top_k,
             batch_size=FLAGS.batch_size,
             progress=True,
+            on_unreadable=skip,
         )
-        from tqdm.auto import tqdm
-
-        for path, top in results:
+        for i, (path, top) in enumerate(results):
             # Through tqdm, so that the progress bar (on stderr) is redrawn below the results.
             # A local file name that is not UTF-8 is shown with U+FFFD where its bytes are not.
             shown = path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-            lines = [shown] + [
-                f"  {rank}. {name:<30} {100 * prob:6.2f}%  (class {index})"
-                for rank, (index, name, prob) in enumerate(top, 1)
-            ]
-            tqdm.write("\n".join(lines))
+            tqdm.write(format_result(shown, top, FLAGS.output, header=i == 0))
     except (FileNotFoundError, ImageError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -207,8 +248,47 @@ def main(argv: list[str]) -> None:
         # The reader stopped early (``| head``): stop quietly, as a shell tool does on SIGPIPE.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(128 + 13)
+    if skipped:
+        print(f"{len(skipped)} of {len(files)} files skipped (warnings above).", file=sys.stderr)
+        sys.exit(1)
+
+
+def format_result(path: str, top: Sequence[tuple[int, str, float]], output: str, header: bool = False) -> str:
+    """One image's ``top`` as ``output`` (:data:`OUTPUTS`); ``header`` adds the CSV header."""
+    if output == "json":
+        return json.dumps(
+            {
+                "filename": path,
+                "classes": [name for _, name, _ in top],
+                "indices": [index for index, _, _ in top],
+                "probabilities": [prob for *_, prob in top],
+            }
+        )
+    if output == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        if header:
+            writer.writerow(
+                ["filename"]
+                + [f"{c}_{r}" for r in range(1, len(top) + 1) for c in ("class", "index", "probability")]
+            )
+        writer.writerow([path] + [v for index, name, prob in top for v in (name, index, f"{prob:.6g}")])
+        return out.getvalue().rstrip("\n")
+    lines = [path] + [
+        f"  {rank}. {name:<30} {100 * prob:6.2f}%  (class {index})"
+        for rank, (index, name, prob) in enumerate(top, 1)
+    ]
+    return "\n".join(lines)
+
+
+def run() -> None:
+    """The ``resnet-jax-predict`` console script: ``python -m train.predict`` from anywhere."""
+    from train.cli import accept_hyphens, help_lists_flags_of
+
+    _define_flags()
+    help_lists_flags_of(__name__)
+    app.run(main, flags_parser=lambda argv: app.parse_flags_with_usage(accept_hyphens(argv)))
 
 
 if __name__ == "__main__":
-    _define_flags()
-    app.run(main)
+    run()

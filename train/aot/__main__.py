@@ -67,10 +67,17 @@ def main(argv: list[str]) -> None:
         )
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The ``resnet-jax-aot`` console script: ``python -m train.aot`` from anywhere."""
+    global _CONFIG
     from absl import app
 
-    from train.cli import parse_flags
+    from train.cli import help_lists_flags_of, parse_flags
 
     _CONFIG = _flags()
+    help_lists_flags_of(__name__)
     app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    run()
