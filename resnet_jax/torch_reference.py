@@ -280,12 +280,23 @@ def randomize_for_parity(model, gen, branch_gain: tuple[float, float]) -> None:
     train-mode ResNet at init is so ill-conditioned that PyTorch's own float32 gradients differ
     from its float64 ones by far more than rounding (docs/pytorch.md); parity would then measure
     rounding amplification, not the implementation.
+
+    A pre-activation block (timm's ResNetV2) ends its branch with ``conv3`` and no norm, so each
+    output channel of that conv is scaled by a gain from ``branch_gain`` instead: the same
+    per-channel factor on the branch's output.
     """
-    last_bns = set()
+    last_bns, last_convs = set(), []
     for m in model.modules():
         if hasattr(m, "conv1") and hasattr(m, "bn2"):  # a residual block (ours or torchvision's)
             last_bns.add(id(getattr(m, "bn3", m.bn2)))
+        elif hasattr(m, "norm3") and hasattr(m, "conv3"):  # a pre-activation bottleneck
+            last_convs.append(m.conv3)
     with torch.no_grad():
+        for conv in last_convs:
+            gain = torch.empty(conv.out_channels, dtype=conv.weight.dtype).uniform_(
+                *branch_gain, generator=gen
+            )
+            conv.weight.mul_(gain[:, None, None, None])
         for m in model.modules():
             if isinstance(m, torch.nn.GroupNorm):  # BiT's: an affine transform, no statistics
                 m.weight.uniform_(0.8, 1.2, generator=gen)
