@@ -99,7 +99,13 @@ def _optimization(c: ml_collections.ConfigDict) -> None:
     c.weight_decay_on_bn_and_bias = False
     c.lars_trust_coefficient = 0.001
     c.lars_eps = 0.0
-    c.label_smoothing = 0.0
+    # The training loss: 'softmax' (cross-entropy, as torch's CrossEntropyLoss) or 'bce'
+    # (sigmoid per class, timm's BinaryCrossEntropy: "ResNet strikes back"). Evaluation reports
+    # the softmax cross-entropy either way.
+    c.loss = "softmax"
+    c.label_smoothing = 0.0  # 0.1: targets s/C off, 1 - s + s/C on
+    c.bce_target_threshold = 0.0  # 'bce': targets above it become 1, the rest 0 (0: off; RSB: 0.2)
+    c.bce_sum = False  # 'bce': sum over the classes instead of the mean (timm's --bce-sum)
     # Fine-tuning: everything but the classifier (fc) is the backbone. Frozen: its parameters
     # never change (its BatchNorm statistics still update in train mode, as in PyTorch with
     # requires_grad=False). Or train it at backbone_lr_multiplier x the learning rate.

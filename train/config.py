@@ -7,7 +7,7 @@ import runpy
 from pathlib import Path
 from typing import Any
 
-from train import optim, parallel
+from train import optim, parallel, steps
 from train.data import registry
 from train.data.augment import TRAIN_AUGMENTATIONS
 from train.data.core import DatasetError
@@ -105,8 +105,10 @@ def validate_config(
         raise ConfigError(f"config.debug_step_delay_s must be >= 0; got {config.debug_step_delay_s}.")
     if config.num_train_steps <= 0 and config.num_epochs <= 0 and not config.eval_only:
         raise ConfigError("nothing to train: set config.num_train_steps > 0 or num_epochs > 0.")
-    if not 0.0 <= config.label_smoothing < 1.0:
-        raise ConfigError(f"config.label_smoothing must be in [0, 1); got {config.label_smoothing}.")
+    _choice(config, "loss", steps.LOSSES)
+    for field in ("label_smoothing", "bce_target_threshold"):
+        if not 0.0 <= config[field] < 1.0:
+            raise ConfigError(f"config.{field} must be in [0, 1); got {config[field]}.")
     if config.learning_rate < 0 or config.weight_decay < 0:
         raise ConfigError("config.learning_rate and config.weight_decay must be >= 0.")
     _check_fine_tuning(config)
