@@ -74,6 +74,12 @@ def _model(c: ml_collections.ConfigDict) -> None:
     c.model.overrides = ml_collections.ConfigDict(
         {"stage_sizes": (1, 1), "small_stem": True}, type_safe=False
     )
+    # timm's regularisers of a ResNet or ResNetV2, in training only (0: off). Dropout before fc
+    # (timm's --drop), and stochastic depth: each block's residual branch is dropped per example
+    # with a probability rising linearly to this at the last block (timm's --drop-path; RSB A1:
+    # 0.05). Draws are keyed on (seed, step), so a resumed run draws the same.
+    c.model.drop_rate = 0.0
+    c.model.drop_path_rate = 0.0
     # 'float32', 'bfloat16', 'float16' (GPU; dynamic loss scaling), or 'auto' (bfloat16 on
     # TPU/GPU, float32 on CPU); parameters are float32. 'float64' (parameters too; needs
     # JAX_ENABLE_X64=1) is a numerics reference: the float64 twin of a run.

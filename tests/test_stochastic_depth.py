@@ -195,3 +195,32 @@ def test_rate_outside_unit_interval_is_a_one_line_error(arch, field, value):
     with pytest.raises(ValueError) as nnx_error:
         rnnx.get_model(arch, **small, **{field: value}, rngs=nnx.Rngs(0))
     assert str(linen.value).splitlines()[0] == str(nnx_error.value) == message  # JAX adds a note below
+
+
+def test_train_step_draws_are_keyed_on_seed_and_step():
+    """The training program's step: ``config.model.drop_path_rate`` and ``drop_rate`` reach the
+    model, and each step draws from the seed's dropout key folded with the step number, so a
+    resumed run draws what the uninterrupted one did."""
+    import optax
+
+    from train import build, steps
+    from train.config import default_config
+    from train.model import build_model
+
+    config = default_config()
+    assert build.dropout_rng(config) is None  # off by default: the step passes no RNG
+    config.model.arch, config.model.drop_path_rate, config.model.drop_rate = "resnet18", 0.5, 0.5
+    model = build_model(config.model, 5, 3)
+    assert (model.drop_path_rate, model.drop_rate) == (0.5, 0.5)
+    key = build.dropout_rng(config)
+    state = jax.jit(steps.create_train_state, static_argnums=(1, 2, 3))(
+        jax.random.key(0), model, optax.sgd(0.1), (1, 16, 16, 3)
+    )
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.normal(size=(8, 16, 16, 3)).astype(np.float32), "label": np.arange(8) % 5}
+    step = jax.jit(steps.make_train_step(model, optax.sgd(0.1), dropout_rng=key))
+    loss = [float(step(state.replace(step=jnp.int32(k)), batch)[1]["loss"]) for k in (7, 7, 8)]
+    apply = functools.partial(model.apply, mutable=["batch_stats"])
+    logits, _ = jax.jit(apply)(state.variables, batch["image"], rngs={"dropout": jax.random.fold_in(key, 7)})
+    direct = float(jnp.mean(steps.cross_entropy(logits, batch["label"])))
+    assert loss[0] == loss[1] != loss[2] and loss[0] == pytest.approx(direct, rel=1e-6)

@@ -11,7 +11,7 @@ from train import optim, parallel, steps
 from train.data import registry
 from train.data.augment import TRAIN_AUGMENTATIONS
 from train.data.core import DatasetError
-from train.model import DTYPES, architectures, resolve_dtype
+from train.model import BASE_ARCH, DTYPES, architectures, resolve_dtype
 
 # Every field train/ reads is defined here, with its comment and default (configs/ is not a
 # package: it is run by its path, as --config=configs/default.py does).
@@ -106,6 +106,11 @@ def validate_config(
     if config.num_train_steps <= 0 and config.num_epochs <= 0 and not config.eval_only:
         raise ConfigError("nothing to train: set config.num_train_steps > 0 or num_epochs > 0.")
     _choice(config, "loss", steps.LOSSES)
+    for field in ("drop_rate", "drop_path_rate"):
+        if not 0.0 <= config.model[field] < 1.0:
+            raise ConfigError(f"config.model.{field} must be in [0, 1); got {config.model[field]}.")
+        if config.model[field] and config.model.arch == BASE_ARCH:
+            raise ConfigError(f"config.model.{field} needs a ResNet or ResNetV2 arch, not 'resnet_base'.")
     for field in ("label_smoothing", "bce_target_threshold"):
         if not 0.0 <= config[field] < 1.0:
             raise ConfigError(f"config.{field} must be in [0, 1); got {config[field]}.")

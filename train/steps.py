@@ -213,6 +213,7 @@ def make_train_step(
     loss: str = "softmax",
     bce_target_threshold: float = 0.0,
     bce_sum: bool = False,
+    dropout_rng: jax.Array | None = None,
     axis_name: str | None = None,
     lr_schedule: optax.Schedule | None = None,
     input_stats: InputStats | None = None,
@@ -234,6 +235,10 @@ def make_train_step(
             :func:`make_loss`. ``batch['label']`` may hold int classes or soft targets ``[B, C]``.
         bce_target_threshold: ``'bce'``: targets above it become 1, the rest 0 (0: off).
         bce_sum: ``'bce'``: sum over the classes instead of the mean.
+        dropout_rng: The key of a model with dropout or drop path (``drop_rate``,
+            ``drop_path_rate``): each step draws from it folded with the step number (and the
+            pmap device), so a resumed run draws what the uninterrupted one did. None: the
+            model draws nothing.
         axis_name: The pmap axis; None under jit.
         lr_schedule: Adds the step's learning rate to the metrics; None leaves it out.
         input_stats: ``(mean, std)`` per channel on the 0-255 pixel scale (the dataset's
@@ -245,25 +250,32 @@ def make_train_step(
         loss, label_smoothing=label_smoothing, bce_target_threshold=bce_target_threshold, bce_sum=bce_sum
     )
 
-    def loss_fn(params, batch_stats, batch):
+    def loss_fn(params, batch_stats, batch, rngs):
         logits, updates = model.apply(
             {"params": params, "batch_stats": batch_stats},
             model_input(batch["image"], input_stats),
             train=True,
             mutable=["batch_stats"],
+            **rngs,
         )
         return jnp.mean(per_example_loss(logits, batch["label"])), (logits, updates["batch_stats"])
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        rngs = {}
+        if dropout_rng is not None:
+            key = jax.random.fold_in(dropout_rng, state.step)
+            if axis_name is not None:  # each device its own draws
+                key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+            rngs = {"rngs": {"dropout": key}}
         if state.dynamic_scale is not None:
             # DynamicScale pmeans the gradients itself when given the axis.
             grad_fn = state.dynamic_scale.value_and_grad(loss_fn, has_aux=True, axis_name=axis_name)
             dynamic_scale, is_finite, (loss, (logits, batch_stats)), grads = grad_fn(
-                state.params, state.batch_stats, batch
+                state.params, state.batch_stats, batch, rngs
             )
         else:
             grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-            (loss, (logits, batch_stats)), grads = grad_fn(state.params, state.batch_stats, batch)
+            (loss, (logits, batch_stats)), grads = grad_fn(state.params, state.batch_stats, batch, rngs)
             if axis_name is not None:
                 grads = jax.lax.pmean(grads, axis_name)
             dynamic_scale, is_finite = None, None
