@@ -92,7 +92,7 @@ def _optimization(c: ml_collections.ConfigDict) -> None:
     c.eval_batch_size = 360
     c.num_epochs = 30
     c.num_train_steps = -1  # > 0 overrides num_epochs
-    c.optimizer = "sgd"  # 'sgd' or 'lars'
+    c.optimizer = "sgd"  # 'sgd', 'lars' or 'adamw' (torch.optim.AdamW: decoupled weight decay)
     c.momentum = 0.9
     c.nesterov = True
     c.learning_rate = 0.1  # peak
@@ -103,6 +103,9 @@ def _optimization(c: ml_collections.ConfigDict) -> None:
     c.lr_decay_power = 2.0  # polynomial schedule
     c.weight_decay = 5e-4
     c.weight_decay_on_bn_and_bias = False
+    c.opt_betas = (0.9, 0.999)  # 'adamw': Adam's beta1, beta2 (timm's --opt-betas)
+    c.opt_eps = 1e-8  # 'adamw': added to the root of the second moment (timm's --opt-eps)
+    c.grad_clip_norm = 0.0  # > 0: clip the gradients' global norm to this, as clip_grad_norm_
     c.lars_trust_coefficient = 0.001
     c.lars_eps = 0.0
     # The training loss: 'softmax' (cross-entropy, as torch's CrossEntropyLoss) or 'bce'
