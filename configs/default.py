@@ -87,6 +87,12 @@ def _model(c: ml_collections.ConfigDict) -> None:
     c.model.overrides = ml_collections.ConfigDict(
         {"stage_sizes": (1, 1), "small_stem": True}, type_safe=False
     )
+    # timm's regularisers of a ResNet or ResNetV2, in training only (0: off). Dropout before fc
+    # (timm's --drop), and stochastic depth: each block's residual branch is dropped per example
+    # with a probability rising linearly to this at the last block (timm's --drop-path; RSB A1:
+    # 0.05). Draws are keyed on (seed, step), so a resumed run draws the same.
+    c.model.drop_rate = 0.0
+    c.model.drop_path_rate = 0.0
     # 'float32', 'bfloat16', 'float16' (GPU; dynamic loss scaling), or 'auto' (bfloat16 on
     # TPU/GPU, float32 on CPU); parameters are float32. 'float64' (parameters too; needs
     # JAX_ENABLE_X64=1) is a numerics reference: the float64 twin of a run.
@@ -99,7 +105,7 @@ def _optimization(c: ml_collections.ConfigDict) -> None:
     c.eval_batch_size = 360
     c.num_epochs = 30
     c.num_train_steps = -1  # > 0 overrides num_epochs
-    c.optimizer = "sgd"  # 'sgd' or 'lars'
+    c.optimizer = "sgd"  # 'sgd', 'lars' or 'adamw' (torch.optim.AdamW: decoupled weight decay)
     c.momentum = 0.9
     c.nesterov = True
     c.learning_rate = 0.1  # peak
@@ -110,9 +116,18 @@ def _optimization(c: ml_collections.ConfigDict) -> None:
     c.lr_decay_power = 2.0  # polynomial schedule
     c.weight_decay = 5e-4
     c.weight_decay_on_bn_and_bias = False
+    c.opt_betas = (0.9, 0.999)  # 'adamw': Adam's beta1, beta2 (timm's --opt-betas)
+    c.opt_eps = 1e-8  # 'adamw': added to the root of the second moment (timm's --opt-eps)
+    c.grad_clip_norm = 0.0  # > 0: clip the gradients' global norm to this, as clip_grad_norm_
     c.lars_trust_coefficient = 0.001
     c.lars_eps = 0.0
-    c.label_smoothing = 0.0  # with mixup/cutmix on, smooths the mixed targets (timm's mixup_target)
+    # The training loss: 'softmax' (cross-entropy, as torch's CrossEntropyLoss) or 'bce'
+    # (sigmoid per class, timm's BinaryCrossEntropy: "ResNet strikes back"). Evaluation reports
+    # the softmax cross-entropy either way.
+    c.loss = "softmax"
+    c.label_smoothing = 0.0  # 0.1: targets s/C off, 1 - s + s/C on; with mixup, smooths the mixed targets
+    c.bce_target_threshold = 0.0  # 'bce': targets above it become 1, the rest 0 (0: off; RSB: 0.2)
+    c.bce_sum = False  # 'bce': sum over the classes instead of the mean (timm's --bce-sum)
     # Mixup and cutmix in the train step, as timm's Mixup (train/mixup.py); 0 = off. Row i mixes
     # with row B-1-i of the global batch; draws keyed on (seed, step).
     c.mixup_alpha = 0.0  # > 0: mixup, lam ~ Beta(alpha, alpha)

@@ -15,7 +15,7 @@ from typing import Mapping, Union
 import jax
 
 from resnet_jax import ops
-from resnet_jax.layers import Conv, Layers, Node, Norm, Spec
+from resnet_jax.layers import Conv, Layers, Node, Norm, Spec, check_rate, drop_path
 
 Array = jax.Array
 
@@ -85,7 +85,9 @@ class ResidualBlock(Node):
     (``'shortcut'``) or torchvision and timm (``'downsample'``); ``avg_down`` (ResNet-D, "Bag of
     Tricks", He et al. 2019) makes a strided projection a ``stride`` x ``stride`` average pool and
     a stride-1 1x1 conv, so it sees every input pixel instead of a quarter of them;
-    ``attn_layer='se'`` adds timm's squeeze-and-excitation after the last BatchNorm.
+    ``attn_layer='se'`` adds timm's squeeze-and-excitation after the last BatchNorm;
+    ``drop_path_rate`` drops the whole branch of an example with this probability in training
+    (stochastic depth, Huang et al. 2016; timm's ``drop_path``), just before the addition.
     """
 
     in_channels: int
@@ -97,8 +99,10 @@ class ResidualBlock(Node):
     avg_down: bool = False
     attn_layer: str = ""
     zero_init_residual: bool = False
+    drop_path_rate: float = 0.0
 
     def __post_init__(self):
+        check_rate("drop_path_rate", self.drop_path_rate)
         if self.projection not in PROJECTIONS:
             raise ValueError(f"projection must be 'shortcut' or 'downsample'; got {self.projection!r}.")
         if self.attn_layer not in ATTN_LAYERS:
@@ -121,6 +125,8 @@ class ResidualBlock(Node):
                 out.update({"downsample.0": Conv(cin, cout, 1, self.stride), "downsample.1": Norm(cout)})
         if self.attn_layer == "se":
             out["se"] = SqueezeExcite(self.out_channels)
+        if self.drop_path_rate:
+            out["drop_path"] = drop_path(self.drop_path_rate)
         return out
 
     def shortcut(self, m: Layers, x: Array) -> Array:
@@ -134,10 +140,16 @@ class ResidualBlock(Node):
         return m["downsample.1"](m["downsample.0"](x))
 
     def end(self, m: Layers, y: Array, shortcut: Array, norm: str) -> Array:
-        """The last BatchNorm ``norm`` of the branch output ``y``, then (SE,) the addition and ``act``."""
-        if self.attn_layer == "se":  # norm -> SE -> add -> act
-            return m.act(m["se"](m[norm](y)) + shortcut)
-        return m[norm](y, residual=shortcut, act=m.act)  # norm -> add -> act, foldable into one pass
+        """The last BatchNorm ``norm`` of the branch output ``y``, then (SE, drop path,) the
+        addition and ``act``."""
+        if not (self.attn_layer or self.drop_path_rate):
+            return m[norm](y, residual=shortcut, act=m.act)  # norm -> add -> act, foldable into one pass
+        y = m[norm](y)
+        if self.attn_layer == "se":
+            y = m["se"](y)
+        if self.drop_path_rate:
+            y = m["drop_path"](y)
+        return m.act(y + shortcut)
 
     def last_norm(self, channels: int) -> Norm:
         return Norm(channels, zero_init=self.zero_init_residual)

@@ -66,12 +66,36 @@ class Linear:
     out_features: int
 
 
+@dataclasses.dataclass(frozen=True)
+class Dropout:
+    """Dropout of probability ``rate`` in training, the identity in evaluation; what is kept is
+    scaled by ``1 / (1 - rate)``. The draws share a mask along ``broadcast_dims``: ``(1, 2, 3)``
+    of an NHWC map is timm's ``DropPath`` (stochastic depth), one draw per example, so a residual
+    branch is dropped for the whole example. The draws come from the ``'dropout'`` RNG stream."""
+
+    rate: float
+    broadcast_dims: tuple[int, ...] = ()
+
+
+def drop_path(rate: float) -> Dropout:
+    """timm's ``DropPath(rate)`` of a residual branch: per-example dropout of an NHWC map."""
+    return Dropout(rate, broadcast_dims=(1, 2, 3))
+
+
+def check_rate(name: str, rate: float) -> None:
+    """A dropout probability must be in [0, 1): at 1 nothing would be kept."""
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"{name} must be in [0, 1); got {rate!r}.")
+
+
 class Layers(Protocol):
     """How a :meth:`Node.forward` reaches its children, in either API.
 
-    ``m[path]`` is the child named ``path`` in :meth:`Node.children`: a conv or linear layer is
-    ``x -> y``; a norm is ``(x, residual=None, act=None) -> act(norm(x) + residual)``; a node is
-    ``x -> y``. ``m.act`` is the network's activation.
+    ``m[path]`` is the child named ``path`` in :meth:`Node.children`: a conv, linear layer or
+    dropout is ``x -> y``; a norm is ``(x, residual=None, act=None) -> act(norm(x) + residual)``;
+    a node is ``x -> y``. ``m.act`` is the network's activation. A dropout knows the train flag
+    and its RNG stream from its API (Linen: ``train`` and ``rngs={'dropout': key}``; NNX:
+    ``model.train()``/``model.eval()`` and ``nnx.Rngs(dropout=...)``).
     """
 
     act: Callable[[Array], Array]
@@ -79,7 +103,7 @@ class Layers(Protocol):
     def __getitem__(self, path: str) -> Callable[..., Array]: ...
 
 
-Spec = Any  # Conv | Norm | Linear | Node
+Spec = Any  # Conv | Norm | Linear | Dropout | Node
 
 
 class Node:

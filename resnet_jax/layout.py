@@ -122,6 +122,8 @@ def nnx_variables(model: Any) -> dict[tuple, Any]:
     out = {}
     for path, var in nnx.to_flat_state(model):
         parts = [str(p) for p in path]
+        if isinstance(var, nnx.RngState):  # a dropout's RNG stream: no weights, no PyTorch key
+            continue
         if isinstance(var, nnx.BatchStat):
             collection = "batch_stats"
         elif isinstance(var, nnx.Param):

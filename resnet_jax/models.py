@@ -21,7 +21,7 @@ from flax import linen as nn
 
 from resnet_jax import blocks, names, ops, presets
 from resnet_jax.batchnorm import batch_norm, bn_fields, fold_act
-from resnet_jax.layers import Conv, Linear, Node, Norm
+from resnet_jax.layers import Conv, Dropout, Linear, Node, Norm
 from resnet_jax.networks import NETWORKS, Network, ResNetBaseDef, ResNetDef, ResNetV2Def
 from resnet_jax.ops import check_images
 from resnet_jax.presets import ALL_PRESETS, PRESETS, TORCHVISION_ARCHS
@@ -151,6 +151,9 @@ class _Layers:
             return functools.partial(f.norm(name=name, **init), train=self.train)
         if isinstance(spec, Linear):
             return classifier_head(spec.out_features, spec.in_features, f.dtype, f.param_dtype, name)
+        if isinstance(spec, Dropout):  # draws from the 'dropout' RNG (``make_rng``) in training
+            drop = nn.Dropout(spec.rate, broadcast_dims=spec.broadcast_dims, name=name)
+            return functools.partial(drop, deterministic=not self.train)
         return functools.partial(Block(spec, f, name=name), train=self.train)
 
 

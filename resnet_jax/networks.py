@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from resnet_jax.blocks import ATTN_LAYERS, BLOCKS, BlockType, block_class
-from resnet_jax.layers import Conv, Layers, Linear, Network, Spec, Stages, StemLayer
+from resnet_jax.layers import Conv, Dropout, Layers, Linear, Network, Spec, Stages, StemLayer, check_rate
 from resnet_jax.resnetv2 import ResNetV2Def
 
 Array = jax.Array
@@ -47,6 +47,13 @@ class ResNetDef(Network):
     squeeze-and-excitation to every block (``layerN.M.se.fc1``, ``fc2``): SE-ResNet and
     SE-ResNeXt.
 
+    timm's regularisers, off by default: ``drop_path_rate`` is stochastic depth (Huang et al.
+    2016): in training each block's residual branch is dropped for a whole example with a
+    probability rising linearly from 0 at the first block to ``drop_path_rate`` at the last, as
+    timm's ``ResNet``; ``drop_rate`` is dropout before ``fc``. Both draw from the ``'dropout'``
+    RNG (Linen: ``apply(..., rngs={'dropout': key})``; NNX: ``nnx.Rngs(dropout=...)``) and are
+    the identity in evaluation.
+
     Speed options that leave every value unchanged (up to float32 rounding): ``bn_variance``
     (``'two_pass'``, the default, or the one-pass ``'shifted'``; see ``batchnorm.batch_norm``),
     ``bn_recompute`` (BatchNorm's backward keeps its input in ``dtype`` instead of float32),
@@ -69,6 +76,9 @@ class ResNetDef(Network):
         attn_layer: ``''`` or ``'se'`` (squeeze-and-excitation in every block).
         zero_init_residual: Initialise each block's last BatchNorm scale to 0, so every block
             starts as the identity (torchvision's option of the same name).
+        drop_rate: Dropout before ``fc`` in training (timm's ``drop_rate``); none without ``fc``.
+        drop_path_rate: Stochastic depth: the last block's drop-path probability in training
+            (timm's ``drop_path_rate``).
         momentum: BatchNorm momentum, Flax's convention (0.9 is PyTorch's 0.1).
         epsilon: BatchNorm epsilon.
         axis_name: A ``pmap`` axis for synchronised BatchNorm; None under ``jax.jit``.
@@ -94,6 +104,8 @@ class ResNetDef(Network):
     avg_down: bool = False
     attn_layer: str = ""
     zero_init_residual: bool = False
+    drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
     momentum: float = 0.9
     epsilon: float = 1e-5
     axis_name: Optional[str] = None
@@ -103,6 +115,11 @@ class ResNetDef(Network):
     stem_pad_channels: Optional[int] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_rate("drop_rate", self.drop_rate)
+        check_rate("drop_path_rate", self.drop_path_rate)
 
     def stem(self) -> tuple[tuple[StemLayer, ...], bool, bool]:
         """torchvision's 7x7/2 conv, BatchNorm, ReLU, 3x3/2 max-pool; or a 3x3/1 conv without
@@ -134,7 +151,8 @@ class ResNetDef(Network):
 
     def stages(self) -> Stages:
         """torchvision's stages ``layerN`` of blocks ``layerN.j``: ``64 * 2**i`` planes, the
-        first block of each stage after the first strided."""
+        first block of each stage after the first strided. Block ``k`` of ``n`` in the network
+        drops its path with probability ``drop_path_rate * k / (n - 1)``, timm's expression."""
         if self.attn_layer not in ATTN_LAYERS:
             raise ValueError(
                 f"attn_layer must be '' or 'se' (timm's squeeze-and-excitation); got {self.attn_layer!r}."
@@ -148,20 +166,25 @@ class ResNetDef(Network):
             zero_init_residual=self.zero_init_residual,
         )
         stages, channels = [], self.stem()[0][-1][2].out_channels
+        total, index = sum(self.stage_sizes), 0
         for i, n in enumerate(self.stage_sizes):
             planes = 64 * 2**i
             width = int(planes * (self.width_per_group / 64.0)) * self.groups
             blocks = []
             for j in range(n):
                 stride = 2 if (i > 0 and j == 0) else 1
-                block = cls(channels, planes * cls.expansion, stride, width, **shared)
+                rate = self.drop_path_rate * index / (total - 1) if total > 1 else 0.0
+                block = cls(channels, planes * cls.expansion, stride, width, drop_path_rate=rate, **shared)
                 blocks.append((f"layer{i + 1}.{j}", block))
-                channels = block.out_channels
+                channels, index = block.out_channels, index + 1
             stages.append((f"layer{i + 1}", tuple(blocks)))
         return tuple(stages)
 
     def head_children(self) -> dict[str, Spec]:
-        return {} if self.num_classes is None else {"fc": Linear(self.out_channels, self.num_classes)}
+        if self.num_classes is None:
+            return {}
+        drop = {"drop": Dropout(self.drop_rate)} if self.drop_rate else {}
+        return {"fc": Linear(self.out_channels, self.num_classes), **drop}
 
     def norm_options(self) -> dict[str, Any]:
         bn = dict(variance=self.bn_variance, recompute=self.bn_recompute, fused=self.bn_fused)
@@ -171,6 +194,8 @@ class ResNetDef(Network):
         pooled = super().head(m, feats)
         if self.num_classes is None:
             return pooled
+        if self.drop_rate:
+            pooled = m["drop"](pooled)
         return m["fc"](pooled).astype(jnp.promote_types(self.param_dtype, jnp.float32))
 
 

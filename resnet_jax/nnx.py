@@ -27,7 +27,7 @@ from flax import nnx
 
 from resnet_jax import blocks, names, ops, presets
 from resnet_jax.batchnorm import BN_VARIANCES, batch_norm, bn_fields, fold_act
-from resnet_jax.layers import Conv, Linear, Node, Norm
+from resnet_jax.layers import Conv, Dropout, Linear, Node, Norm
 from resnet_jax.networks import NETWORKS, Network, ResNetBaseDef, ResNetDef, ResNetV2Def
 from resnet_jax.ops import check_images
 from resnet_jax.presets import ALL_PRESETS, PRESETS
@@ -198,6 +198,8 @@ def _create(spec: Any, f: Factories, rngs: nnx.Rngs) -> nnx.Module:
         return nnx.Linear(
             spec.in_features, spec.out_features, dtype=f.dtype, param_dtype=f.param_dtype, rngs=rngs, **linear
         )
+    if isinstance(spec, Dropout):  # a stream forked from rngs.dropout; model.eval() makes it the identity
+        return nnx.Dropout(spec.rate, broadcast_dims=spec.broadcast_dims, rngs=rngs)
     return Block(spec, f, rngs=rngs)
 
 

@@ -13,10 +13,11 @@ from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from resnet_jax import ops
 from resnet_jax.blocks import BlockType, block_class
-from resnet_jax.layers import Conv, Layers, Network, Node, Norm, Spec, Stages
+from resnet_jax.layers import Conv, Dropout, Layers, Network, Node, Norm, Spec, Stages, check_rate, drop_path
 
 Array = jax.Array
 Dtype = Any
@@ -33,6 +34,7 @@ class PreActBottleneck(Node):
     input; with ``avg_down`` a 2x2 average pool first), which timm gives the first block of
     every stage. ``norm`` is ``'batch'`` (the network's BatchNorm) or ``'group'`` (GroupNorm of
     32 groups, BiT's); ``standardize`` is the weight standardisation's epsilon (0: plain convs).
+    ``drop_path_rate``: stochastic depth of the residual branch (timm's ``drop_path``).
     """
 
     in_channels: int
@@ -44,6 +46,10 @@ class PreActBottleneck(Node):
     avg_down: bool = False
     norm: str = "batch"
     standardize: float = 0.0
+    drop_path_rate: float = 0.0
+
+    def __post_init__(self):
+        check_rate("drop_path_rate", self.drop_path_rate)
 
     def children(self) -> Mapping[str, Spec]:
         w, std = self.width or self.out_channels // 4, self.standardize
@@ -52,15 +58,17 @@ class PreActBottleneck(Node):
             out["downsample"] = Downsample(
                 self.in_channels, self.out_channels, self.stride, self.avg_down, std
             )
-        return {
-            **out,
+        out.update({
             "norm1": Norm(self.in_channels, kind=self.norm),
             "conv1": Conv(self.in_channels, w, 1, standardize=std),
             "norm2": Norm(w, kind=self.norm),
             "conv2": Conv(w, w, 3, self.stride, self.groups, standardize=std),
             "norm3": Norm(w, kind=self.norm),
             "conv3": Conv(w, self.out_channels, 1, standardize=std),
-        }
+        })  # fmt: skip
+        if self.drop_path_rate:
+            out["drop_path"] = drop_path(self.drop_path_rate)
+        return out
 
     def forward(self, m: Layers, x: Array) -> Array:
         x_preact = m["norm1"](x, act=m.act)
@@ -68,6 +76,8 @@ class PreActBottleneck(Node):
         y = m["conv1"](x_preact)
         y = m["conv2"](m["norm2"](y, act=m.act))
         y = m["conv3"](m["norm3"](y, act=m.act))
+        if self.drop_path_rate:
+            y = m["drop_path"](y)
         return y + shortcut
 
 
@@ -151,16 +161,22 @@ class Stage(Node):
 
 @dataclasses.dataclass(frozen=True)
 class ConvHead(Node):
-    """timm's ``ClassifierHead(use_conv=True)``: ``head.fc``, a 1x1 conv with a bias on the
-    pooled ``[batch, 1, 1, channels]`` features."""
+    """timm's ``ClassifierHead(use_conv=True)``: dropout of ``drop_rate`` (``head.drop``), then
+    ``head.fc``, a 1x1 conv with a bias on the pooled ``[batch, 1, 1, channels]`` features."""
 
     in_channels: int
     num_classes: int
+    drop_rate: float = 0.0
 
     def children(self) -> Mapping[str, Spec]:
-        return {"fc": Conv(self.in_channels, self.num_classes, 1, bias=True)}
+        out: dict[str, Spec] = {"fc": Conv(self.in_channels, self.num_classes, 1, bias=True)}
+        if self.drop_rate:
+            out["drop"] = Dropout(self.drop_rate)
+        return out
 
     def forward(self, m: Layers, x: Array) -> Array:
+        if self.drop_rate:
+            x = m["drop"](x)
         return m["fc"](x[:, None, None, :])[:, 0, 0, :]
 
 
@@ -188,6 +204,10 @@ class ResNetV2Def(Network):
         avg_down: Average-pool downsampling shortcuts (ResNet-D).
         norm_layer: ``'batch'`` (BatchNorm) or ``'group'`` (GroupNorm, 32 groups).
         std_conv_eps: Weight standardisation's epsilon in every conv; 0: plain convs (BiT: 1e-8).
+        drop_rate: Dropout before the classifier in training (timm's ``head.drop``); none
+            without a classifier.
+        drop_path_rate: Stochastic depth: the last block's drop-path probability in training,
+            rising linearly from 0 at the first block (timm's ``drop_path_rate``).
         img_channels: Input image channels.
         momentum: BatchNorm momentum, Flax's convention (0.9 is PyTorch's 0.1).
         epsilon: BatchNorm epsilon.
@@ -206,12 +226,19 @@ class ResNetV2Def(Network):
     avg_down: bool = False
     norm_layer: str = "batch"
     std_conv_eps: float = 0.0
+    drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
     img_channels: int = 3
     momentum: float = 0.9
     epsilon: float = 1e-5
     axis_name: Optional[str] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_rate("drop_rate", self.drop_rate)
+        check_rate("drop_path_rate", self.drop_path_rate)
 
     def stem_node(self) -> PreActStem:
         if self.stem_type not in ("", "fixed", "deep"):
@@ -224,13 +251,15 @@ class ResNetV2Def(Network):
     def stages(self) -> Stages:
         cls = block_class(self.block, PREACT_BLOCKS)
         stages, cin = [], self.stem_node().out_channels
-        for i, (n, c) in enumerate(zip(self.stage_sizes, self.channels)):
+        sizes = tuple(self.stage_sizes[: len(self.channels)])
+        rates = iter(linspace_float32(self.drop_path_rate, sum(sizes)))
+        for i, (n, c) in enumerate(zip(sizes, self.channels)):
             out = c * self.width_factor
             blocks = []
             for j in range(n):
                 block = cls(
                     cin, out, 2 if (i > 0 and j == 0) else 1, project=j == 0, avg_down=self.avg_down,
-                    norm=self.norm_layer, standardize=self.std_conv_eps,
+                    norm=self.norm_layer, standardize=self.std_conv_eps, drop_path_rate=next(rates),
                 )  # fmt: skip
                 blocks.append((f"stages.{i}.blocks.{j}", block))
                 cin = out
@@ -243,7 +272,7 @@ class ResNetV2Def(Network):
             out[f"stages.{i}"] = Stage(tuple(b for _, b in blocks))
         out["norm"] = Norm(self.out_channels, kind=self.norm_layer)
         if self.num_classes is not None:
-            out["head"] = ConvHead(self.out_channels, self.num_classes)
+            out["head"] = ConvHead(self.out_channels, self.num_classes, self.drop_rate)
         return out
 
     def features(self, m: Layers, x: Array) -> dict[str, Array]:
@@ -260,3 +289,15 @@ class ResNetV2Def(Network):
         if self.num_classes is None:
             return pooled
         return m["head"](pooled).astype(jnp.promote_types(self.param_dtype, jnp.float32))
+
+
+def linspace_float32(stop: float, n: int) -> list[float]:
+    """``torch.linspace(0, stop, n).tolist()`` as PyTorch's CPU kernel computes it in float32: a
+    float32 step, the first half up from 0 and the second half down from ``stop``, each value one
+    fused multiply-add (one rounding, done here in float64, where the product is exact). These
+    are timm's ResNetV2 drop-path rates per block (``calculate_drop_path_rates``), to the bit."""
+    if n < 2:
+        return [0.0] * n
+    end = np.float32(stop)
+    step = float(end / np.float32(n - 1))
+    return [float(np.float32(step * i if i < n // 2 else float(end) - step * (n - 1 - i))) for i in range(n)]

@@ -157,6 +157,41 @@ def test_sigkill_mid_epoch_then_restart_is_bitwise_identical(reference, tmp_path
     _assert_same_params(workdir, reference)
 
 
+# Issue 43's ingredients so far: drop path (two blocks, so the second has a rate), dropout, timm's
+# BCE with smoothing and threshold, AdamW, gradient clipping.
+RECIPE = [
+    "--config.model.overrides.stage_sizes=(1,1)",
+    "--config.model.drop_path_rate=0.2",
+    "--config.model.drop_rate=0.2",
+    "--config.loss=bce",
+    "--config.label_smoothing=0.1",
+    "--config.bce_target_threshold=0.2",
+    "--config.optimizer=adamw",
+    "--config.learning_rate=0.003",
+    "--config.weight_decay=0.05",
+    "--config.grad_clip_norm=1.0",
+]
+
+
+def test_sigkill_with_recipe_features_on_resumes_bitwise(tmp_path):
+    """Random draws keyed on (seed, step), and the AdamW state, survive a SIGKILL mid-epoch."""
+    reference = str(tmp_path / "reference")
+    assert _run(reference, *RECIPE).returncode == 0
+    workdir = str(tmp_path / "killed")
+    proc = _start(workdir, *RECIPE, "--config.debug_step_delay_s=0.05")
+    try:
+        _wait_for_step(proc, workdir, 16)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    restart = _run(workdir, *RECIPE)
+    assert restart.returncode == 0, restart.stderr[-3000:]
+    assert 0 < int(restart.stdout.split("Resuming from checkpoint step ")[1].split()[0]) < STEPS
+    _assert_same_params(workdir, reference)
+
+
 @_SHARES_REFERENCE
 def test_sigterm_saves_current_step_exits_0_and_resumes(reference, tmp_path):
     workdir = str(tmp_path / "preempted")

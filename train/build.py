@@ -199,12 +199,24 @@ def build_steps(
         model,
         tx,
         label_smoothing=config.label_smoothing,
+        loss=config.loss,
+        bce_target_threshold=config.bce_target_threshold,
+        bce_sum=config.bce_sum,
+        dropout_rng=dropout_rng(config),
         axis_name=axis_name,
         lr_schedule=schedule,
         input_stats=input_stats,
         mixup=MixupOptions.from_config(config, info.num_classes),
     )
     return Steps(model, dtype, tx, schedule, create_state, train_step, eval_step)
+
+
+def dropout_rng(config: Any) -> jax.Array | None:
+    """The key of the model's dropout and drop path (None when both rates are 0): the seed's,
+    folded apart from the initialisation's."""
+    if not (config.model.drop_rate or config.model.drop_path_rate):
+        return None
+    return jax.random.fold_in(jax.random.key(config.seed, impl=config.rng_impl or None), 1)
 
 
 def restore_or_init(run: Run) -> tuple[Any, int]:

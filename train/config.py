@@ -7,13 +7,13 @@ import runpy
 from pathlib import Path
 from typing import Any
 
-from train import optim, parallel
+from train import optim, parallel, steps
 from train.data import registry
 from train.data.augment import TRAIN_AUGMENTATIONS
 from train.data.core import DatasetError
 from train.data.erase import ERASE_MODES
 from train.mixup import MixupOptions
-from train.model import DTYPES, architectures, check_overrides, resolve_dtype
+from train.model import BASE_ARCH, DTYPES, architectures, check_overrides, resolve_dtype
 
 # Every field train/ reads is defined here, with its comment and default (configs/ is not a
 # package: it is run by its path, as --config=configs/default.py does).
@@ -148,8 +148,19 @@ def validate_config(
         raise ConfigError(f"config.debug_step_delay_s must be >= 0; got {config.debug_step_delay_s}.")
     if config.num_train_steps <= 0 and config.num_epochs <= 0 and not config.eval_only:
         raise ConfigError("nothing to train: set config.num_train_steps > 0 or num_epochs > 0.")
-    if not 0.0 <= config.label_smoothing < 1.0:
-        raise ConfigError(f"config.label_smoothing must be in [0, 1); got {config.label_smoothing}.")
+    _choice(config, "loss", steps.LOSSES)
+    for field in ("drop_rate", "drop_path_rate"):
+        if not 0.0 <= config.model[field] < 1.0:
+            raise ConfigError(f"config.model.{field} must be in [0, 1); got {config.model[field]}.")
+        if config.model[field] and config.model.arch == BASE_ARCH:
+            raise ConfigError(f"config.model.{field} needs a ResNet or ResNetV2 arch, not 'resnet_base'.")
+    for field in ("label_smoothing", "bce_target_threshold"):
+        if not 0.0 <= config[field] < 1.0:
+            raise ConfigError(f"config.{field} must be in [0, 1); got {config[field]}.")
+    if config.grad_clip_norm < 0:
+        raise ConfigError(f"config.grad_clip_norm must be >= 0 (0: off); got {config.grad_clip_norm}.")
+    if len(config.opt_betas) != 2 or not all(0.0 <= b < 1.0 for b in config.opt_betas):
+        raise ConfigError(f"config.opt_betas must be two numbers in [0, 1); got {tuple(config.opt_betas)}.")
     if config.learning_rate < 0 or config.weight_decay < 0:
         raise ConfigError("config.learning_rate and config.weight_decay must be >= 0.")
     _check_fine_tuning(config)

@@ -123,8 +123,11 @@ def build_model(
 ) -> nn.Module:
     """The classifier for ``model_config`` (``arch``, ``overrides``); parameters stay float32
     (float64 when ``dtype`` is float64)."""
-    arch = model_config["arch"]  # config.model, or a dict with its two fields
+    arch = model_config["arch"]  # config.model, or a dict with its fields
     overrides = _tuples(dict(model_config["overrides"] or {}))
+    for field in ("drop_rate", "drop_path_rate"):  # timm's regularisers; 0 leaves them unset
+        if field in model_config and model_config[field]:
+            overrides[field] = model_config[field]
     common = {"img_channels": img_channels, "dtype": dtype, "axis_name": axis_name}
     if dtype == jnp.float64:
         common["param_dtype"] = jnp.float64

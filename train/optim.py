@@ -5,9 +5,12 @@
 * ``lr_schedule``: ``'cosine'`` (linear warm-up then cosine to 0), ``'polynomial'`` (warm-up
   then ``(1 - t)^lr_decay_power`` to ``end_learning_rate``, the LARS/MLPerf schedule) or
   ``'constant'`` (after warm-up).
-* ``optimizer``: ``'sgd'`` (momentum, optional Nesterov, decoupled-from-loss L2 weight decay)
-  or ``'lars'`` (``optax.lars``). BatchNorm parameters and biases are excluded from weight decay
-  (and from LARS trust-ratio scaling) unless ``weight_decay_on_bn_and_bias``.
+* ``optimizer``: ``'sgd'`` (momentum, optional Nesterov, decoupled-from-loss L2 weight decay),
+  ``'lars'`` (``optax.lars``) or ``'adamw'`` (``torch.optim.AdamW``'s decoupled weight decay,
+  with ``opt_betas`` and ``opt_eps``). BatchNorm parameters and biases are excluded from weight
+  decay (and from LARS trust-ratio scaling) unless ``weight_decay_on_bn_and_bias``.
+* ``grad_clip_norm`` > 0 scales the gradients to at most this global norm first, as
+  ``torch.nn.utils.clip_grad_norm_`` does before ``optimizer.step()``.
 * fine-tuning: ``freeze_backbone`` or ``backbone_lr_multiplier`` (everything but ``fc``).
 """
 
@@ -16,10 +19,11 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 SCHEDULES = ("cosine", "polynomial", "constant")
-OPTIMIZERS = ("sgd", "lars")
+OPTIMIZERS = ("sgd", "lars", "adamw")
 
 
 def peak_learning_rate(config: Any) -> float:
@@ -69,16 +73,33 @@ def head_labels(params: Any) -> Any:
     }
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """``torch.nn.utils.clip_grad_norm_``: the gradients times ``min(1, max_norm / (norm + 1e-6))``.
+    (``optax.clip_by_global_norm`` divides by the norm itself, which differs by about 1e-6
+    relative from PyTorch whenever it clips.)"""
+
+    def update(updates, state, params=None):
+        del params
+        norm = optax.tree.norm(updates)
+        coef = jnp.minimum(max_norm / (norm + 1e-6), 1.0)
+        return jax.tree.map(lambda g: g * coef.astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def create_optimizer(config: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
     """The optimizer; with ``freeze_backbone`` or ``backbone_lr_multiplier`` the backbone gets
-    zero updates (and no optimizer state) or its updates scaled (``optax.multi_transform``)."""
+    zero updates (and no optimizer state) or its updates scaled (``optax.multi_transform``);
+    ``grad_clip_norm`` clips the gradients of all parameters first."""
     tx = _optimizer(config, schedule)
     freeze = bool(config.freeze_backbone)
     multiplier = float(config.backbone_lr_multiplier)
-    if not freeze and multiplier == 1.0:
-        return tx
-    backbone = optax.set_to_zero() if freeze else optax.chain(tx, optax.scale(multiplier))
-    return optax.multi_transform({"head": tx, "backbone": backbone}, head_labels)
+    if freeze or multiplier != 1.0:
+        backbone = optax.set_to_zero() if freeze else optax.chain(tx, optax.scale(multiplier))
+        tx = optax.multi_transform({"head": tx, "backbone": backbone}, head_labels)
+    if config.grad_clip_norm:
+        tx = optax.chain(clip_by_global_norm(float(config.grad_clip_norm)), tx)
+    return tx
 
 
 def _optimizer(config: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
@@ -102,4 +123,7 @@ def _optimizer(config: Any, schedule: optax.Schedule) -> optax.GradientTransform
             momentum=float(config.momentum),
             nesterov=bool(config.nesterov),
         )
+    if kind == "adamw":
+        b1, b2 = (float(b) for b in config.opt_betas)
+        return optax.adamw(schedule, b1=b1, b2=b2, eps=float(config.opt_eps), weight_decay=wd, mask=mask)
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}; got {kind!r}.")

@@ -14,7 +14,8 @@ Public API (stable; also used by benchmark scripts)::
                                  input_stats=(mean, std))
     eval_step = make_eval_step(model, axis_name=None, input_stats=(mean, std))
 
-Batches are dicts ``{'image': [B, H, W, C], 'label': [B] int}``: float images are taken as
+Batches are dicts ``{'image': [B, H, W, C], 'label': [B] int}`` (training also takes soft targets,
+``'label': [B, num_classes]``, as mixup makes): float images are taken as
 normalised, ``uint8`` images as pixels that the step normalises with ``input_stats=(mean, std)``
 (per channel, 0..255 units) on the device; eval batches may add
 ``'mask'`` ([B], 1 for real examples, 0 for padding). Train metrics are batch means
@@ -105,14 +106,79 @@ def create_train_state(
     )
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
-    """Per-example softmax cross-entropy against (optionally smoothed) one-hot labels."""
-    num_classes = logits.shape[-1]
+# The training losses (``config.loss``).
+LOSSES = ("softmax", "bce")
+
+
+def _targets(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Class probabilities ``[B, C]`` in the loss's dtype: int ``labels`` ``[B]`` one-hot, soft
+    targets (mixup's) as given."""
     dtype = jnp.promote_types(logits.dtype, jnp.float32)  # float32, or float64 for a float64 run
-    targets = jax.nn.one_hot(labels, num_classes, dtype=dtype)
+    if labels.ndim == logits.ndim:
+        return labels.astype(dtype)
+    return jax.nn.one_hot(labels, logits.shape[-1], dtype=dtype)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+    """Per-example softmax cross-entropy, as ``torch.nn.CrossEntropyLoss(label_smoothing=)``:
+    ``labels`` are int classes ``[B]`` or probabilities ``[B, C]``, either smoothed towards
+    uniform (``t * (1 - s) + s / C``)."""
+    targets = _targets(logits, labels)
     if label_smoothing:
-        targets = targets * (1.0 - label_smoothing) + label_smoothing / num_classes
-    return optax.softmax_cross_entropy(logits.astype(dtype), targets)
+        targets = targets * (1.0 - label_smoothing) + label_smoothing / logits.shape[-1]
+    return optax.softmax_cross_entropy(logits.astype(targets.dtype), targets)
+
+
+def binary_cross_entropy(
+    logits: jax.Array,
+    labels: jax.Array,
+    label_smoothing: float = 0.0,
+    target_threshold: float = 0.0,
+    sum_classes: bool = False,
+) -> jax.Array:
+    """Per-example sigmoid cross-entropy over the classes, as timm's ``BinaryCrossEntropy``
+    (the loss of "ResNet strikes back"): each class is its own yes/no question.
+
+    Int ``labels`` become one-hot targets smoothed as timm does (``s / C`` off, ``1 - s + s / C``
+    on); soft targets ``[B, C]`` are taken as given (timm leaves their smoothing to mixup).
+    ``target_threshold`` > 0 makes every target above it 1 and the rest 0. The mean over the
+    batch of these values is timm's loss: each is the mean over the classes, or with
+    ``sum_classes`` (timm's ``sum_classes``) their sum.
+    """
+    targets = _targets(logits, labels)
+    if label_smoothing and labels.ndim < logits.ndim:
+        off = label_smoothing / logits.shape[-1]
+        targets = targets * (1.0 - label_smoothing) + off
+    if target_threshold:
+        targets = (targets > target_threshold).astype(targets.dtype)
+    per_class = optax.sigmoid_binary_cross_entropy(logits.astype(targets.dtype), targets)
+    return per_class.sum(-1) if sum_classes else per_class.mean(-1)
+
+
+def make_loss(
+    loss: str = "softmax",
+    *,
+    label_smoothing: float = 0.0,
+    bce_target_threshold: float = 0.0,
+    bce_sum: bool = False,
+) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """``loss(logits, labels) -> [B]``, the per-example training loss named ``loss``
+    (``'softmax'``: :func:`cross_entropy`; ``'bce'``: :func:`binary_cross_entropy`)."""
+    if loss == "softmax":
+        return functools.partial(cross_entropy, label_smoothing=label_smoothing)
+    if loss == "bce":
+        return functools.partial(
+            binary_cross_entropy,
+            label_smoothing=label_smoothing,
+            target_threshold=bce_target_threshold,
+            sum_classes=bce_sum,
+        )
+    raise ValueError(f"loss must be 'softmax' or 'bce'; got {loss!r}.")
+
+
+def hard_labels(labels: jax.Array) -> jax.Array:
+    """Int classes ``[B]`` for the accuracy metrics: soft targets' most likely class."""
+    return jnp.argmax(labels, axis=-1) if labels.ndim == 2 else labels
 
 
 def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -152,6 +218,10 @@ def make_train_step(
     tx: optax.GradientTransformation,
     *,
     label_smoothing: float = 0.0,
+    loss: str = "softmax",
+    bce_target_threshold: float = 0.0,
+    bce_sum: bool = False,
+    dropout_rng: jax.Array | None = None,
     axis_name: str | None = None,
     lr_schedule: optax.Schedule | None = None,
     input_stats: InputStats | None = None,
@@ -169,7 +239,15 @@ def make_train_step(
     Args:
         model: The Linen model, called with ``train=True``.
         tx: The optimizer.
-        label_smoothing: Label smoothing of the cross-entropy loss (0: none).
+        label_smoothing: Label smoothing of the loss (0: none).
+        loss: ``'softmax'`` (cross-entropy) or ``'bce'`` (timm's binary cross-entropy); see
+            :func:`make_loss`. ``batch['label']`` may hold int classes or soft targets ``[B, C]``.
+        bce_target_threshold: ``'bce'``: targets above it become 1, the rest 0 (0: off).
+        bce_sum: ``'bce'``: sum over the classes instead of the mean.
+        dropout_rng: The key of a model with dropout or drop path (``drop_rate``,
+            ``drop_path_rate``): each step draws from it folded with the step number (and the
+            pmap device), so a resumed run draws what the uninterrupted one did. None: the
+            model draws nothing.
         axis_name: The pmap axis; None under jit.
         lr_schedule: Adds the step's learning rate to the metrics; None leaves it out.
         input_stats: ``(mean, std)`` per channel on the 0-255 pixel scale (the dataset's
@@ -179,33 +257,44 @@ def make_train_step(
             soft targets (``train/mixup.py``); None: off, and the step is as without it.
     """
 
-    def loss_fn(params, batch_stats, batch):
+    per_example_loss = make_loss(
+        loss, label_smoothing=label_smoothing, bce_target_threshold=bce_target_threshold, bce_sum=bce_sum
+    )
+
+    def loss_fn(params, batch_stats, batch, rngs):
         logits, updates = model.apply(
             {"params": params, "batch_stats": batch_stats},
             model_input(batch["image"], input_stats),
             train=True,
             mutable=["batch_stats"],
+            **rngs,
         )
-        if "target" in batch:  # mixed: soft targets, already smoothed
-            loss = jnp.mean(soft_cross_entropy(logits, batch["target"]))
-        else:
-            loss = jnp.mean(cross_entropy(logits, batch["label"], label_smoothing))
-        return loss, (logits, updates["batch_stats"])
+        if "target" in batch and loss == "softmax":  # mixed: soft targets, already smoothed
+            per_example = soft_cross_entropy(logits, batch["target"])
+        else:  # timm's BCE takes mixed targets as given, and smooths only int labels
+            per_example = per_example_loss(logits, batch.get("target", batch["label"]))
+        return jnp.mean(per_example), (logits, updates["batch_stats"])
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         if mixup is not None:
             images = model_input(batch["image"], input_stats)
             images, targets = mix_in_step(mixup, state.step, images, batch["label"], axis_name)
             batch = {**batch, "image": images, "target": targets}
+        rngs = {}
+        if dropout_rng is not None:
+            key = jax.random.fold_in(dropout_rng, state.step)
+            if axis_name is not None:  # each device its own draws
+                key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+            rngs = {"rngs": {"dropout": key}}
         if state.dynamic_scale is not None:
             # DynamicScale pmeans the gradients itself when given the axis.
             grad_fn = state.dynamic_scale.value_and_grad(loss_fn, has_aux=True, axis_name=axis_name)
             dynamic_scale, is_finite, (loss, (logits, batch_stats)), grads = grad_fn(
-                state.params, state.batch_stats, batch
+                state.params, state.batch_stats, batch, rngs
             )
         else:
             grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-            (loss, (logits, batch_stats)), grads = grad_fn(state.params, state.batch_stats, batch)
+            (loss, (logits, batch_stats)), grads = grad_fn(state.params, state.batch_stats, batch, rngs)
             if axis_name is not None:
                 grads = jax.lax.pmean(grads, axis_name)
             dynamic_scale, is_finite = None, None
@@ -228,10 +317,11 @@ def make_train_step(
                 batch_stats=jax.tree.map(keep, batch_stats, state.batch_stats),
             )
 
+        labels = hard_labels(batch["label"])
         metrics = {
             "loss": loss,
-            "accuracy": jnp.mean(topk_correct(logits, batch["label"], 1)),
-            "top5_accuracy": jnp.mean(topk_correct(logits, batch["label"], 5)),
+            "accuracy": jnp.mean(topk_correct(logits, labels, 1)),
+            "top5_accuracy": jnp.mean(topk_correct(logits, labels, 5)),
         }
         if axis_name is not None:
             metrics = jax.lax.pmean(metrics, axis_name)

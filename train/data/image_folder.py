@@ -9,9 +9,9 @@ its folder, sub-folders included (``train/cat/2019/*.jpg``), listed in torchvisi
 
 Batches are what the TFDS path yields: ``uint8`` pixels (normalised in the jitted step),
 ``int32`` labels, and ``mask`` for eval. Decoding and augmentation (``image_ops.py``, with the
-options of ``augment.py``) run in ``config.grain_worker_count`` Grain worker processes (``mp_prefetch``; 0 decodes in this process,
-on Grain's read threads; -1, the default, starts one per core on hosts of 3 cores or more, and
-none on smaller ones: ``default_worker_count``).
+options of ``augment.py``) run in ``config.grain_worker_count`` Grain worker processes
+(``mp_prefetch``; 0 decodes in this process, on Grain's read threads; -1, the default, starts one
+per core on hosts of 3 cores or more, and none on smaller ones: ``default_worker_count``).
 
 Order and resume (the project's skip rule, as for the other sources): epoch ``e`` visits the
 training files in the permutation drawn from ``(seed, e)``, the same on every host; global

@@ -1,0 +1,99 @@
+"""train.optim's ``grad_clip_norm`` and ``optimizer='adamw'`` against PyTorch's own
+(``torch.nn.utils.clip_grad_norm_``, ``torch.optim.AdamW`` with timm's no-decay group for
+BatchNorm and biases) at float64, and the config's one-line errors."""
+
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from resnet_jax.parity import rel  # noqa: E402
+from train import optim  # noqa: E402
+from train.config import ConfigError, default_config, validate_config  # noqa: E402
+
+SHAPES = {"conv": {"kernel": (3, 3, 2, 4)}, "bn": {"scale": (4,), "bias": (4,)}, "fc": {"kernel": (4, 3)}}
+
+
+@pytest.fixture
+def x64():
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", False)
+
+
+def _tree(rng, scale=1.0):
+    return jax.tree.map(lambda s: rng.normal(0, scale, s), SHAPES, is_leaf=lambda s: isinstance(s, tuple))
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e3])
+def test_grad_clip_equals_torch_clip_grad_norm(max_norm, x64):
+    grads = _tree(np.random.default_rng(0))
+    ours, _ = optim.clip_by_global_norm(max_norm).update(jax.tree.map(jnp.asarray, grads), optax.EmptyState())
+    leaves = [torch.from_numpy(g.copy()).requires_grad_() for g in jax.tree.leaves(grads)]
+    for t in leaves:
+        t.grad = t.detach().clone()
+    torch.nn.utils.clip_grad_norm_(leaves, max_norm)
+    for a, t in zip(jax.tree.leaves(ours), leaves):
+        assert rel(a, t.grad.numpy()) < 1e-15
+    if max_norm > 1e2:  # nothing to clip: the gradients unchanged, bit for bit
+        assert all(np.array_equal(a, g) for a, g in zip(jax.tree.leaves(ours), jax.tree.leaves(grads)))
+
+
+def test_adamw_with_clipping_equals_torch_for_three_steps(x64):
+    c = default_config()
+    c.optimizer, c.weight_decay, c.opt_betas, c.opt_eps, c.grad_clip_norm = (
+        "adamw",
+        0.05,
+        (0.8, 0.99),
+        1e-7,
+        2.0,
+    )
+    lr = 3e-3
+    tx = optim.create_optimizer(c, optax.constant_schedule(lr))
+    rng = np.random.default_rng(1)
+    params = _tree(rng)
+    grads = [_tree(rng, scale) for scale in (3.0, 0.1, 1.0)]  # clipped, not clipped, clipped
+
+    p = jax.tree.map(jnp.asarray, params)
+    state = tx.init(p)
+    for g in grads:
+        updates, state = tx.update(jax.tree.map(jnp.asarray, g), state, p)
+        p = optax.apply_updates(p, updates)
+
+    flat = jax.tree.leaves(params)
+    tp = [torch.from_numpy(a.copy()).requires_grad_() for a in flat]
+    groups = [  # timm's param_groups_weight_decay: no decay for 1-D parameters (BatchNorm, biases)
+        {"params": [t for t in tp if t.ndim > 1], "weight_decay": 0.05},
+        {"params": [t for t in tp if t.ndim <= 1], "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.8, 0.99), eps=1e-7)
+    for g in grads:
+        for t, a in zip(tp, jax.tree.leaves(g)):
+            t.grad = torch.from_numpy(a.copy())
+        torch.nn.utils.clip_grad_norm_(tp, 2.0)
+        opt.step()
+    for a, t in zip(jax.tree.leaves(p), tp):
+        assert rel(a, t.detach().numpy()) < 1e-13
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("optimizer", "adam", "config.optimizer='adam' is not valid; choose one of: sgd, lars, adamw."),
+        ("grad_clip_norm", -1.0, "config.grad_clip_norm must be >= 0 (0: off); got -1.0."),
+        ("opt_betas", (0.9, 1.0), "config.opt_betas must be two numbers in [0, 1); got (0.9, 1.0)."),
+    ],
+)
+def test_bad_optimizer_fields_are_one_line_errors(field, value, message):
+    c = default_config()
+    c[field] = value
+    with pytest.raises(ConfigError) as e:
+        validate_config(c, device_count=1, process_count=1)
+    assert str(e.value) == message
