@@ -38,16 +38,22 @@ def _other_accelerator() -> bool:
     )
 
 
+_SWITCHED = []  # [True] once this module has chosen the CPU (at ``import resnet_jax``, say)
+
+
 def skip_absent_tpu() -> bool:
     """Use the CPU backend when libtpu is installed but no TPU (nor GPU) is attached; before any
-    JAX computation. Returns True when it did."""
+    JAX computation. Returns True when it did (now, or at an earlier call)."""
     import jax
 
+    if _SWITCHED:
+        return True
     if os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms:
         return False
     if importlib.util.find_spec("libtpu") is None or _tpu_on_pci_bus() or _other_accelerator():
         return False
     jax.config.update("jax_platforms", "cpu")
+    _SWITCHED.append(True)
     return True
 
 

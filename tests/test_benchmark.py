@@ -552,3 +552,13 @@ def test_gpu_summary_reports_grain_scaling_and_the_in_process_rate(tmp_path):
     assert "Grain 500 img/s (x1)" in one and "no workers" not in one
     assert "Grain 1900 img/s (x3.8)" in four and "Grain / work_only 0.95" in four
     assert "no workers (read threads) x0.9 the default" in four
+
+
+def test_program_hash_is_the_same_for_the_same_program_and_differs_for_another():
+    """The refactor check: a preset's fingerprint repeats; another architecture's differs."""
+    from benchmarks import program_hash
+
+    a, b = resnet_jax.get_model("resnet18", num_classes=10, stage_sizes=(1, 1)), None
+    b = a.clone(stage_sizes=(1, 2))
+    assert program_hash.linen_fingerprint(a, 32) == program_hash.linen_fingerprint(a.clone(), 32)
+    assert program_hash.linen_fingerprint(a, 32) != program_hash.linen_fingerprint(b, 32)

@@ -256,13 +256,15 @@ def test_import_resnet_jax_without_jax_platforms_prints_no_tpu_errors(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "arch,api", [("resnetv2_50x1_bit", "linen"), ("resnetv2_50d", "nnx"), ("resnetv2_101", "linen")]
+    "arch,api", [("resnetv2_50x1_bit", "linen"), ("resnetv2_50d", "nnx"), ("resnetv2_50", "linen")]
 )
 def test_resnetv2_and_bit_match_timm_at_float64(arch, api):
     """timm's ResNetV2 (BatchNorm, deep stem with average-pool shortcuts) and BiT (GroupNorm,
     weight-standardised convs, the zero-padded stem pool) against timm's own modules: forward,
-    gradients and an SGD step, every row within 1e-10."""
+    gradients and an SGD step, every row within 1e-10, at the command's default size and batch
+    (at 32 px and batch 2 the last stage's BatchNorm normalises 2 values per channel, and the
+    train-mode gradients are so ill-conditioned there that rows reached 5e-8)."""
     args = ("--arch", arch, "--reference", "timm", "--dtype", "float64", "--steps", "1")
-    code, result = _cli(*args, "--api", api, "--image-size", "32", "--batch", "2")
+    code, result = _cli(*args, "--api", api)
     assert code == 0 and all(e <= 1e-10 for e in result["rows"].values()), result["rows"]
     assert ("running stats after 1 step" in result["rows"]) == (not arch.endswith("_bit"))
