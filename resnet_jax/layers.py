@@ -143,6 +143,9 @@ class Network(Node):
     def __post_init__(self):
         for f in dataclasses.fields(self):  # lists from configs and JSON: hashable tuples
             object.__setattr__(self, f.name, _as_tuple(getattr(self, f.name)))
+        for name in ("drop_rate", "drop_path_rate"):  # the networks that have them
+            if hasattr(self, name):
+                check_rate(name, getattr(self, name))
 
     # -- the plan --
 

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from resnet_jax.blocks import ATTN_LAYERS, BLOCKS, BlockType, block_class
-from resnet_jax.layers import Conv, Dropout, Layers, Linear, Network, Spec, Stages, StemLayer, check_rate
+from resnet_jax.layers import Conv, Dropout, Layers, Linear, Network, Spec, Stages, StemLayer
 from resnet_jax.resnetv2 import ResNetV2Def
 
 Array = jax.Array
@@ -115,11 +115,6 @@ class ResNetDef(Network):
     stem_pad_channels: Optional[int] = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_rate("drop_rate", self.drop_rate)
-        check_rate("drop_path_rate", self.drop_path_rate)
 
     def stem(self) -> tuple[tuple[StemLayer, ...], bool, bool]:
         """torchvision's 7x7/2 conv, BatchNorm, ReLU, 3x3/2 max-pool; or a 3x3/1 conv without

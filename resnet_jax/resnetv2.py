@@ -235,11 +235,6 @@ class ResNetV2Def(Network):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
-    def __post_init__(self):
-        super().__post_init__()
-        check_rate("drop_rate", self.drop_rate)
-        check_rate("drop_path_rate", self.drop_path_rate)
-
     def stem_node(self) -> PreActStem:
         if self.stem_type not in ("", "fixed", "deep"):
             raise ValueError(f"stem_type must be '', 'fixed' or 'deep'; got {self.stem_type!r}.")
