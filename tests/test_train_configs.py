@@ -348,3 +348,16 @@ def test_hyphenated_flags_read_as_their_underscore_names():
     ]
     fv(accept_hyphens(["prog", "--top-k=3", "--batch-size=8", "--find-max-batch"], fv))
     assert (fv.top_k, fv.batch_size, fv.find_max_batch) == (3, 8, True)
+
+
+def test_model_overrides_are_checked_against_the_presets_own_model():
+    """A ResNetV2 preset takes ResNetV2's fields (``channels``, ``norm_layer``), not ResNet's."""
+    from train.model import check_overrides
+
+    check_overrides(
+        {"arch": "resnetv2_50x1_bit", "overrides": {"channels": (128, 256), "norm_layer": "group"}}
+    )
+    with pytest.raises(ValueError, match=r"small_stem is not a field of resnetv2_50 \(resnet_jax.ResNetV2\)"):
+        check_overrides({"arch": "resnetv2_50", "overrides": {"small_stem": True}})
+    with pytest.raises(ValueError, match=r"channels is not a field of resnet18 \(resnet_jax.ResNet\)"):
+        check_overrides({"arch": "resnet18", "overrides": {"channels": (64,)}})

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 import resnet_jax
+from resnet_jax import presets
+from resnet_jax.networks import NETWORKS
 
 BASE_ARCH = "resnet_base"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float64": jnp.float64}
@@ -48,11 +50,19 @@ def architectures() -> list[str]:
 _SET_BY_THE_PROGRAM = ("num_classes", "img_channels", "dtype", "axis_name", "parent", "name")
 
 
+def _model_class_name(arch: str) -> str:
+    """``'ResNetBase'`` for ``'resnet_base'``; else the preset's model class (``'ResNet'``,
+    ``'ResNetV2'``), or ``'ResNet'`` for a name that is no preset (refused elsewhere)."""
+    if arch == BASE_ARCH:
+        return "ResNetBase"
+    return presets.family(arch) if arch in resnet_jax.ALL_PRESETS else "ResNet"
+
+
 def model_fields(arch: str) -> list[str]:
-    """The fields ``config.model.overrides`` may set for ``arch``: those of ``resnet_jax.ResNet``
-    (of ``ResNetBase`` for ``'resnet_base'``) but the ones the program sets."""
-    cls = resnet_jax.ResNetBase if arch == BASE_ARCH else resnet_jax.ResNet
-    return [f.name for f in dataclasses.fields(cls) if f.name not in _SET_BY_THE_PROGRAM]
+    """The fields ``config.model.overrides`` may set for ``arch``: those of its model's
+    definition (``resnet_jax.networks.NETWORKS``) but the ones the program sets."""
+    definition = NETWORKS[_model_class_name(arch)]
+    return [f.name for f in dataclasses.fields(definition) if f.name not in _SET_BY_THE_PROGRAM]
 
 
 def check_overrides(model_config: Mapping[str, Any]) -> None:
@@ -60,7 +70,7 @@ def check_overrides(model_config: Mapping[str, Any]) -> None:
     the model (with the nearest field's name), or one the program sets itself."""
     arch = model_config["arch"]
     allowed = model_fields(arch)
-    cls = "ResNetBase" if arch == BASE_ARCH else "ResNet"
+    cls = _model_class_name(arch)
     for key in dict(model_config["overrides"] or {}):
         if key in _SET_BY_THE_PROGRAM:
             raise ValueError(
