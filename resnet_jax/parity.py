@@ -390,7 +390,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m resnet_jax.parity", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", required=True, choices=list(ALL_PRESETS) + list(BASE_ARCHS))
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    parser.add_argument("--image-size", type=int, default=None, help="default 64 (32 for resnetbase)")
+    # Each two-word flag in both spellings, as the training program's absl flags accept both.
+    parser.add_argument(
+        "--image-size", "--image_size", type=int, default=None, help="default 64 (32 for resnetbase)"
+    )
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument(
         "--steps",
@@ -399,8 +402,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         help="SGD steps compared; 0 compares forward passes only (eval and train mode), without "
         "compiling a train step: a quick check of a converted or very deep model",
     )
-    parser.add_argument("--num-classes", type=int, default=10)
-    parser.add_argument("--conv-bias", action="store_true", help="resnetbase: biases on every conv")
+    parser.add_argument("--num-classes", "--num_classes", type=int, default=10)
+    parser.add_argument(
+        "--conv-bias", "--conv_bias", action="store_true", help="resnetbase: biases on every conv"
+    )
     parser.add_argument(
         "--labml",
         action="store_true",
@@ -415,7 +420,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--api", default="linen", choices=list(APIS), help="the Flax API under test")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--no-floor", action="store_true", help="float32: skip the PyTorch float32-vs-float64 reference run"
+        "--no-floor",
+        "--no_floor",
+        action="store_true",
+        help="float32: skip the PyTorch float32-vs-float64 reference run",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)

@@ -229,7 +229,8 @@ def test_parity_command_without_jax_platforms_prints_no_tpu_warnings():
     if platform._tpu_on_pci_bus() or platform._other_accelerator():
         pytest.skip("this machine has an accelerator: the command leaves JAX to use it")
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
-    args = ["--arch", "resnetbase", "--steps", "0", "--no-floor", "--batch", "2", "--image-size", "16"]
+    # The underscore spellings, as absl users type them (the other tests use the hyphen ones).
+    args = ["--arch", "resnetbase", "--steps", "0", "--no_floor", "--batch", "2", "--image_size", "16"]
     proc = _parity_process(args, env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["ok"]
