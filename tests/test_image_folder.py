@@ -405,9 +405,10 @@ def test_corrupt_file_stops_naming_it(tmp_path):
     bad = root / "train" / "c1" / "004.png"
     bad.write_bytes(_png()[:40])  # truncated
     ds = registry.create_dataset(folder_config(root, image_size=4, train_augment="none"))
-    with pytest.raises(DatasetError, match=f"cannot decode {bad} .*delete or replace the file"):
+    with pytest.raises(DatasetError, match=f"cannot decode {bad} .*delete or replace the file") as info:
         for _ in ds.train_iterator(12):
             pass
+    assert "_io." not in str(info.value), str(info.value)  # not Pillow's name for its buffer
 
 
 def test_bad_input_on_the_command_line_is_one_line_without_traceback(tmp_path):

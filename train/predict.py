@@ -29,7 +29,6 @@ import csv
 import io
 import json
 import os
-import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 
@@ -39,7 +38,7 @@ from absl import app, flags, logging
 
 from train import build, checkpoint, paths
 from train.data import image_folder, registry
-from train.data.core import DatasetError, DatasetInfo
+from train.data.core import DatasetError, DatasetInfo, decode_reason
 from train.model import create_model
 
 
@@ -160,19 +159,6 @@ def _readable() -> str:
     return f"image files ({', '.join(image_folder.IMAGE_EXTENSIONS)}) and .npy arrays"
 
 
-def _decode_reason(error: BaseException) -> str:
-    """Why an image could not be decoded, without the decoder's internals: Pillow names its
-    in-memory buffer (``<_io.BytesIO object at 0x...>``), TensorFlow its op and device."""
-    error = error.__context__ or error if type(error).__name__ == "ImageDecodeError" else error
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    if type(error).__name__ == "UnidentifiedImageError" or "Unknown image file format" in text:
-        return "not an image file that can be decoded"
-    text = re.sub(
-        r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:\w+\].*$|\s*<_io\.\w+ object at 0x[0-9a-f]+>", "", text
-    )
-    return text[:200] or type(error).__name__
-
-
 def _load(path: str, info: DatasetInfo, crop: float) -> np.ndarray:
     channels = info.image_shape[-1]
     source = registry.get(info.name)
@@ -180,8 +166,9 @@ def _load(path: str, info: DatasetInfo, crop: float) -> np.ndarray:
         try:
             return source.load_image(path, info, crop)
         except Exception as e:
+            cause = e.__context__ if isinstance(e, image_folder.ImageDecodeError) else e
             raise ImageError(
-                f"cannot read {path} as an image ({_decode_reason(e)}); predict reads {_readable()}."
+                f"cannot read {path} as an image ({decode_reason(cause)}); predict reads {_readable()}."
             ) from None
     try:
         with paths.Path(path).open("rb") as f:  # local or gs://

@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import re
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, ClassVar
@@ -37,6 +38,18 @@ IMAGENET_STD = tuple(round(255 * s, 3) for s in constants.IMAGENET_STD)
 
 class DatasetError(ValueError):
     """A dataset is unknown, not prepared, or misconfigured; the message says how to fix it."""
+
+
+def decode_reason(error: BaseException) -> str:
+    """Why an image could not be decoded, in one line without the decoder's internals: Pillow
+    names its in-memory buffer (``<_io.BytesIO object at 0x...>``), TensorFlow its op and device."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if type(error).__name__ == "UnidentifiedImageError" or "Unknown image file format" in text:
+        return "not an image file that can be decoded"
+    text = re.sub(
+        r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:\w+\].*$|\s*<_io\.\w+ object at 0x[0-9a-f]+>", "", text
+    )
+    return text[:160] or type(error).__name__
 
 
 @dataclasses.dataclass(frozen=True)

@@ -51,6 +51,7 @@ from train.data.core import (
     DatasetError,
     DatasetInfo,
     DataSource,
+    decode_reason,
     host_batch_size,
     norm_stats,
     normalize_pixels,
@@ -211,9 +212,8 @@ def load_example(path: str, fn) -> np.ndarray:
     try:
         return fn(read_bytes(path))
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ImageDecodeError(
-            f"cannot decode {path} ({reason[:160]}); delete or replace the file, then rerun to resume."
+            f"cannot decode {path} ({decode_reason(e)}); delete or replace the file, then rerun to resume."
         ) from None
 
 
