@@ -85,6 +85,7 @@ def test_torchvision_schedule_matches_averaged_model_as_its_reference_script_dri
         # ExponentialMovingAverage (AveragedModel with this average and use_buffers=True).
         alpha = min(1.0, (1.0 - decay) * (1 * batch * every / epochs))
         adjusted = 1.0 - alpha
+        at = jax.jit(schedule.at)  # as in the train step: the step number is traced
 
         def ema_avg(avg_model_param, model_param, num_averaged):
             return adjusted * avg_model_param + (1 - adjusted) * model_param
@@ -105,7 +106,7 @@ def test_torchvision_schedule_matches_averaged_model_as_its_reference_script_dri
                     updates += 1
                     if epoch < warmup_epochs:
                         reference.n_averaged.fill_(0)
-                averaged = ema.average(averaged, tree, *schedule.at(epoch * steps_per_epoch + i + 1))
+                averaged = ema.average(averaged, tree, *at(np.int32(epoch * steps_per_epoch + i + 1)))
                 _assert_ema_equal(reference.module, averaged)
         assert updates == 9 and 0 < schedule.decay < 1
         # The average is not a copy of the last model: the comparison above had weight.
@@ -116,6 +117,7 @@ def test_torchvision_schedule_matches_averaged_model_as_its_reference_script_dri
 def test_timm_schedule_matches_model_ema_v3(warmup):
     with jax.enable_x64(True):
         schedule = ema.EmaSchedule.from_config(_config(ema_decay=0.8, ema_warmup=warmup), 5, 15)
+        at = jax.jit(schedule.at)  # as in the train step: the step number is traced
         rng = np.random.default_rng(1)
         model = _torch_model()
         averaged = _draw(model, rng)
@@ -126,7 +128,7 @@ def test_timm_schedule_matches_model_ema_v3(warmup):
             tree = _draw(model, rng)
             reference.update(model, step=n)
             decays.append(reference.get_decay(n))
-            averaged = ema.average(averaged, tree, *schedule.at(n))
+            averaged = ema.average(averaged, tree, *at(np.int32(n)))
             _assert_ema_equal(reference.module, averaged)
         assert decays[0] == 0.0 and decays[-1] == 0.8
         assert (0 < decays[1] < 0.8) == warmup  # the warm-up had effect, and reached the cap
