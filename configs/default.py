@@ -144,6 +144,17 @@ def _optimization(c: ml_collections.ConfigDict) -> None:
     # requires_grad=False). Or train it at backbone_lr_multiplier x the learning rate.
     c.freeze_backbone = False
     c.backbone_lr_multiplier = 1.0
+    # EMA of the weights and BatchNorm statistics (train/ema.py), evaluated beside the model
+    # (eval/ema_accuracy); export --ema and predict use it. 0 = off, else in [0, 1) (timm's and
+    # torchvision's --model-ema-decay). Updated after the optimizer step, keyed on the step.
+    c.ema_decay = 0.0
+    # 0: timm's ModelEmaV3, every step, with ema_decay as given. N > 0: torchvision's
+    # --model-ema-steps: every N steps of an epoch, with its reference script's decay
+    # 1 - min(1, (1 - ema_decay) * batch_size * N / epochs), copying the model through the
+    # warm-up epochs.
+    c.ema_every_steps = 0
+    # timm's --model-ema-warmup (ema_every_steps=0): decay min(ema_decay, 1 - n ** (-2/3)) at step n.
+    c.ema_warmup = False
 
 
 def _loop(c: ml_collections.ConfigDict) -> None:
@@ -179,6 +190,7 @@ def _loop(c: ml_collections.ConfigDict) -> None:
     c.init_from = ""
     c.init_from_torch = ""  # older name of init_from, for PyTorch files
     c.new_head = False  # always re-initialise the classifier (new classes, even of the same count)
+    c.init_from_ema = True  # init_from=<workdir>: its EMA weights when it has them (timm's use_ema)
 
     # --- test-only fault injection (leave at the defaults) ----------------------------------------
     c.debug_nan_step = -1  # >= 0: fill the images of this (0-based) step with NaN

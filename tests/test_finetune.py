@@ -102,6 +102,14 @@ def test_fine_tune_new_head_frozen_backbone_and_resume(pretrained_run, tmp_path,
     assert "Initialised from" not in capsys.readouterr().out.split("Resuming from checkpoint step 6")[-1]
 
 
+def test_resume_of_a_run_without_an_ema_with_the_ema_on_is_one_line(pretrained_run):
+    """A fresh EMA in place of the missing one would silently restart the average: refused."""
+    with pytest.raises(ConfigError) as e:
+        loop.train_and_evaluate(tiny_config(class_subset=(0, 1, 2, 3, 4, 5), ema_decay=0.9), pretrained_run)
+    line = str(e.value)
+    assert "\n" not in line and "was trained with ema_decay=0.0 but this run has 0.9" in line, line
+
+
 def test_init_from_errors_name_the_problem(tmp_path):
     with pytest.raises(ConfigError, match="not a file, a run's workdir or a pretrained name"):
         loop.train_and_evaluate(tiny_config(init_from="no_such_weights"), str(tmp_path / "a"))
@@ -162,10 +170,11 @@ def test_export_loads_strictly_into_pytorch_and_gives_the_same_logits(tmp_path):
     workdir = str(tmp_path / "r18")
     c = tiny_config(num_train_steps=4, checkpoint_every_steps=0, eval_every_steps=-1, eval_at_end=False)
     c.model.arch, c.model.overrides = "resnet18", overrides
+    c.ema_decay = 0.5  # with an EMA: export --ema writes its weights, the default the trained ones
     loop.train_and_evaluate(c, workdir)
-    for suffix in (".safetensors", ".pth"):
+    for suffix, ema in ((".safetensors", True), (".pth", False)):
         out = str(tmp_path / f"model{suffix}")
-        export.export(workdir, out)
+        export.export(workdir, out, ema=ema)
         twin = torch_resnet("resnet18", num_classes=10, img_channels=1, **overrides).eval()
         if suffix == ".pth":
             state_dict = torch.load(out, weights_only=True)
@@ -176,12 +185,14 @@ def test_export_loads_strictly_into_pytorch_and_gives_the_same_logits(tmp_path):
         twin.load_state_dict(state_dict, strict=True)
         config, info = build.load_run_info(workdir)
         model, _ = create_model(config, info)
-        variables = checkpoint.restore_variables(workdir)
+        variables = checkpoint.restore_variables(workdir, ema=ema)
         x = np.random.default_rng(0).normal(size=(4, 8, 8, 1)).astype(np.float32)
         want = np.asarray(model.apply(variables, x, train=False))
         with torch.no_grad():
             got = twin(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    trained, averaged = (checkpoint.restore_variables(workdir, ema=e) for e in (False, True))
+    assert not np.allclose(trained["params"]["fc"]["kernel"], averaged["params"]["fc"]["kernel"])
     with pytest.raises(ConfigError, match="no torchvision/timm"):
         base = str(tmp_path / "base")
         loop.train_and_evaluate(tiny_config(num_train_steps=2, eval_at_end=False, eval_every_steps=-1), base)

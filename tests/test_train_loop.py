@@ -1,5 +1,6 @@
 """The training program end to end on the digits set with a tiny ResNetBase (one CPU device):
-outputs (checkpoints, metrics.jsonl, TensorBoard, PNG), exact resume, eval-only, predict, CLI."""
+outputs (checkpoints, metrics.jsonl, TensorBoard, PNG), exact resume, eval-only, predict, CLI.
+The shared run keeps an EMA (timm's schedule), so each of these covers it too."""
 
 import json
 import os
@@ -26,6 +27,7 @@ from float_bounds import (  # noqa: E402
 from train_worker import digits_eval_arrays, eval_logits, tiny_config  # noqa: E402
 
 from train import checkpoint, loop, optim, predict  # noqa: E402
+from train.config import ConfigError  # noqa: E402
 from train.metrics import read_metrics  # noqa: E402
 
 STEPS = 30
@@ -39,6 +41,7 @@ def config(**kw):
         log_every_steps=5,
         eval_every_steps=15,
         learning_rate=0.1,
+        ema_decay=0.8,
     )
     for k, v in kw.items():
         setattr(c, k, v)
@@ -86,7 +89,9 @@ def test_outputs_of_a_run(run):
     evals = [r for r in records if r["split"] == "eval"]
     assert [r["step"] for r in evals] == [15, 30]
     assert all(r["num_examples"] == 360 for r in evals)
+    assert all({"ema_loss", "ema_accuracy", "ema_top5_accuracy"} <= set(r) for r in evals)
     assert summary["eval"]["accuracy"] == evals[-1]["accuracy"]
+    assert summary["eval"]["ema_accuracy"] == evals[-1]["ema_accuracy"]
     # Training did something: the loss went down.
     assert train[-1]["loss"] < train[0]["loss"]
 
@@ -98,6 +103,7 @@ def test_outputs_of_a_run(run):
                 tb[(v.tag, event.step)] = float(tf.make_ndarray(v.tensor))
     np.testing.assert_allclose(tb[("train/loss", 30)], train[-1]["loss"], rtol=1e-6)
     np.testing.assert_allclose(tb[("eval/accuracy", 30)], evals[-1]["accuracy"], rtol=1e-6)
+    np.testing.assert_allclose(tb[("eval/ema_accuracy", 30)], evals[-1]["ema_accuracy"], rtol=1e-6)
 
     png = Path(workdir, "training_curves.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
@@ -113,6 +119,10 @@ def test_restored_variables_reproduce_the_final_eval(run):
     # Independent eval: numpy preprocessing and a plain model.apply over all 360 images.
     x, y, mean, std = digits_eval_arrays(config())
     _assert_accuracy_of(summary["eval"]["accuracy"], variables, (x - mean) / std, y)
+    # The EMA's accuracy is that of its own weights and BatchNorm statistics.
+    averaged = checkpoint.restore_variables(workdir, ema=True)
+    assert not np.allclose(averaged["params"]["fc"]["kernel"], variables["params"]["fc"]["kernel"])
+    _assert_accuracy_of(summary["eval"]["ema_accuracy"], averaged, (x - mean) / std, y)
     earlier = checkpoint.restore_variables(workdir, step=20)
     assert not np.allclose(earlier["params"]["fc"]["kernel"], variables["params"]["fc"]["kernel"])
     with pytest.raises(FileNotFoundError, match="no checkpoint for step 7"):
@@ -127,11 +137,41 @@ def test_resume_after_interruption_is_exact(run, tmp_path):
     shutil.rmtree(os.path.join(resumed, "checkpoints", "30"))
     out = loop.train_and_evaluate(config(), resumed)
     assert out["start_step"] == 20
-    chex.assert_trees_all_equal(checkpoint.restore_variables(resumed), checkpoint.restore_variables(workdir))
+    for ema in (False, True):  # the EMA continues bitwise too
+        chex.assert_trees_all_equal(
+            checkpoint.restore_variables(resumed, ema=ema), checkpoint.restore_variables(workdir, ema=ema)
+        )
     assert out["eval"]["accuracy"] == summary["eval"]["accuracy"]
     # Records past step 20 were replaced, not duplicated.
     steps = [r["step"] for r in read_metrics(resumed) if r["split"] == "train" and "loss" in r]
     assert steps == list(range(5, 31, 5))
+
+
+def test_resume_with_the_ema_turned_off_is_one_line_naming_the_field(run):
+    workdir, _ = run
+    with pytest.raises(ConfigError) as e:
+        loop.train_and_evaluate(config(ema_decay=0.0), workdir)
+    line = str(e.value)
+    assert (
+        "\n" not in line and f"workdir {workdir} was trained with ema_decay=0.8 but this run has 0.0" in line
+    )
+
+
+def test_init_from_a_run_with_an_ema_takes_its_ema_weights(run):
+    """As timm's load_checkpoint(use_ema=True) does; config.init_from_ema=False the trained ones.
+    This run's own EMA starts from the imported weights."""
+    from train import build, init_from
+    from train.data import registry
+
+    workdir, _ = run
+    parts = build.build_steps(config(), registry.create_dataset(config()).info, 44, STEPS)
+    fresh = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(parts.create_state))
+    for ema in (True, False):
+        state, note = init_from.import_weights(workdir, parts.model, fresh, ema=ema)
+        want = checkpoint.restore_variables(workdir, ema=ema)
+        chex.assert_trees_all_equal(state.variables, want)
+        chex.assert_trees_all_equal(state.ema, want)
+        assert note.startswith(f"Initialised from {workdir}{' (its EMA weights)' if ema else ''}: "), note
 
 
 def test_rerun_of_a_finished_run_does_not_train(run):
@@ -152,7 +192,10 @@ def test_eval_only(run):
     x, y, mean, std = digits_eval_arrays(config())
     variables = checkpoint.restore_variables(workdir, step=20)
     _assert_accuracy_of(out["eval"]["accuracy"], variables, (x - mean) / std, y)
+    averaged = checkpoint.restore_variables(workdir, step=20, ema=True)
+    _assert_accuracy_of(out["eval"]["ema_accuracy"], averaged, (x - mean) / std, y)
     assert evals[20]["accuracy"] == out["eval"]["accuracy"]
+    assert evals[20]["ema_accuracy"] == out["eval"]["ema_accuracy"]
     with pytest.raises(Exception, match="no checkpoint"):
         loop.train_and_evaluate(config(eval_only=True), str(Path(workdir).parent / "empty"))
 
@@ -170,17 +213,24 @@ def test_predict_top5_of_image_files(run, tmp_path):
         Image.fromarray(img).save(path)
         paths.append(str(path))
         pixels.append(img[..., None].astype(np.float32))
-    results = predict.predict_files(workdir, paths, top_k=5)
+    # The run kept an EMA: predict uses its weights, and says so; --noema the trained ones.
+    notes = []
+    results = list(predict.iter_predictions(workdir, paths, top_k=5, on_weights=notes.append))
+    results = [top for _, top in results]
+    assert notes == [
+        f"predicting with the EMA weights of checkpoint step {STEPS} (--noema: the trained ones)."
+    ]
     # A folder stands for its images, sub-folders included; two batches of 2, the last padded.
     assert predict.expand_folders([str(tmp_path / "images")]) == paths
     batched = predict.predict_files(workdir, predict.expand_folders([str(tmp_path / "images")]), batch_size=2)
-    variables = checkpoint.restore_variables(workdir)
-    logits, twin = _logits_and_float64_twin(variables, (np.stack(pixels) - mean) / std)
-    probs, probs64 = np.asarray(jax.nn.softmax(logits)), np.asarray(jax.nn.softmax(twin))
-    # Ranks and probabilities as an independent float32 eval gives them; where rounding may swap
-    # two classes (float64 probabilities within twice float32's error), either order is right.
-    eps = 2 * np.abs(probs - probs64).max()
-    for tops in (results, batched):
+    trained = predict.predict_files(workdir, paths, top_k=5, ema=False)
+    for tops, ema in ((results, True), (batched, True), (trained, False)):
+        variables = checkpoint.restore_variables(workdir, ema=ema)
+        logits, twin = _logits_and_float64_twin(variables, (np.stack(pixels) - mean) / std)
+        probs, probs64 = np.asarray(jax.nn.softmax(logits)), np.asarray(jax.nn.softmax(twin))
+        # Ranks and probabilities as an independent float32 eval gives them; where rounding may
+        # swap two classes (float64 probabilities within twice float32's error), either is right.
+        eps = 2 * np.abs(probs - probs64).max()
         assert len(tops) == 3
         for top, p, p64 in zip(tops, probs, probs64):
             assert len(top) == 5
@@ -188,6 +238,7 @@ def test_predict_top5_of_image_files(run, tmp_path):
             np.testing.assert_allclose(p64[got], np.sort(p64)[::-1][:5], rtol=0, atol=2 * eps)
             np.testing.assert_allclose([q for _, _, q in top], p[got], atol=max(1e-5, 2 * eps))
             assert [name for i, name, _ in top] == [str(i) for i, _, _ in top]
+    assert not np.allclose([q for *_, q in results[0]], [q for *_, q in trained[0]])
 
 
 def test_pmap_loop_matches_jit_loop(tmp_path):
@@ -206,9 +257,10 @@ def test_pmap_loop_matches_jit_loop(tmp_path):
         loop.train_and_evaluate(config(dtype="float64", **cfg), str(tmp_path / "float64"))
     finally:
         jax.config.update("jax_enable_x64", False)
-    assert_trees_within_float32_error(
-        *(checkpoint.restore_variables(str(tmp_path / d)) for d in ("jit", "pmap", "float64"))
-    )
+    for ema in (False, True):  # the EMA is replicated and updated like the parameters
+        assert_trees_within_float32_error(
+            *(checkpoint.restore_variables(str(tmp_path / d), ema=ema) for d in ("jit", "pmap", "float64"))
+        )
 
 
 def _cli(*args, timeout=240):

@@ -102,14 +102,15 @@ def _wait_for_step(proc: subprocess.Popen, workdir, step: int, timeout: float = 
     raise TimeoutError(f"step {step} not reached")
 
 
-def _assert_same_params(workdir, reference) -> None:
-    got = checkpoint.restore_variables(workdir, STEPS)
-    want = checkpoint.restore_variables(reference, STEPS)
-    flat_got, tree_got = _flatten(got)
-    flat_want, tree_want = _flatten(want)
-    assert tree_got == tree_want
-    for a, b in zip(flat_got, flat_want):
-        np.testing.assert_array_equal(a, b)  # bitwise: exact resume, not merely close
+def _assert_same_params(workdir, reference, ema: bool = False) -> None:
+    for weights in (False, True) if ema else (False,):  # the trained weights, and the EMA's
+        got = checkpoint.restore_variables(workdir, STEPS, ema=weights)
+        want = checkpoint.restore_variables(reference, STEPS, ema=weights)
+        flat_got, tree_got = _flatten(got)
+        flat_want, tree_want = _flatten(want)
+        assert tree_got == tree_want
+        for a, b in zip(flat_got, flat_want):
+            np.testing.assert_array_equal(a, b)  # bitwise: exact resume, not merely close
 
 
 def _flatten(tree):
@@ -158,8 +159,10 @@ def test_sigkill_mid_epoch_then_restart_is_bitwise_identical(reference, tmp_path
 
 
 # Issue 43's ingredients so far: drop path (two blocks, so the second has a rate), dropout, timm's
-# BCE with smoothing and threshold, AdamW, gradient clipping.
+# BCE with smoothing and threshold, AdamW, gradient clipping, the EMA with timm's warm-up.
 RECIPE = [
+    "--config.ema_decay=0.9",
+    "--config.ema_warmup=True",
     "--config.model.overrides.stage_sizes=(1,1)",
     "--config.model.drop_path_rate=0.2",
     "--config.model.drop_rate=0.2",
@@ -174,7 +177,7 @@ RECIPE = [
 
 
 def test_sigkill_with_recipe_features_on_resumes_bitwise(tmp_path):
-    """Random draws keyed on (seed, step), and the AdamW state, survive a SIGKILL mid-epoch."""
+    """Random draws keyed on (seed, step), the AdamW state and the EMA survive a SIGKILL mid-epoch."""
     reference = str(tmp_path / "reference")
     assert _run(reference, *RECIPE).returncode == 0
     workdir = str(tmp_path / "killed")
@@ -189,7 +192,7 @@ def test_sigkill_with_recipe_features_on_resumes_bitwise(tmp_path):
     restart = _run(workdir, *RECIPE)
     assert restart.returncode == 0, restart.stderr[-3000:]
     assert 0 < int(restart.stdout.split("Resuming from checkpoint step ")[1].split()[0]) < STEPS
-    _assert_same_params(workdir, reference)
+    _assert_same_params(workdir, reference, ema=True)
 
 
 @_SHARES_REFERENCE
@@ -607,6 +610,22 @@ def test_predict_rejects_images_of_wrong_rank_or_channels(reference, tmp_path):
         cwd=str(REPO),
         env=_env(),
     )
+    # --ema of a run without an EMA: one line (hyphen-free flag, as absl spells it).
+    no_ema = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "train.export",
+            f"--workdir={reference}",
+            f"--out={tmp_path / 'ema.safetensors'}",
+            "--ema",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=str(REPO),
+        env=_env(),
+    )
     # A path that does not exist or a folder without images: one error line before any prediction.
     cases = {
         "no_images": ["folder", "no_images", "has no image files", "sub-folders"],
@@ -645,6 +664,11 @@ def test_predict_rejects_images_of_wrong_rank_or_channels(reference, tmp_path):
     out, err = export.communicate(timeout=300)
     assert export.returncode == 0 and (tmp_path / "m.safetensors").stat().st_size > 0, err[-3000:]
     assert out.startswith("wrote ") and len(out.splitlines()) == 1 and not err.strip(), err[-3000:]
+    out, err = no_ema.communicate(timeout=300)
+    assert no_ema.returncode == 2 and not out and not (tmp_path / "ema.safetensors").exists(), err[-3000:]
+    (line,) = err.strip().splitlines()
+    assert line.startswith("error: checkpoint 30 in ") and "holds no EMA weights" in line, line
+    assert line.endswith("export its trained weights without --ema."), line
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 2, err[-3000:]

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from train import checkpoint as checkpoint_lib
-from train import executables, optim, parallel, paths, steps
+from train import ema, executables, optim, parallel, paths, steps
 from train import metrics as metrics_lib
 from train.class_names import save_class_names
 from train.config import ConfigError, validate_config, with_defaults
@@ -193,6 +193,9 @@ def build_steps(
         dynamic_scale=dtype == jnp.float16,
         init_model=float32_twin,
     )
+    ema_schedule = ema.EmaSchedule.from_config(config, steps_per_epoch, total_steps)
+    if ema_schedule is not None:
+        create_state = ema.with_ema(create_state)
     input_stats = (info.mean, info.std)  # normalises uint8 batches on the device
     eval_step = steps.make_eval_step(model, axis_name=axis_name, input_stats=input_stats)
     train_step = steps.make_train_step(
@@ -208,6 +211,7 @@ def build_steps(
         input_stats=input_stats,
         mixup=MixupOptions.from_config(config, info.num_classes),
     )
+    train_step = ema.wrap_train_step(train_step, ema_schedule)  # the EMA after the update
     return Steps(model, dtype, tx, schedule, create_state, train_step, eval_step)
 
 
@@ -260,6 +264,7 @@ def restore_or_init(run: Run) -> tuple[Any, int]:
             arch=config.model.arch,
             field=field,
             new_head=bool(config.new_head),
+            ema=bool(config.init_from_ema),
         )
         state = run.driver.place_state(host)
         if run.is_main:
@@ -320,6 +325,7 @@ _STATE_FIELDS = (
     "data_dir",
     "optimizer",
     "momentum",
+    "ema_decay",
 )
 
 

@@ -3,7 +3,8 @@
 ``Checkpointer`` wraps an orbax ``CheckpointManager`` (keep the last N, atomic step
 directories). The saved ``state`` item is the ``TrainState`` as a nested dict of numpy arrays
 (``flax.serialization.to_state_dict``), so it can be read back without knowing the optimizer:
-``restore_variables(workdir)`` gives ``{'params', 'batch_stats'}`` for inference and export.
+``restore_variables(workdir)`` gives ``{'params', 'batch_stats'}`` for inference and export (with
+``ema=True`` those of the EMA, ``train/ema.py``, saved as the state's ``ema``).
 ``meta`` is a small JSON object (step, epoch, batch size, seed, ...) describing where training
 stood, for resuming the input stream at the same place.
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 import posixpath
 import shutil
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -241,10 +242,13 @@ def state_differences(saved: Any, template: Any, limit: int = 3) -> list[str]:
     checkpoint`` or ``params/fc/kernel is (128, 10) there, (128, 3) here``; [] when they fit.
 
     A part of the state that the checkpoint lacks altogether (a loss scale, say) is not a
-    difference: ``restore`` takes it from the template."""
+    difference: ``restore`` takes it from the template. The EMA is: a fresh one in its place
+    would silently restart the average."""
     have = _leaf_specs(saved)
     want = {k: v for k, v in _leaf_specs(_state_dict(template)).items() if k.split("/")[0] in saved}
     lines = []
+    if EMA_KEY in _state_dict(template) and EMA_KEY not in saved:
+        lines.append(f"{EMA_KEY} is not in the checkpoint")
     for path in sorted(have.keys() | want.keys(), key=lambda p: (not p.startswith("params/"), p)):
         if path not in have or path not in want:
             missing = path not in have
@@ -278,11 +282,45 @@ def _check_finite(state: Any, step: int) -> None:
             raise ValueError(f"checkpoint {step} holds NaN or Inf")
 
 
-def restore_variables(workdir: str, step: int | None = None) -> dict[str, Any]:
-    """``{'params', 'batch_stats'}`` (numpy trees) of the latest or the given checkpoint.
+EMA_KEY = "ema"  # the TrainState's field holding the EMA's {'params', 'batch_stats'}
+
+
+class Weights(NamedTuple):
+    """A checkpoint's weights for inference: ``variables`` (``{'params', 'batch_stats'}``), the
+    ``step`` they were saved at, and whether they are the EMA's."""
+
+    variables: dict[str, Any]
+    step: int
+    ema: bool
+
+
+def restore_weights(workdir: str, step: int | None = None, *, ema: bool | None = False) -> Weights:
+    """The weights of the latest or the given checkpoint: the trained ones (``ema=False``), the
+    EMA's (``ema=True``; ``ValueError`` when the run kept none), or the EMA's when it has them
+    (``ema=None``)."""
+    state, step = _restore_state(workdir, step)
+    saved = state.get(EMA_KEY)
+    if ema and saved is None:
+        raise ValueError(
+            f"checkpoint {step} in {checkpoint_dir(workdir)} holds no EMA weights (its run had "
+            f"config.ema_decay=0)."
+        )
+    if saved is not None and ema is not False:
+        state = saved
+    variables = {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
+    return Weights(variables, step, saved is not None and ema is not False)
+
+
+def restore_variables(workdir: str, step: int | None = None, *, ema: bool | None = False) -> dict[str, Any]:
+    """``{'params', 'batch_stats'}`` (numpy trees) of the latest or the given checkpoint: the
+    trained weights, or with ``ema`` the EMA's (see ``restore_weights``).
 
     Ready for ``model.apply(variables, x, train=False)``.
     """
+    return restore_weights(workdir, step, ema=ema).variables
+
+
+def _restore_state(workdir: str, step: int | None) -> tuple[dict[str, Any], int]:
     ckpt = Checkpointer(workdir, read_only=True)
     try:
         if not paths.Path(ckpt.directory).is_dir() or not ckpt.all_steps():
@@ -295,4 +333,4 @@ def restore_variables(workdir: str, step: int | None = None) -> dict[str, Any]:
         state, _ = ckpt.restore_raw(step)
     finally:
         ckpt.close()
-    return {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
+    return state, step

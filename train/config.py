@@ -105,6 +105,24 @@ def _check_aug_repeats(config: Any) -> None:
         )
 
 
+def _check_ema(config: Any) -> None:
+    if not 0.0 <= config.ema_decay < 1.0:
+        raise ConfigError(f"config.ema_decay must be in [0, 1) (0: off); got {config.ema_decay}.")
+    if int(config.ema_every_steps) < 0:
+        raise ConfigError(
+            f"config.ema_every_steps must be >= 0 (0: every step); got {config.ema_every_steps}."
+        )
+    if not config.ema_decay and (config.ema_every_steps or config.ema_warmup):
+        raise ConfigError(
+            "config.ema_every_steps and config.ema_warmup need config.ema_decay > 0 (the EMA is off)."
+        )
+    if config.ema_warmup and config.ema_every_steps:
+        raise ConfigError(
+            "config.ema_warmup is timm's schedule (config.ema_every_steps=0); torchvision's "
+            f"(ema_every_steps={config.ema_every_steps}) has none: set one of them."
+        )
+
+
 def validate_config(
     config: Any, *, device_count: int | None = None, process_count: int | None = None
 ) -> None:
@@ -164,6 +182,7 @@ def validate_config(
     if config.learning_rate < 0 or config.weight_decay < 0:
         raise ConfigError("config.learning_rate and config.weight_decay must be >= 0.")
     _check_fine_tuning(config)
+    _check_ema(config)
     try:
         MixupOptions.from_config(config, num_classes=1)
     except ValueError as e:

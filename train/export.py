@@ -1,12 +1,14 @@
 """A run's checkpoint as a PyTorch state_dict:
 
-    python -m train.export --workdir DIR --out FILE.pth|FILE.safetensors [--step N]
+    python -m train.export --workdir DIR --out FILE.pth|FILE.safetensors [--step N] [--ema]
 
 Keys are torchvision's (timm's for the -D/-T presets), so the same architecture in PyTorch loads
 the file with ``load_state_dict(strict=True)``: e.g. ``torchvision.models.resnet50(num_classes=K)``
 for a ``resnet50`` run on K classes (with the run's ``config.model.overrides``). ``.safetensors``
 needs no PyTorch. The class names go beside the weights, one per line (``FILE.classes.txt``).
-``DIR`` and ``FILE`` may be ``gs://`` paths.
+``DIR`` and ``FILE`` may be ``gs://`` paths. ``--ema`` writes the EMA weights of a run with
+``config.ema_decay > 0`` (``train/ema.py``) instead of the trained ones: the model timm's and
+torchvision's recipes report.
 """
 
 from __future__ import annotations
@@ -24,16 +26,18 @@ def _define_flags() -> None:
     flags.DEFINE_string("workdir", None, "Workdir of a training run.")
     flags.DEFINE_string("out", None, "Output file: .pth, .pt or .safetensors.")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+    flags.DEFINE_bool("ema", False, "Export the EMA weights (runs with config.ema_decay > 0).")
     flags.mark_flags_as_required(["workdir", "out"])
 
 
-def export(workdir: str, out: str, step: int | None = None) -> dict:
+def export(workdir: str, out: str, step: int | None = None, *, ema: bool = False) -> dict:
     """Write the checkpoint of ``workdir`` as a PyTorch state_dict, with its class names beside it.
 
     Args:
         workdir: A run's workdir (local or ``gs://``), of a preset architecture.
         out: The file to write (``.safetensors``, ``.pth`` or ``.pt``; may be ``gs://``).
         step: The checkpoint step to export; None: the newest.
+        ema: Export the EMA weights (``ConfigError`` when the run kept none); False: the trained.
 
     Returns:
         The state_dict written, as numpy arrays.
@@ -52,9 +56,11 @@ def export(workdir: str, out: str, step: int | None = None) -> dict:
         )
     model, _ = create_model(config, info)
     try:
-        variables = checkpoint.restore_variables(workdir, step)
+        variables = checkpoint.restore_variables(workdir, step, ema=ema)
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
+    except ValueError as e:  # --ema of a run without an EMA
+        raise ConfigError(f"{str(e).rstrip('.')}; export its trained weights without --ema.") from None
     write_class_names(beside(out), info.class_names)
     if not paths.is_remote(out):
         return convert.save_torch_checkpoint(variables, out, arch=model)
@@ -76,13 +82,14 @@ def main(argv: list[str]) -> None:
 
     skip_absent_tpu()
     try:
-        state_dict = export(flags.FLAGS.workdir, flags.FLAGS.out, flags.FLAGS.step)
+        state_dict = export(flags.FLAGS.workdir, flags.FLAGS.out, flags.FLAGS.step, ema=flags.FLAGS.ema)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     from train.class_names import beside
 
-    print(f"wrote {len(state_dict)} tensors to {flags.FLAGS.out}, class names to {beside(flags.FLAGS.out)}")
+    out, what = flags.FLAGS.out, " (the EMA weights)" if flags.FLAGS.ema else ""
+    print(f"wrote {len(state_dict)} tensors{what} to {out}, class names to {beside(out)}")
 
 
 def run() -> None:

@@ -1,6 +1,8 @@
 """Starting a run from weights made elsewhere: ``config.init_from`` is a PyTorch state_dict file
 (``.pth``/``.pt``/``.safetensors``), a pretrained name (``resnet_jax.pretrained.list_pretrained()``,
-e.g. ``resnet50.tv2_in1k``) or another run's workdir (its newest checkpoint).
+e.g. ``resnet50.tv2_in1k``) or another run's workdir (its newest checkpoint: its EMA weights when it
+kept an EMA and ``config.init_from_ema`` is on, as timm's ``load_checkpoint(use_ema=True)`` prefers
+them; else its trained weights).
 
 Every tensor is loaded exactly, except a classifier (``fc``) whose class count differs from the
 dataset's: that one keeps this run's fresh initialisation, and the log says so (fine-tuning on new
@@ -28,6 +30,7 @@ def import_weights(
     arch: str = "",
     field: str = "init_from",
     new_head: bool = False,
+    ema: bool = True,
 ) -> tuple[steps.TrainState, str]:
     """``host_state`` with the weights of ``source``; and one line saying what was loaded.
 
@@ -41,6 +44,7 @@ def import_weights(
             skips the check.
         field: The config field that named ``source``, for error messages.
         new_head: Keep the fresh ``fc`` even when the source's has the same class count.
+        ema: A workdir's EMA weights when it has them; False: its trained weights.
 
     Returns:
         ``(state, note)``: the state with float32 parameters and BatchNorm statistics, and the
@@ -50,13 +54,15 @@ def import_weights(
         ConfigError: ``source`` is none of the three, or its weights do not fit ``model``.
     """
     fresh = {"params": host_state.params, "batch_stats": host_state.batch_stats}
+    what = ""
     if paths.Path(source).is_dir():  # a local or gs:// workdir
         from train import checkpoint
 
         try:
-            variables = checkpoint.restore_variables(source)
+            variables, _, used_ema = checkpoint.restore_weights(source, ema=None if ema else False)
         except FileNotFoundError as e:
             raise ConfigError(f"config.{field}={source!r}: {e}") from None
+        what = " (its EMA weights)" if used_ema else ""
     elif os.path.isfile(source):
         variables = _from_torch_file(source, model, field)
     else:
@@ -65,10 +71,13 @@ def import_weights(
     _check_fits(variables, fresh, source, model, field)
     params = jax.tree.map(lambda x: np.asarray(x, np.float32), variables["params"])
     batch_stats = jax.tree.map(lambda x: np.asarray(x, np.float32), variables.get("batch_stats", {}))
-    note = f"Initialised from {source}: every tensor loaded exactly" + (
+    note = f"Initialised from {source}{what}: every tensor loaded exactly" + (
         f"; {head_note}" if head_note else "."
     )
-    return host_state.replace(params=params, batch_stats=batch_stats), note
+    state = host_state.replace(params=params, batch_stats=batch_stats)
+    if state.ema is not None:  # this run's EMA starts from the imported weights, as the references'
+        state = state.replace(ema=jax.tree.map(np.copy, {"params": params, "batch_stats": batch_stats}))
+    return state, note
 
 
 def init_from_torch(path: str, model: Any, host_state: steps.TrainState) -> steps.TrainState:

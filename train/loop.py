@@ -24,8 +24,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from train import ema, paths, periodic, steps
 from train import metrics as metrics_lib
-from train import paths, periodic, steps
 from train.build import Run, build_run, restore_or_init
 from train.config import ConfigError
 from train.data.core import Dataset, prefetch_to_device
@@ -163,8 +163,17 @@ def evaluate(eval_step, state, dataset: Dataset, driver, config: Any) -> dict[st
     return steps.summarize_eval(driver.to_host(total))
 
 
-def _run_eval(run: Run, state: Any, step: int) -> dict[str, float]:
+def evaluate_with_ema(run: Run, state: Any) -> dict[str, float]:
+    """``evaluate`` of the model and, when the run keeps one, of its EMA (``ema_accuracy``, ...)."""
     result = evaluate(run.eval_step, state, run.dataset, run.driver, run.config)
+    if state.ema is not None:
+        averaged = evaluate(run.eval_step, ema.as_model(state), run.dataset, run.driver, run.config)
+        result.update(ema.prefixed(averaged))
+    return result
+
+
+def _run_eval(run: Run, state: Any, step: int) -> dict[str, float]:
+    result = evaluate_with_ema(run, state)
     run.writer.write(step, "eval", result)
     return result
 
@@ -224,7 +233,7 @@ def _summary_head(run: Run, start_step: int) -> dict[str, Any]:
 
 
 def _eval_only(run: Run, state: Any, step: int, summary: dict[str, Any]) -> dict[str, Any]:
-    result = evaluate(run.eval_step, state, run.dataset, run.driver, run.config)
+    result = evaluate_with_ema(run, state)
     run.writer.write(step, "eval", result)
     run.writer.close()
     run.ckpt.close()

@@ -214,15 +214,20 @@ def plot_curves(workdir: str, out_path: str | None = None) -> str | None:
     out_path = out_path or paths.join(workdir, CURVES_FILE)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, name in zip(axes, ("loss", "accuracy")):
-        for split, style in (("train", "-"), ("eval", "o-")):
+        # The EMA's eval metrics are in the eval records as ema_loss, ema_accuracy (train/ema.py).
+        for split, key, style, label in (
+            ("train", name, "-", "train"),
+            ("eval", name, "o-", "eval"),
+            ("eval", f"ema_{name}", "s--", "eval (EMA)"),
+        ):
             points = [
-                (r["step"], r[name])
+                (r["step"], r[key])
                 for r in records
-                if r.get("split") == split and isinstance(r.get(name), (int, float))
+                if r.get("split") == split and isinstance(r.get(key), (int, float))
             ]
             if points:
                 xs, ys = zip(*sorted(points))
-                ax.plot(xs, ys, style, label=split, markersize=3)
+                ax.plot(xs, ys, style, label=label, markersize=3)
         ax.set_xlabel("step")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)

@@ -275,9 +275,16 @@ class PreemptionFlag:
 
 
 def eval_summary(m: dict[str, Any], num_classes: int | None = None) -> str:
-    """One line of eval metrics; top-5 only with more than 5 classes (else it is always 100%)."""
-    top5 = f"top-5 {100 * m['top5_accuracy']:.2f}%  " if num_classes is None or num_classes > 5 else ""
-    return f"accuracy {100 * m['accuracy']:.2f}%  {top5}loss {m['loss']:.4f}  ({m['num_examples']} examples)"
+    """One line of eval metrics; top-5 only with more than 5 classes (else it is always 100%);
+    the EMA's after the model's when the run keeps one (``ema_accuracy``, ...)."""
+
+    def part(prefix: str) -> str:
+        top5 = m[f"{prefix}top5_accuracy"]
+        top5 = f"top-5 {100 * top5:.2f}%  " if num_classes is None or num_classes > 5 else ""
+        return f"accuracy {100 * m[f'{prefix}accuracy']:.2f}%  {top5}loss {m[f'{prefix}loss']:.4f}"
+
+    line = f"{part('')}  ({m['num_examples']} examples)"
+    return f"{line};  EMA {part('ema_')}" if "ema_accuracy" in m else line
 
 
 def last_logged_eval(workdir: str, step: int) -> dict[str, Any] | None:

@@ -1,7 +1,7 @@
 """Top-k classes of image files with a trained checkpoint.
 
 ``python -m train.predict --workdir=DIR [--step=N] [--top_k=5] [--batch_size=64]
-[--output=text|json|csv] IMAGE|FOLDER...``
+[--output=text|json|csv] [--noema] IMAGE|FOLDER...``
 (``DIR``, the images and folders may be ``gs://`` paths) reads the run's
 config and dataset info from ``DIR``, restores the newest (or given) checkpoint, applies the
 same preprocessing as evaluation (resize, center crop, normalisation) and prints, per image,
@@ -21,6 +21,9 @@ does not exist, or a folder without images, is a one-line error (exit 2) before 
 ``--output=json`` prints one JSON object per image and line (``filename``, ``classes``,
 ``indices``, ``probabilities``, most likely first), ``--output=csv`` one row per image
 (``filename,class_1,index_1,probability_1,...``), as timm's inference script writes its results.
+A checkpoint of a run with an EMA (``config.ema_decay > 0``, ``train/ema.py``) predicts with the
+EMA weights, as the recipes that keep one report it, and says so in one line on stderr;
+``--noema`` takes the trained weights instead.
 """
 
 from __future__ import annotations
@@ -55,6 +58,9 @@ def _define_flags() -> None:
         OUTPUTS,
         "text: ranked lines per image; json: one JSON object per line; csv: a row each.",
     )
+    flags.DEFINE_bool(
+        "ema", True, "Use the EMA weights when the checkpoint has them (--noema: the trained ones)."
+    )
     flags.mark_flag_as_required("workdir")
 
 
@@ -62,7 +68,13 @@ OUTPUTS = ("text", "json", "csv")
 
 
 def predict_files(
-    workdir: str, paths: Sequence[str], *, step: int | None = None, top_k: int = 5, batch_size: int = 64
+    workdir: str,
+    paths: Sequence[str],
+    *,
+    step: int | None = None,
+    top_k: int = 5,
+    batch_size: int = 64,
+    ema: bool = True,
 ) -> list[list[tuple[int, str, float]]]:
     """Per image, the ``top_k`` ``(class index, class name, probability)``, most likely first.
 
@@ -72,8 +84,10 @@ def predict_files(
         step: The checkpoint step to use; None: the newest.
         top_k: Classes per image (at least 1), capped at the number of classes.
         batch_size: Images read and run at a time (at least 1).
+        ema: The checkpoint's EMA weights when it has them; False: the trained weights.
     """
-    return [top for _, top in iter_predictions(workdir, paths, step=step, top_k=top_k, batch_size=batch_size)]
+    found = iter_predictions(workdir, paths, step=step, top_k=top_k, batch_size=batch_size, ema=ema)
+    return [top for _, top in found]
 
 
 def iter_predictions(
@@ -85,10 +99,12 @@ def iter_predictions(
     batch_size: int = 64,
     progress: bool = False,
     on_unreadable: Callable[[ImageError], None] | None = None,
+    ema: bool = True,
+    on_weights: Callable[[str], None] | None = None,
 ) -> Iterator[tuple[str, list[tuple[int, str, float]]]]:
     """``(path, top_k)`` per image of ``predict_files``, yielded a batch at a time. An image that
     cannot be used raises :class:`ImageError`, or with ``on_unreadable`` is passed to it and
-    skipped."""
+    skipped. ``on_weights`` gets a line saying so when the EMA weights are used."""
     for name, value in (("top_k", top_k), ("batch_size", batch_size)):
         if value < 1:
             raise ValueError(f"{name} must be at least 1; got {value}.")
@@ -98,7 +114,11 @@ def iter_predictions(
     # Compute in float32 here: inference of a few images is not worth a reduced precision.
     config.dtype = "float32"
     model, _ = create_model(config, info)
-    variables = checkpoint.restore_variables(workdir, step)
+    variables, saved_step, used_ema = checkpoint.restore_weights(workdir, step, ema=None if ema else False)
+    if used_ema and on_weights is not None:
+        on_weights(
+            f"predicting with the EMA weights of checkpoint step {saved_step} (--noema: the trained ones)."
+        )
     crop = float(config.eval_crop_fraction)
     forward = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, x, train=False), axis=-1))
     k = min(top_k, info.num_classes)
@@ -222,6 +242,8 @@ def main(argv: list[str]) -> None:
             batch_size=FLAGS.batch_size,
             progress=True,
             on_unreadable=skip,
+            ema=FLAGS.ema,
+            on_weights=lambda line: tqdm.write(line, file=sys.stderr),
         )
         for i, (path, top) in enumerate(results):
             # Through tqdm, so that the progress bar (on stderr) is redrawn below the results.

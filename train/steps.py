@@ -52,7 +52,8 @@ class TrainState:
 
     The model and optimizer are not stored here: the step functions close over them, so the
     state can be donated, sharded and saved without static fields getting in the way.
-    ``dynamic_scale`` is ``None`` unless float16 loss scaling is on.
+    ``dynamic_scale`` is ``None`` unless float16 loss scaling is on; ``ema`` (``{'params',
+    'batch_stats'}``, the moving average of ``train/ema.py``) is ``None`` unless the EMA is on.
     """
 
     step: jax.Array
@@ -60,6 +61,7 @@ class TrainState:
     batch_stats: PyTree
     opt_state: optax.OptState
     dynamic_scale: DynamicScale | None = None
+    ema: PyTree | None = None
 
     @property
     def variables(self) -> dict[str, PyTree]:
