@@ -50,6 +50,15 @@ def _data(c: ml_collections.ConfigDict) -> None:
     # of this area share and log-uniform height/width ratio, filled with zeros ('const') or
     # per-pixel standard normals ('pixel'). Training batches are then normalised float32 from the
     # host instead of uint8 (train/data/erase.py). torchvision's ratio is (0.3, 3.3).
+    # Automatic augmentation policies on the uint8 image after the crop and flip (before
+    # normalisation), as torchvision's reference presets order them (train/data/autoaugment.py,
+    # ops in train/augment.py): '' = off; 'ta_wide' (TrivialAugmentWide, 31 bins); 'ra'
+    # (RandAugment: ra_num_ops ops at bin ra_magnitude of ra_num_magnitude_bins); 'aa'
+    # (AutoAugment, torchvision's IMAGENET policy). Draws keyed on (seed, epoch, example).
+    c.auto_augment = ""
+    c.ra_num_ops = 2
+    c.ra_magnitude = 9
+    c.ra_num_magnitude_bins = 31
     c.random_erase_prob = 0.0
     c.random_erase_mode = "const"
     c.random_erase_scale = (0.02, 1 / 3)

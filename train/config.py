@@ -10,6 +10,7 @@ from typing import Any
 from train import optim, parallel, steps
 from train.data import registry
 from train.data.augment import TRAIN_AUGMENTATIONS
+from train.data.autoaugment import make_policy
 from train.data.core import DatasetError
 from train.data.erase import ERASE_MODES
 from train.mixup import MixupOptions
@@ -86,6 +87,23 @@ def _check_random_erase(config: Any) -> None:
             raise ConfigError(
                 f"config.{field} must be (low, high) with 0 < low <= high <= {top}; got {config[field]}."
             )
+
+
+def _check_auto_augment(config: Any) -> None:
+    try:
+        make_policy(
+            str(config.auto_augment or ""),
+            int(config.ra_num_ops),
+            int(config.ra_magnitude),
+            int(config.ra_num_magnitude_bins),
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if config.auto_augment and not registry.get(config.dataset).auto_augment:
+        raise ConfigError(
+            f"config.auto_augment is implemented for dataset='image_folder' and TFDS sets; got "
+            f"dataset={config.dataset!r}."
+        )
 
 
 def _check_aug_repeats(config: Any) -> None:
@@ -169,6 +187,7 @@ def validate_config(
     except ValueError as e:
         raise ConfigError(str(e)) from None
     _check_random_erase(config)
+    _check_auto_augment(config)
     _check_aug_repeats(config)
     try:
         registry.get(config.dataset).check_config(config)  # the source's own checks: class_subset

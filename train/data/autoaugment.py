@@ -24,6 +24,7 @@ our draws into torchvision's own policies. The magnitude bins are torchvision's
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import numpy as np
@@ -68,9 +69,11 @@ def _posterize_bits(num_bins: int, levels: int) -> np.ndarray:
     return np.rint(np.float32(8) - i / np.float32((num_bins - 1) / levels)).astype(np.int64)
 
 
+@functools.lru_cache(maxsize=64)
 def augmentation_space(policy: str, num_bins: int, height: int, width: int) -> dict[str, tuple[Any, bool]]:
     """``{op: (magnitude bins or None, signed)}`` of torchvision's policy (``'ta_wide'``, ``'ra'``
-    or ``'aa'``), in torchvision's order (the uniform op draw indexes it)."""
+    or ``'aa'``), in torchvision's order (the uniform op draw indexes it); cached, not to be
+    changed."""
     if policy == "ta_wide":
         shear, tx, ty, rot, enhance, levels = 0.99, 32.0, 32.0, 135.0, 0.99, 6
     else:
@@ -110,16 +113,12 @@ class Policy:
     @classmethod
     def from_config(cls, config: Any) -> Policy | None:
         """The policy of ``config.auto_augment`` (None when ''); ``ValueError`` if unknown."""
-        name = str(config.auto_augment or "")
-        if not name:
-            return None
-        if name not in AUTO_AUGMENTS:
-            raise ValueError(f"config.auto_augment must be '' (off) or one of {AUTO_AUGMENTS}; got {name!r}.")
-        if name == "ra":
-            return cls(
-                name, int(config.ra_num_ops), int(config.ra_magnitude), int(config.ra_num_magnitude_bins)
-            )
-        return cls(name, num_bins=31 if name == "ta_wide" else 10)
+        return make_policy(
+            str(config.auto_augment or ""),
+            int(config.ra_num_ops),
+            int(config.ra_magnitude),
+            int(config.ra_num_magnitude_bins),
+        )
 
     def draw(self, rng: np.random.Generator, height: int, width: int) -> list[tuple[str, float]]:
         """The ``(op, signed magnitude)`` list for one image of ``height`` x ``width``."""
@@ -156,3 +155,26 @@ class Policy:
         for name, magnitude in self.draw(rng, image.shape[0], image.shape[1]):
             image = apply_op(image, name, magnitude)
         return image
+
+
+@functools.lru_cache(maxsize=8)
+def make_policy(name: str, num_ops: int = 2, magnitude: int = 9, num_bins: int = 31) -> Policy | None:
+    """The policy ``name`` (``auto_augment``; None when ''), with the ``ra_*`` fields for 'ra'."""
+    if not name:
+        return None
+    if name not in AUTO_AUGMENTS:
+        raise ValueError(f"config.auto_augment must be '' (off) or one of {AUTO_AUGMENTS}; got {name!r}.")
+    if name == "ra":
+        if num_ops < 0 or num_bins < 1 or not 0 <= magnitude < num_bins:
+            raise ValueError(
+                "config.auto_augment='ra' needs ra_num_ops >= 0, ra_num_magnitude_bins >= 1 and 0 <= "
+                f"ra_magnitude < ra_num_magnitude_bins; got {num_ops}, {num_bins} and {magnitude}."
+            )
+        return Policy(name, num_ops, magnitude, num_bins)
+    return Policy(name, num_bins=31 if name == "ta_wide" else 10)
+
+
+def auto_augment(image: Any, rng: np.random.Generator, size: int, config: Any) -> np.ndarray:
+    """The image-folder training op (``image_ops.train_ops``, after the flip) and the TFDS
+    path's: ``config.auto_augment``'s policy on ``uint8 [H, W, C]`` pixels (or a Pillow image)."""
+    return Policy.from_config(config)(np.asarray(image), rng)

@@ -1,0 +1,114 @@
+"""The ``auto_augment`` policies (train/data/autoaugment.py) against torchvision's own
+TrivialAugmentWide, RandAugment and AutoAugment (``transforms.v2``): their augmentation spaces
+(ops, order, signs, magnitude bins) and sub-policies are torchvision's, and given the same draws
+(ours replayed into torchvision's ``torch.randint``/``torch.rand``) torchvision's policy gives the
+same image pixel for pixel."""
+
+import numpy as np
+import pytest
+
+from resnet_jax.torch_reference import import_reference
+from train.data import autoaugment
+
+import_reference("torchvision")
+torch = pytest.importorskip("torch")
+from torchvision.transforms import v2  # noqa: E402
+
+torch.set_num_threads(1)
+
+REFERENCES = {
+    "ta_wide": lambda: v2.TrivialAugmentWide(),
+    "ra": lambda: v2.RandAugment(num_ops=2, magnitude=9, num_magnitude_bins=31),
+    "aa": lambda: v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET),
+}
+BINS = {"ta_wide": 31, "ra": 31, "aa": 10}
+
+
+class _Recorder:
+    """A NumPy generator that logs each draw torchvision's policies make from torch."""
+
+    def __init__(self, seed):
+        self.rng, self.log = np.random.default_rng(seed), []
+
+    def integers(self, n):
+        value = int(self.rng.integers(n))
+        self.log.append(("randint", n, value))
+        return value
+
+    def random(self):
+        value = float(self.rng.random())
+        self.log.append(("rand", None, value))
+        return value
+
+
+def _replay(monkeypatch, log):
+    """torch.randint/torch.rand answer with the logged draws, in order (float64, as compared)."""
+    log = list(log)
+
+    def randint(n, size):
+        kind, bound, value = log.pop(0)
+        assert (kind, bound) == ("randint", n)
+        return torch.tensor(value)
+
+    def rand(size):
+        kind, _, value = log.pop(0)
+        assert kind == "rand"
+        return torch.tensor(value, dtype=torch.float64)
+
+    monkeypatch.setattr(torch, "randint", randint)
+    monkeypatch.setattr(torch, "rand", rand)
+    return log
+
+
+@pytest.mark.parametrize("name", autoaugment.AUTO_AUGMENTS)
+def test_augmentation_space_is_torchvisions(name):
+    ref = REFERENCES[name]()._AUGMENTATION_SPACE
+    for h, w in ((24, 31), (224, 224)):
+        ours = autoaugment.augmentation_space(name, BINS[name], h, w)
+        assert list(ours) == list(ref)
+        for op, (bins, signed) in ours.items():
+            ref_bins = ref[op][0](BINS[name], h, w)
+            assert signed == ref[op][1], op
+            if ref_bins is None:
+                assert bins is None, op
+            else:
+                # The (op, magnitude) pairs a draw can give are the reference's, bit for bit.
+                np.testing.assert_array_equal(bins, ref_bins.numpy(), err_msg=op)
+
+
+def test_imagenet_policy_is_torchvisions():
+    ref = v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET)._policies
+    assert [tuple(map(tuple, p)) for p in ref] == [tuple(map(tuple, p)) for p in autoaugment.IMAGENET_POLICY]
+
+
+@pytest.mark.parametrize("name", autoaugment.AUTO_AUGMENTS)
+def test_policy_equals_torchvision_given_the_same_draws(name, monkeypatch):
+    policy = autoaugment.make_policy(name)
+    ref = REFERENCES[name]()
+    seen = set()
+    for seed in range(40):
+        h, w = (20, 27) if seed % 2 else (16, 16)
+        image = np.random.default_rng([seed, 1]).integers(0, 256, (h, w, 3), dtype=np.uint8)
+        rng = _Recorder(seed)
+        ops = policy.draw(rng, h, w)
+        ours = policy(image, _Replayed(rng.log))
+        seen |= {op for op, _ in ops}
+        left = _replay(monkeypatch, rng.log)
+        want = ref(torch.from_numpy(image).permute(2, 0, 1).contiguous()).permute(1, 2, 0).numpy()
+        monkeypatch.undo()
+        assert not left, "torchvision drew less than we did"
+        np.testing.assert_array_equal(ours, want, err_msg=f"{name} seed {seed}: {ops}")
+    assert len(seen) >= 8  # the images went through many different ops
+
+
+class _Replayed:
+    """The recorded draws again, as a generator (so ``policy(image, rng)`` draws the same ops)."""
+
+    def __init__(self, log):
+        self.log = list(log)
+
+    def integers(self, n):
+        return self.log.pop(0)[2]
+
+    def random(self):
+        return self.log.pop(0)[2]
