@@ -4,11 +4,20 @@ TrivialAugmentWide, RandAugment and AutoAugment (``transforms.v2``): their augme
 (ours replayed into torchvision's ``torch.randint``/``torch.rand``) torchvision's policy gives the
 same image pixel for pixel."""
 
+import re
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
+from PIL import Image
 
-from resnet_jax.torch_reference import import_reference
-from train.data import autoaugment
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_worker import tiny_config  # noqa: E402
+
+from resnet_jax.torch_reference import import_reference  # noqa: E402
+from train.config import ConfigError, default_config, validate_config  # noqa: E402
+from train.data import autoaugment, registry  # noqa: E402
 
 import_reference("torchvision")
 torch = pytest.importorskip("torch")
@@ -112,3 +121,44 @@ class _Replayed:
 
     def random(self):
         return self.log.pop(0)[2]
+
+
+def test_image_folder_applies_the_policy_keyed_on_seed_epoch_and_position(tmp_path):
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            (tmp_path / split / label).mkdir(parents=True)
+            for i in range(4):
+                pixels = rng.integers(0, 256, (12, 12, 3)).astype(np.uint8)
+                Image.fromarray(pixels).save(tmp_path / split / label / f"{i}.png")
+    fields = dict(dataset="image_folder", data_dir=str(tmp_path), grain_worker_count=0, image_size=12)
+    fields.update(train_augment="none", random_flip=False, seed=3)
+    plain = next(registry.create_dataset(tiny_config(**fields)).train_iterator(4, start_step=1))
+    augmented = registry.create_dataset(tiny_config(**fields, auto_augment="ta_wide"))
+    got = next(augmented.train_iterator(4, start_step=1))
+    np.testing.assert_array_equal(got["label"], plain["label"])
+    policy = autoaugment.make_policy("ta_wide")
+    for k in range(4):
+        # Step 1 of epoch 0 holds positions 4..7; each example's generator is (seed, epoch, position).
+        want = policy(plain["image"][k], np.random.default_rng([3, 0, 4 + k]))
+        np.testing.assert_array_equal(got["image"][k], want)
+    assert (got["image"] != plain["image"]).any()
+    # A fresh pipeline from step 0 reaches the same batch at step 1 (a resume draws the same).
+    stream = registry.create_dataset(tiny_config(**fields, auto_augment="ta_wide")).train_iterator(4)
+    next(stream)
+    np.testing.assert_array_equal(next(stream)["image"], got["image"])
+
+
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        (dict(auto_augment="trivial"), "config.auto_augment must be '' (off) or one of"),
+        (dict(auto_augment="ra", ra_magnitude=31), "ra_magnitude < ra_num_magnitude_bins"),
+        (dict(auto_augment="ta_wide", dataset="sklearn_digits"), "implemented for dataset='image_folder'"),
+    ],
+)
+def test_bad_auto_augment_fields_are_one_line_naming_the_field(fields, message):
+    config = default_config()
+    config.update(fields)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate_config(config)
