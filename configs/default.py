@@ -54,7 +54,9 @@ def _data(c: ml_collections.ConfigDict) -> None:
     # normalisation), as torchvision's reference presets order them (train/data/autoaugment.py,
     # ops in train/augment.py): '' = off; 'ta_wide' (TrivialAugmentWide, 31 bins); 'ra'
     # (RandAugment: ra_num_ops ops at bin ra_magnitude of ra_num_magnitude_bins); 'aa'
-    # (AutoAugment, torchvision's IMAGENET policy). Draws keyed on (seed, epoch, example).
+    # (AutoAugment, torchvision's IMAGENET policy); timm's 'rand-m9-mstd0.5-inc1' strings (its
+    # RandAugment: m, n, p, mstd, mmax, inc as timm parses them; fill: the mean pixel). Draws
+    # keyed on (seed, epoch, example).
     c.auto_augment = ""
     c.ra_num_ops = 2
     c.ra_magnitude = 9

@@ -79,3 +79,42 @@ def test_apply_op_rejects_bad_input():
         apply_op(image, "Rotate", 1.0, convention="keras")
     with pytest.raises(ValueError, match="uint8"):
         apply_op(image.astype(np.float32), "Rotate", 1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# convention='timm': timm's own op functions (timm/data/auto_augment.py, Pillow).
+
+from train.augment_timm import SIGNED, TIMM_OPS  # noqa: E402
+
+timm = import_reference("timm")
+from timm.data import auto_augment as timm_aa  # noqa: E402
+from PIL import Image  # noqa: E402
+
+PIL_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+@pytest.mark.parametrize("name", TIMM_OPS)
+def test_timm_op_equals_timms_at_every_level(name, monkeypatch):
+    rng = np.random.default_rng(100 + TIMM_OPS.index(name))
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in SIZES]
+    fill = (124, 116, 104)
+    cases = [(level, negative) for level in (0, 1, 3.7, 5, 7, 9, 10, 13) for negative in (False, True)]
+    for k, (level, negative) in enumerate(cases):
+        if negative and name not in SIGNED:
+            continue
+        interpolation = ("bilinear", "bicubic")[(k // 2) % 2]  # each level with one of the two
+        image = images[k % len(images)]
+        if (name, level < 2.5) == ("Posterize", True) or (name, level >= 10) == ("PosterizeIncreasing", True):
+            # Zero bits kept, which Pillow 13 refuses (timm's call raises): black, as older Pillow.
+            assert not apply_op(image, name, level, "timm").any()
+            continue
+        hparams = dict(img_mean=fill, interpolation=PIL_RESAMPLE[interpolation])
+        op = timm_aa.AugmentOp(name, prob=1.0, magnitude=level, hparams=dict(hparams, magnitude_max=20))
+        # timm negates a signed op's argument when random.random() > 0.5.
+        monkeypatch.setattr(timm_aa.random, "random", lambda: 0.9 if negative else 0.1)
+        want = np.asarray(op(Image.fromarray(image)))
+        monkeypatch.undo()
+        got = apply_op(
+            image, name, -level if negative else level, "timm", fill=fill, interpolation=interpolation
+        )
+        np.testing.assert_array_equal(got, want, err_msg=f"{name} level {level} negative {negative}")

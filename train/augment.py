@@ -1,4 +1,4 @@
-"""One augmentation op on one image, as torchvision's auto-augment policies apply it:
+"""One augmentation op on one image, as torchvision's (or timm's) auto-augment policies apply it:
 ``apply_op(image, name, magnitude)``, the public entry and the code that training runs
 (``train/data/autoaugment.py`` draws the ops and magnitudes of a policy and calls it).
 
@@ -29,6 +29,7 @@ The magnitude bins of torchvision's policies are ``torch.linspace``'s float32 va
 bit decides some ops (``int(16.0)`` is not ``int(15.999999)``): ``linspace`` gives the same.
 
 The magnitude's sign and value come from the policy's draw; nothing here is random.
+``convention='timm'`` takes timm's op names and levels instead (``train/augment_timm.py``).
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ import math
 
 import numpy as np
 
-CONVENTIONS = ("torchvision",)
+from train.augment_timm import apply_timm_op
+
+CONVENTIONS = ("torchvision", "timm")
 # The ops of torchvision's TrivialAugmentWide/RandAugment/AutoAugment augmentation spaces.
 OPS = (
     "Identity",
@@ -248,9 +251,22 @@ def rotate(image: np.ndarray, angle: float) -> np.ndarray:
     return _warp(image, _inverse_affine((0.0, 0.0), -angle, (0.0, 0.0), (0.0, 0.0)))
 
 
-def apply_op(image: np.ndarray, name: str, magnitude: float, convention: str = "torchvision") -> np.ndarray:
-    """``image`` (``uint8 [H, W, C]``) with op ``name`` at ``magnitude`` applied, as torchvision's
-    auto-augment policies apply it (see the module docstring for the units); a new array.
+def apply_op(
+    image: np.ndarray,
+    name: str,
+    magnitude: float,
+    convention: str = "torchvision",
+    *,
+    fill: tuple[int, ...] = (128, 128, 128),
+    interpolation: str = "bicubic",
+) -> np.ndarray:
+    """``image`` (``uint8 [H, W, C]``) with op ``name`` at ``magnitude`` applied; a new array.
+
+    ``convention='torchvision'``: torchvision's op names and units (see the module docstring;
+    nearest sampling, zero fill). ``convention='timm'``: timm's RandAugment op names, with the
+    magnitude its level on the 0..10 scale (``train/augment_timm.py``); ``fill`` and
+    ``interpolation`` (``'bilinear'`` or ``'bicubic'``) are then its geometric ops' fill colour
+    and resampling.
 
     >>> import numpy as np
     >>> image = np.arange(48, dtype=np.uint8).reshape(4, 4, 3)
@@ -262,6 +278,8 @@ def apply_op(image: np.ndarray, name: str, magnitude: float, convention: str = "
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (1, 3):
         raise ValueError(f"apply_op takes one uint8 [H, W, 1 or 3] image; got {image.dtype} {image.shape}.")
+    if convention == "timm":
+        return apply_timm_op(image, name, magnitude, fill, interpolation)
     m = float(magnitude)
     if name == "Identity":
         return image.copy()

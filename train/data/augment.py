@@ -41,6 +41,7 @@ class AugmentOptions:
     ra_num_ops: int  # auto_augment='ra': ops per image
     ra_magnitude: int  # auto_augment='ra': the magnitude bin
     ra_num_magnitude_bins: int  # auto_augment='ra': bins of each op's magnitude range
+    normalize_mean: tuple[float, ...]  # timm's rand- policies fill with the mean pixel (() = ImageNet's)
     random_erase_prob: float  # image folders: timm's RandomErasing after normalisation (erase.py)
     random_erase_mode: str  # 'const' (zeros) or 'pixel' (per-pixel standard normal)
     random_erase_scale: tuple[float, float]  # the box's share of the image's area
