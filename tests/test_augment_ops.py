@@ -87,8 +87,8 @@ def test_apply_op_rejects_bad_input():
 from train.augment_timm import SIGNED, TIMM_OPS  # noqa: E402
 
 timm = import_reference("timm")
-from timm.data import auto_augment as timm_aa  # noqa: E402
 from PIL import Image  # noqa: E402
+from timm.data import auto_augment as timm_aa  # noqa: E402
 
 PIL_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
@@ -111,7 +111,7 @@ def test_timm_op_equals_timms_at_every_level(name, monkeypatch):
         hparams = dict(img_mean=fill, interpolation=PIL_RESAMPLE[interpolation])
         op = timm_aa.AugmentOp(name, prob=1.0, magnitude=level, hparams=dict(hparams, magnitude_max=20))
         # timm negates a signed op's argument when random.random() > 0.5.
-        monkeypatch.setattr(timm_aa.random, "random", lambda: 0.9 if negative else 0.1)
+        monkeypatch.setattr(timm_aa.random, "random", lambda draw=0.9 if negative else 0.1: draw)
         want = np.asarray(op(Image.fromarray(image)))
         monkeypatch.undo()
         got = apply_op(
