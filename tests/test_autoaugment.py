@@ -110,6 +110,99 @@ def test_policy_equals_torchvision_given_the_same_draws(name, monkeypatch):
     assert len(seen) >= 8  # the images went through many different ops
 
 
+class _TimmRecorder:
+    """A NumPy generator that logs what timm's RandAugment draws from ``np.random``/``random``."""
+
+    def __init__(self, seed):
+        self.rng, self.log = np.random.default_rng(seed), []
+
+    def _log(self, kind, value):
+        self.log.append((kind, value))
+        return value
+
+    def integers(self, n):
+        return self._log(("integers", n), int(self.rng.integers(n)))
+
+    def random(self):
+        return self._log("random", float(self.rng.random()))
+
+    def normal(self, mu, sigma):
+        return self._log(("gauss", mu, sigma), float(self.rng.normal(mu, sigma)))
+
+    def uniform(self, lo, hi):
+        return self._log(("uniform", lo, hi), float(self.rng.uniform(lo, hi)))
+
+
+class _TimmReplay:
+    """timm's ``random`` module and ``np.random.choice``, answering with the logged draws."""
+
+    def __init__(self, log, num_layers):
+        self.log, self.num_layers = list(log), num_layers
+
+    def _next(self, kind):
+        got, value = self.log.pop(0)
+        assert got == kind, (got, kind)
+        return value
+
+    def choice(self, seq, size=None, replace=True, p=None):
+        if size is None:  # random.choice(_RANDOM_INTERPOLATION)
+            return seq[self._next(("integers", len(seq)))]
+        assert size == self.num_layers and replace and p is None
+        return [seq[self._next(("integers", len(seq)))] for _ in range(size)]
+
+    def random(self):
+        return self._next("random")
+
+    def gauss(self, mu, sigma):
+        return self._next(("gauss", mu, sigma))
+
+    def uniform(self, lo, hi):
+        return self._next(("uniform", lo, hi))
+
+
+@pytest.mark.parametrize(
+    "spec", ["rand-m9-mstd0.5-inc1", "rand-m7-mstd0.5", "rand-n3-m12-mmax15-p0.8-mstd101"]
+)
+def test_timm_rand_equals_timms_given_the_same_draws(spec, monkeypatch):
+    from timm.data import auto_augment as timm_aa
+
+    fill = (124, 116, 104)
+    policy = autoaugment.make_policy(spec)
+    ref = timm_aa.rand_augment_transform(spec, dict(translate_const=100, img_mean=fill))
+    assert [op.name for op in ref.ops] == list(policy.ops) and ref.num_layers == policy.num_layers
+    for op in ref.ops:
+        assert (op.prob, op.magnitude) == (policy.prob, policy.magnitude)
+        assert (op.magnitude_std, op.magnitude_max or 0) == (policy.magnitude_std, policy.magnitude_max)
+    seen = set()
+    for seed in range(40):
+        image = np.random.default_rng([seed, 2]).integers(0, 256, (18, 23, 3), dtype=np.uint8)
+        rng = _TimmRecorder(seed)
+        ops = policy.draw(rng)
+        seen |= {op for op, _, _ in ops}
+        if any(op.startswith("Posterize") and op_bits_zero(op, level) for op, level, _ in ops):
+            continue  # Pillow 13 refuses to keep 0 bits (timm raises; train/augment_timm.py)
+        ours = policy(image, _Replayed(rng.log))
+        replay = _TimmReplay(rng.log, policy.num_layers)
+        monkeypatch.setattr(timm_aa, "random", replay)
+        monkeypatch.setattr(timm_aa.np.random, "choice", replay.choice)
+        want = np.asarray(ref(Image.fromarray(image)))
+        monkeypatch.undo()
+        assert not replay.log, "timm drew less than we did"
+        np.testing.assert_array_equal(ours, want, err_msg=f"{spec} seed {seed}: {ops}")
+    assert len(seen) >= 8
+
+
+def op_bits_zero(name, level):
+    frac = abs(level) / 10.0
+    return (4 - int(frac * 4) if name == "PosterizeIncreasing" else int(frac * 4)) <= 0
+
+
+@pytest.mark.parametrize("spec", ["rand-m9-tweights", "rand-q3", "rand-m1.5", "randx-m9"])
+def test_bad_timm_strings_are_one_line(spec):
+    with pytest.raises(ValueError, match="timm's rand- sections are"):
+        autoaugment.make_policy(spec)
+
+
 class _Replayed:
     """The recorded draws again, as a generator (so ``policy(image, rng)`` draws the same ops)."""
 
@@ -117,10 +210,16 @@ class _Replayed:
         self.log = list(log)
 
     def integers(self, n):
-        return self.log.pop(0)[2]
+        return self.log.pop(0)[-1]
 
     def random(self):
-        return self.log.pop(0)[2]
+        return self.log.pop(0)[-1]
+
+    def normal(self, mu, sigma):
+        return self.log.pop(0)[-1]
+
+    def uniform(self, lo, hi):
+        return self.log.pop(0)[-1]
 
 
 def test_image_folder_applies_the_policy_keyed_on_seed_epoch_and_position(tmp_path):
@@ -152,7 +251,7 @@ def test_image_folder_applies_the_policy_keyed_on_seed_epoch_and_position(tmp_pa
 @pytest.mark.parametrize(
     "fields,message",
     [
-        (dict(auto_augment="trivial"), "config.auto_augment must be '' (off) or one of"),
+        (dict(auto_augment="trivial"), "config.auto_augment must be '' (off), one of"),
         (dict(auto_augment="ra", ra_magnitude=31), "ra_magnitude < ra_num_magnitude_bins"),
         (dict(auto_augment="ta_wide", dataset="sklearn_digits"), "implemented for dataset='image_folder'"),
     ],
