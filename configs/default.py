@@ -46,11 +46,7 @@ def _data(c: ml_collections.ConfigDict) -> None:
     # least that many times the input size (less work on large photos; the pixels differ from a
     # full decode: train/data/image_ops.py).
     c.jpeg_reduced_decode = False
-    # image_folder: timm's RandomErasing (--reprob, --remode) after normalisation; 0 = off. One box
-    # of this area share and log-uniform height/width ratio, filled with zeros ('const') or
-    # per-pixel standard normals ('pixel'). Training batches are then normalised float32 from the
-    # host instead of uint8 (train/data/erase.py). torchvision's ratio is (0.3, 3.3).
-    # Automatic augmentation policies on the uint8 image after the crop and flip (before
+    # image_folder, TFDS: automatic augmentation policies on the uint8 image after crop and flip (before
     # normalisation), as torchvision's reference presets order them (train/data/autoaugment.py,
     # ops in train/augment.py): '' = off; 'ta_wide' (TrivialAugmentWide, 31 bins); 'ra'
     # (RandAugment: ra_num_ops ops at bin ra_magnitude of ra_num_magnitude_bins); 'aa'
@@ -61,6 +57,10 @@ def _data(c: ml_collections.ConfigDict) -> None:
     c.ra_num_ops = 2
     c.ra_magnitude = 9
     c.ra_num_magnitude_bins = 31
+    # image_folder, TFDS: timm's RandomErasing (--reprob, --remode) after normalisation; 0 = off.
+    # One box of this area share and log-uniform height/width ratio, filled with zeros ('const') or
+    # per-pixel standard normals ('pixel'). Training batches are then normalised float32 from the
+    # host instead of uint8 (train/data/erase.py). torchvision's ratio is (0.3, 3.3).
     c.random_erase_prob = 0.0
     c.random_erase_mode = "const"
     c.random_erase_scale = (0.02, 1 / 3)

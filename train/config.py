@@ -78,7 +78,7 @@ def _check_random_erase(config: Any) -> None:
         _choice(config, "random_erase_mode", ERASE_MODES)
         if not registry.get(config.dataset).random_erase:
             raise ConfigError(
-                f"config.random_erase_prob is implemented for dataset='image_folder' only so far; "
+                f"config.random_erase_prob is implemented for dataset='image_folder' and TFDS sets; "
                 f"got dataset={config.dataset!r}."
             )
     for field, top in (("random_erase_scale", 1.0), ("random_erase_ratio", float("inf"))):

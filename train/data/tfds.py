@@ -126,6 +126,8 @@ def read_config(seed: int):
 class TFDSSource(DataSource):
     """A TFDS image-classification set: the registry's source for every name it does not map."""
 
+    random_erase = auto_augment = True  # train/data/host_ops.py
+
     def __init__(self, config: Any):
         self.builder = tfds_builder(config)
         features = self.builder.info.features
