@@ -65,9 +65,10 @@ def _data(c: ml_collections.ConfigDict) -> None:
     c.random_erase_mode = "const"
     c.random_erase_scale = (0.02, 1 / 3)
     c.random_erase_ratio = (0.3, 1 / 0.3)
-    # image_folder: repeated augmentation (timm's --aug-repeats, RepeatAugSampler; torchvision's
+    # image_folder, TFDS: repeated augmentation (timm's --aug-repeats, RepeatAugSampler; torchvision's
     # --ra-sampler): each image aug_repeats times in a row in the global order, each copy augmented
-    # afresh; an epoch keeps its length (about 1/aug_repeats of the images). 0 or 1 = off.
+    # afresh (TFDS: in each host's shard's order); an epoch keeps its length (about 1/aug_repeats of
+    # the images). 0 or 1 = off.
     c.aug_repeats = 0.0
     c.eval_crop_fraction = 1.0  # 0.875: resize to size/0.875 then center-crop size (ImageNet)
     c.normalize_mean = ()  # per channel, in 0..255 pixel units; () = dataset default

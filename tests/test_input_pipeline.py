@@ -398,3 +398,21 @@ def test_tiny_tfds_runs_the_image_folder_augmentation_keyed_on_the_example(tiny_
     assert (got["image"] != want["image"]).any()
     # A fresh pipeline from step 0 reaches the same batch at step 2.
     np.testing.assert_array_equal(_take(ds.train_iterator(5), 3)[2]["image"], got["image"])
+
+
+@pytest.mark.parametrize("repeats", [3, 2.5])
+def test_tiny_tfds_aug_repeats_reads_each_example_in_a_row_as_timms_sampler(tiny_dir, repeats):
+    plain = registry.create_dataset(
+        make_config(dataset="resnet_jax_tiny_shapes", data_dir=tiny_dir, **TINY_NORM)
+    )
+    config = make_config(
+        dataset="resnet_jax_tiny_shapes", data_dir=tiny_dir, aug_repeats=repeats, **TINY_NORM
+    )
+    ds = registry.create_dataset(config)
+    order = np.concatenate([_ids(b["image"]) for b in _take(plain.train_iterator(5), 6)])
+    got = np.concatenate([_ids(b["image"]) for b in _take(ds.train_iterator(5), 6)])
+    # Position p reads example p // repeats of the epoch's order (timm's RepeatAugSampler); the
+    # epoch keeps its 6 steps.
+    np.testing.assert_array_equal(got, order[[int(p // repeats) for p in range(30)]])
+    resumed = np.concatenate([_ids(b["image"]) for b in _take(ds.train_iterator(5, start_step=4), 2)])
+    np.testing.assert_array_equal(resumed, got[20:])

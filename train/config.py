@@ -112,7 +112,7 @@ def _check_aug_repeats(config: Any) -> None:
         raise ConfigError(f"config.aug_repeats must be >= 0 (0 or 1: off); got {repeats}.")
     if repeats > 1 and not registry.get(config.dataset).aug_repeats:
         raise ConfigError(
-            f"config.aug_repeats is implemented for dataset='image_folder' only so far; got "
+            f"config.aug_repeats is implemented for dataset='image_folder' and TFDS sets; got "
             f"dataset={config.dataset!r}."
         )
     mixing = (config.mixup_alpha > 0 or config.cutmix_alpha > 0) and config.mixup_prob > 0
