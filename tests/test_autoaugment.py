@@ -222,7 +222,8 @@ class _Replayed:
         return self.log.pop(0)[-1]
 
 
-def test_image_folder_applies_the_policy_keyed_on_seed_epoch_and_position(tmp_path):
+@pytest.mark.parametrize("name", ["ta_wide", "rand-m9-mstd0.5-inc1"])
+def test_image_folder_applies_the_policy_keyed_on_seed_epoch_and_position(tmp_path, name):
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
         for label in ("a", "b"):
@@ -233,17 +234,18 @@ def test_image_folder_applies_the_policy_keyed_on_seed_epoch_and_position(tmp_pa
     fields = dict(dataset="image_folder", data_dir=str(tmp_path), grain_worker_count=0, image_size=12)
     fields.update(train_augment="none", random_flip=False, seed=3)
     plain = next(registry.create_dataset(tiny_config(**fields)).train_iterator(4, start_step=1))
-    augmented = registry.create_dataset(tiny_config(**fields, auto_augment="ta_wide"))
+    config = tiny_config(**fields, auto_augment=name)
+    augmented = registry.create_dataset(config)
     got = next(augmented.train_iterator(4, start_step=1))
     np.testing.assert_array_equal(got["label"], plain["label"])
-    policy = autoaugment.make_policy("ta_wide")
+    policy = autoaugment.Policy.from_config(config)
     for k in range(4):
         # Step 1 of epoch 0 holds positions 4..7; each example's generator is (seed, epoch, position).
         want = policy(plain["image"][k], np.random.default_rng([3, 0, 4 + k]))
         np.testing.assert_array_equal(got["image"][k], want)
     assert (got["image"] != plain["image"]).any()
     # A fresh pipeline from step 0 reaches the same batch at step 1 (a resume draws the same).
-    stream = registry.create_dataset(tiny_config(**fields, auto_augment="ta_wide")).train_iterator(4)
+    stream = registry.create_dataset(tiny_config(**fields, auto_augment=name)).train_iterator(4)
     next(stream)
     np.testing.assert_array_equal(next(stream)["image"], got["image"])
 
