@@ -71,6 +71,8 @@ def apply_timm_op(
         raise ValueError(f"unknown timm op {name!r}; the ops are {', '.join(TIMM_OPS)}.")
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"interpolation must be one of {tuple(INTERPOLATIONS)}; got {interpolation!r}.")
+    if image.shape[-1] != 3:
+        raise ValueError(f"timm's ops take RGB images [H, W, 3]; got {image.shape}.")
     negative = level < 0
     if negative and name not in SIGNED:
         raise ValueError(f"timm's {name} takes a level >= 0; got {level}.")
