@@ -46,17 +46,29 @@ def _data(c: ml_collections.ConfigDict) -> None:
     # least that many times the input size (less work on large photos; the pixels differ from a
     # full decode: train/data/image_ops.py).
     c.jpeg_reduced_decode = False
-    # image_folder: timm's RandomErasing (--reprob, --remode) after normalisation; 0 = off. One box
-    # of this area share and log-uniform height/width ratio, filled with zeros ('const') or
+    # image_folder, TFDS: automatic augmentation policies on the uint8 image after crop and flip (before
+    # normalisation), as torchvision's reference presets order them (train/data/autoaugment.py,
+    # ops in train/augment.py): '' = off; 'ta_wide' (TrivialAugmentWide, 31 bins); 'ra'
+    # (RandAugment: ra_num_ops ops at bin ra_magnitude of ra_num_magnitude_bins); 'aa'
+    # (AutoAugment, torchvision's IMAGENET policy); timm's 'rand-m9-mstd0.5-inc1' strings (its
+    # RandAugment: m, n, p, mstd, mmax, inc as timm parses them; fill: the mean pixel). Draws
+    # keyed on (seed, epoch, example).
+    c.auto_augment = ""
+    c.ra_num_ops = 2
+    c.ra_magnitude = 9
+    c.ra_num_magnitude_bins = 31
+    # image_folder, TFDS: timm's RandomErasing (--reprob, --remode) after normalisation; 0 = off.
+    # One box of this area share and log-uniform height/width ratio, filled with zeros ('const') or
     # per-pixel standard normals ('pixel'). Training batches are then normalised float32 from the
     # host instead of uint8 (train/data/erase.py). torchvision's ratio is (0.3, 3.3).
     c.random_erase_prob = 0.0
     c.random_erase_mode = "const"
     c.random_erase_scale = (0.02, 1 / 3)
     c.random_erase_ratio = (0.3, 1 / 0.3)
-    # image_folder: repeated augmentation (timm's --aug-repeats, RepeatAugSampler; torchvision's
+    # image_folder, TFDS: repeated augmentation (timm's --aug-repeats, RepeatAugSampler; torchvision's
     # --ra-sampler): each image aug_repeats times in a row in the global order, each copy augmented
-    # afresh; an epoch keeps its length (about 1/aug_repeats of the images). 0 or 1 = off.
+    # afresh (TFDS: in each host's shard's order); an epoch keeps its length (about 1/aug_repeats of
+    # the images). 0 or 1 = off.
     c.aug_repeats = 0.0
     c.eval_crop_fraction = 1.0  # 0.875: resize to size/0.875 then center-crop size (ImageNet)
     c.normalize_mean = ()  # per channel, in 0..255 pixel units; () = dataset default

@@ -72,7 +72,7 @@ def test_global_batches_hold_the_examples_of_timms_repeat_aug_sampler(monkeypatc
 @pytest.mark.parametrize(
     "fields,message",
     [
-        (dict(aug_repeats=3), "aug_repeats is implemented for dataset='image_folder' only"),
+        (dict(aug_repeats=3), "aug_repeats is implemented for dataset='image_folder' and TFDS sets"),
         (dict(aug_repeats=-1), "aug_repeats must be >= 0"),
         (
             dict(dataset="image_folder", aug_repeats=3, mixup_alpha=0.2, batch_size=64),

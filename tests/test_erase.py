@@ -146,7 +146,7 @@ def test_image_folder_batches_are_normalised_with_one_box_erased_and_resume_bitw
 @pytest.mark.parametrize(
     "fields,message",
     [
-        (dict(random_erase_prob=0.25), "implemented for dataset='image_folder' only"),
+        (dict(random_erase_prob=0.25), "implemented for dataset='image_folder' and TFDS sets"),
         (dict(random_erase_prob=1.5), "random_erase_prob must be in [0, 1]"),
         (dict(random_erase_prob=0.25, random_erase_mode="rand"), "random_erase_mode='rand' is not valid"),
         (dict(random_erase_scale=(0.5, 0.1)), "random_erase_scale must be (low, high)"),

@@ -11,7 +11,8 @@ import tensorflow_datasets as tfds
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from train.config import default_config  # noqa: E402
-from train.data import core, registry, tf_ops  # noqa: E402
+from train.data import core, host_ops, registry, tf_ops  # noqa: E402
+from train.data.augment import AugmentOptions  # noqa: E402
 
 tf.config.set_visible_devices([], "GPU")
 
@@ -371,3 +372,47 @@ def test_augment_options_are_config_fields_and_both_paths_offer_every_crop():
     options = AugmentOptions.from_config(config)
     assert options.train_augment == "pad_crop" and options.crop_padding == 3
     assert set(image_ops.CROPS) == set(tf_ops.CROPS) == set(TRAIN_AUGMENTATIONS)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [dict(auto_augment="ta_wide"), dict(auto_augment="rand-m9-mstd0.5-inc1", random_erase_prob=1.0)],
+)
+def test_tiny_tfds_runs_the_image_folder_augmentation_keyed_on_the_example(tiny_dir, fields):
+    plain = registry.create_dataset(
+        make_config(dataset="resnet_jax_tiny_shapes", data_dir=tiny_dir, **TINY_NORM)
+    )
+    config = make_config(dataset="resnet_jax_tiny_shapes", data_dir=tiny_dir, **TINY_NORM, **fields)
+    ds = registry.create_dataset(config)
+    want = next(plain.train_iterator(5, start_step=2))
+    got = next(ds.train_iterator(5, start_step=2))
+    np.testing.assert_array_equal(got["label"], want["label"])
+    options = AugmentOptions.from_config(config)
+    for k in range(5):
+        # Step 2 of epoch 0 holds positions 10..14 of host 0's epoch; the generator is keyed on
+        # the example's seed (fold_seed(seed, epoch, host), position).
+        rng = host_ops.example_rng([core.fold_seed(0, 0, 0), 10 + k])
+        expected = host_ops.host_augment(want["image"][k], rng, options, ds.info)
+        assert got["image"].dtype == expected.dtype
+        np.testing.assert_array_equal(got["image"][k], expected)
+    assert (got["image"] != want["image"]).any()
+    # A fresh pipeline from step 0 reaches the same batch at step 2.
+    np.testing.assert_array_equal(_take(ds.train_iterator(5), 3)[2]["image"], got["image"])
+
+
+@pytest.mark.parametrize("repeats", [3, 2.5])
+def test_tiny_tfds_aug_repeats_reads_each_example_in_a_row_as_timms_sampler(tiny_dir, repeats):
+    plain = registry.create_dataset(
+        make_config(dataset="resnet_jax_tiny_shapes", data_dir=tiny_dir, **TINY_NORM)
+    )
+    config = make_config(
+        dataset="resnet_jax_tiny_shapes", data_dir=tiny_dir, aug_repeats=repeats, **TINY_NORM
+    )
+    ds = registry.create_dataset(config)
+    order = np.concatenate([_ids(b["image"]) for b in _take(plain.train_iterator(5), 6)])
+    got = np.concatenate([_ids(b["image"]) for b in _take(ds.train_iterator(5), 6)])
+    # Position p reads example p // repeats of the epoch's order (timm's RepeatAugSampler); the
+    # epoch keeps its 6 steps.
+    np.testing.assert_array_equal(got, order[[int(p // repeats) for p in range(30)]])
+    resumed = np.concatenate([_ids(b["image"]) for b in _take(ds.train_iterator(5, start_step=4), 2)])
+    np.testing.assert_array_equal(resumed, got[20:])

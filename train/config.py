@@ -10,6 +10,7 @@ from typing import Any
 from train import optim, parallel, steps
 from train.data import registry
 from train.data.augment import TRAIN_AUGMENTATIONS
+from train.data.autoaugment import make_policy
 from train.data.core import DatasetError
 from train.data.erase import ERASE_MODES
 from train.mixup import MixupOptions
@@ -77,7 +78,7 @@ def _check_random_erase(config: Any) -> None:
         _choice(config, "random_erase_mode", ERASE_MODES)
         if not registry.get(config.dataset).random_erase:
             raise ConfigError(
-                f"config.random_erase_prob is implemented for dataset='image_folder' only so far; "
+                f"config.random_erase_prob is implemented for dataset='image_folder' and TFDS sets; "
                 f"got dataset={config.dataset!r}."
             )
     for field, top in (("random_erase_scale", 1.0), ("random_erase_ratio", float("inf"))):
@@ -88,13 +89,30 @@ def _check_random_erase(config: Any) -> None:
             )
 
 
+def _check_auto_augment(config: Any) -> None:
+    try:
+        make_policy(
+            str(config.auto_augment or ""),
+            int(config.ra_num_ops),
+            int(config.ra_magnitude),
+            int(config.ra_num_magnitude_bins),
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if config.auto_augment and not registry.get(config.dataset).auto_augment:
+        raise ConfigError(
+            f"config.auto_augment is implemented for dataset='image_folder' and TFDS sets; got "
+            f"dataset={config.dataset!r}."
+        )
+
+
 def _check_aug_repeats(config: Any) -> None:
     repeats = float(config.aug_repeats)
     if repeats < 0:
         raise ConfigError(f"config.aug_repeats must be >= 0 (0 or 1: off); got {repeats}.")
     if repeats > 1 and not registry.get(config.dataset).aug_repeats:
         raise ConfigError(
-            f"config.aug_repeats is implemented for dataset='image_folder' only so far; got "
+            f"config.aug_repeats is implemented for dataset='image_folder' and TFDS sets; got "
             f"dataset={config.dataset!r}."
         )
     mixing = (config.mixup_alpha > 0 or config.cutmix_alpha > 0) and config.mixup_prob > 0
@@ -188,6 +206,7 @@ def validate_config(
     except ValueError as e:
         raise ConfigError(str(e)) from None
     _check_random_erase(config)
+    _check_auto_augment(config)
     _check_aug_repeats(config)
     try:
         registry.get(config.dataset).check_config(config)  # the source's own checks: class_subset

@@ -7,6 +7,9 @@ Where to change the augmentation:
 * the same ops for TFDS (TF ops, inside ``tf.data``): ``train/data/tf_ops.py``, ``CROPS`` and
   ``preprocess_train_image``;
 * the digits' (in memory): ``train/data/digits.py``;
+* the automatic augmentation policies (``auto_augment``), after the crop and flip, on ``uint8``
+  pixels, for image folders and TFDS alike: ``train/data/autoaugment.py``, ops in
+  ``train/augment.py``;
 * random erasing, after normalisation (image folders): ``train/data/erase.py``;
 * mixup and cutmix, per batch inside the train step: ``train/mixup.py``.
 
@@ -34,6 +37,11 @@ class AugmentOptions:
     crop_aspect_ratio_range: tuple[float, float]  # inception_crop: the box's width / height
     crop_min_object_covered: float  # inception_crop: TF's sample_distorted_bounding_box
     jpeg_reduced_decode: bool  # image folders, inception_crop: decode large JPEGs at 1/2..1/8
+    auto_augment: str  # '' or a policy of train/data/autoaugment.py, after the crop and flip
+    ra_num_ops: int  # auto_augment='ra': ops per image
+    ra_magnitude: int  # auto_augment='ra': the magnitude bin
+    ra_num_magnitude_bins: int  # auto_augment='ra': bins of each op's magnitude range
+    normalize_mean: tuple[float, ...]  # timm's rand- policies fill with the mean pixel (() = ImageNet's)
     random_erase_prob: float  # image folders: timm's RandomErasing after normalisation (erase.py)
     random_erase_mode: str  # 'const' (zeros) or 'pixel' (per-pixel standard normal)
     random_erase_scale: tuple[float, float]  # the box's share of the image's area

@@ -75,8 +75,9 @@ class DataSource:
     * ``name``: the ``config.dataset`` the registry maps to this class;
     * ``repeats_one_batch``: the training stream is one batch repeated (the loop places it on the
       devices once);
-    * ``random_erase``, ``aug_repeats``: its training pipeline applies
-      ``config.random_erase_prob`` (erase.py), ``config.aug_repeats`` (``repeat_position``);
+    * ``random_erase``, ``aug_repeats``, ``auto_augment``: its training pipeline applies
+      ``config.random_erase_prob`` (erase.py), ``config.aug_repeats`` (``repeat_position``),
+      ``config.auto_augment`` (autoaugment.py);
     * ``check_config(config)``: the source's own config checks (``DatasetError``);
     * ``describe(config)``: ``(DatasetInfo, image dtype)`` without reading the data (``train.aot``),
       or None where the shape is not known without reading it (``describes_without_data`` says
@@ -95,6 +96,7 @@ class DataSource:
     describes_without_data: ClassVar[bool] = False
     random_erase: ClassVar[bool] = False  # its training pipeline applies config.random_erase_prob
     aug_repeats: ClassVar[bool] = False  # ... and config.aug_repeats
+    auto_augment: ClassVar[bool] = False  # ... and config.auto_augment (train/data/autoaugment.py)
     info: DatasetInfo
 
     @classmethod

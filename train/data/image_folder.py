@@ -402,7 +402,7 @@ class ImageFolderSource(DataSource):
     """``dataset='image_folder'``: ``config.data_dir``'s ``train/<class>/*`` and ``val/<class>/*``."""
 
     name = "image_folder"
-    random_erase = aug_repeats = True
+    random_erase = aug_repeats = auto_augment = True
 
     def __init__(self, config: Any):
         root = str(config.data_dir or "")

@@ -10,6 +10,7 @@ Training is a list of small named ops (``train_ops``), each ``op(image, rng, siz
   resized to ``image_size`` with antialiased bilinear filtering; ``'pad_crop'`` (reflect-pad
   ``crop_padding`` pixels, random crop); ``'none'`` (``resize``);
 * ``flip_lr``: a horizontal flip with probability 1/2, unless ``random_flip=False``;
+* ``auto_augment``: a policy of ``train/data/autoaugment.py``, when ``auto_augment`` names one;
 * evaluation (and ``train.predict``): resize the shorter side to ``image_size /
   eval_crop_fraction`` and take the central crop, the TF path's arithmetic (``eval_image``).
 
@@ -58,6 +59,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from train.data import autoaugment
 
 try:  # optional: a faster JPEG decoder that gives TF's pixels (module docstring)
     import simplejpeg
@@ -333,7 +336,9 @@ def train_ops(config: Any) -> list:
         raise ValueError(
             f"train_augment must be 'inception_crop', 'pad_crop' or 'none'; got {config.train_augment!r}."
         )
-    return [crop, flip_lr] if config.random_flip else [crop]
+    ops = [crop, flip_lr] if config.random_flip else [crop]
+    # The policy after the flip, as torchvision's reference presets order it.
+    return [*ops, autoaugment.auto_augment] if config.auto_augment else ops
 
 
 def train_image(image: Image.Image | bytes, rng: np.random.Generator, size: int, config: Any) -> np.ndarray:

@@ -3,7 +3,9 @@ evaluation resize-and-crop (also ``train.predict``'s for runs on TFDS sets, digi
 data).
 
 Training: a crop from ``CROPS`` (``config.train_augment``), the pixels rounded back to ``uint8``,
-then a horizontal flip unless ``config.random_flip`` is False. Each op is keyed by a stateless
+then a horizontal flip unless ``config.random_flip`` is False, then ``config.auto_augment`` and
+random erasing, the image folders' NumPy/Pillow implementation called from the graph
+(``train/data/host_ops.py``). Each op is keyed by a stateless
 seed, so an example's result is a pure function of it. Normalisation happens on the accelerator
 (``train/data/core.py``). ``train/data/image_ops.py`` has the same ops in Pillow and NumPy.
 """
@@ -14,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from train.data import host_ops
 from train.data.augment import TRAIN_AUGMENTATIONS
 from train.data.core import DatasetError, DatasetInfo, normalize_pixels
 
@@ -107,6 +110,8 @@ def preprocess_train_image(image, seed, info: DatasetInfo, config: Any, *, jpeg:
     image = round_to_uint8(image)  # before the flip: a quarter of the bytes to move from here on
     if config.random_flip:
         image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+    if config.auto_augment or config.random_erase_prob > 0:
+        image = host_ops.apply(image, seed, info, config)
     return image
 
 

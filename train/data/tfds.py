@@ -2,7 +2,8 @@
 ``imagenette``, ``cifar10``, ``cifar100``, ...), read with ``tf.data``.
 
 Each host reads its own ``tfds.even_splits`` shard. Epoch ``e``'s file order, shuffle and
-augmentation seeds derive from ``(seed, e, host)``; augmentation uses stateless random ops keyed
+augmentation seeds derive from ``(seed, e, host)``; ``aug_repeats`` repeats each shuffled example
+in a row (``_copies``); augmentation uses stateless random ops keyed
 on the example's position in the epoch (``train/data/tf_ops.py``), so resuming skips only within
 one epoch, before any decoding.
 """
@@ -10,6 +11,7 @@ one epoch, before any decoding.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import os
 from typing import Any
@@ -123,8 +125,22 @@ def read_config(seed: int):
     )
 
 
+def _copies(i, example, repeats: float):
+    """Example ``i`` of the shuffled stream as many times as ``aug_repeats`` reads it: stream
+    position ``p`` reads example ``int(p // repeats)`` (``core.repeat_position``, timm's
+    ``RepeatAugSampler``), so example ``i`` fills positions ``ceil(i r) .. ceil((i + 1) r) - 1``.
+    Each host repeats the examples of its own shard; every copy has a position of its own, hence
+    draws of its own."""
+    tf = tf_ops.get_tf()
+    i = tf.cast(i, tf.float64)
+    count = tf.math.ceil((i + 1) * repeats) - tf.math.ceil(i * repeats)
+    return tf.data.Dataset.from_tensors(example).repeat(tf.cast(count, tf.int64))
+
+
 class TFDSSource(DataSource):
     """A TFDS image-classification set: the registry's source for every name it does not map."""
+
+    random_erase = auto_augment = aug_repeats = True  # train/data/host_ops.py; _copies
 
     def __init__(self, config: Any):
         self.builder = tfds_builder(config)
@@ -229,10 +245,13 @@ class TFDSSource(DataSource):
             )
         seed = int(config.seed)
         buffer = int(config.shuffle_buffer_size)
+        repeats = float(config.aug_repeats)
         for epoch in itertools.count(start_step // steps):
             epoch_seed = fold_seed(seed, epoch, process_index)
             ds = self._raw_train(config, process_index, process_count, epoch_seed)
             ds = ds.shuffle(buffer, seed=epoch_seed, reshuffle_each_iteration=False)
+            if repeats > 1:
+                ds = ds.enumerate().flat_map(functools.partial(_copies, repeats=repeats))
             ds = ds.enumerate()
             first = start_step % steps if epoch == start_step // steps else 0
             if first:
