@@ -40,6 +40,7 @@ from absl import app, flags, logging
 from train import build, checkpoint, paths
 from train.data import image_folder, registry
 from train.data.core import DatasetError, DatasetInfo
+from train.data.eval_resize import EvalOptions
 from train.model import create_model
 
 
@@ -100,7 +101,7 @@ def iter_predictions(
     config.dtype = "float32"
     model, _ = create_model(config, info)
     variables = checkpoint.restore_variables(workdir, step)
-    crop = float(config.eval_crop_fraction)
+    options = EvalOptions.from_config(config, info.image_shape[0])  # the run's eval size and resize
     forward = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, x, train=False), axis=-1))
     k = min(top_k, info.num_classes)
     size = min(batch_size, len(paths))  # every batch padded to this: one compilation
@@ -112,7 +113,7 @@ def iter_predictions(
             chunk, loaded = [], []
             for path in paths[start : start + size]:
                 try:
-                    loaded.append(_load(path, info, crop))
+                    loaded.append(_load(path, info, options))
                     chunk.append(path)
                 except ImageError as e:
                     if on_unreadable is None:
@@ -173,12 +174,12 @@ def _decode_reason(error: BaseException) -> str:
     return text[:200] or type(error).__name__
 
 
-def _load(path: str, info: DatasetInfo, crop: float) -> np.ndarray:
+def _load(path: str, info: DatasetInfo, options: EvalOptions) -> np.ndarray:
     channels = info.image_shape[-1]
     source = registry.get(info.name)
     if not path.endswith(".npy"):
         try:
-            return source.load_image(path, info, crop)
+            return source.load_image(path, info, options)
         except Exception as e:
             raise ImageError(
                 f"cannot read {path} as an image ({_decode_reason(e)}); predict reads {_readable()}."
@@ -198,7 +199,7 @@ def _load(path: str, info: DatasetInfo, crop: float) -> np.ndarray:
         raise ImageError(
             f"{path} has shape {shape}; the model takes one image of shape {takes}, pixel values 0..255)."
         )
-    return source.load_array(array, info, crop)
+    return source.load_array(array, info, options)
 
 
 def main(argv: list[str]) -> None:

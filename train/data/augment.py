@@ -33,6 +33,7 @@ class AugmentOptions:
     crop_area_range: tuple[float, float]  # inception_crop: the box's share of the image's area
     crop_aspect_ratio_range: tuple[float, float]  # inception_crop: the box's width / height
     crop_min_object_covered: float  # inception_crop: TF's sample_distorted_bounding_box
+    interpolation: str  # inception_crop's resize: 'bilinear' or 'bicubic' (torchvision's RandomResizedCrop)
     jpeg_reduced_decode: bool  # image folders, inception_crop: decode large JPEGs at 1/2..1/8
     random_erase_prob: float  # image folders: timm's RandomErasing after normalisation (erase.py)
     random_erase_mode: str  # 'const' (zeros) or 'pixel' (per-pixel standard normal)

@@ -1,0 +1,204 @@
+"""Evaluation at its own size: torchvision's ``Resize(eval_resize_size, antialias=True) +
+CenterCrop(eval_image_size)`` on ``uint8`` pixels, in NumPy, for both input pipelines.
+
+torchvision's classification recipes evaluate at another size than they train at (V2: train at
+176, evaluate ``Resize(232) + CenterCrop(224)``; timm's RSB A3: 160 and 224), so the eval input
+is described by its own fields (``EvalOptions``): ``eval_image_size`` (0: ``image_size``),
+``eval_resize_size`` (0: today's ``eval_crop_fraction`` arithmetic) and ``interpolation``.
+
+The resize (``resize_uint8``) reproduces torchvision's tensor backend on ``uint8`` images, which
+on CPUs with AVX2, AVX-512 or arm64 runs PyTorch's own antialiased kernels on the 8-bit pixels
+(derived from Pillow-SIMD's): per axis, Pillow's separable filter weights (triangle, or Keys'
+cubic with ``a = -0.5``) normalised to sum 1, then quantised to 16-bit integers with the largest
+precision that keeps the largest weight below ``2**15``; the width is resized first, the result
+rounded to ``uint8``, then the height. Pillow's own resize (torchvision's PIL backend) rounds its
+weights to 22 bits instead, so it differs by one level at a few pixels. ``resize_uint8``
+computes the same integers as PyTorch, so its output equals ``torchvision.transforms.v2``'s
+``Resize(size, antialias=True)`` bit for bit (max abs difference 0 levels, 0 pixels differing),
+and ``tests/test_eval_resize.py`` holds it to that on JPEGs of several sizes and aspect ratios,
+for both interpolations; elsewhere (torchvision's float fallback, used for bilinear on CPUs
+without AVX2) torchvision's own output moves by up to one level.
+
+Raw float arrays (``train.predict``'s ``.npy`` inputs) are resized with the same weights
+unquantised, as torchvision resizes a float tensor. The TFDS path runs these functions through
+``tf.numpy_function``, so one implementation serves both pipelines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+# config.interpolation: torchvision's --interpolation choices this program implements.
+INTERPOLATIONS = ("bilinear", "bicubic")
+_SUPPORT = {"bilinear": 1.0, "bicubic": 2.0}  # the filter's half-width at scale 1
+_MAX_PRECISION = 22  # PyTorch's cap on the weights' fraction bits
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalOptions:
+    """How one eval image becomes ``uint8 [size, size, C]``: with ``resize_size > 0`` the shorter
+    side is resized to it and the centre ``size`` x ``size`` cropped (torchvision's); otherwise
+    the ``crop_fraction`` arithmetic of ``image_ops.eval_image`` (the TF path's)."""
+
+    size: int
+    crop_fraction: float = 1.0
+    resize_size: int = 0
+    interpolation: str = "bilinear"
+
+    @classmethod
+    def from_config(cls, config: Any, image_size: int) -> EvalOptions:
+        """The eval options of ``config``; ``image_size`` is the training input size (the
+        dataset's, which ``eval_image_size=0`` keeps)."""
+        return cls(
+            size=int(config.eval_image_size) or int(image_size),
+            crop_fraction=float(config.eval_crop_fraction),
+            resize_size=int(config.eval_resize_size),
+            interpolation=str(config.interpolation),
+        )
+
+    def kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``image_ops.eval_image`` and ``tf_ops.preprocess_eval_image``."""
+        return dataclasses.asdict(self)
+
+    def shape(self, channels: int) -> tuple[int, int, int]:
+        """The eval batches' image shape."""
+        return (self.size, self.size, channels)
+
+
+def check_config(config: Any) -> str | None:
+    """One line naming the eval-size field that is out of range, or None."""
+    for field in ("eval_image_size", "eval_resize_size"):
+        if int(config[field]) < 0:
+            return f"config.{field} must be >= 0 (0: off); got {config[field]}."
+    if config.interpolation not in INTERPOLATIONS:
+        choices = ", ".join(INTERPOLATIONS)
+        return f"config.interpolation={config.interpolation!r} is not valid; choose one of: {choices}."
+    size = int(config.eval_image_size) or int(config.image_size)
+    if config.eval_resize_size and size > int(config.eval_resize_size):
+        return (
+            f"config.eval_image_size ({size}) must be <= config.eval_resize_size "
+            f"({config.eval_resize_size}): the centre crop is cut from the resized image."
+        )
+    return None
+
+
+def _filter(x: np.ndarray, interpolation: str) -> np.ndarray:
+    """The antialiasing filter (Pillow's and PyTorch's): a triangle, or Keys' cubic, a = -0.5."""
+    x = np.abs(x)
+    if interpolation == "bilinear":
+        return np.where(x < 1.0, 1.0 - x, 0.0)
+    a = -0.5
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    far = (((x - 5.0) * x + 8.0) * x - 4.0) * a
+    return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
+
+
+def axis_weights(in_size: int, out_size: int, interpolation: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(index, weight)``, each ``[out_size, taps]``: output ``i`` along an axis is
+    ``sum_k weight[i, k] * input[index[i, k]]``. Float64 weights, each row summing to 1, computed
+    in PyTorch's (and Pillow's) order, so that the quantisation below rounds as theirs does."""
+    scale = in_size / out_size
+    support = _SUPPORT[interpolation] * max(scale, 1.0)
+    inverse = 1.0 / scale if scale >= 1.0 else 1.0
+    centers = scale * (np.arange(out_size) + 0.5)
+    lo = np.maximum((centers - support + 0.5).astype(np.int64), 0)
+    hi = np.minimum((centers + support + 0.5).astype(np.int64), in_size)
+    taps = int((hi - lo).max())
+    k = np.arange(taps)
+    weight = _filter((lo[:, None] + k - centers[:, None] + 0.5) * inverse, interpolation)
+    weight = np.where(k < (hi - lo)[:, None], weight, 0.0)
+    total = np.zeros(out_size)
+    for j in range(taps):  # summed in order, as the references do
+        total += weight[:, j]
+    weight = weight / np.where(total != 0.0, total, 1.0)[:, None]
+    return np.minimum(lo[:, None] + k, in_size - 1), weight
+
+
+def _int16_weights(weight: np.ndarray) -> tuple[np.ndarray, int]:
+    """The weights as PyTorch's uint8 kernels hold them: integers below ``2**15`` with
+    ``precision`` fraction bits, rounded half away from zero."""
+    largest = float(weight.max())
+    precision = 0
+    while precision < _MAX_PRECISION and int(0.5 + largest * (1 << (precision + 1))) < (1 << 15):
+        precision += 1
+    scaled = weight * (1 << precision)
+    rounded = np.where(scaled < 0, np.trunc(scaled - 0.5), np.trunc(scaled + 0.5))
+    return rounded.astype(np.int32), precision
+
+
+def _resize_axis(pixels: np.ndarray, axis: int, out_size: int, interpolation: str) -> np.ndarray:
+    """One pass of ``resize_uint8`` (``axis`` 0: height, 1: width) in 32-bit integers."""
+    in_size = pixels.shape[axis]
+    if in_size == out_size:
+        return pixels
+    index, weight = axis_weights(in_size, out_size, interpolation)
+    weight, precision = _int16_weights(weight)
+    wide = pixels.astype(np.int32)
+    shape = list(pixels.shape)
+    shape[axis] = out_size
+    acc = np.full(shape, 1 << (precision - 1), np.int32)  # rounds the final shift to nearest
+    term = np.empty_like(acc)
+    view = (slice(None),) + (None,) * (pixels.ndim - 1 - axis)
+    for j in range(index.shape[1]):
+        np.take(wide, index[:, j], axis=axis, out=term)
+        term *= weight[:, j][view]
+        acc += term
+    acc >>= precision
+    return np.clip(acc, 0, 255).astype(np.uint8)
+
+
+def _resize_axis_float(pixels: np.ndarray, axis: int, out_size: int, interpolation: str) -> np.ndarray:
+    in_size = pixels.shape[axis]
+    if in_size == out_size:
+        return pixels
+    index, weight = axis_weights(in_size, out_size, interpolation)
+    view = (slice(None),) + (None,) * (pixels.ndim - 1 - axis)
+    out = 0.0
+    for j in range(index.shape[1]):
+        out = out + np.take(pixels, index[:, j], axis=axis) * weight[:, j][view]
+    return np.asarray(out, np.float32)
+
+
+def resize_uint8(pixels: np.ndarray, height: int, width: int, interpolation: str = "bilinear") -> np.ndarray:
+    """``uint8 [H, W, C]`` -> ``uint8 [height, width, C]``, antialiased: torchvision v2's
+    ``Resize((height, width), antialias=True)`` on a ``uint8`` tensor (module docstring)."""
+    pixels = np.asarray(pixels, np.uint8)
+    return _resize_axis(_resize_axis(pixels, 1, width, interpolation), 0, height, interpolation)
+
+
+def resize_float(pixels: np.ndarray, height: int, width: int, interpolation: str = "bilinear") -> np.ndarray:
+    """``resize_uint8`` of float pixels, unquantised and unrounded (torchvision on a float
+    tensor): ``float32 [height, width, C]``."""
+    pixels = np.asarray(pixels, np.float64)
+    return _resize_axis_float(_resize_axis_float(pixels, 1, width, interpolation), 0, height, interpolation)
+
+
+def shorter_side_shape(height: int, width: int, size: int) -> tuple[int, int]:
+    """The shape torchvision's ``Resize(size)`` gives: the shorter side ``size``, the longer
+    ``int(size * long / short)`` (truncated, as torchvision does)."""
+    if width <= height:
+        return int(size * height / width), size
+    return size, int(size * width / height)
+
+
+def center_crop(pixels: np.ndarray, size: int) -> np.ndarray:
+    """The central ``size`` x ``size`` of ``[H, W, C]`` (torchvision's ``CenterCrop`` anchor:
+    ``round((H - size) / 2)``, half to even)."""
+    height, width = pixels.shape[:2]
+    top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+    return np.ascontiguousarray(pixels[top : top + size, left : left + size])
+
+
+def resize_crop(
+    pixels: np.ndarray, resize_size: int, size: int, interpolation: str = "bilinear"
+) -> np.ndarray:
+    """``Resize(resize_size, antialias=True) + CenterCrop(size)`` of ``uint8 [H, W, C]`` pixels
+    (``resize_uint8``), or of float pixels (``resize_float``; not rounded)."""
+    pixels = np.asarray(pixels)
+    height, width = shorter_side_shape(pixels.shape[0], pixels.shape[1], int(resize_size))
+    interpolation = interpolation.decode() if isinstance(interpolation, bytes) else str(interpolation)
+    resize = resize_uint8 if pixels.dtype == np.uint8 else resize_float
+    return center_crop(resize(pixels, height, width, interpolation), int(size))
