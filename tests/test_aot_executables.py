@@ -64,6 +64,31 @@ def test_another_program_warns_and_compiles(saved, tmp_path, capfd):
     assert "train_step is a different program" in lines[0] and lines[0].endswith("compiling instead.")
 
 
+def test_eval_step_is_compiled_for_the_eval_size(tmp_path, capfd):
+    """``config.eval_image_size``: ``train.aot`` compiles the eval step for the eval batches'
+    size (12 px after training at 8), so the run loads both steps without a warning."""
+    kw = dict(
+        dataset="synthetic",
+        image_size=8,
+        eval_image_size=12,
+        synthetic_num_classes=10,
+        synthetic_num_examples=64,
+        synthetic_num_eval_examples=64,
+        num_train_steps=2,
+        eval_every_steps=-1,
+        save_checkpoints=False,
+    )
+    result = aot.run_aot(config(**kw), aot.parse_topology("cpu"))
+    assert result.to_json()["eval_image_shape"] == [12, 12, 3]
+    path = str(tmp_path / "steps.aot")
+    aot.save_executables(result, path)
+    capfd.readouterr()
+    summary = loop.train_and_evaluate(config(aot_executable=path, **kw), str(tmp_path / "run"))
+    err = capfd.readouterr().err
+    assert summary["aot_loaded"] and "warning" not in err, err
+    assert summary["eval"]["num_examples"] == 64
+
+
 def test_other_versions_warn(saved, capfd):
     payload = executables.read(saved[0])
     payload["environment"]["jax"] = "0.0.1"
