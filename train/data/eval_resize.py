@@ -119,7 +119,7 @@ def axis_weights(in_size: int, out_size: int, interpolation: str) -> tuple[np.nd
 
 def _int16_weights(weight: np.ndarray) -> tuple[np.ndarray, int]:
     """The weights as PyTorch's uint8 kernels hold them: integers below ``2**15`` with
-    ``precision`` fraction bits, rounded half away from zero."""
+    ``precision`` fraction bits (from the axis's largest weight), rounded half away from zero."""
     largest = float(weight.max())
     precision = 0
     while precision < _MAX_PRECISION and int(0.5 + largest * (1 << (precision + 1))) < (1 << 15):
@@ -129,51 +129,83 @@ def _int16_weights(weight: np.ndarray) -> tuple[np.ndarray, int]:
     return rounded.astype(np.int32), precision
 
 
-def _resize_axis(pixels: np.ndarray, axis: int, out_size: int, interpolation: str) -> np.ndarray:
-    """One pass of ``resize_uint8`` (``axis`` 0: height, 1: width) in 32-bit integers."""
-    in_size = pixels.shape[axis]
-    if in_size == out_size:
-        return pixels
-    index, weight = axis_weights(in_size, out_size, interpolation)
-    weight, precision = _int16_weights(weight)
-    wide = pixels.astype(np.int32)
-    shape = list(pixels.shape)
-    shape[axis] = out_size
-    acc = np.full(shape, 1 << (precision - 1), np.int32)  # rounds the final shift to nearest
-    term = np.empty_like(acc)
-    view = (slice(None),) + (None,) * (pixels.ndim - 1 - axis)
-    for j in range(index.shape[1]):
-        np.take(wide, index[:, j], axis=axis, out=term)
-        term *= weight[:, j][view]
-        acc += term
-    acc >>= precision
-    return np.clip(acc, 0, 255).astype(np.uint8)
+class _Axis:
+    """One axis's resize from ``in_size`` to ``out_size``, of which only the outputs
+    ``start .. start + count - 1`` are kept (the centre crop's): their taps and weights, the
+    weights quantised over the whole axis as PyTorch does, so a kept output is the same as in
+    the full resize."""
+
+    def __init__(self, in_size: int, out_size: int, interpolation: str, start: int, count: int, uint8: bool):
+        self.identity = in_size == out_size
+        self.start, self.count = start, count
+        if self.identity:
+            self.first, self.last = start, start + count  # the input rows or columns read
+            return
+        index, weight = axis_weights(in_size, out_size, interpolation)
+        self.precision = 0
+        if uint8:
+            weight, self.precision = _int16_weights(weight)
+        index, self.weight = index[start : start + count], weight[start : start + count]
+        self.first, self.last = int(index.min()), int(index.max()) + 1
+        self.index = index - self.first  # into the input cut to first .. last - 1
+
+    def apply(self, pixels: np.ndarray) -> np.ndarray:
+        """``pixels`` (already cut to ``first .. last - 1`` along axis 0) -> the kept outputs
+        along axis 0. Gathering whole rows is contiguous copies: the width pass transposes."""
+        if self.identity:
+            return pixels
+        if not self.precision:  # float pixels: the weights unquantised, nothing rounded
+            out = 0.0
+            for j in range(self.index.shape[1]):
+                out = out + pixels[self.index[:, j]] * self.weight[:, j, None, None]
+            return np.asarray(out, np.float32)
+        wide = np.ascontiguousarray(pixels, np.int32)
+        # The 1 << (precision - 1) rounds the final shift to nearest.
+        acc = np.full((self.count, *pixels.shape[1:]), 1 << (self.precision - 1), np.int32)
+        term = np.empty_like(acc)
+        for j in range(self.index.shape[1]):
+            np.take(wide, self.index[:, j], axis=0, out=term)
+            term *= self.weight[:, j, None, None]
+            acc += term
+        acc >>= self.precision
+        return np.clip(acc, 0, 255).astype(np.uint8)
 
 
-def _resize_axis_float(pixels: np.ndarray, axis: int, out_size: int, interpolation: str) -> np.ndarray:
-    in_size = pixels.shape[axis]
-    if in_size == out_size:
-        return pixels
-    index, weight = axis_weights(in_size, out_size, interpolation)
-    view = (slice(None),) + (None,) * (pixels.ndim - 1 - axis)
-    out = 0.0
-    for j in range(index.shape[1]):
-        out = out + np.take(pixels, index[:, j], axis=axis) * weight[:, j][view]
-    return np.asarray(out, np.float32)
+def _resize_box(
+    pixels: np.ndarray,
+    height: int,
+    width: int,
+    interpolation: str,
+    top: int,
+    left: int,
+    crop_h: int,
+    crop_w: int,
+) -> np.ndarray:
+    """The ``crop_h`` x ``crop_w`` box at ``(top, left)`` of ``pixels`` resized to ``height`` x
+    ``width``, computing only that box: the width first, on only the input rows the box's
+    output rows read, then the height (PyTorch's order; ``uint8`` rounded in between)."""
+    uint8 = pixels.dtype == np.uint8
+    if not uint8:
+        pixels = pixels.astype(np.float64)
+    rows = _Axis(pixels.shape[0], height, interpolation, top, crop_h, uint8)
+    cols = _Axis(pixels.shape[1], width, interpolation, left, crop_w, uint8)
+    pixels = pixels[rows.first : rows.last, cols.first : cols.last]
+    if not cols.identity:
+        pixels = cols.apply(np.ascontiguousarray(pixels.transpose(1, 0, 2))).transpose(1, 0, 2)
+    pixels = rows.apply(np.ascontiguousarray(pixels))
+    return np.ascontiguousarray(pixels if uint8 else pixels.astype(np.float32))
 
 
 def resize_uint8(pixels: np.ndarray, height: int, width: int, interpolation: str = "bilinear") -> np.ndarray:
     """``uint8 [H, W, C]`` -> ``uint8 [height, width, C]``, antialiased: torchvision v2's
     ``Resize((height, width), antialias=True)`` on a ``uint8`` tensor (module docstring)."""
-    pixels = np.asarray(pixels, np.uint8)
-    return _resize_axis(_resize_axis(pixels, 1, width, interpolation), 0, height, interpolation)
+    return _resize_box(np.asarray(pixels, np.uint8), height, width, interpolation, 0, 0, height, width)
 
 
 def resize_float(pixels: np.ndarray, height: int, width: int, interpolation: str = "bilinear") -> np.ndarray:
     """``resize_uint8`` of float pixels, unquantised and unrounded (torchvision on a float
     tensor): ``float32 [height, width, C]``."""
-    pixels = np.asarray(pixels, np.float64)
-    return _resize_axis_float(_resize_axis_float(pixels, 1, width, interpolation), 0, height, interpolation)
+    return _resize_box(np.asarray(pixels, np.float64), height, width, interpolation, 0, 0, height, width)
 
 
 def shorter_side_shape(height: int, width: int, size: int) -> tuple[int, int]:
@@ -184,11 +216,14 @@ def shorter_side_shape(height: int, width: int, size: int) -> tuple[int, int]:
     return size, int(size * width / height)
 
 
+def _anchor(length: int, size: int) -> int:
+    """torchvision's ``CenterCrop`` offset: ``round((length - size) / 2)``, half to even."""
+    return int(round((length - size) / 2.0))
+
+
 def center_crop(pixels: np.ndarray, size: int) -> np.ndarray:
-    """The central ``size`` x ``size`` of ``[H, W, C]`` (torchvision's ``CenterCrop`` anchor:
-    ``round((H - size) / 2)``, half to even)."""
-    height, width = pixels.shape[:2]
-    top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+    """The central ``size`` x ``size`` of ``[H, W, C]`` (torchvision's ``CenterCrop`` anchor)."""
+    top, left = _anchor(pixels.shape[0], size), _anchor(pixels.shape[1], size)
     return np.ascontiguousarray(pixels[top : top + size, left : left + size])
 
 
@@ -196,9 +231,13 @@ def resize_crop(
     pixels: np.ndarray, resize_size: int, size: int, interpolation: str = "bilinear"
 ) -> np.ndarray:
     """``Resize(resize_size, antialias=True) + CenterCrop(size)`` of ``uint8 [H, W, C]`` pixels
-    (``resize_uint8``), or of float pixels (``resize_float``; not rounded)."""
+    (as ``resize_uint8``), or of float pixels (as ``resize_float``; not rounded); only the
+    crop is computed."""
     pixels = np.asarray(pixels)
-    height, width = shorter_side_shape(pixels.shape[0], pixels.shape[1], int(resize_size))
+    size, resize_size = int(size), int(resize_size)
+    if size > resize_size:
+        raise ValueError(f"the crop ({size}) must not be larger than the resize ({resize_size}).")
+    height, width = shorter_side_shape(pixels.shape[0], pixels.shape[1], resize_size)
     interpolation = interpolation.decode() if isinstance(interpolation, bytes) else str(interpolation)
-    resize = resize_uint8 if pixels.dtype == np.uint8 else resize_float
-    return center_crop(resize(pixels, height, width, interpolation), int(size))
+    top, left = _anchor(height, size), _anchor(width, size)
+    return _resize_box(pixels, height, width, interpolation, top, left, size, size)
