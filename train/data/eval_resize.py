@@ -7,17 +7,18 @@ is described by its own fields (``EvalOptions``): ``eval_image_size`` (0: ``imag
 ``eval_resize_size`` (0: today's ``eval_crop_fraction`` arithmetic) and ``interpolation``.
 
 The resize (``resize_uint8``) reproduces torchvision's tensor backend on ``uint8`` images, which
-on CPUs with AVX2, AVX-512 or arm64 runs PyTorch's own antialiased kernels on the 8-bit pixels
-(derived from Pillow-SIMD's): per axis, Pillow's separable filter weights (triangle, or Keys'
-cubic with ``a = -0.5``) normalised to sum 1, then quantised to 16-bit integers with the largest
-precision that keeps the largest weight below ``2**15``; the width is resized first, the result
-rounded to ``uint8``, then the height. Pillow's own resize (torchvision's PIL backend) rounds its
-weights to 22 bits instead, so it differs by one level at a few pixels. ``resize_uint8``
-computes the same integers as PyTorch, so its output equals ``torchvision.transforms.v2``'s
-``Resize(size, antialias=True)`` bit for bit (max abs difference 0 levels, 0 pixels differing),
-and ``tests/test_eval_resize.py`` holds it to that on JPEGs of several sizes and aspect ratios,
-for both interpolations; elsewhere (torchvision's float fallback, used for bilinear on CPUs
-without AVX2) torchvision's own output moves by up to one level.
+on x86 CPUs with AVX2 or AVX-512 runs PyTorch's own antialiased ``uint8`` kernels (derived from
+Pillow-SIMD's): per axis, Pillow's separable filter weights (triangle, or Keys' cubic with
+``a = -0.5``) normalised to sum 1, then quantised to 16-bit integers with the largest precision
+that keeps the largest weight below ``2**15``; the width is resized first, the result rounded to
+``uint8``, then the height. Pillow's own resize (torchvision's PIL backend) rounds its weights to
+22 bits instead, so it differs by one level at a few pixels. ``resize_uint8`` computes the same
+integers as PyTorch, so on those CPUs its output equals ``torchvision.transforms.v2``'s
+``Resize(size, antialias=True)`` bit for bit: the stated bound is a max abs difference of 0
+levels and 0 pixels differing, which ``tests/test_eval_resize.py`` holds it to on JPEGs of
+several sizes and aspect ratios, for both interpolations. Elsewhere torchvision takes other
+kernels (for bilinear, float32 with one rounding), which move its own output by up to one level;
+the bound there is 1 level on at most a quarter of the values.
 
 Raw float arrays (``train.predict``'s ``.npy`` inputs) are resized with the same weights
 unquantised, as torchvision resizes a float tensor. The TFDS path runs these functions through

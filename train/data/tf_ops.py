@@ -163,8 +163,12 @@ def torchvision_eval(image, channels: int, size: int, resize_size: int, interpol
     tf = get_tf()
     if image.dtype == tf.string:
         out = tf.numpy_function(
-            lambda data: image_ops.eval_image(  # data: a 0-d object array holding the bytes
-                data.item(), size, resize_size=resize_size, interpolation=interpolation
+            lambda data: image_ops.eval_image(
+                # The file's bytes: as they are inside tf.data, a 0-d object array when eager.
+                data.item() if isinstance(data, np.ndarray) else data,
+                size,
+                resize_size=resize_size,
+                interpolation=interpolation,
             ),
             [image],
             tf.uint8,
