@@ -52,13 +52,12 @@ class EvalOptions:
     @classmethod
     def from_config(cls, config: Any, image_size: int) -> EvalOptions:
         """The eval options of ``config``; ``image_size`` is the training input size (the
-        dataset's, which ``eval_image_size=0`` keeps). A hand-built config without these fields
-        evaluates as before they existed."""
+        dataset's, which ``eval_image_size=0`` keeps)."""
         return cls(
-            size=int(getattr(config, "eval_image_size", 0)) or int(image_size),
-            crop_fraction=float(getattr(config, "eval_crop_fraction", 1.0)),
-            resize_size=int(getattr(config, "eval_resize_size", 0)),
-            interpolation=str(getattr(config, "interpolation", "bilinear")),
+            size=int(config.eval_image_size) or int(image_size),
+            crop_fraction=float(config.eval_crop_fraction),
+            resize_size=int(config.eval_resize_size),
+            interpolation=str(config.interpolation),
         )
 
     def kwargs(self) -> dict[str, Any]:

@@ -133,7 +133,8 @@ def preprocess_eval_image(
     Resize the shorter side to ``size / crop_fraction`` (256 for 224 at 0.875) and take the
     central ``size`` x ``size`` crop; ``crop_fraction=1`` resizes straight to ``size``
     (``size`` 0: the training size, ``info``'s). ``resize_size > 0``: torchvision's
-    ``Resize(resize_size) + CenterCrop(size)`` instead (``torchvision_eval``).
+    ``Resize(resize_size) + CenterCrop(size)`` instead (``torchvision_eval``), which also takes
+    an RGB file's encoded bytes and decodes them with Pillow, as torchvision's loader does.
     Used for the eval split and by ``train.predict`` so both see identical inputs.
     ``to_uint8=False`` keeps float pixels (arrays whose values are not whole numbers).
     """
