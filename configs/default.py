@@ -71,6 +71,16 @@ def _data(c: ml_collections.ConfigDict) -> None:
     # the images). 0 or 1 = off.
     c.aug_repeats = 0.0
     c.eval_crop_fraction = 1.0  # 0.875: resize to size/0.875 then center-crop size (ImageNet)
+    # Evaluation at its own size (torchvision's --val-resize-size/--val-crop-size; the model pools
+    # globally, so any size runs): the eval input size (0 = image_size), and > 0: resize the
+    # shorter side to eval_resize_size, then center-crop eval_image_size, as torchvision's
+    # Resize(eval_resize_size, antialias=True) + CenterCrop on uint8 pixels (V2 recipe: 232, 224;
+    # overrides eval_crop_fraction). Not for sklearn_digits (fixed 8x8).
+    c.eval_image_size = 0
+    c.eval_resize_size = 0
+    # torchvision's --interpolation: 'bilinear' or 'bicubic', for the eval resize and the
+    # inception_crop's resize (RandomResizedCrop's).
+    c.interpolation = "bilinear"
     c.normalize_mean = ()  # per channel, in 0..255 pixel units; () = dataset default
     c.class_subset = ()  # sklearn_digits only: train and evaluate on these digits, relabelled 0..k-1
     c.normalize_std = ()

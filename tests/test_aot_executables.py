@@ -1,8 +1,9 @@
 """Executables saved by ``train.aot --save`` and loaded by ``python -m train`` (``train/executables.py``).
 
 Everything here runs on this machine's CPU (``--topology=cpu``), with no libtpu: the steps are
-compiled ahead of time for the CPU devices, saved, then loaded by a digits run (a tiny ResNet,
-12 steps). The reference is the same run compiled as usual; the loaded run must equal it bitwise.
+compiled ahead of time for the CPU devices, saved, then loaded by a synthetic-data run (a tiny
+ResNet, 12 steps, evaluated at another size than it trains at). The reference is the same run
+compiled as usual; the loaded run must equal it bitwise.
 """
 
 import pickle
@@ -22,9 +23,20 @@ from train_worker import tiny_config  # noqa: E402
 from train import aot, checkpoint, executables, loop  # noqa: E402
 from train.config import ConfigError  # noqa: E402
 
+# Synthetic images evaluated at their own size (12 px after training at 8): the saved eval step
+# must be compiled for the eval batches, not the training ones, for the run to load it.
+SYNTHETIC = dict(
+    dataset="synthetic",
+    image_size=8,
+    eval_image_size=12,
+    synthetic_num_classes=10,
+    synthetic_num_examples=64,
+    synthetic_num_eval_examples=64,
+)
+
 
 def config(**kw):
-    return tiny_config(compilation_cache_dir="off", checkpoint_every_steps=0, **kw)
+    return tiny_config(compilation_cache_dir="off", checkpoint_every_steps=0, **SYNTHETIC, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +45,7 @@ def saved(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("aot")
     path = str(tmp / "steps.aot")
     result = aot.run_aot(config(), aot.parse_topology("cpu"))
+    assert result.to_json()["eval_image_shape"] == [12, 12, 3]
     aot.save_executables(result, path)
     reference = str(tmp / "reference")
     summary = loop.train_and_evaluate(config(), reference)

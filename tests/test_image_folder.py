@@ -875,6 +875,49 @@ def _tiny_resnet18_weights(path: Path, num_classes: int) -> dict:
 OVERRIDES = {"stage_sizes": (1,), "small_stem": True}  # one stage: a quick compile
 
 
+def _assert_evaluated_as_torchvision_at_12(summary, workdir, root):
+    """The run's eval loss and accuracy are its model's on torchvision's eval images of the val
+    files (Pillow loader, v2 Resize(14, bicubic, antialias) + CenterCrop(12)), and
+    ``train.predict`` gives that model's probabilities on them."""
+    import jax.numpy as jnp
+    import optax
+
+    from resnet_jax.torch_reference import import_reference
+    from train import build, predict
+    from train.model import create_model
+
+    import_reference("torchvision")
+    from torchvision.transforms import v2
+
+    pipeline = v2.Compose(
+        [
+            v2.PILToTensor(),
+            v2.Resize(14, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.CenterCrop(12),
+        ]
+    )
+    files = image_folder.image_files(str(root / "val"))
+    labels = [SORTED.index(Path(f).parent.name) for f in files]
+    pixels = np.stack([pipeline(Image.open(f).convert("RGB")).permute(1, 2, 0).numpy() for f in files])
+    assert pixels.shape == (360, 12, 12, 3)
+    config, info = build.load_run_info(workdir)
+    config.dtype = "float32"
+    model, _ = create_model(config, info)
+    variables = checkpoint.restore_variables(workdir)
+    logits = np.asarray(model.apply(variables, core.normalize_pixels(pixels, info), train=False))
+    loss = float(jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, np.asarray(labels))))
+    accuracy = float(np.mean(logits.argmax(-1) == np.asarray(labels)))
+    got = summary["eval"]
+    assert got["num_examples"] == 360
+    # Per-example the same computation; only the batching differs (float32 rounding).
+    np.testing.assert_allclose(got["loss"], loss, rtol=1e-4)
+    assert abs(got["accuracy"] - accuracy) <= 1 / 360, (got, accuracy)
+    probs = np.asarray(jax.nn.softmax(logits[:4], axis=-1))
+    top = predict.predict_files(workdir, files[:4], top_k=1, batch_size=4)
+    for row, (index, _, prob) in zip(probs, (t[0] for t in top)):
+        assert index == int(row.argmax()) and abs(prob - float(row.max())) < 1e-5
+
+
 def test_finetune_folder_config_with_weights_file_new_head_and_frozen_or_slower_backbone(
     digits_root, tmp_path
 ):
@@ -882,8 +925,11 @@ def test_finetune_folder_config_with_weights_file_new_head_and_frozen_or_slower_
 
     root, _ = digits_root
     source = _tiny_resnet18_weights(tmp_path / "pretrained.safetensors", num_classes=1000)
-    results = {}
-    for name, kw in (("slow", {}), ("frozen", {"freeze_backbone": True, "backbone_lr_multiplier": 1.0})):
+    results, summaries = {}, {}
+    # The slower backbone is also evaluated at its own size, torchvision's way (V2 recipe's
+    # Resize(232) + CenterCrop(224), here 14 and 12 after training at 8), with bicubic resizes.
+    at_12 = {"eval_image_size": 12, "eval_resize_size": 14, "interpolation": "bicubic", "eval_at_end": True}
+    for name, kw in (("slow", at_12), ("frozen", {"freeze_backbone": True, "backbone_lr_multiplier": 1.0})):
         c = runpy.run_path(str(REPO / "configs" / "finetune_folder.py"))["get_config"]()
         assert c.dataset == "image_folder" and c.init_from == "resnet50.tv2_in1k" and c.new_head
         c.data_dir, c.init_from = str(root), str(tmp_path / "pretrained.safetensors")
@@ -894,8 +940,9 @@ def test_finetune_folder_config_with_weights_file_new_head_and_frozen_or_slower_
         c.grain_worker_count, c.progress_bar, c.eval_every_steps, c.eval_at_end = 0, False, -1, False
         for k, v in kw.items():
             setattr(c, k, v)
-        loop.train_and_evaluate(c, str(tmp_path / name))
+        summaries[name] = loop.train_and_evaluate(c, str(tmp_path / name))
         results[name] = checkpoint.restore_variables(str(tmp_path / name))
+    _assert_evaluated_as_torchvision_at_12(summaries["slow"], str(tmp_path / "slow"), root)
     for tuned in results.values():
         assert tuned["params"]["fc"]["kernel"].shape == (64, 10)  # a new head, one output per class
     backbone = lambda v: {k: x for k, x in v["params"].items() if k != "fc"}  # noqa: E731

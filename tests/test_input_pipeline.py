@@ -11,7 +11,7 @@ import tensorflow_datasets as tfds
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from train.config import default_config  # noqa: E402
-from train.data import core, host_ops, registry, tf_ops  # noqa: E402
+from train.data import core, eval_resize, host_ops, registry, tf_ops  # noqa: E402
 from train.data.augment import AugmentOptions  # noqa: E402
 
 tf.config.set_visible_devices([], "GPU")
@@ -98,6 +98,16 @@ def _take(it, n):
 # --- TFDS, mocked ------------------------------------------------------------------------------
 
 
+def _assert_resized_eval(batches, raw: np.ndarray) -> None:
+    """The TFDS eval batches are ``eval_resize``'s Resize(24, bicubic) + CenterCrop(20) of the
+    raw images, bit for bit (one implementation for both pipelines; tests/test_eval_resize.py
+    holds it to torchvision's), and the padding is 20 px zeros."""
+    want = np.stack([eval_resize.resize_crop(x, 24, 20, "bicubic") for x in raw])
+    images = np.concatenate([b["image"] for b in batches])
+    assert images.shape == (48, 20, 20, 3) and images.dtype == np.uint8 and not images[len(raw) :].any()
+    np.testing.assert_array_equal(images[: len(raw)], want)
+
+
 def test_mock_cifar10_train_and_eval_batches():
     cfg = make_config(download=True, image_size=32, train_augment="pad_crop", random_flip=True)
     with tfds.testing.mock_data(num_examples=37):
@@ -110,6 +120,11 @@ def test_mock_cifar10_train_and_eval_batches():
         assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.uint8
         assert batch["label"].dtype == np.int32 and (0 <= batch["label"]).all()
         evals = list(ds.eval_iterator(16))
+        # Evaluated at another size, torchvision's way (Resize(24, bicubic) + CenterCrop(20)):
+        # the encoded files are decoded and resized in tf.numpy_function, padded at 20 px.
+        cfg.update(dict(eval_image_size=20, eval_resize_size=24, interpolation="bicubic"))
+        resized = list(registry.create_dataset(cfg).eval_iterator(16))
+    _assert_resized_eval(resized, np.stack([r["image"] for r in raw]))
     # Eval: unshuffled, unaugmented, padded with mask 0 to whole batches; every example once.
     assert [len(b["mask"]) for b in evals] == [16, 16, 16]
     mask = np.concatenate([b["mask"] for b in evals])

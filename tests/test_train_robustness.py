@@ -699,17 +699,18 @@ def test_predict_messages_name_the_file_not_the_decoder(tmp_path):
     ("rerun to resume"); an RGB model refuses a 2-D array naming the shape it was given."""
     from train import predict
     from train.data.core import DatasetInfo
+    from train.data.eval_resize import EvalOptions
 
     info = DatasetInfo("image_folder", 2, (8, 8, 3), 4, 2, ("a", "b"), (0.0,) * 3, (1.0,) * 3)
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG not really" * 10)
     np.save(tmp_path / "gray.npy", np.zeros((8, 8), np.uint8))
     with pytest.raises(predict.ImageError) as e:
-        predict._load(str(tmp_path / "corrupt.png"), info, 1.0)
+        predict._load(str(tmp_path / "corrupt.png"), info, EvalOptions(8))
     line = str(e.value)
     assert "corrupt.png" in line and "not an image file that can be decoded" in line, line
     assert "BytesIO" not in line and "rerun" not in line and ".webp" in line, line
     with pytest.raises(predict.ImageError) as e:
-        predict._load(str(tmp_path / "gray.npy"), info, 1.0)
+        predict._load(str(tmp_path / "gray.npy"), info, EvalOptions(8))
     assert "has shape (8, 8);" in str(e.value) and "[H, W, 3] (3 channels" in str(e.value), str(e.value)
     assert "[H, W]" not in str(e.value)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from train import optim, parallel, steps
-from train.data import registry
+from train.data import eval_resize, registry
 from train.data.augment import TRAIN_AUGMENTATIONS
 from train.data.autoaugment import make_policy
 from train.data.core import DatasetError
@@ -208,6 +208,9 @@ def validate_config(
     _check_random_erase(config)
     _check_auto_augment(config)
     _check_aug_repeats(config)
+    message = eval_resize.check_config(config)
+    if message:
+        raise ConfigError(message)
     try:
         registry.get(config.dataset).check_config(config)  # the source's own checks: class_subset
     except DatasetError as e:

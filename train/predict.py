@@ -42,6 +42,7 @@ from absl import app, flags, logging
 from train import build, checkpoint, paths
 from train.data import image_folder, registry
 from train.data.core import DatasetError, DatasetInfo, decode_reason
+from train.data.eval_resize import EvalOptions
 from train.model import create_model
 
 
@@ -119,7 +120,7 @@ def iter_predictions(
         on_weights(
             f"predicting with the EMA weights of checkpoint step {saved_step} (--noema: the trained ones)."
         )
-    crop = float(config.eval_crop_fraction)
+    options = EvalOptions.from_config(config, info.image_shape[0])  # the run's eval size and resize
     forward = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, x, train=False), axis=-1))
     k = min(top_k, info.num_classes)
     size = min(batch_size, len(paths))  # every batch padded to this: one compilation
@@ -131,7 +132,7 @@ def iter_predictions(
             chunk, loaded = [], []
             for path in paths[start : start + size]:
                 try:
-                    loaded.append(_load(path, info, crop))
+                    loaded.append(_load(path, info, options))
                     chunk.append(path)
                 except ImageError as e:
                     if on_unreadable is None:
@@ -179,12 +180,12 @@ def _readable() -> str:
     return f"image files ({', '.join(image_folder.IMAGE_EXTENSIONS)}) and .npy arrays"
 
 
-def _load(path: str, info: DatasetInfo, crop: float) -> np.ndarray:
+def _load(path: str, info: DatasetInfo, options: EvalOptions) -> np.ndarray:
     channels = info.image_shape[-1]
     source = registry.get(info.name)
     if not path.endswith(".npy"):
         try:
-            return source.load_image(path, info, crop)
+            return source.load_image(path, info, options)
         except Exception as e:
             cause = e.__context__ if isinstance(e, image_folder.ImageDecodeError) else e
             raise ImageError(
@@ -205,7 +206,7 @@ def _load(path: str, info: DatasetInfo, crop: float) -> np.ndarray:
         raise ImageError(
             f"{path} has shape {shape}; the model takes one image of shape {takes}, pixel values 0..255)."
         )
-    return source.load_array(array, info, crop)
+    return source.load_array(array, info, options)
 
 
 def main(argv: list[str]) -> None:

@@ -19,6 +19,12 @@ from train.aot.search import Trial, largest_batch
 from train.aot.topology import GIB, AotError, Slice, libtpu_version, topology_devices
 from train.build import Steps, build_steps
 from train.config import ConfigError, validate_config
+from train.data.eval_resize import EvalOptions
+
+
+def eval_image_shape(config: Any, info: Any) -> tuple[int, int, int]:
+    """The eval batches' image shape: ``config.eval_image_size`` (0: the training size)."""
+    return EvalOptions.from_config(config, info.image_shape[0]).shape(info.image_shape[-1])
 
 
 @dataclasses.dataclass
@@ -81,6 +87,7 @@ class AotResult:
             "arch": self.config.model.arch,
             "dataset": self.info.name,
             "image_shape": list(self.info.image_shape),
+            "eval_image_shape": list(eval_image_shape(self.config, self.info)),
             "num_classes": self.info.num_classes,
             "dtype": self.dtype,
             "mesh_axis_types": self.config.mesh_axis_types,
@@ -135,7 +142,11 @@ class Compiler:
 
     def eval(self, global_batch: int):
         parts = self.parts(self.config.batch_size)
-        args = abstract_inputs(parts, self.mesh, self.info, self.image_dtype, global_batch, eval_batch=True)
+        # The eval batches' own size (config.eval_image_size): the step the run compiles for them.
+        shape = eval_image_shape(self.config, self.info)
+        args = abstract_inputs(
+            parts, self.mesh, self.info, self.image_dtype, global_batch, eval_batch=True, image_shape=shape
+        )
         return compile_step(
             "eval_step", parallel.jit_eval_step(parts.eval_step, self.mesh), args, global_batch
         )

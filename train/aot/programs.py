@@ -169,8 +169,10 @@ def abstract_inputs(
     *,
     eval_batch: bool = False,
     shardings: bool = True,
+    image_shape: tuple[int, ...] | None = None,
 ) -> tuple[Any, dict[str, jax.ShapeDtypeStruct]]:
-    """The train state and one batch as ``ShapeDtypeStruct``s with the run's shardings.
+    """The train state and one batch as ``ShapeDtypeStruct``s with the run's shardings; the
+    images are ``image_shape`` (the eval batches' size for the eval step), else ``info``'s.
 
     ``shardings=False`` drops them, which on an explicit-axes mesh silently compiles the whole
     global batch on every chip (the check in :func:`check_sharding` exists for this)."""
@@ -179,7 +181,9 @@ def abstract_inputs(
     state = jax.eval_shape(parts.create_state)
     state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
     batch = {
-        "image": jax.ShapeDtypeStruct((global_batch, *info.image_shape), image_dtype, sharding=data),
+        "image": jax.ShapeDtypeStruct(
+            (global_batch, *(image_shape or info.image_shape)), image_dtype, sharding=data
+        ),
         "label": jax.ShapeDtypeStruct((global_batch,), np.int32, sharding=data),
     }
     if eval_batch:

@@ -36,6 +36,7 @@ class AugmentOptions:
     crop_area_range: tuple[float, float]  # inception_crop: the box's share of the image's area
     crop_aspect_ratio_range: tuple[float, float]  # inception_crop: the box's width / height
     crop_min_object_covered: float  # inception_crop: TF's sample_distorted_bounding_box
+    interpolation: str  # inception_crop's resize: 'bilinear' or 'bicubic' (torchvision's RandomResizedCrop)
     jpeg_reduced_decode: bool  # image folders, inception_crop: decode large JPEGs at 1/2..1/8
     auto_augment: str  # '' or a policy of train/data/autoaugment.py, after the crop and flip
     ra_num_ops: int  # auto_augment='ra': ops per image

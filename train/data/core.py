@@ -82,8 +82,9 @@ class DataSource:
     * ``describe(config)``: ``(DatasetInfo, image dtype)`` without reading the data (``train.aot``),
       or None where the shape is not known without reading it (``describes_without_data`` says
       which: for TFDS, the sets of ``tfds.KNOWN_SETS``);
-    * ``load_image(path, info, crop_fraction)`` and ``load_array(pixels, info, crop_fraction)``:
-      one image with the eval preprocessing, normalised float32 (``train.predict``).
+    * ``load_image(path, info, options)`` and ``load_array(pixels, info, options)``: one image
+      with the eval preprocessing of ``options`` (``eval_resize.EvalOptions``), normalised
+      float32 (``train.predict``).
 
     An instance is built from the config (``Source(config)``) and has ``info``,
     ``steps_per_epoch(global_batch, process_count)``, and the host-local
@@ -112,11 +113,11 @@ class DataSource:
         return None
 
     @staticmethod
-    def load_image(path: str, info: DatasetInfo, crop_fraction: float) -> np.ndarray:
+    def load_image(path: str, info: DatasetInfo, options: Any) -> np.ndarray:
         raise NotImplementedError
 
     @staticmethod
-    def load_array(pixels: np.ndarray, info: DatasetInfo, crop_fraction: float) -> np.ndarray:
+    def load_array(pixels: np.ndarray, info: DatasetInfo, options: Any) -> np.ndarray:
         raise NotImplementedError
 
     def steps_per_epoch(self, global_batch: int, process_count: int) -> int:

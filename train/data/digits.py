@@ -107,6 +107,12 @@ class DigitsSource(DataSource):
             len(set(subset)) != len(subset) or not all(0 <= int(c) <= 9 for c in subset) or len(subset) < 2
         ):
             raise DatasetError(f"config.class_subset must be 2 or more distinct digits 0-9; got {subset}.")
+        for field in ("eval_image_size", "eval_resize_size"):
+            if config[field]:
+                raise DatasetError(
+                    f"config.{field}={config[field]} is not available for sklearn_digits (8x8 images, not "
+                    "resized); leave it 0."
+                )
 
     describes_without_data = True
 

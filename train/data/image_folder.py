@@ -58,6 +58,7 @@ from train.data.core import (
     repeat_position,
 )
 from train.data.erase import erase_normalised
+from train.data.eval_resize import EvalOptions
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 TRAIN_DIR = "train"
@@ -277,9 +278,9 @@ class _TrainExample:
 class _EvalExample:
     """Host stream position -> one eval example, or padding (``mask`` 0) past the split's end."""
 
-    def __init__(self, paths, labels, size, crop_fraction, per_host, global_batch, process_index):
+    def __init__(self, paths, labels, options, per_host, global_batch, process_index):
         self.paths, self.labels = _Paths(paths), np.asarray(labels, np.int32)
-        self.size, self.crop_fraction = size, crop_fraction
+        self.options, self.size = options, options.size  # EvalOptions: the size is the eval size
         self.per_host, self.global_batch, self.process_index = per_host, global_batch, process_index
 
     def __call__(self, k: int) -> dict[str, np.ndarray]:
@@ -288,9 +289,7 @@ class _EvalExample:
         if row >= len(self.paths):
             zeros = np.zeros((self.size, self.size, 3), np.uint8)
             return {"image": zeros, "label": np.int32(0), "mask": np.float32(0.0)}
-        image = load_example(
-            self.paths[row], lambda im: image_ops.eval_image(im, self.size, self.crop_fraction)
-        )
+        image = load_example(self.paths[row], lambda im: image_ops.eval_image(im, **self.options.kwargs()))
         return {"image": image, "label": self.labels[row], "mask": np.float32(1.0)}
 
 
@@ -422,16 +421,15 @@ class ImageFolderSource(DataSource):
         )
 
     @staticmethod
-    def load_image(path: str, info: DatasetInfo, crop_fraction: float) -> np.ndarray:
+    def load_image(path: str, info: DatasetInfo, options: EvalOptions) -> np.ndarray:
         """An image file with this run's (Pillow) eval preprocessing, without TensorFlow."""
-        size = info.image_shape[0]
-        pixels = load_example(path, lambda im: image_ops.eval_image(im, size, crop_fraction))
+        pixels = load_example(path, lambda im: image_ops.eval_image(im, **options.kwargs()))
         return normalize_pixels(pixels, info)
 
     @staticmethod
-    def load_array(pixels: np.ndarray, info: DatasetInfo, crop_fraction: float) -> np.ndarray:
+    def load_array(pixels: np.ndarray, info: DatasetInfo, options: EvalOptions) -> np.ndarray:
         """Raw pixels with this run's NumPy/Pillow eval preprocessing: normalised float32."""
-        return normalize_pixels(image_ops.eval_array(pixels, info.image_shape[0], crop_fraction), info)
+        return normalize_pixels(image_ops.eval_array(pixels, **options.kwargs()), info)
 
     def steps_per_epoch(self, global_batch: int, process_count: int) -> int:
         return len(self.train_paths) // global_batch
@@ -478,19 +476,17 @@ class ImageFolderSource(DataSource):
         ``mask`` 0 on the padding.
 
         Args:
-            config: The run's config (``eval_crop_fraction``, Grain workers and buffer).
+            config: The run's config (the eval size and resize, Grain workers and buffer).
             global_batch: Examples per step over all hosts.
             process_index: This host's index.
             process_count: Number of hosts.
         """
         per_host = host_batch_size(global_batch, process_count)
         steps = -(-len(self.eval_paths) // global_batch)
-        crop = float(config.eval_crop_fraction)
         fn = _EvalExample(
             self.eval_paths,
             self.eval_labels,
-            self.info.image_shape[0],
-            crop,
+            EvalOptions.from_config(config, self.info.image_shape[0]),
             per_host,
             global_batch,
             process_index,

@@ -7,12 +7,13 @@ Training is a list of small named ops (``train_ops``), each ``op(image, rng, siz
 * a crop from ``CROPS`` (``train_augment``): ``'inception_crop'``, a random box of area
   ``crop_area_range`` and aspect ratio ``crop_aspect_ratio_range`` (``crop_min_object_covered``),
   sampled the way TensorFlow's ``sample_distorted_bounding_box`` samples it (``sample_crop``),
-  resized to ``image_size`` with antialiased bilinear filtering; ``'pad_crop'`` (reflect-pad
-  ``crop_padding`` pixels, random crop); ``'none'`` (``resize``);
+  resized to ``image_size`` with antialiased ``interpolation`` (bilinear or bicubic) filtering;
+  ``'pad_crop'`` (reflect-pad ``crop_padding`` pixels, random crop); ``'none'`` (``resize``);
 * ``flip_lr``: a horizontal flip with probability 1/2, unless ``random_flip=False``;
 * ``auto_augment``: a policy of ``train/data/autoaugment.py``, when ``auto_augment`` names one;
 * evaluation (and ``train.predict``): resize the shorter side to ``image_size /
-  eval_crop_fraction`` and take the central crop, the TF path's arithmetic (``eval_image``).
+  eval_crop_fraction`` and take the central crop, the TF path's arithmetic (``eval_image``); or,
+  with ``eval_resize_size``, torchvision's ``Resize + CenterCrop`` (``train/data/eval_resize.py``).
 
 ``tests/test_image_folder.py`` holds the two paths to the same results: eval pixels within the
 rounding of Pillow's 8-bit resize, and the same distribution of crop scale and aspect ratio.
@@ -60,7 +61,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from train.data import autoaugment
+from train.data import autoaugment, eval_resize
 
 try:  # optional: a faster JPEG decoder that gives TF's pixels (module docstring)
     import simplejpeg
@@ -70,6 +71,8 @@ except ImportError:  # pragma: no cover - installed with the train extra
 EXIF_ORIENTATION = 0x0112
 # Orientations 5-8 turn the stored image by 90 degrees: its width is the upright height.
 _TRANSPOSED = (5, 6, 7, 8)
+# config.interpolation -> Pillow's filter (antialiased when it reduces).
+FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 
 
 def open_image(file: Any) -> Image.Image:
@@ -164,9 +167,10 @@ def decode_jpeg(data: bytes) -> np.ndarray:
     return simplejpeg.decode_jpeg(data, "RGB", fastdct=True, fastupsample=False)
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Decoded, upright (EXIF orientation applied) RGB."""
-    pixels = jpeg_pixels(image)
+def to_rgb(image: Image.Image, *, fast_jpeg: bool = True) -> Image.Image:
+    """Decoded, upright (EXIF orientation applied) RGB; ``fast_jpeg=False`` decodes a JPEG with
+    Pillow (libjpeg's accurate IDCT: torchvision's loader's pixels) instead of simplejpeg."""
+    pixels = jpeg_pixels(image) if fast_jpeg else None
     if pixels is not None:
         return Image.fromarray(pixels)
     with warnings.catch_warnings():
@@ -254,8 +258,9 @@ def inception_crop(
     image: Image.Image | bytes, rng: np.random.Generator, size: int, config: Any
 ) -> Image.Image:
     """A random box (``sample_crop``) of the file's bytes or the opened image, cut and resized
-    to ``size`` x ``size`` (antialiased bilinear). A JPEG that ``jpeg_size`` takes is decoded by
-    simplejpeg without Pillow opening it: the same pixels as through Pillow's ``open``."""
+    to ``size`` x ``size`` (antialiased ``config.interpolation``). A JPEG that ``jpeg_size``
+    takes is decoded by simplejpeg without Pillow opening it: the same pixels as through
+    Pillow's ``open``."""
     shape = None
     if isinstance(image, bytes) and not config.jpeg_reduced_decode:
         shape = jpeg_size(image)
@@ -290,7 +295,8 @@ def inception_crop(
         sy, sx = image.height / height, image.width / width
         box = (left * sx, top * sy, (left + crop_w) * sx, (top + crop_h) * sy)
         crop = image.crop(tuple(round(v) for v in box))
-    return crop.resize((size, size), Image.BILINEAR, reducing_gap=None)
+    # torchvision's RandomResizedCrop resizes with --interpolation too.
+    return crop.resize((size, size), FILTERS[config.interpolation], reducing_gap=None)
 
 
 def pad_crop(image: Image.Image | bytes, rng: np.random.Generator, size: int, config: Any) -> np.ndarray:
@@ -369,20 +375,44 @@ def _draft(image: Image.Image, reduction: float) -> bool:
     return False
 
 
-def eval_image(image: Image.Image | bytes, size: int, crop_fraction: float = 0.875) -> np.ndarray:
+def eval_image(
+    image: Image.Image | bytes,
+    size: int,
+    crop_fraction: float = 0.875,
+    *,
+    resize_size: int = 0,
+    interpolation: str = "bilinear",
+) -> np.ndarray:
     """Evaluation preprocessing -> ``uint8 [size, size, 3]``: resize the shorter side to
     ``size / crop_fraction`` and take the central crop; ``crop_fraction >= 1`` resizes straight
-    to ``size``. The TF path's arithmetic (float32 scale, round half to even)."""
+    to ``size``. The TF path's arithmetic (float32 scale, round half to even).
+
+    ``resize_size > 0``: torchvision's eval instead, bit for bit: Pillow's decode (its
+    ``ImageFolder`` loader), then ``Resize(resize_size, antialias=True) + CenterCrop(size)`` on
+    the ``uint8`` pixels (``eval_resize.resize_crop``)."""
+    if resize_size:
+        pixels = np.asarray(to_rgb(_opened(image), fast_jpeg=False))
+        return eval_resize.resize_crop(pixels, resize_size, size, interpolation)
     image = to_rgb(_opened(image))
     new_h, new_w, top, left = _eval_geometry(image.height, image.width, size, crop_fraction)
-    pixels = _resize(image, new_h, new_w)
+    pixels = _resize(image, new_h, new_w, interpolation)
     return np.ascontiguousarray(pixels[top : top + size, left : left + size])
 
 
-def eval_array(pixels: np.ndarray, size: int, crop_fraction: float = 0.875) -> np.ndarray:
+def eval_array(
+    pixels: np.ndarray,
+    size: int,
+    crop_fraction: float = 0.875,
+    *,
+    resize_size: int = 0,
+    interpolation: str = "bilinear",
+) -> np.ndarray:
     """``eval_image`` of a raw pixel array ``[H, W, C]`` (values 0..255, whole or not) ->
     ``float32 [size, size, C]``, not rounded: each channel is resized as a 32-bit float image
-    (Pillow's mode ``F``), as the TF path resizes an array (``train.predict``'s ``.npy`` inputs)."""
+    (Pillow's mode ``F``), as the TF path resizes an array (``train.predict``'s ``.npy`` inputs);
+    with ``resize_size``, by ``eval_resize.resize_crop``'s float resize."""
+    if resize_size:
+        return eval_resize.resize_crop(np.asarray(pixels, np.float32), resize_size, size, interpolation)
     pixels = np.asarray(pixels, np.float32)
     height, width, channels = pixels.shape
     new_h, new_w, top, left = _eval_geometry(height, width, size, crop_fraction)
@@ -390,7 +420,7 @@ def eval_array(pixels: np.ndarray, size: int, crop_fraction: float = 0.875) -> n
     for c in range(channels):
         plane = Image.fromarray(np.ascontiguousarray(pixels[..., c]), mode="F")
         if (new_w, new_h) != (width, height):
-            plane = plane.resize((new_w, new_h), Image.BILINEAR, reducing_gap=None)
+            plane = plane.resize((new_w, new_h), FILTERS[interpolation], reducing_gap=None)
         out[..., c] = np.asarray(plane)[top : top + size, left : left + size]
     return out
 
@@ -405,7 +435,7 @@ def _eval_geometry(height: int, width: int, size: int, crop_fraction: float) -> 
     return new_h, new_w, (new_h - size) // 2, (new_w - size) // 2
 
 
-def _resize(image: Image.Image, height: int, width: int) -> np.ndarray:
+def _resize(image: Image.Image, height: int, width: int, interpolation: str = "bilinear") -> np.ndarray:
     if image.size != (width, height):
-        image = image.resize((width, height), Image.BILINEAR, reducing_gap=None)
+        image = image.resize((width, height), FILTERS[interpolation], reducing_gap=None)
     return np.asarray(image, np.uint8)

@@ -15,6 +15,7 @@ import numpy as np
 
 from train.data import tf_ops
 from train.data.core import Batch, DatasetInfo, DataSource, host_batch_size, shape_info
+from train.data.eval_resize import EvalOptions
 
 
 class SyntheticSource(DataSource):
@@ -45,10 +46,10 @@ class SyntheticSource(DataSource):
     def steps_per_epoch(self, global_batch: int, process_count: int) -> int:
         return max(self.info.num_train_examples // global_batch, 1)
 
-    def batch(self, n: int, seed: int) -> Batch:
+    def batch(self, n: int, seed: int, shape: tuple[int, ...] | None = None) -> Batch:
         rng = np.random.default_rng(seed)
         return {
-            "image": rng.integers(0, 256, (n, *self.info.image_shape), dtype=np.uint8),
+            "image": rng.integers(0, 256, (n, *(shape or self.info.image_shape)), dtype=np.uint8),
             "label": rng.integers(0, self.info.num_classes, n).astype(np.int32),
         }
 
@@ -58,7 +59,10 @@ class SyntheticSource(DataSource):
 
     def eval_batches(self, config, global_batch, process_index, process_count):
         per_host = host_batch_size(global_batch, process_count)
-        batch = self.batch(per_host, config.seed + 1)
+        eval_shape = EvalOptions.from_config(config, self.info.image_shape[0]).shape(
+            self.info.image_shape[-1]
+        )
+        batch = self.batch(per_host, config.seed + 1, eval_shape)
         batch["mask"] = np.ones(per_host, np.float32)
         steps = -(-self.info.num_eval_examples // global_batch)
         return itertools.repeat(batch, steps)

@@ -2,6 +2,11 @@
 evaluation resize-and-crop (also ``train.predict``'s for runs on TFDS sets, digits and synthetic
 data).
 
+Evaluation with ``eval_resize_size`` (torchvision's ``Resize + CenterCrop``) runs the image-folder
+path's NumPy code (``train/data/eval_resize.py``) through ``tf.numpy_function``: TF's resize
+computes in float and rounds once, torchvision's in 8-bit integers per axis, so one implementation
+serves both pipelines and they give the same pixels.
+
 Training: a crop from ``CROPS`` (``config.train_augment``), the pixels rounded back to ``uint8``,
 then a horizontal flip unless ``config.random_flip`` is False, then ``config.auto_augment`` and
 random erasing, the image folders' NumPy/Pillow implementation called from the graph
@@ -16,9 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from train.data import host_ops
+from train.data import eval_resize, host_ops, image_ops
 from train.data.augment import TRAIN_AUGMENTATIONS
 from train.data.core import DatasetError, DatasetInfo, normalize_pixels
+from train.data.eval_resize import EvalOptions
 
 
 def get_tf():
@@ -48,7 +54,8 @@ def round_to_uint8(image):
 
 def inception_crop(image, seed, size: int, channels: int, config: Any, *, jpeg: bool, encoded: bool):
     """A random box of area ``crop_area_range`` and aspect ``crop_aspect_ratio_range``, resized
-    to ``size`` (antialiased bilinear); a JPEG has only the box decoded."""
+    to ``size`` (antialiased ``config.interpolation``, as torchvision's RandomResizedCrop); a
+    JPEG has only the box decoded."""
     tf = get_tf()
     if encoded and not jpeg:
         image = decode(image, channels)
@@ -69,7 +76,7 @@ def inception_crop(image, seed, size: int, channels: int, config: Any, *, jpeg: 
         image = tf.io.decode_and_crop_jpeg(image, window, channels=channels)
     else:
         image = tf.slice(image, begin, crop_size)
-    return tf.image.resize(image, [size, size], method="bilinear", antialias=True)
+    return tf.image.resize(image, [size, size], method=config.interpolation, antialias=True)
 
 
 def pad_crop(image, seed, size: int, channels: int, config: Any, *, jpeg: bool, encoded: bool):
@@ -115,40 +122,87 @@ def preprocess_train_image(image, seed, info: DatasetInfo, config: Any, *, jpeg:
     return image
 
 
-def preprocess_eval_image(image, info: DatasetInfo, crop_fraction: float = 0.875, *, to_uint8: bool = True):
+def preprocess_eval_image(
+    image,
+    info: DatasetInfo,
+    crop_fraction: float = 0.875,
+    *,
+    size: int = 0,
+    resize_size: int = 0,
+    interpolation: str = "bilinear",
+    to_uint8: bool = True,
+):
     """Eval preprocessing of one decoded image (TF tensor) -> ``uint8 [size, size, C]`` pixels.
 
     Resize the shorter side to ``size / crop_fraction`` (256 for 224 at 0.875) and take the
-    central ``size`` x ``size`` crop; ``crop_fraction=1`` resizes straight to ``size``.
+    central ``size`` x ``size`` crop; ``crop_fraction=1`` resizes straight to ``size``
+    (``size`` 0: the training size, ``info``'s). ``resize_size > 0``: torchvision's
+    ``Resize(resize_size) + CenterCrop(size)`` instead (``torchvision_eval``), which also takes
+    an RGB file's encoded bytes and decodes them with Pillow, as torchvision's loader does.
     Used for the eval split and by ``train.predict`` so both see identical inputs.
     ``to_uint8=False`` keeps float pixels (arrays whose values are not whole numbers).
     """
     tf = get_tf()
-    size = info.image_shape[0]
+    size = size or info.image_shape[0]
     image = tf.convert_to_tensor(image)
-    if crop_fraction >= 1.0:
-        image = tf.image.resize(image, [size, size], method="bilinear", antialias=True)
+    if resize_size:
+        image = torchvision_eval(image, info.image_shape[-1], size, resize_size, interpolation)
+    elif crop_fraction >= 1.0:
+        image = tf.image.resize(image, [size, size], method=interpolation, antialias=True)
     else:
         shape = tf.cast(tf.shape(image)[:2], tf.float32)
         scale = (size / crop_fraction) / tf.reduce_min(shape)
         new = tf.cast(tf.round(shape * scale), tf.int32)
-        image = tf.image.resize(image, new, method="bilinear", antialias=True)
+        image = tf.image.resize(image, new, method=interpolation, antialias=True)
         top = (new[0] - size) // 2
         left = (new[1] - size) // 2
         image = image[top : top + size, left : left + size]
     return round_to_uint8(image) if to_uint8 else image
 
 
-def load_image(path: str, info: DatasetInfo, crop_fraction: float) -> np.ndarray:
+def torchvision_eval(image, channels: int, size: int, resize_size: int, interpolation: str):
+    """torchvision's ``Resize(resize_size, antialias=True) + CenterCrop(size)`` of one image, by
+    ``tf.numpy_function`` of the image-folder path's code: a ``uint8`` or float image
+    (``eval_resize.resize_crop``), or an encoded RGB file, decoded by Pillow as there
+    (``image_ops.eval_image``: torchvision's loader's pixels)."""
+    tf = get_tf()
+    if image.dtype == tf.string:
+        out = tf.numpy_function(
+            lambda data: image_ops.eval_image(
+                # The file's bytes: as they are inside tf.data, a 0-d object array when eager.
+                data.item() if isinstance(data, np.ndarray) else data,
+                size,
+                resize_size=resize_size,
+                interpolation=interpolation,
+            ),
+            [image],
+            tf.uint8,
+            stateful=False,
+        )
+    else:
+        if image.dtype != tf.uint8:
+            image = tf.cast(image, tf.float32)
+        out = tf.numpy_function(
+            lambda pixels: eval_resize.resize_crop(pixels, resize_size, size, interpolation),
+            [image],
+            image.dtype,
+            stateful=False,
+        )
+    out.set_shape([size, size, channels])
+    return out
+
+
+def load_image(path: str, info: DatasetInfo, options: EvalOptions) -> np.ndarray:
     """Read an image file and apply the eval preprocessing: normalised float32 [H, W, C]."""
     tf = get_tf()
-    data = tf.io.read_file(path)
-    image = tf.io.decode_image(data, channels=info.image_shape[-1], expand_animations=False)
-    return normalize_pixels(preprocess_eval_image(image, info, crop_fraction), info)
+    image = tf.io.read_file(path)
+    if not (options.resize_size and info.image_shape[-1] == 3):  # else Pillow decodes it
+        image = tf.io.decode_image(image, channels=info.image_shape[-1], expand_animations=False)
+    return normalize_pixels(preprocess_eval_image(image, info, **options.kwargs()), info)
 
 
-def load_array(pixels: np.ndarray, info: DatasetInfo, crop_fraction: float) -> np.ndarray:
+def load_array(pixels: np.ndarray, info: DatasetInfo, options: EvalOptions) -> np.ndarray:
     """Raw pixels ``[H, W, C]`` (0..255) with the eval preprocessing, not rounded: normalised
     float32."""
-    image = preprocess_eval_image(np.asarray(pixels, np.float32), info, crop_fraction, to_uint8=False)
+    image = preprocess_eval_image(np.asarray(pixels, np.float32), info, **options.kwargs(), to_uint8=False)
     return normalize_pixels(image, info)

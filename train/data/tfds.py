@@ -29,6 +29,7 @@ from train.data.core import (
     norm_stats,
     shape_info,
 )
+from train.data.eval_resize import EvalOptions
 
 IMAGENET_HELP = (
     "ImageNet (imagenet2012) cannot be downloaded automatically. Register at "
@@ -198,7 +199,10 @@ class TFDSSource(DataSource):
         )
 
     def preprocess_eval(self, image, config):
-        return tf_ops.preprocess_eval_image(self.decode(image), self.info, float(config.eval_crop_fraction))
+        options = EvalOptions.from_config(config, self.info.image_shape[0])
+        if not (options.resize_size and self.encoded and self.info.image_shape[-1] == 3):
+            image = self.decode(image)  # else Pillow decodes it, as torchvision's loader (tf_ops)
+        return tf_ops.preprocess_eval_image(image, self.info, **options.kwargs())
 
     # -- datasets -------------------------------------------------------------------------------
 
@@ -288,9 +292,12 @@ class TFDSSource(DataSource):
             }
 
         ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        eval_shape = EvalOptions.from_config(config, self.info.image_shape[0]).shape(
+            self.info.image_shape[-1]
+        )
         padding = tf.data.Dataset.from_tensors(
             {
-                "image": tf.zeros(self.info.image_shape, tf.uint8),
+                "image": tf.zeros(eval_shape, tf.uint8),
                 "label": tf.constant(0, tf.int32),
                 "mask": tf.constant(0.0, tf.float32),
             }
