@@ -7,7 +7,7 @@ import runpy
 from pathlib import Path
 from typing import Any
 
-from train import optim, parallel, steps
+from train import optim, parallel, schedules, steps
 from train.data import registry
 from train.data.augment import TRAIN_AUGMENTATIONS
 from train.data.core import DatasetError
@@ -105,6 +105,31 @@ def _check_aug_repeats(config: Any) -> None:
         )
 
 
+def _check_schedule(config: Any) -> None:
+    _choice(config, "lr_schedule", optim.SCHEDULES)
+    _choice(config, "lr_warmup_method", schedules.WARMUP_METHODS)
+    if not 0.0 <= config.lr_warmup_decay <= 1.0:
+        raise ConfigError(f"config.lr_warmup_decay must be in [0, 1]; got {config.lr_warmup_decay}.")
+    for field in ("warmup_lr", "min_lr"):
+        if config[field] < 0:
+            raise ConfigError(f"config.{field} must be >= 0 (0: off); got {config[field]}.")
+    if config.warmup_lr and config.lr_warmup_decay:
+        raise ConfigError(
+            "config.warmup_lr (an absolute start rate) and config.lr_warmup_decay (a factor of the "
+            "peak) both set the warm-up's start; set one of them."
+        )
+    if config.min_lr and config.lr_schedule != "cosine":
+        raise ConfigError(
+            f"config.min_lr applies to lr_schedule='cosine' only; got lr_schedule={config.lr_schedule!r} "
+            "(the polynomial schedule ends at config.end_learning_rate)."
+        )
+    if config.lr_schedule == "step" and (int(config.lr_step_size) < 1 or not 0 < config.lr_gamma <= 1):
+        raise ConfigError(
+            f"lr_schedule='step' needs config.lr_step_size >= 1 (epochs) and config.lr_gamma in (0, 1]; "
+            f"got {config.lr_step_size} and {config.lr_gamma}."
+        )
+
+
 def validate_config(
     config: Any, *, device_count: int | None = None, process_count: int | None = None
 ) -> None:
@@ -115,7 +140,7 @@ def validate_config(
     except ValueError as e:
         raise ConfigError(str(e)) from None
     _choice(config, "optimizer", optim.OPTIMIZERS)
-    _choice(config, "lr_schedule", optim.SCHEDULES)
+    _check_schedule(config)
     _choice(config, "dtype", ("auto", *DTYPES))
     if config.dtype != "auto":  # 'auto' needs no check, and resolving it would start a backend
         try:

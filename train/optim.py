@@ -1,10 +1,6 @@
-"""Learning-rate schedules and optimizers (optax) built from a config.
+"""Optimizers (optax) built from a config; the learning-rate schedules are in
+``train/schedules.py`` (re-exported here).
 
-* ``learning_rate`` is the peak rate; with ``lr_base_batch_size > 0`` it is scaled linearly,
-  ``learning_rate * batch_size / lr_base_batch_size`` (the "0.1 x batch/256" rule).
-* ``lr_schedule``: ``'cosine'`` (linear warm-up then cosine to 0), ``'polynomial'`` (warm-up
-  then ``(1 - t)^lr_decay_power`` to ``end_learning_rate``, the LARS/MLPerf schedule) or
-  ``'constant'`` (after warm-up).
 * ``optimizer``: ``'sgd'`` (momentum, optional Nesterov, decoupled-from-loss L2 weight decay),
   ``'lars'`` (``optax.lars``) or ``'adamw'`` (``torch.optim.AdamW``'s decoupled weight decay,
   with ``opt_betas`` and ``opt_eps``). BatchNorm parameters and biases are excluded from weight
@@ -22,41 +18,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-SCHEDULES = ("cosine", "polynomial", "constant")
+from train.schedules import SCHEDULES, create_lr_schedule, peak_learning_rate  # noqa: F401
+
 OPTIMIZERS = ("sgd", "lars", "adamw")
-
-
-def peak_learning_rate(config: Any) -> float:
-    lr = float(config.learning_rate)
-    if config.lr_base_batch_size:
-        lr *= config.batch_size / config.lr_base_batch_size
-    return lr
-
-
-def create_lr_schedule(config: Any, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
-    """The schedule over ``total_steps`` with ``warmup_epochs * steps_per_epoch`` of warm-up."""
-    peak = peak_learning_rate(config)
-    warmup = round(float(config.warmup_epochs) * steps_per_epoch)
-    warmup = min(warmup, max(total_steps - 1, 0))
-    decay_steps = max(total_steps - warmup, 1)
-    kind = config.lr_schedule
-    if kind == "cosine":
-        after = optax.cosine_decay_schedule(peak, decay_steps)
-    elif kind == "polynomial":
-        after = optax.polynomial_schedule(
-            peak,
-            float(config.end_learning_rate),
-            power=float(config.lr_decay_power),
-            transition_steps=decay_steps,
-        )
-    elif kind == "constant":
-        after = optax.constant_schedule(peak)
-    else:
-        raise ValueError(f"lr_schedule must be one of {SCHEDULES}; got {kind!r}.")
-    if warmup == 0:
-        return after
-    ramp = optax.linear_schedule(0.0, peak, warmup)
-    return optax.join_schedules([ramp, after], [warmup])
 
 
 def decay_mask(params: Any) -> Any:
