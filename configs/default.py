@@ -105,7 +105,9 @@ def _optimization(c: ml_collections.ConfigDict) -> None:
     c.eval_batch_size = 360
     c.num_epochs = 30
     c.num_train_steps = -1  # > 0 overrides num_epochs
-    c.optimizer = "sgd"  # 'sgd', 'lars' or 'adamw' (torch.optim.AdamW: decoupled weight decay)
+    # 'sgd', 'lars', 'adamw' (torch.optim.AdamW: decoupled weight decay), 'lamb' or 'lambc'
+    # (timm.optim.Lamb; 'lambc' caps the trust ratio at 1)
+    c.optimizer = "sgd"
     c.momentum = 0.9
     c.nesterov = True
     c.learning_rate = 0.1  # peak
@@ -131,8 +133,11 @@ def _optimization(c: ml_collections.ConfigDict) -> None:
     c.sched_on_updates = True
     c.weight_decay = 5e-4
     c.weight_decay_on_bn_and_bias = False
-    c.opt_betas = (0.9, 0.999)  # 'adamw': Adam's beta1, beta2 (timm's --opt-betas)
-    c.opt_eps = 1e-8  # 'adamw': added to the root of the second moment (timm's --opt-eps)
+    c.opt_betas = (0.9, 0.999)  # 'adamw', 'lamb': Adam's beta1, beta2 (timm's --opt-betas)
+    c.opt_eps = 1e-8  # 'adamw', 'lamb': added to the root of the second moment (timm's --opt-eps; Lamb's default 1e-6)
+    # 'lamb': timm's Lamb divides the gradients by max(global norm / this, 1) itself (its
+    # max_grad_norm, 1.0 in every timm run); 0 = off.
+    c.lamb_max_grad_norm = 1.0
     c.grad_clip_norm = 0.0  # > 0: clip the gradients' global norm to this, as clip_grad_norm_
     c.lars_trust_coefficient = 0.001
     c.lars_eps = 0.0

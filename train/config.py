@@ -182,8 +182,9 @@ def validate_config(
     for field in ("label_smoothing", "bce_target_threshold"):
         if not 0.0 <= config[field] < 1.0:
             raise ConfigError(f"config.{field} must be in [0, 1); got {config[field]}.")
-    if config.grad_clip_norm < 0:
-        raise ConfigError(f"config.grad_clip_norm must be >= 0 (0: off); got {config.grad_clip_norm}.")
+    for field in ("grad_clip_norm", "lamb_max_grad_norm"):
+        if config[field] < 0:
+            raise ConfigError(f"config.{field} must be >= 0 (0: off); got {config[field]}.")
     if len(config.opt_betas) != 2 or not all(0.0 <= b < 1.0 for b in config.opt_betas):
         raise ConfigError(f"config.opt_betas must be two numbers in [0, 1); got {tuple(config.opt_betas)}.")
     if config.learning_rate < 0 or config.weight_decay < 0:

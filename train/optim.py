@@ -3,7 +3,9 @@
 
 * ``optimizer``: ``'sgd'`` (momentum, optional Nesterov, decoupled-from-loss L2 weight decay),
   ``'lars'`` (``optax.lars``) or ``'adamw'`` (``torch.optim.AdamW``'s decoupled weight decay,
-  with ``opt_betas`` and ``opt_eps``). BatchNorm parameters and biases are excluded from weight
+  with ``opt_betas`` and ``opt_eps``), ``'lamb'`` or ``'lambc'`` (``timm.optim.Lamb``, its
+  trust ratio capped at 1 for ``'lambc'``, its built-in clipping at ``lamb_max_grad_norm``; see
+  ``train/layerwise.py`` for where ``optax.lamb`` differs). BatchNorm parameters and biases are excluded from weight
   decay (and from LARS trust-ratio scaling) unless ``weight_decay_on_bn_and_bias``.
 * ``grad_clip_norm`` > 0 scales the gradients to at most this global norm first, as
   ``torch.nn.utils.clip_grad_norm_`` does before ``optimizer.step()``.
@@ -18,9 +20,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from train.layerwise import timm_lamb, timm_lamb_clip
 from train.schedules import SCHEDULES, create_lr_schedule, peak_learning_rate  # noqa: F401
 
-OPTIMIZERS = ("sgd", "lars", "adamw")
+OPTIMIZERS = ("sgd", "lars", "adamw", "lamb", "lambc")
 
 
 def decay_mask(params: Any) -> Any:
@@ -58,9 +61,15 @@ def create_optimizer(config: Any, schedule: optax.Schedule) -> optax.GradientTra
     tx = _optimizer(config, schedule)
     freeze = bool(config.freeze_backbone)
     multiplier = float(config.backbone_lr_multiplier)
+    # timm's Lamb clips the global norm of the gradients it holds: a frozen backbone has none.
+    lamb_clip = config.optimizer in ("lamb", "lambc") and float(config.lamb_max_grad_norm) > 0
+    if lamb_clip and freeze:
+        tx = optax.chain(timm_lamb_clip(float(config.lamb_max_grad_norm)), tx)
     if freeze or multiplier != 1.0:
         backbone = optax.set_to_zero() if freeze else optax.chain(tx, optax.scale(multiplier))
         tx = optax.multi_transform({"head": tx, "backbone": backbone}, head_labels)
+    if lamb_clip and not freeze:
+        tx = optax.chain(timm_lamb_clip(float(config.lamb_max_grad_norm)), tx)
     if config.grad_clip_norm:
         tx = optax.chain(clip_by_global_norm(float(config.grad_clip_norm)), tx)
     return tx
@@ -90,4 +99,16 @@ def _optimizer(config: Any, schedule: optax.Schedule) -> optax.GradientTransform
     if kind == "adamw":
         b1, b2 = (float(b) for b in config.opt_betas)
         return optax.adamw(schedule, b1=b1, b2=b2, eps=float(config.opt_eps), weight_decay=wd, mask=mask)
+    if kind in ("lamb", "lambc"):
+        b1, b2 = (float(b) for b in config.opt_betas)
+        return timm_lamb(
+            schedule,
+            b1=b1,
+            b2=b2,
+            eps=float(config.opt_eps),
+            weight_decay=wd,
+            mask=mask,
+            max_grad_norm=0.0,  # clipped in create_optimizer, over all the gradients timm's would see
+            trust_clip=kind == "lambc",
+        )
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}; got {kind!r}.")
