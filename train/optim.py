@@ -5,8 +5,9 @@
   ``'lars'`` (``optax.lars``) or ``'adamw'`` (``torch.optim.AdamW``'s decoupled weight decay,
   with ``opt_betas`` and ``opt_eps``), ``'lamb'`` or ``'lambc'`` (``timm.optim.Lamb``, its
   trust ratio capped at 1 for ``'lambc'``, its built-in clipping at ``lamb_max_grad_norm``; see
-  ``train/layerwise.py`` for where ``optax.lamb`` differs). BatchNorm parameters and biases are excluded from weight
-  decay (and from LARS trust-ratio scaling) unless ``weight_decay_on_bn_and_bias``.
+  ``train/layerwise.py`` for where ``optax.lamb`` differs). BatchNorm parameters and biases
+  are excluded from weight decay (and from trust-ratio scaling) unless
+  ``weight_decay_on_bn_and_bias``.
 * ``grad_clip_norm`` > 0 scales the gradients to at most this global norm first, as
   ``torch.nn.utils.clip_grad_norm_`` does before ``optimizer.step()``.
 * fine-tuning: ``freeze_backbone`` or ``backbone_lr_multiplier`` (everything but ``fc``).
