@@ -139,6 +139,11 @@ def _optimization(c: ml_collections.ConfigDict) -> None:
     # max_grad_norm, 1.0 in every timm run); 0 = off.
     c.lamb_max_grad_norm = 1.0
     c.grad_clip_norm = 0.0  # > 0: clip the gradients' global norm to this, as clip_grad_norm_
+    # timm's --grad-accum-steps: each step's (per-device) batch is split into this many
+    # micro-batches (rows j, j + k, ...), their gradients averaged into one update; BatchNorm
+    # normalises each with its own statistics and updates its running ones k times (train/accum.py).
+    # batch_size stays the global batch of one update. 0 or 1: off. Not with dtype='float16'.
+    c.grad_accum_steps = 1
     c.lars_trust_coefficient = 0.001
     c.lars_eps = 0.0
     # The training loss: 'softmax' (cross-entropy, as torch's CrossEntropyLoss) or 'bce'

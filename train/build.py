@@ -207,6 +207,7 @@ def build_steps(
         lr_schedule=schedule,
         input_stats=input_stats,
         mixup=MixupOptions.from_config(config, info.num_classes),
+        grad_accum_steps=int(config.grad_accum_steps),
     )
     return Steps(model, dtype, tx, schedule, create_state, train_step, eval_step)
 

@@ -130,6 +130,27 @@ def _check_schedule(config: Any) -> None:
         )
 
 
+def _check_grad_accum(config: Any, device_count: int | None) -> None:
+    k = int(config.grad_accum_steps)
+    if k < 0 or k != config.grad_accum_steps:
+        raise ConfigError(
+            f"config.grad_accum_steps must be a whole number >= 0 (0 or 1: off); "
+            f"got {config.grad_accum_steps}."
+        )
+    if k <= 1:
+        return
+    if config.dtype == "float16":
+        raise ConfigError(
+            "config.grad_accum_steps > 1 does not support dtype='float16' (loss scaling); use bfloat16."
+        )
+    per_device = int(config.batch_size) // (device_count or 1)
+    if per_device % k:
+        raise ConfigError(
+            f"config.grad_accum_steps={k} must divide the per-device batch ({config.batch_size} over "
+            f"{device_count or 1} devices = {per_device} rows)."
+        )
+
+
 def validate_config(
     config: Any, *, device_count: int | None = None, process_count: int | None = None
 ) -> None:
@@ -200,6 +221,7 @@ def validate_config(
         registry.get(config.dataset).check_config(config)  # the source's own checks: class_subset
     except DatasetError as e:
         raise ConfigError(str(e)) from None
+    _check_grad_accum(config, device_count)
     for field in ("batch_size", "eval_batch_size"):
         value = int(config[field])
         if device_count and value % device_count:

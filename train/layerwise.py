@@ -1,5 +1,5 @@
 """Layer-wise adaptive optimizers as the recipes' own implementations compute them: LAMB as
-timm's ``timm.optim.Lamb``.
+timm's ``timm.optim.Lamb``, LARS as the MLPerf ResNet-50 reference's ``LARSOptimizer``.
 
 optax ships ``optax.lamb``, but a timm recipe run with it is a different optimizer. Where
 ``optax.lamb`` differs from ``timm.optim.Lamb`` (which this module follows):
@@ -15,6 +15,18 @@ Both add the weight decay to the Adam direction before the trust ratio (so the r
 ``||w|| / ||adam + wd * w||``), both use bias-corrected moments and both take the ratio as 1
 when either norm is 0; timm's ``eps`` is added to ``sqrt(v) / sqrt(1 - b2^t)``, as optax's is to
 ``sqrt(v_hat)`` (the same number up to rounding).
+
+LARS, in mlcommons/training ``image_classification/tensorflow2/lars_optimizer.py``: for a
+parameter not in its ``skip_list`` (``'batch_normalization', 'bias', 'bn'`` in its
+``common.py``; here the parameters ``decay_mask`` excludes), the trust ratio is
+``eta * ||w|| / (||g|| + wd * ||w|| + eps)`` (1 when ``||w||`` or ``||g||`` is 0), the gradient
+becomes ``g + wd * w``, and momentum runs on the scaled step with the rate inside:
+``m = momentum * m - lr * ratio * (g + wd * w)``, ``w += m`` (Nesterov: ``w += momentum * m -
+lr * ratio * (g + wd * w)``). Skipped parameters get plain momentum SGD, no weight decay.
+``optax.lars`` differs in its trust ratio, ``eta * ||w|| / (||g + wd * w|| + eps)`` (the norm
+of the decayed gradient, not the sum of the two norms, and a 0 check on that norm). The
+reference turns ``epsilon=0`` into Keras's ``1e-7`` (``epsilon or backend_config.epsilon()``),
+and its runs pass 0: ``configs/imagenet_resnet50_lars.py`` sets ``lars_eps=1e-7``.
 """
 
 from __future__ import annotations
@@ -110,5 +122,60 @@ def timm_lamb(
 
         updates = jax.tree.map(leaf, params, mu, nu, decayed)
         return updates, LambState(count, mu, nu)
+
+    return optax.GradientTransformation(init, update)
+
+
+class LarsState(NamedTuple):
+    count: jax.Array  # optimizer steps taken
+    momentum: PyTree  # the reference's momentum slot (it holds -lr * ratio * g, summed)
+
+
+def mlperf_lars(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    momentum: float = 0.9,
+    weight_decay: float = 1e-4,
+    trust_coefficient: float = 0.001,
+    eps: float = 0.0,
+    mask: Any = True,
+    nesterov: bool = False,
+) -> optax.GradientTransformation:
+    """The MLPerf reference's ``LARSOptimizer`` (module docstring).
+
+    Args:
+        learning_rate: A rate or a schedule of the step count.
+        momentum: The momentum coefficient.
+        weight_decay: Added to the gradient as ``wd * w``, and to the trust ratio's denominator as
+            ``wd * ||w||``, for the parameters ``mask`` selects.
+        trust_coefficient: ``eta`` (the reference's ``eeta``).
+        eps: Added to the trust ratio's denominator.
+        mask: True, or a function of the parameters giving a tree of Python bools: False for the
+            reference's skip list (no trust ratio, no weight decay).
+        nesterov: The reference's ``use_nesterov``.
+    """
+
+    def init(params):
+        return LarsState(jnp.zeros([], jnp.int32), jax.tree.map(jnp.zeros_like, params))
+
+    def update(grads, state, params):
+        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+        adapted = mask(params) if callable(mask) else jax.tree.map(lambda _: bool(mask), params)
+
+        def leaf(g, w, m, adapt):
+            step = jnp.asarray(lr, w.dtype)
+            if adapt:
+                w_norm, g_norm = jnp.linalg.norm(w), jnp.linalg.norm(g)
+                ratio = trust_coefficient * w_norm / (g_norm + weight_decay * w_norm + eps)
+                step = step * jnp.where((w_norm > 0) & (g_norm > 0), ratio, 1.0)
+                g = g + weight_decay * w
+            m = momentum * m - g * step
+            return (momentum * m - g * step if nesterov else m), m
+
+        pairs = jax.tree.map(leaf, grads, params, state.momentum, adapted)
+        is_pair = lambda t: isinstance(t, tuple)  # noqa: E731
+        updates = jax.tree.map(lambda t: t[0], pairs, is_leaf=is_pair)
+        moments = jax.tree.map(lambda t: t[1], pairs, is_leaf=is_pair)
+        return updates, LarsState(optax.safe_increment(state.count), moments)
 
     return optax.GradientTransformation(init, update)

@@ -2,8 +2,9 @@
 ``train/schedules.py`` (re-exported here).
 
 * ``optimizer``: ``'sgd'`` (momentum, optional Nesterov, decoupled-from-loss L2 weight decay),
-  ``'lars'`` (``optax.lars``) or ``'adamw'`` (``torch.optim.AdamW``'s decoupled weight decay,
-  with ``opt_betas`` and ``opt_eps``), ``'lamb'`` or ``'lambc'`` (``timm.optim.Lamb``, its
+  ``'lars'`` (the MLPerf ResNet-50 reference's LARS; ``train/layerwise.py`` says where
+  ``optax.lars`` differs), ``'adamw'`` (``torch.optim.AdamW``'s decoupled weight decay, with
+  ``opt_betas`` and ``opt_eps``), ``'lamb'`` or ``'lambc'`` (``timm.optim.Lamb``, its
   trust ratio capped at 1 for ``'lambc'``, its built-in clipping at ``lamb_max_grad_norm``; see
   ``train/layerwise.py`` for where ``optax.lamb`` differs). BatchNorm parameters and biases
   are excluded from weight decay (and from trust-ratio scaling) unless
@@ -21,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from train.layerwise import timm_lamb, timm_lamb_clip
+from train.layerwise import mlperf_lars, timm_lamb, timm_lamb_clip
 from train.schedules import SCHEDULES, create_lr_schedule, peak_learning_rate  # noqa: F401
 
 OPTIMIZERS = ("sgd", "lars", "adamw", "lamb", "lambc")
@@ -87,14 +88,13 @@ def _optimizer(config: Any, schedule: optax.Schedule) -> optax.GradientTransform
         # L2 on the gradient (not AdamW-style decoupled decay): the classic ResNet recipe.
         return optax.chain(optax.add_decayed_weights(wd, mask=mask), sgd)
     if kind == "lars":
-        return optax.lars(
+        return mlperf_lars(
             schedule,
+            momentum=float(config.momentum),
             weight_decay=wd,
-            weight_decay_mask=mask,
             trust_coefficient=float(config.lars_trust_coefficient),
             eps=float(config.lars_eps),
-            trust_ratio_mask=mask,
-            momentum=float(config.momentum),
+            mask=mask,
             nesterov=bool(config.nesterov),
         )
     if kind == "adamw":
