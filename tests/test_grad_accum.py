@@ -101,3 +101,43 @@ def test_bad_grad_accum_steps_are_one_line_errors(fields, message):
     with pytest.raises(ConfigError) as e:
         validate_config(c, device_count=2, process_count=1)
     assert str(e.value) == message
+
+
+def test_micro_batches_mix_first_and_draw_drop_path_keyed_on_step_and_index():
+    """With mixup and drop path: the whole batch is mixed first (row i with row B-1-i, across
+    micro-batches), then micro-batch j runs with the step's dropout key folded with j, BatchNorm
+    statistics carried from one to the next: the loss and statistics equal that sequence written
+    out with the model and train/mixup.py directly."""
+    from train import build
+    from train.mixup import MixupOptions, mix_in_step
+    from train.model import build_model
+
+    config = default_config()
+    config.model.drop_path_rate, config.mixup_alpha, config.grad_accum_steps = 0.5, 1.0, K
+    model = build_model(config.model, 5, 3)
+    key, mixup = build.dropout_rng(config), MixupOptions.from_config(config, 5)
+    tx = optax.sgd(0.0)
+    state = jax.jit(steps.create_train_state, static_argnums=(1, 2, 3))(
+        jax.random.key(0), model, tx, (1, 8, 8, 3)
+    )
+    state = state.replace(step=jnp.int32(3))
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.normal(size=(B, 8, 8, 3)).astype(np.float32), "label": np.arange(B) % 5}
+    step = jax.jit(steps.make_train_step(model, tx, dropout_rng=key, mixup=mixup, grad_accum_steps=K))
+    new_state, metrics = step(state, batch)
+
+    images, targets = mix_in_step(
+        mixup, state.step, jnp.asarray(batch["image"]), jnp.asarray(batch["label"]), None
+    )
+    apply = jax.jit(
+        lambda v, x, k: model.apply(v, x, train=True, mutable=["batch_stats"], rngs={"dropout": k})
+    )
+    stats, losses = state.batch_stats, []
+    for j in range(K):
+        micro_key = jax.random.fold_in(jax.random.fold_in(key, 3), j)
+        logits, updates = apply({"params": state.params, "batch_stats": stats}, images[j::K], micro_key)
+        stats = updates["batch_stats"]
+        losses.append(float(jnp.mean(steps.soft_cross_entropy(logits, targets[j::K]))))
+    assert float(metrics["loss"]) == pytest.approx(np.mean(losses), rel=1e-6)
+    for got, want in zip(jax.tree.leaves(new_state.batch_stats), jax.tree.leaves(stats)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
