@@ -134,7 +134,9 @@ def _optimization(c: ml_collections.ConfigDict) -> None:
     c.weight_decay = 5e-4
     c.weight_decay_on_bn_and_bias = False
     c.opt_betas = (0.9, 0.999)  # 'adamw', 'lamb': Adam's beta1, beta2 (timm's --opt-betas)
-    c.opt_eps = 1e-8  # 'adamw', 'lamb': added to the root of the second moment (timm's --opt-eps; Lamb's default 1e-6)
+    # 'adamw', 'lamb': added to the root of the second moment (timm's --opt-eps; timm's Lamb
+    # defaults to 1e-6, so a timm LAMB recipe without --opt-eps sets 1e-6 here)
+    c.opt_eps = 1e-8
     # 'lamb': timm's Lamb divides the gradients by max(global norm / this, 1) itself (its
     # max_grad_norm, 1.0 in every timm run); 0 = off.
     c.lamb_max_grad_norm = 1.0
