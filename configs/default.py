@@ -127,20 +127,47 @@ def _optimization(c: ml_collections.ConfigDict) -> None:
     c.eval_batch_size = 360
     c.num_epochs = 30
     c.num_train_steps = -1  # > 0 overrides num_epochs
-    c.optimizer = "sgd"  # 'sgd', 'lars' or 'adamw' (torch.optim.AdamW: decoupled weight decay)
+    # 'sgd', 'lars', 'adamw' (torch.optim.AdamW: decoupled weight decay), 'lamb' or 'lambc'
+    # (timm.optim.Lamb; 'lambc' caps the trust ratio at 1)
+    c.optimizer = "sgd"
     c.momentum = 0.9
     c.nesterov = True
     c.learning_rate = 0.1  # peak
     c.lr_base_batch_size = 0  # > 0: lr = learning_rate * batch_size / lr_base_batch_size
-    c.lr_schedule = "cosine"  # 'cosine', 'polynomial', 'constant'
+    c.lr_schedule = "cosine"  # 'cosine', 'polynomial', 'constant', 'step' (train/schedules.py)
     c.warmup_epochs = 1.0
+    # Warm-up: 'linear' ramps from the start rate to the peak, 'constant' holds the start rate
+    # (torchvision's --lr-warmup-method). The start rate is warmup_lr if > 0 (timm's --warmup-lr,
+    # absolute), else lr_warmup_decay x the peak (torchvision's --lr-warmup-decay; 0: from 0).
+    c.lr_warmup_method = "linear"
+    c.lr_warmup_decay = 0.0
+    c.warmup_lr = 0.0
+    # True: the decay starts after the warm-up (torchvision's SequentialLR). False (timm's
+    # default, --warmup-prefix off): the decay spans the whole run, the warm-up replacing its start.
+    c.warmup_prefix = True
+    c.min_lr = 0.0  # cosine schedule: the rate it ends at (timm's --min-lr, torchvision's --lr-min)
     c.end_learning_rate = 0.0  # polynomial schedule
     c.lr_decay_power = 2.0  # polynomial schedule
+    c.lr_step_size = 30  # step schedule: x lr_gamma every lr_step_size epochs (torchvision's flags)
+    c.lr_gamma = 0.1
+    # True: the rate changes every step (timm's --sched-on-updates). False: once per epoch, held
+    # within it, as torchvision's recipes and timm's default step their schedulers.
+    c.sched_on_updates = True
     c.weight_decay = 5e-4
     c.weight_decay_on_bn_and_bias = False
-    c.opt_betas = (0.9, 0.999)  # 'adamw': Adam's beta1, beta2 (timm's --opt-betas)
-    c.opt_eps = 1e-8  # 'adamw': added to the root of the second moment (timm's --opt-eps)
+    c.opt_betas = (0.9, 0.999)  # 'adamw', 'lamb': Adam's beta1, beta2 (timm's --opt-betas)
+    # 'adamw', 'lamb': added to the root of the second moment (timm's --opt-eps; timm's Lamb
+    # defaults to 1e-6, so a timm LAMB recipe without --opt-eps sets 1e-6 here)
+    c.opt_eps = 1e-8
+    # 'lamb': timm's Lamb divides the gradients by max(global norm / this, 1) itself (its
+    # max_grad_norm, 1.0 in every timm run); 0 = off.
+    c.lamb_max_grad_norm = 1.0
     c.grad_clip_norm = 0.0  # > 0: clip the gradients' global norm to this, as clip_grad_norm_
+    # timm's --grad-accum-steps: each step's (per-device) batch is split into this many
+    # micro-batches (rows j, j + k, ...), their gradients averaged into one update; BatchNorm
+    # normalises each with its own statistics and updates its running ones k times (train/accum.py).
+    # batch_size stays the global batch of one update. 0 or 1: off. Not with dtype='float16'.
+    c.grad_accum_steps = 1
     c.lars_trust_coefficient = 0.001
     c.lars_eps = 0.0
     # The training loss: 'softmax' (cross-entropy, as torch's CrossEntropyLoss) or 'bce'

@@ -5,7 +5,9 @@ process: ``python tests/train_worker.py MODE OUT [options]``.
 
 * ``parallel OUT``: on 8 CPU devices, run the same 5 steps with the jit-over-mesh driver (auto
   axes), the pmap driver, a 1-device mesh and the jit driver over an explicit-axes mesh, and
-  the 1-device run in float64; save the five parameter trees to ``OUT`` (npz).
+  the 1-device run in float64; save the five parameter trees to ``OUT`` (npz). Each step
+  accumulates 2 micro-batches (``grad_accum_steps``), so the drivers also agree on which rows
+  form each micro-batch and on BatchNorm's statistics per micro-batch.
 * ``train OUT --devices N [--process-id I --num-processes P --port PORT]``: run
   ``train.loop.train_and_evaluate`` on a tiny digits config with workdir ``OUT``, optionally as
   process I of P (jax.distributed over 127.0.0.1:PORT, gloo CPU collectives).
@@ -124,7 +126,9 @@ def run_parallel(out: str, steps_n: int = 5) -> None:
         state = driver.init_state(create)
         if name == "single":
             initial = driver.to_host(state)
-        train_step = driver.train_step(steps.make_train_step(model, tx, label_smoothing=0.1, axis_name=axis))
+        train_step = driver.train_step(
+            steps.make_train_step(model, tx, label_smoothing=0.1, axis_name=axis, grad_accum_steps=2)
+        )
         for b in batches:
             state, metrics = train_step(state, driver.place_batch(b))
         host = driver.to_host(state)
@@ -162,7 +166,7 @@ def _float64_reference(model_cfg, initial, batches):
             batch_stats=wide(initial.batch_stats),
             opt_state=tx.init(params),
         )
-        train_step = jax.jit(steps.make_train_step(model, tx, label_smoothing=0.1))
+        train_step = jax.jit(steps.make_train_step(model, tx, label_smoothing=0.1, grad_accum_steps=2))
         for b in batches:
             state, metrics = train_step(state, {"image": b["image"].astype(np.float64), "label": b["label"]})
         return _flat(jax.device_get(state), metrics["loss"])

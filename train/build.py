@@ -210,6 +210,7 @@ def build_steps(
         lr_schedule=schedule,
         input_stats=input_stats,
         mixup=MixupOptions.from_config(config, info.num_classes),
+        grad_accum_steps=int(config.grad_accum_steps),
     )
     train_step = ema.wrap_train_step(train_step, ema_schedule)  # the EMA after the update
     return Steps(model, dtype, tx, schedule, create_state, train_step, eval_step)

@@ -7,7 +7,7 @@ import runpy
 from pathlib import Path
 from typing import Any
 
-from train import optim, parallel, steps
+from train import optim, parallel, schedules, steps
 from train.data import eval_resize, registry
 from train.data.augment import TRAIN_AUGMENTATIONS
 from train.data.autoaugment import make_policy
@@ -141,6 +141,52 @@ def _check_ema(config: Any) -> None:
         )
 
 
+def _check_schedule(config: Any) -> None:
+    _choice(config, "lr_schedule", optim.SCHEDULES)
+    _choice(config, "lr_warmup_method", schedules.WARMUP_METHODS)
+    if not 0.0 <= config.lr_warmup_decay <= 1.0:
+        raise ConfigError(f"config.lr_warmup_decay must be in [0, 1]; got {config.lr_warmup_decay}.")
+    for field in ("warmup_lr", "min_lr"):
+        if config[field] < 0:
+            raise ConfigError(f"config.{field} must be >= 0 (0: off); got {config[field]}.")
+    if config.warmup_lr and config.lr_warmup_decay:
+        raise ConfigError(
+            "config.warmup_lr (an absolute start rate) and config.lr_warmup_decay (a factor of the "
+            "peak) both set the warm-up's start; set one of them."
+        )
+    if config.min_lr and config.lr_schedule != "cosine":
+        raise ConfigError(
+            f"config.min_lr applies to lr_schedule='cosine' only; got lr_schedule={config.lr_schedule!r} "
+            "(the polynomial schedule ends at config.end_learning_rate)."
+        )
+    if config.lr_schedule == "step" and (int(config.lr_step_size) < 1 or not 0 < config.lr_gamma <= 1):
+        raise ConfigError(
+            f"lr_schedule='step' needs config.lr_step_size >= 1 (epochs) and config.lr_gamma in (0, 1]; "
+            f"got {config.lr_step_size} and {config.lr_gamma}."
+        )
+
+
+def _check_grad_accum(config: Any, device_count: int | None) -> None:
+    k = int(config.grad_accum_steps)
+    if k < 0 or k != config.grad_accum_steps:
+        raise ConfigError(
+            f"config.grad_accum_steps must be a whole number >= 0 (0 or 1: off); "
+            f"got {config.grad_accum_steps}."
+        )
+    if k <= 1:
+        return
+    if config.dtype == "float16":
+        raise ConfigError(
+            "config.grad_accum_steps > 1 does not support dtype='float16' (loss scaling); use bfloat16."
+        )
+    per_device = int(config.batch_size) // (device_count or 1)
+    if per_device % k:
+        raise ConfigError(
+            f"config.grad_accum_steps={k} must divide the per-device batch ({config.batch_size} over "
+            f"{device_count or 1} devices = {per_device} rows)."
+        )
+
+
 def validate_config(
     config: Any, *, device_count: int | None = None, process_count: int | None = None
 ) -> None:
@@ -151,7 +197,7 @@ def validate_config(
     except ValueError as e:
         raise ConfigError(str(e)) from None
     _choice(config, "optimizer", optim.OPTIMIZERS)
-    _choice(config, "lr_schedule", optim.SCHEDULES)
+    _check_schedule(config)
     _choice(config, "dtype", ("auto", *DTYPES))
     if config.dtype != "auto":  # 'auto' needs no check, and resolving it would start a backend
         try:
@@ -193,8 +239,9 @@ def validate_config(
     for field in ("label_smoothing", "bce_target_threshold"):
         if not 0.0 <= config[field] < 1.0:
             raise ConfigError(f"config.{field} must be in [0, 1); got {config[field]}.")
-    if config.grad_clip_norm < 0:
-        raise ConfigError(f"config.grad_clip_norm must be >= 0 (0: off); got {config.grad_clip_norm}.")
+    for field in ("grad_clip_norm", "lamb_max_grad_norm"):
+        if config[field] < 0:
+            raise ConfigError(f"config.{field} must be >= 0 (0: off); got {config[field]}.")
     if len(config.opt_betas) != 2 or not all(0.0 <= b < 1.0 for b in config.opt_betas):
         raise ConfigError(f"config.opt_betas must be two numbers in [0, 1); got {tuple(config.opt_betas)}.")
     if config.learning_rate < 0 or config.weight_decay < 0:
@@ -215,6 +262,7 @@ def validate_config(
         registry.get(config.dataset).check_config(config)  # the source's own checks: class_subset
     except DatasetError as e:
         raise ConfigError(str(e)) from None
+    _check_grad_accum(config, device_count)
     for field in ("batch_size", "eval_batch_size"):
         value = int(config[field])
         if device_count and value % device_count:

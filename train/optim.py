@@ -1,14 +1,14 @@
-"""Learning-rate schedules and optimizers (optax) built from a config.
+"""Optimizers (optax) built from a config; the learning-rate schedules are in
+``train/schedules.py`` (re-exported here).
 
-* ``learning_rate`` is the peak rate; with ``lr_base_batch_size > 0`` it is scaled linearly,
-  ``learning_rate * batch_size / lr_base_batch_size`` (the "0.1 x batch/256" rule).
-* ``lr_schedule``: ``'cosine'`` (linear warm-up then cosine to 0), ``'polynomial'`` (warm-up
-  then ``(1 - t)^lr_decay_power`` to ``end_learning_rate``, the LARS/MLPerf schedule) or
-  ``'constant'`` (after warm-up).
 * ``optimizer``: ``'sgd'`` (momentum, optional Nesterov, decoupled-from-loss L2 weight decay),
-  ``'lars'`` (``optax.lars``) or ``'adamw'`` (``torch.optim.AdamW``'s decoupled weight decay,
-  with ``opt_betas`` and ``opt_eps``). BatchNorm parameters and biases are excluded from weight
-  decay (and from LARS trust-ratio scaling) unless ``weight_decay_on_bn_and_bias``.
+  ``'lars'`` (the MLPerf ResNet-50 reference's LARS; ``train/layerwise.py`` says where
+  ``optax.lars`` differs), ``'adamw'`` (``torch.optim.AdamW``'s decoupled weight decay, with
+  ``opt_betas`` and ``opt_eps``), ``'lamb'`` or ``'lambc'`` (``timm.optim.Lamb``, its
+  trust ratio capped at 1 for ``'lambc'``, its built-in clipping at ``lamb_max_grad_norm``; see
+  ``train/layerwise.py`` for where ``optax.lamb`` differs). BatchNorm parameters and biases
+  are excluded from weight decay (and from trust-ratio scaling) unless
+  ``weight_decay_on_bn_and_bias``.
 * ``grad_clip_norm`` > 0 scales the gradients to at most this global norm first, as
   ``torch.nn.utils.clip_grad_norm_`` does before ``optimizer.step()``.
 * fine-tuning: ``freeze_backbone`` or ``backbone_lr_multiplier`` (everything but ``fc``).
@@ -22,41 +22,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-SCHEDULES = ("cosine", "polynomial", "constant")
-OPTIMIZERS = ("sgd", "lars", "adamw")
+from train.layerwise import mlperf_lars, timm_lamb, timm_lamb_clip
+from train.schedules import SCHEDULES, create_lr_schedule, peak_learning_rate  # noqa: F401
 
-
-def peak_learning_rate(config: Any) -> float:
-    lr = float(config.learning_rate)
-    if config.lr_base_batch_size:
-        lr *= config.batch_size / config.lr_base_batch_size
-    return lr
-
-
-def create_lr_schedule(config: Any, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
-    """The schedule over ``total_steps`` with ``warmup_epochs * steps_per_epoch`` of warm-up."""
-    peak = peak_learning_rate(config)
-    warmup = round(float(config.warmup_epochs) * steps_per_epoch)
-    warmup = min(warmup, max(total_steps - 1, 0))
-    decay_steps = max(total_steps - warmup, 1)
-    kind = config.lr_schedule
-    if kind == "cosine":
-        after = optax.cosine_decay_schedule(peak, decay_steps)
-    elif kind == "polynomial":
-        after = optax.polynomial_schedule(
-            peak,
-            float(config.end_learning_rate),
-            power=float(config.lr_decay_power),
-            transition_steps=decay_steps,
-        )
-    elif kind == "constant":
-        after = optax.constant_schedule(peak)
-    else:
-        raise ValueError(f"lr_schedule must be one of {SCHEDULES}; got {kind!r}.")
-    if warmup == 0:
-        return after
-    ramp = optax.linear_schedule(0.0, peak, warmup)
-    return optax.join_schedules([ramp, after], [warmup])
+OPTIMIZERS = ("sgd", "lars", "adamw", "lamb", "lambc")
 
 
 def decay_mask(params: Any) -> Any:
@@ -94,9 +63,15 @@ def create_optimizer(config: Any, schedule: optax.Schedule) -> optax.GradientTra
     tx = _optimizer(config, schedule)
     freeze = bool(config.freeze_backbone)
     multiplier = float(config.backbone_lr_multiplier)
+    # timm's Lamb clips the global norm of the gradients it holds: a frozen backbone has none.
+    lamb_clip = config.optimizer in ("lamb", "lambc") and float(config.lamb_max_grad_norm) > 0
+    if lamb_clip and freeze:
+        tx = optax.chain(timm_lamb_clip(float(config.lamb_max_grad_norm)), tx)
     if freeze or multiplier != 1.0:
         backbone = optax.set_to_zero() if freeze else optax.chain(tx, optax.scale(multiplier))
         tx = optax.multi_transform({"head": tx, "backbone": backbone}, head_labels)
+    if lamb_clip and not freeze:
+        tx = optax.chain(timm_lamb_clip(float(config.lamb_max_grad_norm)), tx)
     if config.grad_clip_norm:
         tx = optax.chain(clip_by_global_norm(float(config.grad_clip_norm)), tx)
     return tx
@@ -113,17 +88,28 @@ def _optimizer(config: Any, schedule: optax.Schedule) -> optax.GradientTransform
         # L2 on the gradient (not AdamW-style decoupled decay): the classic ResNet recipe.
         return optax.chain(optax.add_decayed_weights(wd, mask=mask), sgd)
     if kind == "lars":
-        return optax.lars(
+        return mlperf_lars(
             schedule,
+            momentum=float(config.momentum),
             weight_decay=wd,
-            weight_decay_mask=mask,
             trust_coefficient=float(config.lars_trust_coefficient),
             eps=float(config.lars_eps),
-            trust_ratio_mask=mask,
-            momentum=float(config.momentum),
+            mask=mask,
             nesterov=bool(config.nesterov),
         )
     if kind == "adamw":
         b1, b2 = (float(b) for b in config.opt_betas)
         return optax.adamw(schedule, b1=b1, b2=b2, eps=float(config.opt_eps), weight_decay=wd, mask=mask)
+    if kind in ("lamb", "lambc"):
+        b1, b2 = (float(b) for b in config.opt_betas)
+        return timm_lamb(
+            schedule,
+            b1=b1,
+            b2=b2,
+            eps=float(config.opt_eps),
+            weight_decay=wd,
+            mask=mask,
+            max_grad_norm=0.0,  # clipped in create_optimizer, over all the gradients timm's would see
+            trust_clip=kind == "lambc",
+        )
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}; got {kind!r}.")

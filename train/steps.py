@@ -38,6 +38,7 @@ import optax
 from flax import linen as nn
 from flax.training.dynamic_scale import DynamicScale
 
+from train import accum
 from train.mixup import MixupOptions, mix_in_step
 
 PyTree = Any
@@ -228,6 +229,7 @@ def make_train_step(
     lr_schedule: optax.Schedule | None = None,
     input_stats: InputStats | None = None,
     mixup: MixupOptions | None = None,
+    grad_accum_steps: int = 1,
 ) -> StepFn:
     """Return the pure ``train_step(state, batch) -> (state, metrics)``.
 
@@ -257,6 +259,9 @@ def make_train_step(
             batches must hold normalised floats.
         mixup: Mixup/cutmix of each normalised batch, keyed on ``(seed, state.step)``, against
             soft targets (``train/mixup.py``); None: off, and the step is as without it.
+        grad_accum_steps: k > 1 splits each (per-device) batch into k micro-batches after mixup,
+            their gradients averaged into one update (``train/accum.py``); not with float16
+            loss scaling.
     """
 
     per_example_loss = make_loss(
@@ -288,7 +293,17 @@ def make_train_step(
             if axis_name is not None:  # each device its own draws
                 key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
             rngs = {"rngs": {"dropout": key}}
-        if state.dynamic_scale is not None:
+        if grad_accum_steps > 1:
+            if state.dynamic_scale is not None:
+                raise ValueError("grad_accum_steps > 1 does not support float16 loss scaling.")
+            grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+            (loss, (logits, batch_stats)), grads = accum.accumulated_value_and_grad(
+                grad_fn, grad_accum_steps, state.params, state.batch_stats, batch, rngs
+            )
+            if axis_name is not None:
+                grads = jax.lax.pmean(grads, axis_name)
+            dynamic_scale, is_finite = None, None
+        elif state.dynamic_scale is not None:
             # DynamicScale pmeans the gradients itself when given the axis.
             grad_fn = state.dynamic_scale.value_and_grad(loss_fn, has_aux=True, axis_name=axis_name)
             dynamic_scale, is_finite, (loss, (logits, batch_stats)), grads = grad_fn(
