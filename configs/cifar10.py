@@ -1,7 +1,8 @@
 """ResNet-18 (3x3 stem, no max-pool) on CIFAR-10 from TFDS (usually about 95% test accuracy).
 
 SGD with Nesterov momentum, cosine schedule, 200 epochs, pad-4 random crops and flips. Prepare
-the data once with ``tfds build cifar10`` or pass ``--config.download=True``.
+the data once with ``python -m train.prepare --config=configs/cifar10.py`` or pass
+``--config.download=True``.
 """
 
 import os

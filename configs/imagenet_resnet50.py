@@ -8,7 +8,8 @@ parameters) on TPU and GPU.
 
 ImageNet needs a manual download: put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in
 ``--config.manual_dir`` (default ``~/tensorflow_datasets/downloads/manual``) and run
-``tfds build imagenet2012`` once (or pass ``--config.download=True``).
+``python -m train.prepare --config=configs/imagenet_resnet50.py --config.manual_dir=DIR`` once
+(or pass ``--config.download=True``).
 """
 
 import os

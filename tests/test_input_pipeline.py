@@ -10,6 +10,7 @@ import tensorflow_datasets as tfds
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from train import prepare  # noqa: E402
 from train.config import default_config  # noqa: E402
 from train.data import core, eval_resize, host_ops, registry, tf_ops  # noqa: E402
 from train.data.augment import AugmentOptions  # noqa: E402
@@ -73,10 +74,10 @@ def make_config(**kw):
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
+    """The tiny set prepared by ``python -m train.prepare``'s function, as a user prepares one."""
     data_dir = tmp_path_factory.mktemp("tfds")
-    registry.create_dataset(
-        make_config(dataset="resnet_jax_tiny_shapes", data_dir=str(data_dir), download=True)
-    )
+    said = prepare.prepare(make_config(dataset="resnet_jax_tiny_shapes", data_dir=str(data_dir)))
+    assert said == f"resnet_jax_tiny_shapes: 30 train, 11 eval images, in {data_dir}", said
     return str(data_dir)
 
 
@@ -227,11 +228,43 @@ def test_missing_imagenet_says_where_the_tar_files_go(tmp_path):
         registry.create_dataset(cfg)
     msg = str(e.value)
     assert "ILSVRC2012_img_train.tar" in msg and "ILSVRC2012_img_val.tar" in msg
-    assert str(manual) in msg and "tfds build imagenet2012" in msg
+    assert str(manual) in msg and "python -m train.prepare" in msg
+
+
+def test_prepare_gets_to_the_download_of_a_real_builder(tmp_path, monkeypatch):
+    """``python -m train.prepare`` (and --config.download=True) on a fresh install reaches TFDS's
+    real cifar10 download (no Beam, no missing module), and a failed download is one line. The
+    network is a closed port on 127.0.0.1, through the proxy variables that requests reads."""
+    import socket
+
+    from tensorflow_datasets.core.download import downloader
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"  # free, and nothing listens once closed
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.setenv(var, closed)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.setattr(downloader, "MAX_RETRIES", 0)  # TFDS's back-off would wait minutes
+    config = make_config(dataset="cifar10", data_dir=str(tmp_path / "tfds"))
+    with pytest.raises(Exception) as e:
+        prepare.prepare(config)
+    chain, error = [], e.value
+    while error is not None:
+        chain.append(f"{type(error).__name__}: {error}")
+        error = error.__cause__ or error.__context__
+    assert any("cifar-10-binary.tar.gz" in link for link in chain), chain  # TFDS's own URL
+    line = prepare._download_failure(e.value)
+    assert line is not None and "\n" not in line, chain
+    assert line.startswith("the download failed (") and "--config.data_dir=DIR" in line, line
+    assert prepare.prepare(make_config(dataset="sklearn_digits")).startswith(
+        "sklearn_digits is not a TFDS dataset: nothing to prepare"
+    )
 
 
 def test_missing_and_unknown_datasets(tmp_path):
-    with pytest.raises(core.DatasetError, match=r"tfds build cifar100.*--config.download=True"):
+    with pytest.raises(core.DatasetError, match=r"python -m train.prepare.*--config.download=True"):
         registry.create_dataset(make_config(dataset="cifar100", data_dir=str(tmp_path)))
     with pytest.raises(core.DatasetError, match="unknown dataset 'no_such_set'"):
         registry.create_dataset(make_config(dataset="no_such_set"))

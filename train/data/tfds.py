@@ -35,8 +35,8 @@ IMAGENET_HELP = (
     "ImageNet (imagenet2012) cannot be downloaded automatically. Register at "
     "https://image-net.org/download-images, download ILSVRC2012_img_train.tar and "
     "ILSVRC2012_img_val.tar, and put both tar files (not extracted) in the manual directory "
-    "{manual_dir}. Then prepare it once with `tfds build imagenet2012 --manual_dir={manual_dir}"
-    "{data_dir_flag}` or re-run with --config.download=True."
+    "{manual_dir}. Then prepare it once with `python -m train.prepare` and this run's --config "
+    "flags (or re-run with --config.download=True)."
 )
 
 
@@ -83,15 +83,13 @@ def tfds_builder(config: Any):
             download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
             builder.download_and_prepare(download_config=download_config)
         elif name.startswith("imagenet2012"):
-            flag = f" --data_dir={data_dir}" if data_dir else ""
-            raise DatasetError(IMAGENET_HELP.format(manual_dir=manual_dir, data_dir_flag=flag))
+            raise DatasetError(IMAGENET_HELP.format(manual_dir=manual_dir))
         else:
             where = data_dir or builder.data_dir_root
             raise DatasetError(
                 f"dataset {name!r} is not prepared in {where}. Download and prepare it once with "
-                f"`tfds build {name}" + (f" --data_dir={data_dir}" if data_dir else "") + "`, or "
-                "re-run with --config.download=True (or point --config.data_dir at a directory "
-                "that has it)."
+                "`python -m train.prepare` and this run's --config flags, or re-run with "
+                "--config.download=True (or point --config.data_dir at a directory that has it)."
             )
     features = builder.info.features
     for key in (config.image_key, config.label_key):
