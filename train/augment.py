@@ -9,7 +9,9 @@ own units and signed where the op is -- degrees (Rotate), pixels (TranslateX/Y, 
 integer as torchvision does), the shear's tangent (ShearX/Y), a factor delta (Brightness, Color,
 Contrast, Sharpness: factor ``1 + magnitude``), bits kept (Posterize), a threshold as a fraction
 of 255 (Solarize); Identity, AutoContrast, Equalize and Invert ignore it. As torchvision's
-policies do by default, geometric ops sample the nearest pixel and fill with 0.
+policies do by default, geometric ops sample the nearest pixel and fill with 0; with
+``interpolation='bilinear'`` (torchvision's reference training script's default) they sample as
+``grid_sample``'s bilinear mode, equal to torchvision's within one grey level on rare pixels.
 
 Each op repeats the float32 arithmetic of ``torchvision.transforms.v2.functional`` on ``uint8``
 tensors step for step, so the result equals torchvision's pixel for pixel
@@ -41,6 +43,7 @@ import numpy as np
 from train.augment_timm import apply_timm_op
 
 CONVENTIONS = ("torchvision", "timm")
+TORCHVISION_INTERPOLATIONS = ("nearest", "bilinear")  # of the geometric ops
 # The ops of torchvision's TrivialAugmentWide/RandAugment/AutoAugment augmentation spaces.
 OPS = (
     "Identity",
@@ -208,18 +211,22 @@ def _inverse_affine(
     return m
 
 
-def _warp(image: np.ndarray, matrix: list[float]) -> np.ndarray:
-    """``image`` sampled at the nearest input pixel of each output pixel's centre mapped by
-    ``matrix`` (centred pixel coordinates, as torch's grid), 0 outside the image."""
+def _warp(image: np.ndarray, matrix: list[float], interpolation: str = "nearest") -> np.ndarray:
+    """``image`` sampled at each output pixel's centre mapped by ``matrix`` (centred pixel
+    coordinates, as torch's grid), 0 outside the image: the nearest input pixel, or
+    ``'bilinear'``: the four around it weighted as ``grid_sample``'s (zero outside), rounded."""
     height, width = image.shape[:2]
     theta = np.asarray(matrix, _F32).reshape(2, 3).T / np.array([0.5 * width, 0.5 * height], _F32)
     xs = linspace((1.0 - width) * 0.5, (width - 1.0) * 0.5, width)[None, :]
     ys = linspace((1.0 - height) * 0.5, (height - 1.0) * 0.5, height)[:, None]
     gx = (xs * theta[0, 0] + ys * theta[1, 0]) + theta[2, 0]
     gy = (xs * theta[0, 1] + ys * theta[1, 1]) + theta[2, 1]
-    # grid_sample(align_corners=False): back to pixel units, then the nearest pixel (half to even).
-    ix = np.rint(((gx + _F32(1)) * _F32(width) - _F32(1)) / _F32(2))
-    iy = np.rint(((gy + _F32(1)) * _F32(height) - _F32(1)) / _F32(2))
+    # grid_sample(align_corners=False): back to pixel units.
+    x = ((gx + _F32(1)) * _F32(width) - _F32(1)) / _F32(2)
+    y = ((gy + _F32(1)) * _F32(height) - _F32(1)) / _F32(2)
+    if interpolation == "bilinear":
+        return _bilinear(image, x, y)
+    ix, iy = np.rint(x), np.rint(y)  # the nearest pixel, half to even
     inside = (ix >= 0) & (ix < width) & (iy >= 0) & (iy < height)
     # One gather of 4-byte pixels (a gather of 3-byte rows is slower), from the image plus a zero
     # pixel at index H * W that every point outside reads.
@@ -231,20 +238,42 @@ def _warp(image: np.ndarray, matrix: list[float]) -> np.ndarray:
     return np.ascontiguousarray(out.view(np.uint8).reshape(height, width, 4)[..., :channels])
 
 
+def _bilinear(image: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``grid_sample``'s bilinear mode at pixel coordinates ``x``, ``y`` (float32), zero outside,
+    then torchvision's round half to even back to ``uint8``. torch's vectorised kernel may round
+    a weight or sum differently in the last float32 bit, so a pixel near a half may differ by 1."""
+    height, width, channels = image.shape
+    x0, y0 = np.floor(x), np.floor(y)
+    wx, wy = x - x0, y - y0
+    ex, ny = _F32(1) - wx, _F32(1) - wy
+    padded = np.zeros((height + 2, width + 2, channels), _F32)  # a zero border for the outside
+    padded[1:-1, 1:-1] = image
+    out = np.zeros((height, width, channels), _F32)
+    for dy, dx, weight in ((0, 0, ny * ex), (0, 1, ny * wx), (1, 0, wy * ex), (1, 1, wy * wx)):
+        # Corners beyond the border read 0 (their weight times zero, as grid_sample skips them).
+        cy = np.clip(y0 + dy, -1, height).astype(np.intp) + 1
+        cx = np.clip(x0 + dx, -1, width).astype(np.intp) + 1
+        out += padded[cy, cx] * weight[..., None]
+    return np.rint(out).astype(np.uint8)
+
+
 def affine(
     image: np.ndarray,
     angle: float = 0.0,
     translate: tuple[float, float] = (0.0, 0.0),
     shear: tuple[float, float] = (0.0, 0.0),
     center: tuple[float, float] | None = None,
+    interpolation: str = "nearest",
 ) -> np.ndarray:
-    """torchvision's ``affine`` at scale 1 (degrees; ``center`` in pixels, None: the image's)."""
+    """torchvision's ``affine`` at scale 1 (degrees; ``center`` in pixels, None: the image's),
+    ``'nearest'`` or ``'bilinear'``."""
     height, width = image.shape[:2]
     centre = (0.0, 0.0) if center is None else (center[0] - width * 0.5, center[1] - height * 0.5)
-    return _warp(image, _inverse_affine(centre, angle, (float(translate[0]), float(translate[1])), shear))
+    matrix = _inverse_affine(centre, angle, (float(translate[0]), float(translate[1])), shear)
+    return _warp(image, matrix, interpolation)
 
 
-def rotate(image: np.ndarray, angle: float) -> np.ndarray:
+def rotate(image: np.ndarray, angle: float, interpolation: str = "nearest") -> np.ndarray:
     """torchvision's ``rotate`` about the centre, counter-clockwise in degrees, same size."""
     angle = angle % 360
     height, width = image.shape[:2]
@@ -255,7 +284,7 @@ def rotate(image: np.ndarray, angle: float) -> np.ndarray:
         return np.ascontiguousarray(image[::-1, ::-1])
     if height == width and angle in (90, 270):
         return np.ascontiguousarray(np.rot90(image, k=1 if angle == 90 else 3, axes=(0, 1)))
-    return _warp(image, _inverse_affine((0.0, 0.0), -angle, (0.0, 0.0), (0.0, 0.0)))
+    return _warp(image, _inverse_affine((0.0, 0.0), -angle, (0.0, 0.0), (0.0, 0.0)), interpolation)
 
 
 def apply_op(
@@ -265,15 +294,16 @@ def apply_op(
     convention: str = "torchvision",
     *,
     fill: tuple[int, ...] = (128, 128, 128),
-    interpolation: str = "bicubic",
+    interpolation: str | None = None,
 ) -> np.ndarray:
     """``image`` (``uint8 [H, W, C]``) with op ``name`` at ``magnitude`` applied; a new array.
 
     ``convention='torchvision'``: torchvision's op names and units (see the module docstring;
-    nearest sampling, zero fill). ``convention='timm'``: timm's RandAugment op names, with the
-    magnitude its level on the 0..10 scale (``train/augment_timm.py``); ``fill`` and
-    ``interpolation`` (``'bilinear'`` or ``'bicubic'``) are then its geometric ops' fill colour
-    and resampling.
+    zero fill; ``interpolation`` ``'nearest'`` (None: the policies' default) or ``'bilinear'``,
+    as torchvision's reference training script passes it). ``convention='timm'``: timm's
+    RandAugment op names, with the magnitude its level on the 0..10 scale
+    (``train/augment_timm.py``); ``fill`` and ``interpolation`` (``'bilinear'`` or ``'bicubic'``;
+    None: bicubic) are then its geometric ops' fill colour and resampling.
 
     >>> import numpy as np
     >>> image = np.arange(48, dtype=np.uint8).reshape(4, 4, 3)
@@ -286,20 +316,27 @@ def apply_op(
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (1, 3):
         raise ValueError(f"apply_op takes one uint8 [H, W, 1 or 3] image; got {image.dtype} {image.shape}.")
     if convention == "timm":
-        return apply_timm_op(image, name, magnitude, fill, interpolation)
+        return apply_timm_op(image, name, magnitude, fill, interpolation or "bicubic")
+    interpolation = interpolation or "nearest"
+    if interpolation not in TORCHVISION_INTERPOLATIONS:
+        raise ValueError(
+            f"interpolation must be one of {TORCHVISION_INTERPOLATIONS} for torchvision's ops; "
+            f"got {interpolation!r}."
+        )
+    geometry = dict(interpolation=interpolation)
     m = float(magnitude)
     if name == "Identity":
         return image.copy()
     if name == "ShearX":
-        return affine(image, shear=(math.degrees(math.atan(m)), 0.0), center=(0.0, 0.0))
+        return affine(image, shear=(math.degrees(math.atan(m)), 0.0), center=(0.0, 0.0), **geometry)
     if name == "ShearY":
-        return affine(image, shear=(0.0, math.degrees(math.atan(m))), center=(0.0, 0.0))
+        return affine(image, shear=(0.0, math.degrees(math.atan(m))), center=(0.0, 0.0), **geometry)
     if name == "TranslateX":
-        return affine(image, translate=(int(m), 0))
+        return affine(image, translate=(int(m), 0), **geometry)
     if name == "TranslateY":
-        return affine(image, translate=(0, int(m)))
+        return affine(image, translate=(0, int(m)), **geometry)
     if name == "Rotate":
-        return rotate(image, m)
+        return rotate(image, m, **geometry)
     if name in ("Brightness", "Color", "Contrast", "Sharpness"):
         factor = 1.0 + m
         if factor < 0:

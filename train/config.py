@@ -96,6 +96,7 @@ def _check_auto_augment(config: Any) -> None:
             int(config.ra_num_ops),
             int(config.ra_magnitude),
             int(config.ra_num_magnitude_bins),
+            interpolation=str(getattr(config, "interpolation", "nearest")),
         )
     except ValueError as e:
         raise ConfigError(str(e)) from None

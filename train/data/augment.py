@@ -47,8 +47,18 @@ class AugmentOptions:
     random_erase_mode: str  # 'const' (zeros) or 'pixel' (per-pixel standard normal)
     random_erase_scale: tuple[float, float]  # the box's share of the image's area
     random_erase_ratio: tuple[float, float]  # the box's height / width, log-uniform
+    # torchvision's --interpolation, which its reference script passes to its auto-augment
+    # policies: their geometric ops' sampling ('nearest' where the config has no such field).
+    interpolation: str = "nearest"
 
     @classmethod
     def from_config(cls, config: Any) -> AugmentOptions:
         """The options of ``config`` (a ``ConfigDict`` or any object with these fields)."""
-        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
+        return cls(
+            **{
+                f.name: getattr(config, f.name)
+                if f.default is dataclasses.MISSING
+                else getattr(config, f.name, f.default)
+                for f in dataclasses.fields(cls)
+            }
+        )

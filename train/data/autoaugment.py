@@ -14,10 +14,11 @@ magnitudes, each training image gets; the ops themselves are ``train.augment.app
   ImageNet policy, which timm's ``'original'`` also is): one of 25 sub-policies, each op applied
   with its probability at its bin of 10.
 
-torchvision's policies keep its defaults: nearest-pixel sampling and zero fill for the geometric
-ops.
-(torchvision's reference training script passes its ``--interpolation``, bilinear by default, to
-these policies; here it is nearest, the policies' own default.)
+torchvision's policies fill with zero and sample the nearest pixel in their geometric ops (their
+default), or bilinearly where the config's ``interpolation`` (torchvision's ``--interpolation``,
+which its reference training script passes to these policies) is ``'bilinear'``; a config without
+that field keeps nearest. timm's ``rand-`` policies draw bilinear or bicubic per op whatever it
+is (timm's training default, ``--train-interpolation random``).
 
 The draws come from the example's generator (``np.random.Generator``, keyed on seed, epoch and
 example position like its crop's, so a resumed run draws the same), in the order torchvision's
@@ -38,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from train.augment import apply_op, linspace
+from train.augment import TORCHVISION_INTERPOLATIONS, apply_op, linspace
 from train.augment_timm import LEVEL_DENOM, SIGNED
 from train.data.core import IMAGENET_MEAN
 
@@ -120,6 +121,7 @@ class Policy:
     num_ops: int = 2  # 'ra'
     magnitude: int = 9  # 'ra': the bin
     num_bins: int = 31  # 'ta_wide', 'ra'
+    interpolation: str = "nearest"  # the geometric ops' sampling: 'nearest' or 'bilinear'
 
     @classmethod
     def from_config(cls, config: Any) -> Policy | TimmRandAugment | None:
@@ -130,6 +132,7 @@ class Policy:
             int(config.ra_magnitude),
             int(config.ra_num_magnitude_bins),
             timm_fill(config.normalize_mean),
+            str(getattr(config, "interpolation", "nearest")),
         )
 
     def draw(self, rng: np.random.Generator, height: int, width: int) -> list[tuple[str, float]]:
@@ -165,7 +168,7 @@ class Policy:
     def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """``uint8 [H, W, C]`` -> the same with this policy's drawn ops applied in turn."""
         for name, magnitude in self.draw(rng, image.shape[0], image.shape[1]):
-            image = apply_op(image, name, magnitude)
+            image = apply_op(image, name, magnitude, interpolation=self.interpolation)
         return image
 
 
@@ -269,10 +272,16 @@ class TimmRandAugment:
 
 @functools.lru_cache(maxsize=8)
 def make_policy(
-    name: str, num_ops: int = 2, magnitude: int = 9, num_bins: int = 31, fill: tuple[int, ...] = TIMM_FILL
+    name: str,
+    num_ops: int = 2,
+    magnitude: int = 9,
+    num_bins: int = 31,
+    fill: tuple[int, ...] = TIMM_FILL,
+    interpolation: str = "nearest",
 ) -> Policy | TimmRandAugment | None:
-    """The policy ``name`` (``auto_augment``; None when ''), with the ``ra_*`` fields for 'ra'
-    and, for timm's, the fill colour of its geometric ops."""
+    """The policy ``name`` (``auto_augment``; None when ''), with the ``ra_*`` fields for 'ra',
+    for timm's the fill colour of its geometric ops, for torchvision's their sampling
+    (``interpolation``)."""
     if not name:
         return None
     if name.startswith("rand"):
@@ -282,14 +291,19 @@ def make_policy(
             f"config.auto_augment must be '' (off), one of {AUTO_AUGMENTS} or timm's 'rand-m9-mstd0.5-inc1' "
             f"form; got {name!r}."
         )
+    if interpolation not in TORCHVISION_INTERPOLATIONS:
+        raise ValueError(
+            f"config.interpolation must be one of {TORCHVISION_INTERPOLATIONS} with config.auto_augment="
+            f"{name!r} (torchvision's policies' geometric ops); got {interpolation!r}."
+        )
     if name == "ra":
         if num_ops < 0 or num_bins < 1 or not 0 <= magnitude < num_bins:
             raise ValueError(
                 "config.auto_augment='ra' needs ra_num_ops >= 0, ra_num_magnitude_bins >= 1 and 0 <= "
                 f"ra_magnitude < ra_num_magnitude_bins; got {num_ops}, {num_bins} and {magnitude}."
             )
-        return Policy(name, num_ops, magnitude, num_bins)
-    return Policy(name, num_bins=31 if name == "ta_wide" else 10)
+        return Policy(name, num_ops, magnitude, num_bins, interpolation)
+    return Policy(name, num_bins=31 if name == "ta_wide" else 10, interpolation=interpolation)
 
 
 def timm_fill(normalize_mean: Any) -> tuple[int, ...]:
