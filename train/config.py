@@ -96,7 +96,7 @@ def _check_auto_augment(config: Any) -> None:
             int(config.ra_num_ops),
             int(config.ra_magnitude),
             int(config.ra_num_magnitude_bins),
-            interpolation=str(getattr(config, "interpolation", "nearest")),
+            interpolation=str(config.interpolation),
         )
     except ValueError as e:
         raise ConfigError(str(e)) from None

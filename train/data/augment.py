@@ -36,7 +36,10 @@ class AugmentOptions:
     crop_area_range: tuple[float, float]  # inception_crop: the box's share of the image's area
     crop_aspect_ratio_range: tuple[float, float]  # inception_crop: the box's width / height
     crop_min_object_covered: float  # inception_crop: TF's sample_distorted_bounding_box
-    interpolation: str  # inception_crop's resize: 'bilinear' or 'bicubic' (torchvision's RandomResizedCrop)
+    # torchvision's --interpolation, 'bilinear' or 'bicubic': inception_crop's resize (its
+    # RandomResizedCrop) and the geometric ops of torchvision's auto-augment policies, as its
+    # reference script passes it to both.
+    interpolation: str
     jpeg_reduced_decode: bool  # image folders, inception_crop: decode large JPEGs at 1/2..1/8
     auto_augment: str  # '' or a policy of train/data/autoaugment.py, after the crop and flip
     ra_num_ops: int  # auto_augment='ra': ops per image
@@ -47,9 +50,6 @@ class AugmentOptions:
     random_erase_mode: str  # 'const' (zeros) or 'pixel' (per-pixel standard normal)
     random_erase_scale: tuple[float, float]  # the box's share of the image's area
     random_erase_ratio: tuple[float, float]  # the box's height / width, log-uniform
-    # torchvision's --interpolation, which its reference script passes to its auto-augment
-    # policies: their geometric ops' sampling ('nearest' where the config has no such field).
-    interpolation: str = "nearest"
 
     @classmethod
     def from_config(cls, config: Any) -> AugmentOptions:

@@ -132,7 +132,7 @@ class Policy:
             int(config.ra_magnitude),
             int(config.ra_num_magnitude_bins),
             timm_fill(config.normalize_mean),
-            str(getattr(config, "interpolation", "nearest")),
+            str(config.interpolation),
         )
 
     def draw(self, rng: np.random.Generator, height: int, width: int) -> list[tuple[str, float]]:
