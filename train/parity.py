@@ -98,8 +98,7 @@ def unsupported(config: Any) -> str | None:
     for key in dict(config.model.overrides or {}):
         if key not in parity_torch.MODEL_OVERRIDES:
             return (
-                f"config.model.overrides.{key}: {note}; it checks "
-                f"{', '.join(parity_torch.MODEL_OVERRIDES)}."
+                f"config.model.overrides.{key}: {note}; it checks {', '.join(parity_torch.MODEL_OVERRIDES)}."
             )
     if config.freeze_backbone and config.grad_clip_norm:
         # PyTorch's clip_grad_norm_ sees only the trained (head) gradients; ours clips all.
@@ -203,14 +202,23 @@ def run_parity(
     if not jax.config.jax_enable_x64:
         raise RuntimeError("train.parity runs at float64: enable jax_enable_x64 first.")
     config = config.copy_and_resolve_references()
-    config.batch_size, config.dtype, config.parallelism, config.mesh_axis_types = batch, "float64", "jit", "auto"
+    config.batch_size, config.dtype, config.parallelism, config.mesh_axis_types = (
+        batch,
+        "float64",
+        "jit",
+        "auto",
+    )
     problem = unsupported(config)
     if problem:
         raise Unsupported(problem)
     validate_config(config, device_count=1)
     if config.model.arch == "resnet_base":
         raise ConfigError("config.model.arch='resnet_base' has no torchvision or timm twin; name a preset.")
-    total = int(config.num_train_steps) if config.num_train_steps > 0 else round(config.num_epochs * steps_per_epoch)
+    total = (
+        int(config.num_train_steps)
+        if config.num_train_steps > 0
+        else round(config.num_epochs * steps_per_epoch)
+    )
     jax.config.update("jax_default_matmul_precision", "highest")
     info = _info(num_classes, image_size, channels)
     state, step_fn, schedule = _our_side(config, info, steps_per_epoch, total)
@@ -223,8 +231,7 @@ def run_parity(
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("fc."))
     opt = pt.make_optimizer(model, config, optim.peak_learning_rate(config))
-    warmup, decay = pt.warmup_and_decay(config, steps_per_epoch, total)
-    scheduler = pt.SCHEDULES[config.lr_schedule](opt, config, warmup, decay)
+    scheduler = pt.make_scheduler(opt, config, steps_per_epoch, total)
     mixup = pt.make_mixup(config, num_classes)
     loss_fn = pt.LOSSES[config.loss](config, mixed=mixup is not None)
     model.train()
@@ -261,9 +268,10 @@ def run_parity(
             {
                 "step": i,
                 "loss": float(metrics["loss"]),
-                "torch_loss": float(loss),
-                "loss_diff": abs(float(metrics["loss"]) - float(loss)),
+                "torch_loss": float(loss.detach()),
+                "loss_diff": abs(float(metrics["loss"]) - float(loss.detach())),
                 "learning_rate": our_lr,
+                "grad_norm": float(metrics["grad_norm"]),  # ours, before clipping
                 "lr_diff": abs(our_lr - lr),
                 "params_diff": max(params.values()),
                 "worst_param": max(params, key=params.get),
@@ -295,7 +303,9 @@ def format_table(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         draws = f"{r['masks']} masks ({r['dropped']} dropped)" if r["masks"] else "-"
         if r["lam"]:
-            draws += f", lam {', '.join(f'{v:.3f}' for v in r['lam'][:4])}{' ...' if len(r['lam']) > 4 else ''}"
+            draws += (
+                f", lam {', '.join(f'{v:.3f}' for v in r['lam'][:4])}{' ...' if len(r['lam']) > 4 else ''}"
+            )
         if not r["masks_match"]:
             draws += ", timm asked other keep probabilities"
         lines.append(

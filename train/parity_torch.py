@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import types
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -35,7 +35,14 @@ from resnet_jax.torch_reference import import_reference
 # config.model.overrides that the PyTorch model follows (the rest are refused by train.parity):
 # the two that change its layout, and those that change only how our side computes or
 # initialises (the weights are copied from our side, so the initialisation does not matter).
-MODEL_OVERRIDES = ("stage_sizes", "small_stem", "zero_init_residual", "bn_variance", "bn_recompute", "bn_fused")
+MODEL_OVERRIDES = (
+    "stage_sizes",
+    "small_stem",
+    "zero_init_residual",
+    "bn_variance",
+    "bn_recompute",
+    "bn_fused",
+)
 _WIDTHS = (64, 128, 256, 512)
 
 
@@ -124,14 +131,16 @@ def param_groups(model: torch.nn.Module, config: Any) -> list[dict]:
 class MLPerfLARS(torch.optim.Optimizer):
     """A transcription into PyTorch of the LARS that MLPerf's ResNet-50 reference trains with
     (TensorFlow's ``LARSOptimizer``, MLPerf ``lars_optimizer.py``): PyTorch and timm ship none
-    that computes it. Per tensor not in the skip list (here:
-    BatchNorm parameters and biases, unless the config decays them), the trust ratio is ``eeta * |w| / (|g| + wd * |w| + eps)``
+    that computes it. Per tensor outside the skip list (here: BatchNorm parameters and biases,
+    unless the config decays them), the trust ratio is ``eeta * |w| / (|g| + wd * |w| + eps)``
     (1 where ``|w|`` or ``|g|`` is 0), the gradient gets ``wd * w`` added, and
     ``v = momentum * v + lr * trust * g``; ``w -= v`` (Nesterov: ``w -= lr * trust * g +
     momentum * v``). Skipped tensors take plain momentum SGD at ``lr``."""
 
     def __init__(self, params, lr: float, momentum: float, eeta: float, epsilon: float, nesterov: bool):
-        super().__init__(params, dict(lr=lr, momentum=momentum, eeta=eeta, epsilon=epsilon, nesterov=nesterov))
+        super().__init__(
+            params, dict(lr=lr, momentum=momentum, eeta=eeta, epsilon=epsilon, nesterov=nesterov)
+        )
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D102
@@ -182,10 +191,9 @@ OPTIMIZERS: dict[str, Callable[[Any, list[dict], float], torch.optim.Optimizer]]
 
 
 def make_optimizer(model: torch.nn.Module, config: Any, peak_lr: float) -> torch.optim.Optimizer:
-    """The config's optimizer over :func:`param_groups`, each group at its share of the peak."""
-    groups = param_groups(model, config)
-    groups = [{**{k: v for k, v in g.items() if k != "lr_scale"}, "lr": peak_lr * g["lr_scale"]} for g in groups]
-    return OPTIMIZERS[config.optimizer](config, groups, peak_lr)
+    """The config's optimizer over :func:`param_groups`. A group's ``lr_scale`` is timm's: its
+    schedulers set that group's rate to the scheduled rate times ``lr_scale``."""
+    return OPTIMIZERS[config.optimizer](config, param_groups(model, config), peak_lr)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,7 +203,13 @@ def make_optimizer(model: torch.nn.Module, config: Any, peak_lr: float) -> torch
 
 def _cosine(opt, config, warmup: int, decay: int):
     return import_reference("timm.scheduler").CosineLRScheduler(
-        opt, t_initial=decay, lr_min=0.0, warmup_t=warmup, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False
+        opt,
+        t_initial=decay,
+        lr_min=0.0,
+        warmup_t=warmup,
+        warmup_lr_init=0.0,
+        warmup_prefix=True,
+        t_in_epochs=False,
     )
 
 
@@ -214,11 +228,25 @@ def _polynomial(opt, config, warmup: int, decay: int):
 
 def _constant(opt, config, warmup: int, decay: int):  # a step schedule that never steps down
     return import_reference("timm.scheduler").StepLRScheduler(
-        opt, decay_t=warmup + decay + 1, decay_rate=1.0, warmup_t=warmup, warmup_lr_init=0.0, t_in_epochs=False
+        opt,
+        decay_t=warmup + decay + 1,
+        decay_rate=1.0,
+        warmup_t=warmup,
+        warmup_lr_init=0.0,
+        t_in_epochs=False,
     )
 
 
 SCHEDULES = {"cosine": _cosine, "polynomial": _polynomial, "constant": _constant}
+
+
+def make_scheduler(opt: torch.optim.Optimizer, config: Any, steps_per_epoch: int, total_steps: int):
+    """The config's schedule from timm, already at step 0's rates (timm sets a group's scaled
+    rate only when it steps)."""
+    warmup, decay = warmup_and_decay(config, steps_per_epoch, total_steps)
+    scheduler = SCHEDULES[config.lr_schedule](opt, config, warmup, decay)
+    scheduler.step_update(num_updates=0)
+    return scheduler
 
 
 def warmup_and_decay(config: Any, steps_per_epoch: int, total_steps: int) -> tuple[int, int]:
