@@ -70,7 +70,7 @@ def test_adamw_bce_grad_clip_cutmix_minmax_and_backbone_multiplier_equal_pytorch
     the backbone at a tenth of the rate, and timm's polynomial schedule."""
     config = _config(
         optimizer="adamw", learning_rate=0.01, weight_decay=0.05, loss="bce", bce_target_threshold=0.2,
-        cutmix_minmax=(0.2, 0.8), mixup_mode="pair", grad_clip_norm=0.5, backbone_lr_multiplier=0.1,
+        cutmix_minmax=(0.2, 0.8), mixup_mode="pair", grad_clip_norm=0.02, backbone_lr_multiplier=0.1,
         lr_schedule="polynomial", end_learning_rate=1e-4, warmup_epochs=0.0, num_epochs=4,
     )  # fmt: skip
     with jax.enable_x64(True):
@@ -78,7 +78,8 @@ def test_adamw_bce_grad_clip_cutmix_minmax_and_backbone_multiplier_equal_pytorch
     assert result["ok"], parity.format_table(result)
     assert result["max_diff"] < 1e-10
     assert all(len(r["lam"]) == 4 and r["masks"] == 0 for r in result["rows"])  # 4 pairs, no masks
-    assert all(r["grad_norm"] > 0.5 for r in result["rows"])  # clipped every step
+    norms = [r["grad_norm"] for r in result["rows"]]
+    assert all(n > 0.02 for n in norms), norms  # clipped every step
     assert result["rows"][2]["learning_rate"] < result["rows"][0]["learning_rate"] == 0.01
 
 

@@ -194,36 +194,48 @@ def run_parity(
     import jax
     import torch
 
-    from resnet_jax.convert import flax_to_torch
-    from train import optim
-    from train import parity_torch as pt
     from train.config import ConfigError, validate_config
 
     if not jax.config.jax_enable_x64:
         raise RuntimeError("train.parity runs at float64: enable jax_enable_x64 first.")
     config = config.copy_and_resolve_references()
-    config.batch_size, config.dtype, config.parallelism, config.mesh_axis_types = (
-        batch,
-        "float64",
-        "jit",
-        "auto",
-    )
+    config.batch_size, config.dtype, config.parallelism = batch, "float64", "jit"
+    config.mesh_axis_types = "auto"
     problem = unsupported(config)
     if problem:
         raise Unsupported(problem)
     validate_config(config, device_count=1)
     if config.model.arch == "resnet_base":
         raise ConfigError("config.model.arch='resnet_base' has no torchvision or timm twin; name a preset.")
-    total = (
-        int(config.num_train_steps)
-        if config.num_train_steps > 0
-        else round(config.num_epochs * steps_per_epoch)
+    size = dict(image_size=image_size, batch=batch, num_classes=num_classes, channels=channels)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # timm's one-hot targets take the default dtype
+    try:
+        with jax.default_matmul_precision("highest"):  # no reduced-precision passes on a GPU
+            return _compare(config, steps, size, steps_per_epoch, reference)
+    finally:
+        torch.set_default_dtype(default_dtype)
+
+
+def _compare(config: Any, steps: int, size: dict, steps_per_epoch: int, reference: str) -> dict[str, Any]:
+    """Both sides built, stepped and compared (:func:`run_parity`)."""
+    import jax
+    import torch
+
+    from resnet_jax.convert import flax_to_torch
+    from train import optim
+    from train import parity_torch as pt
+
+    image_size, batch, num_classes, channels = (
+        size[k] for k in ("image_size", "batch", "num_classes", "channels")
     )
-    jax.config.update("jax_default_matmul_precision", "highest")
+    total = (
+        config.num_train_steps if config.num_train_steps > 0 else round(config.num_epochs * steps_per_epoch)
+    )
+    total = int(total)
     info = _info(num_classes, image_size, channels)
     state, step_fn, schedule = _our_side(config, info, steps_per_epoch, total)
 
-    torch.set_default_dtype(torch.float64)  # timm's one-hot targets take the default dtype
     reference = pt.pick_reference(config, channels, reference)
     model = pt.build_model(config, num_classes, channels, reference)
     pt.load_weights(model, flax_to_torch(state.variables))
@@ -262,7 +274,7 @@ def run_parity(
         theirs = {k: v.detach().numpy() for k, v in model.state_dict().items()}
         params = {k: _diff(ours[k], theirs[k]) for k in dict(model.named_parameters())}
         stats = {k: _diff(ours[k], theirs[k]) for k in theirs if "running_" in k}
-        our_lr = float(schedule(i))
+        our_lr = float(schedule(np.int32(i)))  # the count type of the optimizer's state
         ours_asked = [p for p, _ in draws["masks"]]
         rows.append(
             {
