@@ -201,10 +201,10 @@ def run_parity(
     config = config.copy_and_resolve_references()
     config.batch_size, config.dtype, config.parallelism = batch, "float64", "jit"
     config.mesh_axis_types = "auto"
+    validate_config(config, device_count=1)  # the program's own one-line errors first
     problem = unsupported(config)
     if problem:
         raise Unsupported(problem)
-    validate_config(config, device_count=1)
     if config.model.arch == "resnet_base":
         raise ConfigError("config.model.arch='resnet_base' has no torchvision or timm twin; name a preset.")
     size = dict(image_size=image_size, batch=batch, num_classes=num_classes, channels=channels)
