@@ -85,7 +85,7 @@ def build_model(config: Any, num_classes: int, channels: int, reference: str) ->
         if stages:
             kwargs.update(layers=list(stages), channels=_WIDTHS[: len(stages)])
         model = timm.create_model(arch, pretrained=False, **kwargs)
-        for i in range(len(stages) + 1, 5):  # timm's forward runs layer1..layer4
+        for i in range(len(stages) + 1, 5) if stages else ():  # timm's forward runs layer1..layer4
             setattr(model, f"layer{i}", torch.nn.Identity())
     if overrides.get("small_stem"):  # resnet_jax's: a 3x3 stride-1 conv, no max pool
         model.conv1 = torch.nn.Conv2d(channels, model.bn1.num_features, 3, 1, 1, bias=False)
