@@ -225,6 +225,7 @@ def _compare(config: Any, steps: int, size: dict, steps_per_epoch: int, referenc
     from resnet_jax.convert import flax_to_torch
     from train import optim
     from train import parity_torch as pt
+    from train.config import ConfigError
 
     image_size, batch, num_classes, channels = (
         size[k] for k in ("image_size", "batch", "num_classes", "channels")
@@ -233,10 +234,13 @@ def _compare(config: Any, steps: int, size: dict, steps_per_epoch: int, referenc
         config.num_train_steps if config.num_train_steps > 0 else round(config.num_epochs * steps_per_epoch)
     )
     total = int(total)
+    try:
+        reference = pt.pick_reference(config, channels, reference)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     info = _info(num_classes, image_size, channels)
     state, step_fn, schedule = _our_side(config, info, steps_per_epoch, total)
 
-    reference = pt.pick_reference(config, channels, reference)
     model = pt.build_model(config, num_classes, channels, reference)
     pt.load_weights(model, flax_to_torch(state.variables))
     if config.freeze_backbone:  # as PyTorch's fine-tuning tutorial freezes: no gradients

@@ -49,8 +49,6 @@ _WIDTHS = (64, 128, 256, 512)
 def pick_reference(config: Any, channels: int, reference: str = "auto") -> str:
     """``'torchvision'`` where torchvision has the arch and the config needs nothing of timm's
     (drop path, dropout, fewer than 4 stages, other input channels), else ``'timm'``."""
-    if reference != "auto":
-        return reference
     torchvision = import_reference("torchvision")
     stages = config.model.overrides.get("stage_sizes")
     timm_only = (
@@ -59,7 +57,15 @@ def pick_reference(config: Any, channels: int, reference: str = "auto") -> str:
         or channels != 3
         or (stages is not None and len(stages) != 4)
     )
-    return "torchvision" if hasattr(torchvision.models, config.model.arch) and not timm_only else "timm"
+    has_it = hasattr(torchvision.models, config.model.arch)
+    if reference == "torchvision" and (timm_only or not has_it):
+        raise ValueError(
+            f"--reference=torchvision: torchvision has no {config.model.arch} with drop path, dropout, "
+            f"{channels} input channels or these stage sizes; use --reference=timm or auto."
+        )
+    if reference != "auto":
+        return reference
+    return "torchvision" if has_it and not timm_only else "timm"
 
 
 def build_model(config: Any, num_classes: int, channels: int, reference: str) -> torch.nn.Module:
