@@ -60,8 +60,8 @@ def pick_reference(config: Any, channels: int, reference: str = "auto") -> str:
     has_it = hasattr(torchvision.models, config.model.arch)
     if reference == "torchvision" and (timm_only or not has_it):
         raise ValueError(
-            f"--reference=torchvision: torchvision has no {config.model.arch} with drop path, dropout, "
-            f"{channels} input channels or these stage sizes; use --reference=timm or auto."
+            f"--reference=torchvision: torchvision builds no such model ({config.model.arch}; it has no "
+            f"drop path or dropout, only 3 input channels and 4 stages); use --reference=timm or auto."
         )
     if reference != "auto":
         return reference
