@@ -242,7 +242,13 @@ def _compare(config: Any, steps: int, size: dict, steps_per_epoch: int, referenc
     state, step_fn, schedule = _our_side(config, info, steps_per_epoch, total)
 
     model = pt.build_model(config, num_classes, channels, reference)
-    pt.load_weights(model, flax_to_torch(state.variables))
+    try:
+        pt.load_weights(model, flax_to_torch(state.variables))
+    except RuntimeError as e:  # strict: another layout than ours (an override it builds otherwise)
+        detail = " ".join(str(e).split())[:300]
+        raise ConfigError(
+            f"{reference}'s {config.model.arch} does not take this model's weights: {detail}"
+        ) from None
     if config.freeze_backbone:  # as PyTorch's fine-tuning tutorial freezes: no gradients
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("fc."))
