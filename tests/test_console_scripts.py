@@ -20,6 +20,7 @@ EXPECTED = {
     "resnet-jax-export": ("train.export:run", "--out"),
     "resnet-jax-aot": ("train.aot.__main__:run", "--topology"),
     "resnet-jax-parity": ("resnet_jax.parity:main", "--arch"),
+    "resnet-jax-train-parity": ("train.parity:run", "--steps_per_epoch"),
 }
 
 

@@ -183,6 +183,8 @@ def build_steps(
     if dtype == jnp.float64:
         float32_twin = build_model(config.model, info.num_classes, info.image_shape[-1], axis_name=axis_name)
     schedule = optim.create_lr_schedule(config, steps_per_epoch, total_steps)
+    if dtype == jnp.float64:
+        schedule = _counted_in_float64(schedule)
     tx = optim.create_optimizer(config, schedule)
     create_state = functools.partial(
         steps.create_train_state,
@@ -214,6 +216,13 @@ def build_steps(
     )
     train_step = ema.wrap_train_step(train_step, ema_schedule)  # the EMA after the update
     return Steps(model, dtype, tx, schedule, create_state, train_step, eval_step)
+
+
+def _counted_in_float64(schedule: Any) -> Any:
+    """The schedule of a float64 run, evaluated on its step count as a float64: optax's warm-up
+    ramp divides the int32 count into float32 (0.1 became 0.10000000149 there), which made the
+    float64 twin's learning rates float32 ones (found by ``python -m train.parity``)."""
+    return lambda count: schedule(jnp.asarray(count, jnp.float64))
 
 
 def dropout_rng(config: Any) -> jax.Array | None:
