@@ -21,6 +21,7 @@ EXPECTED = {
     "resnet-jax-aot": ("train.aot.__main__:run", "--topology"),
     "resnet-jax-parity": ("resnet_jax.parity:main", "--arch"),
     "resnet-jax-train-parity": ("train.parity:run", "--steps_per_epoch"),
+    "resnet-jax-prepare": ("train.prepare:run", "--config"),
 }
 
 
