@@ -208,6 +208,22 @@ def test_published_recipe_configs_hold_their_sources_values(name):
     validate_config(c, device_count=8, process_count=1)  # 8 GPUs, as both sources trained
 
 
+@pytest.mark.parametrize("recipe", ["a1", "a2", "a3"])
+def test_rsb_sizes_match_timms_pretrained_configs(recipe):
+    """timm's own configs of its RSB weights: train size, eval crop ratio and interpolation."""
+    import math
+
+    from resnet_jax.torch_reference import import_reference
+
+    timm = import_reference("timm")
+    cfg = timm.models.get_pretrained_cfg(f"resnet50.{recipe}_in1k").to_dict()
+    c = load(f"imagenet_resnet50_rsb_{recipe}")
+    assert c.image_size == cfg["input_size"][1] and c.interpolation == cfg["interpolation"]
+    # Evaluated at 224 as the paper reports (timm's A1/A2 test_input_size 288 is its later
+    # test-at-a-larger-size figure), resized as timm's eval transform: floor(size / crop_pct).
+    assert c.eval_resize_size == math.floor(c.eval_image_size / cfg["crop_pct"])
+
+
 @pytest.mark.parametrize(
     "field,value,message",
     [
