@@ -59,6 +59,8 @@ NOT_IN_THE_STEP = (
     "restore_step", "progress_bar", "init_from", "init_from_torch", "new_head", "debug_nan_step",
     "debug_step_delay_s", "distributed.enabled", "distributed.coordinator_address",
     "distributed.num_processes", "distributed.process_id", "distributed.cpu_collectives",
+    "auto_augment", "ra_num_ops", "ra_magnitude", "ra_num_magnitude_bins", "eval_image_size",
+    "eval_resize_size", "interpolation", "init_from_ema",
 )  # fmt: skip
 
 
