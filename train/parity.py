@@ -37,8 +37,9 @@ CHECKED = (
     "optimizer", "momentum", "nesterov", "learning_rate", "lr_base_batch_size", "lr_schedule",
     "warmup_epochs", "end_learning_rate", "lr_decay_power", "weight_decay",
     "weight_decay_on_bn_and_bias", "opt_betas", "opt_eps", "grad_clip_norm",
-    "lars_trust_coefficient", "lars_eps", "loss", "label_smoothing", "bce_target_threshold",
-    "bce_sum", "mixup_alpha", "cutmix_alpha", "mixup_prob", "mixup_switch_prob", "mixup_mode",
+    "lars_trust_coefficient", "lars_eps", "lr_warmup_method", "lr_warmup_decay", "warmup_lr",
+    "warmup_prefix", "min_lr", "sched_on_updates", "lr_step_size", "lr_gamma", "loss",
+    "label_smoothing", "bce_target_threshold", "bce_sum", "mixup_alpha", "cutmix_alpha", "mixup_prob", "mixup_switch_prob", "mixup_mode",
     "correct_lam", "cutmix_minmax", "freeze_backbone", "backbone_lr_multiplier", "num_epochs",
     "num_train_steps", "seed", "rng_impl", "model.arch", "model.overrides", "model.drop_rate",
     "model.drop_path_rate",
@@ -82,7 +83,7 @@ def _flat(config: Any, prefix: str = "") -> dict[str, Any]:
 def unsupported(config: Any) -> str | None:
     """One line naming the first field whose value the PyTorch side does not reproduce yet, or
     None when every field is covered."""
-    from train import parity_torch
+    from train import parity_schedules, parity_torch
     from train.config import default_config
 
     defaults = _flat(default_config())
@@ -102,6 +103,9 @@ def unsupported(config: Any) -> str | None:
             return (
                 f"config.model.overrides.{key}: {note}; it checks {', '.join(parity_torch.MODEL_OVERRIDES)}."
             )
+    problem = parity_schedules.refusal(config)
+    if problem:
+        return f"{problem}: {note}."
     if config.freeze_backbone and config.grad_clip_norm:
         # PyTorch's clip_grad_norm_ sees only the trained (head) gradients; ours clips all.
         return f"config.freeze_backbone with config.grad_clip_norm: {note}."
@@ -280,7 +284,7 @@ def _compare(config: Any, steps: int, size: dict, steps_per_epoch: int, referenc
         if config.grad_clip_norm:
             torch.nn.utils.clip_grad_norm_(model.parameters(), float(config.grad_clip_norm))
         opt.step()
-        scheduler.step_update(num_updates=i + 1)
+        scheduler.after(i + 1)
 
         ours = flax_to_torch(jax.tree.map(np.asarray, state.variables))
         theirs = {k: v.detach().numpy() for k, v in model.state_dict().items()}
