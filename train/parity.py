@@ -36,13 +36,13 @@ TOLERANCE = 1e-10
 CHECKED = (
     "optimizer", "momentum", "nesterov", "learning_rate", "lr_base_batch_size", "lr_schedule",
     "warmup_epochs", "end_learning_rate", "lr_decay_power", "weight_decay",
-    "weight_decay_on_bn_and_bias", "opt_betas", "opt_eps", "grad_clip_norm",
+    "weight_decay_on_bn_and_bias", "opt_betas", "opt_eps", "grad_clip_norm", "lamb_max_grad_norm",
     "lars_trust_coefficient", "lars_eps", "lr_warmup_method", "lr_warmup_decay", "warmup_lr",
     "warmup_prefix", "min_lr", "sched_on_updates", "lr_step_size", "lr_gamma", "loss",
-    "label_smoothing", "bce_target_threshold", "bce_sum", "mixup_alpha", "cutmix_alpha", "mixup_prob", "mixup_switch_prob", "mixup_mode",
-    "correct_lam", "cutmix_minmax", "freeze_backbone", "backbone_lr_multiplier", "num_epochs",
-    "num_train_steps", "seed", "rng_impl", "model.arch", "model.overrides", "model.drop_rate",
-    "model.drop_path_rate",
+    "label_smoothing", "bce_target_threshold", "bce_sum", "mixup_alpha", "cutmix_alpha",
+    "mixup_prob", "mixup_switch_prob", "mixup_mode", "correct_lam", "cutmix_minmax",
+    "freeze_backbone", "backbone_lr_multiplier", "num_epochs", "num_train_steps", "seed",
+    "rng_impl", "model.arch", "model.overrides", "model.drop_rate", "model.drop_path_rate",
     # set by this tool: --batch, float64, jit
     "batch_size", "dtype", "parallelism", "mesh_axis_types",
 )  # fmt: skip

@@ -2,12 +2,12 @@
 writes it, from PyTorch's, timm's and torchvision's own components.
 
 Each ingredient is one entry of a small table, keyed by the config value that selects it:
-``OPTIMIZERS`` (``torch.optim.SGD``/``AdamW``, and LARS as the MLPerf reference computes it,
-transcribed below because PyTorch has no LARS), ``SCHEDULES`` (timm's or torchvision's
-schedulers: ``train/parity_schedules.py``), ``LOSSES``
+``OPTIMIZERS`` (``torch.optim.SGD``/``AdamW``, timm's ``Lamb``, and LARS as the MLPerf reference
+computes it, transcribed below because PyTorch has no LARS), ``SCHEDULES`` (timm's or
+torchvision's schedulers: ``train/parity_schedules.py``), ``LOSSES``
 (``torch.nn.CrossEntropyLoss(label_smoothing=)``, timm's ``SoftTargetCrossEntropy`` and
-``BinaryCrossEntropy``). A new ingredient is a few lines here and
-its field in ``train/parity.py``'s ``CHECKED`` list.
+``BinaryCrossEntropy``). A new ingredient is a few lines here and its field in
+``train/parity.py``'s ``CHECKED`` list.
 
 The random draws are this program's, given to the PyTorch components: each step's mixup/cutmix
 draws (``train/mixup.py``'s ``lam``, switch and box) replace the draws of timm's ``Mixup``
@@ -191,10 +191,27 @@ def _lars(config: Any, groups: list[dict], lr: float) -> torch.optim.Optimizer:
     )
 
 
+def _lamb(config: Any, groups: list[dict], lr: float) -> torch.optim.Optimizer:
+    """timm's own ``Lamb``: its global-norm clipping at ``lamb_max_grad_norm`` (None: off) and,
+    for ``lambc``, its ``trust_clip``; the trust ratio only on the decayed group, as timm's
+    ``always_adapt=False`` does."""
+    b1, b2 = (float(b) for b in config.opt_betas)
+    return import_reference("timm.optim").Lamb(
+        groups,
+        lr=lr,
+        betas=(b1, b2),
+        eps=float(config.opt_eps),
+        max_grad_norm=float(config.lamb_max_grad_norm) or None,
+        trust_clip=config.optimizer == "lambc",
+    )
+
+
 OPTIMIZERS: dict[str, Callable[[Any, list[dict], float], torch.optim.Optimizer]] = {
     "sgd": _sgd,
     "adamw": _adamw,
     "lars": _lars,
+    "lamb": _lamb,
+    "lambc": _lamb,
 }
 
 
