@@ -37,6 +37,7 @@ CHECKED = (
     "optimizer", "momentum", "nesterov", "learning_rate", "lr_base_batch_size", "lr_schedule",
     "warmup_epochs", "end_learning_rate", "lr_decay_power", "weight_decay",
     "weight_decay_on_bn_and_bias", "opt_betas", "opt_eps", "grad_clip_norm", "lamb_max_grad_norm",
+    "grad_accum_steps",
     "lars_trust_coefficient", "lars_eps", "lr_warmup_method", "lr_warmup_decay", "warmup_lr",
     "warmup_prefix", "min_lr", "sched_on_updates", "lr_step_size", "lr_gamma", "loss",
     "label_smoothing", "bce_target_threshold", "bce_sum", "mixup_alpha", "cutmix_alpha",
@@ -103,6 +104,9 @@ def unsupported(config: Any) -> str | None:
             return (
                 f"config.model.overrides.{key}: {note}; it checks {', '.join(parity_torch.MODEL_OVERRIDES)}."
             )
+    if config.grad_accum_steps > 1 and (config.model.drop_rate or config.model.drop_path_rate):
+        # Their masks are drawn inside the micro-batches' scan, where they cannot be recorded.
+        return f"config.grad_accum_steps with dropout or drop path: {note}."
     problem = parity_schedules.refusal(config)
     if problem:
         return f"{problem}: {note}."
@@ -263,6 +267,7 @@ def _compare(config: Any, steps: int, size: dict, steps_per_epoch: int, referenc
     mixup = pt.make_mixup(config, num_classes)
     loss_fn = pt.LOSSES[config.loss](config, mixed=mixup is not None)
     model.train()
+    accum = max(int(config.grad_accum_steps), 1)
 
     rng = np.random.default_rng(config.seed)
     rows = []
@@ -277,10 +282,15 @@ def _compare(config: Any, steps: int, size: dict, steps_per_epoch: int, referenc
         if mixup is not None:
             x, target = pt.mix(mixup, draws["mix"], x, target)
         lr = opt.param_groups[0]["lr"]  # a head group (fc): the schedule's rate itself
-        with pt.given_masks(_torch_masks(draws)) as masks:
-            loss = loss_fn(model(x), target)
         opt.zero_grad()
-        loss.backward()
+        loss = 0.0
+        with pt.given_masks(_torch_masks(draws)) as masks:
+            # grad_accum_steps: k backward passes of loss / k on the rows j, j + k, ... (the
+            # micro-batches of train/accum.py), then one optimizer step.
+            for j in range(accum):
+                part = loss_fn(model(x[j::accum]), target[j::accum]) / accum
+                part.backward()
+                loss = loss + part.detach()
         if config.grad_clip_norm:
             torch.nn.utils.clip_grad_norm_(model.parameters(), float(config.grad_clip_norm))
         opt.step()
