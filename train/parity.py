@@ -37,7 +37,8 @@ CHECKED = (
     "optimizer", "momentum", "nesterov", "learning_rate", "lr_base_batch_size", "lr_schedule",
     "warmup_epochs", "end_learning_rate", "lr_decay_power", "weight_decay",
     "weight_decay_on_bn_and_bias", "opt_betas", "opt_eps", "grad_clip_norm", "lamb_max_grad_norm",
-    "grad_accum_steps",
+    "grad_accum_steps", "ema_decay",
+    "ema_every_steps", "ema_warmup",
     "lars_trust_coefficient", "lars_eps", "lr_warmup_method", "lr_warmup_decay", "warmup_lr",
     "warmup_prefix", "min_lr", "sched_on_updates", "lr_step_size", "lr_gamma", "loss",
     "label_smoothing", "bce_target_threshold", "bce_sum", "mixup_alpha", "cutmix_alpha",
@@ -233,7 +234,7 @@ def _compare(config: Any, steps: int, size: dict, steps_per_epoch: int, referenc
     import torch
 
     from resnet_jax.convert import flax_to_torch
-    from train import optim
+    from train import optim, parity_ema
     from train import parity_torch as pt
     from train.config import ConfigError
 
@@ -266,6 +267,7 @@ def _compare(config: Any, steps: int, size: dict, steps_per_epoch: int, referenc
     scheduler = pt.make_scheduler(opt, config, steps_per_epoch, total)
     mixup = pt.make_mixup(config, num_classes)
     loss_fn = pt.LOSSES[config.loss](config, mixed=mixup is not None)
+    torch_ema = parity_ema.make(model, config, steps_per_epoch, total)
     model.train()
     accum = max(int(config.grad_accum_steps), 1)
 
@@ -295,11 +297,18 @@ def _compare(config: Any, steps: int, size: dict, steps_per_epoch: int, referenc
             torch.nn.utils.clip_grad_norm_(model.parameters(), float(config.grad_clip_norm))
         opt.step()
         scheduler.after(i + 1)
+        if torch_ema is not None:
+            torch_ema.after(i + 1, model)
 
         ours = flax_to_torch(jax.tree.map(np.asarray, state.variables))
         theirs = {k: v.detach().numpy() for k, v in model.state_dict().items()}
         params = {k: _diff(ours[k], theirs[k]) for k in dict(model.named_parameters())}
         stats = {k: _diff(ours[k], theirs[k]) for k in theirs if "running_" in k}
+        ema_diff = 0.0
+        if torch_ema is not None:  # the EMA's parameters and BatchNorm statistics
+            our_ema = flax_to_torch(jax.tree.map(np.asarray, dict(state.ema)))
+            their_ema = torch_ema.state_dict()
+            ema_diff = max(_diff(our_ema[k], their_ema[k]) for k in [*params, *stats])
         our_lr = float(schedule(np.int32(i)))  # the count type of the optimizer's state
         ours_asked = [p for p, _ in draws["masks"]]
         rows.append(
@@ -314,13 +323,17 @@ def _compare(config: Any, steps: int, size: dict, steps_per_epoch: int, referenc
                 "params_diff": max(params.values()),
                 "worst_param": max(params, key=params.get),
                 "batch_stats_diff": max(stats.values(), default=0.0),
+                "ema_diff": ema_diff,
                 "masks": len(ours_asked),
                 "dropped": int(sum((m == 0).sum() for _, m in draws["masks"])),
                 "masks_match": [float(p) for p in ours_asked] == masks.asked,
                 "lam": [float(v) for v in np.atleast_1d(draws["mix"].get("lam", []))],
             }
         )
-    worst = max(max(r["loss_diff"], r["lr_diff"], r["params_diff"], r["batch_stats_diff"]) for r in rows)
+    worst = max(
+        max(r["loss_diff"], r["lr_diff"], r["params_diff"], r["batch_stats_diff"], r["ema_diff"])
+        for r in rows
+    )
     ok = worst <= TOLERANCE and all(r["masks_match"] for r in rows)
     setup = dict(arch=config.model.arch, reference=reference, image_size=image_size, batch=batch)
     return {**setup, "steps": steps, "rows": rows, "max_diff": worst, "tolerance": TOLERANCE, "ok": ok}
@@ -336,7 +349,7 @@ def format_table(result: dict[str, Any]) -> str:
         f"{result['arch']}  float64  batch {result['batch']}  {result['image_size']}x{result['image_size']}  "
         f"reference={result['reference']}  (max |ours - PyTorch|, tolerance {result['tolerance']:.0e})",
         f"{'step':>4}{'loss':>14}{'|d loss|':>11}{'lr':>12}{'|d lr|':>11}{'|d params|':>12}"
-        f"{'|d BN stats|':>14}  draws",
+        f"{'|d BN stats|':>14}{'|d EMA|':>10}  draws",
     ]
     for r in result["rows"]:
         draws = f"{r['masks']} masks ({r['dropped']} dropped)" if r["masks"] else "-"
@@ -348,7 +361,8 @@ def format_table(result: dict[str, Any]) -> str:
             draws += ", timm asked other keep probabilities"
         lines.append(
             f"{r['step']:>4}{r['loss']:>14.8f}{r['loss_diff']:>11.1e}{r['learning_rate']:>12.4e}"
-            f"{r['lr_diff']:>11.1e}{r['params_diff']:>12.1e}{r['batch_stats_diff']:>14.1e}  {draws}"
+            f"{r['lr_diff']:>11.1e}{r['params_diff']:>12.1e}{r['batch_stats_diff']:>14.1e}"
+            f"{r['ema_diff']:>10.1e}  {draws}"
         )
     lines.append("PASS" if result["ok"] else f"FAIL (worst parameter: {result['rows'][-1]['worst_param']})")
     return "\n".join(lines)
