@@ -113,7 +113,8 @@ def test_a_field_unknown_to_the_check_is_refused_when_set():
     with config.unlocked():
         config.new_ingredient = 0.5
     assert parity.unsupported(config) == (
-        "config.new_ingredient=0.5: not yet checked by train.parity (its PyTorch side has no counterpart yet)."
+        "config.new_ingredient=0.5: not yet checked by train.parity"
+        " (its PyTorch side has no counterpart yet)."
     )
     assert parity.unsupported(_config()) is None
 
