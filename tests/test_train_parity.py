@@ -8,6 +8,7 @@ ImageNet sizes are in docs/training.md (Recipes), not here.
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -106,12 +107,34 @@ def test_an_unchecked_setting_is_refused_in_one_line(fields, message):
 
 
 def test_a_field_unknown_to_the_check_is_refused_when_set():
-    """A field another ingredient adds (here a stand-in, EMA's) is refused when it is not at its
-    default, and passes at its default: nothing is silently left out of the comparison."""
+    """A field another ingredient adds (here a stand-in) is refused when it is not at its default,
+    and passes at its default: nothing is silently left out of the comparison."""
     config = _config()
     with config.unlocked():
-        config.ema_decay = 0.9998
+        config.new_ingredient = 0.5
     assert parity.unsupported(config) == (
-        "config.ema_decay=0.9998: not yet checked by train.parity (its PyTorch side has no counterpart yet)."
+        "config.new_ingredient=0.5: not yet checked by train.parity"
+        " (its PyTorch side has no counterpart yet)."
     )
     assert parity.unsupported(_config()) is None
+
+
+def test_lamb_timm_warmup_min_lr_grad_accum_and_ema_warmup_equal_pytorch():
+    """timm's ``Lamb`` (its own clipping at ``max_grad_norm``) under timm's ``CosineLRScheduler``
+    (an absolute ``warmup_lr_init``, ``lr_min``, ``warmup_prefix=False``), two backward passes of
+    loss / 2 on the rows 0, 2 and 1, 3 before each step, and timm's ``ModelEmaV3`` with its decay
+    warm-up: parameters, BatchNorm statistics and the EMA within 1e-10 of PyTorch's."""
+    config = _config(
+        optimizer="lamb", learning_rate=0.01, weight_decay=0.02, opt_eps=1e-6, lamb_max_grad_norm=0.5,
+        warmup_epochs=1.0, warmup_lr=0.001, min_lr=0.002, warmup_prefix=False, num_epochs=4,
+        grad_accum_steps=2, ema_decay=0.9, ema_warmup=True,
+    )  # fmt: skip
+    with jax.enable_x64(True):
+        result = parity.run_parity(config, steps=3, image_size=16, batch=4)
+    assert result["ok"], parity.format_table(result)
+    rows = result["rows"]
+    assert max(max(r["params_diff"], r["batch_stats_diff"], r["ema_diff"]) for r in rows) < 1e-10
+    # The warm-up's start rate, then the cosine read at steps 1 and 2 of 4 (no prefix), from the
+    # peak 0.01 to min_lr 0.002.
+    expected = [0.001, 0.002 + 0.004 * (1 + math.cos(math.pi / 4)), 0.006]
+    assert all(abs(r["learning_rate"] - e) < 1e-15 for r, e in zip(rows, expected)), rows

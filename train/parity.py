@@ -36,12 +36,15 @@ TOLERANCE = 1e-10
 CHECKED = (
     "optimizer", "momentum", "nesterov", "learning_rate", "lr_base_batch_size", "lr_schedule",
     "warmup_epochs", "end_learning_rate", "lr_decay_power", "weight_decay",
-    "weight_decay_on_bn_and_bias", "opt_betas", "opt_eps", "grad_clip_norm",
-    "lars_trust_coefficient", "lars_eps", "loss", "label_smoothing", "bce_target_threshold",
-    "bce_sum", "mixup_alpha", "cutmix_alpha", "mixup_prob", "mixup_switch_prob", "mixup_mode",
-    "correct_lam", "cutmix_minmax", "freeze_backbone", "backbone_lr_multiplier", "num_epochs",
-    "num_train_steps", "seed", "rng_impl", "model.arch", "model.overrides", "model.drop_rate",
-    "model.drop_path_rate",
+    "weight_decay_on_bn_and_bias", "opt_betas", "opt_eps", "grad_clip_norm", "lamb_max_grad_norm",
+    "grad_accum_steps", "ema_decay",
+    "ema_every_steps", "ema_warmup",
+    "lars_trust_coefficient", "lars_eps", "lr_warmup_method", "lr_warmup_decay", "warmup_lr",
+    "warmup_prefix", "min_lr", "sched_on_updates", "lr_step_size", "lr_gamma", "loss",
+    "label_smoothing", "bce_target_threshold", "bce_sum", "mixup_alpha", "cutmix_alpha",
+    "mixup_prob", "mixup_switch_prob", "mixup_mode", "correct_lam", "cutmix_minmax",
+    "freeze_backbone", "backbone_lr_multiplier", "num_epochs", "num_train_steps", "seed",
+    "rng_impl", "model.arch", "model.overrides", "model.drop_rate", "model.drop_path_rate",
     # set by this tool: --batch, float64, jit
     "batch_size", "dtype", "parallelism", "mesh_axis_types",
 )  # fmt: skip
@@ -59,6 +62,8 @@ NOT_IN_THE_STEP = (
     "restore_step", "progress_bar", "init_from", "init_from_torch", "new_head", "debug_nan_step",
     "debug_step_delay_s", "distributed.enabled", "distributed.coordinator_address",
     "distributed.num_processes", "distributed.process_id", "distributed.cpu_collectives",
+    "auto_augment", "ra_num_ops", "ra_magnitude", "ra_num_magnitude_bins", "eval_image_size",
+    "eval_resize_size", "interpolation", "init_from_ema",
 )  # fmt: skip
 
 
@@ -80,7 +85,7 @@ def _flat(config: Any, prefix: str = "") -> dict[str, Any]:
 def unsupported(config: Any) -> str | None:
     """One line naming the first field whose value the PyTorch side does not reproduce yet, or
     None when every field is covered."""
-    from train import parity_torch
+    from train import parity_schedules, parity_torch
     from train.config import default_config
 
     defaults = _flat(default_config())
@@ -100,6 +105,12 @@ def unsupported(config: Any) -> str | None:
             return (
                 f"config.model.overrides.{key}: {note}; it checks {', '.join(parity_torch.MODEL_OVERRIDES)}."
             )
+    if config.grad_accum_steps > 1 and (config.model.drop_rate or config.model.drop_path_rate):
+        # Their masks are drawn inside the micro-batches' scan, where they cannot be recorded.
+        return f"config.grad_accum_steps with dropout or drop path: {note}."
+    problem = parity_schedules.refusal(config)
+    if problem:
+        return f"{problem}: {note}."
     if config.freeze_backbone and config.grad_clip_norm:
         # PyTorch's clip_grad_norm_ sees only the trained (head) gradients; ours clips all.
         return f"config.freeze_backbone with config.grad_clip_norm: {note}."
@@ -223,7 +234,7 @@ def _compare(config: Any, steps: int, size: dict, steps_per_epoch: int, referenc
     import torch
 
     from resnet_jax.convert import flax_to_torch
-    from train import optim
+    from train import optim, parity_ema
     from train import parity_torch as pt
     from train.config import ConfigError
 
@@ -256,7 +267,9 @@ def _compare(config: Any, steps: int, size: dict, steps_per_epoch: int, referenc
     scheduler = pt.make_scheduler(opt, config, steps_per_epoch, total)
     mixup = pt.make_mixup(config, num_classes)
     loss_fn = pt.LOSSES[config.loss](config, mixed=mixup is not None)
+    torch_ema = parity_ema.make(model, config, steps_per_epoch, total)
     model.train()
+    accum = max(int(config.grad_accum_steps), 1)
 
     rng = np.random.default_rng(config.seed)
     rows = []
@@ -271,19 +284,31 @@ def _compare(config: Any, steps: int, size: dict, steps_per_epoch: int, referenc
         if mixup is not None:
             x, target = pt.mix(mixup, draws["mix"], x, target)
         lr = opt.param_groups[0]["lr"]  # a head group (fc): the schedule's rate itself
-        with pt.given_masks(_torch_masks(draws)) as masks:
-            loss = loss_fn(model(x), target)
         opt.zero_grad()
-        loss.backward()
+        loss = 0.0
+        with pt.given_masks(_torch_masks(draws)) as masks:
+            # grad_accum_steps: k backward passes of loss / k on the rows j, j + k, ... (the
+            # micro-batches of train/accum.py), then one optimizer step.
+            for j in range(accum):
+                part = loss_fn(model(x[j::accum]), target[j::accum]) / accum
+                part.backward()
+                loss = loss + part.detach()
         if config.grad_clip_norm:
             torch.nn.utils.clip_grad_norm_(model.parameters(), float(config.grad_clip_norm))
         opt.step()
-        scheduler.step_update(num_updates=i + 1)
+        scheduler.after(i + 1)
+        if torch_ema is not None:
+            torch_ema.after(i + 1, model)
 
         ours = flax_to_torch(jax.tree.map(np.asarray, state.variables))
         theirs = {k: v.detach().numpy() for k, v in model.state_dict().items()}
         params = {k: _diff(ours[k], theirs[k]) for k in dict(model.named_parameters())}
         stats = {k: _diff(ours[k], theirs[k]) for k in theirs if "running_" in k}
+        ema_diff = 0.0
+        if torch_ema is not None:  # the EMA's parameters and BatchNorm statistics
+            our_ema = flax_to_torch(jax.tree.map(np.asarray, dict(state.ema)))
+            their_ema = torch_ema.state_dict()
+            ema_diff = max(_diff(our_ema[k], their_ema[k]) for k in [*params, *stats])
         our_lr = float(schedule(np.int32(i)))  # the count type of the optimizer's state
         ours_asked = [p for p, _ in draws["masks"]]
         rows.append(
@@ -298,13 +323,17 @@ def _compare(config: Any, steps: int, size: dict, steps_per_epoch: int, referenc
                 "params_diff": max(params.values()),
                 "worst_param": max(params, key=params.get),
                 "batch_stats_diff": max(stats.values(), default=0.0),
+                "ema_diff": ema_diff,
                 "masks": len(ours_asked),
                 "dropped": int(sum((m == 0).sum() for _, m in draws["masks"])),
                 "masks_match": [float(p) for p in ours_asked] == masks.asked,
                 "lam": [float(v) for v in np.atleast_1d(draws["mix"].get("lam", []))],
             }
         )
-    worst = max(max(r["loss_diff"], r["lr_diff"], r["params_diff"], r["batch_stats_diff"]) for r in rows)
+    worst = max(
+        max(r["loss_diff"], r["lr_diff"], r["params_diff"], r["batch_stats_diff"], r["ema_diff"])
+        for r in rows
+    )
     ok = worst <= TOLERANCE and all(r["masks_match"] for r in rows)
     setup = dict(arch=config.model.arch, reference=reference, image_size=image_size, batch=batch)
     return {**setup, "steps": steps, "rows": rows, "max_diff": worst, "tolerance": TOLERANCE, "ok": ok}
@@ -320,7 +349,7 @@ def format_table(result: dict[str, Any]) -> str:
         f"{result['arch']}  float64  batch {result['batch']}  {result['image_size']}x{result['image_size']}  "
         f"reference={result['reference']}  (max |ours - PyTorch|, tolerance {result['tolerance']:.0e})",
         f"{'step':>4}{'loss':>14}{'|d loss|':>11}{'lr':>12}{'|d lr|':>11}{'|d params|':>12}"
-        f"{'|d BN stats|':>14}  draws",
+        f"{'|d BN stats|':>14}{'|d EMA|':>10}  draws",
     ]
     for r in result["rows"]:
         draws = f"{r['masks']} masks ({r['dropped']} dropped)" if r["masks"] else "-"
@@ -332,7 +361,8 @@ def format_table(result: dict[str, Any]) -> str:
             draws += ", timm asked other keep probabilities"
         lines.append(
             f"{r['step']:>4}{r['loss']:>14.8f}{r['loss_diff']:>11.1e}{r['learning_rate']:>12.4e}"
-            f"{r['lr_diff']:>11.1e}{r['params_diff']:>12.1e}{r['batch_stats_diff']:>14.1e}  {draws}"
+            f"{r['lr_diff']:>11.1e}{r['params_diff']:>12.1e}{r['batch_stats_diff']:>14.1e}"
+            f"{r['ema_diff']:>10.1e}  {draws}"
         )
     lines.append("PASS" if result["ok"] else f"FAIL (worst parameter: {result['rows'][-1]['worst_param']})")
     return "\n".join(lines)

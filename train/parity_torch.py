@@ -2,11 +2,12 @@
 writes it, from PyTorch's, timm's and torchvision's own components.
 
 Each ingredient is one entry of a small table, keyed by the config value that selects it:
-``OPTIMIZERS`` (``torch.optim.SGD``/``AdamW``, and LARS as the MLPerf reference computes it,
-transcribed below because PyTorch has no LARS), ``SCHEDULES`` (timm's schedulers, stepped per
-update), ``LOSSES`` (``torch.nn.CrossEntropyLoss(label_smoothing=)``, timm's
-``SoftTargetCrossEntropy`` and ``BinaryCrossEntropy``). A new ingredient is a few lines here and
-its field in ``train/parity.py``'s ``CHECKED`` list.
+``OPTIMIZERS`` (``torch.optim.SGD``/``AdamW``, timm's ``Lamb``, and LARS as the MLPerf reference
+computes it, transcribed below because PyTorch has no LARS), ``SCHEDULES`` (timm's or
+torchvision's schedulers: ``train/parity_schedules.py``), ``LOSSES``
+(``torch.nn.CrossEntropyLoss(label_smoothing=)``, timm's ``SoftTargetCrossEntropy`` and
+``BinaryCrossEntropy``). A new ingredient is a few lines here and its field in
+``train/parity.py``'s ``CHECKED`` list.
 
 The random draws are this program's, given to the PyTorch components: each step's mixup/cutmix
 draws (``train/mixup.py``'s ``lam``, switch and box) replace the draws of timm's ``Mixup``
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from resnet_jax.torch_reference import import_reference
+from train import parity_schedules
 
 # ---------------------------------------------------------------------------------------------
 # The model: torchvision's or timm's, with the config's model fields.
@@ -189,10 +191,27 @@ def _lars(config: Any, groups: list[dict], lr: float) -> torch.optim.Optimizer:
     )
 
 
+def _lamb(config: Any, groups: list[dict], lr: float) -> torch.optim.Optimizer:
+    """timm's own ``Lamb``: its global-norm clipping at ``lamb_max_grad_norm`` (None: off) and,
+    for ``lambc``, its ``trust_clip``; the trust ratio only on the decayed group, as timm's
+    ``always_adapt=False`` does."""
+    b1, b2 = (float(b) for b in config.opt_betas)
+    return import_reference("timm.optim").Lamb(
+        groups,
+        lr=lr,
+        betas=(b1, b2),
+        eps=float(config.opt_eps),
+        max_grad_norm=float(config.lamb_max_grad_norm) or None,
+        trust_clip=config.optimizer == "lambc",
+    )
+
+
 OPTIMIZERS: dict[str, Callable[[Any, list[dict], float], torch.optim.Optimizer]] = {
     "sgd": _sgd,
     "adamw": _adamw,
     "lars": _lars,
+    "lamb": _lamb,
+    "lambc": _lamb,
 }
 
 
@@ -203,63 +222,14 @@ def make_optimizer(model: torch.nn.Module, config: Any, peak_lr: float) -> torch
 
 
 # ---------------------------------------------------------------------------------------------
-# Schedules: timm's, stepped per update (timm's --sched-on-updates), the warm-up before the decay
-# (warmup_prefix). ``warmup`` and ``decay`` are step counts.
+# Schedules: timm's or torchvision's, configured from the config's fields (train/parity_schedules.py).
 
-
-def _cosine(opt, config, warmup: int, decay: int):
-    return import_reference("timm.scheduler").CosineLRScheduler(
-        opt,
-        t_initial=decay,
-        lr_min=0.0,
-        warmup_t=warmup,
-        warmup_lr_init=0.0,
-        warmup_prefix=True,
-        t_in_epochs=False,
-    )
-
-
-def _polynomial(opt, config, warmup: int, decay: int):
-    return import_reference("timm.scheduler").PolyLRScheduler(
-        opt,
-        t_initial=decay,
-        power=float(config.lr_decay_power),
-        lr_min=float(config.end_learning_rate),
-        warmup_t=warmup,
-        warmup_lr_init=0.0,
-        warmup_prefix=True,
-        t_in_epochs=False,
-    )
-
-
-def _constant(opt, config, warmup: int, decay: int):  # a step schedule that never steps down
-    return import_reference("timm.scheduler").StepLRScheduler(
-        opt,
-        decay_t=warmup + decay + 1,
-        decay_rate=1.0,
-        warmup_t=warmup,
-        warmup_lr_init=0.0,
-        t_in_epochs=False,
-    )
-
-
-SCHEDULES = {"cosine": _cosine, "polynomial": _polynomial, "constant": _constant}
+SCHEDULES = ("cosine", "polynomial", "constant", "step")
 
 
 def make_scheduler(opt: torch.optim.Optimizer, config: Any, steps_per_epoch: int, total_steps: int):
-    """The config's schedule from timm, already at step 0's rates (timm sets a group's scaled
-    rate only when it steps)."""
-    warmup, decay = warmup_and_decay(config, steps_per_epoch, total_steps)
-    scheduler = SCHEDULES[config.lr_schedule](opt, config, warmup, decay)
-    scheduler.step_update(num_updates=0)
-    return scheduler
-
-
-def warmup_and_decay(config: Any, steps_per_epoch: int, total_steps: int) -> tuple[int, int]:
-    """The config's warm-up and decay in steps: ``warmup_epochs`` of epochs, at most all but the
-    last step; the decay spans the rest."""
-    warmup = min(round(float(config.warmup_epochs) * steps_per_epoch), max(total_steps - 1, 0))
-    return warmup, max(total_steps - warmup, 1)
+    """The config's schedule, already at step 0's rates; ``.after(n)`` after update ``n``."""
+    return parity_schedules.make(opt, config, steps_per_epoch, total_steps)
 
 
 # ---------------------------------------------------------------------------------------------
