@@ -36,9 +36,9 @@ from train.data import autoaugment, erase
 import_reference("torchvision")
 timm = import_reference("timm")
 torch = pytest.importorskip("torch")
-stats = pytest.importorskip("scipy.stats")
 import torchvision.transforms as T  # noqa: E402
 import torchvision.transforms.autoaugment as tv_aa  # noqa: E402
+from scipy import stats  # noqa: E402
 from timm.data import auto_augment as timm_aa  # noqa: E402
 
 torch.set_num_threads(1)

@@ -226,7 +226,8 @@ def test_mixing_under_pmap_and_on_an_explicit_mesh_equals_jit_over_the_global_ba
 def test_draws_follow_timms_distributions():
     """lam ~ Beta(alpha, alpha) of the chosen kind (KS test); mixed with mixup_prob; cutmix chosen
     with mixup_switch_prob; the box centre uniform over the image."""
-    stats = pytest.importorskip("scipy.stats")
+    from scipy import stats
+
     options = mixup.MixupOptions(0.4, 1.0, 0.8, 0.3, "elem", True, 0.0, K, 0)
     n = 8000
     d = [
