@@ -102,6 +102,19 @@ def _wait_for_step(proc: subprocess.Popen, workdir, step: int, timeout: float = 
     raise TimeoutError(f"step {step} not reached")
 
 
+def _sigkill_mid_epoch(proc: subprocess.Popen, workdir) -> None:
+    """SIGKILL the run once it has logged step 16: past the checkpoint at step 14, inside epoch 0
+    (which ends at step 22), so its restart resumes mid-epoch; no warning reaches it."""
+    try:
+        _wait_for_step(proc, workdir, 16)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+
+
 def _assert_same_params(workdir, reference, ema: bool = False) -> None:
     for weights in (False, True) if ema else (False,):  # the trained weights, and the EMA's
         got = checkpoint.restore_variables(workdir, STEPS, ema=weights)
@@ -138,16 +151,7 @@ def reference(tmp_path_factory):
 @_SHARES_REFERENCE
 def test_sigkill_mid_epoch_then_restart_is_bitwise_identical(reference, tmp_path):
     workdir = str(tmp_path / "killed")
-    proc = _start(workdir, "--config.debug_step_delay_s=0.05")
-    try:
-        # Past the checkpoint at step 14 (epoch 0 ends at step 22): kill mid-epoch, no warning.
-        _wait_for_step(proc, workdir, 16)
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL
+    _sigkill_mid_epoch(_start(workdir, "--config.debug_step_delay_s=0.05"), workdir)
     assert STEPS not in checkpoint.Checkpointer(workdir, read_only=True).all_steps()
 
     restart = _run(workdir)
@@ -181,14 +185,7 @@ def test_sigkill_with_recipe_features_on_resumes_bitwise(tmp_path):
     reference = str(tmp_path / "reference")
     assert _run(reference, *RECIPE).returncode == 0
     workdir = str(tmp_path / "killed")
-    proc = _start(workdir, *RECIPE, "--config.debug_step_delay_s=0.05")
-    try:
-        _wait_for_step(proc, workdir, 16)
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    _sigkill_mid_epoch(_start(workdir, *RECIPE, "--config.debug_step_delay_s=0.05"), workdir)
     restart = _run(workdir, *RECIPE)
     assert restart.returncode == 0, restart.stderr[-3000:]
     assert 0 < int(restart.stdout.split("Resuming from checkpoint step ")[1].split()[0]) < STEPS
