@@ -7,4 +7,18 @@ TPU runtime in every test process, printing warnings and holding ``/tmp/libtpu_l
 
 import os
 
+import pytest
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+@pytest.fixture
+def x64():
+    """64-bit JAX for one test (float64 comparisons with the references), then back to 32-bit."""
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", False)

@@ -22,13 +22,6 @@ ARCH = dict(n_blocks=(1,), n_channels=(8,), first_kernel_size=3)
 CLASSES = 8
 
 
-@pytest.fixture
-def x64():
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", False)
-
-
 def _torch_accumulated(tmodel, x, y, lr, momentum):
     """A PyTorch loop with accumulation: micro-batch j is rows j, j + K, ... (train/accum.py)."""
     opt = torch.optim.SGD(tmodel.parameters(), lr=lr, momentum=momentum)

@@ -54,13 +54,6 @@ def test_drop_path_rates_per_block_equal_timm_resnet_and_resnetv2(layers, rate):
 
 
 @pytest.fixture
-def x64():
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", False)
-
-
-@pytest.fixture
 def draws(monkeypatch):
     """Every ``jax.random.bernoulli`` draw, ``(p, mask)`` in call order; under ``jit`` the masks
     are tracers, which the traced function returns (:func:`_run`)."""

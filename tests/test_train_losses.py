@@ -27,13 +27,6 @@ from timm.loss import BinaryCrossEntropy  # noqa: E402
 B, C = 6, 5
 
 
-@pytest.fixture
-def x64():
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", False)
-
-
 def _logits_and_labels(kind, seed=0):
     rng = np.random.default_rng(seed)
     logits = rng.normal(0, 3, (B, C))

@@ -22,13 +22,6 @@ from train.config import ConfigError, default_config, validate_config  # noqa: E
 SHAPES = {"conv": {"kernel": (3, 3, 2, 4)}, "bn": {"scale": (4,), "bias": (4,)}, "fc": {"kernel": (4, 3)}}
 
 
-@pytest.fixture
-def x64():
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", False)
-
-
 def _tree(rng, scale=1.0):
     return jax.tree.map(lambda s: rng.normal(0, scale, s), SHAPES, is_leaf=lambda s: isinstance(s, tuple))
 

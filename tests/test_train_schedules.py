@@ -3,7 +3,6 @@ epoch) from a torch optimizer: torchvision's ``LinearLR``/``ConstantLR`` warm-up
 ``CosineAnnealingLR``/``StepLR`` via ``SequentialLR``, and timm's ``CosineLRScheduler`` and
 ``StepLRScheduler``, per epoch and per update; plus today's defaults bit for bit."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -18,13 +17,6 @@ torch = pytest.importorskip("torch")
 from timm.scheduler import CosineLRScheduler, StepLRScheduler  # noqa: E402
 
 LR, SPE = 0.5, 4  # peak, steps per epoch
-
-
-@pytest.fixture
-def x64():
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", False)
 
 
 def _config(**fields):
