@@ -128,16 +128,16 @@ def _jax_run(fmodel, variables, xs, ys, steps: int, lr: float, momentum: float, 
     nhwc = lambda t: jnp.asarray(t.numpy().transpose(0, 2, 3, 1))  # noqa: E731
     params = jax.tree.map(jnp.array, variables.pop("params"))
     stats = jax.tree.map(jnp.array, variables.pop("batch_stats", {}))  # none with GroupNorm
+    # Jitted even for one call: run eagerly, a forward pass compiles each op on its own (about
+    # 150 small XLA programs for a ResNet-50), which takes longer than compiling the pass whole.
+    forward = jax.jit(fmodel.apply, static_argnames=("train", "mutable"))
     rec = {
-        "eval logits": np.asarray(
-            # Eager: one forward pass costs far less than compiling it.
-            fmodel.apply({"params": params, "batch_stats": stats}, nhwc(xs[-1]), train=False)
-        ),
+        "eval logits": np.asarray(forward({"params": params, "batch_stats": stats}, nhwc(xs[-1]), train=False)),
         "losses": [],
     }
     if steps == 0:
-        logits, upd = fmodel.apply(
-            {"params": params, "batch_stats": stats}, nhwc(xs[0]), train=True, mutable=["batch_stats"]
+        logits, upd = forward(
+            {"params": params, "batch_stats": stats}, nhwc(xs[0]), train=True, mutable=("batch_stats",)
         )
         rec["train logits"] = np.asarray(logits)
         rec["stats"] = flax_to_torch({"batch_stats": upd.get("batch_stats", {})})
@@ -179,11 +179,12 @@ def _nnx_run(model, xs, ys, steps: int, lr: float, momentum: float, weight_decay
 
     nhwc = lambda t: jnp.asarray(t.numpy().transpose(0, 2, 3, 1))  # noqa: E731
     running = lambda: {k: v for k, v in nnx_to_torch(model).items() if "running" in k}  # noqa: E731
+    forward = nnx.jit(lambda model, x: model(x))  # jitted for one call, as in _jax_run
     model.eval()
-    rec = {"eval logits": np.asarray(model(nhwc(xs[-1]))), "losses": []}
+    rec = {"eval logits": np.asarray(forward(model, nhwc(xs[-1]))), "losses": []}
     model.train()
     if steps == 0:
-        rec["train logits"] = np.asarray(model(nhwc(xs[0])))
+        rec["train logits"] = np.asarray(forward(model, nhwc(xs[0])))
         rec["stats"] = running()
         return rec
     for i in range(steps):

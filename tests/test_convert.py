@@ -64,10 +64,22 @@ def test_layout_rules_on_known_tensors():
 
 @pytest.mark.parametrize("arch", sorted(resnet_jax.PRESETS))
 def test_infer_model_recovers_every_preset(arch):
+    """Each preset is what torchvision's model of that name (timm's where torchvision has none)
+    holds: every stage's depth, width and groups, the stem and the shortcuts, read from its
+    state_dict. With this, the float64 parity of one preset per block kind (test_parity) covers
+    its deeper and wider siblings."""
+    torchvision = import_reference("torchvision")
     with torch.device("meta"):  # shapes only, no memory
-        sd = torch_resnet(arch, num_classes=10).state_dict()
-    model = convert.infer_model(sd)
-    assert model == resnet_jax.get_model(arch, num_classes=10)
+        if hasattr(torchvision.models, arch):
+            reference = getattr(torchvision.models, arch)(weights=None, num_classes=10)
+        else:
+            reference = import_reference("timm").create_model(arch, pretrained=False, num_classes=10)
+        sd = reference.state_dict()
+    assert convert.infer_model(sd) == resnet_jax.get_model(arch, num_classes=10)
+    # Our own PyTorch twin, which the parity command's default reference is, holds the same.
+    with torch.device("meta"):
+        twin = torch_resnet(arch, num_classes=10).state_dict()
+    assert {k: tuple(v.shape) for k, v in twin.items()} == {k: tuple(v.shape) for k, v in sd.items()}
 
 
 @pytest.mark.parametrize("cfg", SEED_CONFIGS)

@@ -59,7 +59,8 @@ def _count(tree):
 def test_preset_parameter_count_equals_torchvision(arch):
     variables = _abstract_init(getattr(resnet_jax, arch)())
     assert _count(variables["params"]) == TORCHVISION_PARAMS[arch]
-    assert _count(variables["params"]) == sum(p.numel() for p in torch_resnet(arch).parameters())
+    with torch.device("meta"):  # shapes only: no 60M-parameter random init
+        assert _count(variables["params"]) == sum(p.numel() for p in torch_resnet(arch).parameters())
 
 
 @pytest.mark.parametrize("arch", sorted(TIMM_PARAMS_M))
@@ -107,27 +108,39 @@ def test_stem_options_are_validated():
         resnet_jax.resnet18d(small_stem=True).init(jax.random.key(0), x, train=False)
 
 
+def _filled(model, x, seed=0):
+    """Variables of ``model`` for input ``x``, random but without running its init: the shapes
+    from ``jax.eval_shape``, the values from NumPy (variances positive). Calling a deep model's
+    init eagerly compiles each of its ops on its own (about 140 small programs for a ResNet-50)."""
+    rng = np.random.default_rng(seed)
+    shapes = _abstract_init(model, x.shape)
+    fill = lambda path, s: (  # noqa: E731
+        rng.uniform(0.5, 1.5, s.shape) if path[-1].key == "var" else 0.1 * rng.normal(size=s.shape)
+    ).astype(s.dtype)
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
 def test_resnet50_feature_maps_are_c2_to_c5():
     model = resnet_jax.resnet50(num_classes=None)
-    x = jnp.zeros((2, 64, 64, 3))
-    variables = model.init(jax.random.key(0), x, train=False)
-    feats = model.apply(variables, x, train=False, method="features")
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 64, 64, 3)), jnp.float32)
+    variables = _filled(model, x)
+    run = jax.jit(lambda v, x: (model.apply(v, x, train=False, method="features"), model.apply(v, x, train=False)))
+    feats, pooled = run(variables, x)
     chex.assert_shape(feats["stem"], (2, 16, 16, 64))
     chex.assert_shape(feats["layer1"], (2, 16, 16, 256))
     chex.assert_shape(feats["layer2"], (2, 8, 8, 512))
     chex.assert_shape(feats["layer3"], (2, 4, 4, 1024))
     chex.assert_shape(feats["layer4"], (2, 2, 2, 2048))
-    pooled = model.apply(variables, x, train=False)
     chex.assert_trees_all_close(pooled, feats["layer4"].mean(axis=(1, 2)), rtol=1e-6)
     assert "fc" not in variables["params"]
 
 
 def test_small_stem_keeps_resolution_and_has_no_maxpool():
     model = resnet_jax.resnet18(num_classes=10, small_stem=True)
-    x = jnp.zeros((2, 32, 32, 3))
-    variables = model.init(jax.random.key(0), x, train=False)
+    x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+    variables = _abstract_init(model, x.shape)
     chex.assert_shape(variables["params"]["conv1"]["kernel"], (3, 3, 3, 64))
-    feats = model.apply(variables, x, train=False, method="features")
+    feats = jax.eval_shape(functools.partial(model.apply, train=False, method="features"), variables, x)
     chex.assert_shape(feats["stem"], (2, 32, 32, 64))
     chex.assert_shape(feats["layer4"], (2, 4, 4, 512))
 

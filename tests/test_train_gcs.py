@@ -156,7 +156,8 @@ def _env(gcs) -> dict[str, str]:
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", **gcs.env())
     env.update(HOME=str(gcs.home), TMPDIR=str(gcs.tmp))
     env.pop("XLA_FLAGS", None)
-    env.pop("RESNET_JAX_CACHE_DIR", None)
+    for name in ("RESNET_JAX_CACHE_DIR", "JAX_COMPILATION_CACHE_DIR"):  # the suite's local cache
+        env.pop(name, None)
     return env
 
 
