@@ -10,7 +10,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from train.utilisation import count_macs  # noqa: F401  (counted there; the run logs it too)
 
 # Dense (no sparsity) peak TFLOP/s per device by precision, from the vendors' data sheets.
 # Matched against ``device.device_kind`` in order, first substring wins. float32 entries are
@@ -25,45 +26,6 @@ PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
     ("A100", {"bfloat16": 312.0, "float16": 312.0, "float32": 156.0}),
     ("L4", {"bfloat16": 121.0, "float16": 121.0, "float32": 60.0}),
 ]
-
-
-def _jaxpr_types() -> tuple[type, type]:
-    try:
-        from jax.extend.core import ClosedJaxpr, Jaxpr
-    except ImportError:  # older JAX
-        from jax.core import ClosedJaxpr, Jaxpr
-    return ClosedJaxpr, Jaxpr
-
-
-def count_macs(jaxpr: Any) -> int:
-    """Multiply-accumulates of every convolution and dot product in ``jaxpr`` (recursively).
-
-    A convolution costs (output elements) x (kernel window x input channels per group); a
-    ``dot_general`` costs (output elements) x (contracted size). Everything else is ignored.
-    """
-    closed_t, jaxpr_t = _jaxpr_types()
-    total = 0
-    for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        if name == "conv_general_dilated":
-            out = eqn.outvars[0].aval.shape
-            rhs = eqn.invars[1].aval.shape
-            rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # (out feature, in feature, *spatial)
-            window = int(np.prod([rhs[i] for i in rhs_spec[2:]], dtype=np.int64))
-            total += int(np.prod(out, dtype=np.int64)) * window * int(rhs[rhs_spec[1]])
-        elif name == "dot_general":
-            (contract, _), _ = eqn.params["dimension_numbers"]
-            lhs = eqn.invars[0].aval.shape
-            out = eqn.outvars[0].aval.shape
-            k = int(np.prod([lhs[i] for i in contract], dtype=np.int64))
-            total += int(np.prod(out, dtype=np.int64)) * k
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (list, tuple)) else (value,):
-                if isinstance(sub, closed_t):
-                    total += count_macs(sub.jaxpr)
-                elif isinstance(sub, jaxpr_t):
-                    total += count_macs(sub)
-    return total
 
 
 def forward_macs_per_image(model: Any, image_size: int, channels: int = 3) -> int:
