@@ -796,7 +796,8 @@ def test_checkpoint_holding_nan_is_never_resumed_from(tmp_path):
 
 
 def test_sigterm_on_one_of_two_hosts_stops_both_at_the_same_step(tmp_path):
-    """Two processes (jax.distributed, gloo); only process 1 gets SIGTERM; both save one step."""
+    """Two processes (jax.distributed, gloo); only process 1 gets SIGTERM; both save one step.
+    Both also trace steps 2-3 with jax.profiler, each into its own file of the shared workdir."""
     import socket
 
     with socket.socket() as s:
@@ -810,6 +811,8 @@ def test_sigterm_on_one_of_two_hosts_stops_both_at_the_same_step(tmp_path):
         "--set=eval_every_steps=-1",
         "--set=eval_at_end=False",
         "--set=debug_step_delay_s=0.05",
+        "--set=profile_start_step=2",
+        "--set=profile_num_steps=2",
     ]
     procs = [
         subprocess.Popen(
@@ -839,3 +842,5 @@ def test_sigterm_on_one_of_two_hosts_stops_both_at_the_same_step(tmp_path):
     (step,) = stopped
     assert "Preempted (SIGTERM) at step" in outs[0][0] and step < 30
     assert checkpoint.Checkpointer(workdir, read_only=True).all_steps() == [step]
+    traces = sorted(p.name for p in Path(workdir, "plugins", "profile", "steps_2-3").glob("*.xplane.pb"))
+    assert traces == [f"{socket.gethostname()}_p{i}.xplane.pb" for i in range(2)]
