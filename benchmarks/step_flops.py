@@ -16,9 +16,8 @@ from train.utilisation import count_macs  # noqa: F401  (counted there; the run 
 # How far XLA's cost analysis of a train step may be from the analytic count (3 x 2 x forward
 # MACs per image) for a ResNet at 32 px or more: XLA counts only the kernel taps that fall inside
 # the (unpadded) image, leaves out the input gradient of the stem, which nothing needs, and adds
-# the normalisation, element-wise and optimizer work. Measured here: 2-9% below at 224 px on CPU
-# (BENCHMARKS.md), 1.8% below on TPU; 4-6% below for a tiny ResNet at 32 px; at 8-16 px the padding
-# dominates and XLA counts 11-50% less.
+# the normalisation, element-wise and optimizer work. Below 32 px the padding dominates and XLA
+# counts much less. BENCHMARKS.md ("FLOPs and MFU") has the measured gaps.
 XLA_FLOPS_RTOL = 0.10
 
 # Dense (no sparsity) peak TFLOP/s per device by precision, from the vendors' data sheets.
