@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from train.utilisation import count_macs  # noqa: F401  (counted there; the run logs it too)
+from train.utilisation import compiled_flops, count_macs  # noqa: F401  (the run logs them too)
 
 # How far XLA's cost analysis of a train step may be from the analytic count (3 x 2 x forward
 # MACs per image) for a ResNet at 32 px or more: XLA counts only the kernel taps that fall inside
@@ -46,18 +46,8 @@ def forward_macs_per_image(model: Any, image_size: int, channels: int = 3) -> in
     return count_macs(jaxpr.jaxpr)
 
 
-def xla_flops(compiled: Any) -> float | None:
-    """``flops`` of XLA's cost analysis of a compiled executable, when the backend gives one."""
-    try:
-        cost = compiled.cost_analysis()
-    except Exception:  # not implemented on every backend / version
-        return None
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else None
-    if not cost or "flops" not in cost:
-        return None
-    flops = float(cost["flops"])
-    return flops if flops > 0 else None
+# XLA's own count of a compiled step (per device), as the training program logs it.
+xla_flops = compiled_flops
 
 
 def peak_tflops(device_kind: str, dtype: str) -> float | None:

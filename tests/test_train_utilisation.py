@@ -165,3 +165,14 @@ def test_multislice_order_is_slice_major_then_host_contiguous():
 def test_multislice_mismatch_is_one_line(devices, num_slices, message):
     with pytest.raises(ValueError, match=message):
         slice_major_order(devices, num_slices)
+
+
+def test_num_slices_the_devices_cannot_form_is_one_line():
+    from train import parallel
+
+    n = len(jax.devices())
+    with pytest.raises(ValueError, match=f"num_slices={n + 1} does not divide the {n} devices"):
+        parallel.make_driver("jit", num_slices=n + 1)
+    with pytest.raises(ValueError, match="num_slices > 1 needs config.parallelism='jit'"):
+        parallel.make_driver("pmap", num_slices=2)
+    assert parallel.make_driver("jit", num_slices=1).num_devices == n
