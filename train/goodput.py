@@ -18,7 +18,8 @@ The totals are cumulative over the runs of one workdir: each train record carrie
 ``goodput/redone_steps``), so a resumed run reads them from the last record the killed run
 logged, before it drops the records past its checkpoint, and adds to them. Time after that last
 record is lost with the process. A ``gs://`` workdir keeps records up to its last checkpoint only
-(``train/metrics.py``), so there a kill counts no redone steps.
+(``train/metrics.py``), so there a kill counts no redone steps. A rerun of a finished run
+reports its totals but writes nothing.
 """
 
 from __future__ import annotations

@@ -370,7 +370,8 @@ def _finish(run: Run, out: Outcome, start_step: int, summary: dict[str, Any], wa
     run.writer.flush()  # a bucket's records, for the curves
     curves = metrics_lib.plot_curves(run.workdir) if run.is_main else None
     summary["goodput"] = totals = goodput.totals()
-    run.writer.write(run.total_steps, "train", totals)
+    if not already_done:  # a rerun of a finished run leaves its metrics as they were
+        run.writer.write(run.total_steps, "train", totals)
     run.writer.close()
     summary.update(
         {
