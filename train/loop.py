@@ -96,7 +96,7 @@ def _train(
     bar = _progress_bar(run, start_step)
     if start_step < total:
         batches = _train_batches(run, start_step)
-        with periodic.PreemptionFlag() as preemption:
+        with periodic.PreemptionFlag() as preemption, profile:
             for done in range(start_step + 1, total + 1):
                 goodput.switch("input_wait")
                 batch = next(batches)
@@ -121,7 +121,7 @@ def _train(
                     out.stopped_by = preemption.signal
                     break
                 _evaluate_and_checkpoint(run, out, done, log, guard, bar)
-        _stop_profile(out, profile)  # a run stopped inside the window
+            _stop_profile(out, profile)  # a run stopped inside the window
         if out.preempted_at is None:
             with goodput.part("checkpoint"):
                 _save(run, out.state, total, guard)

@@ -37,6 +37,20 @@ class ProfileWindow:
         self._local: str | None = None
         self.copied: list[str] = []
 
+    def __enter__(self) -> ProfileWindow:
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        """A run that fails inside the window (a NaN stop) still leaves its trace; a failure to
+        write it then must not hide the run's own error."""
+        if exc_type is None:
+            self.finish()
+            return
+        try:
+            self.finish()
+        except Exception:
+            pass
+
     @property
     def tracing(self) -> bool:
         return self._local is not None
