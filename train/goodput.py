@@ -140,6 +140,6 @@ def summary_line(totals: dict[str, float]) -> str:
     redone = int(totals[f"{PREFIX}redone_steps"])
     steps = f" ({redone} step(s) redone)" if redone else ""
     return (
-        f"{100 * totals[f'{PREFIX}fraction']:.1f}% of {wall:.1f} s training{steps}; "
+        f"{100 * totals[f'{PREFIX}fraction']:.1f}% productive of {wall:.1f} s{steps}; "
         f"{', '.join(parts) or 'nothing else'}"
     )
