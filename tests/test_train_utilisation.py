@@ -99,7 +99,8 @@ def test_goodput_charges_every_second_to_one_part_and_adds_to_the_previous_run()
     assert t["goodput/fraction"] == pytest.approx(11.5 / 22.0)
     assert g.input_wait_fraction() == pytest.approx(0.5 / 2.0)  # of the time in the step loop
     assert goodput.summary_line(t) == (
-        "52.3% productive of 22.0 s (2 step(s) redone); compile 5.0 s, input wait 0.5 s, eval 2.0 s, startup 3.0 s"
+        "52.3% productive of 22.0 s (2 step(s) redone); "
+        "compile 5.0 s, input wait 0.5 s, eval 2.0 s, startup 3.0 s"
     )
 
 
