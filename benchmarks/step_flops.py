@@ -10,7 +10,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from train.utilisation import compiled_flops, count_macs  # noqa: F401  (the run logs them too)
+
+# How far XLA's cost analysis of a train step may be from the analytic count (3 x 2 x forward
+# MACs per image) for a ResNet at 32 px or more: XLA counts only the kernel taps that fall inside
+# the (unpadded) image, leaves out the input gradient of the stem, which nothing needs, and adds
+# the normalisation, element-wise and optimizer work. Below 32 px the padding dominates and XLA
+# counts much less. BENCHMARKS.md ("FLOPs and MFU") has the measured gaps.
+XLA_FLOPS_RTOL = 0.10
 
 # Dense (no sparsity) peak TFLOP/s per device by precision, from the vendors' data sheets.
 # Matched against ``device.device_kind`` in order, first substring wins. float32 entries are
@@ -27,45 +35,6 @@ PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
 ]
 
 
-def _jaxpr_types() -> tuple[type, type]:
-    try:
-        from jax.extend.core import ClosedJaxpr, Jaxpr
-    except ImportError:  # older JAX
-        from jax.core import ClosedJaxpr, Jaxpr
-    return ClosedJaxpr, Jaxpr
-
-
-def count_macs(jaxpr: Any) -> int:
-    """Multiply-accumulates of every convolution and dot product in ``jaxpr`` (recursively).
-
-    A convolution costs (output elements) x (kernel window x input channels per group); a
-    ``dot_general`` costs (output elements) x (contracted size). Everything else is ignored.
-    """
-    closed_t, jaxpr_t = _jaxpr_types()
-    total = 0
-    for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        if name == "conv_general_dilated":
-            out = eqn.outvars[0].aval.shape
-            rhs = eqn.invars[1].aval.shape
-            rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # (out feature, in feature, *spatial)
-            window = int(np.prod([rhs[i] for i in rhs_spec[2:]], dtype=np.int64))
-            total += int(np.prod(out, dtype=np.int64)) * window * int(rhs[rhs_spec[1]])
-        elif name == "dot_general":
-            (contract, _), _ = eqn.params["dimension_numbers"]
-            lhs = eqn.invars[0].aval.shape
-            out = eqn.outvars[0].aval.shape
-            k = int(np.prod([lhs[i] for i in contract], dtype=np.int64))
-            total += int(np.prod(out, dtype=np.int64)) * k
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (list, tuple)) else (value,):
-                if isinstance(sub, closed_t):
-                    total += count_macs(sub.jaxpr)
-                elif isinstance(sub, jaxpr_t):
-                    total += count_macs(sub)
-    return total
-
-
 def forward_macs_per_image(model: Any, image_size: int, channels: int = 3) -> int:
     """Analytic MACs of one image's forward pass (abstract evaluation only: nothing runs)."""
     x = jax.ShapeDtypeStruct((1, image_size, image_size, channels), jnp.float32)
@@ -77,18 +46,8 @@ def forward_macs_per_image(model: Any, image_size: int, channels: int = 3) -> in
     return count_macs(jaxpr.jaxpr)
 
 
-def xla_flops(compiled: Any) -> float | None:
-    """``flops`` of XLA's cost analysis of a compiled executable, when the backend gives one."""
-    try:
-        cost = compiled.cost_analysis()
-    except Exception:  # not implemented on every backend / version
-        return None
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else None
-    if not cost or "flops" not in cost:
-        return None
-    flops = float(cost["flops"])
-    return flops if flops > 0 else None
+# XLA's own count of a compiled step (per device), as the training program logs it.
+xla_flops = compiled_flops
 
 
 def peak_tflops(device_kind: str, dtype: str) -> float | None:

@@ -212,6 +212,10 @@ def _loop(c: ml_collections.ConfigDict) -> None:
     # jit's mesh: 'auto' axes (the compiler propagates shardings) or 'explicit' (sharding in
     # types, jax.make_mesh's default since JAX 0.10). Same results; see docs/sharding.md.
     c.mesh_axis_types = "auto"
+    # TPU slices the jit mesh spans (Multislice): data parallel within a slice over ICI and
+    # across slices over DCN, as train.aot --num_slices compiles. 0 = from the devices'
+    # slice_index (1 on CPU/GPU); a number must match them.
+    c.num_slices = 0
     c.seed = 0
     # PRNG for parameter init: '' = JAX's default (threefry2x32). 'rbg' compiles much faster on
     # CPU (seconds per model) but its numbers may differ across backends and JAX versions.
@@ -232,6 +236,13 @@ def _loop(c: ml_collections.ConfigDict) -> None:
     c.eval_only = False  # evaluate a checkpoint (restore_step, default latest) and exit
     c.restore_step = -1
     c.progress_bar = True
+    # MFU's denominator: dense bfloat16 peak TFLOP/s per chip. 0 = from train/utilisation.py's table
+    # by device kind (TPU v4/v5e/v5p/v6e, H100, H200, A100); no MFU is logged where it has none.
+    c.peak_tflops = 0.0
+    # jax.profiler trace of steps profile_start_step .. + profile_num_steps - 1 (1-based, as
+    # logged) into WORKDIR/plugins/profile/ (TensorBoard's profile plugin); 0 steps = off.
+    c.profile_start_step = 10
+    c.profile_num_steps = 0
     # Start from other weights ('' = random init; ignored when resuming from this workdir): a
     # PyTorch state_dict file (.pth/.pt/.safetensors), a pretrained name (resnet_jax.pretrained,
     # e.g. 'resnet50.tv2_in1k') or another run's workdir. A classifier with another class count

@@ -26,6 +26,7 @@ def make_data_mesh(
     devices: Optional[Sequence[jax.Device]] = None,
     axis_name: str = DATA_AXIS,
     process_ordered: bool = False,
+    num_slices: int = 0,
 ) -> Mesh:
     """A 1-D mesh ``(axis_name,)`` over ``devices`` (default: the first ``n_devices``, or all).
 
@@ -46,6 +47,8 @@ def make_data_mesh(
         devices: The devices to use; None means ``jax.devices()``.
         axis_name: The mesh axis's name; batch shardings (:func:`shard_batch`) name it.
         process_ordered: Keep one contiguous slice of devices per process (multi-host input).
+        num_slices: With ``process_ordered``, the number of TPU slices (Multislice) the devices
+            must form; 0 takes it from the devices' ``slice_index``. See :func:`slice_major_order`.
     """
     if devices is None:
         devices = jax.devices()
@@ -57,9 +60,44 @@ def make_data_mesh(
         raise ValueError(f"n_devices={n_devices} but {len(devices)} devices were given.")
     kind = AxisType.Explicit if explicit else AxisType.Auto
     if process_ordered:
-        ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
+        ordered = slice_major_order(devices, num_slices)
         return Mesh(np.array(ordered), (axis_name,), axis_types=(kind,))
     return jax.make_mesh((len(devices),), (axis_name,), axis_types=(kind,), devices=devices)
+
+
+def slice_major_order(devices: Sequence[Any], num_slices: int = 0) -> list[Any]:
+    """``devices`` ordered by (``slice_index``, ``process_index``, ``id``): the hybrid data mesh.
+
+    Data parallel within a slice over ICI and across slices over DCN, as MaxText's
+    ``dcn_data_parallelism`` lays it out (``mesh_utils.create_hybrid_device_mesh``): the slice is
+    the outer (DCN) part of the one ``'data'`` axis, so each slice holds one contiguous block of
+    the batch, and within it each host one contiguous block (what
+    ``jax.make_array_from_process_local_data`` fills). The TPU compiler then reduces the
+    gradient within each slice over ICI and across slices over DCN (the Megascale transfers of
+    the compiled program). Devices without ``slice_index`` (CPU, GPU, one slice) are one slice.
+
+    Args:
+        devices: The devices of the mesh.
+        num_slices: The slices they must form; 0: as many as their ``slice_index`` values. On
+            devices of one slice, N > 1 is accepted when N divides their number (a test of a
+            multi-slice config on one machine); the order is then the one-slice order.
+
+    Raises:
+        ValueError: ``num_slices`` disagrees with the devices' slices, or the slices differ in size.
+    """
+    slices: dict[int, int] = {}
+    for d in devices:
+        index = int(getattr(d, "slice_index", 0) or 0)
+        slices[index] = slices.get(index, 0) + 1
+    if num_slices < 0:
+        raise ValueError(f"num_slices must be >= 0 (0: from the devices); got {num_slices}.")
+    if len(slices) > 1 and num_slices and num_slices != len(slices):
+        raise ValueError(f"num_slices={num_slices} but the devices form {len(slices)} slices.")
+    if len(set(slices.values())) > 1:
+        raise ValueError(f"the slices have different device counts: {dict(sorted(slices.items()))}.")
+    if len(slices) == 1 and num_slices > 1 and len(devices) % num_slices:
+        raise ValueError(f"num_slices={num_slices} does not divide the {len(devices)} devices.")
+    return sorted(devices, key=lambda d: (int(getattr(d, "slice_index", 0) or 0), d.process_index, d.id))
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

@@ -9,6 +9,8 @@ and the forward FLOPs against XLA:CPU's count for the same eval step on one CPU 
 import dataclasses
 import importlib.util
 import os
+import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +65,15 @@ def multi_host():
     compiler = aot.Compiler(config, slice_)
     report, _ = compiler.train(BATCH)
     return slice_, compiler, report
+
+
+@pytest.fixture(scope="module")
+def two_slices():
+    """The train step for two v5e:2x2 slices (Multislice: 8 chips, DCN between the slices), same
+    global batch; its compiler and the compiled program's text."""
+    compiler = aot.Compiler(tiny_config(), aot.parse_topology("v5e:2x2", num_slices=2))
+    report, compiled = compiler.train(BATCH)
+    return compiler, report, compiled.as_text()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,6 +304,31 @@ def test_flops_per_chip_scale_as_one_over_chips(four_chips, multi_host):
     ratio = four_chips.train.flops_per_device / report.flops_per_device
     assert ratio == pytest.approx(4.0, rel=0.03)
     assert report.collectives["all-reduce"]["bytes"] == four_chips.train.collectives["all-reduce"]["bytes"]
+
+
+@needs_libtpu
+def test_two_slices_reduce_over_ici_within_a_slice_then_over_dcn(two_slices):
+    compiler, report, hlo = two_slices
+    devices = list(compiler.mesh.devices.flat)
+    # The run's mesh (make_driver: make_data_mesh over jax.devices(), whatever their order, the
+    # slices taken from slice_index) is the one compiled here.
+    shuffled = random.Random(0).sample(compiler.devices, len(compiler.devices))
+    run_mesh = parallel.make_driver(
+        "jit", mesh=make_data_mesh(devices=shuffled, explicit=False, process_ordered=True)
+    )
+    assert list(run_mesh.mesh.devices.flat) == devices
+    assert [d.slice_index for d in devices] == [0] * 4 + [1] * 4
+    # The same split into slices as MaxText's create_hybrid_device_mesh (DCN axis outermost).
+    from jax.experimental import mesh_utils
+
+    hybrid = list(mesh_utils.create_hybrid_device_mesh((4,), (2,), devices=compiler.devices).flat)
+    assert [set(hybrid[:4]), set(hybrid[4:])] == [set(devices[:4]), set(devices[4:])]
+    # Each gradient all-reduce runs over one slice's 4 chips (ICI), and its result goes on to a
+    # Megascale all-reduce across the slices (DCN).
+    groups = re.findall(r" all-reduce(?:-start)?\(.*?replica_groups=(\{[^ ]*\}),", hlo)
+    assert groups and set(groups) == {"{{0,1,2,3}}"}
+    dcn = re.findall(r' send\(.*_xla_megascale_transfer_type="ALL_REDUCE"', hlo)
+    assert len(dcn) >= len(groups) == report.collectives["all-reduce"]["count"]
 
 
 @needs_libtpu

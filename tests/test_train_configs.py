@@ -17,10 +17,11 @@ import tensorflow_datasets as tfds
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks import step_flops  # noqa: E402
 from train import loop, optim  # noqa: E402
 from train.config import ConfigError, validate_config  # noqa: E402
 from train.metrics import read_metrics  # noqa: E402
-from train.model import resolve_dtype  # noqa: E402
+from train.model import build_model, resolve_dtype  # noqa: E402
 
 CONFIGS = [
     "default",
@@ -299,19 +300,37 @@ def test_cifar10_config_runs_on_mocked_tfds(tmp_path):
     assert [r["step"] for r in records if r["split"] == "eval"] == [2, 4]  # every epoch + end
 
 
-def test_synthetic_benchmark_reports_throughput(tmp_path):
+def test_synthetic_benchmark_reports_throughput_flops_and_mfu(tmp_path):
+    # Two micro-batches per step: XLA counts a loop's body once, the logged FLOPs must not.
     c = _tiny(
         load("synthetic_benchmark"),
-        image_size=16,
+        image_size=32,
         batch_size=8,
         num_train_steps=5,
         log_every_steps=2,
         synthetic_num_classes=10,
+        grad_accum_steps=2,
+        peak_tflops=50.0,
     )
     out = loop.train_and_evaluate(c, str(tmp_path))
     assert out["images_per_sec"] > 0 and out["compile_time_s"] > 0
     assert out["eval"] is None
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+    records = read_metrics(str(tmp_path))
+    (first,) = [r for r in records if "compile_time_s" in r]
+    # The compiled step's FLOPs against the analytic count of benchmarks/step_flops.py: 3 x the
+    # forward's 2 x MACs per image, for the whole batch (both micro-batches) on this one device.
+    model = build_model(c.model, 10, 3)
+    analytic = 3 * 2 * step_flops.forward_macs_per_image(model, 32) * c.batch_size
+    flops = first["flops_per_step_per_chip"]
+    assert flops == pytest.approx(analytic, rel=step_flops.XLA_FLOPS_RTOL)
+    assert first["peak_tflops_per_chip"] == 50.0
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == [2, 4, 5]
+    for r in train:
+        tflops = flops * r["images_per_sec"] / c.batch_size / 1e12
+        assert r["tflops_per_chip"] == pytest.approx(tflops, rel=1e-12)
+        assert r["mfu"] == pytest.approx(tflops / 50.0, rel=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------

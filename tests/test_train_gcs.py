@@ -212,8 +212,11 @@ def _logged_steps(gcs, name: str) -> list[int]:
 
 @pytest.fixture(scope="module")
 def whole(gcs):
-    """An uninterrupted run in the bucket; its final parameters."""
-    result = _run(gcs, f"gs://{BUCKET}/whole")
+    """An uninterrupted run in the bucket, tracing steps 3-4 with jax.profiler; its final
+    parameters."""
+    result = _run(
+        gcs, f"gs://{BUCKET}/whole", "--config.profile_start_step=3", "--config.profile_num_steps=2"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Done: {STEPS} steps" in result.stdout
     return _params(f"gs://{BUCKET}/whole")
@@ -244,10 +247,17 @@ def test_whole_run_lives_in_the_bucket(gcs, whole, tmp_path):
         for event in tf.compat.v1.train.summary_iterator(str(path)):
             for v in event.summary.value:
                 tb[(v.tag, event.step)] = float(tf.make_ndarray(v.tensor))
-    last = records[-1]
-    assert last["step"] == STEPS
+    last = [r for r in records if "loss" in r][-1]
+    assert last["step"] == STEPS and records[-1]["goodput/wall_s"] > 0  # then the final goodput
     np.testing.assert_allclose(tb[("train/loss", STEPS)], last["loss"], rtol=1e-6)
     assert len([k for k in tb if k[0] == "train/loss"]) == STEPS
+    # The profile window's trace, copied from the profiler's local files into the bucket, where
+    # TensorBoard's profile plugin looks (WORKDIR/plugins/profile/<run>/<host>.xplane.pb).
+    traces = [n for n in objects if n.startswith("whole/plugins/profile/steps_3-4/")]
+    assert [n.rsplit("/", 1)[1] for n in traces if n.endswith(".xplane.pb")] == [
+        f"{socket.gethostname()}_p0.xplane.pb"
+    ]
+    assert len(gcs.read(f"whole/plugins/profile/steps_3-4/{socket.gethostname()}_p0.xplane.pb")) > 1000
 
 
 def test_sigkill_then_resume_from_the_bucket_is_bitwise_identical(gcs, whole):

@@ -4,9 +4,12 @@ The shared run keeps an EMA (timm's schedule), so each of these covers it too.""
 
 import json
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import chex
@@ -27,6 +30,7 @@ from float_bounds import (  # noqa: E402
 from train_worker import digits_eval_arrays, eval_logits, tiny_config  # noqa: E402
 
 from train import checkpoint, loop, optim, predict  # noqa: E402
+from train import goodput as goodput_lib  # noqa: E402
 from train.config import ConfigError  # noqa: E402
 from train.metrics import read_metrics  # noqa: E402
 
@@ -50,9 +54,12 @@ def config(**kw):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """One 30-step run shared by the tests below (its workdir is not modified by them)."""
+    """One 30-step run shared by the tests below (its workdir is not modified by them); it also
+    traces steps 12-13 with jax.profiler, and its wall time is measured here, apart from the run."""
     workdir = str(tmp_path_factory.mktemp("run"))
-    summary = loop.train_and_evaluate(config(), workdir)
+    start = time.perf_counter()
+    summary = loop.train_and_evaluate(config(profile_start_step=12, profile_num_steps=2), workdir)
+    summary["measured_wall_s"] = time.perf_counter() - start
     return workdir, summary
 
 
@@ -105,10 +112,52 @@ def test_outputs_of_a_run(run):
     np.testing.assert_allclose(tb[("eval/accuracy", 30)], evals[-1]["accuracy"], rtol=1e-6)
     np.testing.assert_allclose(tb[("eval/ema_accuracy", 30)], evals[-1]["ema_accuracy"], rtol=1e-6)
 
+    # Utilisation: per chip (one CPU device here); FLOPs from the compiled step; no MFU on a CPU
+    # without a peak (config.peak_tflops=0), rather than a made-up one.
+    (first,) = [r for r in records if "compile_time_s" in r]
+    assert first["flops_per_step_per_chip"] > 0 and "peak_tflops_per_chip" not in first
+    for r in train:
+        assert r["images_per_sec_per_chip"] == r["images_per_sec"]
+        expected = first["flops_per_step_per_chip"] * r["images_per_sec"] / cfg.batch_size / 1e12
+        np.testing.assert_allclose(r["tflops_per_chip"], expected, rtol=1e-12)
+        assert "mfu" not in r
+        assert 0 <= r["input_wait_fraction"] <= 1
+    np.testing.assert_allclose(tb[("train/tflops_per_chip", 30)], train[-1]["tflops_per_chip"], rtol=1e-6)
+
     png = Path(workdir, "training_curves.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     info = json.loads(Path(workdir, "dataset_info.json").read_text())
     assert info["num_classes"] == 10 and info["image_shape"] == [8, 8, 1]
+
+
+def test_goodput_parts_add_up_to_the_wall_time(run):
+    workdir, summary = run
+    totals = summary["goodput"]
+    parts = {k: v for k, v in totals.items() if k.endswith("_s") and k != "goodput/wall_s"}
+    assert set(parts) == {f"goodput/{p}_s" for p in goodput_lib.PARTS}
+    assert all(v >= 0 for v in parts.values())
+    # Against the wall time measured around the run, outside the loop's own clock.
+    assert sum(parts.values()) == pytest.approx(summary["measured_wall_s"], rel=0.05)
+    assert totals["goodput/wall_s"] == pytest.approx(sum(parts.values()))
+    for part in ("productive", "compile", "eval", "checkpoint", "startup", "profiler"):
+        assert parts[f"goodput/{part}_s"] > 0, part
+    assert totals["goodput/redone_s"] == 0 and totals["goodput/redone_steps"] == 0
+    assert totals["goodput/fraction"] == pytest.approx(
+        totals["goodput/productive_s"] / totals["goodput/wall_s"]
+    )
+    # The last record holds the final totals; every log step the running ones.
+    records = read_metrics(workdir)
+    assert {k: v for k, v in records[-1].items() if k.startswith("goodput/")} == pytest.approx(totals)
+    logged = [r["goodput/wall_s"] for r in records if "loss" in r and r["split"] == "train"]
+    assert logged == sorted(logged) and logged[-1] < totals["goodput/wall_s"]
+
+
+def test_profile_window_is_traced_into_the_workdir(run):
+    workdir, _ = run
+    (trace,) = Path(workdir, "plugins", "profile", "steps_12-13").glob("*_p0.xplane.pb")
+    assert trace.name.startswith(socket.gethostname())
+    # The traced steps ran the compiled train step (named ``step`` by the EMA's wrapper).
+    assert re.search(rb"jit_(train_)?step\b", trace.read_bytes())
 
 
 def test_restored_variables_reproduce_the_final_eval(run):

@@ -153,6 +153,8 @@ def test_sigkill_mid_epoch_then_restart_is_bitwise_identical(reference, tmp_path
     workdir = str(tmp_path / "killed")
     _sigkill_mid_epoch(_start(workdir, "--config.debug_step_delay_s=0.05"), workdir)
     assert STEPS not in checkpoint.Checkpointer(workdir, read_only=True).all_steps()
+    furthest = _last_logged_step(workdir)
+    before = [r for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if "loss" in r][-1]
 
     restart = _run(workdir)
     assert restart.returncode == 0, restart.stderr[-3000:]
@@ -160,6 +162,13 @@ def test_sigkill_mid_epoch_then_restart_is_bitwise_identical(reference, tmp_path
     # A mid-epoch resume: the input stream must pick up inside the epoch, not at its start.
     assert 0 < resumed < STEPS and resumed % STEPS_PER_EPOCH != 0, resumed
     _assert_same_params(workdir, reference)
+    # Goodput: the steps the killed run had logged past its checkpoint were run again, and the
+    # totals go on from the killed run's last logged ones.
+    after = read_metrics(os.path.join(workdir, "metrics.jsonl"))[-1]
+    assert furthest > resumed and after["goodput/redone_steps"] == furthest - resumed
+    assert after["goodput/redone_s"] > 0 and "goodput:" in restart.stdout
+    for part in ("wall", "startup", "compile", "productive"):
+        assert after[f"goodput/{part}_s"] > before[f"goodput/{part}_s"], part
 
 
 # Issue 43's ingredients so far: drop path (two blocks, so the second has a rate), dropout, timm's
@@ -787,7 +796,8 @@ def test_checkpoint_holding_nan_is_never_resumed_from(tmp_path):
 
 
 def test_sigterm_on_one_of_two_hosts_stops_both_at_the_same_step(tmp_path):
-    """Two processes (jax.distributed, gloo); only process 1 gets SIGTERM; both save one step."""
+    """Two processes (jax.distributed, gloo); only process 1 gets SIGTERM; both save one step.
+    Both also trace steps 2-3 with jax.profiler, each into its own file of the shared workdir."""
     import socket
 
     with socket.socket() as s:
@@ -801,6 +811,8 @@ def test_sigterm_on_one_of_two_hosts_stops_both_at_the_same_step(tmp_path):
         "--set=eval_every_steps=-1",
         "--set=eval_at_end=False",
         "--set=debug_step_delay_s=0.05",
+        "--set=profile_start_step=2",
+        "--set=profile_num_steps=2",
     ]
     procs = [
         subprocess.Popen(
@@ -830,3 +842,5 @@ def test_sigterm_on_one_of_two_hosts_stops_both_at_the_same_step(tmp_path):
     (step,) = stopped
     assert "Preempted (SIGTERM) at step" in outs[0][0] and step < 30
     assert checkpoint.Checkpointer(workdir, read_only=True).all_steps() == [step]
+    traces = sorted(p.name for p in Path(workdir, "plugins", "profile", "steps_2-3").glob("*.xplane.pb"))
+    assert traces == [f"{socket.gethostname()}_p{i}.xplane.pb" for i in range(2)]

@@ -94,7 +94,12 @@ def build_run(config: Any, workdir: str) -> Run:
     validate_config(config, device_count=jax.device_count(), process_count=jax.process_count())
     dataset = registry.create_dataset(config)
     info = dataset.info
-    driver = parallel.make_driver(config.parallelism, mesh_axis_types=config.mesh_axis_types)
+    try:
+        driver = parallel.make_driver(
+            config.parallelism, mesh_axis_types=config.mesh_axis_types, num_slices=int(config.num_slices)
+        )
+    except ValueError as e:  # num_slices against the devices' slices
+        raise ConfigError(f"config.{e}" if str(e).startswith("num_slices") else str(e)) from None
     load = _saved_executables(config, driver)  # read (or refused) before anything is written
     steps_per_epoch, total_steps = _step_counts(config, dataset)
     if jax.process_index() == 0:

@@ -227,6 +227,14 @@ def validate_config(
             f"config.num_train_steps must be > 0 (a step count) or -1 (use num_epochs); got "
             f"{config.num_train_steps}."
         )
+    for field in ("peak_tflops", "profile_num_steps", "num_slices"):
+        if config[field] < 0:
+            raise ConfigError(f"config.{field} must be >= 0 (0: off or automatic); got {config[field]}.")
+    if config.profile_num_steps and config.profile_start_step < 1:
+        raise ConfigError(
+            "config.profile_start_step must be >= 1 (the first traced step); got "
+            f"{config.profile_start_step}."
+        )
     if config.debug_step_delay_s < 0:
         raise ConfigError(f"config.debug_step_delay_s must be >= 0; got {config.debug_step_delay_s}.")
     if config.num_train_steps <= 0 and config.num_epochs <= 0 and not config.eval_only:

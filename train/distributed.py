@@ -54,6 +54,16 @@ class CompiledOnFirstCall:
         self.compile_time: float | None = None
         self.loaded = False
 
+    @property
+    def fn(self) -> Any:
+        """The jitted or pmapped function (for tracing it, e.g. to count its FLOPs)."""
+        return self._fn
+
+    @property
+    def compiled(self) -> Any:
+        """The compiled (or loaded) executable; None before the first call."""
+        return self._compiled
+
     def __call__(self, *args):
         if self._compiled is None:
             t0 = time.perf_counter()

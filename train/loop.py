@@ -4,7 +4,10 @@ Build (``train/build.py``), restore or init, train, finish. Training logs metric
 to ``metrics.jsonl`` and TensorBoard, evaluates and checkpoints periodically, stops at the first
 NaN/Inf and saves on SIGTERM or Ctrl-C (``train/periodic.py``: one small piece per periodic action), then
 ends with a final evaluation, a PNG of the curves and a summary. ``config.eval_only``
-evaluates a checkpoint instead of training.
+evaluates a checkpoint instead of training. Each train record also carries the chips' utilisation
+(``train/utilisation.py``: TFLOP/s per chip, MFU), the share of time spent waiting for input and
+the run's goodput so far (``train/goodput.py``); ``config.profile_num_steps`` traces a window of
+steps (``train/profiling.py``).
 
 Run layout: ``WORKDIR/config.json`` (the resolved config), ``dataset_info.json`` (classes,
 image shape, normalisation; used by ``train.predict``), ``checkpoints/<step>/``,
@@ -24,7 +27,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from train import ema, paths, periodic, steps
+from train import ema, paths, periodic, profiling, steps, utilisation
+from train import goodput as goodput_lib
 from train import metrics as metrics_lib
 from train.build import Run, build_run, restore_or_init
 from train.config import ConfigError
@@ -34,19 +38,31 @@ from train.periodic import NonFiniteError  # noqa: F401  (part of this module's 
 
 def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     """Train (or resume) according to ``config`` in ``workdir``; returns a summary dict."""
+    goodput = goodput_lib.Goodput()  # start-up from here to the first step
     run = build_run(config, workdir)
     state, start_step = restore_or_init(run)
     summary = _summary_head(run, start_step)
     if config.eval_only:
         return _eval_only(run, state, start_step, summary)
+    redo_until = _previous_goodput(run, goodput)  # before the records past the checkpoint go
     run.writer.truncate_after(start_step)
     run_start = time.perf_counter()
     try:
-        outcome = _train(run, state, start_step)
+        outcome = _train(run, state, start_step, goodput, redo_until)
     except BaseException:
         run.writer.flush()  # a bucket's buffered records (a NaN stop names their steps)
         raise
     return _finish(run, outcome, start_step, summary, time.perf_counter() - run_start)
+
+
+def _previous_goodput(run: Run, goodput: goodput_lib.Goodput) -> int:
+    """Give ``goodput`` the totals of the runs before this one in the workdir; returns the
+    furthest step they logged (the steps up to it that this run does again are redone)."""
+    if not (run.is_main and metrics_lib.has_metrics(run.workdir)):
+        return 0
+    previous, furthest = goodput_lib.from_metrics(metrics_lib.read_metrics(run.workdir))
+    goodput.set_previous(previous)
+    return furthest
 
 
 @dataclasses.dataclass
@@ -60,37 +76,55 @@ class Outcome:
     last_eval: dict[str, float] | None = None
     preempted_at: int | None = None
     stopped_by: str | None = None  # the signal that stopped it here ('SIGTERM', 'SIGINT')
+    goodput: goodput_lib.Goodput = dataclasses.field(default_factory=goodput_lib.Goodput)
+    flops_per_step: float | None = None  # per device, from the compiled step
 
 
-def _train(run: Run, state: Any, start_step: int) -> Outcome:
+def _train(
+    run: Run, state: Any, start_step: int, goodput: goodput_lib.Goodput, redo_until: int = 0
+) -> Outcome:
     """Steps ``start_step + 1 .. total_steps`` with logging, evaluation, checkpoints, NaN checks
-    and preemption; the last step (or the preempted one) is saved."""
+    and preemption; the last step (or the preempted one) is saved. Steps up to ``redo_until``
+    were run before a restart and count as redone."""
     config, total = run.config, run.total_steps
     guard = periodic.NonFiniteGuard(run.ckpt, run.driver.to_host)
-    out = Outcome(state, periodic.Throughput(config.batch_size))
+    out = Outcome(state, periodic.Throughput(config.batch_size), goodput=goodput)
     log = periodic.TrainLog(run.writer, guard, out.throughput, run.steps_per_epoch)
+    log.num_devices = run.driver.num_devices
+    log.peak_tflops = utilisation.peak_tflops(jax.devices()[0].device_kind, float(config.peak_tflops))
+    profile = profiling.ProfileWindow(run.workdir, config.profile_start_step, config.profile_num_steps, total)
     bar = _progress_bar(run, start_step)
     if start_step < total:
         batches = _train_batches(run, start_step)
-        with periodic.PreemptionFlag() as preemption:
+        with periodic.PreemptionFlag() as preemption, profile:
             for done in range(start_step + 1, total + 1):
-                _one_step(run, out, next(batches), done, log)
+                goodput.switch("input_wait")
+                batch = next(batches)
+                goodput.switch("redone" if done <= redo_until else "productive")
+                goodput.redone_steps += int(done <= redo_until)
+                profile.before_step(done)
+                _one_step(run, out, batch, done, log)
+                if profile.tracing and done >= profile.stop:
+                    _stop_profile(out, profile)
                 logged = periodic.log_due(done, config.log_every_steps, total)
                 if logged:
-                    _show(bar, log.flush(done))
+                    _show(bar, log.flush(done, lambda: _window_goodput(goodput)))
                 bar.update(1)
                 if done == total:
                     break
                 if preemption.stop_now(at_log_step=logged):
-                    log.check_pending()
-                    _save(run, out.state, done, guard)
-                    run.ckpt.wait()
+                    with goodput.part("checkpoint"):
+                        log.check_pending()
+                        _save(run, out.state, done, guard)
+                        run.ckpt.wait()
                     out.preempted_at = done
                     out.stopped_by = preemption.signal
                     break
                 _evaluate_and_checkpoint(run, out, done, log, guard, bar)
+            _stop_profile(out, profile)  # a run stopped inside the window
         if out.preempted_at is None:
-            _save(run, out.state, total, guard)
+            with goodput.part("checkpoint"):
+                _save(run, out.state, total, guard)
     bar.close()
     out.skipped_steps = log.skipped_steps
     return out
@@ -105,7 +139,16 @@ def _one_step(run: Run, out: Outcome, batch: Any, done: int, log: periodic.Train
     if out.compile_time is None:
         jax.block_until_ready(metrics)
         out.compile_time = run.train_step.compile_time
-        run.writer.write(done, "train", {"compile_time_s": out.compile_time})
+        out.goodput.move(out.compile_time, "compile")
+        with out.goodput.part("compile"):
+            out.flops_per_step = _flops_per_step(run, out.state, batch)
+        log.flops_per_step = out.flops_per_step
+        first = {"compile_time_s": out.compile_time}
+        if out.flops_per_step:
+            first["flops_per_step_per_chip"] = out.flops_per_step
+        if log.peak_tflops:
+            first["peak_tflops_per_chip"] = log.peak_tflops
+        run.writer.write(done, "train", first)
         out.throughput.restart()
     else:
         out.throughput.step()
@@ -113,6 +156,37 @@ def _one_step(run: Run, out: Outcome, batch: Any, done: int, log: periodic.Train
     delay = float(run.config.debug_step_delay_s)
     if delay:  # test hook: slow steps, so a signal can arrive mid-run
         time.sleep(delay)
+
+
+def _flops_per_step(run: Run, state: Any, batch: Any) -> float | None:
+    """FLOPs of one train step per device: the compiled step's cost analysis, with the loop over
+    micro-batches of gradient accumulation counted as many times as it runs
+    (``train/utilisation.py``)."""
+    flops = utilisation.compiled_flops(run.train_step.compiled)
+    if flops and int(run.config.grad_accum_steps) > 1:
+        shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (state, batch))
+        flops *= utilisation.loop_factor(run.train_step.fn, *shapes)
+    return flops
+
+
+def _window_goodput(goodput: goodput_lib.Goodput) -> dict[str, float]:
+    """What a train record adds about time: the log window's input wait, the goodput so far."""
+    out = goodput.totals()
+    wait = goodput.input_wait_fraction()
+    if wait is not None:
+        out["input_wait_fraction"] = wait
+    return out
+
+
+def _stop_profile(out: Outcome, profile: profiling.ProfileWindow) -> None:
+    """End the trace after its window's device work; its writing is not training time."""
+    if not profile.tracing:
+        return
+    jax.block_until_ready(out.state)
+    out.throughput.pause()
+    with out.goodput.part("profiler"):
+        profile.finish()
+    out.throughput.restart()
 
 
 def _evaluate_and_checkpoint(run: Run, out: Outcome, done: int, log, guard, bar) -> None:
@@ -125,14 +199,16 @@ def _evaluate_and_checkpoint(run: Run, out: Outcome, done: int, log, guard, bar)
     jax.block_until_ready(out.state)
     out.throughput.pause()
     if eval_now:
-        out.last_eval = _run_eval(run, out.state, done)
+        with out.goodput.part("eval"):
+            out.last_eval = _run_eval(run, out.state, done)
         if run.is_main:
             bar.write(
                 f"step {done}: eval {periodic.eval_summary(out.last_eval, run.dataset.info.num_classes)}"
             )
     if ckpt_now:
-        log.check_pending()
-        _save(run, out.state, done, guard)
+        with out.goodput.part("checkpoint"):
+            log.check_pending()
+            _save(run, out.state, done, guard)
     out.throughput.restart()
 
 
@@ -208,11 +284,16 @@ def _progress_bar(run: Run, start_step: int):
 
 
 def _show(bar, host: dict[str, float]) -> None:
-    bar.set_postfix(
-        loss=f"{host['loss']:.4f}",
-        acc=f"{host['accuracy']:.3f}",
-        img_s=f"{host.get('images_per_sec', 0):.0f}",
-    )
+    shown = {
+        "loss": f"{host['loss']:.4f}",
+        "acc": f"{host['accuracy']:.3f}",
+        "img_s": f"{host.get('images_per_sec', 0):.0f}",
+    }
+    if "tflops_per_chip" in host:
+        shown["tflops_chip"] = f"{host['tflops_per_chip']:.3g}"
+    if "mfu" in host:
+        shown["mfu"] = f"{100 * host['mfu']:.1f}%"
+    bar.set_postfix(shown)
 
 
 def _summary_head(run: Run, start_step: int) -> dict[str, Any]:
@@ -248,8 +329,13 @@ def _eval_only(run: Run, state: Any, step: int, summary: dict[str, Any]) -> dict
 
 def _finish(run: Run, out: Outcome, start_step: int, summary: dict[str, Any], wall: float) -> dict[str, Any]:
     """Preempted: say how to resume. Done: final evaluation, curves, summary."""
+    goodput = out.goodput
     if out.preempted_at is not None:
-        run.ckpt.close()
+        with goodput.part("checkpoint"):
+            run.ckpt.close()
+        goodput.switch("other")
+        summary["goodput"] = totals = goodput.totals()
+        run.writer.write(out.preempted_at, "train", totals)
         run.writer.close()
         saved = (
             f"saved checkpoint step {out.preempted_at}" if run.config.save_checkpoints else "nothing saved"
@@ -276,8 +362,16 @@ def _finish(run: Run, out: Outcome, start_step: int, summary: dict[str, Any], wa
     already_done = start_step >= run.total_steps
     if run.config.eval_at_end:
         final = periodic.last_logged_eval(run.workdir, run.total_steps) if already_done else None
-        out.last_eval = final if final is not None else _run_eval(run, out.state, run.total_steps)
-    run.ckpt.close()
+        with goodput.part("eval"):
+            out.last_eval = final if final is not None else _run_eval(run, out.state, run.total_steps)
+    with goodput.part("checkpoint"):
+        run.ckpt.close()
+    goodput.switch("other")
+    run.writer.flush()  # a bucket's records, for the curves
+    curves = metrics_lib.plot_curves(run.workdir) if run.is_main else None
+    summary["goodput"] = totals = goodput.totals()
+    if not already_done:  # a rerun of a finished run leaves its metrics as they were
+        run.writer.write(run.total_steps, "train", totals)
     run.writer.close()
     summary.update(
         {
@@ -288,7 +382,7 @@ def _finish(run: Run, out: Outcome, start_step: int, summary: dict[str, Any], wa
             "images_per_sec": out.throughput.median(),
             "train_time_s": out.throughput.train_time,
             "wall_time_s": wall,
-            "curves": metrics_lib.plot_curves(run.workdir) if run.is_main else None,
+            "curves": curves,
             "skipped_steps": out.skipped_steps,
         }
     )
@@ -316,6 +410,8 @@ def format_summary(s: dict[str, Any], already_done: bool = False) -> str:
             f"windows); {'loaded ahead-of-time executable' if s.get('aot_loaded') else 'compilation'} "
             f"{s['compile_time_s']:.1f} s"
         )
+    if s.get("goodput"):
+        lines.append(f"  goodput:     {goodput_lib.summary_line(s['goodput'])}")
     if s.get("skipped_steps"):
         lines.append(f"  float16:     {s['skipped_steps']} step(s) skipped on overflow (loss scaling)")
     if s.get("checkpoints_saved", True):

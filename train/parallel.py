@@ -240,7 +240,7 @@ def _replicate_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
 
 
 def make_driver(
-    parallelism: str, mesh: Mesh | None = None, mesh_axis_types: str = "auto"
+    parallelism: str, mesh: Mesh | None = None, mesh_axis_types: str = "auto", num_slices: int = 0
 ) -> JitDriver | PmapDriver:
     """The driver that places state and batches and runs the steps for ``parallelism``.
 
@@ -250,12 +250,18 @@ def make_driver(
             each host feeds its own slice of the batch). Unused by pmap.
         mesh_axis_types: ``'auto'`` or ``'explicit'`` axis types for a mesh built here;
             ``'explicit'`` needs ``'jit'``.
+        num_slices: TPU slices (Multislice) of a mesh built here; 0: from the devices'
+            ``slice_index`` (``resnet_jax.sharding.slice_major_order``, as ``train.aot`` compiles).
     """
     check_mesh_axis_types(mesh_axis_types, parallelism)
     if parallelism == "jit":
         if mesh is None:
-            mesh = make_data_mesh(explicit=mesh_axis_types == "explicit", process_ordered=True)
+            mesh = make_data_mesh(
+                explicit=mesh_axis_types == "explicit", process_ordered=True, num_slices=num_slices
+            )
         return JitDriver(mesh)
     if parallelism == "pmap":
+        if num_slices > 1:
+            raise ValueError("config.num_slices > 1 needs config.parallelism='jit': pmap has no mesh.")
         return PmapDriver()
     raise ValueError(f"parallelism must be 'jit' or 'pmap'; got {parallelism!r}.")

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from train import metrics as metrics_lib
+from train import utilisation
 
 
 def log_due(step: int, every_steps: int, total_steps: int) -> bool:
@@ -187,8 +188,9 @@ def mean_metrics(records: list[dict[str, np.ndarray]]) -> dict[str, float]:
 
 class TrainLog:
     """Each step's metrics stay on the device until a log step; then ``flush`` fetches them
-    (waiting for those steps), checks them, averages them, adds images/s, the epoch and the
-    running count of float16 steps skipped on overflow, and writes one record."""
+    (waiting for those steps), checks them, averages them, adds images/s (in all and per chip,
+    with TFLOP/s per chip and MFU where the step's FLOPs and the chip's peak are known), the
+    epoch and the running count of float16 steps skipped on overflow, and writes one record."""
 
     def __init__(self, writer: Any, guard: NonFiniteGuard, throughput: Throughput, steps_per_epoch: int):
         self.writer = writer
@@ -197,11 +199,15 @@ class TrainLog:
         self.steps_per_epoch = steps_per_epoch
         self.pending: list[tuple[int, Any]] = []  # (1-based step, device metrics) since the last log
         self.skipped_steps = 0
+        self.num_devices = 1
+        self.flops_per_step: float | None = None  # per device; set once the step is compiled
+        self.peak_tflops: float | None = None  # per chip; None: no MFU
 
     def add(self, step: int, metrics: Any) -> None:
         self.pending.append((step, metrics))
 
-    def flush(self, step: int) -> dict[str, float]:
+    def flush(self, step: int, extra: Callable[[], dict[str, float]] | None = None) -> dict[str, float]:
+        """Write the window's record; ``extra()`` adds to it once its steps have finished."""
         records = [(s, self.guard.to_host(m)) for s, m in self.pending]
         self.guard.check_host(records)
         host = mean_metrics([r for _, r in records])
@@ -209,6 +215,13 @@ class TrainLog:
         rate = self.throughput.window()
         if rate is not None:
             host["images_per_sec"] = rate
+            host.update(
+                utilisation.rates(
+                    rate, self.throughput.batch_size, self.num_devices, self.flops_per_step, self.peak_tflops
+                )
+            )
+        if extra is not None:
+            host.update(extra())
         host["epoch"] = step / self.steps_per_epoch
         if "skipped_step" in host:
             self.skipped_steps += int(host.pop("skipped_step"))

@@ -120,7 +120,9 @@ class Compiler:
         self.devices = list(devices) if devices is not None else topology_devices(slice_)
         self.info, self.image_dtype = dataset_info(config)
         self.explicit = config.mesh_axis_types == "explicit"
-        self.mesh = make_data_mesh(devices=self.devices, explicit=self.explicit, process_ordered=True)
+        self.mesh = make_data_mesh(
+            devices=self.devices, explicit=self.explicit, process_ordered=True, num_slices=slice_.num_slices
+        )
 
     @property
     def num_devices(self) -> int:
@@ -154,7 +156,10 @@ class Compiler:
     def auto_flops(self, global_batch: int) -> float:
         """Per-device FLOPs of the same train step on an auto-axes mesh (the reference)."""
         report, _ = self.train(
-            global_batch, mesh=make_data_mesh(devices=self.devices, explicit=False, process_ordered=True)
+            global_batch,
+            mesh=make_data_mesh(
+                devices=self.devices, explicit=False, process_ordered=True, num_slices=self.slice.num_slices
+            ),
         )
         return report.flops_per_device
 
