@@ -128,8 +128,7 @@ def _jax_run(fmodel, variables, xs, ys, steps: int, lr: float, momentum: float, 
     nhwc = lambda t: jnp.asarray(t.numpy().transpose(0, 2, 3, 1))  # noqa: E731
     params = jax.tree.map(jnp.array, variables.pop("params"))
     stats = jax.tree.map(jnp.array, variables.pop("batch_stats", {}))  # none with GroupNorm
-    # Jitted even for one call: run eagerly, a forward pass compiles each op on its own (about
-    # 150 small XLA programs for a ResNet-50), which takes longer than compiling the pass whole.
+    # Jitted even for one call: eagerly, each op compiles on its own, which takes longer.
     forward = jax.jit(fmodel.apply, static_argnames=("train", "mutable"))
     rec = {
         "eval logits": np.asarray(forward({"params": params, "batch_stats": stats}, nhwc(xs[-1]), train=False)),
