@@ -128,21 +128,26 @@ def test_a_field_unknown_to_the_check_is_refused_when_set():
     assert parity.unsupported(_config()) is None
 
 
-def test_lamb_timm_warmup_min_lr_grad_accum_and_ema_warmup_equal_pytorch():
+def test_lamb_timm_warmup_min_lr_grad_accum_drop_path_and_ema_warmup_equal_pytorch():
     """timm's ``Lamb`` (its own clipping at ``max_grad_norm``) under timm's ``CosineLRScheduler``
     (an absolute ``warmup_lr_init``, ``lr_min``, ``warmup_prefix=False``), two backward passes of
-    loss / 2 on the rows 0, 2 and 1, 3 before each step, and timm's ``ModelEmaV3`` with its decay
+    loss / 2 on the rows 0, 2 and 1, 3 before each step, each with its own drop-path and dropout
+    masks (drawn inside our micro-batches' scan), and timm's ``ModelEmaV3`` with its decay
     warm-up: parameters, BatchNorm statistics and the EMA within 1e-10 of PyTorch's."""
     config = _config(
         optimizer="lamb", learning_rate=0.01, weight_decay=0.02, opt_eps=1e-6, lamb_max_grad_norm=0.5,
         warmup_epochs=1.0, warmup_lr=0.001, min_lr=0.002, warmup_prefix=False, num_epochs=4,
-        grad_accum_steps=2, ema_decay=0.9, ema_warmup=True,
+        grad_accum_steps=2, ema_decay=0.9, ema_warmup=True, **{"model.drop_path_rate": 0.5},
+        **{"model.drop_rate": 0.5},
     )  # fmt: skip
     with jax.enable_x64(True):
         result = parity.run_parity(config, steps=3, image_size=16, batch=4)
     assert result["ok"], parity.format_table(result)
     rows = result["rows"]
     assert max(max(r["params_diff"], r["batch_stats_diff"], r["ema_diff"]) for r in rows) < 1e-10
+    # Per micro-batch: the second block's drop path and the head's dropout, as timm asked for them.
+    assert all(r["masks"] == 4 and r["masks_match"] for r in rows), rows
+    assert sum(r["dropped"] for r in rows) > 0
     # The warm-up's start rate, then the cosine read at steps 1 and 2 of 4 (no prefix), from the
     # peak 0.01 to min_lr 0.002.
     expected = [0.001, 0.002 + 0.004 * (1 + math.cos(math.pi / 4)), 0.006]
