@@ -221,6 +221,7 @@ class RecipeContender(JaxContender):
         kwargs: dict[str, Any] = {
             "label_smoothing": LABEL_SMOOTHING,
             "grad_accum_steps": self.grad_accum_steps,
+            "grad_accum_unroll": jax.default_backend() == "cpu",  # as train.build does
         }
         if self.recipe:
             kwargs.update(loss="bce", dropout_rng=jax.random.key(self.args.seed + 2, impl="rbg"))
