@@ -17,6 +17,9 @@ LEARNING_RATE = 0.1
 MOMENTUM = 0.9
 WEIGHT_DECAY = 1e-4
 LABEL_SMOOTHING = 0.1
+# --compare-recipe: timm's ResNet strikes back A1 values (drop path 0.05; its EMA decay).
+RECIPE_DROP_PATH_RATE = 0.05
+RECIPE_EMA_DECAY = 0.9998
 
 OPTIMIZER_DESC = (
     f"SGD lr {LEARNING_RATE}, Nesterov momentum {MOMENTUM}, weight decay {WEIGHT_DECAY} on "

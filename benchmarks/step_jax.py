@@ -18,10 +18,18 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from benchmarks.step_common import LABEL_SMOOTHING, LEARNING_RATE, MOMENTUM, STARTED, WEIGHT_DECAY, Contender
+from benchmarks.step_common import (
+    LABEL_SMOOTHING,
+    LEARNING_RATE,
+    MOMENTUM,
+    RECIPE_EMA_DECAY,
+    STARTED,
+    WEIGHT_DECAY,
+    Contender,
+)
 from benchmarks.step_flops import forward_macs_per_image, xla_flops
 from resnet_jax.sharding import DATA_AXIS, make_data_mesh
-from train import compile_cache, optim, parallel, steps
+from train import compile_cache, ema, optim, parallel, steps
 
 
 def peak_memory_bytes() -> int | None:
@@ -126,15 +134,23 @@ class JaxContender(Contender):
             dynamic_scale=self.args.dtype == "float16",
         )
         t = time.perf_counter()
-        self.state = driver.init_state(create_fn)
+        self.state = driver.init_state(self.create_state(create_fn))
         jax.block_until_ready(self.state)
         return time.perf_counter() - t
+
+    def create_state(self, create_fn: Callable[[], Any]) -> Callable[[], Any]:
+        """The state factory the timed step needs (the plain train state here)."""
+        return create_fn
+
+    def train_step(self, tx: optax.GradientTransformation) -> Callable[..., Any]:
+        """The pure step timed: the training program's, with the benchmark's loss."""
+        return steps.make_train_step(self.model, tx, label_smoothing=LABEL_SMOOTHING)
 
     def _compile(
         self, mesh: Mesh, data: NamedSharding, tx: optax.GradientTransformation
     ) -> tuple[dict[str, float], dict[str, Any] | None]:
         """Lower and compile the step into ``self.step``: its times, and what the cache gained."""
-        train_step = steps.make_train_step(self.model, tx, label_smoothing=LABEL_SMOOTHING)
+        train_step = self.train_step(tx)
         if self.args.no_donate:
             replicated = NamedSharding(mesh, P())
             jitted = jax.jit(
@@ -184,6 +200,33 @@ class JaxContender(Contender):
             self.state, metrics = self.step(self.state, self.batch)
         jax.block_until_ready((self.state, metrics))
         return (time.perf_counter() - t) / n
+
+
+class RecipeContender(JaxContender):
+    """The training program's step with a recipe's extras on, beside the plain one on the same
+    batch and optimizer: ``recipe=True`` adds timm's BCE loss, drop path (the model must have a
+    ``drop_path_rate``) and an EMA of the weights and statistics updated every step;
+    ``grad_accum_steps=k`` takes the batch as k micro-batches (``train/accum.py``)."""
+
+    def __init__(
+        self, name: str, model: Any, args: argparse.Namespace, *, recipe: bool, grad_accum_steps: int = 1
+    ):
+        super().__init__(name, model, args)
+        self.recipe, self.grad_accum_steps = recipe, grad_accum_steps
+
+    def create_state(self, create_fn: Callable[[], Any]) -> Callable[[], Any]:
+        return ema.with_ema(create_fn) if self.recipe else create_fn
+
+    def train_step(self, tx: optax.GradientTransformation) -> Callable[..., Any]:
+        kwargs: dict[str, Any] = {
+            "label_smoothing": LABEL_SMOOTHING,
+            "grad_accum_steps": self.grad_accum_steps,
+            "grad_accum_unroll": jax.default_backend() == "cpu",  # as train.build does
+        }
+        if self.recipe:
+            kwargs.update(loss="bce", dropout_rng=jax.random.key(self.args.seed + 2, impl="rbg"))
+        step = steps.make_train_step(self.model, tx, **kwargs)
+        return ema.wrap_train_step(step, ema.EmaSchedule(decay=RECIPE_EMA_DECAY)) if self.recipe else step
 
 
 def nnx_train_step(model: Any, optimizer: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:

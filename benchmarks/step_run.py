@@ -18,9 +18,15 @@ import optax
 import resnet_jax
 from benchmarks.minimal_resnet import minimal_resnet
 from benchmarks.report import host_environment
-from benchmarks.step_common import OPTIMIZER_DESC, Contender, log
+from benchmarks.step_common import OPTIMIZER_DESC, RECIPE_DROP_PATH_RATE, Contender, log
 from benchmarks.step_flops import peak_tflops
-from benchmarks.step_jax import ElementwiseMaxPoolContender, JaxContender, NNXContender, peak_memory_bytes
+from benchmarks.step_jax import (
+    ElementwiseMaxPoolContender,
+    JaxContender,
+    NNXContender,
+    RecipeContender,
+    peak_memory_bytes,
+)
 from benchmarks.step_torch import TorchContender
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -103,6 +109,14 @@ def build_contenders(args: argparse.Namespace, backend: str) -> list[Contender]:
     if args.compare_bn_fused:
         fused = resnet_jax.get_model(args.arch, **common, **{**options, "bn_fused": True})
         contenders.append(JaxContender("jax_bn_fused", fused, args))
+    if args.compare_recipe:
+        dropping = resnet_jax.get_model(args.arch, **common, **options, drop_path_rate=RECIPE_DROP_PATH_RATE)
+        contenders.append(RecipeContender("jax_recipe", dropping, args, recipe=True))
+    if args.compare_grad_accum > 1:
+        name = f"jax_grad_accum_{args.compare_grad_accum}"
+        contenders.append(
+            RecipeContender(name, library, args, recipe=False, grad_accum_steps=args.compare_grad_accum)
+        )
     if args.compare_torch:
         for mode in args.torch_compile_mode.split(","):
             contenders.append(TorchContender(args, backend, mode.strip()))
@@ -202,6 +216,10 @@ def ratios(
         "bn_fused_over_unfused_images_per_s": ratio("jax_bn_fused", "jax") if args.compare_bn_fused else None,
         "nnx_over_linen_images_per_s": ratio("nnx", "jax") if args.compare_nnx else None,
         "nnx_jit_over_linen_images_per_s": ratio("nnx_jit", "jax") if args.compare_nnx else None,
+        "recipe_over_plain_images_per_s": ratio("jax_recipe", "jax") if args.compare_recipe else None,
+        "grad_accum_over_plain_images_per_s": ratio(f"jax_grad_accum_{args.compare_grad_accum}", "jax")
+        if args.compare_grad_accum > 1
+        else None,
         "note": "measured side by side in this one run"
         + (", contenders alternating" if args.rounds > 1 else ""),
     }

@@ -15,6 +15,10 @@ compile time (lowering + XLA compile, measured apart from the timed steps), then
   and the same loss, optimizer and metrics, to show what the NNX API costs over the Linen step:
   ``nnx`` compiles it as Flax advises for a hot loop (``nnx.split`` once, ``jax.jit`` of a pure
   merge-step-split function), ``nnx_jit`` with ``nnx.jit`` on the modules, as the tutorials do.
+* ``--compare-recipe``: the same step with the recipes' extras on (issue 43): timm's BCE loss,
+  drop path at ResNet strikes back A1's rate and an EMA updated every step.
+* ``--compare-grad-accum K``: the same step taking its batch as K micro-batches
+  (``grad_accum_steps``); the ratio of images/s is what accumulation costs per image.
 * ``--rounds R``: the contenders take turns R times (order reversed every round) and medians are
   over all rounds, so load changes on a shared machine hit them alike.
 * ``--measure-cache``: runs the benchmark twice in fresh processes sharing an empty persistent
@@ -127,6 +131,18 @@ def _add_comparison_flags(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also time the resnet_jax.nnx model (split + jax.jit, and nnx.jit)",
     )
+    p.add_argument(
+        "--compare-recipe",
+        action="store_true",
+        help="also time the step with BCE loss, drop path and an EMA of the weights (issue 43's extras)",
+    )
+    p.add_argument(
+        "--compare-grad-accum",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also time the step with grad_accum_steps=K (K >= 2; K must divide --batch)",
+    )
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU")
 
 
@@ -175,6 +191,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("batch", "image_size", "num_classes", "steps", "rounds"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.compare_grad_accum == 1 or args.compare_grad_accum < 0:
+        p.error("--compare-grad-accum must be >= 2 (0: off)")
+    if args.compare_grad_accum and args.batch % args.compare_grad_accum:
+        p.error(f"--compare-grad-accum {args.compare_grad_accum} must divide --batch {args.batch}")
+    if args.compare_grad_accum and args.dtype == "float16":
+        p.error("--compare-grad-accum does not run with --dtype float16 (its loss scaling)")
     if args.warmup < 1:
         p.error("--warmup must be >= 1 (the first step is never timed)")
     return args

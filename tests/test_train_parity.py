@@ -66,22 +66,35 @@ def _config(**fields):
     return config
 
 
-def test_adamw_bce_grad_clip_cutmix_minmax_and_backbone_multiplier_equal_pytorch():
+@pytest.mark.parametrize(
+    "backbone",
+    [
+        {"backbone_lr_multiplier": 0.1},
+        # PyTorch's clip_grad_norm_ then sees only the head's gradients (the frozen parameters
+        # have none), so the norm clipped is the head's alone.
+        {"freeze_backbone": True},
+    ],
+    ids=["backbone_at_a_tenth", "frozen_backbone"],
+)
+def test_adamw_bce_grad_clip_cutmix_minmax_and_backbone_multiplier_equal_pytorch(backbone):
     """``torch.optim.AdamW``, timm's ``BinaryCrossEntropy`` (target threshold) on cutmix targets
     (timm's ``rand_bbox_minmax`` boxes, per pair), ``clip_grad_norm_`` (a small norm, so it clips),
-    the backbone at a tenth of the rate, and timm's polynomial schedule."""
+    the backbone at a tenth of the rate or frozen (``requires_grad=False`` in PyTorch), and timm's
+    polynomial schedule."""
     config = _config(
         optimizer="adamw", learning_rate=0.01, weight_decay=0.05, loss="bce", bce_target_threshold=0.2,
-        cutmix_minmax=(0.2, 0.8), mixup_mode="pair", grad_clip_norm=0.02, backbone_lr_multiplier=0.1,
-        lr_schedule="polynomial", end_learning_rate=1e-4, warmup_epochs=0.0, num_epochs=4,
+        cutmix_minmax=(0.2, 0.8), mixup_mode="pair", grad_clip_norm=0.02, lr_schedule="polynomial",
+        end_learning_rate=1e-4, warmup_epochs=0.0, num_epochs=4, **backbone,
     )  # fmt: skip
     with jax.enable_x64(True):
         result = parity.run_parity(config, steps=3, image_size=16, batch=8)
     assert result["ok"], parity.format_table(result)
     assert result["max_diff"] < 1e-10
     assert all(len(r["lam"]) == 4 and r["masks"] == 0 for r in result["rows"])  # 4 pairs, no masks
-    norms = [r["grad_norm"] for r in result["rows"]]
+    norms = [r["torch_clipped_norm"] for r in result["rows"]]
     assert all(n > 0.02 for n in norms), norms  # clipped every step
+    if "freeze_backbone" in backbone:  # the head's norm, below that of every gradient (ours)
+        assert all(r["torch_clipped_norm"] < r["grad_norm"] for r in result["rows"]), result["rows"]
     assert result["rows"][2]["learning_rate"] < result["rows"][0]["learning_rate"] == 0.01
 
 
@@ -92,10 +105,6 @@ def test_adamw_bce_grad_clip_cutmix_minmax_and_backbone_multiplier_equal_pytorch
             {"model.overrides.attn_layer": "se"},
             "config.model.overrides.attn_layer: not yet checked by train.parity; it checks stage_sizes, "
             "small_stem, zero_init_residual, bn_variance, bn_recompute, bn_fused.",
-        ),
-        (
-            {"freeze_backbone": True, "grad_clip_norm": 1.0},
-            "config.freeze_backbone with config.grad_clip_norm: not yet checked by train.parity.",
         ),
     ],
 )
@@ -119,21 +128,26 @@ def test_a_field_unknown_to_the_check_is_refused_when_set():
     assert parity.unsupported(_config()) is None
 
 
-def test_lamb_timm_warmup_min_lr_grad_accum_and_ema_warmup_equal_pytorch():
+def test_lamb_timm_warmup_min_lr_grad_accum_drop_path_and_ema_warmup_equal_pytorch():
     """timm's ``Lamb`` (its own clipping at ``max_grad_norm``) under timm's ``CosineLRScheduler``
     (an absolute ``warmup_lr_init``, ``lr_min``, ``warmup_prefix=False``), two backward passes of
-    loss / 2 on the rows 0, 2 and 1, 3 before each step, and timm's ``ModelEmaV3`` with its decay
+    loss / 2 on the rows 0, 2 and 1, 3 before each step, each with its own drop-path and dropout
+    masks (drawn inside our micro-batches' scan), and timm's ``ModelEmaV3`` with its decay
     warm-up: parameters, BatchNorm statistics and the EMA within 1e-10 of PyTorch's."""
     config = _config(
         optimizer="lamb", learning_rate=0.01, weight_decay=0.02, opt_eps=1e-6, lamb_max_grad_norm=0.5,
         warmup_epochs=1.0, warmup_lr=0.001, min_lr=0.002, warmup_prefix=False, num_epochs=4,
-        grad_accum_steps=2, ema_decay=0.9, ema_warmup=True,
+        grad_accum_steps=2, ema_decay=0.9, ema_warmup=True, **{"model.drop_path_rate": 0.5},
+        **{"model.drop_rate": 0.5},
     )  # fmt: skip
     with jax.enable_x64(True):
         result = parity.run_parity(config, steps=3, image_size=16, batch=4)
     assert result["ok"], parity.format_table(result)
     rows = result["rows"]
     assert max(max(r["params_diff"], r["batch_stats_diff"], r["ema_diff"]) for r in rows) < 1e-10
+    # Per micro-batch: the second block's drop path and the head's dropout, as timm asked for them.
+    assert all(r["masks"] == 4 and r["masks_match"] for r in rows), rows
+    assert sum(r["dropped"] for r in rows) > 0
     # The warm-up's start rate, then the cosine read at steps 1 and 2 of 4 (no prefix), from the
     # peak 0.01 to min_lr 0.002.
     expected = [0.001, 0.002 + 0.004 * (1 + math.cos(math.pi / 4)), 0.006]

@@ -103,8 +103,8 @@ def _wait_for_step(proc: subprocess.Popen, workdir, step: int, timeout: float = 
 
 
 def _sigkill_mid_epoch(proc: subprocess.Popen, workdir) -> None:
-    """SIGKILL the run once it has logged step 16: past the checkpoint at step 14, inside epoch 0
-    (which ends at step 22), so its restart resumes mid-epoch; no warning reaches it."""
+    """SIGKILL the run once it has logged step 16: past the checkpoint at step 14, inside an epoch
+    (the digits' epoch 0 ends at step 22), so its restart resumes mid-epoch; no warning reaches it."""
     try:
         _wait_for_step(proc, workdir, 16)
         proc.send_signal(signal.SIGKILL)
@@ -115,10 +115,10 @@ def _sigkill_mid_epoch(proc: subprocess.Popen, workdir) -> None:
     assert proc.returncode == -signal.SIGKILL
 
 
-def _assert_same_params(workdir, reference, ema: bool = False) -> None:
+def _assert_same_params(workdir, reference, ema: bool = False, step: int = STEPS) -> None:
     for weights in (False, True) if ema else (False,):  # the trained weights, and the EMA's
-        got = checkpoint.restore_variables(workdir, STEPS, ema=weights)
-        want = checkpoint.restore_variables(reference, STEPS, ema=weights)
+        got = checkpoint.restore_variables(workdir, step, ema=weights)
+        want = checkpoint.restore_variables(reference, step, ema=weights)
         flat_got, tree_got = _flatten(got)
         flat_want, tree_want = _flatten(want)
         assert tree_got == tree_want
@@ -171,9 +171,31 @@ def test_sigkill_mid_epoch_then_restart_is_bitwise_identical(reference, tmp_path
         assert after[f"goodput/{part}_s"] > before[f"goodput/{part}_s"], part
 
 
-# Issue 43's ingredients so far: drop path (two blocks, so the second has a rate), dropout, timm's
-# BCE with smoothing and threshold, AdamW, gradient clipping, the EMA with timm's warm-up.
+# Issues 43's and 44's ingredients together: drop path (two blocks, so the second has a rate),
+# dropout, timm's BCE with smoothing and threshold, timm's LAMB (its own clipping) after
+# clip_grad_norm_, two micro-batches per update, the EMA with timm's warm-up; mixup and cutmix,
+# timm's RandAugment string, random erasing and repeated augmentation. The per-image ops read an
+# image folder (the digits source has none of them): 72 images in 3 classes, batch 8, so an
+# epoch is 9 steps, the checkpoint the kill leaves (14) is inside epoch 1, and the resumed run
+# crosses into epoch 2 before it ends at step 20. Accumulation is inside one jitted step, so
+# every checkpoint follows a whole update: no half-accumulated gradient can be lost.
+RECIPE_CLASSES, RECIPE_IMAGES_PER_CLASS, RECIPE_BATCH, RECIPE_STEPS = 3, 24, 8, 20
+RECIPE_STEPS_PER_EPOCH = RECIPE_CLASSES * RECIPE_IMAGES_PER_CLASS // RECIPE_BATCH
 RECIPE = [
+    f"--config.num_train_steps={RECIPE_STEPS}",
+    "--config.dataset=image_folder",
+    "--config.grain_worker_count=0",
+    f"--config.batch_size={RECIPE_BATCH}",
+    "--config.image_size=8",  # as small as the digits' images
+    "--config.train_augment=inception_crop",
+    "--config.random_flip=True",
+    "--config.auto_augment=rand-m9-mstd0.5-inc1",
+    "--config.random_erase_prob=0.5",
+    "--config.random_erase_mode=pixel",
+    "--config.aug_repeats=2",
+    "--config.mixup_alpha=0.8",
+    "--config.cutmix_alpha=1.0",
+    "--config.mixup_switch_prob=0.5",
     "--config.ema_decay=0.9",
     "--config.ema_warmup=True",
     "--config.model.overrides.stage_sizes=(1,1)",
@@ -182,23 +204,50 @@ RECIPE = [
     "--config.loss=bce",
     "--config.label_smoothing=0.1",
     "--config.bce_target_threshold=0.2",
-    "--config.optimizer=adamw",
+    "--config.optimizer=lamb",
     "--config.learning_rate=0.003",
-    "--config.weight_decay=0.05",
+    "--config.weight_decay=0.02",
+    "--config.lamb_max_grad_norm=1.0",
     "--config.grad_clip_norm=1.0",
+    "--config.grad_accum_steps=2",
 ]
 
 
+def _write_image_folder(root: Path) -> None:
+    """ROOT/train/<class>/ (PNG and JPEG, 16x16 RGB: a class colour plus noise; the crops are
+    resized to 8x8) and a small val/."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    colours = rng.integers(0, 256, (RECIPE_CLASSES, 3))
+    for split, count in (("train", RECIPE_IMAGES_PER_CLASS), ("val", 2)):
+        for c, colour in enumerate(colours):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(colour + rng.normal(0, 40, (16, 16, 3)), 0, 255).astype(np.uint8)
+                suffix = ".png" if i % 2 else ".jpg"
+                Image.fromarray(pixels).save(folder / f"{i}{suffix}")
+
+
 def test_sigkill_with_recipe_features_on_resumes_bitwise(tmp_path):
-    """Random draws keyed on (seed, step), the AdamW state and the EMA survive a SIGKILL mid-epoch."""
+    """Random draws keyed on (seed, step) and (seed, epoch, example), the LAMB state and the EMA
+    survive a SIGKILL mid-epoch."""
+    _write_image_folder(tmp_path / "images")
+    recipe = [*RECIPE, f"--config.data_dir={tmp_path / 'images'}"]
     reference = str(tmp_path / "reference")
-    assert _run(reference, *RECIPE).returncode == 0
+    done = _run(reference, *recipe)
+    assert done.returncode == 0, done.stderr[-3000:]
     workdir = str(tmp_path / "killed")
-    _sigkill_mid_epoch(_start(workdir, *RECIPE, "--config.debug_step_delay_s=0.05"), workdir)
-    restart = _run(workdir, *RECIPE)
+    # Slower steps: the kill at step 16 must land well before the run ends at step 20.
+    _sigkill_mid_epoch(_start(workdir, *recipe, "--config.debug_step_delay_s=0.15"), workdir)
+    assert RECIPE_STEPS not in checkpoint.Checkpointer(workdir, read_only=True).all_steps()
+    restart = _run(workdir, *recipe)
     assert restart.returncode == 0, restart.stderr[-3000:]
-    assert 0 < int(restart.stdout.split("Resuming from checkpoint step ")[1].split()[0]) < STEPS
-    _assert_same_params(workdir, reference, ema=True)
+    resumed = int(restart.stdout.split("Resuming from checkpoint step ")[1].split()[0])
+    assert resumed < 2 * RECIPE_STEPS_PER_EPOCH < RECIPE_STEPS, resumed  # crosses an epoch's end
+    assert 0 < resumed and resumed % RECIPE_STEPS_PER_EPOCH != 0, resumed  # from inside an epoch
+    _assert_same_params(workdir, reference, ema=True, step=RECIPE_STEPS)
 
 
 @_SHARES_REFERENCE

@@ -3,8 +3,12 @@ update from k micro-batches, as a PyTorch loop does with k forward/backward pass
 divided by k) before one ``optimizer.step()``.
 
 The micro-batches are taken in turn by ``jax.lax.scan``, so only one micro-batch's activations
-are alive at a time. Each micro-batch's forward normalises with its own BatchNorm statistics and
-updates the running statistics, k times per step, as k PyTorch forwards in train mode do.
+are alive at a time. On a CPU the scan is unrolled (``unroll=True``): XLA:CPU runs convolutions
+inside a loop body on a much slower path than the same convolutions outside one
+(jax-ml/jax#12868), and memory is rarely what a CPU run lacks. Unrolling changes neither the
+order of the micro-batches nor that of the gradients' sums. Each micro-batch's forward
+normalises with its own BatchNorm statistics and updates the running statistics, k times per
+step, as k PyTorch forwards in train mode do.
 
 Micro-batch ``j`` holds the rows ``i`` with ``i % k == j``. Every device's contiguous shard of the
 batch (under jit over a mesh, or its own batch under pmap) then holds an equal share of each
@@ -48,11 +52,14 @@ def accumulated_value_and_grad(
     batch_stats: PyTree,
     batch: Mapping[str, jax.Array],
     rngs: dict,
+    *,
+    unroll: bool = False,
 ) -> tuple[tuple[jax.Array, tuple[jax.Array, PyTree]], PyTree]:
     """``grad_fn`` (``jax.value_and_grad`` of the step's ``loss_fn(params, batch_stats, batch,
     rngs)`` with ``(logits, batch_stats)`` as aux) over k micro-batches, in the same form: the
     mean loss, all rows' logits in batch order, the running statistics after k updates, and the
-    mean gradient. Dropout keys are folded with the micro-batch index."""
+    mean gradient. Dropout keys are folded with the micro-batch index. ``unroll``: the loop
+    unrolled in the compiled program (for XLA:CPU), the same computation."""
     micro = split(batch, k)
 
     def body(carry, xs):
@@ -65,6 +72,6 @@ def accumulated_value_and_grad(
         return (stats, jax.tree.map(jnp.add, grad_sum, grads)), (loss, logits)
 
     init = (batch_stats, jax.tree.map(jnp.zeros_like, params))
-    (stats, grad_sum), (losses, logits) = jax.lax.scan(body, init, (jnp.arange(k), micro))
+    (stats, grad_sum), (losses, logits) = jax.lax.scan(body, init, (jnp.arange(k), micro), unroll=unroll)
     grads = jax.tree.map(lambda g: g / k, grad_sum)
     return (jnp.mean(losses), (merge(logits), stats)), grads

@@ -218,6 +218,7 @@ def build_steps(
         input_stats=input_stats,
         mixup=MixupOptions.from_config(config, info.num_classes),
         grad_accum_steps=int(config.grad_accum_steps),
+        grad_accum_unroll=(platform or jax.default_backend()) == "cpu",
     )
     train_step = ema.wrap_train_step(train_step, ema_schedule)  # the EMA after the update
     return Steps(model, dtype, tx, schedule, create_state, train_step, eval_step)

@@ -10,12 +10,16 @@
   are excluded from weight decay (and from trust-ratio scaling) unless
   ``weight_decay_on_bn_and_bias``.
 * ``grad_clip_norm`` > 0 scales the gradients to at most this global norm first, as
-  ``torch.nn.utils.clip_grad_norm_`` does before ``optimizer.step()``.
+  ``torch.nn.utils.clip_grad_norm_`` does before ``optimizer.step()``. With ``freeze_backbone``
+  the norm is the head's alone: PyTorch's frozen parameters (``requires_grad=False``) have no
+  gradient for ``clip_grad_norm_(model.parameters())`` to count, as timm's ``Lamb`` has none for
+  its own clipping either.
 * fine-tuning: ``freeze_backbone`` or ``backbone_lr_multiplier`` (everything but ``fc``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -42,16 +46,23 @@ def head_labels(params: Any) -> Any:
     }
 
 
-def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+def clip_by_global_norm(
+    max_norm: float, counted: Callable[[Any], Any] | None = None
+) -> optax.GradientTransformation:
     """``torch.nn.utils.clip_grad_norm_``: the gradients times ``min(1, max_norm / (norm + 1e-6))``.
     (``optax.clip_by_global_norm`` divides by the norm itself, which differs by about 1e-6
-    relative from PyTorch whenever it clips.)"""
+    relative from PyTorch whenever it clips.)
+
+    ``counted``, a function of the gradients' tree giving a tree of Python bools, picks the
+    gradients that ``clip_grad_norm_`` is given: only they enter the norm and are scaled (None:
+    all of them)."""
 
     def update(updates, state, params=None):
         del params
-        norm = optax.tree.norm(updates)
+        picked = jax.tree.map(lambda _: True, updates) if counted is None else counted(updates)
+        norm = optax.tree.norm(jax.tree.map(lambda g, c: g if c else jnp.zeros_like(g), updates, picked))
         coef = jnp.minimum(max_norm / (norm + 1e-6), 1.0)
-        return jax.tree.map(lambda g: g * coef.astype(g.dtype), updates), state
+        return jax.tree.map(lambda g, c: g * coef.astype(g.dtype) if c else g, updates, picked), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
@@ -59,7 +70,8 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
 def create_optimizer(config: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
     """The optimizer; with ``freeze_backbone`` or ``backbone_lr_multiplier`` the backbone gets
     zero updates (and no optimizer state) or its updates scaled (``optax.multi_transform``);
-    ``grad_clip_norm`` clips the gradients of all parameters first."""
+    ``grad_clip_norm`` clips the gradients first: of all parameters, or of the head's alone when
+    the backbone is frozen (the gradients a PyTorch run has)."""
     tx = _optimizer(config, schedule)
     freeze = bool(config.freeze_backbone)
     multiplier = float(config.backbone_lr_multiplier)
@@ -73,7 +85,10 @@ def create_optimizer(config: Any, schedule: optax.Schedule) -> optax.GradientTra
     if lamb_clip and not freeze:
         tx = optax.chain(timm_lamb_clip(float(config.lamb_max_grad_norm)), tx)
     if config.grad_clip_norm:
-        tx = optax.chain(clip_by_global_norm(float(config.grad_clip_norm)), tx)
+        # Masked rather than moved into the head's branch: the optimizer state keeps its tree.
+        head = lambda grads: jax.tree.map(lambda label: label == "head", head_labels(grads))  # noqa: E731
+        clip = clip_by_global_norm(float(config.grad_clip_norm), counted=head if freeze else None)
+        tx = optax.chain(clip, tx)
     return tx
 
 

@@ -105,15 +105,9 @@ def unsupported(config: Any) -> str | None:
             return (
                 f"config.model.overrides.{key}: {note}; it checks {', '.join(parity_torch.MODEL_OVERRIDES)}."
             )
-    if config.grad_accum_steps > 1 and (config.model.drop_rate or config.model.drop_path_rate):
-        # Their masks are drawn inside the micro-batches' scan, where they cannot be recorded.
-        return f"config.grad_accum_steps with dropout or drop path: {note}."
     problem = parity_schedules.refusal(config)
     if problem:
         return f"{problem}: {note}."
-    if config.freeze_backbone and config.grad_clip_norm:
-        # PyTorch's clip_grad_norm_ sees only the trained (head) gradients; ours clips all.
-        return f"config.freeze_backbone with config.grad_clip_norm: {note}."
     return None
 
 
@@ -138,12 +132,18 @@ def _info(num_classes: int, image_size: int, channels: int):
 def _recording_draws(out: dict[str, Any]):
     """While our step is traced: the mixup draws (``train.mixup.draw``'s result) and every
     ``jax.random.bernoulli`` mask (the model's drop path and dropout), as traced values that the
-    jitted step then returns beside its own outputs."""
+    jitted step then returns beside its own outputs.
+
+    A mask drawn inside ``jax.lax.scan`` (``grad_accum_steps``: one forward per micro-batch,
+    ``train/accum.py``) is a value of the scan's body: the scan is run with a body that also
+    returns the masks it drew, stacked over the micro-batches, and they are listed micro-batch by
+    micro-batch, the order of the PyTorch side's forwards."""
     import jax
 
     from train import mixup
 
-    real_draw, real_bernoulli = mixup.draw, jax.random.bernoulli
+    real_draw, real_bernoulli, real_scan = mixup.draw, jax.random.bernoulli, jax.lax.scan
+    masks: list[list] = [out.setdefault("masks", [])]  # the innermost scan's list last
 
     def draw(*args, **kwargs):
         out["mix"] = real_draw(*args, **kwargs)
@@ -151,14 +151,28 @@ def _recording_draws(out: dict[str, Any]):
 
     def bernoulli(key, p=0.5, shape=None, **kwargs):
         mask = real_bernoulli(key, p, shape, **kwargs)
-        out.setdefault("masks", []).append((p, mask))
+        masks[-1].append((p, mask))
         return mask
 
-    mixup.draw, jax.random.bernoulli = draw, bernoulli
+    def scan(f, init, xs=None, length=None, **kwargs):
+        def body(carry, x):
+            masks.append([])
+            try:
+                carry, y = f(carry, x)
+            finally:
+                drawn = masks.pop()
+            return carry, (y, [(jax.numpy.asarray(p), m) for p, m in drawn])
+
+        carry, (ys, drawn) = real_scan(body, init, xs, length, **kwargs)
+        count = jax.tree.leaves((xs, ys))[0].shape[0] if length is None else length
+        masks[-1].extend((p[j], m[j]) for j in range(count) for p, m in drawn)
+        return carry, ys
+
+    mixup.draw, jax.random.bernoulli, jax.lax.scan = draw, bernoulli, scan
     try:
         yield out
     finally:
-        mixup.draw, jax.random.bernoulli = real_draw, real_bernoulli
+        mixup.draw, jax.random.bernoulli, jax.lax.scan = real_draw, real_bernoulli, real_scan
 
 
 def _our_side(config: Any, info: Any, steps_per_epoch: int, total_steps: int):
@@ -296,8 +310,11 @@ def _compare(config: Any, steps: int, size: dict, steps_per_epoch: int, referenc
                 part = loss_fn(model(x[j::accum]), target[j::accum]) / accum
                 part.backward()
                 loss = loss + part.detach()
+        clipped_norm = None  # the norm PyTorch clips: of the gradients it has (not a frozen backbone's)
         if config.grad_clip_norm:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), float(config.grad_clip_norm))
+            clipped_norm = float(
+                torch.nn.utils.clip_grad_norm_(model.parameters(), float(config.grad_clip_norm))
+            )
         opt.step()
         scheduler.after(i + 1)
         if torch_ema is not None:
@@ -322,6 +339,7 @@ def _compare(config: Any, steps: int, size: dict, steps_per_epoch: int, referenc
                 "loss_diff": abs(float(metrics["loss"]) - float(loss.detach())),
                 "learning_rate": our_lr,
                 "grad_norm": float(metrics["grad_norm"]),  # ours, before clipping
+                "torch_clipped_norm": clipped_norm,
                 "lr_diff": abs(our_lr - lr),
                 "params_diff": max(params.values()),
                 "worst_param": max(params, key=params.get),

@@ -230,6 +230,7 @@ def make_train_step(
     input_stats: InputStats | None = None,
     mixup: MixupOptions | None = None,
     grad_accum_steps: int = 1,
+    grad_accum_unroll: bool = False,
 ) -> StepFn:
     """Return the pure ``train_step(state, batch) -> (state, metrics)``.
 
@@ -262,6 +263,8 @@ def make_train_step(
         grad_accum_steps: k > 1 splits each (per-device) batch into k micro-batches after mixup,
             their gradients averaged into one update (``train/accum.py``); not with float16
             loss scaling.
+        grad_accum_unroll: The micro-batches' loop unrolled in the compiled step: for a CPU
+            backend, where XLA runs convolutions in a loop body slowly (``train/accum.py``).
     """
 
     per_example_loss = make_loss(
@@ -298,7 +301,13 @@ def make_train_step(
                 raise ValueError("grad_accum_steps > 1 does not support float16 loss scaling.")
             grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
             (loss, (logits, batch_stats)), grads = accum.accumulated_value_and_grad(
-                grad_fn, grad_accum_steps, state.params, state.batch_stats, batch, rngs
+                grad_fn,
+                grad_accum_steps,
+                state.params,
+                state.batch_stats,
+                batch,
+                rngs,
+                unroll=grad_accum_unroll,
             )
             if axis_name is not None:
                 grads = jax.lax.pmean(grads, axis_name)
