@@ -24,6 +24,12 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("RESNET_JAX_CACHE_DIR", _XLA_CACHE)  # the training program's default
 
+# threefry2x32 as JAX generated it before 0.5 (not "partitionable"): the same generator and the
+# same guarantees (a key gives the same values on any mesh), but XLA:CPU compiles its kernels
+# several times faster, and every model init in the suite compiles them for each new parameter
+# shape (BENCHMARKS.md, "Compile time of random init on a CPU").
+os.environ.setdefault("JAX_THREEFRY_PARTITIONABLE", "0")
+
 
 @pytest.fixture
 def x64():

@@ -562,3 +562,25 @@ def test_program_hash_is_the_same_for_the_same_program_and_differs_for_another()
     b = a.clone(stage_sizes=(1, 2))
     assert program_hash.linen_fingerprint(a, 32) == program_hash.linen_fingerprint(a.clone(), 32)
     assert program_hash.linen_fingerprint(a, 32) != program_hash.linen_fingerprint(b, 32)
+
+
+def test_init_compile_times_every_generator_in_every_round(capsys):
+    """benchmarks.init_compile: every generator compiled in each round, medians and ratios as its
+    JSON says. The threefry form it sets last is put back (conftest.py chooses the suite's)."""
+    import jax
+
+    from benchmarks import init_compile
+
+    before = jax.config.jax_threefry_partitionable
+    try:
+        r = init_compile.main(["--arch=resnet18", "--stage-sizes=1", "--image-size=16", "--rounds=2"])
+    finally:
+        jax.config.update("jax_threefry_partitionable", before)
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(r))
+    assert r["config"] == {"image_size": 16, "stage_sizes": [1], "rounds": 2}
+    row = r["resnet18"]
+    assert set(row["compile_s"]) == set(init_compile.GENERATORS)
+    assert all(len(t) == 2 and min(t) > 0 for t in row["compile_s"].values())
+    for g, m in row["median_s"].items():
+        assert m == pytest.approx(statistics.median(row["compile_s"][g]))
+        assert row["ratio_to_partitionable"][g] == pytest.approx(m / row["median_s"]["threefry_partitionable"])

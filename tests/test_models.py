@@ -108,6 +108,12 @@ def test_stem_options_are_validated():
         resnet_jax.resnet18d(small_stem=True).init(jax.random.key(0), x, train=False)
 
 
+def _init(model, x, seed=0):
+    """``model.init`` under ``jax.jit``: one program, where an eager init compiles every op and
+    every parameter shape's random kernel on its own."""
+    return jax.jit(functools.partial(model.init, train=False))(jax.random.key(seed), x)
+
+
 def _filled(model, x, seed=0):
     """Variables of ``model`` for input ``x``, random but without running its init: the shapes
     from ``jax.eval_shape``, the values from NumPy (variances positive). Calling a deep model's
@@ -168,12 +174,15 @@ def test_resnetbase_labml_strides_only_first_block():
 def test_batch_stats_only_in_their_collection_and_eval_needs_no_mutable():
     model = resnet_jax.resnet18(num_classes=5)
     x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
-    variables = model.init(jax.random.key(0), x, train=False)
+    variables = _init(model, x)
     assert set(variables) == {"params", "batch_stats"}
     leaf_names = {p[-1].key for p, _ in jax.tree_util.tree_leaves_with_path(variables["batch_stats"])}
     assert leaf_names == {"mean", "var"}
-    chex.assert_shape(model.apply(variables, x, train=False), (4, 5))
-    logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    passes = jax.jit(
+        lambda v, x: (model.apply(v, x, train=False), model.apply(v, x, train=True, mutable=["batch_stats"]))
+    )
+    eval_logits, (logits, updates) = passes(variables, x)
+    chex.assert_shape(eval_logits, (4, 5))
     chex.assert_shape(logits, (4, 5))
     old = variables["batch_stats"]["bn1"]["mean"]
     assert not np.allclose(updates["batch_stats"]["bn1"]["mean"], old)
@@ -183,21 +192,26 @@ def test_bfloat16_compute_with_float32_params():
     x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
     f32 = resnet_jax.resnet18(num_classes=10)
     bf16 = resnet_jax.resnet18(num_classes=10, dtype=jnp.bfloat16)
-    variables = f32.init(jax.random.key(0), x, train=False)
-    bf_vars = bf16.init(jax.random.key(0), x, train=False)
+    variables = _init(f32, x)
+    bf_vars = jax.eval_shape(lambda: bf16.init(jax.random.key(0), x, train=False))
     assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(bf_vars))
-    feats = bf16.apply(variables, x, train=False, method="features")
+    passes = jax.jit(
+        lambda v, x: (
+            bf16.apply(v, x, train=False, method="features"),
+            bf16.apply(v, x, train=False),
+            f32.apply(v, x, train=False),
+        )
+    )
+    feats, logits, ref = passes(variables, x)
     assert feats["layer3"].dtype == jnp.bfloat16
-    logits = bf16.apply(variables, x, train=False)
     assert logits.dtype == jnp.float32
-    ref = f32.apply(variables, x, train=False)
     rel = float(jnp.linalg.norm(logits - ref) / jnp.linalg.norm(ref))
     assert 0 < rel < 5e-2  # bfloat16 has an 8-bit mantissa: close, but not equal
 
 
 def test_kaiming_fan_out_and_torch_linear_init():
     model = resnet_jax.resnet50(num_classes=1000)
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    variables = _init(model, jnp.zeros((1, 32, 32, 3)))
     kernel = variables["params"]["layer4_0"]["conv2"]["kernel"]  # 3x3x512x512
     fan_out = 3 * 3 * 512
     np.testing.assert_allclose(float(jnp.std(kernel)), np.sqrt(2.0 / fan_out), rtol=0.02)
@@ -212,7 +226,7 @@ def test_kaiming_fan_out_and_torch_linear_init():
 def test_zero_init_residual_zeroes_last_bn_of_each_branch():
     for arch, last in (("resnet18", "bn2"), ("resnet50", "bn3")):
         model = getattr(resnet_jax, arch)(zero_init_residual=True)
-        params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)["params"]
+        params = _init(model, jnp.zeros((1, 32, 32, 3)))["params"]
         blocks = [k for k in params if k.startswith("layer")]
         assert all(float(jnp.abs(params[b][last]["scale"]).max()) == 0.0 for b in blocks)
         assert float(params["layer1_0"]["bn1"]["scale"].min()) == 1.0
@@ -261,20 +275,25 @@ def test_batchnorm_matches_torch_running_update_including_unbiased_variance():
 
 
 def test_batchnorm_axis_name_synchronises_statistics_across_shards():
-    x = jax.random.normal(jax.random.key(0), (8, 4, 4, 3)) * 2 + 1
+    x = jnp.asarray(np.random.default_rng(0).normal(1.0, 2.0, (8, 4, 4, 3)), jnp.float32)
     model = resnet_jax.resnet18(num_classes=4)
-    variables = model.init(jax.random.key(1), x, train=False)
-    full, full_upd = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    variables = _filled(model, x)
     synced = model.clone(axis_name="batch")
-    apply = functools.partial(synced.apply, train=True, mutable=["batch_stats"])
     shards = x.reshape(4, 2, *x.shape[1:])
-    out, upd = jax.vmap(apply, in_axes=(None, 0), axis_name="batch")(variables, shards)
+
+    @jax.jit  # one program for the three passes (run eagerly, each op would compile alone)
+    def passes(variables, x, shards):
+        full = model.apply(variables, x, train=True, mutable=["batch_stats"])
+        apply = functools.partial(synced.apply, train=True, mutable=["batch_stats"])
+        sharded = jax.vmap(apply, in_axes=(None, 0), axis_name="batch")(variables, shards)
+        # without the axis name each shard normalises alone, which differs
+        local = jax.vmap(functools.partial(model.apply, train=True, mutable=["batch_stats"]), in_axes=(None, 0))
+        return full, sharded, local(variables, shards)
+
+    (full, full_upd), (out, upd), (out_local, _) = passes(variables, x, shards)
     chex.assert_trees_all_close(out.reshape(full.shape), full, rtol=2e-4, atol=2e-5)
     first = jax.tree.map(lambda a: a[0], upd)
     chex.assert_trees_all_close(first, full_upd, rtol=2e-4, atol=1e-5)
-    # without the axis name each shard normalises alone, which differs
-    local = jax.vmap(functools.partial(model.apply, train=True, mutable=["batch_stats"]), in_axes=(None, 0))
-    out_local, _ = local(variables, shards)
     assert not np.allclose(out_local.reshape(full.shape), full, atol=1e-3)
 
 
@@ -322,7 +341,7 @@ def test_speed_options_leave_values_unchanged_at_float64():
                 param_dtype=jnp.float64,
                 **options,
             )
-            variables = model.init(jax.random.key(0), x, train=False)
+            variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x)
 
             def loss_fn(params, stats, model=model):
                 logits, upd = model.apply(
@@ -331,11 +350,16 @@ def test_speed_options_leave_values_unchanged_at_float64():
                 loss = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
                 return loss, (logits, upd["batch_stats"])
 
+            @jax.jit  # compiled once per variant (eagerly, each op would compile alone)
+            def step(params, stats, loss_fn=loss_fn):
+                grads, (logits, stats) = jax.grad(loss_fn, has_aux=True)(params, stats)
+                return jax.tree.map(lambda p, g: p - 0.1 * g, params, grads), (logits, grads, stats)
+
             params, stats, trace = variables["params"], variables["batch_stats"], []
             for _ in range(3):
-                grads, (logits, stats) = jax.grad(loss_fn, has_aux=True)(params, stats)
-                trace.append((logits, grads, stats))
-                params = jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
+                params, record = step(params, stats)
+                stats = record[2]
+                trace.append(record)
             runs[variant] = trace
         assert jax.tree.leaves(runs["shifted"])[0].dtype == jnp.float64
         for other in ("two_pass", "recompute_pad8"):
@@ -555,7 +579,7 @@ def test_fused_batch_norm_model_is_the_model():
             model = resnet_jax.ResNet(
                 num_classes=5, bn_fused=fused, dtype=jnp.float64, param_dtype=jnp.float64, **fields
             )
-            variables = model.init(jax.random.key(0), x, train=False)
+            variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x)
 
             def loss(params, model=model, variables=variables):
                 logits, upd = model.apply(
@@ -564,7 +588,7 @@ def test_fused_batch_norm_model_is_the_model():
                 nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1).mean()
                 return nll, (logits, upd)
 
-            (_, (logits, upd)), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
+            (_, (logits, upd)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
             out[fused] = (logits, upd["batch_stats"], grads)
 
             nmodel = rnnx.ResNet(
@@ -580,7 +604,7 @@ def test_fused_batch_norm_model_is_the_model():
             def nloss(m):
                 return -jnp.take_along_axis(jax.nn.log_softmax(m(x)), labels[:, None], 1).mean()
 
-            nloss_value, ngrads = nnx.value_and_grad(nloss)(nmodel)
+            nloss_value, ngrads = nnx.jit(nnx.value_and_grad(nloss))(nmodel)
             out["nnx", fused] = (nloss_value, nnx.state(nmodel, nnx.BatchStat), ngrads)
         for a, b in zip(jax.tree.leaves(out[True]), jax.tree.leaves(out[False]), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
