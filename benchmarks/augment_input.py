@@ -67,6 +67,7 @@ def reference_transform(recipe: str, image_size: int, re_prob: float) -> Any:
 
     if reference_name(recipe) == "timm":
         timm = import_reference("timm")
+        _keep_zero_bits_black(timm.data.auto_augment)
         return timm.data.create_transform(
             image_size, is_training=True, auto_augment=recipe, re_prob=re_prob, interpolation="random"
         )
@@ -92,6 +93,29 @@ def reference_transform(recipe: str, image_size: int, re_prob: float) -> Any:
             v2.ToPureTensor(),
         ]
     )
+
+
+def _keep_zero_bits_black(timm_aa: Any) -> None:
+    """Where Pillow refuses to posterize to 0 bits (Pillow 13), timm's ``PosterizeIncreasing``
+    raises at level 10 (a draw of ``mstd0.5`` about m9 clipped there): its posterize ops then
+    make the image black, as Pillow before 13 did and ``train/augment_timm.py`` does."""
+    from PIL import Image, ImageOps
+
+    try:
+        ImageOps.posterize(Image.new("RGB", (1, 1)), 0)
+        return
+    except ValueError:
+        pass
+    original = timm_aa.posterize
+
+    def posterize(img: Any, bits_to_keep: int, **kwargs: Any) -> Any:
+        if bits_to_keep < 1:
+            return Image.new(img.mode, img.size)
+        return original(img, bits_to_keep, **kwargs)
+
+    for name, fn in list(timm_aa.NAME_TO_OP.items()):
+        if fn is original:
+            timm_aa.NAME_TO_OP[name] = posterize
 
 
 def time_reference(args: argparse.Namespace, recipe: str, root: str, seed: int) -> dict[str, Any]:
@@ -293,7 +317,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for recipe in args.recipes:
         if recipe not in TORCHVISION_POLICIES and not recipe.startswith("rand-"):
             p.error(
-                f"--recipes: unknown {recipe!r}; choose from {', '.join(TORCHVISION_POLICIES)} or timm's 'rand-...'"
+                f"--recipes: unknown {recipe!r}; choose from "
+                f"{', '.join(TORCHVISION_POLICIES)} or timm's 'rand-...' strings"
             )
     for name in ("num_images", "image_size", "batch", "total_images", "rounds"):
         if getattr(args, name) < 1:
