@@ -47,7 +47,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from benchmarks.input_pipeline import _core_counts, ensure_jpegs
-from benchmarks.report import emit_json, host_environment, pin_to_cores
+from benchmarks.report import available_cpus, emit_json, host_environment, pin_to_cores
 
 # The images/s of one H100 training ResNet-50 that issue 44 sizes the host for.
 MODEL_RATE_IMAGES_PER_S = 7000.0
@@ -127,7 +127,7 @@ def time_reference(args: argparse.Namespace, recipe: str, root: str, seed: int) 
 
     from benchmarks.input_workers import _rate_record, _time_batches
 
-    workers = len(os.sched_getaffinity(0))
+    workers = len(available_cpus())
     dataset = ImageFolder(
         os.path.join(root, "train"), reference_transform(recipe, args.image_size, args.re_prob)
     )
