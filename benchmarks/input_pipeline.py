@@ -58,7 +58,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from benchmarks.input_workers import GRAIN_VARIANTS, VARIANTS, _tf, run_worker
-from benchmarks.report import available_cpus, emit_json, host_environment
+from benchmarks.report import available_cpus, emit_json, host_environment, pin_to_cores
 
 GPU_TARGET_IMAGES_PER_S = 7200.0  # ResNet-50 bfloat16 training on one H100 (BENCHMARKS.md)
 
@@ -135,6 +135,17 @@ def write_jpegs(directory: str, count: int, seed: int = 0, quality: int = 90) ->
     }
 
 
+def ensure_jpegs(directory: str, count: int, seed: int = 0) -> dict[str, Any]:
+    """The ``.jpg`` files already in ``directory`` (their count), else ``write_jpegs``' new ones."""
+    existing = glob.glob(os.path.join(directory, "*.jpg"))
+    if existing:
+        return {"count": len(existing), "note": f"existing files in {directory}"}
+    t = time.perf_counter()
+    jpegs = write_jpegs(directory, count, seed)
+    jpegs["generation_s"] = time.perf_counter() - t
+    return jpegs
+
+
 # ----------------------------------------------------------------------------------------------
 # Driver: one process per core count.
 
@@ -173,13 +184,7 @@ def run_all(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
         tmp = tempfile.TemporaryDirectory(prefix="resnet_jax_jpegs_")
         jpeg_dir = tmp.name
     try:
-        existing = glob.glob(os.path.join(jpeg_dir, "*.jpg"))
-        if existing:
-            jpegs = {"count": len(existing), "note": f"existing files in {jpeg_dir}"}
-        else:
-            t = time.perf_counter()
-            jpegs = write_jpegs(jpeg_dir, args.num_images, args.seed)
-            jpegs["generation_s"] = time.perf_counter() - t
+        jpegs = ensure_jpegs(jpeg_dir, args.num_images, args.seed)
         runs = []
         # -1: what the training program starts with grain_worker_count=-1 on that many cores; a
         # count that repeats within one variant and core count (-1,0 on two cores) runs once.
@@ -385,9 +390,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.worker:
-        if args.pin_cores and hasattr(os, "sched_setaffinity"):
-            # Before TensorFlow starts: its thread pools are sized from, and confined to, these.
-            os.sched_setaffinity(0, set(available_cpus()[: args.pin_cores]))
+        # Before TensorFlow starts: its thread pools are sized from, and confined to, these.
+        pin_to_cores(args.pin_cores)
         result = run_worker(args)
     else:
         result = run_all(args, argv)

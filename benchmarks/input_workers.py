@@ -206,10 +206,27 @@ def augment_fields(config: Any) -> Any:
     return AugmentOptions.from_config(config)
 
 
+def time_folder_training(
+    variant: str, config: Any, batch: int, total_images: int, warmup_batches: int
+) -> dict[str, Any]:
+    """``_rate_record`` of ``train/data/image_folder.py``'s training batches under ``config``
+    (``folder_config``, with any other training fields set): about ``total_images`` images in
+    whole batches of ``batch``, timed after the warm-up batches and each Grain worker's first."""
+    from train.data.image_folder import ImageFolderSource, worker_count
+
+    source = ImageFolderSource(config)
+    batches = max(total_images // batch, 1)
+    # The stream runs over epochs of the files without a pause, as in training.
+    it = iter(source.train_batches(config, batch, 0, 0, 1))
+    warmup = max(warmup_batches, 1) + 2 * worker_count(config)  # each worker's first batches
+    elapsed, cpu, last = _time_batches(it, warmup, batches)
+    it.close()
+    return _rate_record(variant, batches * batch, elapsed, last, cpu)
+
+
 def run_grain_worker(args: argparse.Namespace) -> dict[str, Any]:
     """Time ``train/data/image_folder.py``'s training batches with ``args.grain_workers`` workers."""
     from train.data import image_ops
-    from train.data.image_folder import ImageFolderSource
 
     if (args.variant == "grain_pillow") != (image_ops.simplejpeg is None):
         raise RuntimeError(
@@ -217,18 +234,12 @@ def run_grain_worker(args: argparse.Namespace) -> dict[str, Any]:
         )
 
     config = folder_config(args.jpeg_dir, args.image_size, args.grain_workers, args.seed)
-    source = ImageFolderSource(config)
-    batches = max(args.total_images // args.batch, 1)
-    # The stream runs over epochs of the files without a pause, as in training.
-    it = iter(source.train_batches(config, args.batch, 0, 0, 1))
-    warmup = max(args.warmup_batches, 1) + 2 * args.grain_workers  # each worker's first batches
-    elapsed, cpu, batch = _time_batches(it, warmup, batches)
-    it.close()
+    record = time_folder_training(args.variant, config, args.batch, args.total_images, args.warmup_batches)
     import grain
     import PIL
 
     return {
-        **_rate_record(args.variant, batches * args.batch, elapsed, batch, cpu),
+        **record,
         "grain_workers": args.grain_workers,
         "jpeg_decoder": "simplejpeg" if image_ops.simplejpeg is not None else "pillow",
         "grain": getattr(grain, "__version__", "?"),

@@ -360,6 +360,69 @@ def test_input_benchmark_on_a_few_jpegs(tmp_path):
     assert p["files"] == 4 and 0.08 <= p["mean_crop_area_fraction"] <= 1.0
 
 
+def test_augment_input_times_ours_and_the_references_alternating(tmp_path):
+    """``benchmarks.augment_input`` on four small JPEGs: both recipes, both sides, two rounds on
+    one pinned core; every run makes the images it was asked for, at the recipe's size (ours
+    HWC, the references' CHW, both normalised float32), and the summary is computed from them."""
+    pytest.importorskip("grain")
+    from PIL import Image
+
+    from benchmarks import augment_input
+
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        pixels = rng.integers(0, 256, (40 + 4 * i, 52, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / f"img_{i}.jpg", quality=90)
+    recipes = ["ta_wide", "rand-m9-mstd0.5-inc1"]
+    args = ["--cores=1", "--rounds=2", "--batch=2", "--total-images=4", "--image-size=32"]
+    r = _run("benchmarks.augment_input", *args, "--warmup-batches=1", f"--jpeg-dir={tmp_path}")
+    assert r["jpegs"]["count"] == 4 and r["config"]["images_per_run"] == 4
+    assert {"torch", "torchvision", "timm", "grain"} <= set(r["environment"])
+    runs = r["runs"]
+    sides = [(run["round"], run["recipe"], run["variant"]) for run in runs]
+    assert sides == [
+        (0, recipes[0], "ours"),
+        (0, recipes[0], "torchvision"),
+        (0, recipes[1], "ours"),
+        (0, recipes[1], "timm"),
+        (1, recipes[0], "torchvision"),  # the other side first in the next round
+        (1, recipes[0], "ours"),
+        (1, recipes[1], "timm"),
+        (1, recipes[1], "ours"),
+    ]
+    for run in runs:
+        assert run["cores"] == 1 and run["images"] == 4 and run["output_dtype"] == "float32"
+        if run["variant"] == "ours":
+            assert run["output_shape"] == [2, 32, 32, 3] and run["workers"] == 0  # the 1-core default
+            assert run["auto_augment"] == run["recipe"] and run["random_erase_prob"] == 0.1
+        else:
+            assert run["output_shape"] == [2, 3, 32, 32] and run["workers"] == 1
+    assert list(r["recipes"]) == recipes
+    for recipe in recipes:
+        summary = r["recipes"][recipe]
+        ref = summary["reference"]
+        assert ref == ("timm" if recipe.startswith("rand-") else "torchvision")
+        row = summary["1 core(s)"]
+        pairs = [
+            {
+                run["variant"]: run["images_per_s"]
+                for run in runs
+                if run["recipe"] == recipe and run["round"] == k
+            }
+            for k in (0, 1)
+        ]
+        assert row["ours_images_per_s"] == pytest.approx(
+            statistics.median(p["ours"] for p in pairs), abs=1e-3
+        )
+        assert row[f"{ref}_images_per_s"] == pytest.approx(statistics.median(p[ref] for p in pairs), abs=1e-3)
+        ratio = statistics.median(p["ours"] / p[ref] for p in pairs)
+        assert row[f"ours_over_{ref}"] == pytest.approx(ratio, abs=1e-3)
+        assert row["cores_for_model_rate"] == math.ceil(7000 / row["ours_images_per_s_per_core"])
+        assert summary["cores_one_accelerator_needs"] == row["cores_for_model_rate"]
+    with pytest.raises(SystemExit):
+        augment_input.parse_args(["--recipes=ta_wide,rand_m9"])
+
+
 def test_grain_threads_accounts_for_every_thread(tmp_path):
     pytest.importorskip("grain")
     from benchmarks.input_pipeline import write_jpegs
