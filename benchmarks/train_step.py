@@ -213,8 +213,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if args.compare_torch:
             # JAX would otherwise reserve 75% of GPU memory up front and starve PyTorch.
             os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-        if not args.no_compilation_cache:
-            compile_cache.enable_compilation_cache(args.compilation_cache)
+        compile_cache.enable_compilation_cache("off" if args.no_compilation_cache else args.compilation_cache)
         result = run(args)
     emit_json(result, args.output)
     return result

@@ -266,14 +266,22 @@ def test_measure_cache_cold_then_warm():
 
 
 def test_cache_dir_resolution(monkeypatch, tmp_path):
+    import jax
+
     monkeypatch.delenv(compile_cache.ENV_VAR, raising=False)
     default = os.path.expanduser(os.path.join("~", ".cache", "resnet_jax", "xla"))
     assert compile_cache.resolve_cache_dir() == default
     assert compile_cache.resolve_cache_dir(None) == default
     assert compile_cache.resolve_cache_dir(str(tmp_path)) == str(tmp_path)
-    for off in ("", "off", "None"):
-        assert compile_cache.resolve_cache_dir(off) is None
-        assert compile_cache.enable_compilation_cache(off) is None
+    suite_cache = jax.config.jax_compilation_cache_dir  # conftest.py's, through the environment
+    try:
+        for off in ("", "off", "None"):
+            jax.config.update("jax_compilation_cache_dir", str(tmp_path / "on"))
+            assert compile_cache.resolve_cache_dir(off) is None
+            assert compile_cache.enable_compilation_cache(off) is None
+            assert jax.config.jax_compilation_cache_dir is None  # off, whoever had turned it on
+    finally:
+        jax.config.update("jax_compilation_cache_dir", suite_cache)
     monkeypatch.setenv(compile_cache.ENV_VAR, str(tmp_path / "env"))
     assert compile_cache.resolve_cache_dir("auto") == str(tmp_path / "env")
     monkeypatch.setenv(compile_cache.ENV_VAR, "off")

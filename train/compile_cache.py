@@ -8,7 +8,8 @@ still run in every process; only the XLA compile is skipped.
 Directory: ``$RESNET_JAX_CACHE_DIR`` if set, else ``~/.cache/resnet_jax/xla``; a ``gs://`` path
 works too (JAX reads and writes its cache through etils.epath), e.g. a bucket that every host
 of a TPU slice shares. Passing ``''``,
-``'off'`` or ``'none'`` (or setting the environment variable to one of them) disables it. Call
+``'off'`` or ``'none'`` (or setting the environment variable to one of them) disables it, even
+where ``$JAX_COMPILATION_CACHE_DIR`` has turned JAX's cache on. Call
 :func:`enable_compilation_cache` once at start-up, before the first compilation.
 """
 
@@ -58,6 +59,8 @@ def enable_compilation_cache(
     """
     path = resolve_cache_dir(cache_dir)
     if path is None:
+        # Off means off, also where $JAX_COMPILATION_CACHE_DIR had turned JAX's own cache on.
+        jax.config.update("jax_compilation_cache_dir", None)
         return None
     paths.Path(path).mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", path)
