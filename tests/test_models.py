@@ -210,7 +210,8 @@ def test_bfloat16_compute_with_float32_params():
 
 
 def test_kaiming_fan_out_and_torch_linear_init():
-    model = resnet_jax.resnet50(num_classes=1000)
+    # ResNet-50 with one block per stage: its layer4_0.conv2 and fc are the preset's.
+    model = resnet_jax.resnet50(num_classes=1000).clone(stage_sizes=(1, 1, 1, 1))
     variables = _init(model, jnp.zeros((1, 32, 32, 3)))
     kernel = variables["params"]["layer4_0"]["conv2"]["kernel"]  # 3x3x512x512
     fan_out = 3 * 3 * 512
@@ -225,7 +226,7 @@ def test_kaiming_fan_out_and_torch_linear_init():
 
 def test_zero_init_residual_zeroes_last_bn_of_each_branch():
     for arch, last in (("resnet18", "bn2"), ("resnet50", "bn3")):
-        model = getattr(resnet_jax, arch)(zero_init_residual=True)
+        model = getattr(resnet_jax, arch)(zero_init_residual=True).clone(stage_sizes=(1, 2))  # its blocks
         params = _init(model, jnp.zeros((1, 32, 32, 3)))["params"]
         blocks = [k for k in params if k.startswith("layer")]
         assert all(float(jnp.abs(params[b][last]["scale"]).max()) == 0.0 for b in blocks)
