@@ -69,6 +69,12 @@ def test_xla_counts_a_loop_body_once_and_the_loop_factor_corrects_it():
     assert counted == pytest.approx(one, rel=0.02)  # one body, not four
     assert utilisation.loop_factor(looped, x) == 4.0
     assert utilisation.loop_factor(lambda x: x @ w, jnp.ones((32, 64))) == 1.0
+    # Unrolled (train/accum.py does so on a CPU), XLA counts every copy it compiled.
+    for unroll, copies in ((True, 4), (2, 2)):
+        scanned = lambda x, unroll=unroll: jax.lax.scan(body, 0.0, x, unroll=unroll)[0]  # noqa: E731
+        counted = utilisation.compiled_flops(jax.jit(scanned).lower(x).compile())
+        assert counted == pytest.approx(copies * one, rel=0.02), unroll
+        assert utilisation.loop_factor(scanned, x) == 4 / copies
 
 
 class _Clock:

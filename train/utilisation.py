@@ -63,8 +63,9 @@ def count_macs(jaxpr: Any, trip_counts: bool = False) -> int:
 
     A convolution costs (output elements) x (kernel window x input channels per group); a
     ``dot_general`` costs (output elements) x (contracted size). Everything else is ignored.
-    ``trip_counts``: a ``scan`` body counts ``length`` times, as it runs; otherwise once, as
-    XLA's cost analysis counts a loop.
+    ``trip_counts``: a ``scan`` body counts ``length`` times, as it runs; otherwise as XLA's cost
+    analysis counts it: once per copy in the loop's body, ``unroll`` copies (all ``length`` when
+    the scan is fully unrolled, as ``train/accum.py`` does on a CPU, so there is no loop).
     """
     closed_t, jaxpr_t = _jaxpr_types()
     total = 0
@@ -82,7 +83,10 @@ def count_macs(jaxpr: Any, trip_counts: bool = False) -> int:
             out = eqn.outvars[0].aval.shape
             k = int(np.prod([lhs[i] for i in contract], dtype=np.int64))
             total += int(np.prod(out, dtype=np.int64)) * k
-        repeat = int(eqn.params.get("length", 1)) if trip_counts and name == "scan" else 1
+        repeat = 1
+        if name == "scan":
+            length, unroll = int(eqn.params["length"]), eqn.params.get("unroll", 1)
+            repeat = length if (trip_counts or unroll is True) else min(max(int(unroll), 1), length)
         for value in eqn.params.values():
             for sub in value if isinstance(value, (list, tuple)) else (value,):
                 if isinstance(sub, closed_t):
