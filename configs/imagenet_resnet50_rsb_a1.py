@@ -12,8 +12,9 @@ RandAugment magnitude 7 with std 0.5 (timm's 'rand-m7-mstd0.5-inc1'), mixup 0.2,
 no random erasing, no EMA, mixed precision.
 
 Choices the paper leaves to timm's train.py of its time (v0.4/0.5), and differences:
-- warm-up start rate 1e-4 and cosine floor 1e-5 (--warmup-lr, --min-lr defaults of that
-  train.py), the warm-up replacing the start of the cosine (no --warmup-prefix), the rate
+- warm-up start rate 1e-4 and cosine floor 1e-6 (the --warmup-lr and --min-lr defaults of
+  that train.py, which published reproductions of A2 and A3 also use), the warm-up replacing
+  the start of the cosine (no --warmup-prefix), the rate
   set once per epoch, no cool-down epochs (the paper's epoch counts);
 - batch 2016 instead of 2048: with mixup, ``aug_repeats`` must divide the batch here;
 - LAMB as timm.optim.Lamb: eps 1e-6, its own gradient-norm cap at 1.0; no weight decay on
@@ -56,7 +57,7 @@ def get_config():
     c.warmup_epochs = 5.0
     c.lr_warmup_method = "linear"
     c.warmup_lr = 1e-4
-    c.min_lr = 1e-5
+    c.min_lr = 1e-6
     c.warmup_prefix = False
     c.sched_on_updates = False
 
