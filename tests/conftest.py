@@ -43,6 +43,7 @@ def x64():
         jax.config.update("jax_enable_x64", False)
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups (its hook, in each worker)
 def pytest_collection_modifyitems(config, items):
     """Keep the tests that share one of this suite's module-scoped fixtures on one xdist worker.
 
