@@ -42,11 +42,10 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
-from benchmarks.input_pipeline import _core_counts, ensure_jpegs
+from benchmarks.input_pipeline import core_counts, jpeg_folder
 from benchmarks.report import available_cpus, emit_json, host_environment, pin_to_cores
 
 # The images/s of one H100 training ResNet-50 that issue 44 sizes the host for.
@@ -217,16 +216,10 @@ def summarise(runs: Sequence[dict[str, Any]], recipes: Sequence[str], model_rate
 
 
 def run_all(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
-    tmp = None
-    jpeg_dir = args.jpeg_dir
-    if jpeg_dir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="resnet_jax_jpegs_")
-        jpeg_dir = tmp.name
-    try:
-        jpegs = ensure_jpegs(jpeg_dir, args.num_images, args.seed)
+    with jpeg_folder(args.jpeg_dir, args.num_images, args.seed) as (jpeg_dir, jpegs):
         runs: list[dict[str, Any]] = []
         worker: dict[str, Any] = {}
-        for cores in _core_counts(args.cores):
+        for cores in core_counts(args.cores):
             print(f"[augment_input] {cores} core(s)", file=sys.stderr, flush=True)
             cmd = [sys.executable, "-m", "benchmarks.augment_input", "--worker", f"--pin-cores={cores}"]
             cmd += [f"--jpeg-dir={jpeg_dir}", f"--recipes={','.join(args.recipes)}"]
@@ -239,9 +232,6 @@ def run_all(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
             out = json.loads(proc.stdout)
             runs += out.pop("runs")
             worker = out
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
     return {
         "benchmark": "augment_input",
         "config": {

@@ -45,6 +45,7 @@ Pillow, and the ``grain`` and ``work_only`` variants run; their processes do not
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import itertools
 import json
@@ -54,7 +55,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from benchmarks.input_workers import GRAIN_VARIANTS, VARIANTS, _tf, run_worker
@@ -146,11 +147,20 @@ def ensure_jpegs(directory: str, count: int, seed: int = 0) -> dict[str, Any]:
     return jpegs
 
 
+@contextlib.contextmanager
+def jpeg_folder(directory: str | None, count: int, seed: int = 0) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(directory, ensure_jpegs(...))``; with no ``directory``, a temporary one removed after."""
+    with contextlib.ExitStack() as stack:
+        if directory is None:
+            directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="resnet_jax_jpegs_"))
+        yield directory, ensure_jpegs(directory, count, seed)
+
+
 # ----------------------------------------------------------------------------------------------
 # Driver: one process per core count.
 
 
-def _core_counts(spec: str) -> list[int]:
+def core_counts(spec: str) -> list[int]:
     available = len(available_cpus())
     out = []
     for part in spec.split(","):
@@ -178,13 +188,7 @@ def _require_tensorflow_for(variants: Sequence[str]) -> None:
 
 def run_all(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     _require_tensorflow_for(args.variants)
-    tmp = None
-    jpeg_dir = args.jpeg_dir
-    if jpeg_dir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="resnet_jax_jpegs_")
-        jpeg_dir = tmp.name
-    try:
-        jpegs = ensure_jpegs(jpeg_dir, args.num_images, args.seed)
+    with jpeg_folder(args.jpeg_dir, args.num_images, args.seed) as (jpeg_dir, jpegs):
         runs = []
         # -1: what the training program starts with grain_worker_count=-1 on that many cores; a
         # count that repeats within one variant and core count (-1,0 on two cores) runs once.
@@ -192,7 +196,7 @@ def run_all(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
 
         plan = [
             (variant, cores, workers)
-            for variant, cores in itertools.product(args.variants, _core_counts(args.cores))
+            for variant, cores in itertools.product(args.variants, core_counts(args.cores))
             for workers in dict.fromkeys(
                 (default_worker_count(cores) if w < 0 else w for w in (args.grain_workers_list or [cores]))
                 if variant in GRAIN_VARIANTS
@@ -246,9 +250,6 @@ def run_all(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
             if proc.returncode != 0:
                 raise RuntimeError(f"worker with {cores} core(s) failed:\n{proc.stderr[-3000:]}")
             runs.append(json.loads(proc.stdout))
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
 
     # The per-core rate comes from the pipeline's fewest-core run: more threads share caches
     # and memory bandwidth, so a single core's rate is the honest unit to multiply.
