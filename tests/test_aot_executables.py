@@ -41,15 +41,25 @@ def config(**kw):
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """``train.aot --topology=cpu --save`` of the tiny digits run, and that run compiled as usual."""
+    """The tiny run compiled as usual, then ``train.aot --topology=cpu --save`` of it.
+
+    The usual run goes first and writes its steps to the persistent compilation cache, which
+    conftest.py turns on for the suite, so that the save meets a warm cache: an executable
+    loaded from the cache and serialized again cannot run (train.compile_cache.bypassed)."""
     tmp = tmp_path_factory.mktemp("aot")
+    assert jax.config.jax_compilation_cache_dir  # the suite's cache is on
+    reference = str(tmp / "reference")
+    minimum = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    try:
+        summary = loop.train_and_evaluate(config(), reference)
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", minimum)
+    assert not summary["aot_loaded"]
     path = str(tmp / "steps.aot")
-    result = aot.run_aot(config(), aot.parse_topology("cpu"))
+    result = aot.run_aot(config(), aot.parse_topology("cpu"), for_saving=True)
     assert result.to_json()["eval_image_shape"] == [12, 12, 3]
     aot.save_executables(result, path)
-    reference = str(tmp / "reference")
-    summary = loop.train_and_evaluate(config(), reference)
-    assert not summary["aot_loaded"]
     return path, reference, summary
 
 

@@ -15,7 +15,9 @@ where ``$JAX_COMPILATION_CACHE_DIR`` has turned JAX's cache on. Call
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import jax
 
@@ -67,6 +69,26 @@ def enable_compilation_cache(
     jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_secs))
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", int(min_entry_size_bytes))
     return path
+
+
+@contextlib.contextmanager
+def bypassed() -> Iterator[None]:
+    """Compile without the persistent cache inside the block, for executables that will be saved.
+
+    An executable that XLA:CPU loaded from the cache serializes again without its compiled
+    functions: the copy loads, then fails when it runs ("Function ... not found"). So
+    ``train.aot --save`` compiles afresh; the cache is back as it was after the block.
+    """
+    from jax.experimental.compilation_cache import compilation_cache
+
+    was = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()  # JAX decides once whether the cache is used; ask it again
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", was)
+        compilation_cache.reset_cache()
 
 
 def cache_entries(cache_dir: str) -> int:

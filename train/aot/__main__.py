@@ -50,6 +50,7 @@ def main(argv: list[str]) -> None:
             slice_,
             find_max_batch=FLAGS.find_max_batch,
             progress=lambda m: print(m, file=sys.stderr, flush=True),
+            for_saving=bool(FLAGS.save),
         )
     except AotError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

@@ -3,6 +3,7 @@ and saving the executables."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -12,7 +13,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from resnet_jax.sharding import make_data_mesh
-from train import executables, parallel
+from train import compile_cache, executables, parallel
 from train.aot.datasets import dataset_info
 from train.aot.programs import StepReport, abstract_inputs, check_sharding, compile_step, gradient_bytes
 from train.aot.search import Trial, largest_batch
@@ -174,6 +175,7 @@ def run_aot(
     find_max_batch: bool = False,
     devices: Sequence[Any] | None = None,
     progress: Callable[[str], None] = lambda message: None,
+    for_saving: bool = False,
 ) -> AotResult:
     """Compile ``config``'s train and eval steps for ``slice_``; see the module docstring.
 
@@ -184,6 +186,8 @@ def run_aot(
             device memory (one compile per size tried).
         devices: Devices to compile for; None: the compile-only devices of ``slice_``'s topology.
         progress: Called with one line before each compile.
+        for_saving: The steps will go to :func:`save_executables`: compile them without the
+            persistent compilation cache (``train.compile_cache.bypassed`` says why).
 
     Returns:
         An :class:`AotResult`, with the compiled steps in ``compiled``.
@@ -191,6 +195,17 @@ def run_aot(
     Raises:
         AotError: The config cannot run on the slice; the message says why.
     """
+    with compile_cache.bypassed() if for_saving else contextlib.nullcontext():
+        return _compile(config, slice_, find_max_batch, devices, progress)
+
+
+def _compile(
+    config: Any,
+    slice_: Slice,
+    find_max_batch: bool,
+    devices: Sequence[Any] | None,
+    progress: Callable[[str], None],
+) -> AotResult:
     compiler = Compiler(config, slice_, devices)
     n = compiler.num_devices
     try:
