@@ -272,10 +272,12 @@ def test_sigkill_then_resume_from_the_bucket_is_bitwise_identical(gcs, whole):
     )
     try:
         deadline = time.monotonic() + 180
-        # The records of step 14 are flushed just before its checkpoint is saved.
-        while max(_logged_steps(gcs, "killed"), default=0) < 14:
+        # Past the checkpoint of step 14, whose records are flushed just before it is saved, so
+        # that the records of the steps after it are lost with the process: the goodput file
+        # (rewritten at each log step) is what knows that they ran.
+        while _goodput_file(gcs, "killed")["furthest_step"] < 16:
             assert proc.poll() is None, proc.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "step 14 not reached"
+            assert time.monotonic() < deadline, "step 16 not reached"
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=30)
@@ -284,6 +286,8 @@ def test_sigkill_then_resume_from_the_bucket_is_bitwise_identical(gcs, whole):
             proc.kill()
     assert proc.returncode == -signal.SIGKILL
     assert not any(n.startswith(f"killed/checkpoints/{STEPS}/") for n in gcs.objects("killed/"))
+    killed = _goodput_file(gcs, "killed")
+    assert max(_logged_steps(gcs, "killed")) < killed["furthest_step"]  # its last records are lost
 
     restart = _run(gcs, workdir)
     assert restart.returncode == 0, restart.stderr[-3000:]
@@ -292,6 +296,22 @@ def test_sigkill_then_resume_from_the_bucket_is_bitwise_identical(gcs, whole):
     _assert_same(_params(workdir), whole)
     # Records past the resumed checkpoint were dropped, then logged again: each step once.
     assert _logged_steps(gcs, "killed") == list(range(1, STEPS + 1))
+    # Goodput: the steps the killed run had logged past the checkpoint count as redone, and the
+    # totals go on from the killed run's.
+    _fresh()
+    from train.metrics import read_metrics
+
+    last = read_metrics(workdir)[-1]
+    assert last["goodput/redone_steps"] == killed["furthest_step"] - resumed > 0
+    assert last["goodput/wall_s"] > killed["totals"]["goodput/wall_s"] and last["goodput/redone_s"] > 0
+    assert _goodput_file(gcs, "killed")["totals"] == {k: v for k, v in last.items() if k.startswith("goodput/")}
+
+
+def _goodput_file(gcs, name: str) -> dict:
+    """The run's goodput.json, read straight from the emulator (furthest step 0 before it exists)."""
+    if f"{name}/goodput.json" not in gcs.objects(f"{name}/"):
+        return {"furthest_step": 0}
+    return json.loads(gcs.read(f"{name}/goodput.json"))
 
 
 def test_damaged_checkpoint_in_the_bucket_is_set_aside(gcs, whole):

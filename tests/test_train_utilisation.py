@@ -122,6 +122,16 @@ def test_goodput_of_a_killed_run_is_its_last_logged_totals():
     assert goodput.from_metrics([]) == (None, 0)
 
 
+def test_goodput_file_is_what_a_resume_reads_and_the_records_are_the_fallback(tmp_path):
+    records = [{"step": 10, "split": "train", "loss": 1.0, "goodput/wall_s": 9.0}]
+    assert goodput.load(str(tmp_path), records) == ({"goodput/wall_s": 9.0}, 10)  # a workdir from before
+    goodput.save(str(tmp_path), {"goodput/wall_s": 12.5, "goodput/redone_steps": 3}, 14)
+    assert goodput.load(str(tmp_path), records) == ({"goodput/wall_s": 12.5, "goodput/redone_steps": 3}, 14)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["goodput.json"]  # replaced whole, nothing left
+    (tmp_path / "goodput.json").write_text("{not json")
+    assert goodput.load(str(tmp_path), records) == ({"goodput/wall_s": 9.0}, 10)
+
+
 @pytest.mark.parametrize(
     "fields, message",
     [

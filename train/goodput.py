@@ -11,20 +11,25 @@ Every second from the start of ``train_and_evaluate`` to its end is in exactly o
 * ``redone``: steps run again after a restart: those between the checkpoint the run resumed
   from and the furthest step the killed run had logged;
 * ``profiler``: stopping a ``jax.profiler`` trace and copying it to the workdir;
-* ``other``: the end (curves, closing files).
+* ``other``: writing the goodput file at each log step, and the end (curves, closing files).
 
 The totals are cumulative over the runs of one workdir: each train record carries them as
 ``goodput/<part>_s`` (with ``goodput/wall_s``, ``goodput/fraction`` = productive / wall and
-``goodput/redone_steps``), so a resumed run reads them from the last record the killed run
-logged, before it drops the records past its checkpoint, and adds to them. Time after that last
-record is lost with the process. A ``gs://`` workdir keeps records up to its last checkpoint only
-(``train/metrics.py``), so there a kill counts no redone steps. A rerun of a finished run
-reports its totals but writes nothing.
+``goodput/redone_steps``). At each log step process 0 also overwrites ``WORKDIR/goodput.json``
+with them and the furthest train step any run of the workdir has logged. A resumed run reads
+that file and adds to its totals; the steps from its checkpoint up to that furthest step are
+redone. The file is what survives a kill on a ``gs://`` workdir, whose records are written in
+segments at checkpoints (``train/metrics.py``) and so lose the steps logged after the last one.
+A workdir written before the file existed falls back to its last train record. Time after the
+last log step is lost with the process. A rerun of a finished run reports its totals but
+writes nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -41,6 +46,7 @@ PARTS = (
     "other",
 )
 PREFIX = "goodput/"
+FILE = "goodput.json"
 
 
 class Goodput:
@@ -58,6 +64,7 @@ class Goodput:
         self.clock = clock
         self.seconds = dict.fromkeys(PARTS, 0.0)  # this run's
         self.redone_steps = 0
+        self.furthest_step = 0  # the furthest train step logged in the workdir (goodput.json)
         self.previous: dict[str, float] = {}
         self.set_previous(previous)
         self._part = "startup"
@@ -127,6 +134,38 @@ def from_metrics(records: list[dict[str, Any]]) -> tuple[dict[str, float] | None
         if f"{PREFIX}wall_s" in r:
             previous = {k: v for k, v in r.items() if k.startswith(PREFIX)}
     return previous, furthest
+
+
+def save(workdir: str, totals: dict[str, float], furthest_step: int) -> None:
+    """Overwrite ``WORKDIR/goodput.json`` with ``totals`` and the furthest step logged. A local
+    file is replaced whole (written beside it, then renamed), so a kill leaves the old or the
+    new one; a Cloud Storage object is replaced whole by its own write."""
+    from train import paths
+
+    text = json.dumps({"furthest_step": int(furthest_step), "totals": totals})
+    path = paths.join(workdir, FILE)
+    if paths.is_remote(path):
+        paths.Path(path).write_text(text)
+        return
+    partial = f"{path}.partial"
+    with open(partial, "w") as f:
+        f.write(text)
+    os.replace(partial, path)
+
+
+def load(workdir: str, records: list[dict[str, Any]]) -> tuple[dict[str, float] | None, int]:
+    """What a resumed run adds to: the totals and furthest step of ``WORKDIR/goodput.json``, or
+    of the records (:func:`from_metrics`) for a workdir without the file; (None, 0) for none."""
+    from train import paths
+
+    path = paths.Path(paths.join(workdir, FILE))
+    if not path.exists():
+        return from_metrics(records)
+    try:
+        saved = json.loads(path.read_text())
+        return dict(saved["totals"]), int(saved["furthest_step"])
+    except (ValueError, KeyError, TypeError):  # not ours: start the accounting afresh
+        return from_metrics(records)
 
 
 def summary_line(totals: dict[str, float]) -> str:

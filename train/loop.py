@@ -58,10 +58,12 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
 def _previous_goodput(run: Run, goodput: goodput_lib.Goodput) -> int:
     """Give ``goodput`` the totals of the runs before this one in the workdir; returns the
     furthest step they logged (the steps up to it that this run does again are redone)."""
-    if not (run.is_main and metrics_lib.has_metrics(run.workdir)):
+    if not run.is_main:
         return 0
-    previous, furthest = goodput_lib.from_metrics(metrics_lib.read_metrics(run.workdir))
+    records = metrics_lib.read_metrics(run.workdir) if metrics_lib.has_metrics(run.workdir) else []
+    previous, furthest = goodput_lib.load(run.workdir, records)
     goodput.set_previous(previous)
+    goodput.furthest_step = furthest
     return furthest
 
 
@@ -108,7 +110,7 @@ def _train(
                     _stop_profile(out, profile)
                 logged = periodic.log_due(done, config.log_every_steps, total)
                 if logged:
-                    _show(bar, log.flush(done, lambda: _window_goodput(goodput)))
+                    _show(bar, log.flush(done, lambda: _window_goodput(run, goodput, done)))
                 bar.update(1)
                 if done == total:
                     break
@@ -169,12 +171,17 @@ def _flops_per_step(run: Run, state: Any, batch: Any) -> float | None:
     return flops
 
 
-def _window_goodput(goodput: goodput_lib.Goodput) -> dict[str, float]:
-    """What a train record adds about time: the log window's input wait, the goodput so far."""
+def _window_goodput(run: Run, goodput: goodput_lib.Goodput, step: int) -> dict[str, float]:
+    """What a train record adds about time: the log window's input wait, the goodput so far,
+    which process 0 also writes to the workdir's goodput file (what survives a kill)."""
     out = goodput.totals()
     wait = goodput.input_wait_fraction()
     if wait is not None:
         out["input_wait_fraction"] = wait
+    if run.is_main:
+        with goodput.part("other"):
+            goodput.furthest_step = max(goodput.furthest_step, step)
+            goodput_lib.save(run.workdir, goodput.totals(), goodput.furthest_step)
     return out
 
 
@@ -327,6 +334,15 @@ def _eval_only(run: Run, state: Any, step: int, summary: dict[str, Any]) -> dict
     return summary
 
 
+def _final_goodput(run: Run, goodput: goodput_lib.Goodput, step: int) -> dict[str, float]:
+    """The run's last goodput totals, as its last train record and in the goodput file."""
+    totals = goodput.totals()
+    run.writer.write(step, "train", totals)
+    if run.is_main:
+        goodput_lib.save(run.workdir, totals, max(goodput.furthest_step, step))
+    return totals
+
+
 def _finish(run: Run, out: Outcome, start_step: int, summary: dict[str, Any], wall: float) -> dict[str, Any]:
     """Preempted: say how to resume. Done: final evaluation, curves, summary."""
     goodput = out.goodput
@@ -334,8 +350,7 @@ def _finish(run: Run, out: Outcome, start_step: int, summary: dict[str, Any], wa
         with goodput.part("checkpoint"):
             run.ckpt.close()
         goodput.switch("other")
-        summary["goodput"] = totals = goodput.totals()
-        run.writer.write(out.preempted_at, "train", totals)
+        summary["goodput"] = _final_goodput(run, goodput, out.preempted_at)
         run.writer.close()
         saved = (
             f"saved checkpoint step {out.preempted_at}" if run.config.save_checkpoints else "nothing saved"
@@ -369,9 +384,10 @@ def _finish(run: Run, out: Outcome, start_step: int, summary: dict[str, Any], wa
     goodput.switch("other")
     run.writer.flush()  # a bucket's records, for the curves
     curves = metrics_lib.plot_curves(run.workdir) if run.is_main else None
-    summary["goodput"] = totals = goodput.totals()
-    if not already_done:  # a rerun of a finished run leaves its metrics as they were
-        run.writer.write(run.total_steps, "train", totals)
+    if already_done:  # a rerun of a finished run leaves its metrics as they were
+        summary["goodput"] = goodput.totals()
+    else:
+        summary["goodput"] = _final_goodput(run, goodput, run.total_steps)
     run.writer.close()
     summary.update(
         {
