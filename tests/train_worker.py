@@ -4,8 +4,9 @@ The device count must be fixed before JAX initialises, so each scenario runs in 
 process: ``python tests/train_worker.py MODE OUT [options]``.
 
 * ``parallel OUT``: on 8 CPU devices, run the same 5 steps with the jit-over-mesh driver (auto
-  axes), the pmap driver, a 1-device mesh and the jit driver over an explicit-axes mesh, and
-  the 1-device run in float64; save the five parameter trees to ``OUT`` (npz). Each step
+  axes), the pmap driver, a 1-device mesh, the jit driver over an explicit-axes mesh and over
+  2 slices of 4 devices (``num_slices=2``), and the 1-device run in float64; save the six
+  parameter trees to ``OUT`` (npz). Each step
   accumulates 2 micro-batches (``grad_accum_steps``), so the drivers also agree on which rows
   form each micro-batch and on BatchNorm's statistics per micro-batch.
 * ``train OUT --devices N [--process-id I --num-processes P --port PORT]``: run
@@ -117,6 +118,8 @@ def run_parallel(out: str, steps_n: int = 5) -> None:
             None,
         ),
         ("explicit", parallel.make_driver("jit", mesh_axis_types="explicit"), None),
+        # config.num_slices=2: the 8 devices as 2 slices of 4 (slice-major), as a Multislice run.
+        ("two_slices", parallel.make_driver("jit", num_slices=2), None),
     ):
         model = build_model(model_cfg, 10, 3, axis_name=axis)
         tx = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.02, momentum=0.9, nesterov=True))
