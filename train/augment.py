@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from PIL import Image
 
 from train.augment_timm import apply_timm_op
 
@@ -91,6 +92,19 @@ def _to_uint8(x: np.ndarray) -> np.ndarray:
     return np.clip(x, 0, 255).astype(np.uint8)
 
 
+_LEVELS = np.arange(256, dtype=np.uint8)[:, None]  # every uint8 value, as a one-channel image
+
+
+def _lookup(image: np.ndarray, tables: np.ndarray) -> np.ndarray:
+    """``tables[c][image[..., c]]`` per channel (``tables``: ``uint8 [C, 256]``), by Pillow's
+    ``Image.point`` in one pass of C: the ops whose output pixel depends on that pixel's value
+    alone (Contrast, AutoContrast, Solarize, Equalize) compute their float32 arithmetic once per
+    level, on ``_LEVELS``, and so give the same bytes as computing it per pixel."""
+    channels = image.shape[-1]
+    source = Image.fromarray(np.ascontiguousarray(image[..., 0] if channels == 1 else image))
+    return np.array(source.point(np.asarray(tables, np.uint8).reshape(-1).tolist())).reshape(image.shape)
+
+
 def _grey(image: np.ndarray) -> np.ndarray:
     """torchvision's luma (``0.2989 R + 0.587 G + 0.114 B`` in float32, floored), ``[H, W, 1]``."""
     if image.shape[-1] == 1:
@@ -120,7 +134,8 @@ def contrast(image: np.ndarray, factor: float) -> np.ndarray:
     grey = _grey(image)
     # The floored grey levels are integers: their sum is exact below 2**24, as torch's is.
     mean = _F32(float(grey.astype(np.float64).sum())) / _F32(grey.size)
-    return _blend(image, mean, factor)
+    table = _blend(_LEVELS, mean, factor)[:, 0]
+    return _lookup(image, np.broadcast_to(table, (image.shape[-1], 256)))
 
 
 def sharpness(image: np.ndarray, factor: float) -> np.ndarray:
@@ -149,39 +164,39 @@ def posterize(image: np.ndarray, bits: int) -> np.ndarray:
 
 def solarize(image: np.ndarray, threshold: float) -> np.ndarray:
     """Invert the pixels at or above ``threshold`` (0..255 units, compared in float32)."""
-    return np.where(image.astype(_F32) >= _F32(threshold), 255 - image, image).astype(np.uint8)
+    levels = _LEVELS[:, 0]
+    table = np.where(levels.astype(_F32) >= _F32(threshold), 255 - levels, levels)
+    return _lookup(image, np.broadcast_to(table, (image.shape[-1], 256)))
 
 
 def autocontrast(image: np.ndarray) -> np.ndarray:
-    x = image.astype(_F32)
     # Channel-major first: NumPy reduces contiguous rows far faster than a strided axis.
     planes = np.ascontiguousarray(np.moveaxis(image, -1, 0)).reshape(image.shape[-1], -1)
-    low = planes.min(axis=1).astype(_F32)
-    high = planes.max(axis=1).astype(_F32)
+    low = planes.min(axis=1).astype(_F32)[:, None]
+    high = planes.max(axis=1).astype(_F32)[:, None]
     flat = high == low
     inv_scale = (high - low) * _F32(1.0 / 255.0)
     low = np.where(flat, _F32(0), low)
     inv_scale = np.where(flat, _F32(1), inv_scale)
-    return _to_uint8((x - low) / inv_scale)
+    return _lookup(image, _to_uint8((_LEVELS[:, 0].astype(_F32) - low) / inv_scale))
 
 
 def equalize(image: np.ndarray) -> np.ndarray:
     """Pillow's histogram equalisation per channel, as torchvision computes it."""
-    out = np.empty_like(image)
+    channels = image.shape[-1]
+    source = Image.fromarray(np.ascontiguousarray(image[..., 0] if channels == 1 else image))
+    hists = np.asarray(source.histogram(), np.int64).reshape(channels, 256)
     pixels = image.shape[0] * image.shape[1]
-    for k in range(image.shape[-1]):
-        channel = image[..., k]
-        hist = np.bincount(channel.reshape(-1), minlength=256)
+    tables = np.tile(_LEVELS[:, 0], (channels, 1))
+    for k, hist in enumerate(hists):
         cum = np.cumsum(hist)
         # Pillow's step leaves out the pixels of the channel's brightest level.
         step = (pixels - hist[int(np.argmax(cum))]) // 255
         if step == 0:
-            out[..., k] = channel
-            continue
-        lut = np.zeros(256, np.int64)
-        lut[1:] = np.clip((cum[:-1] + step // 2) // step, 0, 255)
-        out[..., k] = lut.astype(np.uint8)[channel]
-    return out
+            continue  # the channel is left as it is
+        tables[k, 0] = 0
+        tables[k, 1:] = np.clip((cum[:-1] + step // 2) // step, 0, 255)
+    return _lookup(image, tables)
 
 
 def invert(image: np.ndarray) -> np.ndarray:
@@ -246,15 +261,20 @@ def _bilinear(image: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     x0, y0 = np.floor(x), np.floor(y)
     wx, wy = x - x0, y - y0
     ex, ny = _F32(1) - wx, _F32(1) - wy
-    padded = np.zeros((height + 2, width + 2, channels), _F32)  # a zero border for the outside
-    padded[1:-1, 1:-1] = image
-    out = np.zeros((height, width, channels), _F32)
+    # Each channel as a float32 plane with a zero border for the outside: corners beyond the
+    # border read 0 (their weight times zero, as grid_sample skips them). One flat index per
+    # corner gathers every plane into contiguous arrays; the sums are in torch's order.
+    planes = np.zeros((channels, height + 2, width + 2), _F32)
+    planes[:, 1:-1, 1:-1] = np.moveaxis(image, -1, 0)
+    planes = planes.reshape(channels, -1)
+    rows = [(np.clip(y0 + d, -1, height).astype(np.intp) + 1) * (width + 2) for d in (0, 1)]
+    cols = [np.clip(x0 + d, -1, width).astype(np.intp) + 1 for d in (0, 1)]
+    out = np.zeros((channels, height, width), _F32)
     for dy, dx, weight in ((0, 0, ny * ex), (0, 1, ny * wx), (1, 0, wy * ex), (1, 1, wy * wx)):
-        # Corners beyond the border read 0 (their weight times zero, as grid_sample skips them).
-        cy = np.clip(y0 + dy, -1, height).astype(np.intp) + 1
-        cx = np.clip(x0 + dx, -1, width).astype(np.intp) + 1
-        out += padded[cy, cx] * weight[..., None]
-    return np.rint(out).astype(np.uint8)
+        index = rows[dy] + cols[dx]
+        for c in range(channels):
+            out[c] += planes[c][index] * weight
+    return np.ascontiguousarray(np.moveaxis(np.rint(out).astype(np.uint8), 0, -1))
 
 
 def affine(
