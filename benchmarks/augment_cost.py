@@ -3,8 +3,10 @@
 For each op of ``train.augment.apply_op`` (torchvision's convention, at a mid-range magnitude)
 and each ``auto_augment`` policy, the median time per image over ``--repeats`` runs on one core,
 on random ``uint8`` images of ``--size`` pixels (the RandomResizedCrop output); beside it,
-torchvision's ``transforms.v2`` on the same uint8 tensor (one torch thread) when it imports.
-JSON on stdout (microseconds per image).
+torchvision's ``transforms.v2`` on the same uint8 tensor (one torch thread) when it imports, the
+two alternating call by call. ``--interpolation`` is the geometric ops' sampling on both sides
+(torchvision's policies default to nearest; its reference training script passes bilinear, as
+``configs/imagenet_resnet50_tv_v2.py`` does). JSON on stdout (microseconds per image).
 """
 
 from __future__ import annotations
@@ -38,13 +40,15 @@ MAGNITUDES = {
 POLICIES = ("ta_wide", "ra", "aa", "rand-m9-mstd0.5-inc1", "rand-m7-mstd0.5")
 
 
-def _median_us(fn: Callable[[int], Any], repeats: int) -> float:
-    times = []
+def _median_us(*fns: Callable[[int], Any], repeats: int) -> list[float]:
+    """Median microseconds per call of each of ``fns``, called in turn (alternating)."""
+    times: list[list[float]] = [[] for _ in fns]
     for k in range(repeats):
-        start = time.perf_counter()
-        fn(k)
-        times.append(time.perf_counter() - start)
-    return 1e6 * statistics.median(times)
+        for fn, out in zip(fns, times):
+            start = time.perf_counter()
+            fn(k)
+            out.append(time.perf_counter() - start)
+    return [1e6 * statistics.median(t) for t in times]
 
 
 def _torchvision() -> Any:
@@ -56,7 +60,7 @@ def _torchvision() -> Any:
         from torchvision.transforms import v2
 
         torch.set_num_threads(1)
-        return torch, v2
+        return torch, v2, v2.InterpolationMode
     except Exception:
         return None
 
@@ -65,6 +69,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--interpolation", default="nearest", choices=("nearest", "bilinear"))
     parser.add_argument("--output", default=None)
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
@@ -74,28 +79,32 @@ def main(argv: Sequence[str] | None = None) -> None:
     ops: dict[str, dict[str, float]] = {}
     for name in OPS:
         m = MAGNITUDES.get(name, 0.0)
-        row = {
-            "ours_us": _median_us(lambda k, name=name, m=m: apply_op(images[k % 4], name, m), args.repeats)
-        }
-        if ref is not None:
-            ta = ref[1].TrivialAugmentWide()
 
-            def tv(k, name=name, m=m, ta=ta):
-                ta._apply_image_or_video_transform(
-                    tensors[k % 4], name, m, interpolation=ta.interpolation, fill=ta._fill
-                )
+        def ours(k, name=name, m=m):
+            apply_op(images[k % 4], name, m, interpolation=args.interpolation)
 
-            row["torchvision_us"] = _median_us(tv, args.repeats)
-        ops[name] = row
+        if ref is None:
+            (ours_us,) = _median_us(ours, repeats=args.repeats)
+            ops[name] = {"ours_us": ours_us}
+            continue
+        ta = ref[1].TrivialAugmentWide(interpolation=getattr(ref[2], args.interpolation.upper()))
+
+        def tv(k, name=name, m=m, ta=ta):
+            ta._apply_image_or_video_transform(tensors[k % 4], name, m, interpolation=ta.interpolation, fill=ta._fill)
+
+        ours_us, tv_us = _median_us(ours, tv, repeats=args.repeats)
+        ops[name] = {"ours_us": ours_us, "torchvision_us": tv_us}
     policies: dict[str, dict[str, float]] = {}
     for spec in POLICIES:
-        policy = autoaugment.make_policy(spec)
+        policy = autoaugment.make_policy(spec, interpolation=args.interpolation)
         gen = np.random.default_rng(1)
-        policies[spec] = {"ours_us": _median_us(lambda k, p=policy, g=gen: p(images[k % 4], g), args.repeats)}
+        (us,) = _median_us(lambda k, p=policy, g=gen: p(images[k % 4], g), repeats=args.repeats)
+        policies[spec] = {"ours_us": us}
     result = {
         "benchmark": "augment_cost",
         "image_size": args.size,
         "repeats": args.repeats,
+        "interpolation": args.interpolation,
         "ops": ops,
         "policies": policies,
         **host_environment(),
