@@ -28,6 +28,7 @@ import re
 from typing import Any
 
 CATEGORIES = ("convolution", "matmul", "batchnorm_elementwise", "optimizer", "copy_other")
+PHASES = ("forward", "backward", "optimizer", "other")
 
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
 _OPCODE = re.compile(r"^(?:\([^=]*?\)|[\w\[\]{},:\s]*?)\s*([a-z][\w\-]*)\(")
@@ -143,6 +144,19 @@ def categorize(op: str, info: dict[str, Any] | None, kernel_names: set[str]) -> 
     return "copy_other"
 
 
+def phase(category: str, info: dict[str, Any] | None) -> str:
+    """The part of the step an instruction belongs to: the forward pass (``jvp``), the backward
+    (``transpose``, the gradient), the optimizer, or ``other`` (no metadata)."""
+    if category == "optimizer":
+        return "optimizer"
+    name = info["op_name"] if info else ""
+    if "transpose(" in name:
+        return "backward"
+    if "jvp(" in name:
+        return "forward"
+    return "other"
+
+
 def _load_trace(trace_dir: str) -> list[dict[str, Any]]:
     paths = sorted(glob.glob(os.path.join(trace_dir, "**", "*perfetto_trace.json.gz"), recursive=True))
     if not paths:
@@ -195,6 +209,7 @@ def summarize(trace_dir: str, hlo_text: str, steps: int, top: int = 15) -> dict[
         kernels[op].add(e["name"])
     total = sum(per_op.values())
     shares: dict[str, float] = dict.fromkeys(CATEGORIES, 0.0)
+    phases: dict[str, dict[str, float]] = {p: dict.fromkeys(CATEGORIES, 0.0) for p in PHASES}
     rows = []
     attributed = 0.0
     for op, us in sorted(per_op.items(), key=lambda kv: -kv[1]):
@@ -203,6 +218,7 @@ def summarize(trace_dir: str, hlo_text: str, steps: int, top: int = 15) -> dict[
             attributed += us
         cat = categorize(op, info, kernels[op])
         shares[cat] += us
+        phases[phase(cat, info)][cat] += us
         rows.append(
             {
                 "op": op,
@@ -221,6 +237,9 @@ def summarize(trace_dir: str, hlo_text: str, steps: int, top: int = 15) -> dict[
         "attributed_to_hlo_share": attributed / total if total else None,
         "category_share": {k: (v / total if total else None) for k, v in shares.items()},
         "category_ms_per_step": {k: v / 1e3 / steps for k, v in shares.items()},
+        "phase_category_ms_per_step": {
+            p: {k: v / 1e3 / steps for k, v in cats.items()} for p, cats in phases.items()
+        },
         "top_ops": rows[:top],
         "distinct_ops": len(rows),
     }

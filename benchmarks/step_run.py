@@ -293,4 +293,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.profile:
         result["profile_dir"] = args.profile
         result["profile"] = profile(ready[0], args.profile)
+        for c in ready:
+            if isinstance(c, TorchContender) and c.device.type == "cpu":
+                from benchmarks import profile_torch
+
+                log(f"profiling 5 steps of {c.name} with torch.profiler")
+                result[f"profile_{c.name}"] = profile_torch.summarize(c._step, steps=5)
     return result

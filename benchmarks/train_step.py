@@ -174,7 +174,12 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         "--stem-pad-channels", type=int, default=0, help="ResNet(stem_pad_channels=N) (experiment)"
     )
     p.add_argument("--pipelined", action="store_true", help="also time steps dispatched back to back")
-    p.add_argument("--profile", metavar="DIR", help="write a jax.profiler trace of 5 steps to DIR")
+    p.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="write a jax.profiler trace of 5 steps to DIR, and its summary by op kind and phase; "
+        "with --compare-torch on a CPU, also torch.profiler's of PyTorch's step (benchmarks.profile_torch)",
+    )
     p.add_argument("--output", metavar="FILE", help="also write the JSON to FILE")
 
 
