@@ -90,7 +90,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         ta = ref[1].TrivialAugmentWide(interpolation=getattr(ref[2], args.interpolation.upper()))
 
         def tv(k, name=name, m=m, ta=ta):
-            ta._apply_image_or_video_transform(tensors[k % 4], name, m, interpolation=ta.interpolation, fill=ta._fill)
+            ta._apply_image_or_video_transform(
+                tensors[k % 4], name, m, interpolation=ta.interpolation, fill=ta._fill
+            )
 
         ours_us, tv_us = _median_us(ours, tv, repeats=args.repeats)
         ops[name] = {"ours_us": ours_us, "torchvision_us": tv_us}

@@ -112,8 +112,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 row["error"] = x.get("train") if isinstance(x.get("train"), str) else x.get("infer")
         infer = [x["infer"] for x in mine if isinstance(x.get("infer"), dict)]
         for batch in infer[0] if infer else []:
-            row[f"infer_b{batch}_ours_over_torch"] = statistics.median(i[batch]["ours_over_torch"] for i in infer)
-            row[f"infer_b{batch}_first_call_s"] = statistics.median(i[batch]["first_call_s"]["ours"] for i in infer)
+            row[f"infer_b{batch}_ours_over_torch"] = statistics.median(
+                i[batch]["ours_over_torch"] for i in infer
+            )
+            row[f"infer_b{batch}_first_call_s"] = statistics.median(
+                i[batch]["first_call_s"]["ours"] for i in infer
+            )
         summary[name] = row
     return {
         "benchmark": "cpu_levers",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -262,6 +263,24 @@ class ElementwiseMaxPoolContender(JaxContender):
             return super().prepare()
         finally:
             ops.max_pool_3x3 = xla_pool
+
+
+class XlaConvGradContender(JaxContender):
+    """The library's step with XLA's own convolution weight gradient, as on a GPU or TPU
+    (``RESNET_JAX_CPU_CONV_GRAD=0`` while this contender traces; ``resnet_jax.conv_grad``)."""
+
+    def prepare(self) -> dict[str, Any]:
+        from resnet_jax import conv_grad
+
+        before = os.environ.get(conv_grad.ENV_VAR)
+        os.environ[conv_grad.ENV_VAR] = "0"
+        try:
+            return super().prepare()
+        finally:
+            if before is None:
+                del os.environ[conv_grad.ENV_VAR]
+            else:
+                os.environ[conv_grad.ENV_VAR] = before
 
 
 class NNXContender(Contender):

@@ -25,6 +25,7 @@ from benchmarks.step_jax import (
     JaxContender,
     NNXContender,
     RecipeContender,
+    XlaConvGradContender,
     peak_memory_bytes,
 )
 from benchmarks.step_torch import TorchContender
@@ -104,6 +105,8 @@ def build_contenders(args: argparse.Namespace, backend: str) -> list[Contender]:
     if args.compare_bn_two_pass:
         two_pass = resnet_jax.get_model(args.arch, **common, **{**options, "bn_variance": "two_pass"})
         contenders.append(JaxContender("jax_bn_two_pass", two_pass, args))
+    if args.compare_xla_conv_grad:
+        contenders.append(XlaConvGradContender("jax_xla_conv_grad", library, args))
     if args.compare_maxpool_elementwise:
         contenders.append(ElementwiseMaxPoolContender("jax_maxpool_elementwise", library, args))
     if args.compare_bn_fused:
@@ -214,6 +217,9 @@ def ratios(
         if args.compare_maxpool_elementwise
         else None,
         "bn_fused_over_unfused_images_per_s": ratio("jax_bn_fused", "jax") if args.compare_bn_fused else None,
+        "cpu_conv_grad_over_xla_images_per_s": ratio("jax", "jax_xla_conv_grad")
+        if args.compare_xla_conv_grad
+        else None,
         "nnx_over_linen_images_per_s": ratio("nnx", "jax") if args.compare_nnx else None,
         "nnx_jit_over_linen_images_per_s": ratio("nnx_jit", "jax") if args.compare_nnx else None,
         "recipe_over_plain_images_per_s": ratio("jax_recipe", "jax") if args.compare_recipe else None,

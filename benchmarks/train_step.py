@@ -121,6 +121,12 @@ def _add_comparison_flags(p: argparse.ArgumentParser) -> None:
         "(ops.max_pool_3x3_elementwise) instead of select_and_scatter",
     )
     p.add_argument(
+        "--compare-xla-conv-grad",
+        action="store_true",
+        help="also time the library with XLA's own convolution weight gradient "
+        "(RESNET_JAX_CPU_CONV_GRAD=0), against the matmul one it uses on a CPU (resnet_jax.conv_grad)",
+    )
+    p.add_argument(
         "--compare-bn-fused",
         action="store_true",
         help="also time the library with ResNet(bn_fused=True): each BatchNorm with its add and "

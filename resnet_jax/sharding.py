@@ -16,6 +16,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from resnet_jax import conv_grad
+
 DATA_AXIS = "data"
 
 
@@ -137,8 +139,11 @@ def replicated_like(kernel: jax.Array, x: jax.Array) -> jax.Array:
 
 
 def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
-    """``lax.conv_general_dilated`` with the kernel replicated over the input's explicit mesh."""
-    return jax.lax.conv_general_dilated(lhs, replicated_like(rhs, lhs), *args, **kwargs)
+    """``lax.conv_general_dilated`` with the kernel replicated over the input's explicit mesh,
+    and its weight gradient as matmuls where the program runs on XLA:CPU (``conv_grad``)."""
+    rhs = replicated_like(rhs, lhs)
+    out = conv_grad.conv(lhs, rhs, *args, **kwargs)
+    return jax.lax.conv_general_dilated(lhs, rhs, *args, **kwargs) if out is None else out
 
 
 def dot_general(lhs: jax.Array, rhs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:

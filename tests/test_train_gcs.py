@@ -304,7 +304,8 @@ def test_sigkill_then_resume_from_the_bucket_is_bitwise_identical(gcs, whole):
     last = read_metrics(workdir)[-1]
     assert last["goodput/redone_steps"] == killed["furthest_step"] - resumed > 0
     assert last["goodput/wall_s"] > killed["totals"]["goodput/wall_s"] and last["goodput/redone_s"] > 0
-    assert _goodput_file(gcs, "killed")["totals"] == {k: v for k, v in last.items() if k.startswith("goodput/")}
+    final = {k: v for k, v in last.items() if k.startswith("goodput/")}
+    assert _goodput_file(gcs, "killed")["totals"] == final
 
 
 def _goodput_file(gcs, name: str) -> dict:

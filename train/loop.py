@@ -19,6 +19,7 @@ path (``gs://bucket/run``); its metrics are then segments ``metrics/part-NNNNNN.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 import time
 from collections.abc import Iterator
@@ -110,7 +111,7 @@ def _train(
                     _stop_profile(out, profile)
                 logged = periodic.log_due(done, config.log_every_steps, total)
                 if logged:
-                    _show(bar, log.flush(done, lambda: _window_goodput(run, goodput, done)))
+                    _show(bar, log.flush(done, functools.partial(_window_goodput, run, goodput, done)))
                 bar.update(1)
                 if done == total:
                     break

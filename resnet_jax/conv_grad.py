@@ -1,0 +1,176 @@
+"""A convolution whose weight gradient XLA:CPU computes as matrix products (issue 47).
+
+XLA:CPU runs a convolution's forward pass and its input gradient on fast kernels, but not its
+weight gradient: that convolution contracts over the batch and the image (``dW = sum over b, h,
+w of x * dy``), a shape its fast path does not take, and it runs several times slower than the
+forward pass of the same layer (BENCHMARKS.md, section 5). The weight gradient is the same sum
+written as one matrix product per kernel tap: for tap ``(i, j)``, the input window that tap sees
+(a strided slice of the padded input, ``[batch*h*w, in]``) times the output gradient
+(``[batch*h*w, out]``), contracted over their rows. XLA:CPU runs those on its matmul kernels.
+
+It is a custom VJP, so JAX's forward-mode autodiff (``jax.jvp``, ``jax.jacfwd``, Hessian
+products) cannot go through it: where a program needs that, turn it off (below). A custom JVP
+whose kernel term reverse mode transposes into the same matmuls was tried and kept about half the
+gain (BENCHMARKS.md, section 5). It is only put in where JAX's default backend is the CPU, so
+programs traced for a GPU or a TPU are XLA's own throughout.
+
+:func:`conv` applies it where it is exact to rearrange: NHWC input, HWIO kernel, no dilation,
+one feature group, explicit non-negative padding, JAX's default backend the CPU, and no
+explicit-axis mesh (whose typed shardings the reshapes would have to carry). The forward pass
+and the input gradient are XLA's own, unchanged. Only the weight gradient's summation order
+changes, so float32 results move by rounding alone (``tests/test_conv_grad.py`` holds them to
+PyTorch's in float64).
+
+The choice is made where the program is lowered (``jax.lax.platform_dependent``): a program
+compiled for a GPU or a TPU keeps XLA's own weight gradient, even when it is traced on a CPU
+host (``train.aot``). ``RESNET_JAX_CPU_CONV_GRAD=0`` (or ``off``) turns it off. It is read when
+a function is traced, and JAX reuses a function's trace, so set it before the first call (best:
+in the environment, before Python starts).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+ENV_VAR = "RESNET_JAX_CPU_CONV_GRAD"
+_NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
+
+
+def enabled() -> bool:
+    """Whether the CPU weight gradient is on (``$RESNET_JAX_CPU_CONV_GRAD`` is not 0/off/false)."""
+    return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+def _plain_pairs(padding: Any) -> Optional[tuple[tuple[int, int], ...]]:
+    if isinstance(padding, str) or len(padding) != 2:
+        return None
+    pairs = tuple((int(lo), int(hi)) for lo, hi in padding)
+    return pairs if all(lo >= 0 and hi >= 0 for lo, hi in pairs) else None
+
+
+def _ones(value: Optional[Sequence[int]]) -> bool:
+    return value is None or all(int(v) == 1 for v in value)
+
+
+def _explicit_mesh(x: jax.Array) -> bool:
+    mesh = jax.typeof(x).sharding.mesh
+    return not mesh.empty and jax.sharding.AxisType.Explicit in tuple(mesh.axis_types)
+
+
+def conv(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding: Any,
+    lhs_dilation: Optional[Sequence[int]] = None,
+    rhs_dilation: Optional[Sequence[int]] = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+) -> Optional[jax.Array]:
+    """``lax.conv_general_dilated(...)`` with the CPU weight gradient, or None where it does not
+    apply (the caller then calls XLA's convolution itself)."""
+    pairs = None if isinstance(padding, str) else _plain_pairs(padding)
+    numbers = (
+        lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) if dimension_numbers else None
+    )
+    if not (
+        enabled()
+        and lhs.ndim == 4
+        and numbers == _NHWC
+        and pairs is not None
+        and _ones(lhs_dilation)
+        and _ones(rhs_dilation)
+        and feature_group_count == 1
+        and batch_group_count == 1
+        and preferred_element_type is None
+        and not _explicit_mesh(lhs)
+    ):
+        return None
+    return _conv(lhs, rhs, tuple(int(s) for s in window_strides), pairs, precision)
+
+
+def _xla(x: jax.Array, w: jax.Array, strides: tuple[int, ...], padding: tuple, precision: Any) -> jax.Array:
+    return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC, precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv(x, w, strides, padding, precision):
+    return _xla(x, w, strides, padding, precision)
+
+
+def _conv_fwd(x, w, strides, padding, precision):
+    return _xla(x, w, strides, padding, precision), (x, w)
+
+
+def _conv_bwd(strides, padding, precision, residuals, dy):
+    x, w = residuals
+    (dx,) = jax.vjp(lambda x_: _xla(x_, w, strides, padding, precision), x)[1](dy)
+
+    def xla_weight_grad(x, dy):
+        return jax.vjp(lambda w_: _xla(x, w_, strides, padding, precision), w)[1](dy)[0]
+
+    def cpu_weight_grad(x, dy):
+        return weight_grad_taps(x, dy, w.shape[:2], strides, padding, precision).astype(w.dtype)
+
+    # Chosen where the program is lowered: XLA:CPU gets the matmuls, other platforms XLA's own.
+    return dx, lax.platform_dependent(x, dy, cpu=cpu_weight_grad, default=xla_weight_grad)
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def weight_grad_taps(
+    x: jax.Array,
+    dy: jax.Array,
+    kernel_hw: Sequence[int],
+    strides: Sequence[int],
+    padding: Sequence[tuple[int, int]],
+    precision: Any = None,
+) -> jax.Array:
+    """``dW[i, j] = window(i, j)^T @ dy`` for each kernel tap: the weight gradient (``HWIO``,
+    float32 or wider) of an NHWC convolution without dilation or groups."""
+    out_c = dy.shape[-1]
+    rows = dy.reshape(-1, out_c)
+    accumulate = jnp.promote_types(dy.dtype, jnp.float32)
+    taps = [
+        lax.dot_general(
+            window.reshape(-1, window.shape[-1]),
+            rows,
+            (((0,), (0,)), ((), ())),
+            precision=precision,
+            preferred_element_type=accumulate,
+        )
+        for _, window in _windows(x, kernel_hw, strides, padding, dy.shape[1:3])
+    ]
+    return jnp.stack(taps).reshape(*kernel_hw, x.shape[-1], out_c)
+
+
+def _windows(x, kernel_hw, strides, padding, out_hw):
+    """``((i, j), window)`` per tap: the ``[batch, out_h, out_w, in]`` strided slice of the padded
+    input that tap ``(i, j)`` sees."""
+    (kh, kw), (sh, sw), (out_h, out_w) = kernel_hw, strides, out_hw
+    xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    batch, in_c = x.shape[0], x.shape[-1]
+    return [
+        (
+            (i, j),
+            lax.slice(
+                xp,
+                (0, i, j, 0),
+                (batch, i + sh * (out_h - 1) + 1, j + sw * (out_w - 1) + 1, in_c),
+                (1, sh, sw, 1),
+            ),
+        )
+        for i in range(kh)
+        for j in range(kw)
+    ]

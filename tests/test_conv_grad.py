@@ -1,0 +1,94 @@
+"""The CPU weight gradient of ``resnet_jax.conv_grad``: PyTorch's own convolution gradients as the
+reference (float64), XLA's kept where the program is for another platform or the switch is off."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from jax import lax
+
+from resnet_jax import conv_grad, sharding
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+# (kernel, stride, padding): ResNet's 1x1 and 3x3 convolutions, stride 1 and 2, and the 7x7 stem;
+# the last has the asymmetric padding of a "SAME" stride-2 convolution.
+SHAPES = [(1, 1, (0, 0)), (1, 2, (0, 0)), (3, 1, (1, 1)), (3, 2, (1, 1)), (7, 2, (3, 3)), (3, 2, (0, 1))]
+
+
+def _conv(x, w, stride, pad):
+    return sharding.conv_general_dilated(x, w, (stride, stride), [pad, pad], dimension_numbers=NHWC)
+
+
+@pytest.mark.parametrize("kernel, stride, pad", SHAPES)
+def test_gradients_are_pytorchs_in_float64(kernel, stride, pad, x64):
+    rng = np.random.default_rng(kernel * 10 + stride)
+    x = rng.normal(size=(2, 13, 11, 5))
+    w = rng.normal(size=(kernel, kernel, 5, 6))
+    y, vjp = jax.vjp(lambda x, w: _conv(x, w, stride, pad), jnp.asarray(x), jnp.asarray(w))
+    dy = rng.normal(size=y.shape)
+    dx, dw = vjp(jnp.asarray(dy))
+
+    tx = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
+    tw = torch.tensor(w.transpose(3, 2, 0, 1), requires_grad=True)
+    # PyTorch pads symmetrically: pad the input itself for the asymmetric case.
+    padded = torch.nn.functional.pad(tx, (pad[0], pad[1], pad[0], pad[1]))
+    ty = torch.nn.functional.conv2d(padded, tw, stride=stride)
+    ty.backward(torch.tensor(dy.transpose(0, 3, 1, 2)))
+    np.testing.assert_allclose(
+        np.asarray(y), ty.detach().numpy().transpose(0, 2, 3, 1), rtol=1e-12, atol=1e-12
+    )
+    np.testing.assert_allclose(np.asarray(dx), tx.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(dw), tw.grad.numpy().transpose(2, 3, 1, 0), rtol=1e-12, atol=1e-12)
+
+
+def test_forward_mode_is_xlas_with_the_switch_off(monkeypatch, x64):
+    rng = np.random.default_rng(0)
+    x, w, dx, dw = (jnp.asarray(rng.normal(size=s)) for s in [(2, 9, 9, 4), (3, 3, 4, 6)] * 2)
+    with pytest.raises(TypeError, match="forward-mode"):
+        jax.jvp(lambda x, w: _conv(x, w, 2, (1, 1)), (x, w), (dx, dw))
+    monkeypatch.setenv(conv_grad.ENV_VAR, "off")
+    ours = jax.jvp(lambda x, w: _conv(x, w, 2, (1, 1)), (x, w), (dx, dw))
+    xla = jax.jvp(
+        lambda x, w: lax.conv_general_dilated(x, w, (2, 2), [(1, 1)] * 2, dimension_numbers=NHWC),
+        (x, w),
+        (dx, dw),
+    )
+    np.testing.assert_array_equal(ours[1], xla[1])
+
+
+def _convolutions(text: str) -> int:
+    return text.count("stablehlo.convolution")
+
+
+def _grad(x, w):
+    return jax.grad(lambda x, w: jnp.sum(_conv(x, w, 2, (1, 1)) ** 2), argnums=(0, 1))(x, w)
+
+
+def test_cpu_program_has_no_weight_gradient_convolution(monkeypatch):
+    x, w = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 8))
+    # Forward and input gradient stay convolutions; the weight gradient is matmuls. (A new
+    # function each time: JAX reuses a function's trace, and the switch is read while tracing.)
+    assert _convolutions(jax.jit(lambda x, w: _grad(x, w)).lower(x, w).as_text()) == 2
+    monkeypatch.setenv(conv_grad.ENV_VAR, "0")
+    assert _convolutions(jax.jit(lambda x, w: _grad(x, w)).lower(x, w).as_text()) == 3  # XLA's own
+
+
+def test_program_for_another_platform_keeps_xlas_weight_gradient():
+    x, w = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 8))
+    exported = jax.export.export(jax.jit(_grad), platforms=["tpu"])(x, w)
+    assert _convolutions(exported.mlir_module()) == 3
+
+
+def test_where_it_does_not_apply_xla_convolves():
+    x, w = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 2, 8))
+    # Grouped (ResNeXt) and dilated convolutions, and string padding, are XLA's alone.
+    assert (
+        conv_grad.conv(x, w, (1, 1), [(1, 1), (1, 1)], dimension_numbers=NHWC, feature_group_count=2) is None
+    )
+    w = jnp.ones((3, 3, 4, 8))
+    assert conv_grad.conv(x, w, (1, 1), [(2, 2), (2, 2)], rhs_dilation=(2, 2), dimension_numbers=NHWC) is None
+    assert conv_grad.conv(x, w, (1, 1), "SAME", dimension_numbers=NHWC) is None
+    assert conv_grad.conv(x, w, (1, 1), [(1, 1), (1, 1)], dimension_numbers=NHWC) is not None
+    out = lax.conv_general_dilated(x, w, (1, 1), [(1, 1), (1, 1)], dimension_numbers=NHWC)
+    np.testing.assert_array_equal(conv_grad.conv(x, w, (1, 1), [(1, 1), (1, 1)], dimension_numbers=NHWC), out)
