@@ -76,6 +76,7 @@ def conv(
     batch_group_count: int = 1,
     precision: Any = None,
     preferred_element_type: Any = None,
+    **other: Any,
 ) -> Optional[jax.Array]:
     """``lax.conv_general_dilated(...)`` with the CPU weight gradient, or None where it does not
     apply (the caller then calls XLA's convolution itself)."""
@@ -93,6 +94,8 @@ def conv(
         and feature_group_count == 1
         and batch_group_count == 1
         and preferred_element_type is None
+        and all(value is None for value in other.values())  # e.g. NNX's out_sharding
+        and jax.default_backend() == "cpu"
         and not _explicit_mesh(lhs)
     ):
         return None
