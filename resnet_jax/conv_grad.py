@@ -1,4 +1,5 @@
-"""A convolution whose weight gradient XLA:CPU computes as matrix products (issue 47).
+"""Convolutions whose weight gradient (and, for 1x1 kernels, everything) XLA:CPU computes as
+matrix products (issue 47).
 
 XLA:CPU runs a convolution's forward pass and its input gradient on fast kernels, but not its
 weight gradient: that convolution contracts over the batch and the image (``dW = sum over b, h,
@@ -8,6 +9,10 @@ written as one matrix product per kernel tap: for tap ``(i, j)``, the input wind
 (a strided slice of the padded input, ``[batch*h*w, in]``) times the output gradient
 (``[batch*h*w, out]``), contracted over their rows. XLA:CPU runs those on its matmul kernels.
 
+A 1x1 convolution without padding is a matmul outright (the strided pixels times the kernel),
+and XLA:CPU's matmul runs it faster than its convolution does, most at large batches; JAX derives
+its gradients as matmuls too. So on a CPU those layers are written as one, forward included.
+
 It is a custom VJP, so JAX's forward-mode autodiff (``jax.jvp``, ``jax.jacfwd``, Hessian
 products) cannot go through it: where a program needs that, turn it off (below). A custom JVP
 whose kernel term reverse mode transposes into the same matmuls was tried and kept about half the
@@ -16,10 +21,9 @@ programs traced for a GPU or a TPU are XLA's own throughout.
 
 :func:`conv` applies it where it is exact to rearrange: NHWC input, HWIO kernel, no dilation,
 one feature group, explicit non-negative padding, JAX's default backend the CPU, and no
-explicit-axis mesh (whose typed shardings the reshapes would have to carry). The forward pass
-and the input gradient are XLA's own, unchanged. Only the weight gradient's summation order
-changes, so float32 results move by rounding alone (``tests/test_conv_grad.py`` holds them to
-PyTorch's in float64).
+explicit-axis mesh (whose typed shardings the reshapes would have to carry). Elsewhere the
+forward pass and the input gradient are XLA's own. Only summation orders change, so float32
+results move by rounding alone (``tests/test_conv_grad.py`` holds them to PyTorch's in float64).
 
 The choice is made where the program is lowered (``jax.lax.platform_dependent``): a program
 compiled for a GPU or a TPU keeps XLA's own weight gradient, even when it is traced on a CPU
@@ -99,7 +103,24 @@ def conv(
         and not _explicit_mesh(lhs)
     ):
         return None
-    return _conv(lhs, rhs, tuple(int(s) for s in window_strides), pairs, precision)
+    strides = tuple(int(s) for s in window_strides)
+    if rhs.shape[:2] == (1, 1) and pairs == ((0, 0), (0, 0)):
+        return _pointwise(lhs, rhs, strides, precision)
+    return _conv(lhs, rhs, strides, pairs, precision)
+
+
+def _pointwise(x: jax.Array, w: jax.Array, strides: tuple[int, ...], precision: Any) -> jax.Array:
+    """A 1x1 convolution: on XLA:CPU the matmul of the (strided) pixels by the kernel, whose
+    gradients JAX derives as matmuls too; elsewhere XLA's convolution."""
+
+    def matmul(x, w):
+        pixels = x[:, :: strides[0], :: strides[1], :]
+        return lax.dot_general(pixels, w[0, 0], (((3,), (0,)), ((), ())), precision=precision)
+
+    def xla(x, w):
+        return _xla(x, w, strides, ((0, 0), (0, 0)), precision)
+
+    return lax.platform_dependent(x, w, cpu=matmul, default=xla)
 
 
 def _xla(x: jax.Array, w: jax.Array, strides: tuple[int, ...], padding: tuple, precision: Any) -> jax.Array:

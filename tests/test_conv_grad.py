@@ -74,6 +74,17 @@ def test_cpu_program_has_no_weight_gradient_convolution(monkeypatch):
     assert _convolutions(jax.jit(lambda x, w: _grad(x, w)).lower(x, w).as_text()) == 3  # XLA's own
 
 
+def test_cpu_program_has_no_pointwise_convolution():
+    x, w = jnp.ones((2, 8, 8, 4)), jnp.ones((1, 1, 4, 8))
+
+    def grad(x, w):
+        return jax.grad(lambda x, w: jnp.sum(_conv(x, w, 2, (0, 0)) ** 2), argnums=(0, 1))(x, w)
+
+    # A 1x1 convolution is a matmul of the (strided) pixels, forward and both gradients.
+    assert _convolutions(jax.jit(grad).lower(x, w).as_text()) == 0
+    assert _convolutions(jax.export.export(jax.jit(grad), platforms=["tpu"])(x, w).mlir_module()) == 3
+
+
 def test_program_for_another_platform_keeps_xlas_weight_gradient():
     x, w = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 8))
     exported = jax.export.export(jax.jit(_grad), platforms=["tpu"])(x, w)
