@@ -62,7 +62,8 @@ def count_macs(jaxpr: Any, trip_counts: bool = False) -> int:
     """Multiply-accumulates of every convolution and dot product in ``jaxpr`` (recursively).
 
     A convolution costs (output elements) x (kernel window x input channels per group); a
-    ``dot_general`` costs (output elements) x (contracted size). Everything else is ignored.
+    ``dot_general`` costs (output elements) x (contracted size). Everything else is ignored. A
+    ``cond`` counts its costliest branch, the one of them that runs at most.
     ``trip_counts``: a ``scan`` body counts ``length`` times, as it runs; otherwise as XLA's cost
     analysis counts it: once per copy in the loop's body, ``unroll`` copies (all ``length`` when
     the scan is fully unrolled, as ``train/accum.py`` does on a CPU, so there is no loop).
@@ -83,6 +84,10 @@ def count_macs(jaxpr: Any, trip_counts: bool = False) -> int:
             out = eqn.outvars[0].aval.shape
             k = int(np.prod([lhs[i] for i in contract], dtype=np.int64))
             total += int(np.prod(out, dtype=np.int64)) * k
+        if name == "cond":
+            # One branch runs (jax.lax.platform_dependent's, one per platform, among them).
+            total += max(count_macs(b.jaxpr, trip_counts) for b in eqn.params["branches"])
+            continue
         repeat = 1
         if name == "scan":
             length, unroll = int(eqn.params["length"]), eqn.params.get("unroll", 1)
