@@ -21,7 +21,8 @@ programs traced for a GPU or a TPU are XLA's own throughout.
 
 :func:`conv` applies it where it is exact to rearrange: NHWC input, HWIO kernel, no dilation,
 one feature group, explicit non-negative padding, JAX's default backend the CPU, and no
-explicit-axis mesh (whose typed shardings the reshapes would have to carry). Elsewhere the
+explicit-axis mesh (whose typed shardings the reshapes would have to carry; the caller,
+``sharding.conv_general_dilated``, checks that). Elsewhere the
 forward pass and the input gradient are XLA's own. Only summation orders change, so float32
 results move by rounding alone (``tests/test_conv_grad.py`` holds them to PyTorch's in float64).
 
@@ -63,11 +64,6 @@ def _ones(value: Optional[Sequence[int]]) -> bool:
     return value is None or all(int(v) == 1 for v in value)
 
 
-def _explicit_mesh(x: jax.Array) -> bool:
-    mesh = jax.typeof(x).sharding.mesh
-    return not mesh.empty and jax.sharding.AxisType.Explicit in tuple(mesh.axis_types)
-
-
 def conv(
     lhs: jax.Array,
     rhs: jax.Array,
@@ -100,7 +96,6 @@ def conv(
         and preferred_element_type is None
         and all(value is None for value in other.values())  # e.g. NNX's out_sharding
         and jax.default_backend() == "cpu"
-        and not _explicit_mesh(lhs)
     ):
         return None
     strides = tuple(int(s) for s in window_strides)

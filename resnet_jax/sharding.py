@@ -142,7 +142,7 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, *args: Any, **kwargs: A
     """``lax.conv_general_dilated`` with the kernel replicated over the input's explicit mesh,
     and its weight gradient as matmuls where the program runs on XLA:CPU (``conv_grad``)."""
     rhs = replicated_like(rhs, lhs)
-    out = conv_grad.conv(lhs, rhs, *args, **kwargs)
+    out = None if is_explicit(jax.typeof(lhs).sharding.mesh) else conv_grad.conv(lhs, rhs, *args, **kwargs)
     return jax.lax.conv_general_dilated(lhs, rhs, *args, **kwargs) if out is None else out
 
 
