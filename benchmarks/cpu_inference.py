@@ -11,7 +11,10 @@ Both take the same images (copied into each framework's layout once, outside the
 size, each round times ``--calls`` calls of ours, then of PyTorch's (the first swapped every round),
 each call synchronised; the figures are medians over all rounds. The first call of each side is
 timed apart: for ours it traces and compiles (the persistent cache is off unless
-``--compilation-cache``), for PyTorch it is the first eager pass. ``XLA_FLAGS`` in the environment
+``--compilation-cache``), for PyTorch it is the first eager pass. ``--profile DIR`` then traces
+``--calls`` calls of each side per batch size (``jax.profiler`` into ``DIR/b{batch}``, and
+``torch.profiler``) and adds their time by op kind (``benchmarks.profile_ops``,
+``benchmarks.profile_torch``) to the JSON. ``XLA_FLAGS`` in the environment
 applies to ours, so ``benchmarks.cpu_levers`` runs this module once per XLA:CPU option.
 Prints (and with ``--output`` writes) one JSON object.
 """
@@ -45,6 +48,7 @@ def _ours(arch: str, num_classes: int, size: int):
     def call(x):
         return jax.block_until_ready(forward(variables, x))
 
+    call.hlo_text = lambda x: forward.lower(variables, x).compile().as_text()
     return call
 
 
@@ -62,6 +66,26 @@ def _theirs(arch: str, num_classes: int):
             return torch.softmax(model(x), dim=-1)
 
     return call
+
+
+def _profile(
+    args: argparse.Namespace, batch: int, ours: Any, x_ours: Any, theirs: Any, x_theirs: Any
+) -> dict:
+    """Each side's time by op kind over ``args.calls`` calls (ours traced into DIR/b{batch})."""
+    import os
+
+    import jax
+
+    from benchmarks import profile_ops, profile_torch
+
+    trace_dir = os.path.join(args.profile, f"b{batch}")
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        for _ in range(args.calls):
+            ours(x_ours)
+    return {
+        "ours": profile_ops.summarize(trace_dir, ours.hlo_text(x_ours), steps=args.calls, forward_only=True),
+        "torch": profile_torch.summarize(lambda: theirs(x_theirs), steps=args.calls),
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -115,6 +139,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "first_call_ours_over_torch": first["torch"] / first["ours"],
             "calls_timed": len(times["ours"]),
         }
+        if args.profile:
+            result["batches"][str(batch)]["profile"] = _profile(args, batch, ours, x_ours, theirs, x_theirs)
         print(
             f"[cpu_inference] {args.arch} batch {batch}: ours {batch / ours_s:.1f} img/s, torch "
             f"{batch / torch_s:.1f} img/s, ratio {torch_s / ours_s:.2f}; first call {first['ours']:.1f} s "
@@ -134,6 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=3, help="timed calls per side per round")
     parser.add_argument("--compilation-cache", action="store_true", help="use the persistent cache")
+    parser.add_argument("--profile", metavar="DIR", help="also profile each side, op by op")
     parser.add_argument("--output", default=None)
     args = parser.parse_args(argv)
     emit_json(run(args), args.output)

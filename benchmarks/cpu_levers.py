@@ -1,11 +1,12 @@
 """XLA:CPU's options against PyTorch, one process per option (issue 47).
 
 ``python -m benchmarks.cpu_levers --arch resnet18 --batch 32 --image-size 224 --rounds 2
-[--tries baseline,onednn] [--what train,infer] [--output F]``
+[--tries baseline,onednn] [--what train,infer,layers] [--output F]``
 
 XLA reads ``XLA_FLAGS`` once, when JAX starts, so each try is its own process: the training-step
 benchmark (``benchmarks.train_step --compare-torch``) and the inference one
-(``benchmarks.cpu_inference``), each with ``XLA_FLAGS`` set to the try's options. PyTorch runs in
+(``benchmarks.cpu_inference``), and with ``--what layers`` one convolution layer's forward and
+gradients (``benchmarks.conv_layers``), each with ``XLA_FLAGS`` set to the try's options. PyTorch runs in
 the same process, alternating with ours, so each process gives a ratio ours / PyTorch's that load
 on the machine hits alike; the tries are compared by those ratios. Tries take turns in each round
 (order reversed every other round), and the report keeps every process's figures and the median
@@ -29,11 +30,18 @@ from typing import Any
 
 from benchmarks.report import emit_json, host_environment
 
-# name -> XLA_FLAGS. The defaults of jax 0.10's XLA:CPU are the baseline.
+# name -> XLA_FLAGS. The defaults of jax 0.10's XLA:CPU are the baseline: there, convolutions and
+# dots are YNNPACK fusions (``__ynn_fusion`` in the compiled HLO), other ops XLA's own loops.
+_YNN = "--xla_cpu_experimental_ynn_fusion_type="
+_ONEDNN_TYPE = "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type="
 TRIES = {
     "baseline": "",
+    "no_ynnpack": _YNN,  # Eigen's convolutions and dots
+    "ynn_dots_only": _YNN + "-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION",  # Eigen's convolutions
     "onednn": "--xla_cpu_use_onednn=true",
     "onednn_custom_call": "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_custom_call=true",
+    "onednn_dot_eltwise": _ONEDNN_TYPE + "+LIBRARY_FUSION_TYPE_DOT,+LIBRARY_FUSION_TYPE_ELTWISE",
+    "onednn_convolution": _ONEDNN_TYPE + "+LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION",
     "no_xnnpack": "--xla_cpu_use_xnnpack=false",
     "xnn_graph_greedy": "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY",
     "xnn_convolution": "--xla_cpu_experimental_xnn_fusion_type=+LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION",
@@ -80,6 +88,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"--batches={args.infer_batches}",
         f"--rounds={args.step_rounds}",
     ]
+    layers_argv = [f"--batch={args.layer_batch}", f"--rounds={args.step_rounds}"]
+    if args.layer_torch:
+        layers_argv.append("--compare-torch")
     runs: list[dict[str, Any]] = []
     for r in range(args.rounds):
         for name in tries if r % 2 == 0 else tries[::-1]:
@@ -94,6 +105,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "torch_images_per_s": report["torch"]["images_per_s"],
                     "jax_compile_s": report["jax"].get("compile_time_s"),
                 }
+            if "layers" in args.what:
+                print(f"[cpu_levers] round {r} {name}: layers", file=sys.stderr, flush=True)
+                report = _child("benchmarks.conv_layers", layers_argv, flags)
+                record["layers"] = report.get("error") or report["layers"]
             if "infer" in args.what:
                 print(f"[cpu_levers] round {r} {name}: inference", file=sys.stderr, flush=True)
                 report = _child("benchmarks.cpu_inference", infer_argv, flags)
@@ -118,6 +133,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             row[f"infer_b{batch}_first_call_s"] = statistics.median(
                 i[batch]["first_call_s"]["ours"] for i in infer
             )
+        layers = [x["layers"] for x in mine if isinstance(x.get("layers"), list)]
+        if layers:
+            row["layers_ms"] = {
+                lay["layer"]: {
+                    key[: -len("_ms")]: statistics.median(rep[i][key] for rep in layers)
+                    for key in lay
+                    if key.endswith("_ms")
+                }
+                for i, lay in enumerate(layers[0])
+            }
         summary[name] = row
     return {
         "benchmark": "cpu_levers",
@@ -137,7 +162,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=1, help="turns of every try (a process each)")
     parser.add_argument("--step-rounds", type=int, default=3, help="alternations with PyTorch per process")
     parser.add_argument("--tries", type=lambda s: s.split(","), default=list(TRIES))
-    parser.add_argument("--what", type=lambda s: s.split(","), default=["train", "infer"])
+    parser.add_argument(
+        "--what",
+        type=lambda s: s.split(","),
+        default=["train", "infer"],
+        help="any of train, infer, layers (benchmarks.conv_layers per try)",
+    )
+    parser.add_argument("--layer-batch", type=int, default=16)
+    parser.add_argument("--layer-torch", action="store_true", help="layers: PyTorch's too, per process")
     parser.add_argument("--output", default=None)
     args = parser.parse_args(argv)
     unknown = [t for t in args.tries if t not in TRIES]

@@ -48,7 +48,9 @@ def compile_seconds(arch: str, image_size: int, generator: str, stage_sizes: tup
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.init_compile", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.init_compile", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--arch", default="resnet18,resnet50", help="comma-separated presets")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--stage-sizes", default="", help="e.g. 1,1: a shallower model (for a quick check)")
@@ -62,7 +64,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {"benchmark": "init_compile", "environment": host_environment()}
     result["environment"].update(jax=jax.__version__, backend=jax.default_backend())
     stage_sizes = tuple(int(n) for n in args.stage_sizes.split(",") if n)
-    result["config"] = {"image_size": args.image_size, "stage_sizes": list(stage_sizes), "rounds": args.rounds}
+    result["config"] = {
+        "image_size": args.image_size,
+        "stage_sizes": list(stage_sizes),
+        "rounds": args.rounds,
+    }
     for arch in args.arch.split(","):
         times: dict[str, list[float]] = {g: [] for g in GENERATORS}
         for _ in range(args.rounds):

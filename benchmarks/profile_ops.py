@@ -117,8 +117,13 @@ _GEMM_KERNEL = re.compile(r"gemm|cutlass|cublas|nvjet|matmul|triton_gemm", re.I)
 _COPY_KERNEL = re.compile(r"memcpy|memset|copy|transpose", re.I)
 
 
-def categorize(op: str, info: dict[str, Any] | None, kernel_names: set[str]) -> str:
-    """The category of one instruction (``info`` from :func:`parse_hlo`, None if unknown)."""
+def categorize(
+    op: str, info: dict[str, Any] | None, kernel_names: set[str], forward_only: bool = False
+) -> str:
+    """The category of one instruction (``info`` from :func:`parse_hlo`, None if unknown).
+
+    In a training step an op outside autodiff's ``jvp``/``transpose`` is the optimizer's;
+    ``forward_only`` (an inference program, which has neither) turns that rule off."""
     if info is not None:
         if info["has_conv"]:
             return "convolution"
@@ -127,7 +132,7 @@ def categorize(op: str, info: dict[str, Any] | None, kernel_names: set[str]) -> 
         if info["opcode"] in ("copy", "transpose", "copy-start", "copy-done", "bitcast"):
             return "copy_other"
         name = info["op_name"]
-        if name and "jvp(" not in name and "transpose(" not in name:
+        if name and not forward_only and "jvp(" not in name and "transpose(" not in name:
             return "optimizer"
         if info["opcode"] in ("fusion", "reduce", "add", "multiply", "maximum", "select", "reduce-window"):
             return "batchnorm_elementwise"
@@ -144,9 +149,12 @@ def categorize(op: str, info: dict[str, Any] | None, kernel_names: set[str]) -> 
     return "copy_other"
 
 
-def phase(category: str, info: dict[str, Any] | None) -> str:
+def phase(category: str, info: dict[str, Any] | None, forward_only: bool = False) -> str:
     """The part of the step an instruction belongs to: the forward pass (``jvp``), the backward
-    (``transpose``, the gradient), the optimizer, or ``other`` (no metadata)."""
+    (``transpose``, the gradient), the optimizer, or ``other`` (no metadata). In an inference
+    program (``forward_only``) every op is the forward pass."""
+    if forward_only:
+        return "forward"
     if category == "optimizer":
         return "optimizer"
     name = info["op_name"] if info else ""
@@ -195,8 +203,11 @@ def device_events(events: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], l
     return picked, ["host threads with hlo_op"]
 
 
-def summarize(trace_dir: str, hlo_text: str, steps: int, top: int = 15) -> dict[str, Any]:
-    """Top ``top`` instructions by device time, and the time share of each category."""
+def summarize(
+    trace_dir: str, hlo_text: str, steps: int, top: int = 15, forward_only: bool = False
+) -> dict[str, Any]:
+    """Top ``top`` instructions by device time, and the time share of each category.
+    ``forward_only``: the program is inference, not a training step (see :func:`categorize`)."""
     table = parse_hlo(hlo_text)
     events, lines = device_events(_load_trace(trace_dir))
     per_op: dict[str, float] = collections.defaultdict(float)
@@ -216,9 +227,9 @@ def summarize(trace_dir: str, hlo_text: str, steps: int, top: int = 15) -> dict[
         info = table.get(op)
         if info is not None:
             attributed += us
-        cat = categorize(op, info, kernels[op])
+        cat = categorize(op, info, kernels[op], forward_only)
         shares[cat] += us
-        phases[phase(cat, info)][cat] += us
+        phases[phase(cat, info, forward_only)][cat] += us
         rows.append(
             {
                 "op": op,

@@ -53,3 +53,52 @@ def test_xla_instructions_get_their_phase_from_their_op_name():
         profile_ops.phase("optimizer", None) == "optimizer"
         and profile_ops.phase("copy_other", None) == "other"
     )
+
+
+def test_an_inference_program_is_all_forward_pass():
+    """cpu_inference --profile: no autodiff names, so nothing may be taken for the optimizer."""
+
+    def forward(w, x):
+        y = jax.lax.conv_general_dilated(
+            x, w, (1, 1), [(1, 1)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return jax.nn.relu(y * 2.0 + 1.0)
+
+    table = profile_ops.parse_hlo(
+        jax.jit(forward).lower(jnp.ones((3, 3, 2, 4)), jnp.ones((1, 8, 8, 2))).compile().as_text()
+    )
+    named = {op: info for op, info in table.items() if info["op_name"]}
+    assert any(info["has_conv"] for info in named.values())
+    as_step = {profile_ops.categorize(op, info, set()) for op, info in named.items()}
+    as_inference = {profile_ops.categorize(op, info, set(), forward_only=True) for op, info in named.items()}
+    assert "optimizer" in as_step  # the training-step rule misreads an inference program
+    assert "optimizer" not in as_inference and "convolution" in as_inference
+    assert {profile_ops.phase(c, None, forward_only=True) for c in as_inference} == {"forward"}
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv_layers_times_pytorchs_own_gradients_of_the_same_layer(x64, stride):
+    """benchmarks.conv_layers --compare-torch: PyTorch's three parts compute what XLA's do."""
+    from benchmarks import conv_layers
+
+    k = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(k[0], (2, 9, 9, 3), jnp.float64)
+    w = jax.random.normal(k[1], (3, 3, 3, 5), jnp.float64)
+
+    def conv(x, w):
+        return jax.lax.conv_general_dilated(
+            x, w, (stride, stride), [(1, 1)] * 2, dimension_numbers=conv_layers.NHWC
+        )
+
+    y, vjp = jax.vjp(conv, x, w)
+    dy = jax.random.normal(k[2], y.shape, jnp.float64)
+    dx, dw = vjp(dy)
+    parts = conv_layers._torch_parts(x, w, dy, stride, 1)
+    (fwd, *a_f), (in_grad, *a_i), (w_grad, *a_w) = (
+        parts[p] for p in ("torch_forward", "torch_input_grad", "torch_weight_grad")
+    )
+    to_nhwc = lambda t: t.numpy().transpose(0, 2, 3, 1)  # noqa: E731
+    assert fwd(*a_f).dtype == torch.float64
+    assert abs(to_nhwc(fwd(*a_f)) - y).max() < 1e-12
+    assert abs(to_nhwc(in_grad(*a_i)[0]) - dx).max() < 1e-12
+    assert abs(w_grad(*a_w)[1].numpy().transpose(2, 3, 1, 0) - dw).max() < 1e-12
