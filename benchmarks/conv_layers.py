@@ -110,6 +110,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 x,
                 dy,
             ),
+            "weight_grad_im2col": (
+                jax.jit(
+                    lambda x, dy, k=k, s=s, pad=pad: conv_grad.weight_grad_im2col(x, dy, (k, k), (s, s), pad)
+                ),
+                x,
+                dy,
+            ),
         }
         if args.nchw:
             xc, dyc = x.transpose(0, 3, 1, 2), dy.transpose(0, 3, 1, 2)

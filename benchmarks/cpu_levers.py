@@ -34,8 +34,13 @@ from benchmarks.report import emit_json, host_environment
 # dots are YNNPACK fusions (``__ynn_fusion`` in the compiled HLO), other ops XLA's own loops.
 _YNN = "--xla_cpu_experimental_ynn_fusion_type="
 _ONEDNN_TYPE = "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type="
+# ``import resnet_jax`` itself moves convolutions from YNNPACK to Eigen where the user's flags
+# leave it free to (resnet_jax.platform); "baseline" is that default, "ynn_convolutions" the
+# defaults of XLA alone (a "+" of a type already on changes nothing and stops the import's flag).
 TRIES = {
     "baseline": "",
+    "ynn_convolutions": _YNN + "+LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION",
+    "eigen_convolutions_only": _YNN + "-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION",
     "no_ynnpack": _YNN,  # Eigen's convolutions and dots
     "ynn_dots_only": _YNN + "-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION",  # Eigen's convolutions
     "onednn": "--xla_cpu_use_onednn=true",
@@ -48,13 +53,18 @@ TRIES = {
     "vector_width_128": "--xla_cpu_prefer_vector_width=128",
     "single_thread_eigen": "--xla_cpu_multi_thread_eigen=false",
 }
+# Tries that also set environment variables: resnet_jax.conv_grad's rewrites off (1x1
+# convolutions stay XLA's convolutions) over Eigen's convolutions.
+TRY_ENV = {"eigen_convolutions_only": {"RESNET_JAX_CPU_CONV_GRAD": "0"}}
 
 
-def _child(module: str, argv: list[str], flags: str) -> dict[str, Any]:
+def _child(
+    module: str, argv: list[str], flags: str, extra_env: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Run ``python -m module argv --output F`` with ``XLA_FLAGS=flags``; its JSON (or the error)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "out.json")
-        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags, **(extra_env or {}))
         proc = subprocess.run(
             [sys.executable, "-m", module, *argv, f"--output={out}"], env=env, capture_output=True, text=True
         )
@@ -95,10 +105,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for r in range(args.rounds):
         for name in tries if r % 2 == 0 else tries[::-1]:
             flags = TRIES[name]
-            record: dict[str, Any] = {"try": name, "round": r, "xla_flags": flags}
+            record: dict[str, Any] = {"try": name, "round": r, "xla_flags": flags, "env": TRY_ENV.get(name)}
             if "train" in args.what:
                 print(f"[cpu_levers] round {r} {name}: train step", file=sys.stderr, flush=True)
-                report = _child("benchmarks.train_step", train_argv, flags)
+                report = _child("benchmarks.train_step", train_argv, flags, TRY_ENV.get(name))
                 record["train"] = report.get("error") or {
                     "jax_over_torch": _train_ratio(report),
                     "jax_images_per_s": report["jax"]["images_per_s"],
@@ -107,11 +117,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 }
             if "layers" in args.what:
                 print(f"[cpu_levers] round {r} {name}: layers", file=sys.stderr, flush=True)
-                report = _child("benchmarks.conv_layers", layers_argv, flags)
+                report = _child("benchmarks.conv_layers", layers_argv, flags, TRY_ENV.get(name))
                 record["layers"] = report.get("error") or report["layers"]
             if "infer" in args.what:
                 print(f"[cpu_levers] round {r} {name}: inference", file=sys.stderr, flush=True)
-                report = _child("benchmarks.cpu_inference", infer_argv, flags)
+                report = _child("benchmarks.cpu_inference", infer_argv, flags, TRY_ENV.get(name))
                 record["infer"] = report.get("error") or report["batches"]
             print(f"[cpu_levers] {json.dumps(record)}", file=sys.stderr, flush=True)
             runs.append(record)

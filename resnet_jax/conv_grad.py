@@ -48,9 +48,39 @@ ENV_VAR = "RESNET_JAX_CPU_CONV_GRAD"
 _NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
 
 
+def _mode() -> str:
+    value = os.environ.get(ENV_VAR, "auto").strip().lower()
+    if value in ("0", "off", "false", "no"):
+        return "off"
+    return "taps" if value == "taps" else "auto"
+
+
 def enabled() -> bool:
-    """Whether the CPU weight gradient is on (``$RESNET_JAX_CPU_CONV_GRAD`` is not 0/off/false)."""
-    return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "off", "false", "no")
+    """Whether this module rewrites CPU convolutions at all (``$RESNET_JAX_CPU_CONV_GRAD`` is not
+    0/off/false)."""
+    return _mode() != "off"
+
+
+@functools.lru_cache(maxsize=None)
+def ynn_convolutions() -> bool:
+    """Whether XLA:CPU in this process runs convolutions through YNNPACK (``__ynn_fusion``).
+
+    jax 0.10's XLA:CPU does by default, and there its weight gradient (and, less so, the forward
+    pass) is several times slower than Eigen's (BENCHMARKS.md, section 5); ``import resnet_jax``
+    turns them off where it can (:func:`prefer_eigen_convolutions`). Decided once per process by
+    compiling one small convolution, so it sees the flags XLA really started with (YNNPACK
+    leaves convolutions of fewer than 32 channels to Eigen, so the probe has 64)."""
+    x = jax.ShapeDtypeStruct((1, 8, 8, 64), jnp.float32)
+    w = jax.ShapeDtypeStruct((3, 3, 64, 64), jnp.float32)
+    conv = jax.jit(lambda x, w: _xla(x, w, (1, 1), ((1, 1), (1, 1)), None), backend="cpu")
+    return "__ynn_fusion" in conv.lower(x, w).compile().as_text()
+
+
+def weight_grad_as_taps() -> bool:
+    """Whether 3x3 (and 7x7) convolutions take the per-tap weight gradient: where XLA:CPU's own
+    is slow, that is, where its convolutions are YNNPACK's (or ``$RESNET_JAX_CPU_CONV_GRAD=taps``)."""
+    mode = _mode()
+    return mode == "taps" or (mode == "auto" and ynn_convolutions())
 
 
 def _plain_pairs(padding: Any) -> Optional[tuple[tuple[int, int], ...]]:
@@ -101,7 +131,7 @@ def conv(
     strides = tuple(int(s) for s in window_strides)
     if rhs.shape[:2] == (1, 1) and pairs == ((0, 0), (0, 0)):
         return _pointwise(lhs, rhs, strides, precision)
-    return _conv(lhs, rhs, strides, pairs, precision)
+    return _conv(lhs, rhs, strides, pairs, precision) if weight_grad_as_taps() else None
 
 
 def _pointwise(x: jax.Array, w: jax.Array, strides: tuple[int, ...], precision: Any) -> jax.Array:
@@ -172,6 +202,31 @@ def weight_grad_taps(
         for _, window in _windows(x, kernel_hw, strides, padding, dy.shape[1:3])
     ]
     return jnp.stack(taps).reshape(*kernel_hw, x.shape[-1], out_c)
+
+
+def weight_grad_im2col(
+    x: jax.Array,
+    dy: jax.Array,
+    kernel_hw: Sequence[int],
+    strides: Sequence[int],
+    padding: Sequence[tuple[int, int]],
+    precision: Any = None,
+) -> jax.Array:
+    """The same weight gradient as :func:`weight_grad_taps` as one matmul: every tap's window
+    side by side (``[batch*h*w, taps*in]``, the im2col matrix) times the output gradient."""
+    out_c = dy.shape[-1]
+    cols = jnp.stack(
+        [window for _, window in _windows(x, kernel_hw, strides, padding, dy.shape[1:3])], axis=3
+    )
+    accumulate = jnp.promote_types(dy.dtype, jnp.float32)
+    dw = lax.dot_general(
+        cols.reshape(-1, cols.shape[3] * cols.shape[4]),
+        dy.reshape(-1, out_c),
+        (((0,), (0,)), ((), ())),
+        precision=precision,
+        preferred_element_type=accumulate,
+    )
+    return dw.reshape(*kernel_hw, x.shape[-1], out_c)
 
 
 def _windows(x, kernel_hw, strides, padding, out_hw):

@@ -69,3 +69,36 @@ def skip_absent_tpu_on_import() -> bool:
     except (ImportError, AttributeError):  # a JAX without this private check: leave JAX alone
         return False
     return skip_absent_tpu()
+
+
+# XLA:CPU's convolutions through Eigen rather than YNNPACK (issue 47): jax 0.10's XLA:CPU gives
+# convolutions to YNNPACK by default, whose weight gradient ran 6-12x and forward pass about 2x
+# slower than Eigen's on ResNet's layers (BENCHMARKS.md, section 5). Dots stay YNNPACK's.
+CPU_CONVOLUTION_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
+# jaxlib versions whose XLA knows the flag (XLA aborts at start-up on an unknown one).
+_FLAG_JAXLIB = ((0, 10), (0, 12))
+
+
+def prefer_eigen_cpu_convolutions_on_import() -> bool:
+    """Append :data:`CPU_CONVOLUTION_FLAG` to ``$XLA_FLAGS`` for ``import resnet_jax``: only while
+    JAX has not started a backend (XLA reads the variable once, then), only on jaxlib versions
+    that know the flag, never over a choice of the user's (any ``xla_cpu_experimental_ynn_fusion_type``
+    in ``$XLA_FLAGS``), and not with ``RESNET_JAX_CPU_CONV_GRAD=0``. It concerns XLA:CPU alone.
+    Where it did not apply, ``resnet_jax.conv_grad`` sees YNNPACK's convolutions and computes
+    their weight gradients as matmuls instead. Returns True when it appended the flag."""
+    from resnet_jax import conv_grad
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    if not conv_grad.enabled() or CPU_CONVOLUTION_FLAG.split("=")[0] in flags:
+        return False
+    try:
+        import jaxlib
+        from jax._src import xla_bridge
+
+        version = tuple(int(p) for p in jaxlib.__version__.split(".")[:2])
+        if xla_bridge.backends_are_initialized() or not _FLAG_JAXLIB[0] <= version < _FLAG_JAXLIB[1]:
+            return False
+    except (ImportError, AttributeError, ValueError):  # a JAX without these: leave it alone
+        return False
+    os.environ["XLA_FLAGS"] = f"{flags} {CPU_CONVOLUTION_FLAG}".strip()
+    return True
