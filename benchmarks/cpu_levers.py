@@ -34,13 +34,13 @@ from benchmarks.report import emit_json, host_environment
 # dots are YNNPACK fusions (``__ynn_fusion`` in the compiled HLO), other ops XLA's own loops.
 _YNN = "--xla_cpu_experimental_ynn_fusion_type="
 _ONEDNN_TYPE = "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type="
-# ``import resnet_jax`` itself moves convolutions from YNNPACK to Eigen where the user's flags
-# leave it free to (resnet_jax.platform); "baseline" is that default, "ynn_convolutions" the
-# defaults of XLA alone (a "+" of a type already on changes nothing and stops the import's flag).
+# ``import resnet_jax`` itself turns YNNPACK off where the user's flags leave it free to
+# (resnet_jax.platform); "baseline" is that default, "ynn_convolutions" XLA's own defaults (a "+"
+# of a type already on changes nothing, and any YNNPACK flag of the user's stops the import's).
 TRIES = {
     "baseline": "",
     "ynn_convolutions": _YNN + "+LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION",
-    "eigen_convolutions_only": _YNN + "-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION",
+    "no_ynnpack_no_rewrites": _YNN,
     "no_ynnpack": _YNN,  # Eigen's convolutions and dots
     "ynn_dots_only": _YNN + "-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION",  # Eigen's convolutions
     "onednn": "--xla_cpu_use_onednn=true",
@@ -53,9 +53,9 @@ TRIES = {
     "vector_width_128": "--xla_cpu_prefer_vector_width=128",
     "single_thread_eigen": "--xla_cpu_multi_thread_eigen=false",
 }
-# Tries that also set environment variables: resnet_jax.conv_grad's rewrites off (1x1
-# convolutions stay XLA's convolutions) over Eigen's convolutions.
-TRY_ENV = {"eigen_convolutions_only": {"RESNET_JAX_CPU_CONV_GRAD": "0"}}
+# Tries that also set environment variables: without YNNPACK, and resnet_jax.conv_grad's
+# rewrites off (1x1 convolutions stay XLA's convolutions).
+TRY_ENV = {"no_ynnpack_no_rewrites": {"RESNET_JAX_CPU_CONV_GRAD": "0"}}
 
 
 def _child(

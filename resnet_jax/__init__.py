@@ -31,7 +31,7 @@ __version__ = "0.1.0"
 # print TPU start-up errors; nothing changes with a TPU or GPU, or with JAX_PLATFORMS set.
 platform.skip_absent_tpu_on_import()
 # XLA:CPU: convolutions through Eigen, which is faster here than YNNPACK (before JAX starts only).
-platform.prefer_eigen_cpu_convolutions_on_import()
+platform.xla_cpu_without_ynnpack_on_import()
 
 # One function per preset (``resnet_jax.resnet50``), from the table in ``presets.py``.
 globals().update({arch: getattr(models, arch) for arch in ALL_PRESETS})

@@ -1,36 +1,43 @@
-"""Convolutions whose weight gradient (and, for 1x1 kernels, everything) XLA:CPU computes as
-matrix products (issue 47).
+"""Convolutions on XLA:CPU: 1x1 convolutions as matrix products, and the weight gradient as
+matrix products where XLA:CPU's own is slow (issue 47).
 
-XLA:CPU runs a convolution's forward pass and its input gradient on fast kernels, but not its
-weight gradient: that convolution contracts over the batch and the image (``dW = sum over b, h,
-w of x * dy``), a shape its fast path does not take, and it runs several times slower than the
-forward pass of the same layer (BENCHMARKS.md, section 5). The weight gradient is the same sum
-written as one matrix product per kernel tap: for tap ``(i, j)``, the input window that tap sees
-(a strided slice of the padded input, ``[batch*h*w, in]``) times the output gradient
-(``[batch*h*w, out]``), contracted over their rows. XLA:CPU runs those on its matmul kernels.
+jax 0.10's XLA:CPU gives convolutions and dots to YNNPACK, which runs ResNet's layers' weight
+gradients several times, and their forward passes about twice, as slow as XLA's own Eigen
+kernels (BENCHMARKS.md, section 5). So ``import resnet_jax`` asks XLA:CPU to leave YNNPACK out
+when it can (:func:`resnet_jax.platform.xla_cpu_without_ynnpack_on_import`: only before JAX
+starts a backend, and never over the user's own choice). Where YNNPACK still runs convolutions,
+that is, when JAX had started first or the user chose so (:func:`ynn_convolutions` asks the
+compiler), the weight gradient is the same sum written as one matrix product per kernel tap: for
+tap ``(i, j)``, the input window that tap sees (a strided slice of the padded input,
+``[batch*h*w, in]``) times the output gradient (``[batch*h*w, out]``), contracted over their
+rows; XLA:CPU runs those on its matmul kernels, much faster than YNNPACK's weight gradient.
 
 A 1x1 convolution without padding is a matmul outright (the strided pixels times the kernel),
-and XLA:CPU's matmul runs it faster than its convolution does, most at large batches; JAX derives
-its gradients as matmuls too. So on a CPU those layers are written as one, forward included.
+and XLA:CPU's matmul runs it faster than either library's convolution does; JAX derives its
+gradients as matmuls too. So on a CPU those layers are written as one, forward included,
+with or without YNNPACK.
 
-It is a custom VJP, so JAX's forward-mode autodiff (``jax.jvp``, ``jax.jacfwd``, Hessian
-products) cannot go through it: where a program needs that, turn it off (below). A custom JVP
-whose kernel term reverse mode transposes into the same matmuls was tried and kept about half the
-gain (BENCHMARKS.md, section 5). It is only put in where JAX's default backend is the CPU, so
-programs traced for a GPU or a TPU are XLA's own throughout.
+The per-tap weight gradient is a custom VJP, so JAX's forward-mode autodiff (``jax.jvp``,
+``jax.jacfwd``, Hessian products) cannot go through it; without YNNPACK (the default after
+``import resnet_jax``) nothing blocks it. A custom JVP whose kernel term reverse mode
+transposes into the same matmuls was tried and kept about half the gain (BENCHMARKS.md, section
+5). Any of this is only put in where JAX's default backend is the CPU, so programs traced for a
+GPU or a TPU are XLA's own throughout.
 
 :func:`conv` applies it where it is exact to rearrange: NHWC input, HWIO kernel, no dilation,
 one feature group, explicit non-negative padding, JAX's default backend the CPU, and no
 explicit-axis mesh (whose typed shardings the reshapes would have to carry; the caller,
-``sharding.conv_general_dilated``, checks that). Elsewhere the
-forward pass and the input gradient are XLA's own. Only summation orders change, so float32
-results move by rounding alone (``tests/test_conv_grad.py`` holds them to PyTorch's in float64).
+``sharding.conv_general_dilated``, checks that). Elsewhere the forward pass and the gradients
+are XLA's own. Only summation orders change, so float32 results move by rounding alone
+(``tests/test_conv_grad.py`` holds them to PyTorch's in float64).
 
-The choice is made where the program is lowered (``jax.lax.platform_dependent``): a program
-compiled for a GPU or a TPU keeps XLA's own weight gradient, even when it is traced on a CPU
-host (``train.aot``). ``RESNET_JAX_CPU_CONV_GRAD=0`` (or ``off``) turns it off. It is read when
-a function is traced, and JAX reuses a function's trace, so set it before the first call (best:
-in the environment, before Python starts).
+The choice between platforms is made where the program is lowered
+(``jax.lax.platform_dependent``): a program compiled for a GPU or a TPU keeps XLA's own
+convolutions, even when it is traced on a CPU host (``train.aot``).
+``RESNET_JAX_CPU_CONV_GRAD=0`` (or ``off``) turns all of this off, the flag at import included;
+``=taps`` forces the per-tap weight gradient. It is read when a function is traced, and JAX
+reuses a function's trace, so set it before the first call (best: in the environment, before
+Python starts).
 """
 
 from __future__ import annotations
@@ -67,7 +74,7 @@ def ynn_convolutions() -> bool:
 
     jax 0.10's XLA:CPU does by default, and there its weight gradient (and, less so, the forward
     pass) is several times slower than Eigen's (BENCHMARKS.md, section 5); ``import resnet_jax``
-    turns them off where it can (:func:`prefer_eigen_convolutions`). Decided once per process by
+    turns YNNPACK off where it can (``resnet_jax.platform``). Decided once per process by
     compiling one small convolution, so it sees the flags XLA really started with (YNNPACK
     leaves convolutions of fewer than 32 channels to Eigen, so the probe has 64)."""
     x = jax.ShapeDtypeStruct((1, 8, 8, 64), jnp.float32)

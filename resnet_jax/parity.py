@@ -131,7 +131,9 @@ def _jax_run(fmodel, variables, xs, ys, steps: int, lr: float, momentum: float, 
     # Jitted even for one call: eagerly, each op compiles on its own, which takes longer.
     forward = jax.jit(fmodel.apply, static_argnames=("train", "mutable"))
     rec = {
-        "eval logits": np.asarray(forward({"params": params, "batch_stats": stats}, nhwc(xs[-1]), train=False)),
+        "eval logits": np.asarray(
+            forward({"params": params, "batch_stats": stats}, nhwc(xs[-1]), train=False)
+        ),
         "losses": [],
     }
     if steps == 0:

@@ -10,6 +10,10 @@ JAX calls it first (``python -m train``, ``train.predict``, ``train.export``,
 ``train.aot`` instead always compiles on the CPU. ``import resnet_jax`` calls
 :func:`skip_absent_tpu_on_import`, so that library code pasted from the README does not print
 those warnings either.
+
+:func:`xla_cpu_without_ynnpack_on_import`, also at ``import resnet_jax``, asks XLA:CPU to
+leave YNNPACK out (issue 47; ``resnet_jax.conv_grad`` says why and what
+happens where it cannot).
 """
 
 from __future__ import annotations
@@ -71,25 +75,27 @@ def skip_absent_tpu_on_import() -> bool:
     return skip_absent_tpu()
 
 
-# XLA:CPU's convolutions through Eigen rather than YNNPACK (issue 47): jax 0.10's XLA:CPU gives
-# convolutions to YNNPACK by default, whose weight gradient ran 6-12x and forward pass about 2x
-# slower than Eigen's on ResNet's layers (BENCHMARKS.md, section 5). Dots stay YNNPACK's.
-CPU_CONVOLUTION_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
+# XLA:CPU without YNNPACK (issue 47): jax 0.10's XLA:CPU gives convolutions and dots to
+# YNNPACK by default, and on ResNet its weight gradients are several times, and its forward
+# passes about twice, as slow as XLA's own Eigen kernels, so the step and inference are faster
+# without it (BENCHMARKS.md, section 5).
+CPU_XLA_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
 # jaxlib versions whose XLA knows the flag (XLA aborts at start-up on an unknown one).
 _FLAG_JAXLIB = ((0, 10), (0, 12))
 
 
-def prefer_eigen_cpu_convolutions_on_import() -> bool:
-    """Append :data:`CPU_CONVOLUTION_FLAG` to ``$XLA_FLAGS`` for ``import resnet_jax``: only while
-    JAX has not started a backend (XLA reads the variable once, then), only on jaxlib versions
-    that know the flag, never over a choice of the user's (any ``xla_cpu_experimental_ynn_fusion_type``
+def xla_cpu_without_ynnpack_on_import() -> bool:
+    """Append :data:`CPU_XLA_FLAG` to ``$XLA_FLAGS`` for ``import resnet_jax``: only while JAX
+    has not started a backend (XLA reads the variable once, then), only on jaxlib versions that
+    know the flag, never over a choice of the user's (any ``xla_cpu_experimental_ynn_fusion_type``
     in ``$XLA_FLAGS``), and not with ``RESNET_JAX_CPU_CONV_GRAD=0``. It concerns XLA:CPU alone.
     Where it did not apply, ``resnet_jax.conv_grad`` sees YNNPACK's convolutions and computes
-    their weight gradients as matmuls instead. Returns True when it appended the flag."""
+    their weight gradients as matmuls instead. Child processes inherit the variable. Returns
+    True when it appended the flag."""
     from resnet_jax import conv_grad
 
     flags = os.environ.get("XLA_FLAGS", "")
-    if not conv_grad.enabled() or CPU_CONVOLUTION_FLAG.split("=")[0] in flags:
+    if not conv_grad.enabled() or CPU_XLA_FLAG.split("=")[0] in flags:
         return False
     try:
         import jaxlib
@@ -100,5 +106,5 @@ def prefer_eigen_cpu_convolutions_on_import() -> bool:
             return False
     except (ImportError, AttributeError, ValueError):  # a JAX without these: leave it alone
         return False
-    os.environ["XLA_FLAGS"] = f"{flags} {CPU_CONVOLUTION_FLAG}".strip()
+    os.environ["XLA_FLAGS"] = f"{flags} {CPU_XLA_FLAG}".strip()
     return True

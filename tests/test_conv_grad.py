@@ -1,5 +1,12 @@
-"""The CPU weight gradient of ``resnet_jax.conv_grad``: PyTorch's own convolution gradients as the
-reference (float64), XLA's kept where the program is for another platform or the switch is off."""
+"""The CPU convolutions of ``resnet_jax.conv_grad`` and ``resnet_jax.platform``: PyTorch's own
+convolution gradients as the reference (float64), in both CPU modes (the per-tap weight gradient
+where YNNPACK runs convolutions, XLA's own where Eigen does); XLA's kept where the program is for
+another platform or the switch is off; and the flag ``import resnet_jax`` gives XLA:CPU."""
+
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +27,19 @@ def _conv(x, w, stride, pad):
     return sharding.conv_general_dilated(x, w, (stride, stride), [pad, pad], dimension_numbers=NHWC)
 
 
+@pytest.fixture(params=["taps", "eigen"])
+def mode(request, monkeypatch):
+    """Either CPU mode: the per-tap weight gradient (YNNPACK's convolutions), or XLA's own
+    (Eigen's); 1x1 convolutions are matmuls in both."""
+    if request.param == "taps":
+        monkeypatch.setenv(conv_grad.ENV_VAR, "taps")
+    else:
+        monkeypatch.setattr(conv_grad, "ynn_convolutions", lambda: False)
+    return request.param
+
+
 @pytest.mark.parametrize("kernel, stride, pad", SHAPES)
-def test_gradients_are_pytorchs_in_float64(kernel, stride, pad, x64):
+def test_gradients_are_pytorchs_in_float64(kernel, stride, pad, x64, mode):
     rng = np.random.default_rng(kernel * 10 + stride)
     x = rng.normal(size=(2, 13, 11, 5))
     w = rng.normal(size=(kernel, kernel, 5, 6))
@@ -45,6 +63,7 @@ def test_gradients_are_pytorchs_in_float64(kernel, stride, pad, x64):
 def test_forward_mode_is_xlas_with_the_switch_off(monkeypatch, x64):
     rng = np.random.default_rng(0)
     x, w, dx, dw = (jnp.asarray(rng.normal(size=s)) for s in [(2, 9, 9, 4), (3, 3, 4, 6)] * 2)
+    monkeypatch.setenv(conv_grad.ENV_VAR, "taps")
     with pytest.raises(TypeError, match="forward-mode"):
         jax.jvp(lambda x, w: _conv(x, w, 2, (1, 1)), (x, w), (dx, dw))
     monkeypatch.setenv(conv_grad.ENV_VAR, "off")
@@ -65,10 +84,15 @@ def _grad(x, w):
     return jax.grad(lambda x, w: jnp.sum(_conv(x, w, 2, (1, 1)) ** 2), argnums=(0, 1))(x, w)
 
 
-def test_cpu_program_has_no_weight_gradient_convolution(monkeypatch):
+@pytest.mark.parametrize("ynn", [True, False])
+def test_weight_gradient_is_matmuls_only_where_ynnpack_convolves(monkeypatch, ynn):
     x, w = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 8))
-    # Forward and input gradient stay convolutions; the weight gradient is matmuls. (A new
-    # function each time: JAX reuses a function's trace, and the switch is read while tracing.)
+    monkeypatch.setattr(conv_grad, "ynn_convolutions", lambda: ynn)
+    # With YNNPACK's convolutions, forward and input gradient stay convolutions and the weight
+    # gradient is matmuls; with Eigen's, all three are XLA's. (A new function each time: JAX
+    # reuses a function's trace, and the choice is made while tracing.)
+    assert _convolutions(jax.jit(lambda x, w: _grad(x, w)).lower(x, w).as_text()) == (2 if ynn else 3)
+    monkeypatch.setenv(conv_grad.ENV_VAR, "taps")
     assert _convolutions(jax.jit(lambda x, w: _grad(x, w)).lower(x, w).as_text()) == 2
     monkeypatch.setenv(conv_grad.ENV_VAR, "0")
     assert _convolutions(jax.jit(lambda x, w: _grad(x, w)).lower(x, w).as_text()) == 3  # XLA's own
@@ -85,13 +109,15 @@ def test_cpu_program_has_no_pointwise_convolution():
     assert _convolutions(jax.export.export(jax.jit(grad), platforms=["tpu"])(x, w).mlir_module()) == 3
 
 
-def test_program_for_another_platform_keeps_xlas_weight_gradient():
+def test_program_for_another_platform_keeps_xlas_weight_gradient(monkeypatch):
     x, w = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 8))
+    monkeypatch.setenv(conv_grad.ENV_VAR, "taps")
     exported = jax.export.export(jax.jit(_grad), platforms=["tpu"])(x, w)
     assert _convolutions(exported.mlir_module()) == 3
 
 
-def test_where_it_does_not_apply_xla_convolves():
+def test_where_it_does_not_apply_xla_convolves(monkeypatch):
+    monkeypatch.setenv(conv_grad.ENV_VAR, "taps")
     x, w = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 2, 8))
     # Grouped (ResNeXt) and dilated convolutions, and string padding, are XLA's alone.
     assert (
@@ -103,3 +129,44 @@ def test_where_it_does_not_apply_xla_convolves():
     assert conv_grad.conv(x, w, (1, 1), [(1, 1), (1, 1)], dimension_numbers=NHWC) is not None
     out = lax.conv_general_dilated(x, w, (1, 1), [(1, 1), (1, 1)], dimension_numbers=NHWC)
     np.testing.assert_array_equal(conv_grad.conv(x, w, (1, 1), [(1, 1), (1, 1)], dimension_numbers=NHWC), out)
+
+
+_PROBE = """
+import json, os, sys
+if sys.argv[1] == "jax-first":
+    import jax; jax.numpy.zeros(1)  # a backend started before resnet_jax is imported
+import resnet_jax
+from resnet_jax import conv_grad
+flags = os.environ.get("XLA_FLAGS")
+print(json.dumps([flags, conv_grad.ynn_convolutions(), conv_grad.weight_grad_as_taps()]))
+"""
+
+
+def _fresh_process(order: str, **env: str) -> list:
+    clean = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", conv_grad.ENV_VAR)}
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE, order],
+        env={**clean, "JAX_PLATFORMS": "cpu", **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_import_gives_xla_cpu_eigens_convolutions_unless_told_otherwise():
+    from resnet_jax import platform
+
+    user = "--xla_cpu_experimental_ynn_fusion_type=+LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
+    # A fresh process: the flag is appended to the user's others, XLA:CPU compiles convolutions
+    # without YNNPACK, and the weight gradient is XLA's own.
+    assert _fresh_process("import-first", XLA_FLAGS="--xla_cpu_enable_fast_math=false") == [
+        f"--xla_cpu_enable_fast_math=false {platform.CPU_XLA_FLAG}",
+        False,
+        False,
+    ]
+    # The user's own YNNPACK choice stands, and then the weight gradient is the per-tap matmuls.
+    assert _fresh_process("import-first", XLA_FLAGS=user) == [user, True, True]
+    # Too late (JAX started first) or switched off: nothing appended, YNNPACK's convolutions seen.
+    assert _fresh_process("jax-first") == [None, True, True]
+    assert _fresh_process("import-first", **{conv_grad.ENV_VAR: "0"}) == [None, True, False]
