@@ -165,7 +165,7 @@ class JaxContender(Contender):
         t = time.perf_counter()
         lowered = jitted.lower(self.state, self.batch)
         t_lower = time.perf_counter()
-        self.step = lowered.compile()
+        self.step = lowered.compile(compiler_options=getattr(self, "compiler_options", None))
         t_compile = time.perf_counter()
         entries_after = compile_cache.cache_entries(cache_dir) if cache_dir else None
 
@@ -279,6 +279,34 @@ class XlaConvGradContender(JaxContender):
         finally:
             if before is None:
                 del os.environ[conv_grad.ENV_VAR]
+            else:
+                os.environ[conv_grad.ENV_VAR] = before
+
+
+class YnnContender(JaxContender):
+    """The library's step compiled with XLA:CPU's YNNPACK on for the given fusion types (XLA's
+    ``xla_cpu_experimental_ynn_fusion_type`` as a per-compile option, so it runs in the same
+    process as the default, which ``import resnet_jax`` leaves without YNNPACK). With YNNPACK's
+    convolutions it traces the step with the per-tap weight gradient, as ``resnet_jax.conv_grad``
+    would choose in a process where YNNPACK runs them."""
+
+    def __init__(self, name: str, model: Any, args: argparse.Namespace, types: list[str]):
+        super().__init__(name, model, args)
+        names = ",".join(f"LIBRARY_FUSION_TYPE_{t.strip().upper()}" for t in types)
+        self.compiler_options = {"xla_cpu_experimental_ynn_fusion_type": names}
+        self.taps = any(t.strip().upper() == "INDIVIDUAL_CONVOLUTION" for t in types)
+
+    def prepare(self) -> dict[str, Any]:
+        from resnet_jax import conv_grad
+
+        before = os.environ.get(conv_grad.ENV_VAR)
+        if self.taps:
+            os.environ[conv_grad.ENV_VAR] = "taps"
+        try:
+            return {**super().prepare(), "compiler_options": self.compiler_options}
+        finally:
+            if before is None:
+                os.environ.pop(conv_grad.ENV_VAR, None)
             else:
                 os.environ[conv_grad.ENV_VAR] = before
 

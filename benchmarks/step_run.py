@@ -26,6 +26,7 @@ from benchmarks.step_jax import (
     NNXContender,
     RecipeContender,
     XlaConvGradContender,
+    YnnContender,
     peak_memory_bytes,
 )
 from benchmarks.step_torch import TorchContender
@@ -107,6 +108,8 @@ def build_contenders(args: argparse.Namespace, backend: str) -> list[Contender]:
         contenders.append(JaxContender("jax_bn_two_pass", two_pass, args))
     if args.compare_xla_conv_grad:
         contenders.append(XlaConvGradContender("jax_xla_conv_grad", library, args))
+    for types in args.compare_ynn or []:
+        contenders.append(YnnContender("jax_ynn_" + types.lower(), library, args, types.split(",")))
     if args.compare_maxpool_elementwise:
         contenders.append(ElementwiseMaxPoolContender("jax_maxpool_elementwise", library, args))
     if args.compare_bn_fused:
@@ -294,6 +297,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 result[c.name]["pipelined_images_per_s"] = args.batch / t
 
     result["ratios"] = ratios(args, result, times, ready)
+    for types in args.compare_ynn or []:  # the default (no YNNPACK) over each YNNPACK variant
+        name = "jax_ynn_" + types.lower()
+        if "images_per_s" in result.get(name, {}) and "images_per_s" in result.get("jax", {}):
+            result["ratios"][f"default_over_{name}_images_per_s"] = (
+                result["jax"]["images_per_s"] / result[name]["images_per_s"]
+            )
     if hasattr(os, "getloadavg"):
         result["environment"]["load_average_end"] = list(os.getloadavg())
     if args.profile:

@@ -127,6 +127,13 @@ def _add_comparison_flags(p: argparse.ArgumentParser) -> None:
         "(RESNET_JAX_CPU_CONV_GRAD=0), against the matmul one it uses on a CPU (resnet_jax.conv_grad)",
     )
     p.add_argument(
+        "--compare-ynn",
+        action="append",
+        metavar="TYPES",
+        help="also time the library compiled with XLA:CPU's YNNPACK for these fusion types "
+        "(comma-separated: INDIVIDUAL_DOT,INDIVIDUAL_CONVOLUTION, jax 0.10's own default); repeatable",
+    )
+    p.add_argument(
         "--compare-bn-fused",
         action="store_true",
         help="also time the library with ResNet(bn_fused=True): each BatchNorm with its add and "

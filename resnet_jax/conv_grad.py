@@ -79,7 +79,7 @@ def ynn_convolutions() -> bool:
     leaves convolutions of fewer than 32 channels to Eigen, so the probe has 64)."""
     x = jax.ShapeDtypeStruct((1, 8, 8, 64), jnp.float32)
     w = jax.ShapeDtypeStruct((3, 3, 64, 64), jnp.float32)
-    conv = jax.jit(lambda x, w: _xla(x, w, (1, 1), ((1, 1), (1, 1)), None), backend="cpu")
+    conv = jax.jit(lambda x, w: _xla(x, w, (1, 1), ((1, 1), (1, 1)), None))  # the CPU: see conv()
     return "__ynn_fusion" in conv.lower(x, w).compile().as_text()
 
 

@@ -241,6 +241,36 @@ def test_maxpool_elementwise_and_bn_fused_contenders_step_as_the_library():
     assert float(jnp.abs(stem).max()) > 0
 
 
+def test_ynn_contender_compiles_with_ynnpack_and_steps_as_the_library():
+    """``--compare-ynn``: the library's step compiled with YNNPACK's fusions as a per-compile
+    option (jax 0.10's own default, in the same process as the library's without), tracing the
+    per-tap weight gradient as a YNNPACK process would; one step gives the same parameters."""
+    import chex
+
+    from benchmarks import step_run, train_step
+    from resnet_jax import conv_grad
+
+    args = train_step.parse_args(
+        ["--arch=resnet18", "--stage-sizes=1,1", "--image-size=32", "--num-classes=10", "--dtype=float32"]
+        + ["--batch=4", "--warmup=1", "--compare-ynn=INDIVIDUAL_DOT,INDIVIDUAL_CONVOLUTION"]
+        + ["--no-compilation-cache"]
+    )
+    before = os.environ.get(conv_grad.ENV_VAR)
+    library, ynn = step_run.build_contenders(args, "cpu")
+    assert ynn.name == "jax_ynn_individual_dot,individual_convolution" and ynn.model is library.model
+    library.prepare()
+    info = ynn.prepare()
+    assert info["compiler_options"] == {
+        "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,"
+        "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
+    }
+    assert "__ynn_fusion" in ynn.step.as_text()
+    if not conv_grad.ynn_convolutions():  # this process started without YNNPACK
+        assert "__ynn_fusion" not in library.step.as_text()
+    assert os.environ.get(conv_grad.ENV_VAR) == before  # the per-tap switch is undone after its trace
+    chex.assert_trees_all_close(ynn.state.params, library.state.params, rtol=1e-4, atol=1e-6)
+
+
 def test_cli_rejects_bad_arguments():
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.train_step", "--stage-sizes=0,1"],
@@ -654,4 +684,6 @@ def test_init_compile_times_every_generator_in_every_round(capsys):
     assert all(len(t) == 2 and min(t) > 0 for t in row["compile_s"].values())
     for g, m in row["median_s"].items():
         assert m == pytest.approx(statistics.median(row["compile_s"][g]))
-        assert row["ratio_to_partitionable"][g] == pytest.approx(m / row["median_s"]["threefry_partitionable"])
+        assert row["ratio_to_partitionable"][g] == pytest.approx(
+            m / row["median_s"]["threefry_partitionable"]
+        )
