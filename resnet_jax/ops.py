@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen import pooling  # pure functions, shared by both APIs
 
-from resnet_jax import sharding
+from resnet_jax import conv_grad, sharding
 
 Array = jax.Array
 Layer = Callable[[Array], Array]
@@ -95,10 +95,58 @@ def _max_pool_3x3_xla(x: Array) -> Array:
 
 
 def max_pool_3x3(x: Array) -> Array:
-    """PyTorch's ``MaxPool2d(3, 2, padding=1)``: explicit padding pads with -inf, as PyTorch does."""
+    """PyTorch's ``MaxPool2d(3, 2, padding=1)``: explicit padding pads with -inf, as PyTorch does.
+
+    Where JAX's default backend is the CPU, its derivatives are :func:`max_pool_3x3_first_max`'s
+    (elementwise ops; XLA:CPU's ``select_and_scatter`` is much slower, BENCHMARKS.md section 5),
+    chosen where the program is lowered, so GPU and TPU programs keep XLA's own.
+    ``RESNET_JAX_CPU_CONV_GRAD=0`` (``resnet_jax.conv_grad``) turns that off with the rest."""
     # Through a second name, which benchmarks.step_jax's max-pool experiment leaves in place
     # when it swaps this function for max_pool_3x3_elementwise.
+    if conv_grad.enabled() and jax.default_backend() == "cpu":
+        return jax.lax.platform_dependent(x, cpu=max_pool_3x3_first_max, default=_max_pool_3x3_xla)
     return _max_pool_3x3_xla(x)
+
+
+def _first_max_taps(x: Array, y: Array) -> list[tuple[Array, Callable[[Array], Array]]]:
+    """Per window offset: where that element is its window's first maximum (row-major, as PyTorch
+    and XLA choose), and the strided slice that takes that element of a (padded) array."""
+    n, h, w, c = x.shape
+    oh, ow = y.shape[1:3]
+    span_h, span_w = 2 * (oh - 1) + 1, 2 * (ow - 1) + 1
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    taken = jnp.zeros(y.shape, bool)
+    taps = []
+    for di in range(3):
+        for dj in range(3):
+
+            def take(a: Array, di: int = di, dj: int = dj) -> Array:
+                return jax.lax.slice(a, (0, di, dj, 0), (n, di + span_h, dj + span_w, c), (1, 2, 2, 1))
+
+            hit = (take(xp) == y) & ~taken
+            taken = taken | hit
+            taps.append((hit, take))
+    return taps
+
+
+@jax.custom_jvp
+def max_pool_3x3_first_max(x: Array) -> Array:
+    """:func:`max_pool_3x3` whose derivative is written with elementwise ops: the tangent of each
+    window's output is the tangent of its first maximum (a select per window offset of strided
+    slices). Reverse mode transposes it into strided pads and adds, the same gradient as XLA's
+    ``select_and_scatter`` and PyTorch's (where windows overlap, up to four contributions to one
+    pixel may add in another order); forward mode works too."""
+    return _max_pool_3x3_xla(x)
+
+
+@max_pool_3x3_first_max.defjvp
+def _max_pool_3x3_first_max_jvp(primals: tuple[Array], tangents: tuple[Array]) -> tuple[Array, Array]:
+    (x,), (t,) = primals, tangents
+    y = _max_pool_3x3_xla(x)
+    tp = jnp.pad(t, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    zero = jnp.zeros((), t.dtype)
+    dy = sum(jnp.where(hit, take(tp), zero) for hit, take in _first_max_taps(x, y))
+    return y, dy
 
 
 def max_pool_3x3_valid(x: Array) -> Array:

@@ -130,7 +130,9 @@ def test_resnet50_feature_maps_are_c2_to_c5():
     model = resnet_jax.resnet50(num_classes=None)
     x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 64, 64, 3)), jnp.float32)
     variables = _filled(model, x)
-    run = jax.jit(lambda v, x: (model.apply(v, x, train=False, method="features"), model.apply(v, x, train=False)))
+    run = jax.jit(
+        lambda v, x: (model.apply(v, x, train=False, method="features"), model.apply(v, x, train=False))
+    )
     feats, pooled = run(variables, x)
     chex.assert_shape(feats["stem"], (2, 16, 16, 64))
     chex.assert_shape(feats["layer1"], (2, 16, 16, 256))
@@ -288,7 +290,9 @@ def test_batchnorm_axis_name_synchronises_statistics_across_shards():
         apply = functools.partial(synced.apply, train=True, mutable=["batch_stats"])
         sharded = jax.vmap(apply, in_axes=(None, 0), axis_name="batch")(variables, shards)
         # without the axis name each shard normalises alone, which differs
-        local = jax.vmap(functools.partial(model.apply, train=True, mutable=["batch_stats"]), in_axes=(None, 0))
+        local = jax.vmap(
+            functools.partial(model.apply, train=True, mutable=["batch_stats"]), in_axes=(None, 0)
+        )
         return full, sharded, local(variables, shards)
 
     (full, full_upd), (out, upd), (out_local, _) = passes(variables, x, shards)
@@ -436,8 +440,40 @@ def test_max_pool_with_elementwise_backward_is_the_max_pool(shape):
         # every window's gradient landed on exactly one pixel.
         assert (x == 0).mean() > 0.4
         assert np.count_nonzero(np.asarray(dx)) <= g.size and np.asarray(dx).sum() == pytest.approx(g.sum())
+        # The CPU's max-pool (ops.max_pool_3x3_first_max, a custom JVP): the same gradient in
+        # reverse mode, and PyTorch's forward-mode derivative of MaxPool2d in forward mode.
+        y_jvp, vjp = jax.vjp(ops.max_pool_3x3_first_max, jnp.asarray(x))
+        np.testing.assert_array_equal(np.asarray(y_jvp), y)
+        np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(g))[0]), dx_torch, rtol=1e-13, atol=1e-13)
+        t = rng.normal(size=shape)
+        _, ty = jax.jvp(ops.max_pool_3x3_first_max, (jnp.asarray(x),), (jnp.asarray(t),))
+        _, ty_torch = torch.func.jvp(
+            torch.nn.MaxPool2d(3, 2, 1),
+            (torch.from_numpy(x.transpose(0, 3, 1, 2)),),
+            (torch.from_numpy(t.transpose(0, 3, 1, 2)),),
+        )
+        np.testing.assert_array_equal(np.asarray(ty), ty_torch.numpy().transpose(0, 2, 3, 1))
     finally:
         jax.config.update("jax_enable_x64", False)
+
+
+def test_cpu_max_pool_derivative_is_elementwise_and_others_keep_xlas(monkeypatch):
+    """On the CPU backend ``ops.max_pool_3x3`` differentiates through the first-max selects (no
+    ``select_and_scatter``); a program exported for a TPU keeps XLA's; the switch restores it."""
+    from resnet_jax import conv_grad, ops
+
+    x = jnp.ones((2, 8, 8, 3))
+
+    def grad_hlo(export_for=None):
+        fn = jax.jit(jax.grad(lambda x: jnp.sum(ops.max_pool_3x3(x) ** 2)))
+        if export_for:
+            return jax.export.export(fn, platforms=[export_for])(x).mlir_module()
+        return fn.lower(x).as_text()
+
+    assert "select_and_scatter" not in grad_hlo()
+    assert "select_and_scatter" in grad_hlo("tpu")
+    monkeypatch.setenv(conv_grad.ENV_VAR, "0")
+    assert "select_and_scatter" in grad_hlo()
 
 
 def _bn_args(rng, shape, residual: bool):
