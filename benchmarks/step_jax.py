@@ -250,19 +250,26 @@ def nnx_train_step(model: Any, optimizer: Any, batch: dict[str, jax.Array]) -> d
 
 
 class ElementwiseMaxPoolContender(JaxContender):
-    """The library's step with the stem's max-pool swapped for ``ops.max_pool_3x3_elementwise``
-    (its backward made of elementwise ops instead of ``select_and_scatter``): an experiment,
-    swapped only while this contender traces and compiles, so the others keep XLA's max-pool."""
+    """The library's step with the stem's max-pool swapped for another (``pool``, an attribute
+    of ``resnet_jax.ops``): by default ``max_pool_3x3_elementwise`` (its backward made of
+    elementwise ops, a custom VJP), or ``_max_pool_3x3_xla`` (XLA's ``select_and_scatter``, what
+    GPUs and TPUs run). Swapped only while this contender traces and compiles."""
+
+    def __init__(
+        self, name: str, model: Any, args: argparse.Namespace, pool: str = "max_pool_3x3_elementwise"
+    ):
+        super().__init__(name, model, args)
+        self.pool = pool
 
     def prepare(self) -> dict[str, Any]:
         from resnet_jax import ops
 
-        xla_pool = ops.max_pool_3x3
-        ops.max_pool_3x3 = ops.max_pool_3x3_elementwise
+        library_pool = ops.max_pool_3x3
+        ops.max_pool_3x3 = getattr(ops, self.pool)
         try:
             return super().prepare()
         finally:
-            ops.max_pool_3x3 = xla_pool
+            ops.max_pool_3x3 = library_pool
 
 
 class XlaConvGradContender(JaxContender):

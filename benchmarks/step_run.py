@@ -110,6 +110,8 @@ def build_contenders(args: argparse.Namespace, backend: str) -> list[Contender]:
         contenders.append(XlaConvGradContender("jax_xla_conv_grad", library, args))
     for types in args.compare_ynn or []:
         contenders.append(YnnContender("jax_ynn_" + types.lower(), library, args, types.split(",")))
+    if args.compare_maxpool_xla:
+        contenders.append(ElementwiseMaxPoolContender("jax_maxpool_xla", library, args, "_max_pool_3x3_xla"))
     if args.compare_maxpool_elementwise:
         contenders.append(ElementwiseMaxPoolContender("jax_maxpool_elementwise", library, args))
     if args.compare_bn_fused:
@@ -218,6 +220,9 @@ def ratios(
         "library_over_minimal_images_per_s": ratio("jax", "minimal") if args.compare_minimal else None,
         "maxpool_elementwise_over_xla_images_per_s": ratio("jax_maxpool_elementwise", "jax")
         if args.compare_maxpool_elementwise
+        else None,
+        "library_over_maxpool_xla_images_per_s": ratio("jax", "jax_maxpool_xla")
+        if args.compare_maxpool_xla
         else None,
         "bn_fused_over_unfused_images_per_s": ratio("jax_bn_fused", "jax") if args.compare_bn_fused else None,
         "cpu_conv_grad_over_xla_images_per_s": ratio("jax", "jax_xla_conv_grad")

@@ -121,6 +121,12 @@ def _add_comparison_flags(p: argparse.ArgumentParser) -> None:
         "(ops.max_pool_3x3_elementwise) instead of select_and_scatter",
     )
     p.add_argument(
+        "--compare-maxpool-xla",
+        action="store_true",
+        help="also time the library with XLA's own max-pool gradient (select_and_scatter, as on a GPU "
+        "or TPU) instead of the CPU's first-maximum selects (ops.max_pool_3x3_first_max)",
+    )
+    p.add_argument(
         "--compare-xla-conv-grad",
         action="store_true",
         help="also time the library with XLA's own convolution weight gradient "

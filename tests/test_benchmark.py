@@ -205,37 +205,41 @@ def test_cli_library_minimal_nnx_and_torch_in_one_run():
         assert ratio == pytest.approx(entry["images_per_s"] / lib["images_per_s"])
 
 
-def test_maxpool_elementwise_and_bn_fused_contenders_step_as_the_library():
-    """``--compare-maxpool-elementwise``: that contender's compiled step has no scatter while the
-    library's keeps it, the swap is undone after its compile, and one step of each
-    from the same state and batch gives the same parameters (the pool's gradient differs only
-    in the order overlapping windows add). ``--compare-bn-fused``: the library's model with
-    ``bn_fused=True``, whose step also gives the same parameters and running statistics."""
+def test_maxpool_and_bn_fused_contenders_step_as_the_library():
+    """``--compare-maxpool-xla``: that contender's compiled step has XLA's select_and_scatter while
+    the library's (on a CPU, the first-maximum selects of ``ops.max_pool_3x3_first_max``) and
+    ``--compare-maxpool-elementwise``'s (a custom VJP) have none; each swap is undone after its
+    compile, and one step of each from the same state and batch gives the same parameters (the
+    pool's gradient differs only in the order overlapping windows add). ``--compare-bn-fused``:
+    the library's model with ``bn_fused=True``, whose step also gives the same parameters and
+    running statistics."""
     import chex
 
     from benchmarks import step_run, train_step
     from resnet_jax import ops
 
-    xla_pool = ops.max_pool_3x3
+    library_pool = ops.max_pool_3x3
     args = train_step.parse_args(
         ["--arch=resnet18", "--stage-sizes=1,1", "--image-size=32", "--num-classes=10", "--dtype=float32"]
-        + ["--batch=4", "--warmup=1", "--compare-maxpool-elementwise", "--compare-bn-fused"]
-        + ["--no-compilation-cache"]
+        + ["--batch=4", "--warmup=1", "--compare-maxpool-xla", "--compare-maxpool-elementwise"]
+        + ["--compare-bn-fused", "--no-compilation-cache"]
     )
-    library, pooled, fused = step_run.build_contenders(args, "cpu")
-    assert pooled.name == "jax_maxpool_elementwise" and pooled.model is library.model
+    library, xla_pooled, pooled, fused = step_run.build_contenders(args, "cpu")
+    assert xla_pooled.name == "jax_maxpool_xla" and pooled.name == "jax_maxpool_elementwise"
+    assert pooled.model is library.model and xla_pooled.model is library.model
     assert fused.name == "jax_bn_fused" and fused.model == library.model.clone(bn_fused=True)
-    library.prepare()  # builds, compiles and runs one step (warmup=1) from the seeded state
-    pooled.prepare()
-    fused.prepare()
+    for contender in (library, xla_pooled, pooled, fused):
+        contender.prepare()  # builds, compiles and runs one step (warmup=1) from the seeded state
     chex.assert_trees_all_close(fused.state.params, library.state.params, rtol=1e-4, atol=1e-6)
     chex.assert_trees_all_close(fused.state.batch_stats, library.state.batch_stats, rtol=1e-5, atol=1e-6)
-    assert ops.max_pool_3x3 is xla_pool
+    assert ops.max_pool_3x3 is library_pool
     # XLA's max-pool gradient is a select_and_scatter (the CPU backend rewrites it as a scatter).
     scatter = re.compile(r" (select-and-scatter|scatter)\(")
-    assert scatter.search(library.step.as_text())
+    assert scatter.search(xla_pooled.step.as_text())
+    assert not scatter.search(library.step.as_text())
     assert not scatter.search(pooled.step.as_text())
-    chex.assert_trees_all_close(pooled.state.params, library.state.params, rtol=1e-4, atol=1e-6)
+    for other in (xla_pooled, pooled):
+        chex.assert_trees_all_close(other.state.params, library.state.params, rtol=1e-4, atol=1e-6)
     # The step really moved the stem (a wrong gradient there would show above).
     stem = jax.tree.leaves(library.state.params["conv1"])[0]
     assert float(jnp.abs(stem).max()) > 0
