@@ -102,3 +102,19 @@ def test_conv_layers_times_pytorchs_own_gradients_of_the_same_layer(x64, stride)
     assert abs(to_nhwc(fwd(*a_f)) - y).max() < 1e-12
     assert abs(to_nhwc(in_grad(*a_i)[0]) - dx).max() < 1e-12
     assert abs(w_grad(*a_w)[1].numpy().transpose(2, 3, 1, 0) - dw).max() < 1e-12
+
+
+def test_cpu_elementwise_pins_each_side_to_the_cores_asked(tmp_path):
+    """benchmarks.cpu_elementwise: the one-core child really has one core, and PyTorch sized its
+    thread pool to it (else the scaling it reports would be meaningless)."""
+    import json
+    import os
+
+    from benchmarks import cpu_elementwise
+
+    out = tmp_path / "e.json"
+    cpu_elementwise.main(["--shape=2,4,4,8", "--rounds=1", "--cores=1,all", f"--output={out}"])
+    one, every = json.loads(out.read_text())["rows"]
+    assert one["cores"] == 1 and one["torch_threads"] == 1
+    assert every["cores"] == len(os.sched_getaffinity(0))
+    assert all(v > 0 for row in (one, every) for k, v in row.items() if k.endswith("_ms"))
