@@ -130,12 +130,8 @@ def _jax_run(fmodel, variables, xs, ys, steps: int, lr: float, momentum: float, 
     stats = jax.tree.map(jnp.array, variables.pop("batch_stats", {}))  # none with GroupNorm
     # Jitted even for one call: eagerly, each op compiles on its own, which takes longer.
     forward = jax.jit(fmodel.apply, static_argnames=("train", "mutable"))
-    rec = {
-        "eval logits": np.asarray(
-            forward({"params": params, "batch_stats": stats}, nhwc(xs[-1]), train=False)
-        ),
-        "losses": [],
-    }
+    eval_logits = forward({"params": params, "batch_stats": stats}, nhwc(xs[-1]), train=False)
+    rec = {"eval logits": np.asarray(eval_logits), "losses": []}
     if steps == 0:
         logits, upd = forward(
             {"params": params, "batch_stats": stats}, nhwc(xs[0]), train=True, mutable=("batch_stats",)
