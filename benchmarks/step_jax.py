@@ -290,27 +290,6 @@ class XlaConvGradContender(JaxContender):
                 os.environ[conv_grad.ENV_VAR] = before
 
 
-class PointwiseFormContender(JaxContender):
-    """The library's step with 1x1 convolutions traced in another matmul form (an experiment:
-    ``RESNET_JAX_CPU_POINTWISE`` = ``dot2d`` rows times kernel, or ``vjp`` the same with a custom
-    VJP whose weight gradient contracts the rows' leading axis), while this contender traces."""
-
-    def __init__(self, name: str, model: Any, args: argparse.Namespace, form: str):
-        super().__init__(name, model, args)
-        self.form = form
-
-    def prepare(self) -> dict[str, Any]:
-        before = os.environ.get("RESNET_JAX_CPU_POINTWISE")
-        os.environ["RESNET_JAX_CPU_POINTWISE"] = self.form
-        try:
-            return super().prepare()
-        finally:
-            if before is None:
-                os.environ.pop("RESNET_JAX_CPU_POINTWISE", None)
-            else:
-                os.environ["RESNET_JAX_CPU_POINTWISE"] = before
-
-
 class YnnContender(JaxContender):
     """The library's step compiled with XLA:CPU's YNNPACK on for the given fusion types (XLA's
     ``xla_cpu_experimental_ynn_fusion_type`` as a per-compile option, so it runs in the same

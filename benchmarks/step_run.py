@@ -24,7 +24,6 @@ from benchmarks.step_jax import (
     ElementwiseMaxPoolContender,
     JaxContender,
     NNXContender,
-    PointwiseFormContender,
     RecipeContender,
     XlaConvGradContender,
     YnnContender,
@@ -109,8 +108,6 @@ def build_contenders(args: argparse.Namespace, backend: str) -> list[Contender]:
         contenders.append(JaxContender("jax_bn_two_pass", two_pass, args))
     if args.compare_xla_conv_grad:
         contenders.append(XlaConvGradContender("jax_xla_conv_grad", library, args))
-    for form in args.compare_pointwise or []:
-        contenders.append(PointwiseFormContender("jax_pointwise_" + form, library, args, form))
     for types in args.compare_ynn or []:
         contenders.append(YnnContender("jax_ynn_" + types.lower(), library, args, types.split(",")))
     if args.compare_maxpool_xla:

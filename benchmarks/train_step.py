@@ -133,12 +133,6 @@ def _add_comparison_flags(p: argparse.ArgumentParser) -> None:
         "(RESNET_JAX_CPU_CONV_GRAD=0), against the matmul one it uses on a CPU (resnet_jax.conv_grad)",
     )
     p.add_argument(
-        "--compare-pointwise",
-        action="append",
-        choices=("dot2d", "vjp", "dot4d"),
-        help="also time the library with 1x1 convolutions in another matmul form (an experiment); repeatable",
-    )
-    p.add_argument(
         "--compare-ynn",
         action="append",
         metavar="TYPES",

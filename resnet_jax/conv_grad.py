@@ -145,43 +145,18 @@ def _pointwise(x: jax.Array, w: jax.Array, strides: tuple[int, ...], precision: 
     """A 1x1 convolution: on XLA:CPU the matmul of the (strided) pixels by the kernel, whose
     gradients JAX derives as matmuls too; elsewhere XLA's convolution."""
 
-    form = os.environ.get("RESNET_JAX_CPU_POINTWISE", "dot4d")  # an experiment's switch (issue 47)
-
     def matmul(x, w):
+        # As rows times the kernel: a 4-D dot_general led XLA:CPU to write the output gradients
+        # transposed for the weight gradient's dot (BENCHMARKS.md, section 5).
         pixels = x[:, :: strides[0], :: strides[1], :]
-        if form == "dot4d":
-            return lax.dot_general(pixels, w[0, 0], (((3,), (0,)), ((), ())), precision=precision)
         rows = pixels.reshape(-1, pixels.shape[-1])
-        out = (_rows_matmul if form == "vjp" else _plain_rows_matmul)(rows, w[0, 0], precision)
+        out = lax.dot_general(rows, w[0, 0], (((1,), (0,)), ((), ())), precision=precision)
         return out.reshape(*pixels.shape[:3], w.shape[-1])
 
     def xla(x, w):
         return _xla(x, w, strides, ((0, 0), (0, 0)), precision)
 
     return lax.platform_dependent(x, w, cpu=matmul, default=xla)
-
-
-def _plain_rows_matmul(rows, w, precision):
-    return lax.dot_general(rows, w, (((1,), (0,)), ((), ())), precision=precision)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _rows_matmul(rows, w, precision):
-    return _plain_rows_matmul(rows, w, precision)
-
-
-def _rows_matmul_fwd(rows, w, precision):
-    return _plain_rows_matmul(rows, w, precision), (rows, w)
-
-
-def _rows_matmul_bwd(precision, residuals, dy):
-    rows, w = residuals
-    drows = lax.dot_general(dy, w, (((1,), (1,)), ((), ())), precision=precision)
-    dw = lax.dot_general(rows, dy, (((0,), (0,)), ((), ())), precision=precision)
-    return drows, dw
-
-
-_rows_matmul.defvjp(_rows_matmul_fwd, _rows_matmul_bwd)
 
 
 def _xla(x: jax.Array, w: jax.Array, strides: tuple[int, ...], padding: tuple, precision: Any) -> jax.Array:

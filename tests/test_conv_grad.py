@@ -170,3 +170,17 @@ def test_import_gives_xla_cpu_eigens_convolutions_unless_told_otherwise():
     # Too late (JAX started first) or switched off: nothing appended, YNNPACK's convolutions seen.
     assert _fresh_process("jax-first") == [None, True, True]
     assert _fresh_process("import-first", **{conv_grad.ENV_VAR: "0"}) == [None, True, False]
+
+
+def test_pointwise_weight_gradient_takes_the_output_gradient_as_it_is():
+    """A 1x1 convolution is rows times the kernel: then XLA:CPU's weight-gradient dot contracts
+    both operands' leading axis, and no elementwise producer has to write its output transposed
+    for it (a 4-D dot_general did, 36 times in a ResNet-50 step; BENCHMARKS.md section 5)."""
+    x, w = jnp.ones((2, 8, 8, 16)), jnp.ones((1, 1, 16, 32))
+
+    def loss(x, w):
+        return jnp.sum(jax.nn.relu(_conv(jax.nn.relu(x * 2.0 + 1.0), w, 1, (0, 0)) * 3.0 - 1.0) ** 2)
+
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile().as_text()
+    dots = [line for line in text.splitlines() if " dot(" in line]
+    assert dots and not any("lhs_contracting_dims={0}, rhs_contracting_dims={1}" in d for d in dots)
