@@ -108,9 +108,10 @@ def max_pool_3x3(x: Array) -> Array:
     return _max_pool_3x3_xla(x)
 
 
-def _first_max_taps(x: Array, y: Array) -> list[tuple[Array, Callable[[Array], Array]]]:
-    """Per window offset: where that element is its window's first maximum (row-major, as PyTorch
-    and XLA choose), and the strided slice that takes that element of a (padded) array."""
+def _first_max_taps(x: Array, y: Array) -> list[tuple[tuple[int, int], Array, Callable[[Array], Array]]]:
+    """Per window offset ``(di, dj)``: where that element is its window's first maximum
+    (row-major, as PyTorch and XLA choose), and the strided slice that takes that element of a
+    (padded) array."""
     n, h, w, c = x.shape
     oh, ow = y.shape[1:3]
     span_h, span_w = 2 * (oh - 1) + 1, 2 * (ow - 1) + 1
@@ -125,7 +126,7 @@ def _first_max_taps(x: Array, y: Array) -> list[tuple[Array, Callable[[Array], A
 
             hit = (take(xp) == y) & ~taken
             taken = taken | hit
-            taps.append((hit, take))
+            taps.append(((di, dj), hit, take))
     return taps
 
 
@@ -145,7 +146,7 @@ def _max_pool_3x3_first_max_jvp(primals: tuple[Array], tangents: tuple[Array]) -
     y = _max_pool_3x3_xla(x)
     tp = jnp.pad(t, ((0, 0), (1, 1), (1, 1), (0, 0)))
     zero = jnp.zeros((), t.dtype)
-    dy = sum(jnp.where(hit, take(tp), zero) for hit, take in _first_max_taps(x, y))
+    dy = sum(jnp.where(hit, take(tp), zero) for _, hit, take in _first_max_taps(x, y))
     return y, dy
 
 
@@ -171,25 +172,18 @@ def _max_pool_3x3_fwd(x: Array) -> tuple[Array, tuple[Array, Array]]:
 
 def _max_pool_3x3_bwd(res: tuple[Array, Array], g: Array) -> tuple[Array]:
     x, y = res
-    n, h, w, c = x.shape
-    oh, ow = y.shape[1:3]
-    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
-    span_h, span_w = 2 * (oh - 1) + 1, 2 * (ow - 1) + 1
-    taken = jnp.zeros(y.shape, bool)
-    dxp = jnp.zeros(xp.shape, g.dtype)
+    h, w = x.shape[1:3]
+    span_h, span_w = 2 * (y.shape[1] - 1) + 1, 2 * (y.shape[2] - 1) + 1
     zero = jnp.zeros((), g.dtype)
-    for di in range(3):
-        for dj in range(3):
-            # The window element at offset (di, dj) of every output position.
-            xs = jax.lax.slice(xp, (0, di, dj, 0), (n, di + span_h, dj + span_w, c), (1, 2, 2, 1))
-            hit = (xs == y) & ~taken  # the first maximum of each window takes the gradient
-            taken = taken | hit
-            back = jax.lax.pad(
-                jnp.where(hit, g, zero),
-                zero,
-                ((0, 0, 0), (di, h + 2 - di - span_h, 1), (dj, w + 2 - dj - span_w, 1), (0, 0, 0)),
-            )
-            dxp = dxp + back
+    dxp = jnp.zeros((x.shape[0], h + 2, w + 2, x.shape[3]), g.dtype)
+    for (di, dj), hit, _ in _first_max_taps(x, y):
+        # Each window's first maximum takes the gradient, put back where offset (di, dj) took it.
+        back = jax.lax.pad(
+            jnp.where(hit, g, zero),
+            zero,
+            ((0, 0, 0), (di, h + 2 - di - span_h, 1), (dj, w + 2 - dj - span_w, 1), (0, 0, 0)),
+        )
+        dxp = dxp + back
     return (dxp[:, 1 : 1 + h, 1 : 1 + w, :],)
 
 
