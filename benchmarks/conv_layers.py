@@ -1,8 +1,9 @@
 """One convolution layer's three parts on a CPU: ``python -m benchmarks.conv_layers [--batch 16]``.
 
 For ResNet's convolution shapes (3x3 and 1x1, stride 1 and 2), times ``jax.jit`` of the forward
-pass, of the input gradient, and of the weight gradient two ways: XLA's own (a convolution over
-the batch and the image) and ``resnet_jax.conv_grad``'s (one matmul per kernel tap), taking turns
+pass, of the input gradient, and of the weight gradient three ways: XLA's own (a convolution over
+the batch and the image), ``resnet_jax.conv_grad``'s (one matmul per kernel tap) and one im2col
+matmul (:func:`weight_grad_im2col`), taking turns
 ``--rounds`` times; medians in milliseconds, and each part's GFLOP/s. Issue 47: where XLA:CPU
 loses the training step.
 
@@ -21,6 +22,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 
 from benchmarks.report import emit_json, host_environment
@@ -38,6 +40,21 @@ LAYERS = [
     (56, 256, 128, 1, 2),
     (28, 128, 128, 1, 1),
 ]
+
+
+def weight_grad_im2col(x: Any, dy: Any, kernel_hw: Any, strides: Any, padding: Any) -> Any:
+    """``conv_grad.weight_grad_taps``'s weight gradient as one matmul: every tap's window side by
+    side (``[batch*h*w, taps*in]``, the im2col matrix) times the output gradient. A try that was
+    slower than the per-tap matmuls (BENCHMARKS.md, section 5), kept here to time it."""
+    out_hw = dy.shape[1:3]
+    cols = jnp.stack([w for _, w in conv_grad.tap_windows(x, kernel_hw, strides, padding, out_hw)], axis=3)
+    dw = lax.dot_general(
+        cols.reshape(-1, cols.shape[3] * cols.shape[4]),
+        dy.reshape(-1, dy.shape[-1]),
+        (((0,), (0,)), ((), ())),
+        preferred_element_type=jnp.promote_types(dy.dtype, jnp.float32),
+    )
+    return dw.reshape(*kernel_hw, x.shape[-1], dy.shape[-1])
 
 
 def _torch_parts(x: Any, w: Any, dy: Any, s: int, p: int) -> dict[str, tuple[Any, ...]]:
@@ -111,9 +128,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 dy,
             ),
             "weight_grad_im2col": (
-                jax.jit(
-                    lambda x, dy, k=k, s=s, pad=pad: conv_grad.weight_grad_im2col(x, dy, (k, k), (s, s), pad)
-                ),
+                jax.jit(lambda x, dy, k=k, s=s, pad=pad: weight_grad_im2col(x, dy, (k, k), (s, s), pad)),
                 x,
                 dy,
             ),

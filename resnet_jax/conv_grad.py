@@ -210,37 +210,12 @@ def weight_grad_taps(
             precision=precision,
             preferred_element_type=accumulate,
         )
-        for _, window in _windows(x, kernel_hw, strides, padding, dy.shape[1:3])
+        for _, window in tap_windows(x, kernel_hw, strides, padding, dy.shape[1:3])
     ]
     return jnp.stack(taps).reshape(*kernel_hw, x.shape[-1], out_c)
 
 
-def weight_grad_im2col(
-    x: jax.Array,
-    dy: jax.Array,
-    kernel_hw: Sequence[int],
-    strides: Sequence[int],
-    padding: Sequence[tuple[int, int]],
-    precision: Any = None,
-) -> jax.Array:
-    """The same weight gradient as :func:`weight_grad_taps` as one matmul: every tap's window
-    side by side (``[batch*h*w, taps*in]``, the im2col matrix) times the output gradient."""
-    out_c = dy.shape[-1]
-    cols = jnp.stack(
-        [window for _, window in _windows(x, kernel_hw, strides, padding, dy.shape[1:3])], axis=3
-    )
-    accumulate = jnp.promote_types(dy.dtype, jnp.float32)
-    dw = lax.dot_general(
-        cols.reshape(-1, cols.shape[3] * cols.shape[4]),
-        dy.reshape(-1, out_c),
-        (((0,), (0,)), ((), ())),
-        precision=precision,
-        preferred_element_type=accumulate,
-    )
-    return dw.reshape(*kernel_hw, x.shape[-1], out_c)
-
-
-def _windows(x, kernel_hw, strides, padding, out_hw):
+def tap_windows(x, kernel_hw, strides, padding, out_hw):
     """``((i, j), window)`` per tap: the ``[batch, out_h, out_w, in]`` strided slice of the padded
     input that tap ``(i, j)`` sees."""
     (kh, kw), (sh, sw), (out_h, out_w) = kernel_hw, strides, out_hw
