@@ -6,10 +6,11 @@ Linen model (the library's, or the minimal one), and the ``resnet_jax.nnx`` mode
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -82,6 +83,8 @@ def synthetic_batch(args: argparse.Namespace, sharding: NamedSharding) -> dict[s
 
 class JaxContender(Contender):
     """The training program's step for ``model``, jitted over a mesh of all devices."""
+
+    compiler_options: dict[str, str] | None = None  # XLA options for this contender's compile
 
     def __init__(self, name: str, model: Any, args: argparse.Namespace):
         self.name = name
@@ -165,7 +168,7 @@ class JaxContender(Contender):
         t = time.perf_counter()
         lowered = jitted.lower(self.state, self.batch)
         t_lower = time.perf_counter()
-        self.step = lowered.compile(compiler_options=getattr(self, "compiler_options", None))
+        self.step = lowered.compile(compiler_options=self.compiler_options)
         t_compile = time.perf_counter()
         entries_after = compile_cache.cache_entries(cache_dir) if cache_dir else None
 
@@ -272,22 +275,31 @@ class ElementwiseMaxPoolContender(JaxContender):
             ops.max_pool_3x3 = library_pool
 
 
+@contextlib.contextmanager
+def _conv_grad_mode(value: str | None) -> Iterator[None]:
+    """``$RESNET_JAX_CPU_CONV_GRAD`` set to ``value`` while a contender traces (None: as it is),
+    then put back as it was. ``resnet_jax.conv_grad`` reads it while tracing."""
+    from resnet_jax import conv_grad
+
+    before = os.environ.get(conv_grad.ENV_VAR)
+    if value is not None:
+        os.environ[conv_grad.ENV_VAR] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(conv_grad.ENV_VAR, None)
+        else:
+            os.environ[conv_grad.ENV_VAR] = before
+
+
 class XlaConvGradContender(JaxContender):
     """The library's step with XLA's own convolution weight gradient, as on a GPU or TPU
     (``RESNET_JAX_CPU_CONV_GRAD=0`` while this contender traces; ``resnet_jax.conv_grad``)."""
 
     def prepare(self) -> dict[str, Any]:
-        from resnet_jax import conv_grad
-
-        before = os.environ.get(conv_grad.ENV_VAR)
-        os.environ[conv_grad.ENV_VAR] = "0"
-        try:
+        with _conv_grad_mode("0"):
             return super().prepare()
-        finally:
-            if before is None:
-                del os.environ[conv_grad.ENV_VAR]
-            else:
-                os.environ[conv_grad.ENV_VAR] = before
 
 
 class YnnContender(JaxContender):
@@ -304,18 +316,8 @@ class YnnContender(JaxContender):
         self.taps = any(t.strip().upper() == "INDIVIDUAL_CONVOLUTION" for t in types)
 
     def prepare(self) -> dict[str, Any]:
-        from resnet_jax import conv_grad
-
-        before = os.environ.get(conv_grad.ENV_VAR)
-        if self.taps:
-            os.environ[conv_grad.ENV_VAR] = "taps"
-        try:
+        with _conv_grad_mode("taps" if self.taps else None):
             return {**super().prepare(), "compiler_options": self.compiler_options}
-        finally:
-            if before is None:
-                os.environ.pop(conv_grad.ENV_VAR, None)
-            else:
-                os.environ[conv_grad.ENV_VAR] = before
 
 
 class NNXContender(Contender):

@@ -30,7 +30,7 @@ __version__ = "0.1.0"
 # libtpu installed (the tpu and test extras) on a machine without a TPU: use the CPU rather than
 # print TPU start-up errors; nothing changes with a TPU or GPU, or with JAX_PLATFORMS set.
 platform.skip_absent_tpu_on_import()
-# XLA:CPU: convolutions through Eigen, which is faster here than YNNPACK (before JAX starts only).
+# XLA:CPU without YNNPACK, whose convolutions and dots are slower here (before JAX starts only).
 platform.xla_cpu_without_ynnpack_on_import()
 
 # One function per preset (``resnet_jax.resnet50``), from the table in ``presets.py``.
